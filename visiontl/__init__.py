@@ -1,0 +1,1 @@
+"""visiontl: transfer learning on images."""

@@ -1,0 +1,413 @@
+"""Lightning datamodules for labelled images: a class-per-folder tree or a CSV of (path, label).
+
+Sizes are chosen from the data: the batch size follows the number of training images, the last
+batch is never a lone image (BatchNorm cannot train on one), and a loader never has zero batches.
+Preprocessing comes from the backbone (``task.data_config``) unless given here.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from visiontl.data.images import DataError, is_image_file, read_image, scan_images, to_channels
+from visiontl.data.transforms import build_transforms
+
+__all__ = [
+    "ClassificationDataModule",
+    "CsvDataModule",
+    "FolderDataModule",
+    "ImageDataset",
+    "auto_batch_size",
+    "index_folder",
+    "stratified_split",
+]
+
+Sample = tuple[Path, str]
+SPLITS = ("train", "val", "test", "predict")
+_SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
+def auto_batch_size(n_train: int, cap: int = 32) -> int:
+    """A batch size that gives at least ~8 steps per epoch on small sets, ``cap`` on large ones."""
+    if n_train <= 0:
+        return 1
+    size = 2 ** max(2, math.floor(math.log2(max(n_train / 8, 1))))
+    return int(max(1, min(cap, size, n_train)))
+
+
+def _auto_workers() -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cpus - 1))  # one persistent worker beat two on a 2-core machine
+
+
+class ImageDataset(Dataset):
+    """``(path, label index)`` pairs read with :func:`read_image` and an albumentations transform.
+
+    Items are dicts: ``image`` (CHW float tensor), ``label`` (int, -1 when unknown), ``index``.
+    """
+
+    def __init__(self, items: Sequence[tuple[Path, int]], transform: Any, in_chans: int) -> None:
+        self.items = list(items)
+        self.transform = transform
+        self.in_chans = in_chans
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self.items[index]
+        image = to_channels(read_image(path), self.in_chans, path)
+        return {"image": self.transform(image=image)["image"], "label": label, "index": index}
+
+
+def index_folder(root: str | os.PathLike[str]) -> list[Sample]:
+    """List ``(image path, class name)`` under ``root/<class>/**``; clear errors for bad trees."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"Data folder {root} does not exist. Point 'root' at a folder with one sub-folder per class.")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder. Use a folder with one sub-folder per class, or CsvDataModule for a CSV.")
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"Data folder {root} has no class sub-folders; put the images of each class in root/<class name>/.")
+    samples: list[Sample] = []
+    for folder in classes:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+        if not files:
+            raise DataError(
+                f"Class folder {folder} has no images (extensions: .png .jpg .jpeg .tif .tiff .bmp .webp); "
+                f"add images or remove the folder."
+            )
+        samples.extend((f, folder.name) for f in files)
+    return samples
+
+
+def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split per class: ``fraction`` of each class (at least one image when it has two) to validation."""
+    if not 0 < fraction < 1:
+        raise DataError(f"val_fraction must be between 0 and 1, got {fraction}.")
+    by_class: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    rng = random.Random(seed)
+    train, val = [], []
+    for name in sorted(by_class):
+        items = sorted(by_class[name])
+        rng.shuffle(items)
+        n_val = min(len(items) - 1, max(1, round(len(items) * fraction))) if len(items) > 1 else 0
+        val.extend(items[:n_val])
+        train.extend(items[n_val:])
+    return train, val
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Shared machinery: splits, class names, image checks, transforms and loaders.
+
+    Subclasses implement :meth:`load_splits` returning ``{split: [(path, class name), ...]}``.
+
+    Args:
+        batch_size: images per batch; ``None`` picks one from the training set size.
+        num_workers: loader processes; ``None`` picks one for this machine (0 = main process).
+        image_size: input size; ``None`` uses the backbone's (``task.data_config``).
+        augment: augmentation preset: natural, satellite, xray, histology, none.
+        val_fraction: share of each class held out for validation when no validation split exists.
+        seed: seed of that split.
+        on_bad_image: ``error`` stops on the first unreadable image with its path; ``skip``
+            leaves such files out and lists them (also in the run directory).
+        mean: normalisation mean override (``[0, 1]`` scale).
+        std: normalisation std override.
+        in_chans: channels fed to the model; ``None`` follows the model.
+        check_images: decode every image once in ``setup`` so corrupt files fail early.
+    """
+
+    def __init__(
+        self,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
+        image_size: int | None = None,
+        augment: str = "natural",
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        on_bad_image: Literal["error", "skip"] = "error",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        in_chans: int | None = None,
+        check_images: bool = True,
+    ) -> None:
+        super().__init__()
+        if on_bad_image not in ("error", "skip"):
+            raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.augment = augment
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.on_bad_image = on_bad_image
+        self.mean, self.std, self.in_chans = mean, std, in_chans
+        self.check_images = check_images
+        self.skipped: list[tuple[Path, str]] = []
+        self._splits: dict[str, list[Sample]] | None = None
+        self._checked = False
+        self.datasets: dict[str, ImageDataset] = {}
+
+    # -- subclasses ---------------------------------------------------------------------------
+    def load_splits(self) -> dict[str, list[Sample]]:
+        """Return ``{"train": [...], "val": [...], optional "test", "predict"}``."""
+        raise NotImplementedError
+
+    # -- splits and classes -------------------------------------------------------------------
+    @property
+    def splits(self) -> dict[str, list[Sample]]:
+        """Samples per split (computed once; a validation split is made if there is none)."""
+        if self._splits is None:
+            splits = self.load_splits()
+            if not splits.get("train"):
+                raise DataError(f"{type(self).__name__}: the training split is empty.")
+            if not splits.get("val"):
+                splits["train"], splits["val"] = stratified_split(splits["train"], self.val_fraction, self.seed)
+            known = set(s[1] for s in splits["train"])
+            for split in ("val", "test"):
+                unknown = sorted({s[1] for s in splits.get(split, [])} - known)
+                if unknown:
+                    raise DataError(
+                        f"The {split} split has classes the training split lacks: {', '.join(unknown)}. "
+                        f"Every class needs training images."
+                    )
+            self._splits = splits
+        return self._splits
+
+    @property
+    def class_names(self) -> list[str]:
+        """Sorted class names of the training split (label index = position)."""
+        return sorted({s[1] for s in self.splits["train"]})
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Training images per class, in label order."""
+        counts = Counter(s[1] for s in self.splits["train"])
+        return [counts[c] for c in self.class_names]
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+    def _preprocessing(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406),
+                               "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "interpolation": "bilinear"}
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if module is not None and hasattr(module, "data_config"):
+            cfg.update(module.data_config)
+        chans = self.in_chans or cfg["input_size"][0]
+        size = self.image_size or cfg["input_size"][1]
+        mean = list(self.mean or cfg["mean"])
+        std = list(self.std or cfg["std"])
+        if len(mean) != chans:
+            mean, std = [float(np.mean(mean))] * chans, [float(np.mean(std))] * chans
+        return {"in_chans": chans, "size": size, "mean": mean, "std": std,
+                "crop_pct": cfg.get("crop_pct", 1.0), "interpolation": cfg.get("interpolation", "bilinear")}
+
+    def _check(self) -> None:
+        if self._checked or not self.check_images:
+            return
+        paths = sorted({p for items in self.splits.values() for p, _ in items})
+        bad = scan_images(paths)
+        if bad and self.on_bad_image == "error":
+            listing = "\n".join(f"  {p}: {r}" for p, r in bad[:10])
+            more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise DataError(
+                f"{len(bad)} unreadable image(s):\n{listing}{more}\nReplace or delete them, or set "
+                f"on_bad_image='skip' (--data.init_args.on_bad_image skip) to train without them."
+            )
+        if bad:
+            drop = {p for p, _ in bad}
+            self._splits = {k: [s for s in v if s[0] not in drop] for k, v in self.splits.items()}
+            self.skipped = bad
+            if not self._splits["train"]:
+                raise DataError("Every training image was unreadable; nothing left to train on.")
+        self._checked = True
+
+    def setup(self, stage: str | None = None) -> None:
+        self._check()
+        pre = self._preprocessing()
+        index = {c: i for i, c in enumerate(self.class_names)}
+        for split, items in self.splits.items():
+            train = split == "train"
+            transform = build_transforms(
+                self.augment, train, pre["size"], pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"],
+            )
+            labelled = [(p, index.get(c, -1)) for p, c in items]
+            self.datasets[split] = ImageDataset(labelled, transform, pre["in_chans"])
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            self.setup()
+        if split not in self.datasets:
+            raise DataError(f"{type(self).__name__} has no {split!r} split; give one to use it.")
+        dataset = self.datasets[split]
+        n_train = len(self.datasets["train"])
+        batch_size = self.batch_size or auto_batch_size(n_train)
+        batch_size = max(1, min(batch_size, len(dataset)))
+        workers = _auto_workers() if self.num_workers is None else self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            # drop only a lone last image: BatchNorm cannot train on a batch of one, and a
+            # loader never ends up with zero batches
+            drop_last=train and len(dataset) % batch_size == 1 and len(dataset) > batch_size,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict" if "predict" in self.splits else "test")
+
+    def paths(self, split: str) -> list[Path]:
+        """File paths of ``split`` in loader order (after skipping unreadable files)."""
+        return [p for p, _ in self.splits[split]]
+
+
+class FolderDataModule(ClassificationDataModule):
+    """Images in one sub-folder per class.
+
+    ``root`` is either ``root/<class>/*`` (a validation split is drawn per class) or holds
+    ``train/``, ``val/`` (or ``valid``/``validation``) and ``test/`` folders of that form.
+
+    Args:
+        root: the dataset folder.
+        val_root: a separate validation folder (overrides ``root/val``).
+        test_root: a separate test folder.
+        predict_root: a folder of unlabelled images for ``predict`` (searched recursively).
+        **kwargs: see :class:`ClassificationDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        val_root: str | None = None,
+        test_root: str | None = None,
+        predict_root: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self.val_root, self.test_root, self.predict_root = val_root, test_root, predict_root
+
+    def load_splits(self) -> dict[str, list[Sample]]:
+        root = Path(self.root).expanduser()
+        found = {
+            split: next((root / n for n in names if (root / n).is_dir()), None)
+            for split, names in _SPLIT_DIRS.items()
+        }
+        splits: dict[str, list[Sample]] = {}
+        splits["train"] = index_folder(found["train"] or root)
+        for split, given in (("val", self.val_root), ("test", self.test_root)):
+            folder = given or (found[split] if found["train"] else None)
+            if folder is not None:
+                splits[split] = index_folder(folder)
+        if self.predict_root:
+            folder = Path(self.predict_root).expanduser()
+            if not folder.is_dir():
+                raise DataError(f"predict_root {folder} is not a folder of images.")
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+            if not files:
+                raise DataError(f"predict_root {folder} has no images.")
+            splits["predict"] = [(p, "") for p in files]
+        return splits
+
+
+class CsvDataModule(ClassificationDataModule):
+    """Images listed in CSV files with a path column and a label column.
+
+    Args:
+        train_csv: CSV of training images.
+        val_csv: CSV of validation images (else a stratified split of ``train_csv``).
+        test_csv: CSV of test images.
+        root: folder relative paths are resolved against (default: each CSV's folder).
+        path_column: column with image paths.
+        label_column: column with class names.
+        **kwargs: see :class:`ClassificationDataModule`.
+    """
+
+    def __init__(
+        self,
+        train_csv: str,
+        val_csv: str | None = None,
+        test_csv: str | None = None,
+        root: str | None = None,
+        path_column: str = "path",
+        label_column: str = "label",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.train_csv, self.val_csv, self.test_csv = train_csv, val_csv, test_csv
+        self.root = root
+        self.path_column, self.label_column = path_column, label_column
+
+    def _read(self, csv_path: str) -> list[Sample]:
+        path = Path(csv_path).expanduser()
+        if not path.is_file():
+            raise DataError(f"CSV file {path} does not exist.")
+        base = Path(self.root).expanduser() if self.root else path.parent
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            for col in (self.path_column, self.label_column):
+                if col not in columns:
+                    raise DataError(
+                        f"{path} has no column {col!r} (columns: {', '.join(columns) or 'none'}); "
+                        f"set path_column / label_column."
+                    )
+            rows = list(reader)
+        if not rows:
+            raise DataError(f"CSV file {path} has no rows.")
+        samples, missing = [], []
+        for line, row in enumerate(rows, start=2):
+            label = (row[self.label_column] or "").strip()
+            file = base / (row[self.path_column] or "").strip()
+            if not label:
+                raise DataError(f"{path}, line {line}: empty label in column {self.label_column!r}.")
+            if not file.is_file():
+                missing.append(f"line {line}: {file}")
+            samples.append((file, label))
+        if missing:
+            listing = "\n  ".join(missing[:10])
+            raise DataError(
+                f"{path} lists {len(missing)} file(s) that do not exist:\n  {listing}\n"
+                f"Fix the paths (relative paths are resolved against {base}; set 'root' to change that)."
+            )
+        return samples
+
+    def load_splits(self) -> dict[str, list[Sample]]:
+        splits = {"train": self._read(self.train_csv)}
+        if self.val_csv:
+            splits["val"] = self._read(self.val_csv)
+        if self.test_csv:
+            splits["test"] = self._read(self.test_csv)
+        return splits
+

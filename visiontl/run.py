@@ -1,0 +1,128 @@
+"""The run directory: what every fit / test / predict leaves behind, written atomically.
+
+``RunReport`` is added by the task itself (``configure_callbacks``), so the Python API and the
+CLI leave the same files in ``trainer.log_dir``:
+
+- ``config.yaml`` (CLI) or ``hparams.yaml``: the configuration as resolved;
+- ``metrics.csv`` (per step / epoch, from the CSV logger) and ``metrics.json`` (summary);
+- ``strategy.json``: trainable / total parameters and every group's learning rate;
+- ``checkpoints/best.ckpt`` and ``checkpoints/last.ckpt`` (resume with ``--ckpt_path last``);
+- ``confusion_matrix.png`` / ``.csv``, ``learning_curves.png``, ``skipped_files.txt``;
+- ``predictions.csv`` after ``predict``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning import Callback
+
+from visiontl import _io
+from visiontl.report import save_confusion_matrix, save_learning_curves
+
+__all__ = ["RunReport", "run_dir"]
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """The directory of this run (the logger's version folder, else ``default_root_dir``)."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
+
+
+class RunReport(Callback):
+    """Writes the run directory's reports and plots."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._predictions: list[dict[str, torch.Tensor]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+        if not trainer.is_global_zero:
+            return
+        out = run_dir(trainer)
+        if hasattr(pl_module, "strategy_report"):
+            _io.write_json(out / "strategy.json", pl_module.strategy_report())
+        skipped = getattr(trainer.datamodule, "skipped", None) if trainer.datamodule else None
+        if skipped:
+            _io.write_text(out / "skipped_files.txt", "".join(f"{p}\t{r}\n" for p, r in skipped))
+
+    def _confusion(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+        cm = getattr(pl_module, "last_confusion", {}).get(split)
+        if cm is None or not trainer.is_global_zero:
+            return
+        suffix = "" if split == "val" else f"_{split}"
+        out = run_dir(trainer)
+        save_confusion_matrix(cm, pl_module.class_names, out / f"confusion_matrix{suffix}.png",
+                              out / f"confusion_matrix{suffix}.csv", title=f"{split} confusion matrix")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._confusion(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._confusion(trainer, pl_module, "test")
+        if trainer.is_global_zero:
+            metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_")}
+            _io.write_json(run_dir(trainer) / "test_metrics.json", metrics)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        out = run_dir(trainer)
+        for logger in trainer.loggers:
+            logger.save()
+        ckpt = trainer.checkpoint_callback
+        summary = {
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "wall_s": round(time.perf_counter() - self._start, 2) if self._start else None,
+            "best_checkpoint": str(ckpt.best_model_path) if ckpt and ckpt.best_model_path else None,
+            "best_score": _scalar(ckpt.best_model_score) if ckpt and ckpt.best_model_score is not None else None,
+            "monitor": getattr(ckpt, "monitor", None),
+            "final": {k: _scalar(v) for k, v in trainer.callback_metrics.items()},
+        }
+        if hasattr(pl_module, "strategy_report"):
+            summary["strategy"] = pl_module.strategy_report()
+        _io.write_json(out / "metrics.json", summary)
+        if (out / "metrics.csv").exists():
+            save_learning_curves(out / "metrics.csv", out / "learning_curves.png")
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                             batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if isinstance(outputs, dict) and "probs" in outputs:
+            self._predictions.append({k: v.detach().cpu() for k, v in outputs.items()})
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._predictions = []
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._predictions or not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        split = "predict" if dm is not None and "predict" in getattr(dm, "splits", {}) else "test"
+        paths = dm.paths(split) if dm is not None and hasattr(dm, "paths") else None
+        names = pl_module.class_names
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["path", "label", "probability", *[f"p_{n}" for n in names]])
+        for out in self._predictions:
+            for i, probs, label in zip(out["index"].tolist(), out["probs"], out["label"].tolist()):
+                path = str(paths[i]) if paths is not None else i
+                writer.writerow([path, names[label], f"{probs[label]:.6f}", *[f"{p:.6f}" for p in probs.tolist()]])
+        _io.write_text(run_dir(trainer) / "predictions.csv", buf.getvalue())
+        self._predictions = []

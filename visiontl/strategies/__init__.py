@@ -1,0 +1,73 @@
+"""The fine-tuning ladder: which parameters train and at what learning rate.
+
+Strategies are selected by name (``"probe"``, ``"partial"``, ``"full"``, ``"gradual"``,
+``"scratch"``), by plain config (``{"name": "partial", "k": 3}``) or as objects
+(``Partial(k=3)``); in a recipe, ``strategy: partial`` or ``class_path`` / ``init_args``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from visiontl.strategies.base import GroupPlan, Strategy, StrategyError, discriminative_lrs, set_trainable
+from visiontl.strategies.full import Full
+from visiontl.strategies.gradual import Gradual, GradualUnfreezing
+from visiontl.strategies.partial import Partial
+from visiontl.strategies.probe import Probe
+from visiontl.strategies.scratch import Scratch
+
+__all__ = [
+    "STRATEGIES",
+    "Full",
+    "GradualUnfreezing",
+    "Gradual",
+    "GroupPlan",
+    "Partial",
+    "Probe",
+    "Scratch",
+    "Strategy",
+    "StrategyError",
+    "discriminative_lrs",
+    "get_strategy",
+    "register_strategy",
+    "set_trainable",
+]
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Register a :class:`Strategy` subclass under its ``name`` (usable as a decorator)."""
+    if not cls.name:
+        raise StrategyError(f"{cls.__name__} has no 'name'.")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+for _cls in (Probe, Partial, Full, Gradual, Scratch):
+    register_strategy(_cls)
+
+
+def get_strategy(spec: Strategy | str | dict[str, Any]) -> Strategy:
+    """Turn a name, a ``{"name": ..., **kwargs}`` dict or a strategy object into a strategy."""
+    if isinstance(spec, Strategy):
+        return spec
+    if isinstance(spec, dict):
+        kwargs = dict(spec)
+        name = kwargs.pop("name", None)
+        if name is None and "class_path" in kwargs:
+            name = kwargs.pop("class_path").rsplit(".", 1)[-1].lower()
+            kwargs = dict(kwargs.pop("init_args", None) or {})
+    elif isinstance(spec, str):
+        name, kwargs = spec, {}
+    else:
+        raise StrategyError(f"A strategy must be a name, a dict or a Strategy, got {type(spec).__name__}.")
+    if name not in STRATEGIES:
+        close = difflib.get_close_matches(str(name), STRATEGIES, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise StrategyError(f"Unknown strategy {name!r}.{hint} Known: {', '.join(STRATEGIES)}.")
+    try:
+        return STRATEGIES[name](**kwargs)
+    except TypeError as err:
+        raise StrategyError(f"Strategy {name!r}: {err}") from err

@@ -1,0 +1,171 @@
+"""The strategy contract: which layer groups train, at which learning rate, and BatchNorm policy.
+
+A strategy never names an architecture's layers: it sees the ordered :class:`LayerGroup` list
+(stem -> head) from :func:`visiontl.backbones.layer_groups` and decides, per group, a learning
+rate (0 = never trains in this run) and whether the group trains from the first step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from pytorch_lightning import Callback
+from torch import nn
+
+from visiontl.backbones import LayerGroup
+
+__all__ = ["GroupPlan", "Strategy", "StrategyError", "discriminative_lrs", "set_trainable"]
+
+
+class StrategyError(ValueError):
+    """A strategy that cannot be applied as configured."""
+
+
+@dataclass
+class GroupPlan:
+    """What happens to one layer group.
+
+    Attributes:
+        name: the group's name.
+        numel: number of scalar parameters in it.
+        lr: its peak learning rate; 0 means the group stays frozen for the whole run.
+        trainable: whether it trains from the first step (gradual unfreezing starts some later).
+    """
+
+    name: str
+    numel: int
+    lr: float
+    trainable: bool
+
+
+def discriminative_lrs(
+    n: int, lr: float, decay: float = 1.0, lr_range: tuple[float, float] | None = None
+) -> list[float]:
+    """Learning rates for ``n`` groups ordered stem -> head.
+
+    ``lr * decay ** distance_from_head`` (the head, last, gets ``lr``), or with
+    ``lr_range=(lr_min, lr_max)`` a geometric progression from ``lr_min`` (first group) to
+    ``lr_max`` (last group), like fastai's ``slice(lr_min, lr_max)``.
+    """
+    if n <= 0:
+        return []
+    if lr_range is not None:
+        lo, hi = (float(v) for v in lr_range)
+        if not 0 < lo <= hi:
+            raise StrategyError(f"lr_range must be (lr_min, lr_max) with 0 < lr_min <= lr_max, got {lr_range}.")
+        if n == 1:
+            return [hi]
+        return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+    if lr <= 0:
+        raise StrategyError(f"lr must be > 0, got {lr}.")
+    if not 0 < decay <= 1:
+        raise StrategyError(f"decay must be in (0, 1], got {decay}.")
+    return [lr * decay ** (n - 1 - i) for i in range(n)]
+
+
+class Strategy:
+    """Base class. Subclasses implement :meth:`plan`; the rest is shared.
+
+    Args:
+        lr: peak learning rate of the head (``None``: the strategy's ``default_lr``).
+        train_bn: let BatchNorm layers inside frozen groups train (affine parameters and running
+            statistics, fastai's behaviour). Off by default: frozen means frozen, statistics too.
+    """
+
+    name: ClassVar[str] = ""
+    default_lr: ClassVar[float] = 1e-3
+    uses_pretrained: ClassVar[bool] = True
+
+    def __init__(self, lr: float | None = None, train_bn: bool = False) -> None:
+        self.lr = float(lr) if lr is not None else self.default_lr
+        if self.lr <= 0:
+            raise StrategyError(f"{type(self).__name__}: lr must be > 0, got {lr}.")
+        self.train_bn = train_bn
+
+    # -- what subclasses decide -------------------------------------------------------------
+    def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
+        """Learning rate and initial trainability of every group."""
+        raise NotImplementedError
+
+    def callbacks(self) -> list[Callback]:
+        """Lightning callbacks the strategy needs (gradual unfreezing)."""
+        return []
+
+    # -- shared machinery ---------------------------------------------------------------------
+    def param_groups(self, groups: list[LayerGroup], weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, one per layer group that ever trains, named after it.
+
+        Groups that start frozen but unfreeze later (gradual) are included from the start with
+        their final learning rate; their parameters have no gradient until unfrozen, so the
+        optimizer skips them, and the optimizer and scheduler never change shape mid-run.
+        """
+        out = []
+        for group, plan in zip(groups, self.plan(groups)):
+            params = group.params
+            lr = plan.lr
+            if lr == 0 and self.train_bn and group.norm_modules:
+                params = [p for n, p in zip(group.param_names, group.params) if _is_norm_param(n, group)]
+                lr = self.lr
+            if lr > 0 and params:
+                out.append({"params": params, "lr": lr, "weight_decay": weight_decay, "name": group.name})
+        if not out:
+            raise StrategyError(f"{self.name}: no parameter would train.")
+        return out
+
+    def initial_trainable(self, groups: list[LayerGroup]) -> list[str]:
+        """Names of the groups that train from the first step."""
+        return [p.name for p in self.plan(groups) if p.trainable and p.lr > 0]
+
+    def describe(self, groups: list[LayerGroup]) -> dict[str, Any]:
+        """A JSON-able summary: strategy config, trainable/total parameters, each group's LR."""
+        plans = self.plan(groups)
+        total = sum(g.numel for g in groups)
+        trainable = sum(p.numel for p in plans if p.trainable and p.lr > 0)
+        return {
+            "strategy": self.to_config(),
+            "trainable_params": trainable,
+            "total_params": total,
+            "groups": [asdict(p) for p in plans],
+        }
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain-data form (``{"name": ..., **init_args}``), accepted back by ``get_strategy``."""
+        sig = inspect.signature(type(self).__init__)
+        args = {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}
+        return {"name": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}}
+
+    def __repr__(self) -> str:
+        cfg = self.to_config()
+        cfg.pop("name")
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in cfg.items())})"
+
+
+def _is_norm_param(param_name: str, group: LayerGroup) -> bool:
+    return any(param_name.startswith(m + ".") for m in group.norm_modules)
+
+
+def set_trainable(model: nn.Module, groups: list[LayerGroup], names: list[str], train_bn: bool) -> set[str]:
+    """Set ``requires_grad`` per group and return the norm modules whose statistics stay frozen.
+
+    Args:
+        model: the backbone.
+        groups: its layer groups.
+        names: groups that train now.
+        train_bn: whether norm layers in frozen groups still train.
+
+    Returns:
+        Names of modules to keep in eval mode (running statistics frozen).
+    """
+    frozen_norms: set[str] = set()
+    wanted = set(names)
+    for group in groups:
+        on = group.name in wanted
+        for pname, param in zip(group.param_names, group.params):
+            param.requires_grad_(on or (train_bn and _is_norm_param(pname, group)))
+        if not on and not train_bn:
+            frozen_norms.update(group.norm_modules)
+    for name in frozen_norms:
+        model.get_submodule(name).eval()
+    return frozen_norms

@@ -1,0 +1,122 @@
+"""Shared LightningModule machinery: backbone + strategy + optimizer + schedule + freezing.
+
+Subclasses fill the torchgeo-style hooks ``configure_models``, ``configure_losses`` and
+``configure_metrics``, which run after ``save_hyperparameters()``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from visiontl.backbones import LayerGroup, data_config, layer_groups
+from visiontl.strategies import Strategy, get_strategy, set_trainable
+
+__all__ = ["BaseTask", "warmup_cosine"]
+
+
+def warmup_cosine(total_steps: int, warmup: float = 0.05, floor: float = 0.01):
+    """LR multiplier: linear warm-up over ``warmup`` of the steps, cosine decay to ``floor``."""
+    warm = max(1, round(total_steps * warmup)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class BaseTask(pl.LightningModule):
+    """A backbone trained with a :class:`~visiontl.strategies.Strategy`.
+
+    Subclasses set ``self.model`` in :meth:`configure_models`. After that the layer groups are
+    computed, the strategy freezes what it must, and frozen normalisation layers are held in
+    eval mode across every ``train()`` call, so their running statistics never move.
+    """
+
+    strategy: Strategy
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # the subclass's __init__ arguments
+        strategy_spec = self.hparams.get("strategy", "probe")
+        self.strategy = get_strategy(strategy_spec)
+        self.hparams["strategy"] = self.strategy.to_config()  # plain data: safe checkpoints
+        self.frozen_norms: set[str] = set()
+        self.configure_models()
+        self.groups: list[LayerGroup] = layer_groups(self.model)
+        self.set_trainable_groups(self.strategy.initial_trainable(self.groups))
+        self.configure_losses()
+        self.configure_metrics()
+
+    # -- hooks for subclasses -----------------------------------------------------------------
+    def configure_models(self) -> None:
+        """Create ``self.model``."""
+        raise NotImplementedError
+
+    def configure_losses(self) -> None:
+        """Create ``self.criterion``."""
+
+    def configure_metrics(self) -> None:
+        """Create metric collections."""
+
+    # -- freezing -------------------------------------------------------------------------------
+    def set_trainable_groups(self, names: list[str]) -> None:
+        """Train exactly the named layer groups; everything else (and its statistics) is frozen."""
+        self.frozen_norms = set_trainable(self.model, self.groups, names, self.strategy.train_bn)
+        self.trainable_groups = list(names)
+
+    def train(self, mode: bool = True) -> BaseTask:
+        super().train(mode)
+        if mode:
+            for name in self.frozen_norms:
+                self.model.get_submodule(name).eval()
+        return self
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The backbone's preprocessing (input size, mean, std, interpolation, crop_pct)."""
+        return data_config(self.model)
+
+    def strategy_report(self) -> dict[str, Any]:
+        """Strategy, trainable / total parameters and each group's learning rate."""
+        report = self.strategy.describe(self.groups)
+        report["trainable_now"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return report
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self.strategy.param_groups(self.groups, self.hparams.get("weight_decay", 0.0))
+        optimizer = torch.optim.AdamW(groups)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if not math.isfinite(total) or total <= 0:
+            return {"optimizer": optimizer}
+        schedule = warmup_cosine(int(total), self.hparams.get("warmup", 0.05))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        report = self.strategy_report()
+        lines = [f"[visiontl] strategy {self.strategy!r}: {report['trainable_params']:,} of "
+                 f"{report['total_params']:,} parameters train"]
+        for g in report["groups"]:
+            state = "frozen" if g["lr"] == 0 else ("trains" if g["trainable"] else "later")
+            lines.append(f"    {g['name']:<10} {g['numel']:>12,}  {state:<6}  lr={g['lr']:.3g}")
+        rank_zero_info("\n".join(lines))
+        if self.logger is not None:
+            self.logger.log_hyperparams({"trainable_params": report["trainable_params"],
+                                         "total_params": report["total_params"]})
+
+    def on_train_epoch_end(self) -> None:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.log("trainable_params", float(trainable), on_epoch=True, sync_dist=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+

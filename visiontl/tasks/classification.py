@@ -1,0 +1,218 @@
+"""Image classification: a timm backbone with a new head, trained by any strategy."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning import Callback
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
+
+from visiontl.backbones import create_backbone
+from visiontl.strategies import Strategy
+from visiontl.tasks.base import BaseTask
+
+__all__ = ["ClassificationTask"]
+
+
+class ClassificationTask(BaseTask):
+    """Fine-tune a timm backbone for ``num_classes`` classes.
+
+    Args:
+        backbone: timm model name.
+        num_classes: number of classes (linked from the datamodule in recipes).
+        class_names: class names in label order (linked from the datamodule in recipes).
+        strategy: ``probe``, ``partial``, ``full``, ``gradual``, ``scratch``, a
+            ``{"name": ..., **kwargs}`` dict or a :class:`~visiontl.strategies.Strategy`.
+        pretrained: start from timm's pretrained weights (hub or cache).
+        weights: a local checkpoint or named source instead of the hub (no network).
+        in_chans: input channels (the pretrained stem is adapted when not 3).
+        weight_decay: AdamW weight decay.
+        warmup: fraction of the steps spent warming the learning rate up.
+        class_weights: ``"balanced"`` (inverse class frequency from the training set), a list
+            with one weight per class, or ``None``.
+        label_smoothing: cross-entropy label smoothing.
+        drop_rate: dropout before the classifier.
+        converter: key converter for foreign ``weights`` (``auto`` detects it).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        strategy: Strategy | str = "probe",
+        pretrained: bool = True,
+        weights: str | None = None,
+        in_chans: int = 3,
+        weight_decay: float = 0.01,
+        warmup: float = 0.05,
+        class_weights: Literal["balanced"] | list[float] | None = None,
+        label_smoothing: float = 0.0,
+        drop_rate: float = 0.0,
+        converter: str | None = "auto",
+    ) -> None:
+        if num_classes is None and class_names:
+            num_classes = len(class_names)
+        if num_classes is None:
+            raise ValueError(
+                "ClassificationTask needs num_classes or class_names (recipes link them from the "
+                "datamodule; in Python pass num_classes=datamodule.num_classes)."
+            )
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}.")
+        super().__init__()
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (``class_0``... when none were given)."""
+        names = self.hparams.get("class_names")
+        return list(names) if names else [f"class_{i}" for i in range(self.hparams["num_classes"])]
+
+    # -- construction -------------------------------------------------------------------------
+    def configure_models(self) -> None:
+        hp = self.hparams
+        pretrained = hp["pretrained"] and self.strategy.uses_pretrained
+        self.model = create_backbone(
+            hp["backbone"],
+            hp["num_classes"],
+            pretrained=pretrained,
+            weights=hp["weights"] if self.strategy.uses_pretrained else None,
+            in_chans=hp["in_chans"],
+            converter=hp["converter"],
+            drop_rate=hp["drop_rate"],
+        )
+
+    def configure_losses(self) -> None:
+        weights = self.hparams["class_weights"]
+        tensor = None
+        if isinstance(weights, (list, tuple)):
+            if len(weights) != self.hparams["num_classes"]:
+                raise ValueError(f"class_weights has {len(weights)} values for {self.hparams['num_classes']} classes.")
+            tensor = torch.tensor(weights, dtype=torch.float32)
+        elif weights not in (None, "balanced"):
+            raise ValueError(f"class_weights must be 'balanced', a list or None, got {weights!r}.")
+        self.register_buffer("class_weight", tensor if tensor is not None else torch.ones(self.hparams["num_classes"]))
+
+    def configure_metrics(self) -> None:
+        k = self.hparams["num_classes"]
+        scores = MetricCollection({
+            "acc": MulticlassAccuracy(k, average="micro"),
+            "balanced_acc": MulticlassAccuracy(k, average="macro"),
+            "f1": MulticlassF1Score(k, average="macro"),
+        })
+        self.train_metrics = scores.clone(prefix="train_")
+        full = MetricCollection({**scores.clone(), "auroc": MulticlassAUROC(k, average="macro")})
+        self.val_metrics = full.clone(prefix="val_")
+        self.test_metrics = full.clone(prefix="test_")
+        self.val_recall = MulticlassRecall(k, average=None)
+        self.test_recall = MulticlassRecall(k, average=None)
+        self.val_confmat = MulticlassConfusionMatrix(k)
+        self.test_confmat = MulticlassConfusionMatrix(k)
+        self.last_confusion: dict[str, torch.Tensor] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.hparams["class_weights"] == "balanced":
+            counts = getattr(getattr(self.trainer, "datamodule", None), "class_counts", None)
+            if counts is None:
+                raise ValueError("class_weights='balanced' needs a datamodule with class_counts.")
+            c = torch.tensor(counts, dtype=torch.float32).clamp(min=1)
+            self.class_weight.copy_(c.sum() / (len(c) * c))
+
+    def configure_callbacks(self) -> list[Callback]:
+        from visiontl.run import RunReport
+
+        checkpoint = ModelCheckpoint(
+            filename="best", monitor="val_acc", mode="max", save_last=True, auto_insert_metric_name=False
+        )
+        return [checkpoint, LearningRateMonitor("step"), RunReport(), *self.strategy.callbacks()]
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.hparams["label_smoothing"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self._loss(logits, batch["label"])
+        self.train_metrics(logits.detach(), batch["label"])
+        size = len(batch["label"])
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=size)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], split: str) -> None:
+        logits = self(batch["image"])
+        y = batch["label"]
+        probs = logits.softmax(dim=1)
+        metrics = getattr(self, f"{split}_metrics")
+        metrics.update(probs, y)
+        getattr(self, f"{split}_recall").update(probs, y)
+        getattr(self, f"{split}_confmat").update(probs, y)
+        self.log(f"{split}_loss", self._loss(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y))
+
+    def _eval_epoch_end(self, split: str) -> None:
+        metrics = getattr(self, f"{split}_metrics")
+        self.log_dict(metrics.compute(), prog_bar=True)
+        metrics.reset()
+        recall = getattr(self, f"{split}_recall")
+        for name, value in zip(self.class_names, recall.compute()):
+            self.log(f"{split}_recall/{name}", value)
+        recall.reset()
+        confmat = getattr(self, f"{split}_confmat")
+        self.last_confusion[split] = confmat.compute().cpu()
+        confmat.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        probs = self(batch["image"]).softmax(dim=1)
+        return {"index": batch["index"], "probs": probs, "label": probs.argmax(dim=1)}
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str], map_location: str = "cpu") -> ClassificationTask:
+        """Load a trained task from a Lightning checkpoint without unpickling anything.
+
+        The checkpoint is read with ``torch.load(weights_only=True)``; the backbone is rebuilt
+        from the saved hyper-parameters with no download and no weights file.
+        """
+        from visiontl.weights import WeightsError
+
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError as err:
+            raise WeightsError(f"Checkpoint {path} does not exist.") from err
+        hp = dict(ckpt.get("hyper_parameters") or {})
+        if "state_dict" not in ckpt or "backbone" not in hp:
+            raise WeightsError(f"{path} is not a visiontl ClassificationTask checkpoint (no hyper_parameters/state_dict).")
+        hp.update(pretrained=False, weights=None)
+        strategy = dict(hp.pop("strategy", None) or {"name": "probe"})
+        task = cls(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
+        task.load_state_dict(ckpt["state_dict"])
+        return task.eval()
+
+
+_INIT_ARGS = {
+    "backbone", "num_classes", "class_names", "pretrained", "weights", "in_chans", "weight_decay",
+    "warmup", "class_weights", "label_smoothing", "drop_rate", "converter",
+}
