@@ -9,11 +9,14 @@ from visiontl.data.datamodules import (
     index_folder,
     stratified_split,
 )
+from visiontl.data.bluemarble import BlueMarbleDataModule, build_tiles
 from visiontl.data.images import DataError, ImageReadError, read_image, scan_images, to_channels
 from visiontl.data.transforms import PRESETS, build_transforms
 
 __all__ = [
     "PRESETS",
+    "BlueMarbleDataModule",
+    "build_tiles",
     "ClassificationDataModule",
     "CsvDataModule",
     "DataError",

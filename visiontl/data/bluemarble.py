@@ -25,14 +25,16 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from visiontl._io import write_json
+from visiontl.data.datamodules import FolderDataModule
 
-__all__ = ["CLASSES", "SOURCES", "Tile", "tile_index", "build_tiles", "default_cache_dir"]
+__all__ = ["CLASSES", "SOURCES", "BlueMarbleDataModule", "Tile", "build_tiles", "default_cache_dir", "tile_index"]
 
 CLASSES: tuple[str, ...] = ("coast", "land", "water")
 """Class names, sorted, so that folder order (ImageFolder) equals label order."""
@@ -325,3 +327,43 @@ def build_tiles(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+class BlueMarbleDataModule(FolderDataModule):
+    """The offline demo dataset: Blue Marble tiles (coast / land / water), built once and cached.
+
+    Args:
+        train_per_class: training tiles per class.
+        val_per_class: validation tiles per class.
+        test_per_class: test tiles per class (0: no test split).
+        source: ``bmng`` (Blue Marble) or ``shadedrelief`` (same places, other rendering).
+        tile_px: tile size in pixels.
+        root: where to build the tiles (default: a folder under :func:`default_cache_dir`).
+        augment: augmentation preset (overhead imagery: ``satellite``).
+        **kwargs: see :class:`~visiontl.data.ClassificationDataModule`.
+    """
+
+    def __init__(
+        self,
+        train_per_class: int = 60,
+        val_per_class: int = 40,
+        test_per_class: int = 0,
+        source: str = "bmng",
+        tile_px: int = 32,
+        root: str | None = None,
+        augment: str = "satellite",
+        **kwargs: Any,
+    ) -> None:
+        splits = {"train": train_per_class, "val": val_per_class}
+        if test_per_class:
+            splits["test"] = test_per_class
+        if root is None:
+            sizes = "-".join(str(v) for v in splits.values())
+            root = str(default_cache_dir() / f"bluemarble-{source}-{tile_px}px-seed{kwargs.get('seed', 0)}-{sizes}")
+        super().__init__(root=root, augment=augment, **kwargs)
+        self.tile_splits = splits
+        self.source, self.tile_px = source, tile_px
+
+    def load_splits(self) -> dict[str, list[tuple[Path, str]]]:
+        build_tiles(self.root, splits=self.tile_splits, source=self.source, tile_px=self.tile_px, seed=self.seed)
+        return super().load_splits()

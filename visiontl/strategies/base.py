@@ -122,7 +122,7 @@ class Strategy:
         """A JSON-able summary: strategy config, trainable/total parameters, each group's LR."""
         plans = self.plan(groups)
         total = sum(g.numel for g in groups)
-        trainable = sum(p.numel for p in plans if p.trainable and p.lr > 0)
+        trainable = sum(p.numel for p in plans if p.lr > 0)  # at any point of the run
         return {
             "strategy": self.to_config(),
             "trainable_params": trainable,

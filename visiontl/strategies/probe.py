@@ -17,7 +17,7 @@ class Probe(Strategy):
     """
 
     name = "probe"
-    default_lr = 3e-3
+    default_lr = 1e-2
 
     def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
         last = len(groups) - 1

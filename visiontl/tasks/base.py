@@ -7,6 +7,7 @@ Subclasses fill the torchgeo-style hooks ``configure_models``, ``configure_losse
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,6 +18,9 @@ from visiontl.backbones import LayerGroup, data_config, layer_groups
 from visiontl.strategies import Strategy, get_strategy, set_trainable
 
 __all__ = ["BaseTask", "warmup_cosine"]
+
+# Frozen groups keep their normalisation layers in eval mode on purpose (statistics frozen).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def warmup_cosine(total_steps: int, warmup: float = 0.05, floor: float = 0.01):

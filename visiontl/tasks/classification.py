@@ -135,7 +135,13 @@ class ClassificationTask(BaseTask):
         checkpoint = ModelCheckpoint(
             filename="best", monitor="val_acc", mode="max", save_last=True, auto_insert_metric_name=False
         )
-        return [checkpoint, LearningRateMonitor("step"), RunReport(), *self.strategy.callbacks()]
+        callbacks: list[Callback] = [RunReport(), *self.strategy.callbacks()]
+        trainer = self._trainer
+        if trainer is None or trainer.checkpoint_callback is not None:
+            callbacks.insert(0, checkpoint)
+        if trainer is None or trainer.loggers:
+            callbacks.append(LearningRateMonitor("step"))
+        return callbacks
 
     # -- steps ----------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

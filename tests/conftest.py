@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests never touch the network: HF_HUB_OFFLINE is set before timm loads."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS / "data" / "shapes"))
+
+from data import make_folder, make_splits  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Built-in datasets (Blue Marble tiles) go to a per-session cache, not ~/.cache."""
+    os.environ["VISIONTL_CACHE"] = str(tmp_path_factory.mktemp("visiontl-cache"))
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A class-per-folder set: 3 classes x 12 RGB 32 px images."""
+    return make_folder(tmp_path_factory.mktemp("shapes"), per_class=12)
+
+
+@pytest.fixture(scope="session")
+def shapes_splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``train/``, ``val/`` and ``test/`` folders (8 / 4 / 4 per class)."""
+    return make_splits(tmp_path_factory.mktemp("shapes_splits"), {"train": 8, "val": 4, "test": 4})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: real weights or notebooks (still part of the default run)")

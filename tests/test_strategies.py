@@ -1,0 +1,174 @@
+"""The fine-tuning ladder, checked by value: what trains, what stays put, at which LR."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from visiontl.data import FolderDataModule
+from visiontl.strategies import Full, Gradual, Partial, StrategyError, discriminative_lrs, get_strategy
+from visiontl.tasks import ClassificationTask
+
+
+def _snapshot(task: ClassificationTask) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+
+
+def _fit(task: ClassificationTask, root: Path, tmp_path: Path, epochs: int = 2) -> pl.Trainer:
+    dm = FolderDataModule(str(root), image_size=32, num_workers=0, batch_size=8)
+    trainer = pl.Trainer(max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer.fit(task, dm)
+    return trainer
+
+
+def _changed(before: dict[str, torch.Tensor], task: ClassificationTask) -> set[str]:
+    after = task.model.state_dict()
+    return {k for k, v in before.items() if v.dtype.is_floating_point and not torch.equal(v, after[k])}
+
+
+def _task(strategy, backbone: str = "test_resnet", **kwargs) -> ClassificationTask:
+    return ClassificationTask(backbone, num_classes=3, strategy=strategy, pretrained=False, **kwargs)
+
+
+def _group_keys(task: ClassificationTask, names: set[str]) -> set[str]:
+    """State-dict keys (parameters and BN buffers) of the named groups."""
+    keys = set()
+    for g in task.groups:
+        if g.name in names:
+            keys.update(g.param_names)
+            for m in g.norm_modules:
+                keys.update({f"{m}.running_mean", f"{m}.running_var"})
+    return keys
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet"])
+def test_probe_freezes_backbone_weights_and_batchnorm_statistics(backbone, shapes_root, tmp_path) -> None:
+    task = _task("probe", backbone)
+    before = _snapshot(task)
+    _fit(task, shapes_root, tmp_path)
+    changed = _changed(before, task)
+    head = _group_keys(task, {"head"})
+    assert changed == head, f"unexpected changes: {sorted(changed - head)[:5]}"
+    running = [k for k in before if k.endswith("running_mean")]
+    assert running and not any(k in changed for k in running)
+
+
+def test_batchnorm_statistics_would_move_without_the_policy(shapes_root, tmp_path) -> None:
+    """The probe test above can fail: with train_bn the frozen backbone's statistics do move."""
+    task = _task(get_strategy({"name": "probe", "train_bn": True}))
+    before = _snapshot(task)
+    _fit(task, shapes_root, tmp_path)
+    changed = _changed(before, task)
+    assert any(k.endswith("running_mean") for k in changed)
+    assert any(k.startswith("layer1") and k.endswith("bn1.weight") for k in changed)
+    assert not any(k.endswith("conv1.weight") and k.startswith("layer1") for k in changed)
+
+
+def test_partial_trains_exactly_the_last_k_groups(shapes_root, tmp_path) -> None:
+    task = _task(Partial(k=2))
+    names = [g.name for g in task.groups]
+    before = _snapshot(task)
+    _fit(task, shapes_root, tmp_path)
+    trained = set(names[-3:])  # two stages + head
+    assert _changed(before, task) == _group_keys(task, trained)
+
+
+def test_partial_rejects_k_larger_than_the_backbone() -> None:
+    with pytest.raises(StrategyError, match=r"k=9.*only 5 groups.*stem, stage1"):
+        _task(Partial(k=9))
+    with pytest.raises(StrategyError, match="k must be >= 1"):
+        Partial(k=0)
+
+
+def test_full_uses_discriminative_learning_rates(shapes_root, tmp_path) -> None:
+    task = _task(Full(lr=1e-2, decay=0.5))
+    trainer = _fit(task, shapes_root, tmp_path, epochs=1)
+    groups = trainer.optimizers[0].param_groups
+    assert [g["name"] for g in groups] == [g.name for g in task.groups]
+    n = len(groups)
+    for i, g in enumerate(groups):
+        assert g["initial_lr"] == pytest.approx(1e-2 * 0.5 ** (n - 1 - i))
+    before = _snapshot(task)
+    _fit(task, shapes_root, tmp_path, epochs=1)
+    assert all(k.split(".")[0] for k in _changed(before, task))
+    assert _changed(before, task) >= {n for n, _ in task.model.named_parameters()}
+
+
+def test_decay_one_is_a_single_learning_rate_and_lr_range_is_geometric() -> None:
+    assert discriminative_lrs(4, 1e-3, 1.0) == [1e-3] * 4
+    lrs = discriminative_lrs(3, 0.0, lr_range=(1e-5, 1e-3))
+    assert lrs == pytest.approx([1e-5, 1e-4, 1e-3])
+    task = _task(Full(lr_range=(1e-6, 1e-3)))
+    plans = task.strategy.plan(task.groups)
+    assert plans[0].lr == pytest.approx(1e-6) and plans[-1].lr == pytest.approx(1e-3)
+    assert all(a.lr < b.lr for a, b in zip(plans, plans[1:]))
+    with pytest.raises(StrategyError, match="decay"):
+        discriminative_lrs(3, 1e-3, decay=1.5)
+
+
+def test_gradual_trains_the_head_first_then_everything(shapes_root, tmp_path) -> None:
+    task = _task(Gradual(head_epochs=1, decay=0.5))
+    before = _snapshot(task)
+    trainer = _fit(task, shapes_root, tmp_path, epochs=1)
+    assert _changed(before, task) == _group_keys(task, {"head"})
+    optimizer_groups = len(trainer.optimizers[0].param_groups)
+    assert optimizer_groups == len(task.groups)  # every group is in the optimizer from the start
+
+    task2 = _task(Gradual(head_epochs=1, decay=0.5))
+    before = _snapshot(task2)
+    trainer = _fit(task2, shapes_root, tmp_path, epochs=2)
+    assert _changed(before, task2) >= {n for n, _ in task2.model.named_parameters()}
+    assert len(trainer.optimizers[0].param_groups) == optimizer_groups
+
+
+def test_gradual_progressive_unfreezes_one_group_per_epoch() -> None:
+    task = _task(Gradual(head_epochs=1, unfreeze="progressive"))
+    names = [g.name for g in task.groups]
+    strategy = task.strategy
+    assert strategy.trainable_at(task.groups, 0) == ["head"]
+    assert strategy.trainable_at(task.groups, 1) == names[-2:]
+    assert strategy.trainable_at(task.groups, 2) == names[-3:]
+    assert strategy.trainable_at(task.groups, 99) == names
+
+
+def test_scratch_ignores_pretrained_weights(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    source = _task("probe")
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()}, str(path))
+    loaded = _task("probe", weights=str(path))
+    assert torch.equal(loaded.model.conv1[0].weight, source.model.conv1[0].weight)
+    scratch = _task("scratch", weights=str(path))
+    assert not torch.equal(scratch.model.conv1[0].weight, source.model.conv1[0].weight)
+    assert scratch.model.visiontl_weights["source"] == "random"
+
+
+def test_strategy_report_counts_parameters_and_lrs() -> None:
+    task = _task(Partial(k=1, lr=0.01))
+    report = task.strategy_report()
+    total = sum(p.numel() for p in task.model.parameters())
+    trainable = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    assert report["total_params"] == total and report["trainable_params"] == trainable
+    lrs = {g["name"]: g["lr"] for g in report["groups"]}
+    assert lrs["head"] == 0.01 and lrs["stem"] == 0.0 and lrs["stage4"] == 0.01
+
+
+def test_unknown_strategy_is_a_clear_error() -> None:
+    with pytest.raises(StrategyError, match="Did you mean partial"):
+        get_strategy("partail")
+
+
+def test_schedule_warms_up_then_decays_to_the_floor() -> None:
+    from visiontl.tasks import warmup_cosine
+
+    f = warmup_cosine(100, warmup=0.1, floor=0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(99) == pytest.approx(0.01, abs=1e-3)
+    assert all(f(i) >= f(i + 1) for i in range(10, 99))
+    assert not math.isnan(f(1000))

@@ -1,0 +1,144 @@
+"""One-call fine-tuning in the spirit of fastai's ``fine_tune``.
+
+>>> from visiontl import fine_tune
+>>> result = fine_tune("data/xrays", backbone="resnet18", strategy="gradual")  # doctest: +SKIP
+>>> result.metrics["val_acc"], result.run_dir  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import CSVLogger
+
+from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataModule, auto_batch_size
+from visiontl.strategies import Strategy
+from visiontl.tasks import ClassificationTask
+
+__all__ = ["FitResult", "auto_steps", "fine_tune", "make_datamodule"]
+
+
+@dataclass
+class FitResult:
+    """What :func:`fine_tune` returns.
+
+    Attributes:
+        metrics: validation metrics of the best checkpoint (``val_acc``, ``val_f1``...).
+        run_dir: the run directory (checkpoints, metrics, plots).
+        task: the trained task, with the best checkpoint's weights loaded.
+        trainer: the Lightning trainer.
+        datamodule: the datamodule.
+        wall_s: training wall time in seconds.
+    """
+
+    metrics: dict[str, float]
+    run_dir: Path
+    task: ClassificationTask = field(repr=False)
+    trainer: pl.Trainer = field(repr=False)
+    datamodule: ClassificationDataModule = field(repr=False)
+    wall_s: float = 0.0
+
+
+def auto_steps(n_train: int, batch_size: int) -> int:
+    """Optimisation steps for a dataset size: enough to converge on 100 images, a few epochs on 100k.
+
+    About 20 epochs on small sets with a floor of 200 steps, never fewer than 3 epochs, and
+    capped near 3,000 steps unless 3 epochs need more.
+    """
+    per_epoch = max(1, math.ceil(n_train / max(1, batch_size)))
+    return int(max(200, min(20 * per_epoch, max(3000, 3 * per_epoch))))
+
+
+def make_datamodule(data: str | os.PathLike[str] | ClassificationDataModule, **kwargs: Any) -> ClassificationDataModule:
+    """A datamodule from a folder path, a CSV path or an existing datamodule."""
+    if isinstance(data, ClassificationDataModule):
+        return data
+    path = Path(data)
+    if path.suffix.lower() == ".csv":
+        return CsvDataModule(str(path), **kwargs)
+    return FolderDataModule(str(path), **kwargs)
+
+
+def fine_tune(
+    data: str | os.PathLike[str] | ClassificationDataModule,
+    backbone: str = "resnet18",
+    strategy: Strategy | str | dict[str, Any] = "gradual",
+    *,
+    pretrained: bool = True,
+    weights: str | None = None,
+    image_size: int | None = None,
+    steps: int | None = None,
+    out: str | os.PathLike[str] = "runs",
+    name: str | None = None,
+    seed: int = 0,
+    data_kwargs: dict[str, Any] | None = None,
+    task_kwargs: dict[str, Any] | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> FitResult:
+    """Fine-tune ``backbone`` on ``data`` with ``strategy`` and return the best checkpoint's metrics.
+
+    Training is budgeted in optimisation steps (:func:`auto_steps` when ``steps`` is None), so
+    defaults are sound on 100 images and on 100,000.
+
+    Args:
+        data: a class-per-folder directory, a CSV (path,label) file or a datamodule.
+        backbone: timm model name.
+        strategy: ``probe``, ``partial``, ``full``, ``gradual``, ``scratch`` or a strategy.
+        pretrained: use timm's pretrained weights (hub or cache) when ``weights`` is None.
+        weights: a local weights file or named source (offline).
+        image_size: input size (default: the backbone's).
+        steps: optimisation steps (default: chosen from the dataset size).
+        out: parent folder of the run directory.
+        name: run name (default ``<backbone>-<strategy>``).
+        seed: seed for weights of the new head, data order and the validation split.
+        data_kwargs: more :class:`~visiontl.data.ClassificationDataModule` arguments.
+        task_kwargs: more :class:`~visiontl.tasks.ClassificationTask` arguments.
+        trainer_kwargs: more ``pytorch_lightning.Trainer`` arguments.
+    """
+    pl.seed_everything(seed, workers=True, verbose=False)
+    dm = make_datamodule(data, seed=seed, **(data_kwargs or {}))
+    if image_size is not None:
+        dm.image_size = image_size
+    task = ClassificationTask(
+        backbone=backbone,
+        num_classes=dm.num_classes,
+        class_names=dm.class_names,
+        strategy=strategy,
+        pretrained=pretrained,
+        weights=weights,
+        **(task_kwargs or {}),
+    )
+    n_train = len(dm.splits["train"])
+    batches = math.ceil(n_train / (dm.batch_size or auto_batch_size(n_train)))
+    steps = steps or auto_steps(n_train, dm.batch_size or auto_batch_size(n_train))
+    kwargs: dict[str, Any] = {
+        "max_steps": steps,
+        "max_epochs": -1,
+        "logger": CSVLogger(str(out), name=name or f"{backbone}-{task.strategy.name}"),
+        "log_every_n_steps": max(1, min(50, batches)),
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    kwargs.update(trainer_kwargs or {})
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(task, dm)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    results = trainer.validate(task, dm, ckpt_path=best or None, verbose=False)
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    wall = _wall_time(trainer)
+    return FitResult(metrics, Path(trainer.log_dir), task, trainer, dm, wall)
+
+
+def _wall_time(trainer: pl.Trainer) -> float:
+    import json
+
+    path = Path(trainer.log_dir) / "metrics.json"
+    try:
+        return float(json.loads(path.read_text())["wall_s"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return 0.0
