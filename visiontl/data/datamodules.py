@@ -40,10 +40,10 @@ _SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test
 
 
 def auto_batch_size(n_train: int, cap: int = 32) -> int:
-    """A batch size that gives at least ~8 steps per epoch on small sets, ``cap`` on large ones."""
+    """Batch size from the training set size: 8 on tiny sets, ~8 steps per epoch, ``cap`` on large ones."""
     if n_train <= 0:
         return 1
-    size = 2 ** max(2, math.floor(math.log2(max(n_train / 8, 1))))
+    size = 2 ** max(3, math.floor(math.log2(max(n_train / 8, 1))))
     return int(max(1, min(cap, size, n_train)))
 
 

@@ -8,6 +8,7 @@ Strategies are selected by name (``"probe"``, ``"partial"``, ``"full"``, ``"grad
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any
 
 from visiontl.strategies.base import GroupPlan, Strategy, StrategyError, discriminative_lrs, set_trainable
@@ -50,24 +51,42 @@ for _cls in (Probe, Partial, Full, Gradual, Scratch):
 
 
 def get_strategy(spec: Strategy | str | dict[str, Any]) -> Strategy:
-    """Turn a name, a ``{"name": ..., **kwargs}`` dict or a strategy object into a strategy."""
+    """Turn a name, a config dict or a strategy object into a strategy.
+
+    Dicts are ``{"name": "partial", "k": 3}`` or recipe form
+    ``{"class_path": "visiontl.strategies.Partial", "init_args": {"k": 3}}``.
+    """
     if isinstance(spec, Strategy):
         return spec
-    if isinstance(spec, dict):
+    if isinstance(spec, str):
+        name, kwargs = spec, {}
+    elif isinstance(spec, dict) and "class_path" in spec:
+        return _from_class_path(spec["class_path"], dict(spec.get("init_args") or {}))
+    elif isinstance(spec, dict):
         kwargs = dict(spec)
         name = kwargs.pop("name", None)
-        if name is None and "class_path" in kwargs:
-            name = kwargs.pop("class_path").rsplit(".", 1)[-1].lower()
-            kwargs = dict(kwargs.pop("init_args", None) or {})
-    elif isinstance(spec, str):
-        name, kwargs = spec, {}
     else:
         raise StrategyError(f"A strategy must be a name, a dict or a Strategy, got {type(spec).__name__}.")
     if name not in STRATEGIES:
         close = difflib.get_close_matches(str(name), STRATEGIES, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise StrategyError(f"Unknown strategy {name!r}.{hint} Known: {', '.join(STRATEGIES)}.")
+    return _build(STRATEGIES[name], kwargs)
+
+
+def _from_class_path(class_path: str, kwargs: dict[str, Any]) -> Strategy:
+    module, _, attr = class_path.rpartition(".")
     try:
-        return STRATEGIES[name](**kwargs)
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise StrategyError(f"Cannot import strategy class {class_path!r}: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise StrategyError(f"{class_path!r} is not a visiontl Strategy subclass.")
+    return _build(cls, kwargs)
+
+
+def _build(cls: type[Strategy], kwargs: dict[str, Any]) -> Strategy:
+    try:
+        return cls(**kwargs)
     except TypeError as err:
-        raise StrategyError(f"Strategy {name!r}: {err}") from err
+        raise StrategyError(f"Strategy {cls.name!r}: {err}") from err

@@ -131,15 +131,17 @@ class Strategy:
         }
 
     def to_config(self) -> dict[str, Any]:
-        """Plain-data form (``{"name": ..., **init_args}``), accepted back by ``get_strategy``."""
+        """Plain data in recipe form (``class_path`` / ``init_args``), accepted by ``get_strategy``."""
         sig = inspect.signature(type(self).__init__)
         args = {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}
-        return {"name": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}}
+        return {
+            "class_path": f"{type(self).__module__.rsplit('.', 1)[0]}.{type(self).__qualname__}",
+            "init_args": {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()},
+        }
 
     def __repr__(self) -> str:
-        cfg = self.to_config()
-        cfg.pop("name")
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in cfg.items())})"
+        args = self.to_config()["init_args"]
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
 
 
 def _is_norm_param(param_name: str, group: LayerGroup) -> bool:

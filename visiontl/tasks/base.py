@@ -107,8 +107,8 @@ class BaseTask(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         report = self.strategy_report()
-        lines = [f"[visiontl] strategy {self.strategy!r}: {report['trainable_params']:,} of "
-                 f"{report['total_params']:,} parameters train"]
+        lines = [f"[visiontl] strategy {self.strategy!r}: {report['trainable_now']:,} of "
+                 f"{report['total_params']:,} parameters train now, {report['trainable_params']:,} during the run"]
         for g in report["groups"]:
             state = "frozen" if g["lr"] == 0 else ("trains" if g["trainable"] else "later")
             lines.append(f"    {g['name']:<10} {g['numel']:>12,}  {state:<6}  lr={g['lr']:.3g}")

@@ -1,0 +1,92 @@
+"""Every recipe in recipes/ runs through the CLI on a tiny backbone and fixture data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from visiontl.cli import main
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
+TINY = {"tf_efficientnet_lite0": "test_efficientnet", "resnet18": "test_resnet"}
+
+
+def _data_overrides(recipe: dict, shapes_root: Path) -> list[str]:
+    kind = recipe["data"]["class_path"].rsplit(".", 1)[-1]
+    if kind == "FolderDataModule":
+        return ["--data.init_args.root", str(shapes_root)]
+    if kind == "BlueMarbleDataModule":  # real offline tiles, a handful of them
+        return ["--data.init_args.train_per_class", "4", "--data.init_args.val_per_class", "2"]
+    raise AssertionError(f"no fixture for {kind}: add one to tests/test_recipes.py")
+
+
+def _common(recipe: dict, out: Path) -> list[str]:
+    backbone = recipe["model"]["init_args"].get("backbone", "resnet18")
+    return [
+        "--model.init_args.backbone", TINY.get(backbone, "test_resnet"),
+        "--model.init_args.pretrained", "false",
+        "--model.init_args.weights", "null",
+        "--data.init_args.image_size", "32",
+        "--data.init_args.num_workers", "0",
+        "--trainer.max_steps", "6",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(out),
+    ]
+
+
+@pytest.mark.parametrize("recipe_path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: Path, tmp_path: Path) -> None:
+    recipe = yaml.safe_load(recipe_path.read_text())
+    args = ["fit", "--config", str(recipe_path), *_common(recipe, tmp_path), *_data_overrides(recipe, shapes_root)]
+    args += ["--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null"]
+    assert main(args) == 0
+    (run,) = list(tmp_path.glob("*/version_0"))
+    for name in ("config.yaml", "metrics.csv", "metrics.json", "strategy.json", "confusion_matrix.png",
+                 "confusion_matrix.csv", "learning_curves.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["steps"] == 6 and 0.0 <= summary["best_score"] <= 1.0
+    strategy = json.loads((run / "strategy.json").read_text())
+    assert strategy["total_params"] > strategy["groups"][-1]["numel"] > 0
+
+
+def test_cli_validate_test_predict_and_resume(shapes_splits: Path, tmp_path: Path) -> None:
+    recipe = Path(__file__).parents[1] / "recipes" / "folder.yaml"
+    base = ["--config", str(recipe), *_common(yaml.safe_load(recipe.read_text()), tmp_path),
+            "--data.init_args.root", str(shapes_splits), "--model.init_args.strategy", "full"]
+    assert main(["fit", *base]) == 0
+    ckpt = tmp_path / "folder" / "version_0" / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    # resume: training continues from the saved step to the new budget
+    assert main(["fit", *base, "--trainer.max_steps", "9", "--ckpt_path", str(ckpt)]) == 0
+    resumed = json.loads((tmp_path / "folder" / "version_1" / "metrics.json").read_text())
+    assert resumed["steps"] == 9
+    assert main(["test", *base, "--ckpt_path", str(ckpt)]) == 0
+    test_metrics = json.loads((tmp_path / "folder" / "version_2" / "test_metrics.json").read_text())
+    assert {"test_acc", "test_f1", "test_auroc"} <= set(test_metrics)
+    assert (tmp_path / "folder" / "version_2" / "confusion_matrix_test.png").exists()
+    assert main(["predict", *base, "--ckpt_path", str(ckpt)]) == 0
+    with (tmp_path / "folder" / "version_3" / "predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 12 and {r["label"] for r in rows} <= {"bars", "discs", "squares"}
+    assert all(abs(sum(float(r[f"p_{c}"]) for c in ("bars", "discs", "squares")) - 1) < 1e-4 for r in rows)
+
+
+def test_cli_help_lists_extra_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "fit" in out and "demo" in out
+
+
+def test_bad_strategy_in_recipe_is_a_clear_error(shapes_root: Path, tmp_path: Path) -> None:
+    recipe = Path(__file__).parents[1] / "recipes" / "folder.yaml"
+    args = ["fit", "--config", str(recipe), *_common(yaml.safe_load(recipe.read_text()), tmp_path),
+            "--data.init_args.root", str(shapes_root), "--model.init_args.strategy", "partail"]
+    with pytest.raises(ValueError, match="Unknown strategy 'partail'. Did you mean partial"):
+        main(args)
+    assert not list(tmp_path.glob("*/version_*/checkpoints/*.ckpt"))
