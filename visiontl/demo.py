@@ -56,7 +56,9 @@ def run_demo(
     """
     out = Path(out)
     rows = []
-    for strategy in strategies:
+    for i, strategy in enumerate(strategies, start=1):
+        print(f"[visiontl demo] {i}/{len(strategies)}: {strategy} on {backbone} "
+              f"({train_per_class} tiles per class, {image_size} px, {steps or 'auto'} steps)", flush=True)
         dm = BlueMarbleDataModule(
             train_per_class=train_per_class, val_per_class=val_per_class, seed=seed, num_workers=num_workers
         )
@@ -117,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     print()
-    print(format_console_table(rows, ["strategy", "val_acc", "val_f1", "val_auroc", "trainable_params", "wall_s"]))
+    columns = ["strategy", "val_acc", "val_f1", "val_auroc", "trainable_params", "wall_s"]
+    print(format_console_table([{**r, "wall_s": f"{r['wall_s']:.1f}"} for r in rows], columns))
     print(f"\nComparison: {Path(args.out) / 'comparison.md'} (and .csv, .png); runs: {args.out}/<strategy>/")
     return 0

@@ -1,0 +1,89 @@
+"""ClassificationTask end to end: run directory, metrics, class weights, safe checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data import make_folder
+from visiontl import fine_tune
+from visiontl.data import FolderDataModule
+from visiontl.tasks import ClassificationTask
+from visiontl.weights import WeightsError
+
+QUIET = {"enable_progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("runs")
+    return fine_tune(shapes_root, backbone="test_resnet", strategy="full", pretrained=False, image_size=32,
+                     steps=40, out=out, data_kwargs={"num_workers": 0}, trainer_kwargs=QUIET)
+
+
+def test_fine_tune_learns_and_fills_the_run_directory(trained) -> None:
+    assert trained.metrics["val_acc"] >= 0.6  # three easy classes; chance is 0.33
+    run = trained.run_dir
+    for name in ("hparams.yaml", "metrics.csv", "metrics.json", "strategy.json", "confusion_matrix.png",
+                 "confusion_matrix.csv", "learning_curves.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["steps"] == 40 and summary["monitor"] == "val_acc"
+    assert {"val_recall/bars", "val_recall/discs", "val_recall/squares", "val_auroc", "val_f1"} <= set(summary["final"])
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert "lr-AdamW/stem" in header and "lr-AdamW/head" in header  # every group's LR is logged
+    confusion = (run / "confusion_matrix.csv").read_text().splitlines()
+    assert len(confusion) == 4 and confusion[0].endswith("bars,discs,squares")
+
+
+def test_checkpoint_loads_safely_and_predicts_the_same(trained) -> None:
+    best = trained.run_dir / "checkpoints" / "best.ckpt"
+    torch.load(best, weights_only=True)  # no pickled objects inside
+    task = ClassificationTask.from_checkpoint(best)
+    assert task.class_names == ["bars", "discs", "squares"]
+    x = torch.randn(4, 3, 32, 32)
+    trained.task.eval()
+    assert torch.allclose(task(x), trained.task(x), atol=1e-6)
+
+
+def test_from_checkpoint_errors(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="does not exist"):
+        ClassificationTask.from_checkpoint(tmp_path / "missing.ckpt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.ckpt")
+    with pytest.raises(WeightsError, match="not a visiontl ClassificationTask checkpoint"):
+        ClassificationTask.from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_balanced_class_weights_follow_inverse_frequency(tmp_path: Path) -> None:
+    root = tmp_path / "imbalanced"
+    make_folder(root, per_class=12, classes=("bars",))
+    make_folder(root, per_class=4, classes=("discs",), seed=1)
+    dm = FolderDataModule(str(root), image_size=32, num_workers=0, val_fraction=0.25)
+    task = ClassificationTask("test_resnet", num_classes=2, strategy="probe", pretrained=False,
+                              class_weights="balanced")
+    result = fine_tune(dm, backbone="test_resnet", strategy="probe", pretrained=False, steps=2, out=tmp_path,
+                       task_kwargs={"class_weights": "balanced"}, trainer_kwargs=QUIET)
+    counts = torch.tensor(dm.class_counts, dtype=torch.float32)
+    assert counts.tolist() == [9.0, 3.0]
+    assert torch.allclose(result.task.class_weight, counts.sum() / (2 * counts))
+    assert torch.equal(task.class_weight, torch.ones(2))  # before setup: neutral
+
+
+def test_skipped_images_are_listed_in_the_run_directory(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "d", per_class=6, classes=("a", "b"))
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    result = fine_tune(root, backbone="test_resnet", strategy="probe", pretrained=False, image_size=32, steps=2,
+                       out=tmp_path / "runs", data_kwargs={"num_workers": 0, "on_bad_image": "skip"},
+                       trainer_kwargs=QUIET)
+    listed = (result.run_dir / "skipped_files.txt").read_text()
+    assert "broken.png" in listed and len(listed.splitlines()) == 1
+
+
+def test_task_needs_classes() -> None:
+    with pytest.raises(ValueError, match="num_classes or class_names"):
+        ClassificationTask("test_resnet", pretrained=False)
+    with pytest.raises(ValueError, match="class_names has 2 names but num_classes is 3"):
+        ClassificationTask("test_resnet", num_classes=3, class_names=["a", "b"], pretrained=False)
