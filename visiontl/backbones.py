@@ -217,10 +217,10 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
     """Split a backbone's parameters into ordered groups: stem, stages..., [neck], head.
 
     Groups come from timm's ``group_matcher(coarse=True)`` and are named ``stem``, ``stage1``...
-    ``stageN`` (one per matcher group, so a ViT has one per block); models without a matcher
-    fall back to one group per top-level child, named after it. The classifier parameters always form the last group, ``head``;
-    anything else the matcher left beside the classifier (``conv_head``, ``head.norm``, a final
-    ``norm``) becomes a ``neck`` group just before it.
+    ``stageN`` (one per matcher group, so a ViT has one per block); models without a matcher fall
+    back to one group per top-level child, named after it. The classifier parameters always form
+    the last group, ``head``; anything else the matcher left beside the classifier
+    (``conv_head``, ``head.norm``, a final ``norm``) becomes a ``neck`` group just before it.
 
     Args:
         model: a timm model (or any ``nn.Module``; then the last child is taken as the head).

@@ -78,10 +78,14 @@ def index_folder(root: str | os.PathLike[str]) -> list[Sample]:
     if not root.exists():
         raise DataError(f"Data folder {root} does not exist. Point 'root' at a folder with one sub-folder per class.")
     if not root.is_dir():
-        raise DataError(f"{root} is not a folder. Use a folder with one sub-folder per class, or CsvDataModule for a CSV.")
+        raise DataError(
+            f"{root} is not a folder. Use a folder with one sub-folder per class, or CsvDataModule for a CSV."
+        )
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DataError(f"Data folder {root} has no class sub-folders; put the images of each class in root/<class name>/.")
+        raise DataError(
+            f"Data folder {root} has no class sub-folders; put the images of each class in root/<class name>/."
+        )
     samples: list[Sample] = []
     for folder in classes:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))

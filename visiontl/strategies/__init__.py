@@ -11,7 +11,14 @@ import difflib
 import importlib
 from typing import Any
 
-from visiontl.strategies.base import GroupPlan, Strategy, StrategyError, discriminative_lrs, set_trainable
+from visiontl.strategies.base import (
+    Discriminative,
+    GroupPlan,
+    Strategy,
+    StrategyError,
+    discriminative_lrs,
+    set_trainable,
+)
 from visiontl.strategies.full import Full
 from visiontl.strategies.gradual import Gradual, GradualUnfreezing
 from visiontl.strategies.partial import Partial
@@ -20,6 +27,7 @@ from visiontl.strategies.scratch import Scratch
 
 __all__ = [
     "STRATEGIES",
+    "Discriminative",
     "Full",
     "GradualUnfreezing",
     "Gradual",

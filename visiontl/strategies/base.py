@@ -16,7 +16,7 @@ from torch import nn
 
 from visiontl.backbones import LayerGroup
 
-__all__ = ["GroupPlan", "Strategy", "StrategyError", "discriminative_lrs", "set_trainable"]
+__all__ = ["Discriminative", "GroupPlan", "Strategy", "StrategyError", "discriminative_lrs", "set_trainable"]
 
 
 class StrategyError(ValueError):
@@ -142,6 +142,35 @@ class Strategy:
     def __repr__(self) -> str:
         args = self.to_config()["init_args"]
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
+
+
+class Discriminative(Strategy):
+    """Base for strategies with layer-wise learning rates (``decay`` or an ``lr_range``).
+
+    Args:
+        lr: learning rate of the head.
+        decay: per-group decay going down from the head: ``lr * decay ** distance_from_head``
+            (1 = one learning rate for every group).
+        lr_range: fastai-style ``(lr_min, lr_max)``: geometric from the lowest trainable group to
+            the head, instead of ``decay``.
+        train_bn: let BatchNorm layers of frozen groups train.
+    """
+
+    def __init__(
+        self,
+        lr: float | None = None,
+        decay: float = 0.7,
+        lr_range: tuple[float, float] | None = None,
+        train_bn: bool = False,
+    ) -> None:
+        super().__init__(lr=lr, train_bn=train_bn)
+        self.decay = decay
+        self.lr_range = tuple(lr_range) if lr_range is not None else None
+        discriminative_lrs(2, self.lr, decay, self.lr_range)  # validate early
+
+    def lrs(self, n: int) -> list[float]:
+        """Learning rates of ``n`` trainable groups, lowest first, head last."""
+        return discriminative_lrs(n, self.lr, self.decay, self.lr_range)
 
 
 def _is_norm_param(param_name: str, group: LayerGroup) -> bool:

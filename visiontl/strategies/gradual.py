@@ -17,12 +17,12 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.optim import Optimizer
 
 from visiontl.backbones import LayerGroup
-from visiontl.strategies.base import GroupPlan, Strategy, StrategyError, discriminative_lrs
+from visiontl.strategies.base import Discriminative, GroupPlan, StrategyError
 
 __all__ = ["Gradual", "GradualUnfreezing"]
 
 
-class Gradual(Strategy):
+class Gradual(Discriminative):
     """Head only for ``head_epochs`` epochs, then the backbone with discriminative learning rates.
 
     Args:
@@ -47,18 +47,16 @@ class Gradual(Strategy):
         lr_range: tuple[float, float] | None = None,
         train_bn: bool = False,
     ) -> None:
-        super().__init__(lr=lr, train_bn=train_bn)
+        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn)
         if head_epochs < 0:
             raise StrategyError(f"gradual: head_epochs must be >= 0, got {head_epochs}.")
         if unfreeze not in ("all", "progressive"):
             raise StrategyError(f"gradual: unfreeze must be 'all' or 'progressive', got {unfreeze!r}.")
         self.head_epochs = int(head_epochs)
         self.unfreeze = unfreeze
-        self.decay = decay
-        self.lr_range = tuple(lr_range) if lr_range is not None else None
 
     def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
-        lrs = discriminative_lrs(len(groups), self.lr, self.decay, self.lr_range)
+        lrs = self.lrs(len(groups))
         start = set(self.trainable_at(groups, 0))
         return [GroupPlan(g.name, g.numel, lr, g.name in start) for g, lr in zip(groups, lrs)]
 

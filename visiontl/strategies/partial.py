@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from visiontl.backbones import LayerGroup
-from visiontl.strategies.base import GroupPlan, Strategy, StrategyError, discriminative_lrs
+from visiontl.strategies.base import Discriminative, GroupPlan, StrategyError
 
 __all__ = ["Partial"]
 
 
-class Partial(Strategy):
+class Partial(Discriminative):
     """Fine-tune the top of the network.
 
     Args:
@@ -31,10 +31,8 @@ class Partial(Strategy):
         lr_range: tuple[float, float] | None = None,
         train_bn: bool = False,
     ) -> None:
-        super().__init__(lr=lr, train_bn=train_bn)
+        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn)
         self.k = int(k)
-        self.decay = decay
-        self.lr_range = tuple(lr_range) if lr_range is not None else None
         if self.k < 1:
             raise StrategyError(f"partial: k must be >= 1 (k=0 is the 'probe' strategy), got {k}.")
 
@@ -47,7 +45,7 @@ class Partial(Strategy):
                 f"({names}); use k between 1 and {body}, or the 'full' strategy."
             )
         first = body - self.k
-        lrs = discriminative_lrs(self.k + 1, self.lr, self.decay, self.lr_range)
+        lrs = self.lrs(self.k + 1)
         return [
             GroupPlan(g.name, g.numel, lrs[i - first] if i >= first else 0.0, i >= first)
             for i, g in enumerate(groups)

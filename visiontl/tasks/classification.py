@@ -210,7 +210,9 @@ class ClassificationTask(BaseTask):
             raise WeightsError(f"Checkpoint {path} does not exist.") from err
         hp = dict(ckpt.get("hyper_parameters") or {})
         if "state_dict" not in ckpt or "backbone" not in hp:
-            raise WeightsError(f"{path} is not a visiontl ClassificationTask checkpoint (no hyper_parameters/state_dict).")
+            raise WeightsError(
+                f"{path} is not a visiontl ClassificationTask checkpoint (no hyper_parameters / state_dict)."
+            )
         hp.update(pretrained=False, weights=None)
         strategy = dict(hp.pop("strategy", None) or {"name": "probe"})
         task = cls(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
