@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_text", "write_json", "write_bytes"]
+__all__ = ["atomic_path", "default_cache_dir", "write_bytes", "write_json", "write_text"]
 
 
 @contextlib.contextmanager
@@ -65,3 +65,9 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def default_cache_dir() -> Path:
+    """visiontl's cache (built datasets, features): ``$VISIONTL_CACHE`` or ``~/.cache/visiontl``."""
+    env = os.environ.get("VISIONTL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "visiontl"

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from visiontl._io import write_json
+from visiontl._io import default_cache_dir, write_json
 from visiontl.data.datamodules import FolderDataModule
 
 __all__ = ["CLASSES", "SOURCES", "BlueMarbleDataModule", "Tile", "build_tiles", "default_cache_dir", "tile_index"]
@@ -72,12 +72,6 @@ class Tile:
     def name(self) -> str:
         """File stem used on disk: ``<row>_<col>``."""
         return f"{self.row}_{self.col}"
-
-
-def default_cache_dir() -> Path:
-    """Return ``$VISIONTL_CACHE`` if set, else ``~/.cache/visiontl``."""
-    env = os.environ.get("VISIONTL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "visiontl"
 
 
 def _data_dir() -> Path:

@@ -27,6 +27,7 @@ from visiontl.data.transforms import build_transforms
 __all__ = [
     "ClassificationDataModule",
     "CsvDataModule",
+    "FeatureDataset",
     "FolderDataModule",
     "ImageDataset",
     "auto_batch_size",
@@ -70,6 +71,28 @@ class ImageDataset(Dataset):
         path, label = self.items[index]
         image = to_channels(read_image(path), self.in_chans, path)
         return {"image": self.transform(image=image)["image"], "label": label, "index": index}
+
+
+class FeatureDataset(Dataset):
+    """Cached backbone features standing in for images: items have ``features``, ``label``, ``index``.
+
+    With ``views`` augmented views per image, row ``r`` belongs to image ``r % n_images``.
+    """
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, n_images: int) -> None:
+        self.features = features
+        self.labels = labels
+        self.n_images = n_images
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "features": torch.from_numpy(np.array(self.features[index], dtype=np.float32)),
+            "label": int(self.labels[index]),
+            "index": index % self.n_images,
+        }
 
 
 def index_folder(root: str | os.PathLike[str]) -> list[Sample]:
@@ -165,7 +188,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.skipped: list[tuple[Path, str]] = []
         self._splits: dict[str, list[Sample]] | None = None
         self._checked = False
-        self.datasets: dict[str, ImageDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self._image_datasets: dict[str, ImageDataset] = {}
 
     # -- subclasses ---------------------------------------------------------------------------
     def load_splits(self) -> dict[str, list[Sample]]:
@@ -256,6 +280,26 @@ class ClassificationDataModule(pl.LightningDataModule):
             )
             labelled = [(p, index.get(c, -1)) for p, c in items]
             self.datasets[split] = ImageDataset(labelled, transform, pre["in_chans"])
+        self._image_datasets = dict(self.datasets)
+        self._eval_transform = build_transforms(
+            self.augment, False, pre["size"], pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"]
+        )
+
+    def feature_source(self, split: str, augmented: bool = False) -> ImageDataset:
+        """The images of ``split`` with the evaluation transform (or the training one)."""
+        if split not in self.datasets:
+            self.setup()
+        source = self.datasets[split]
+        if not isinstance(source, ImageDataset):
+            source = self._image_datasets[split]
+        if augmented or split != "train":
+            return source
+        return ImageDataset(source.items, self._eval_transform, source.in_chans)
+
+    def set_features(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
+        """Serve cached features instead of images for ``split`` (see :mod:`visiontl.features`)."""
+        n_images = len(self._image_datasets[split])
+        self.datasets[split] = FeatureDataset(features, labels, n_images)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self.datasets:
@@ -263,7 +307,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise DataError(f"{type(self).__name__} has no {split!r} split; give one to use it.")
         dataset = self.datasets[split]
-        n_train = len(self.datasets["train"])
+        n_train = len(self.splits["train"])
         batch_size = self.batch_size or auto_batch_size(n_train)
         batch_size = max(1, min(batch_size, len(dataset)))
         workers = _auto_workers() if self.num_workers is None else self.num_workers

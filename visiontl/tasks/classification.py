@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -19,6 +20,14 @@ from torchmetrics.classification import (
 )
 
 from visiontl.backbones import create_backbone
+from visiontl.features import (
+    FeatureCache,
+    classify_features,
+    data_fingerprint,
+    extract_features,
+    supports_features,
+    weights_fingerprint,
+)
 from visiontl.strategies import Strategy
 from visiontl.tasks.base import BaseTask
 
@@ -128,6 +137,43 @@ class ClassificationTask(BaseTask):
                 raise ValueError("class_weights='balanced' needs a datamodule with class_counts.")
             c = torch.tensor(counts, dtype=torch.float32).clamp(min=1)
             self.class_weight.copy_(c.sum() / (len(c) * c))
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.uses_feature_cache and dm is not None and hasattr(dm, "set_features"):
+            self._attach_features(dm)
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        """Whether training reads cached backbone features (a frozen backbone and a timm head)."""
+        return bool(getattr(self.strategy, "cache_features", False)) and supports_features(self.model)
+
+    def _attach_features(self, dm: Any) -> None:
+        """Compute (or load) features for every labelled split and hand them to the datamodule."""
+        from visiontl.backbones import head_parameter_names
+
+        cache = FeatureCache()
+        weights = weights_fingerprint(self.model, exclude=head_parameter_names(self.model))
+        views = int(getattr(self.strategy, "views", 1))
+        for split in ("train", "val", "test"):
+            if split not in dm.datasets:
+                continue
+            augmented = split == "train" and views > 1
+            source = dm.feature_source(split, augmented=augmented)
+            key = cache.key({
+                "backbone": self.hparams["backbone"], "weights": weights, "in_chans": source.in_chans,
+                "transform": repr(source.transform), "views": views if augmented else 1,
+                "seed": dm.seed if augmented else None,
+                "data": data_fingerprint([p for p, _ in source.items]),
+            })
+            entry, hit = cache.get_or_compute(
+                key,
+                lambda source=source, augmented=augmented: extract_features(
+                    self.model, source, batch_size=64, views=views if augmented else 1,
+                    desc=f"Extracting {split} features",
+                ),
+                info={"backbone": self.hparams["backbone"], "split": split, "images": len(source)},
+            )
+            rank_zero_info(f"[visiontl] {split} features {'loaded from' if hit else 'cached in'} {entry.path}")
+            dm.set_features(split, entry.features, entry.labels)
 
     def configure_callbacks(self) -> list[Callback]:
         from visiontl.run import RunReport
@@ -147,8 +193,13 @@ class ClassificationTask(BaseTask):
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.hparams["label_smoothing"])
 
+    def _logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        if "features" in batch:
+            return classify_features(self.model, batch["features"])
+        return self(batch["image"])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        logits = self._logits(batch)
         loss = self._loss(logits, batch["label"])
         self.train_metrics(logits.detach(), batch["label"])
         size = len(batch["label"])
@@ -157,7 +208,7 @@ class ClassificationTask(BaseTask):
         return loss
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
-        logits = self(batch["image"])
+        logits = self._logits(batch)
         y = batch["label"]
         probs = logits.softmax(dim=1)
         metrics = getattr(self, f"{split}_metrics")
@@ -191,7 +242,7 @@ class ClassificationTask(BaseTask):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        probs = self(batch["image"]).softmax(dim=1)
+        probs = self._logits(batch).softmax(dim=1)
         return {"index": batch["index"], "probs": probs, "label": probs.argmax(dim=1)}
 
     # -- loading ----------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""Feature cache: hits, misses, invalidation, corruption recovery, and cached == uncached probe."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from data import make_folder
+from visiontl.data import FolderDataModule
+from visiontl.features import FeatureCache, classify_features, pooled_features, supports_features
+from visiontl.strategies import Probe
+from visiontl.tasks import ClassificationTask
+
+
+def _fit_probe(root: Path, cache: bool, tmp_path: Path, steps: int = 12, backbone: str = "test_resnet"):
+    pl.seed_everything(0, verbose=False)
+    dm = FolderDataModule(str(root), image_size=32, num_workers=0, batch_size=8, augment="none")
+    task = ClassificationTask(backbone, num_classes=dm.num_classes, strategy=Probe(cache_features=cache),
+                              pretrained=False)
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(task, dm)
+    return task, dm
+
+
+def _entries(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "features").iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_pooled_features_then_classifier_equal_the_model(backbone: str) -> None:
+    from visiontl.backbones import create_backbone
+
+    model = create_backbone(backbone, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert supports_features(model)
+    assert torch.allclose(classify_features(model, pooled_features(model, x)), model(x), atol=1e-5)
+
+
+def test_cached_and_uncached_probe_train_the_same_head(shapes_root: Path, tmp_path: Path) -> None:
+    cached, dm = _fit_probe(shapes_root, True, tmp_path)
+    assert type(dm.datasets["train"]).__name__ == "FeatureDataset"
+    plain, dm2 = _fit_probe(shapes_root, False, tmp_path)
+    assert type(dm2.datasets["train"]).__name__ == "ImageDataset"
+    for a, b in zip(cached.model.get_classifier().parameters(), plain.model.get_classifier().parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    start = ClassificationTask("test_resnet", num_classes=3, pretrained=False)
+    assert not torch.allclose(start.model.fc.weight, cached.model.fc.weight)  # it did train
+
+
+def test_cache_hit_miss_and_invalidation(tmp_path: Path) -> None:
+    cache_root = Path(os.environ["VISIONTL_CACHE"])
+    root = make_folder(tmp_path / "d", per_class=6, classes=("a", "b"))
+    before = set(_entries(cache_root)) if (cache_root / "features").exists() else set()
+    _fit_probe(root, True, tmp_path, steps=2)
+    first = set(_entries(cache_root)) - before
+    assert len(first) == 2  # train + val
+    mtimes = {p: (p / "features.npy").stat().st_mtime_ns for p in first}
+    _fit_probe(root, True, tmp_path, steps=2)  # hit: nothing new, nothing rewritten
+    assert set(_entries(cache_root)) - before == first
+    assert all((p / "features.npy").stat().st_mtime_ns == m for p, m in mtimes.items())
+    # touching one image invalidates the split that holds it
+    image = sorted((root / "a").glob("*.png"))[0]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    _fit_probe(root, True, tmp_path, steps=2)
+    assert len(set(_entries(cache_root)) - before - first) == 1
+    # another image size is another key
+    dm = FolderDataModule(str(root), image_size=48, num_workers=0, augment="none")
+    task = ClassificationTask("test_resnet", num_classes=2, strategy="probe", pretrained=False)
+    pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               num_sanity_val_steps=0, default_root_dir=tmp_path).fit(task, dm)
+    assert len(set(_entries(cache_root)) - before - first) == 3
+
+
+def test_corrupt_or_half_written_entries_are_rebuilt(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path / "cache")
+    feats = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
+    labels = np.arange(10) % 2
+    key = cache.key({"x": 1})
+    entry, hit = cache.get_or_compute(key, lambda: (feats, labels))
+    assert not hit and np.array_equal(np.asarray(entry.features), feats)
+    assert cache.get_or_compute(key, lambda: pytest.fail("should hit"))[1]
+    # flip bytes inside the features file: detected by the checksum, rebuilt
+    path = entry.path / "features.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    calls = []
+    entry, hit = cache.get_or_compute(key, lambda: calls.append(1) or (feats, labels))
+    assert not hit and calls == [1] and np.array_equal(np.asarray(entry.features), feats)
+    # a half-written entry (no meta.json) is not used either
+    (entry.path / "meta.json").unlink()
+    assert cache.load(key) is None and not entry.path.exists()
+
+
+def test_augmented_views_multiply_the_training_rows(shapes_root: Path, tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    dm = FolderDataModule(str(shapes_root), image_size=32, num_workers=0, augment="natural")
+    task = ClassificationTask("test_resnet", num_classes=3, strategy=Probe(views=3), pretrained=False)
+    pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               num_sanity_val_steps=0, default_root_dir=tmp_path).fit(task, dm)
+    n = len(dm.splits["train"])
+    assert len(dm.datasets["train"]) == 3 * n and len(dm.datasets["val"]) == len(dm.splits["val"])
+    rows = dm.datasets["train"].features
+    assert not np.allclose(rows[0], rows[n])  # two different augmented views of image 0

@@ -1,0 +1,214 @@
+"""Backbone features computed once and cached on disk, shared by probe training and benchmarks.
+
+A frozen backbone gives the same features every epoch, so ``probe`` (and the training-free
+heads) compute them once, store them under ``<cache>/features/<key>/`` and train the head on them.
+The key covers everything the features depend on: the backbone and a hash of its weights, the
+transform (image size, normalisation, augmentation), the number of augmented views, the seed and
+the data (each file's path, size and modification time). Entries are written into a temporary
+folder and renamed into place; each carries a SHA-256 of its arrays, checked on load, so a
+corrupt or half-written entry is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from visiontl._io import default_cache_dir
+
+__all__ = [
+    "FeatureCache",
+    "FeatureSet",
+    "classify_features",
+    "data_fingerprint",
+    "extract_features",
+    "pooled_features",
+    "supports_features",
+    "weights_fingerprint",
+]
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled pre-logits features of a timm model (what its classifier sees)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def classify_features(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Apply the model's classifier to pooled features: ``model(x) == classify(pooled(x))``."""
+    return model.get_classifier()(features)
+
+
+def supports_features(model: nn.Module) -> bool:
+    """Whether the model splits into pooled features + one classifier module (most timm models;
+    not distilled models with two heads)."""
+    return (
+        hasattr(model, "forward_head")
+        and hasattr(model, "forward_features")
+        and isinstance(getattr(model, "get_classifier", lambda: None)(), nn.Module)
+    )
+
+
+def weights_fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> str:
+    """SHA-256 over the model's tensors (names, shapes, values), skipping names in ``exclude``."""
+    digest = hashlib.sha256()
+    skip = set(exclude)
+    for name, tensor in sorted(model.state_dict().items()):
+        if name in skip:
+            continue
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(paths: Sequence[str | os.PathLike[str]], content: bool = False) -> str:
+    """SHA-256 of a file list: path, size and mtime of each (or the bytes, with ``content``)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(str(Path(path).resolve()).encode())
+        if content:
+            digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+        else:
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    views: int = 1,
+    desc: str = "Extracting features",
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the frozen model over ``dataset`` (``views`` times) and return ``(features, labels)``.
+
+    Items must be dicts with ``image`` and ``label``. With ``views > 1`` the dataset's transform
+    should be random (augmented views); the result has ``views * len(dataset)`` rows.
+    """
+    forward = forward or (lambda x: pooled_features(model, x))
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    total = views * len(loader)
+    with tqdm(total=total, desc=desc, unit="batch", disable=total < 5, leave=False) as bar:
+        for _ in range(views):
+            for batch in loader:
+                feats.append(forward(batch["image"]).float().cpu().numpy())
+                labels.append(np.asarray(batch["label"]))
+                bar.update()
+    model.train(was_training)
+    return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64)
+
+
+@dataclass
+class FeatureSet:
+    """Cached features (memory-mapped) and their labels."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    key: str
+    path: Path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """On-disk feature cache.
+
+    Args:
+        root: cache folder (default ``$VISIONTL_CACHE/features``, else ``~/.cache/visiontl/features``).
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        if root is None:
+            root = default_cache_dir() / "features"
+        self.root = Path(root)
+
+    @staticmethod
+    def key(parts: dict[str, Any]) -> str:
+        """A stable key from JSON-able parts."""
+        blob = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def load(self, key: str) -> FeatureSet | None:
+        """The entry for ``key`` if it is complete and intact; a damaged one is removed."""
+        folder = self.root / key
+        if not folder.exists():
+            return None
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            for name in ("features", "labels"):
+                if _sha256(folder / f"{name}.npy") != meta["sha256"][name]:
+                    raise ValueError(f"{name}.npy checksum mismatch")
+            feats = np.load(folder / "features.npy", mmap_mode="r")
+            labels = np.load(folder / "labels.npy")
+            if feats.shape != tuple(meta["shape"]) or len(labels) != feats.shape[0]:
+                raise ValueError("shape mismatch")
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+            log.warning("Feature cache entry %s is damaged (%s); rebuilding it.", folder, err)
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        return FeatureSet(feats, labels, key, folder)
+
+    def save(self, key: str, features: np.ndarray, labels: np.ndarray, info: dict[str, Any] | None = None) -> FeatureSet:
+        """Write an entry atomically (temporary folder, then rename) and return it memory-mapped."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.root))
+        try:
+            np.save(tmp / "features.npy", np.ascontiguousarray(features, dtype=np.float32))
+            np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+            meta = {
+                "format": FORMAT_VERSION,
+                "shape": list(features.shape),
+                "sha256": {n: _sha256(tmp / f"{n}.npy") for n in ("features", "labels")},
+                "info": info or {},
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+            target = self.root / key
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        loaded = self.load(key)
+        assert loaded is not None
+        return loaded
+
+    def get_or_compute(
+        self, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]], info: dict[str, Any] | None = None
+    ) -> tuple[FeatureSet, bool]:
+        """Return ``(entry, hit)``: the cached entry, or compute, store and return it."""
+        found = self.load(key)
+        if found is not None:
+            return found, True
+        features, labels = compute()
+        return self.save(key, features, labels, info), False
