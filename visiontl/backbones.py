@@ -24,6 +24,7 @@ __all__ = [
     "create_backbone",
     "data_config",
     "head_parameter_names",
+    "head_prefixes",
     "layer_groups",
 ]
 
@@ -172,19 +173,20 @@ def _in_chans(model: nn.Module) -> int:
     return 3
 
 
+def head_prefixes(model: nn.Module) -> list[str]:
+    """Module paths of the classifier(s), from timm's ``pretrained_cfg['classifier']``."""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    return [classifier] if isinstance(classifier, str) else list(classifier or [])
+
+
 def head_parameter_names(model: nn.Module) -> list[str]:
     """Names of the classifier parameters (the part re-initialised for new classes)."""
-    names: list[str] = []
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
-    prefixes = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    prefixes = head_prefixes(model)
     if not prefixes and hasattr(model, "get_classifier"):
         head = model.get_classifier()
         ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
         return [n for n, p in model.named_parameters() if id(p) in ids]
-    for n, _ in model.named_parameters():
-        if any(n == p or n.startswith(p + ".") for p in prefixes):
-            names.append(n)
-    return names
+    return [n for n, _ in model.named_parameters() if any(n == p or n.startswith(p + ".") for p in prefixes)]
 
 
 def _timm_groups(model: nn.Module) -> list[list[str]] | None:

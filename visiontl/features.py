@@ -65,12 +65,12 @@ def supports_features(model: nn.Module) -> bool:
     )
 
 
-def weights_fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> str:
-    """SHA-256 over the model's tensors (names, shapes, values), skipping names in ``exclude``."""
+def weights_fingerprint(model: nn.Module, exclude_prefixes: Sequence[str] = ()) -> str:
+    """SHA-256 over the model's tensors (names, shapes, values), skipping those under the given
+    module paths (the classifier, whose weights do not change the features)."""
     digest = hashlib.sha256()
-    skip = set(exclude)
     for name, tensor in sorted(model.state_dict().items()):
-        if name in skip:
+        if any(name == p or name.startswith(p + ".") for p in exclude_prefixes):
             continue
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())

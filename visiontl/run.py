@@ -22,6 +22,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning import Callback
+from pytorch_lightning.trainer.states import TrainerFn
 
 from visiontl import _io
 from visiontl.report import save_confusion_matrix, save_learning_curves
@@ -71,8 +72,8 @@ class RunReport(Callback):
                               out / f"confusion_matrix{suffix}.csv", title=f"{split} confusion matrix")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._confusion(trainer, pl_module, "val")
+        if not trainer.sanity_checking and trainer.state.fn != TrainerFn.FITTING:
+            self._confusion(trainer, pl_module, "val")  # during fit: once, at the end
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._confusion(trainer, pl_module, "test")
@@ -99,6 +100,7 @@ class RunReport(Callback):
         if hasattr(pl_module, "strategy_report"):
             summary["strategy"] = pl_module.strategy_report()
         _io.write_json(out / "metrics.json", summary)
+        self._confusion(trainer, pl_module, "val")
         if (out / "metrics.csv").exists():
             save_learning_curves(out / "metrics.csv", out / "learning_curves.png")
 

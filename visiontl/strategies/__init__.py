@@ -1,7 +1,7 @@
 """The fine-tuning ladder: which parameters train and at what learning rate.
 
 Strategies are selected by name (``"probe"``, ``"partial"``, ``"full"``, ``"gradual"``,
-``"scratch"``), by plain config (``{"name": "partial", "k": 3}``) or as objects
+``"scratch"``, and the heads fitted on cached features ``"prototype"``, ``"knn"``, ``"logreg"``), by plain config (``{"name": "partial", "k": 3}``) or as objects
 (``Partial(k=3)``); in a recipe, ``strategy: partial`` or ``class_path`` / ``init_args``.
 """
 
@@ -21,13 +21,19 @@ from visiontl.strategies.base import (
 )
 from visiontl.strategies.full import Full
 from visiontl.strategies.gradual import Gradual, GradualUnfreezing
+from visiontl.strategies.heads import KNN, FittedHead, KNNHead, LogisticRegression, Prototype, replace_classifier
 from visiontl.strategies.partial import Partial
 from visiontl.strategies.probe import Probe
 from visiontl.strategies.scratch import Scratch
 
 __all__ = [
+    "KNN",
     "STRATEGIES",
     "Discriminative",
+    "FittedHead",
+    "KNNHead",
+    "LogisticRegression",
+    "Prototype",
     "Full",
     "GradualUnfreezing",
     "Gradual",
@@ -40,6 +46,7 @@ __all__ = [
     "discriminative_lrs",
     "get_strategy",
     "register_strategy",
+    "replace_classifier",
     "set_trainable",
 ]
 
@@ -54,7 +61,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _cls in (Probe, Partial, Full, Gradual, Scratch):
+for _cls in (Probe, Partial, Full, Gradual, Scratch, Prototype, KNN, LogisticRegression):
     register_strategy(_cls)
 
 

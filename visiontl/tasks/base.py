@@ -95,8 +95,10 @@ class BaseTask(pl.LightningModule):
         return report
 
     # -- optimisation ---------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> dict[str, Any] | None:
         groups = self.strategy.param_groups(self.groups, self.hparams.get("weight_decay", 0.0))
+        if not groups:  # heads fitted in closed form: no gradient descent at all
+            return None
         optimizer = torch.optim.AdamW(groups)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
         if not math.isfinite(total) or total <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_lightning import Callback
@@ -19,7 +20,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from visiontl.backbones import create_backbone
+from visiontl.backbones import create_backbone, head_prefixes
 from visiontl.features import (
     FeatureCache,
     classify_features,
@@ -28,7 +29,7 @@ from visiontl.features import (
     supports_features,
     weights_fingerprint,
 )
-from visiontl.strategies import Strategy
+from visiontl.strategies import FittedHead, Strategy, StrategyError, replace_classifier
 from visiontl.tasks.base import BaseTask
 
 __all__ = ["ClassificationTask"]
@@ -101,6 +102,11 @@ class ClassificationTask(BaseTask):
             converter=hp["converter"],
             drop_rate=hp["drop_rate"],
         )
+        if isinstance(self.strategy, FittedHead):
+            width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
+            head = self.strategy.make_head(width, hp["num_classes"])
+            if head is not None:
+                replace_classifier(self.model, head)
 
     def configure_losses(self) -> None:
         weights = self.hparams["class_weights"]
@@ -148,10 +154,8 @@ class ClassificationTask(BaseTask):
 
     def _attach_features(self, dm: Any) -> None:
         """Compute (or load) features for every labelled split and hand them to the datamodule."""
-        from visiontl.backbones import head_parameter_names
-
         cache = FeatureCache()
-        weights = weights_fingerprint(self.model, exclude=head_parameter_names(self.model))
+        weights = weights_fingerprint(self.model, exclude_prefixes=head_prefixes(self.model))
         views = int(getattr(self.strategy, "views", 1))
         for split in ("train", "val", "test"):
             if split not in dm.datasets:
@@ -193,12 +197,39 @@ class ClassificationTask(BaseTask):
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.hparams["label_smoothing"])
 
+    def on_fit_start(self) -> None:
+        if isinstance(self.strategy, FittedHead):
+            self._fit_head()
+        super().on_fit_start()
+
+    def _fit_head(self) -> None:
+        """Fit a closed-form head on the cached training features (before any validation)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        train = getattr(dm, "datasets", {}).get("train")
+        if not isinstance(getattr(train, "features", None), np.ndarray):
+            raise StrategyError(
+                f"Strategy {self.strategy.name!r} fits its head on cached features, which need a visiontl "
+                f"datamodule and a timm backbone with one classifier ({self.hparams['backbone']})."
+            )
+        features = torch.from_numpy(np.asarray(train.features, dtype=np.float32))
+        labels = torch.from_numpy(np.asarray(train.labels)).long()
+        self.strategy.fit(self.model.get_classifier(), features, labels, self.hparams["num_classes"],
+                          class_weight=self.class_weight if self.hparams["class_weights"] else None)
+        rank_zero_info(f"[visiontl] {self.strategy.name} head fitted on {len(labels)} training features")
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if isinstance(self.strategy, FittedHead):
+            self.trainer.should_stop = True  # fitted once; one pass is the whole "training"
+
     def _logits(self, batch: dict[str, Any]) -> torch.Tensor:
         if "features" in batch:
             return classify_features(self.model, batch["features"])
         return self(batch["image"])
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if isinstance(self.strategy, FittedHead):
+            return None
         logits = self._logits(batch)
         loss = self._loss(logits, batch["label"])
         self.train_metrics(logits.detach(), batch["label"])
