@@ -221,8 +221,9 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
     Groups come from timm's ``group_matcher(coarse=True)`` and are named ``stem``, ``stage1``...
     ``stageN`` (one per matcher group, so a ViT has one per block); models without a matcher fall
     back to one group per top-level child, named after it. The classifier parameters always form
-    the last group, ``head``; anything else the matcher left beside the classifier
-    (``conv_head``, ``head.norm``, a final ``norm``) becomes a ``neck`` group just before it.
+    the last group, ``head``; anything else that shares the matcher's last group with the
+    classifier (MobileNetV3's ``conv_head``, ConvNeXt's ``head.norm``) becomes a ``neck`` group
+    just before it (where timm groups a final norm with the last blocks, as in ViT, it stays there).
 
     Args:
         model: a timm model (or any ``nn.Module``; then the last child is taken as the head).

