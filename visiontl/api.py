@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger
 
 from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataModule, auto_batch_size
+from visiontl.speed import auto_precision
 from visiontl.strategies import Strategy
 from visiontl.tasks import ClassificationTask
 
@@ -125,6 +126,8 @@ def fine_tune(
         "num_sanity_val_steps": 0,
     }
     kwargs.update(trainer_kwargs or {})
+    if kwargs.get("precision", "auto") == "auto":
+        kwargs["precision"] = _precision(task, dm, image_size)
     trainer = pl.Trainer(**kwargs)
     trainer.fit(task, dm)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -132,6 +135,18 @@ def fine_tune(
     metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     wall = _wall_time(trainer)
     return FitResult(metrics, Path(trainer.log_dir), task, trainer, dm, wall)
+
+
+def _precision(task: ClassificationTask, dm: ClassificationDataModule, image_size: int | None) -> str:
+    """Measure bf16 only where the backbone backpropagates (head-only training is tiny)."""
+    body = [p for g in task.strategy.plan(task.groups)[:-1] for p in [g] if p.lr > 0]
+    if not body:
+        return "32-true"
+    chans, height, width = task.data_config["input_size"]
+    size = image_size or dm.image_size
+    batch = dm.batch_size or auto_batch_size(len(dm.splits["train"]))
+    shape = (batch, chans, size or height, size or width)
+    return auto_precision(task.model, shape, channels_last=task.channels_last)
 
 
 def _wall_time(trainer: pl.Trainer) -> float:

@@ -106,7 +106,12 @@ def extract_features(
     Items must be dicts with ``image`` and ``label``. With ``views > 1`` the dataset's transform
     should be random (augmented views); the result has ``views * len(dataset)`` rows.
     """
-    forward = forward or (lambda x: pooled_features(model, x))
+    from visiontl.speed import is_cnn, tune_allocator
+
+    tune_allocator()
+    channels_last = is_cnn(model)
+    forward = forward or (lambda x: pooled_features(
+        model, x.contiguous(memory_format=torch.channels_last) if channels_last else x))
     was_training = model.training
     model.eval()
     feats, labels = [], []

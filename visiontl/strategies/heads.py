@@ -156,7 +156,7 @@ class KNNHead(nn.Module):
         k = min(self.k, self.bank.shape[0])
         top, idx = sim.topk(k, dim=1)
         votes = torch.exp((top - 1) / self.temperature)
-        scores = torch.zeros(x.shape[0], self.num_classes, dtype=x.dtype, device=x.device)
+        scores = torch.zeros(x.shape[0], self.num_classes, dtype=votes.dtype, device=x.device)
         scores.scatter_add_(1, self.bank_labels[idx], votes)
         return torch.log(scores / scores.sum(1, keepdim=True) + 1e-8)
 

@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl.backbones import LayerGroup, data_config, layer_groups
+from visiontl.speed import tune_allocator
 from visiontl.strategies import Strategy, get_strategy, set_trainable
 
 __all__ = ["BaseTask", "warmup_cosine"]
@@ -48,6 +49,7 @@ class BaseTask(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
+        tune_allocator()  # once per process: no page faults on every training step
         self.save_hyperparameters()  # the subclass's __init__ arguments
         strategy_spec = self.hparams.get("strategy", "probe")
         self.strategy = get_strategy(strategy_spec)
