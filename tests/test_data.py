@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data import make_folder
@@ -148,3 +149,25 @@ def test_stratified_split_keeps_every_class_in_train() -> None:
     train, val = stratified_split(samples, 0.2, seed=0)
     assert {c for _, c in train} == {"a", "b", "c"}
     assert sorted(c for _, c in val) == ["a", "b"]
+
+
+def test_presized_cache_reads_once_and_matches_the_files(tmp_path: Path) -> None:
+    from visiontl.data.presize import presized_side
+
+    root = make_folder(tmp_path / "big", per_class=4, size=96, classes=("a", "b"))
+    dm = FolderDataModule(str(root), image_size=32, num_workers=0, presize=True, augment="none",
+                          mean=[0.0] * 3, std=[1.0] * 3)
+    dm.setup()
+    arrays = dm.datasets["train"].presized
+    assert arrays.dtype == np.uint8 and arrays.shape[1:] == (presized_side(32), presized_side(32), 3)
+    plain = FolderDataModule(str(root), image_size=32, num_workers=0, augment="none", mean=[0.0] * 3, std=[1.0] * 3)
+    plain.setup()
+    a = dm.datasets["train"][0]["image"]
+    b = plain.datasets["train"][0]["image"]
+    assert a.shape == b.shape == (3, 32, 32)
+    # the same picture: compared at 8x8, since area vs bilinear down-sampling treat pixel noise differently
+    coarse = torch.nn.functional.avg_pool2d
+    assert (coarse(a[None], 4) - coarse(b[None], 4)).abs().mean() < 0.03
+    again = FolderDataModule(str(root), image_size=32, num_workers=0, presize=True)
+    again.setup()
+    assert again.datasets["train"].presized.filename == arrays.filename  # cache hit: the same file

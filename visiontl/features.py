@@ -183,12 +183,14 @@ class FeatureCache:
             return None
         return FeatureSet(feats, labels, key, folder)
 
-    def save(self, key: str, features: np.ndarray, labels: np.ndarray, info: dict[str, Any] | None = None) -> FeatureSet:
+    def save(
+        self, key: str, features: np.ndarray, labels: np.ndarray, info: dict[str, Any] | None = None
+    ) -> FeatureSet:
         """Write an entry atomically (temporary folder, then rename) and return it memory-mapped."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.root))
         try:
-            np.save(tmp / "features.npy", np.ascontiguousarray(features, dtype=np.float32))
+            np.save(tmp / "features.npy", np.ascontiguousarray(features))
             np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
             meta = {
                 "format": FORMAT_VERSION,

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from visiontl.data.images import DataError, is_image_file, read_image, scan_images, to_channels
+from visiontl.data.presize import presize
 from visiontl.data.transforms import build_transforms
 
 __all__ = [
@@ -59,17 +60,27 @@ class ImageDataset(Dataset):
     Items are dicts: ``image`` (CHW float tensor), ``label`` (int, -1 when unknown), ``index``.
     """
 
-    def __init__(self, items: Sequence[tuple[Path, int]], transform: Any, in_chans: int) -> None:
+    def __init__(self, items: Sequence[tuple[Path, int]], transform: Any, in_chans: int,
+                 presized: np.ndarray | None = None) -> None:
         self.items = list(items)
         self.transform = transform
         self.in_chans = in_chans
+        self.presized = presized  # uint8 N x S x S x C from visiontl.data.presize, or None
+
+    @property
+    def source_tag(self) -> str:
+        """What the pixels come from (part of the feature-cache key)."""
+        return "files" if self.presized is None else f"presized-{self.presized.shape[1]}"
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self.items[index]
-        image = to_channels(read_image(path), self.in_chans, path)
+        if self.presized is not None:
+            image = np.asarray(self.presized[index], dtype=np.float32) / 255.0
+        else:
+            image = to_channels(read_image(path), self.in_chans, path)
         return {"image": self.transform(image=image)["image"], "label": label, "index": index}
 
 
@@ -157,6 +168,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         std: normalisation std override.
         in_chans: channels fed to the model; ``None`` follows the model.
         check_images: decode every image once in ``setup`` so corrupt files fail early.
+        presize: decode and resize every image once to uint8 at about the training size and
+            read that cache afterwards (:mod:`visiontl.data.presize`; for large 8-bit files).
     """
 
     def __init__(
@@ -172,8 +185,10 @@ class ClassificationDataModule(pl.LightningDataModule):
         std: Sequence[float] | None = None,
         in_chans: int | None = None,
         check_images: bool = True,
+        presize: bool = False,
     ) -> None:
         super().__init__()
+        self.presize = presize
         if on_bad_image not in ("error", "skip"):
             raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
         self.batch_size = batch_size
@@ -279,7 +294,8 @@ class ClassificationDataModule(pl.LightningDataModule):
                 self.augment, train, pre["size"], pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"],
             )
             labelled = [(p, index.get(c, -1)) for p, c in items]
-            self.datasets[split] = ImageDataset(labelled, transform, pre["in_chans"])
+            arrays = presize([p for p, _ in items], pre["size"], pre["in_chans"]) if self.presize else None
+            self.datasets[split] = ImageDataset(labelled, transform, pre["in_chans"], arrays)
         self._image_datasets = dict(self.datasets)
         self._eval_transform = build_transforms(
             self.augment, False, pre["size"], pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"]
@@ -294,7 +310,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             source = self._image_datasets[split]
         if augmented or split != "train":
             return source
-        return ImageDataset(source.items, self._eval_transform, source.in_chans)
+        return ImageDataset(source.items, self._eval_transform, source.in_chans, source.presized)
 
     def set_features(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
         """Serve cached features instead of images for ``split`` (see :mod:`visiontl.features`)."""

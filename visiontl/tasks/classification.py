@@ -175,7 +175,7 @@ class ClassificationTask(BaseTask):
             source = dm.feature_source(split, augmented=augmented)
             key = cache.key({
                 "backbone": self.hparams["backbone"], "weights": weights, "in_chans": source.in_chans,
-                "transform": repr(source.transform), "views": views if augmented else 1,
+                "transform": repr(source.transform), "pixels": source.source_tag, "views": views if augmented else 1,
                 "seed": dm.seed if augmented else None,
                 "data": data_fingerprint([p for p, _ in source.items]),
             })

@@ -1,0 +1,53 @@
+"""Pre-resized image cache: decode and resize every image once, to uint8 at training resolution.
+
+For datasets of large files (full-resolution X-rays, big tiles), decoding dominates each epoch.
+With ``presize=True`` on a datamodule, every image is decoded once, resized to a square of
+``ceil(1.15 * image_size)`` pixels (room for random crops), stored as one memory-mapped uint8
+array per split under ``<cache>/presized/`` (keyed by the files' paths, sizes and mtimes, the
+size and the channels; checksummed and written atomically, like the feature cache) and read from
+there by every later epoch and run. Values are stored on 8 bits: use it for 8-bit images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm.auto import tqdm
+
+from visiontl._io import default_cache_dir
+from visiontl.data.images import read_image, to_channels
+
+__all__ = ["presize", "presized_side"]
+
+
+def presized_side(image_size: int) -> int:
+    """Side of the stored square for a training size (15 % margin for random crops)."""
+    return int(math.ceil(image_size * 1.15))
+
+
+def _decode_all(paths: Sequence[Path], side: int, in_chans: int) -> np.ndarray:
+    out = np.empty((len(paths), side, side, in_chans), dtype=np.uint8)
+    for i, path in enumerate(tqdm(paths, desc="Pre-resizing images", unit="img", disable=len(paths) < 300,
+                                  leave=False)):
+        image = to_channels(read_image(path), in_chans, path)
+        resized = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+        out[i] = np.round(np.clip(resized.reshape(side, side, in_chans), 0, 1) * 255).astype(np.uint8)
+    return out
+
+
+def presize(paths: Sequence[Path], image_size: int, in_chans: int, cache_root: Path | None = None) -> np.ndarray:
+    """Return the pre-resized images of ``paths`` (uint8, N x S x S x C, memory-mapped)."""
+    from visiontl.features import FeatureCache, data_fingerprint
+
+    cache = FeatureCache(cache_root or default_cache_dir() / "presized")
+    side = presized_side(image_size)
+    key = cache.key({"kind": "presize", "side": side, "in_chans": in_chans, "data": data_fingerprint(paths)})
+    entry, _ = cache.get_or_compute(
+        key, lambda: (_decode_all(paths, side, in_chans), np.zeros(len(paths), dtype=np.int64)),
+        info={"images": len(paths), "side": side},
+    )
+    return entry.features
