@@ -108,3 +108,29 @@ def test_augmented_views_multiply_the_training_rows(shapes_root: Path, tmp_path:
     assert len(dm.datasets["train"]) == 3 * n and len(dm.datasets["val"]) == len(dm.splits["val"])
     rows = dm.datasets["train"].features
     assert not np.allclose(rows[0], rows[n])  # two different augmented views of image 0
+
+
+def test_onnxruntime_extraction_matches_pytorch(shapes_root: Path) -> None:
+    from visiontl.features import choose_engine, extract_features
+
+    dm = FolderDataModule(str(shapes_root), image_size=32, num_workers=0, augment="none")
+    task = ClassificationTask("test_resnet", num_classes=3, pretrained=False)
+    dm.setup()
+    source = dm.feature_source("train")
+    torch_feats, labels = extract_features(task.model, source, batch_size=8, engine="torch")
+    ort_feats, ort_labels = extract_features(task.model, source, batch_size=8, engine="onnxruntime")
+    assert np.array_equal(labels, ort_labels)
+    assert np.allclose(ort_feats, torch_feats, rtol=1e-3, atol=1e-4 * np.abs(torch_feats).max())
+    batch = next(iter(torch.utils.data.DataLoader(source, batch_size=8)))["image"]
+    used, _ = choose_engine(task.model, batch, "onnxruntime")
+    assert used == "onnxruntime"
+
+
+def test_onnxruntime_is_refused_when_features_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    from visiontl import features
+
+    task = ClassificationTask("test_resnet", num_classes=3, pretrained=False)
+    monkeypatch.setattr(features, "onnx_features",
+                        lambda model, x: (lambda b: features.pooled_features(model.eval(), b) + 0.5))
+    used, _ = features.choose_engine(task.model.eval(), torch.randn(4, 3, 32, 32), "onnxruntime")
+    assert used == "torch"

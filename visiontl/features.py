@@ -17,6 +17,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +35,11 @@ from visiontl._io import default_cache_dir
 __all__ = [
     "FeatureCache",
     "FeatureSet",
+    "choose_engine",
     "classify_features",
     "data_fingerprint",
     "extract_features",
+    "onnx_features",
     "pooled_features",
     "supports_features",
     "weights_fingerprint",
@@ -91,6 +95,97 @@ def data_fingerprint(paths: Sequence[str | os.PathLike[str]], content: bool = Fa
     return digest.hexdigest()
 
 
+class _Pooled(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pooled_features(self.model, x)
+
+
+def onnx_features(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Export the pooled-features forward to ONNX (in memory) and return an ONNX Runtime runner,
+    or ``None`` where onnxruntime or the export is unavailable."""
+    try:
+        import io
+        import warnings
+
+        import onnxruntime as ort
+
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Pooled(model).eval(), example[:2].contiguous(), buf, input_names=["x"],
+                              output_names=["f"], dynamic_axes={"x": {0: "n"}, "f": {0: "n"}},
+                              opset_version=17, dynamo=False)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - any exporter / runtime failure means: use torch
+        log.info("ONNX Runtime feature extraction unavailable (%s); using PyTorch.", err)
+        return None
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.contiguous().numpy()})[0])
+
+
+def _timed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    fn(x)  # warm-up
+    start = time.perf_counter()
+    out = fn(x)
+    return out, time.perf_counter() - start
+
+
+def choose_engine(
+    model: nn.Module, batch: torch.Tensor, engine: str = "auto", rtol: float = 1e-3, atol: float = 1e-4
+) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Pick PyTorch or ONNX Runtime for feature extraction, checked on a real batch.
+
+    ONNX Runtime is used only if its features match PyTorch's within ``rtol`` / ``atol`` (relative
+    to the features' scale) and, for ``engine="auto"``, only if it is faster on this batch.
+    """
+    from visiontl.speed import is_cnn
+
+    channels_last = is_cnn(model)
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return pooled_features(model, x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+
+    if engine == "torch":
+        return "torch", eager
+    if engine not in ("auto", "onnxruntime"):
+        raise ValueError(f"engine must be 'auto', 'torch' or 'onnxruntime', got {engine!r}.")
+    runner = onnx_features(model, batch)
+    if runner is None:
+        return "torch", eager
+    reference, t_torch = _timed(eager, batch)
+    candidate, t_ort = _timed(runner, batch)
+    scale = float(reference.abs().max()) or 1.0
+    diff = float((candidate - reference).abs().max())
+    if diff > atol * scale + rtol * scale:
+        log.warning("ONNX Runtime features differ from PyTorch by %.2e (scale %.2e); using PyTorch.", diff, scale)
+        return "torch", eager
+    if engine == "auto" and t_ort >= t_torch:
+        return "torch", eager
+    log.info("Feature extraction through ONNX Runtime: x%.2f faster, max difference %.1e", t_torch / t_ort, diff)
+    return "onnxruntime", runner
+
+
+ORT_MIN_IMAGES = 2000
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _engine_for(model: nn.Module, batch: torch.Tensor, engine: str) -> tuple[str, Callable]:
+    """:func:`choose_engine`, remembered per model, input shape and weights (train / val / test
+    splits share one export)."""
+    key = (engine, tuple(batch.shape[1:]), weights_fingerprint(model))
+    cached = _ENGINES.setdefault(model, {})
+    if key not in cached:
+        cached.clear()
+        cached[key] = choose_engine(model, batch, engine)
+    return cached[key]
+
+
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
@@ -99,27 +194,33 @@ def extract_features(
     num_workers: int = 0,
     views: int = 1,
     desc: str = "Extracting features",
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    engine: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run the frozen model over ``dataset`` (``views`` times) and return ``(features, labels)``.
 
     Items must be dicts with ``image`` and ``label``. With ``views > 1`` the dataset's transform
     should be random (augmented views); the result has ``views * len(dataset)`` rows.
+    ``engine``: ``torch``, ``onnxruntime`` or ``auto`` (ONNX Runtime on sets of ``ORT_MIN_IMAGES``
+    images or more, where it is faster on the first batch and gives the same features within
+    float tolerance, see :func:`choose_engine`).
     """
-    from visiontl.speed import is_cnn, tune_allocator
+    from visiontl.speed import tune_allocator
 
     tune_allocator()
-    channels_last = is_cnn(model)
-    forward = forward or (lambda x: pooled_features(
-        model, x.contiguous(memory_format=torch.channels_last) if channels_last else x))
     was_training = model.training
     model.eval()
     feats, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     total = views * len(loader)
+    forward = None
     with tqdm(total=total, desc=desc, unit="batch", disable=total < 5, leave=False) as bar:
         for _ in range(views):
             for batch in loader:
+                if forward is None:
+                    # exporting and checking costs a few seconds: worth it on larger sets only
+                    small = engine == "auto" and views * len(dataset) < ORT_MIN_IMAGES
+                    used, forward = _engine_for(model, batch["image"], "torch" if small else engine)
+                    bar.set_postfix(engine=used)
                 feats.append(forward(batch["image"]).float().cpu().numpy())
                 labels.append(np.asarray(batch["label"]))
                 bar.update()
