@@ -119,11 +119,11 @@ def test_onnxruntime_extraction_matches_pytorch(shapes_root: Path) -> None:
     source = dm.feature_source("train")
     torch_feats, labels = extract_features(task.model, source, batch_size=8, engine="torch")
     ort_feats, ort_labels = extract_features(task.model, source, batch_size=8, engine="onnxruntime")
-    assert np.array_equal(labels, ort_labels)
-    assert np.allclose(ort_feats, torch_feats, rtol=1e-3, atol=1e-4 * np.abs(torch_feats).max())
     batch = next(iter(torch.utils.data.DataLoader(source, batch_size=8)))["image"]
     used, _ = choose_engine(task.model, batch, "onnxruntime")
-    assert used == "onnxruntime"
+    assert used == "onnxruntime"  # exported, checked and used (not silently PyTorch)
+    assert np.array_equal(labels, ort_labels)
+    assert np.allclose(ort_feats, torch_feats, rtol=1e-3, atol=1e-4 * np.abs(torch_feats).max())
 
 
 def test_onnxruntime_is_refused_when_features_differ(monkeypatch: pytest.MonkeyPatch) -> None:
