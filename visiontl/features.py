@@ -190,7 +190,7 @@ def _engine_for(model: nn.Module, batch: torch.Tensor, engine: str) -> tuple[str
 def extract_features(
     model: nn.Module,
     dataset: Dataset,
-    batch_size: int = 64,
+    batch_size: int = 32,  # 64 ran 3x slower than 32 for EfficientNet-Lite0 at 224 px on 2 cores
     num_workers: int = 0,
     views: int = 1,
     desc: str = "Extracting features",

@@ -182,7 +182,7 @@ class ClassificationTask(BaseTask):
             entry, hit = cache.get_or_compute(
                 key,
                 lambda source=source, augmented=augmented: extract_features(
-                    self.model, source, batch_size=64, views=views if augmented else 1,
+                    self.model, source, batch_size=32, views=views if augmented else 1,
                     desc=f"Extracting {split} features",
                 ),
                 info={"backbone": self.hparams["backbone"], "split": split, "images": len(source)},
