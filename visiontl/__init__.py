@@ -3,35 +3,39 @@
 Start from an ImageNet backbone (any timm model), pick a strategy on the fine-tuning ladder
 (``probe`` -> ``partial`` -> ``gradual`` / ``full``, with ``scratch`` as the baseline) and train with
 PyTorch Lightning. See README.md.
+
+Names are imported lazily, so that light modules (``visiontl.predict``: ONNX Runtime only) do not
+pull in torch and Lightning.
 """
 
-from visiontl.api import FitResult, fine_tune
-from visiontl.backbones import LayerGroup, create_backbone, data_config, layer_groups
-from visiontl.data import BlueMarbleDataModule, CsvDataModule, FolderDataModule
-from visiontl.strategies import Full, Gradual, Partial, Probe, Scratch, Strategy, get_strategy
-from visiontl.tasks import ClassificationTask
-from visiontl.weights import load_weights
+from __future__ import annotations
+
+from visiontl._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BlueMarbleDataModule",
-    "ClassificationTask",
-    "CsvDataModule",
-    "FitResult",
-    "FolderDataModule",
-    "Full",
-    "Gradual",
-    "LayerGroup",
-    "Partial",
-    "Probe",
-    "Scratch",
-    "Strategy",
-    "__version__",
-    "create_backbone",
-    "data_config",
-    "fine_tune",
-    "get_strategy",
-    "layer_groups",
-    "load_weights",
-]
+_EXPORTS = {
+    "FitResult": "visiontl.api",
+    "fine_tune": "visiontl.api",
+    "LayerGroup": "visiontl.backbones",
+    "create_backbone": "visiontl.backbones",
+    "data_config": "visiontl.backbones",
+    "layer_groups": "visiontl.backbones",
+    "BlueMarbleDataModule": "visiontl.data",
+    "CsvDataModule": "visiontl.data",
+    "FolderDataModule": "visiontl.data",
+    "Full": "visiontl.strategies",
+    "Gradual": "visiontl.strategies",
+    "Partial": "visiontl.strategies",
+    "Probe": "visiontl.strategies",
+    "Scratch": "visiontl.strategies",
+    "Strategy": "visiontl.strategies",
+    "get_strategy": "visiontl.strategies",
+    "ClassificationTask": "visiontl.tasks",
+    "load_weights": "visiontl.weights",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+__getattr__, __dir__ = lazy_exports("visiontl", globals(), _EXPORTS)

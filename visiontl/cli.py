@@ -3,7 +3,8 @@
 ``visiontl fit|validate|test|predict --config recipe.yaml`` go through Lightning's
 ``LightningCLI`` (recipes are ``class_path`` / ``init_args`` YAML; any field can be overridden on
 the command line, e.g. ``--model.init_args.strategy partial``). ``visiontl demo`` runs the
-offline demo.
+offline demo, ``visiontl export`` writes a verified ONNX model and ``visiontl predict-onnx`` runs
+one with ONNX Runtime only (Lightning and torch are imported only by the commands that need them).
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-
-__all__ = ["VisionTLCLI", "main"]
+__all__ = ["main"]
 
 
 def _demo(argv: Sequence[str]) -> int:
@@ -23,26 +22,63 @@ def _demo(argv: Sequence[str]) -> int:
     return demo_main(argv)
 
 
+def _export(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="visiontl export", description="Export a run to a verified ONNX model.")
+    parser.add_argument("source", help="a run directory or a .ckpt checkpoint")
+    parser.add_argument("--out", required=True, help="target .onnx file (written only once verified)")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--images", nargs="*", help="images to verify on (default: the run's validation images)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed logit difference")
+    args = parser.parse_args(argv)
+    from visiontl.export import ExportError, export_onnx
+    from visiontl.weights import WeightsError
+
+    try:
+        report = export_onnx(args.source, args.out, opset=args.opset, images=args.images, tolerance=args.tolerance)
+    except (ExportError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {report['path']} ({report['size_bytes'] / 1e6:.1f} MB, opset {report['opset']}); verified on "
+          f"{report['verified_on']}: max |logit diff| {report['max_abs_logit_diff']:.2e}, "
+          f"top-1 agreement {report['top1_agreement']:.3f}")
+    return 0
+
+
+def _predict_onnx(argv: Sequence[str]) -> int:
+    from visiontl.predict import main as predict_main
+
+    return predict_main(argv)
+
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "demo": (_demo, "offline demo: Blue Marble tiles, real ImageNet weights, strategies compared"),
+    "export": (_export, "export a run to ONNX (normalisation + labels inside, verified against PyTorch)"),
+    "predict-onnx": (_predict_onnx, "predict images with an exported model (ONNX Runtime only, no torch)"),
 }
 
 
-class VisionTLCLI(LightningCLI):
-    """LightningCLI that links the datamodule's classes into the task."""
+def _cli_class():
+    from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+    class VisionTLCLI(LightningCLI):
+        """LightningCLI that links the datamodule's classes into the task."""
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+            parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+    return VisionTLCLI
 
 
-def cli(argv: Sequence[str] | None = None) -> VisionTLCLI:
+def cli(argv: Sequence[str] | None = None):
     """Run the Lightning subcommands (fit, validate, test, predict)."""
     from visiontl.data import ClassificationDataModule
     from visiontl.tasks import BaseTask
 
     extra = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in EXTRA_COMMANDS.items())
-    return VisionTLCLI(
+    return _cli_class()(
         BaseTask,
         ClassificationDataModule,
         subclass_mode_model=True,

@@ -1,33 +1,33 @@
-"""Data: image reading, augmentation presets, datamodules and built-in datasets."""
+"""Data: image reading, augmentation presets, datamodules and built-in datasets.
 
-from visiontl.data.datamodules import (
-    ClassificationDataModule,
-    CsvDataModule,
-    FolderDataModule,
-    ImageDataset,
-    auto_batch_size,
-    index_folder,
-    stratified_split,
-)
-from visiontl.data.bluemarble import BlueMarbleDataModule, build_tiles
-from visiontl.data.images import DataError, ImageReadError, read_image, scan_images, to_channels
-from visiontl.data.transforms import PRESETS, build_transforms
+Imported lazily: ``visiontl.data.images`` (numpy + PIL) is usable without torch.
+"""
 
-__all__ = [
-    "PRESETS",
-    "BlueMarbleDataModule",
-    "build_tiles",
-    "ClassificationDataModule",
-    "CsvDataModule",
-    "DataError",
-    "FolderDataModule",
-    "ImageDataset",
-    "ImageReadError",
-    "auto_batch_size",
-    "build_transforms",
-    "index_folder",
-    "read_image",
-    "scan_images",
-    "stratified_split",
-    "to_channels",
-]
+from __future__ import annotations
+
+from visiontl._lazy import lazy_exports
+
+_EXPORTS = {
+    "ClassificationDataModule": "visiontl.data.datamodules",
+    "CsvDataModule": "visiontl.data.datamodules",
+    "FeatureDataset": "visiontl.data.datamodules",
+    "FolderDataModule": "visiontl.data.datamodules",
+    "ImageDataset": "visiontl.data.datamodules",
+    "auto_batch_size": "visiontl.data.datamodules",
+    "index_folder": "visiontl.data.datamodules",
+    "stratified_split": "visiontl.data.datamodules",
+    "BlueMarbleDataModule": "visiontl.data.bluemarble",
+    "build_tiles": "visiontl.data.bluemarble",
+    "DataError": "visiontl.data.images",
+    "ImageReadError": "visiontl.data.images",
+    "read_image": "visiontl.data.images",
+    "scan_images": "visiontl.data.images",
+    "to_channels": "visiontl.data.images",
+    "PRESETS": "visiontl.data.transforms",
+    "build_transforms": "visiontl.data.transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_exports("visiontl.data", globals(), _EXPORTS)

@@ -249,7 +249,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         return [counts[c] for c in self.class_names]
 
     # -- Lightning hooks ----------------------------------------------------------------------
-    def _preprocessing(self) -> dict[str, Any]:
+    def preprocessing(self) -> dict[str, Any]:
+        """Resolved preprocessing: ``in_chans``, ``size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``."""
         cfg: dict[str, Any] = {"input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406),
                                "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "interpolation": "bilinear"}
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
@@ -286,7 +287,7 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._check()
-        pre = self._preprocessing()
+        pre = self.preprocessing()
         index = {c: i for i, c in enumerate(self.class_names)}
         for split, items in self.splits.items():
             train = split == "train"

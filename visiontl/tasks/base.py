@@ -87,8 +87,16 @@ class BaseTask(pl.LightningModule):
 
     @property
     def data_config(self) -> dict[str, Any]:
-        """The backbone's preprocessing (input size, mean, std, interpolation, crop_pct)."""
-        return data_config(self.model)
+        """The preprocessing the model was trained with: the backbone's (timm) unless the run set
+        its own input size / mean / std (recorded in the hyper-parameters by ``setup``)."""
+        cfg = data_config(self.model)
+        size = self.hparams.get("input_size")
+        if size:
+            cfg["input_size"] = (cfg["input_size"][0], int(size), int(size))
+        for key in ("mean", "std"):
+            if self.hparams.get(key):
+                cfg[key] = tuple(float(v) for v in self.hparams[key])
+        return cfg
 
     def strategy_report(self) -> dict[str, Any]:
         """Strategy, trainable / total parameters and each group's learning rate."""

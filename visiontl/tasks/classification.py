@@ -58,6 +58,9 @@ class ClassificationTask(BaseTask):
         channels_last: NHWC memory format (``None``: on for CNNs, where it measured x1.4 faster
             training on CPU; off for transformers).
         compile: run the model through ``torch.compile`` (pays off after ~100 steps here).
+        input_size: training input size, when not the backbone's (set from the datamodule).
+        mean: normalisation mean, when not the backbone's (set from the datamodule).
+        std: normalisation std, when not the backbone's (set from the datamodule).
     """
 
     def __init__(
@@ -77,6 +80,9 @@ class ClassificationTask(BaseTask):
         converter: str | None = "auto",
         channels_last: bool | None = None,
         compile: bool = False,
+        input_size: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
     ) -> None:
         if num_classes is None and class_names:
             num_classes = len(class_names)
@@ -155,6 +161,9 @@ class ClassificationTask(BaseTask):
             c = torch.tensor(counts, dtype=torch.float32).clamp(min=1)
             self.class_weight.copy_(c.sum() / (len(c) * c))
         dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "preprocessing"):
+            pre = dm.preprocessing()  # record what the model really sees: export and predict need it
+            self.hparams.update(input_size=int(pre["size"]), mean=list(pre["mean"]), std=list(pre["std"]))
         if self.uses_feature_cache and dm is not None and hasattr(dm, "set_features"):
             self._attach_features(dm)
 
@@ -321,4 +330,5 @@ class ClassificationTask(BaseTask):
 _INIT_ARGS = {
     "backbone", "num_classes", "class_names", "pretrained", "weights", "in_chans", "weight_decay",
     "warmup", "class_weights", "label_smoothing", "drop_rate", "converter", "channels_last", "compile",
+    "input_size", "mean", "std",
 }

@@ -1,0 +1,135 @@
+"""ONNX export (verified, atomic, self-describing) and the torch-free predictor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from visiontl import fine_tune
+from visiontl.cli import main
+from visiontl.export import ExportError, export_onnx
+from visiontl.predict import Predictor, PredictorError
+
+
+@pytest.fixture(scope="module")
+def run(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    return fine_tune(shapes_root, backbone="test_resnet", strategy="full", pretrained=False, image_size=32,
+                     steps=30, out=tmp_path_factory.mktemp("runs"), data_kwargs={"num_workers": 0},
+                     trainer_kwargs={"enable_progress_bar": False})
+
+
+@pytest.mark.parametrize("backbone,in_chans,size", [("test_resnet", 1, 32), ("test_vit", 3, None),
+                                                     ("test_efficientnet", 13, 32)])
+def test_export_matches_pytorch_for_cnns_vits_and_channels(backbone: str, in_chans: int, size, tmp_path: Path) -> None:
+    from visiontl.tasks import ClassificationTask
+
+    task = ClassificationTask(backbone, num_classes=4, class_names=list("abcd"), pretrained=False,
+                              in_chans=in_chans, input_size=size).eval()
+    report = export_onnx(task, tmp_path / "m.onnx")
+    assert report["max_abs_logit_diff"] < 1e-4 and report["top1_agreement"] == 1.0
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(meta["class_names"]) == list("abcd") and meta["channels"] == str(in_chans)
+    assert meta["backbone"] == backbone and "weights_sha256" in meta and "visiontl_version" in meta
+    # dynamic batch and the stated input convention: normalisation happens inside the graph
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    height, width = json.loads(meta["input_size"])
+    x = np.random.default_rng(0).random((3, in_chans, height, width), dtype=np.float32)
+    logits, probs = session.run(None, {"input": x})
+    cfg = task.data_config
+    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        expected = task.model((torch.from_numpy(x) - mean) / std).numpy()
+    assert np.allclose(logits, expected, rtol=1e-3, atol=1e-5) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_cli_export_verifies_on_the_runs_images_and_predictor_agrees(run, shapes_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.onnx"
+    report = export_onnx(run.run_dir, out, images=sorted(shapes_root.rglob("*.png"))[:12])
+    assert report["verified_on"] == "12 images" and report["max_abs_logit_diff"] < 1e-4
+    predictor = Predictor(out)
+    files = sorted((shapes_root / "discs").glob("*.png"))[:4]
+    preds = predictor.predict(files)
+    assert [p.path for p in preds] == [str(f) for f in files]
+    task = run.task.eval()
+    from visiontl.export import preprocess_for_export
+
+    x = torch.from_numpy(preprocess_for_export(files, (32, 32), 3))
+    cfg = task.data_config
+    with torch.no_grad():
+        expected = task.model((x - torch.tensor(cfg["mean"]).view(1, -1, 1, 1))
+                              / torch.tensor(cfg["std"]).view(1, -1, 1, 1)).softmax(1)
+    assert [p.label for p in preds] == [task.class_names[i] for i in expected.argmax(1).tolist()]
+    assert np.allclose([p.probability for p in preds], expected.max(1).values.numpy(), atol=1e-4)
+
+
+def test_failed_verification_leaves_nothing_at_the_target(run, tmp_path: Path) -> None:
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous model")
+    with pytest.raises(ExportError, match="nothing was written"):
+        export_onnx(run.run_dir, out, tolerance=-1.0)
+    assert out.read_bytes() == b"previous model"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temp file left
+
+
+def test_export_errors(tmp_path: Path) -> None:
+    assert main(["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "m.onnx")]) == 2
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(ExportError, match="no checkpoints"):
+        export_onnx(tmp_path / "empty_run", tmp_path / "m.onnx")
+    from visiontl.tasks import ClassificationTask
+
+    task = ClassificationTask("test_resnet", num_classes=2, pretrained=False)
+    with pytest.raises(ExportError, match="Unsupported opset 5"):
+        export_onnx(task, tmp_path / "m.onnx", opset=5)
+
+
+def test_predictor_rejects_foreign_models_and_skips_bad_files(run, shapes_root: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    bare = tmp_path / "bare.onnx"
+    torch.onnx.export(torch.nn.Linear(2, 2), torch.randn(1, 2), str(bare), dynamo=False)
+    with pytest.raises(PredictorError, match="no visiontl metadata"):
+        Predictor(bare)
+    model = tmp_path / "m.onnx"
+    export_onnx(run.run_dir, model)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    good = sorted((shapes_root / "bars").glob("*.png"))[0]
+    csv_out = tmp_path / "preds.csv"
+    code = main(["predict-onnx", str(model), str(good), str(broken), "--out", str(csv_out)])
+    assert code == 1  # some files failed
+    rows = csv_out.read_text().splitlines()
+    assert len(rows) == 3 and rows[2].endswith("not a recognised image format")
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_predictor_does_not_import_torch(run, shapes_root: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    export_onnx(run.run_dir, model)
+    image = sorted(shapes_root.rglob("*.png"))[0]
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch.") or name.startswith("pytorch_lightning"):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        from visiontl.predict import Predictor
+        preds = Predictor({str(model)!r}).predict([{str(image)!r}])
+        assert preds[0].label is not None
+        assert "torch" not in sys.modules
+        print("ok", preds[0].label)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")

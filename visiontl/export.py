@@ -1,0 +1,197 @@
+"""ONNX export that carries its normalisation and labels, verified against PyTorch before it lands.
+
+Input convention of every exported graph: ``input`` is float32 NCHW, ``C`` = the model's channels,
+values in ``[0, 1]`` (8-bit pixels / 255, 16-bit / 65535), already resized to the model's input
+size (squashed, no crop; :class:`visiontl.predict.Predictor` does this). Mean / std
+normalisation is inside the graph. Outputs: ``logits`` and ``probabilities`` (softmax), batch
+dimension dynamic. Metadata (``metadata_props``) states all of it, plus class names, backbone,
+strategy, visiontl version, the run's validation metrics, a SHA-256 of the weights and the
+verification result.
+
+The file is written to a temporary sibling, checked with ``onnx.checker``, run with ONNX Runtime
+against PyTorch on real images, and only then renamed onto the target: a failed export never
+leaves a half-written or unverified model at the target path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontl import __version__
+from visiontl._io import atomic_path
+
+__all__ = ["INPUT_CONVENTION", "ExportError", "export_onnx", "load_task", "preprocess_for_export"]
+
+INPUT_CONVENTION = "float32 NCHW in [0,1], resized (squashed) to input_size; normalisation inside the graph"
+
+
+class ExportError(ValueError):
+    """An export that cannot be produced or did not verify."""
+
+
+class _Deployable(nn.Module):
+    """Normalise, classify, softmax: the graph a service runs."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model((x - self.mean) / self.std)
+        return logits, logits.softmax(dim=1)
+
+
+def load_task(source: str | os.PathLike[str]):
+    """A trained :class:`~visiontl.tasks.ClassificationTask` from a run directory or checkpoint."""
+    from visiontl.tasks import ClassificationTask
+
+    path = Path(source)
+    if path.is_dir():
+        candidates = [path / "checkpoints" / "best.ckpt", path / "checkpoints" / "last.ckpt"]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise ExportError(
+                f"{path} has no checkpoints/best.ckpt or last.ckpt; give a run directory or a .ckpt file."
+            )
+        path = found
+    if not path.exists():
+        raise ExportError(f"Checkpoint {path} does not exist.")
+    return ClassificationTask.from_checkpoint(path)
+
+
+def preprocess_for_export(paths: list[Path], size: tuple[int, int], channels: int) -> np.ndarray:
+    """Images to the graph's input convention (same code path as the predictor)."""
+    from visiontl.predict import preprocess
+
+    return np.stack([preprocess(p, size, channels) for p in paths])
+
+
+def _run_images(source: str | os.PathLike[str] | None, limit: int) -> list[Path]:
+    """The validation images of a CLI run, rebuilt from the datamodule in its ``config.yaml``."""
+    if source is None or not Path(source).is_dir() or not (Path(source) / "config.yaml").exists():
+        return []
+    import importlib
+
+    import yaml
+
+    data = (yaml.safe_load((Path(source) / "config.yaml").read_text()) or {}).get("data") or {}
+    module, _, name = str(data.get("class_path", "")).rpartition(".")
+    try:
+        dm = getattr(importlib.import_module(module), name)(**(data.get("init_args") or {}))
+        return list(dm.paths("val"))[:limit]
+    except Exception:  # noqa: BLE001 - data moved or not rebuildable: the caller falls back
+        return []
+
+
+def _weights_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _run_metrics(source: str | os.PathLike[str] | None) -> dict[str, Any]:
+    if source is None:
+        return {}
+    path = Path(source)
+    run = path if path.is_dir() else path.parent.parent
+    try:
+        final = json.loads((run / "metrics.json").read_text()).get("final", {})
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in final.items() if k.startswith("val_") and isinstance(v, (int, float))}
+
+
+def export_onnx(
+    source: Any,
+    out: str | os.PathLike[str],
+    *,
+    opset: int = 17,
+    images: list[str | os.PathLike[str]] | None = None,
+    tolerance: float = 1e-4,
+    max_images: int = 64,
+) -> dict[str, Any]:
+    """Export a trained classifier to ONNX, verify it, and write it atomically to ``out``.
+
+    Args:
+        source: a run directory, a ``.ckpt`` file or a :class:`ClassificationTask`.
+        out: target ``.onnx`` path.
+        opset: ONNX opset (13-20).
+        images: images to verify on (default: the run's validation images when its
+            ``config.yaml`` names them; else random inputs, which the report says).
+        tolerance: largest allowed absolute logit difference between ONNX Runtime and PyTorch.
+        max_images: at most this many images are used for verification.
+
+    Returns:
+        The report (also stored in the model's metadata): path, size, max difference, top-1
+        agreement, images used.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    if not 13 <= opset <= 20:
+        raise ExportError(f"Unsupported opset {opset}; use 13 to 20 (17 is well supported everywhere).")
+    task = source if isinstance(source, nn.Module) else load_task(source)
+    task = task.eval()
+    cfg = task.data_config
+    channels, height, width = cfg["input_size"]
+    model = _Deployable(task.model.to(memory_format=torch.contiguous_format), list(cfg["mean"]),
+                        list(cfg["std"])).eval()
+    paths = [Path(p) for p in images] if images else _run_images(None if isinstance(source, nn.Module) else source,
+                                                                 max_images)
+    if paths:
+        inputs = preprocess_for_export(paths[:max_images], (height, width), channels)
+        verified_on = f"{len(inputs)} images"
+    else:
+        inputs = np.random.default_rng(0).random((8, channels, height, width), dtype=np.float32)
+        verified_on = "8 random inputs (no images given or found)"
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        torch.onnx.export(model, torch.from_numpy(inputs[:2]), str(tmp), input_names=["input"],
+                          output_names=["logits", "probabilities"], opset_version=opset, dynamo=False,
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}})
+        proto = onnx.load(str(tmp))
+        onnx.checker.check_model(proto)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        ort_logits = session.run(["logits"], {"input": inputs})[0]
+        with torch.no_grad():
+            torch_logits = model(torch.from_numpy(inputs))[0].numpy()
+        diff = float(np.abs(ort_logits - torch_logits).max())
+        agreement = float((ort_logits.argmax(1) == torch_logits.argmax(1)).mean())
+        if diff > tolerance:
+            raise ExportError(
+                f"ONNX Runtime logits differ from PyTorch by {diff:.2e} (> {tolerance:.0e}) on {verified_on}; "
+                f"nothing was written to {out}. Try another opset (--opset)."
+            )
+        report = {"path": str(out), "opset": opset, "max_abs_logit_diff": diff, "top1_agreement": agreement,
+                  "verified_on": verified_on}
+        meta = {
+            "visiontl_version": __version__,
+            "input_convention": INPUT_CONVENTION,
+            "class_names": json.dumps(task.class_names),
+            "input_size": json.dumps([height, width]),
+            "channels": str(channels),
+            "mean": json.dumps(list(cfg["mean"])),
+            "std": json.dumps(list(cfg["std"])),
+            "interpolation": str(cfg.get("interpolation", "bilinear")),
+            "backbone": task.hparams["backbone"],
+            "strategy": json.dumps(task.hparams.get("strategy")),
+            "metrics": json.dumps(_run_metrics(None if isinstance(source, nn.Module) else source)),
+            "weights_sha256": _weights_sha256(task.model),
+            "verification": json.dumps(report),
+        }
+        onnx.helper.set_model_props(proto, meta)
+        onnx.save(proto, str(tmp))
+    report["size_bytes"] = out.stat().st_size
+    return report

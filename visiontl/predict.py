@@ -1,0 +1,152 @@
+"""Run an exported model with ONNX Runtime only: no torch, no Lightning.
+
+>>> from visiontl.predict import Predictor
+>>> predictor = Predictor("model.onnx")  # doctest: +SKIP
+>>> for p in predictor.predict(["scan1.png", "scan2.tif"]):  # doctest: +SKIP
+...     print(p.path, p.label, p.probability)
+
+Images of any size, grayscale or RGB, 8 or 16 bit are read, converted to the model's channels,
+resized as the model's metadata says and batched. Unreadable files are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from visiontl.data.images import ImageReadError, read_image, to_channels
+
+__all__ = ["Prediction", "Predictor", "PredictorError", "main", "preprocess"]
+
+
+class PredictorError(ValueError):
+    """A model file the predictor cannot use."""
+
+
+@dataclass
+class Prediction:
+    """One file's result (``error`` set and no label when the file could not be read)."""
+
+    path: str
+    label: str | None = None
+    probability: float | None = None
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def preprocess(path: str | os.PathLike[str], size: tuple[int, int], channels: int) -> np.ndarray:
+    """Read an image and bring it to the export convention: float32 CHW in [0, 1] at ``size``."""
+    image = to_channels(read_image(path), channels, path)
+    height, width = size
+    shrink = image.shape[0] > height or image.shape[1] > width
+    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return np.ascontiguousarray(resized.reshape(height, width, channels).transpose(2, 0, 1), dtype=np.float32)
+
+
+class Predictor:
+    """An exported visiontl model in ONNX Runtime.
+
+    Args:
+        model_path: an ``.onnx`` file written by ``visiontl export``.
+        providers: ONNX Runtime execution providers (default: CPU).
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise PredictorError(f"Model file {path} does not exist.")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise PredictorError(f"{path} is not a model ONNX Runtime can load: {err}") from err
+        meta = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in ("class_names", "input_size", "channels") if k not in meta]
+        if missing:
+            raise PredictorError(
+                f"{path} has no visiontl metadata ({', '.join(missing)} missing); export it with `visiontl export`."
+            )
+        self.metadata = dict(meta)
+        self.class_names: list[str] = json.loads(meta["class_names"])
+        self.size = tuple(json.loads(meta["input_size"]))
+        self.channels = int(meta["channels"])
+
+    def predict(self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32) -> list[Prediction]:
+        """Predict every path (in order); unreadable files come back with ``error`` set."""
+        results: list[Prediction] = []
+        batch: list[np.ndarray] = []
+        pending: list[Prediction] = []
+        for path in paths:
+            try:
+                batch.append(preprocess(path, self.size, self.channels))
+                pending.append(Prediction(str(path)))
+            except ImageReadError as err:
+                results.append(Prediction(str(path), error=err.reason))
+                continue
+            if len(batch) == batch_size:
+                results.extend(self._run(batch, pending))
+                batch, pending = [], []
+        if batch:
+            results.extend(self._run(batch, pending))
+        order = {str(p): i for i, p in enumerate(paths)}
+        return sorted(results, key=lambda r: order.get(r.path, 0))
+
+    def _run(self, batch: list[np.ndarray], pending: list[Prediction]) -> list[Prediction]:
+        probs = self.session.run(["probabilities"], {"input": np.stack(batch)})[0]
+        for pred, row in zip(pending, probs):
+            best = int(row.argmax())
+            pred.label, pred.probability = self.class_names[best], float(row[best])
+            pred.probabilities = {n: float(v) for n, v in zip(self.class_names, row)}
+        return pending
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``visiontl predict-onnx model.onnx IMAGES... [--out preds.csv]``; exit 1 if any file failed."""
+    parser = argparse.ArgumentParser(prog="visiontl predict-onnx",
+                                     description="Predict images with an exported model (ONNX Runtime only).")
+    parser.add_argument("model", help="an .onnx file written by `visiontl export`")
+    parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    parser.add_argument("--out", help="write a CSV here instead of printing")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    from visiontl.data.images import is_image_file
+
+    files: list[Path] = []
+    for item in map(Path, args.images):
+        if item.is_dir():
+            files.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p)))
+        else:
+            files.append(item)
+    try:
+        predictor = Predictor(args.model)
+    except PredictorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results = predictor.predict(files, batch_size=args.batch_size)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "label", "probability", "error"])
+    for r in results:
+        probability = f"{r.probability:.6f}" if r.probability is not None else ""
+        writer.writerow([r.path, r.label or "", probability, r.error or ""])
+    if args.out:
+        from visiontl._io import write_text
+
+        write_text(args.out, buf.getvalue())
+    else:
+        print(buf.getvalue(), end="")
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"skipped {r.path}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
