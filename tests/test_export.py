@@ -133,3 +133,28 @@ def test_predictor_does_not_import_torch(run, shapes_root: Path, tmp_path: Path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("backbone,method", [("test_resnet", "static QDQ"), ("test_vit", "dynamic, MatMul only")])
+def test_int8_is_kept_only_when_it_agrees(backbone: str, method: str, shapes_root: Path, tmp_path: Path) -> None:
+    from visiontl.tasks import ClassificationTask
+
+    task = ClassificationTask(backbone, num_classes=3, pretrained=False,
+                              input_size=32 if backbone != "test_vit" else None).eval()
+    images = sorted(shapes_root.rglob("*.png"))
+    out = tmp_path / "m.onnx"
+    report = export_onnx(task, out, images=images[:12], quantize="int8", calibration_images=images[12:],
+                         min_agreement=0.0)
+    q8 = report["int8"]
+    assert q8["method"].startswith(method) and q8["accepted"] and Path(q8["path"]).exists()
+    assert q8["int8_bytes"] < q8["float_bytes"]
+    meta = {p.key: p.value for p in onnx.load(q8["path"]).metadata_props}
+    assert json.loads(meta["quantization"])["top1_agreement"] == q8["top1_agreement"]
+    assert Predictor(q8["path"]).predict(images[:2])[0].label is not None
+    # an impossible bar: refused, the float model stays, no int8 file
+    (tmp_path / "m.int8.onnx").unlink()
+    refused = export_onnx(task, out, images=images[:12], quantize="int8", calibration_images=images[12:],
+                          min_agreement=1.01)["int8"]
+    assert not refused["accepted"] and refused["path"] is None and 0.0 <= refused["top1_agreement"] <= 1.0
+    assert out.exists() and not (tmp_path / "m.int8.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -31,18 +31,31 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--images", nargs="*", help="images to verify on (default: the run's validation images)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed logit difference")
+    parser.add_argument("--quantize", choices=["int8"], help="also write <out>.int8.onnx if it agrees with float")
+    parser.add_argument("--calibration-images", nargs="*", help="training images for int8 calibration")
+    parser.add_argument("--min-agreement", type=float, default=0.99, help="int8 top-1 agreement needed")
     args = parser.parse_args(argv)
     from visiontl.export import ExportError, export_onnx
+    from visiontl.quantize import QuantizeError
     from visiontl.weights import WeightsError
 
     try:
-        report = export_onnx(args.source, args.out, opset=args.opset, images=args.images, tolerance=args.tolerance)
-    except (ExportError, WeightsError) as err:
+        report = export_onnx(args.source, args.out, opset=args.opset, images=args.images, tolerance=args.tolerance,
+                             quantize=args.quantize, calibration_images=args.calibration_images,
+                             min_agreement=args.min_agreement)
+    except (ExportError, QuantizeError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {report['path']} ({report['size_bytes'] / 1e6:.1f} MB, opset {report['opset']}); verified on "
           f"{report['verified_on']}: max |logit diff| {report['max_abs_logit_diff']:.2e}, "
           f"top-1 agreement {report['top1_agreement']:.3f}")
+    q8 = report.get("int8")
+    if q8:
+        verdict = f"wrote {q8['path']}" if q8["accepted"] else "REFUSED (float model kept as the artefact)"
+        print(f"int8 ({q8['method']}): {verdict}; top-1 agreement {q8['top1_agreement']:.3f} on "
+              f"{q8['validated_on']} images (needs {q8['min_agreement']}); size {q8['float_bytes'] / 1e6:.1f} -> "
+              f"{q8['int8_bytes'] / 1e6:.1f} MB; batch-1 latency {q8['float_latency_ms_bs1']:.1f} -> "
+              f"{q8['int8_latency_ms_bs1']:.1f} ms")
     return 0
 
 

@@ -76,8 +76,8 @@ def preprocess_for_export(paths: list[Path], size: tuple[int, int], channels: in
     return np.stack([preprocess(p, size, channels) for p in paths])
 
 
-def _run_images(source: str | os.PathLike[str] | None, limit: int) -> list[Path]:
-    """The validation images of a CLI run, rebuilt from the datamodule in its ``config.yaml``."""
+def _run_images(source: str | os.PathLike[str] | None, limit: int, split: str = "val") -> list[Path]:
+    """Images of a CLI run's ``split``, rebuilt from the datamodule in its ``config.yaml``."""
     if source is None or not Path(source).is_dir() or not (Path(source) / "config.yaml").exists():
         return []
     import importlib
@@ -88,7 +88,7 @@ def _run_images(source: str | os.PathLike[str] | None, limit: int) -> list[Path]
     module, _, name = str(data.get("class_path", "")).rpartition(".")
     try:
         dm = getattr(importlib.import_module(module), name)(**(data.get("init_args") or {}))
-        return list(dm.paths("val"))[:limit]
+        return list(dm.paths(split))[:limit]
     except Exception:  # noqa: BLE001 - data moved or not rebuildable: the caller falls back
         return []
 
@@ -121,6 +121,9 @@ def export_onnx(
     images: list[str | os.PathLike[str]] | None = None,
     tolerance: float = 1e-4,
     max_images: int = 64,
+    quantize: str | None = None,
+    calibration_images: list[str | os.PathLike[str]] | None = None,
+    min_agreement: float = 0.99,
 ) -> dict[str, Any]:
     """Export a trained classifier to ONNX, verify it, and write it atomically to ``out``.
 
@@ -131,7 +134,11 @@ def export_onnx(
         images: images to verify on (default: the run's validation images when its
             ``config.yaml`` names them; else random inputs, which the report says).
         tolerance: largest allowed absolute logit difference between ONNX Runtime and PyTorch.
-        max_images: at most this many images are used for verification.
+        max_images: at most this many images are used for verification (and calibration).
+        quantize: ``"int8"`` also writes ``<out>.int8.onnx`` when it agrees with the float model
+            (:mod:`visiontl.quantize`); the float model stays the default artefact.
+        calibration_images: training images for static int8 calibration (default: the run's).
+        min_agreement: minimum top-1 agreement of the int8 model with the float one.
 
     Returns:
         The report (also stored in the model's metadata): path, size, max difference, top-1
@@ -194,4 +201,22 @@ def export_onnx(
         onnx.helper.set_model_props(proto, meta)
         onnx.save(proto, str(tmp))
     report["size_bytes"] = out.stat().st_size
+    if quantize is not None:
+        report["int8"] = _int8(out, quantize, source, calibration_images, inputs, (height, width), channels,
+                               max_images, min_agreement)
+    return report
+
+
+def _int8(out: Path, quantize: str, source: Any, calibration_images: list | None, validation: np.ndarray,
+          size: tuple[int, int], channels: int, max_images: int, min_agreement: float) -> dict[str, Any]:
+    from visiontl.quantize import quantize_int8
+
+    if quantize != "int8":
+        raise ExportError(f"Unsupported quantisation {quantize!r}; the only choice is 'int8'.")
+    paths = [Path(p) for p in calibration_images] if calibration_images else _run_images(
+        None if isinstance(source, nn.Module) else source, max_images, split="train")
+    calibration = preprocess_for_export(paths[:max_images], size, channels) if paths else validation
+    target = out.with_name(out.stem + ".int8.onnx")
+    report = quantize_int8(out, target, calibration, validation, min_agreement)
+    report["path"] = str(target) if report["accepted"] else None
     return report
