@@ -231,7 +231,7 @@ class ClassificationTask(BaseTask):
                 f"Strategy {self.strategy.name!r} fits its head on cached features, which need a visiontl "
                 f"datamodule and a timm backbone with one classifier ({self.hparams['backbone']})."
             )
-        features = torch.from_numpy(np.asarray(train.features, dtype=np.float32))
+        features = torch.from_numpy(np.array(train.features, dtype=np.float32))  # a writable copy
         labels = torch.from_numpy(np.asarray(train.labels)).long()
         self.strategy.fit(self.model.get_classifier(), features, labels, self.hparams["num_classes"],
                           class_weight=self.class_weight if self.hparams["class_weights"] else None)
