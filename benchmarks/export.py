@@ -98,7 +98,9 @@ def main() -> None:
         "ort_fp32": ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]),
         "ort_int8": ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"]),
     }
-    runners = {"eager": eager, "eager_channels_last": eager_cl, **{k: (lambda x, s=s: s.run(["logits"], {"input": x})[0]) for k, s in sessions.items()}}
+    runners = {"eager": eager, "eager_channels_last": eager_cl}
+    for key, session in sessions.items():
+        runners[key] = lambda x, session=session: session.run(["logits"], {"input": x})[0]
     reference = eager(x_val).argmax(1)
     rows = []
     for name, run in runners.items():
