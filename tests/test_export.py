@@ -27,7 +27,7 @@ def run(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("backbone,in_chans,size", [("test_resnet", 1, 32), ("test_vit", 3, None),
-                                                     ("test_efficientnet", 13, 32)])
+                                                     ("test_vit", 3, 32), ("test_efficientnet", 13, 32)])
 def test_export_matches_pytorch_for_cnns_vits_and_channels(backbone: str, in_chans: int, size, tmp_path: Path) -> None:
     from visiontl.tasks import ClassificationTask
 
@@ -158,3 +158,15 @@ def test_int8_is_kept_only_when_it_agrees(backbone: str, method: str, shapes_roo
     assert not refused["accepted"] and refused["path"] is None and 0.0 <= refused["top1_agreement"] <= 1.0
     assert out.exists() and not (tmp_path / "m.int8.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_vit_trained_at_another_size_exports_and_reloads(shapes_root: Path, tmp_path: Path) -> None:
+    from visiontl.tasks import ClassificationTask
+
+    result = fine_tune(shapes_root, backbone="test_vit", strategy="full", pretrained=False, image_size=32, steps=4,
+                       out=tmp_path, data_kwargs={"num_workers": 0}, trainer_kwargs={"enable_progress_bar": False})
+    assert tuple(result.task.model.patch_embed.img_size) == (32, 32)
+    task = ClassificationTask.from_checkpoint(result.run_dir / "checkpoints" / "last.ckpt")
+    assert task.data_config["input_size"] == (3, 32, 32)
+    report = export_onnx(result.run_dir, tmp_path / "vit.onnx", images=sorted(shapes_root.rglob("*.png"))[:6])
+    assert report["max_abs_logit_diff"] < 1e-4

@@ -20,7 +20,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from visiontl.backbones import create_backbone, head_prefixes
+from visiontl.backbones import create_backbone, head_prefixes, layer_groups
 from visiontl.features import (
     FeatureCache,
     classify_features,
@@ -114,6 +114,8 @@ class ClassificationTask(BaseTask):
             converter=hp["converter"],
             drop_rate=hp["drop_rate"],
         )
+        if hp["input_size"]:
+            self._fit_input_size(int(hp["input_size"]))
         self.channels_last = is_cnn(self.model) if hp["channels_last"] is None else bool(hp["channels_last"])
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -164,8 +166,21 @@ class ClassificationTask(BaseTask):
         if dm is not None and hasattr(dm, "preprocessing"):
             pre = dm.preprocessing()  # record what the model really sees: export and predict need it
             self.hparams.update(input_size=int(pre["size"]), mean=list(pre["mean"]), std=list(pre["std"]))
+            if self._fit_input_size(int(pre["size"])):
+                self.groups = layer_groups(self.model)  # the position embedding is a new parameter
+                self.set_trainable_groups(self.trainable_groups)
         if self.uses_feature_cache and dm is not None and hasattr(dm, "set_features"):
             self._attach_features(dm)
+
+    def _fit_input_size(self, size: int) -> bool:
+        """Resample a transformer's position embedding to the training size once (timm's
+        ``set_input_size``), so nothing is resized per forward and the model exports cleanly."""
+        patch = getattr(self.model, "patch_embed", None)
+        current = getattr(patch, "img_size", None)
+        if not hasattr(self.model, "set_input_size") or current is None or tuple(current) == (size, size):
+            return False
+        self.model.set_input_size(img_size=size)
+        return True
 
     @property
     def uses_feature_cache(self) -> bool:
