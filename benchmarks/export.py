@@ -52,12 +52,12 @@ def main() -> None:
         args.image_size, args.repeats = 64, 2
 
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from visiontl import fine_tune
     from visiontl.data import build_tiles
     from visiontl.export import export_onnx, preprocess_for_export
+    from visiontl.predict import ort_session
     from visiontl.report import comparison_table, format_console_table
     from visiontl.speed import tune_allocator
 
@@ -94,10 +94,7 @@ def main() -> None:
         with torch.no_grad():
             return task((torch.from_numpy(x) - mean) / std).numpy()
 
-    sessions = {
-        "ort_fp32": ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]),
-        "ort_int8": ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"]),
-    }
+    sessions = {"ort_fp32": ort_session(model_path), "ort_int8": ort_session(int8_path)}
     runners = {"eager": eager, "eager_channels_last": eager_cl}
     for key, session in sessions.items():
         runners[key] = lambda x, session=session: session.run(["logits"], {"input": x})[0]

@@ -145,7 +145,8 @@ def export_onnx(
         agreement, images used.
     """
     import onnx
-    import onnxruntime as ort
+
+    from visiontl.predict import ort_session
 
     if not 13 <= opset <= 20:
         raise ExportError(f"Unsupported opset {opset}; use 13 to 20 (17 is well supported everywhere).")
@@ -170,7 +171,7 @@ def export_onnx(
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}})
         proto = onnx.load(str(tmp))
         onnx.checker.check_model(proto)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        session = ort_session(tmp)
         ort_logits = session.run(["logits"], {"input": inputs})[0]
         with torch.no_grad():
             torch_logits = model(torch.from_numpy(inputs))[0].numpy()

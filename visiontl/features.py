@@ -111,7 +111,7 @@ def onnx_features(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Te
         import io
         import warnings
 
-        import onnxruntime as ort
+        from visiontl.predict import ort_session
 
         buf = io.BytesIO()
         with warnings.catch_warnings():
@@ -119,9 +119,7 @@ def onnx_features(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Te
             torch.onnx.export(_Pooled(model).eval(), example[:2].contiguous(), buf, input_names=["x"],
                               output_names=["f"], dynamic_axes={"x": {0: "n"}, "f": {0: "n"}},
                               opset_version=17, dynamo=False)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+        session = ort_session(buf.getvalue())
     except Exception as err:  # noqa: BLE001 - any exporter / runtime failure means: use torch
         log.info("ONNX Runtime feature extraction unavailable (%s); using PyTorch.", err)
         return None

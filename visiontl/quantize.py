@@ -69,11 +69,11 @@ def quantize_int8(
 def _quantize(float_model: Path, out: Path, calibration: np.ndarray | None, validation: np.ndarray,
               min_agreement: float) -> dict[str, Any]:
     import onnx
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
     from onnxruntime.quantization import quant_pre_process, quantize_dynamic, quantize_static
 
     from visiontl._io import atomic_path
+    from visiontl.predict import ort_session
 
     cnn = _is_cnn(float_model)
     with atomic_path(out) as tmp:
@@ -100,8 +100,8 @@ def _quantize(float_model: Path, out: Path, calibration: np.ndarray | None, vali
             quantize_dynamic(str(float_model), str(tmp), op_types_to_quantize=["MatMul"],
                              weight_type=QuantType.QInt8)
             method = "dynamic, MatMul only"
-        fp = ort.InferenceSession(str(float_model), providers=["CPUExecutionProvider"])
-        q8 = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        fp = ort_session(float_model)
+        q8 = ort_session(tmp)
         agree = float((fp.run(["logits"], {"input": validation})[0].argmax(1)
                        == q8.run(["logits"], {"input": validation})[0].argmax(1)).mean())
         report = {
