@@ -170,3 +170,17 @@ def test_vit_trained_at_another_size_exports_and_reloads(shapes_root: Path, tmp_
     assert task.data_config["input_size"] == (3, 32, 32)
     report = export_onnx(result.run_dir, tmp_path / "vit.onnx", images=sorted(shapes_root.rglob("*.png"))[:6])
     assert report["max_abs_logit_diff"] < 1e-4
+
+
+def test_predictor_reads_16_bit_grayscale_and_any_size(run, tmp_path: Path) -> None:
+    from PIL import Image
+
+    model = tmp_path / "m.onnx"
+    export_onnx(run.run_dir, model)
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.arange(80 * 50).reshape(80, 50) * 13 % 65535).astype(np.uint16)).save(deep)
+    wide = tmp_path / "wide.jpg"
+    Image.fromarray(np.full((20, 90, 3), 200, dtype=np.uint8)).save(wide)
+    preds = Predictor(model).predict([deep, wide])
+    assert all(p.error is None and p.label in run.task.class_names for p in preds)
+    assert all(abs(sum(p.probabilities.values()) - 1) < 1e-4 for p in preds)
