@@ -70,13 +70,55 @@ def _vit_rows(work: Path, size: int, repeats: int) -> list[dict]:
     return rows
 
 
+def _plain_eager_child(ckpt: str, size: int, repeats: int) -> None:
+    """In its own process, without visiontl's allocator tuning: eager PyTorch as a user runs it."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from visiontl.tasks import ClassificationTask
+
+    task = ClassificationTask.from_checkpoint(ckpt)
+    model = task.model.to(memory_format=torch.contiguous_format).eval()
+    cfg = task.data_config
+    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    x = torch.from_numpy(np.random.default_rng(0).random((32, 3, size, size), dtype=np.float32))
+
+    def run(inp: torch.Tensor) -> None:
+        with torch.no_grad():
+            model((inp - mean) / std)
+
+    latency = _median_time(lambda: run(x[:1]), repeats)
+    throughput = 32 / _median_time(lambda: run(x), max(2, repeats // 3))
+    print("RESULT " + json.dumps({"latency": latency, "throughput": throughput}))
+
+
+def _plain_eager(ckpt: Path, size: int, repeats: int) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VISIONTL_TUNE_MALLOC": "0"}
+    out = subprocess.run([sys.executable, __file__, "--plain-eager", str(ckpt), "--image-size", str(size),
+                          "--repeats", str(repeats)], capture_output=True, text=True, env=env, check=False)
+    line = next((row for row in out.stdout.splitlines() if row.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(line[len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plain-eager", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plain_eager:
+        return _plain_eager_child(args.plain_eager, args.image_size, args.repeats)
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
@@ -118,7 +160,7 @@ def main() -> None:
 
     plain = copy.deepcopy(task.model).to(memory_format=torch.contiguous_format).eval()
 
-    def eager(x: np.ndarray) -> np.ndarray:  # as a typical user runs it: float32 NCHW
+    def eager(x: np.ndarray) -> np.ndarray:  # float32 NCHW, in this (allocator-tuned) process
         with torch.no_grad():
             return plain((torch.from_numpy(x) - mean) / std).numpy()
 
@@ -131,7 +173,10 @@ def main() -> None:
     for key, session in sessions.items():
         runners[key] = lambda x, session=session: session.run(["logits"], {"input": x})[0]
     reference = eager(x_val).argmax(1)
-    rows = []
+    best = result.run_dir / "checkpoints" / "best.ckpt"
+    plain_result = _plain_eager(best, args.image_size, args.repeats)
+    rows = [{"engine": "eager_plain_process", "latency_ms_bs1": round(1000 * plain_result["latency"], 2),
+             "img_per_s_bs32": round(plain_result["throughput"], 1), "size_mb": None, "top1_agreement": None}]
     for name, run in runners.items():
         latency = _median_time(lambda: run(x_val[:1]), args.repeats)
         throughput = 32 / _median_time(lambda: run(batch32), max(2, args.repeats // 3))
@@ -142,7 +187,7 @@ def main() -> None:
                      "size_mb": round(size_mb, 2), "top1_agreement": agreement})
     rows.extend(_vit_rows(work, args.image_size, args.repeats))
     for r in rows:  # each against its own architecture's plain eager row
-        base = rows[-2] if r["engine"].startswith("vit_") else rows[0]
+        base = rows[-2] if r["engine"].startswith("vit_") else rows[0]  # CNN: eager in a separate, untuned process
         r["latency_vs_eager"] = round(r["latency_ms_bs1"] / base["latency_ms_bs1"], 2)
         r["throughput_vs_eager"] = round(r["img_per_s_bs32"] / base["img_per_s_bs32"], 2)
     columns = ["engine", "latency_ms_bs1", "latency_vs_eager", "img_per_s_bs32", "throughput_vs_eager", "size_mb",
