@@ -184,3 +184,13 @@ def test_predictor_reads_16_bit_grayscale_and_any_size(run, tmp_path: Path) -> N
     preds = Predictor(model).predict([deep, wide])
     assert all(p.error is None and p.label in run.task.class_names for p in preds)
     assert all(abs(sum(p.probabilities.values()) - 1) < 1e-4 for p in preds)
+
+
+def test_export_finds_the_runs_own_images(run, tmp_path: Path) -> None:
+    val = (run.run_dir / "val_images.txt").read_text().split()
+    assert val and (run.run_dir / "train_images.txt").exists()
+    report = export_onnx(run.run_dir / "checkpoints" / "best.ckpt", tmp_path / "m.onnx", quantize="int8",
+                         min_agreement=0.0)
+    assert report["verified_on"] == f"{len(val)} images"
+    train = (run.run_dir / "train_images.txt").read_text().split()
+    assert report["int8"]["method"] == f"static QDQ, calibrated on {len(train)} images"

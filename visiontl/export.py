@@ -77,9 +77,19 @@ def preprocess_for_export(paths: list[Path], size: tuple[int, int], channels: in
 
 
 def _run_images(source: str | os.PathLike[str] | None, limit: int, split: str = "val") -> list[Path]:
-    """Images of a CLI run's ``split``, rebuilt from the datamodule in its ``config.yaml``."""
-    if source is None or not Path(source).is_dir() or not (Path(source) / "config.yaml").exists():
+    """Images of a run's ``split``: its ``<split>_images.txt``, else rebuilt from its ``config.yaml``."""
+    if source is None:
         return []
+    run = Path(source) if Path(source).is_dir() else Path(source).parent.parent
+    listing = run / f"{split}_images.txt"
+    if listing.exists():
+        files = [Path(line) for line in listing.read_text().splitlines() if line.strip()]
+        existing = [f for f in files if f.exists()]
+        if existing:
+            return existing[:limit]
+    if not (run / "config.yaml").exists():
+        return []
+    source = run
     import importlib
 
     import yaml

@@ -8,6 +8,7 @@ CLI leave the same files in ``trainer.log_dir``:
 - ``strategy.json``: trainable / total parameters and every group's learning rate;
 - ``checkpoints/best.ckpt`` and ``checkpoints/last.ckpt`` (resume with ``--ckpt_path last``);
 - ``confusion_matrix.png`` / ``.csv``, ``learning_curves.png``, ``skipped_files.txt``;
+- ``train_images.txt`` / ``val_images.txt``: the images of each split (export verifies on them);
 - ``predictions.csv`` after ``predict``.
 """
 
@@ -58,6 +59,10 @@ class RunReport(Callback):
         out = run_dir(trainer)
         if hasattr(pl_module, "strategy_report"):
             _io.write_json(out / "strategy.json", pl_module.strategy_report())
+        dm = trainer.datamodule
+        for split in ("train", "val"):  # export verifies / calibrates on these real images later
+            if dm is not None and hasattr(dm, "paths") and split in getattr(dm, "splits", {}):
+                _io.write_text(out / f"{split}_images.txt", "".join(f"{p}\n" for p in dm.paths(split)))
         skipped = getattr(trainer.datamodule, "skipped", None) if trainer.datamodule else None
         if skipped:
             _io.write_text(out / "skipped_files.txt", "".join(f"{p}\t{r}\n" for p, r in skipped))
