@@ -84,7 +84,7 @@ def _check_pretrained_available(name: str) -> None:
     if hf_id:
         from huggingface_hub import try_to_load_from_cache
 
-        repo = hf_id.split("@")[0] if "@" not in hf_id else hf_id
+        repo = hf_id.split("@")[0]  # "org/name@revision" -> "org/name"
         for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
             if isinstance(try_to_load_from_cache(repo, filename), str):
                 return

@@ -176,6 +176,8 @@ _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _engine_for(model: nn.Module, batch: torch.Tensor, engine: str) -> tuple[str, Callable]:
     """:func:`choose_engine`, remembered per model, input shape and weights (train / val / test
     splits share one export)."""
+    if engine == "torch":  # nothing to export or check: no need to hash the weights
+        return choose_engine(model, batch, "torch")
     key = (engine, tuple(batch.shape[1:]), weights_fingerprint(model))
     cached = _ENGINES.setdefault(model, {})
     if key not in cached:
