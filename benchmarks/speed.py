@@ -2,7 +2,8 @@
 
 (a) a 10-epoch ``probe``: the plain loop runs the frozen backbone every epoch (float32, NCHW,
     torchvision transforms on PIL, num_workers=0), visiontl caches features once; plus the floor:
-    one no-grad forward pass over the training and validation images.
+    one no-grad forward pass over the training and validation images. ``probe-large`` repeats
+    visiontl and the floor on a larger set, where per-run fixed costs (trainer, reports) amortise.
 (b) ``full`` fine-tuning for the same number of epochs: the plain loop as a typical user writes it
     against visiontl's defaults (allocator, channels_last, measured precision, loader settings).
 
@@ -173,6 +174,8 @@ RUNS = {
     "probe/plain": lambda a: plain_probe(a.root, a.image_size, a.epochs),
     "probe/visiontl": lambda a: visiontl_run(a.root, a.image_size, a.epochs, "probe"),
     "probe/floor": lambda a: floor(a.root, a.image_size),
+    "probe-large/visiontl": lambda a: visiontl_run(a.large_root, a.image_size, a.epochs, "probe"),
+    "probe-large/floor": lambda a: floor(a.large_root, a.image_size),
     "full/plain": lambda a: plain_full(a.root, a.image_size, a.ft_epochs),
     "full/visiontl": lambda a: visiontl_run(a.root, a.image_size, a.ft_epochs, "full"),
 }
@@ -191,7 +194,8 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _run_child(name: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--one", name, "--root", str(args.root), "--image-size", str(args.image_size),
+    cmd = [sys.executable, __file__, "--one", name, "--root", str(args.root), "--large-root", str(args.large_root),
+           "--image-size", str(args.image_size),
            "--epochs", str(args.epochs), "--ft-epochs", str(args.ft_epochs)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = next((row for row in out.stdout.splitlines() if row.startswith("RESULT ")), None)
@@ -207,20 +211,26 @@ def main() -> None:
     parser.add_argument("--val-per-class", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=10, help="probe epochs")
     parser.add_argument("--ft-epochs", type=int, default=3, help="full fine-tuning epochs")
+    parser.add_argument("--large-per-class", type=int, default=300,
+                        help="train and val tiles per class of the larger probe set (fixed costs amortised)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--large-root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return _child(args)
     if args.quick:
         args.image_size, args.train_per_class, args.val_per_class, args.epochs, args.ft_epochs = 64, 6, 4, 2, 1
+        args.large_per_class = 12
     from visiontl.data import build_tiles
     from visiontl.report import comparison_table, format_console_table
 
     args.root = build_tiles(Path(tempfile.mkdtemp()) / "tiles",
                             splits={"train": args.train_per_class, "val": args.val_per_class})
+    args.large_root = build_tiles(Path(tempfile.mkdtemp()) / "tiles",
+                                  splits={"train": args.large_per_class, "val": args.large_per_class})
     rows = []
     for name in RUNS:
         print(f"running {name} ...", flush=True)
@@ -233,9 +243,10 @@ def main() -> None:
     for task in ("probe", "full"):
         base = by[f"{task}/plain"]
         for r in rows:
-            if r["run"].startswith(task):
+            if r["run"].startswith(f"{task}/"):
                 r["speedup_vs_plain"] = round(base["wall_s"] / r["wall_s"], 2)
-    by["probe/visiontl"]["x_floor"] = round(by["probe/visiontl"]["wall_s"] / by["probe/floor"]["wall_s"], 2)
+    for task in ("probe", "probe-large"):
+        by[f"{task}/visiontl"]["x_floor"] = round(by[f"{task}/visiontl"]["wall_s"] / by[f"{task}/floor"]["wall_s"], 2)
     columns = ["run", "wall_s", "images_per_s", "speedup_vs_plain", "x_floor", "val_acc", "peak_rss_mb", "precision"]
     print(format_console_table(rows, columns))
     heads = heads_timing(n=500 if args.quick else 5000)
@@ -243,8 +254,9 @@ def main() -> None:
     if args.quick:
         return None
     setup = (f"{BACKBONE} (real ImageNet weights), Blue Marble tiles {args.train_per_class}+{args.val_per_class} "
-             f"per class, {args.image_size} px; probe {args.epochs} epochs, full {args.ft_epochs} epochs; "
-             f"{os.cpu_count()} CPU cores")
+             f"per class (probe-large: {args.large_per_class}+{args.large_per_class}), {args.image_size} px; "
+             f"probe {args.epochs} epochs, full {args.ft_epochs} epochs; {os.cpu_count()} CPU cores. "
+             "x_floor: wall time over one no-grad channels_last forward pass over the same train + val images.")
     from visiontl._io import write_text
     from visiontl.report import save_comparison
 

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger
 
 from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataModule, auto_batch_size
+from visiontl.run import checkpoint_record
 from visiontl.speed import auto_precision
 from visiontl.strategies import Strategy
 from visiontl.tasks import ClassificationTask
@@ -131,8 +132,13 @@ def fine_tune(
     trainer = pl.Trainer(**kwargs)
     trainer.fit(task, dm)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    results = trainer.validate(task, dm, ckpt_path=best or None, verbose=False)
-    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    record = checkpoint_record(best, state_dict=True)
+    if record is not None:  # the best checkpoint's weights and the metrics it was saved with
+        task.load_state_dict(record["state_dict"])
+        metrics = dict(record["val_metrics"])
+    else:
+        results = trainer.validate(task, dm, ckpt_path=best or None, verbose=False)
+        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     wall = _wall_time(trainer)
     return FitResult(metrics, Path(trainer.log_dir), task, trainer, dm, wall)
 

@@ -34,7 +34,8 @@ def _save_figure(fig: Figure, path: PathLike, dpi: int = 120) -> Path:
     """Save ``fig`` atomically in the format of ``path``'s suffix (the temp file's is .tmp)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix[1:].lower() or "png", dpi=dpi, bbox_inches="tight")
+        tight = None if fig.get_layout_engine() is not None else "tight"  # laid out already: one draw, not two
+        fig.savefig(tmp, format=path.suffix[1:].lower() or "png", dpi=dpi, bbox_inches=tight)
     return path
 
 

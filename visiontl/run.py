@@ -28,12 +28,27 @@ from pytorch_lightning.trainer.states import TrainerFn
 from visiontl import _io
 from visiontl.report import save_confusion_matrix, save_learning_curves
 
-__all__ = ["RunReport", "run_dir"]
+__all__ = ["RunReport", "checkpoint_record", "run_dir"]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
     """The directory of this run (the logger's version folder, else ``default_root_dir``)."""
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def checkpoint_record(path: str | Path | None, state_dict: bool = False) -> dict[str, Any] | None:
+    """What a checkpoint saved by a visiontl task records: ``val_metrics`` and ``val_confusion``
+    at the time it was saved (plus ``state_dict`` when asked), or None for other checkpoints.
+
+    Read with ``weights_only=True`` and memory-mapped, so a large checkpoint costs little.
+    """
+    if not path or not Path(path).is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    record = ckpt.get("visiontl") if isinstance(ckpt, dict) else None
+    if not isinstance(record, dict) or not record.get("val_metrics"):
+        return None
+    return {**record, "state_dict": ckpt["state_dict"]} if state_dict else dict(record)
 
 
 def _scalar(value: Any) -> Any:
@@ -102,6 +117,11 @@ class RunReport(Callback):
             "monitor": getattr(ckpt, "monitor", None),
             "final": {k: _scalar(v) for k, v in trainer.callback_metrics.items()},
         }
+        best = checkpoint_record(summary["best_checkpoint"])
+        if best is not None:  # the reports describe the model the run keeps: the best checkpoint
+            summary["best"] = best["val_metrics"]
+            if best.get("val_confusion") is not None:
+                pl_module.last_confusion["val"] = torch.tensor(best["val_confusion"])
         if hasattr(pl_module, "strategy_report"):
             summary["strategy"] = pl_module.strategy_report()
         _io.write_json(out / "metrics.json", summary)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from visiontl.data.images import DataError, is_image_file, read_image, scan_images, to_channels
 from visiontl.data.presize import presize
@@ -32,6 +32,7 @@ __all__ = [
     "FolderDataModule",
     "ImageDataset",
     "auto_batch_size",
+    "auto_workers",
     "index_folder",
     "stratified_split",
 ]
@@ -49,7 +50,8 @@ def auto_batch_size(n_train: int, cap: int = 32) -> int:
     return int(max(1, min(cap, size, n_train)))
 
 
-def _auto_workers() -> int:
+def auto_workers() -> int:
+    """DataLoader workers for this machine: one fewer than the cores, at most 4, at least 1."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cpus - 1))  # one persistent worker beat two on a 2-core machine
 
@@ -98,12 +100,30 @@ class FeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | Sequence[int]) -> dict[str, Any]:
+        """One row, or a whole batch at once for a list of rows (see :meth:`loader`)."""
+        if not isinstance(index, (int, np.integer)):
+            rows = np.asarray(index, dtype=np.int64)
+            return {
+                "features": torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32)),
+                "label": torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64)),
+                "index": torch.from_numpy(rows % self.n_images),
+            }
         return {
             "features": torch.from_numpy(np.array(self.features[index], dtype=np.float32)),
             "label": int(self.labels[index]),
             "index": index % self.n_images,
         }
+
+    def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False) -> DataLoader:
+        """Batches gathered by one fancy-indexing read each, in the main process: per-row reads,
+        collation and worker processes cost more than the head's whole step on features."""
+        generator = torch.Generator().manual_seed(seed) if shuffle else None
+        base = RandomSampler(self, generator=generator) if shuffle else SequentialSampler(self)
+        # the loader shares the sampler's generator, as DataLoader(shuffle=True, generator=...) does:
+        # the same seed gives the same batches as the image loader it replaces
+        return DataLoader(self, batch_size=None, sampler=BatchSampler(base, batch_size, drop_last),
+                          num_workers=0, generator=generator)
 
 
 def index_folder(root: str | os.PathLike[str]) -> list[Sample]:
@@ -269,7 +289,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         if self._checked or not self.check_images:
             return
         paths = sorted({p for items in self.splits.values() for p, _ in items})
-        bad = scan_images(paths)
+        bad = scan_images(paths, channels=self.preprocessing()["in_chans"])
         if bad and self.on_bad_image == "error":
             listing = "\n".join(f"  {p}: {r}" for p, r in bad[:10])
             more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -327,16 +347,19 @@ class ClassificationDataModule(pl.LightningDataModule):
         n_train = len(self.splits["train"])
         batch_size = self.batch_size or auto_batch_size(n_train)
         batch_size = max(1, min(batch_size, len(dataset)))
-        workers = _auto_workers() if self.num_workers is None else self.num_workers
+        # drop only a lone last image: BatchNorm cannot train on a batch of one, and a
+        # loader never ends up with zero batches
+        drop_last = train and len(dataset) % batch_size == 1 and len(dataset) > batch_size
+        if isinstance(dataset, FeatureDataset):  # evaluation needs no small batches on features
+            return dataset.loader(batch_size if train else max(batch_size, 1024), train, self.seed, drop_last)
+        workers = auto_workers() if self.num_workers is None else self.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=train,
             num_workers=workers,
             persistent_workers=workers > 0,
-            # drop only a lone last image: BatchNorm cannot train on a batch of one, and a
-            # loader never ends up with zero batches
-            drop_last=train and len(dataset) % batch_size == 1 and len(dataset) > batch_size,
+            drop_last=drop_last,
             generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 

@@ -1,7 +1,10 @@
 """Reading images into float arrays, and scanning file lists for unreadable images.
 
-Every image becomes ``float32`` HWC in ``[0, 1]`` whatever its bit depth (8-bit, 16-bit, float)
-and mode (grayscale, RGB, RGBA, palette), then is converted to the channel count the model wants.
+Every image becomes ``float32`` HWC whatever its format and bit depth, then is converted to the
+channel count the model wants. Integer pixels are scaled by their type's range (8-bit / 255,
+16-bit / 65535) into ``[0, 1]``; DICOM goes through its rescale and window (see
+:mod:`visiontl.data.formats`); multiband (Geo)TIFFs keep every band, and float TIFFs (e.g.
+reflectances) keep their values, for the dataset statistics to normalise.
 """
 
 from __future__ import annotations
@@ -14,17 +17,28 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from visiontl.data.formats import (
+    DICOM_EXTENSIONS,
+    TIFF_EXTENSIONS,
+    FormatError,
+    is_dicom,
+    read_dicom,
+    read_dicom_raw,
+    read_tiff_raw,
+)
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
     "ImageReadError",
     "is_image_file",
     "read_image",
+    "read_raw",
     "scan_images",
     "to_channels",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm"}) | TIFF_EXTENSIONS | DICOM_EXTENSIONS
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -46,26 +60,77 @@ class ImageReadError(DataError):
 
 
 def is_image_file(path: Path) -> bool:
-    """Whether ``path`` has an image extension and is not a hidden file."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """Whether ``path`` has an image extension (or is an extension-less DICOM) and is not hidden."""
+    if path.name.startswith("."):
+        return False
+    return path.suffix.lower() in IMAGE_EXTENSIONS or (not path.suffix and is_dicom(path))
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode an image to ``float32`` HWC in ``[0, 1]`` (1 or 3 channels; alpha is dropped).
-
-    Raises:
-        ImageReadError: missing, unrecognised, truncated or corrupt file.
-    """
+def _decoded(path: str | os.PathLike[str], read):  # noqa: ANN001, ANN202
+    """Run ``read(path)``, turning every decoding failure into an :class:`ImageReadError`."""
     try:
-        with Image.open(path) as im:
-            im.load()  # full decode: truncated files fail here, not later in a worker
-            return _to_array(im)
+        return read(path)
     except FileNotFoundError as err:
         raise ImageReadError(path, "file not found") from err
     except UnidentifiedImageError as err:
         raise ImageReadError(path, "not a recognised image format") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(path, f"corrupt or truncated ({err})") from err
+    except FormatError as err:
+        raise ImageReadError(path, str(err)) from err
+    except (OSError, SyntaxError, ValueError, KeyError, IndexError) as err:
+        raise ImageReadError(path, f"corrupt or truncated ({type(err).__name__}: {err})") from err
+
+
+def _scaled(arr: np.ndarray) -> np.ndarray:
+    """Integer pixels to ``[0, 1]`` by their type's range; floats unchanged; 8-bit alpha dropped."""
+    out = arr.astype(np.float32)
+    if arr.dtype.kind in "ui":
+        out = np.clip(out / float(np.iinfo(arr.dtype).max), 0.0, 1.0)
+    if arr.dtype == np.uint8 and out.shape[2] in (2, 4):  # gray + alpha, RGBA
+        out = out[:, :, : out.shape[2] - 1]
+    return np.ascontiguousarray(out)
+
+
+def read_raw(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode an image to its native dtype (``uint8``, ``uint16``, ``int32``, ``float32``...) as HWC,
+    with every channel it has (alpha included): what :func:`visiontl.checkdata` inspects.
+
+    Raises:
+        ImageReadError: missing, unrecognised, truncated or corrupt file.
+    """
+    if Path(path).suffix.lower() in TIFF_EXTENSIONS:
+        return _decoded(path, read_tiff_raw)
+    if is_dicom(path):
+        return _decoded(path, read_dicom_raw)
+    arr = _decoded(path, _pil_raw)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _pil_raw(path: str | os.PathLike[str]) -> np.ndarray:
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("P", "1"):
+            im = im.convert("RGBA" if "transparency" in im.info else "L")
+        arr = np.asarray(im)
+        return arr.astype(np.uint16) if im.mode.startswith("I;16") else arr
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode an image to ``float32`` HWC (see the module docstring; alpha is dropped).
+
+    Raises:
+        ImageReadError: missing, unrecognised, truncated or corrupt file.
+    """
+    if Path(path).suffix.lower() in TIFF_EXTENSIONS:
+        return _scaled(_decoded(path, read_tiff_raw))
+    if is_dicom(path):
+        return _decoded(path, read_dicom)
+    return _decoded(path, _pil_float)
+
+
+def _pil_float(path: str | os.PathLike[str]) -> np.ndarray:
+    with Image.open(path) as im:
+        im.load()  # full decode: truncated files fail here, not later in a worker
+        return _to_array(im)
 
 
 def _to_array(im: Image.Image) -> np.ndarray:
@@ -97,22 +162,28 @@ def to_channels(image: np.ndarray, channels: int, path: str | os.PathLike[str] =
     if have == 3 and channels == 1:
         return (image @ _LUMA)[:, :, None].astype(np.float32)
     raise DataError(
-        f"Image {path} has {have} channels but the model expects {channels}; set the model's "
-        f"in_chans to {have} or convert the images."
+        f"Image {path} has {have} channels (bands) but the model expects {channels}; set the model's "
+        f"in_chans to {have} (--model.init_args.in_chans {have}) if every image has {have}, or remove / "
+        f"convert this one (on_bad_image='skip' trains without it)."
     )
 
 
 def scan_images(
-    paths: Sequence[Path], desc: str = "Checking images", min_for_progress: int = 300
+    paths: Sequence[Path], desc: str = "Checking images", min_for_progress: int = 300, channels: int | None = None
 ) -> list[tuple[Path, str]]:
-    """Decode every file once and return ``(path, reason)`` for those that fail.
+    """Decode every file once and return ``(path, reason)`` for those that fail, or, with
+    ``channels``, that cannot be converted to that many channels (a 4-band TIFF for a 13-band model).
 
     A progress bar is shown for lists of ``min_for_progress`` files or more.
     """
     bad: list[tuple[Path, str]] = []
     for path in tqdm(paths, desc=desc, unit="img", disable=len(paths) < min_for_progress, leave=False):
         try:
-            read_image(path)
+            image = read_image(path)
+            if channels is not None:
+                to_channels(image, channels, path)
         except ImageReadError as err:
             bad.append((Path(path), err.reason))
+        except DataError:
+            bad.append((Path(path), f"has {image.shape[2]} channels, the model expects {channels} (in_chans)"))
     return bad

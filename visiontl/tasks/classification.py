@@ -256,6 +256,10 @@ class ClassificationTask(BaseTask):
         super().on_train_epoch_end()
         if isinstance(self.strategy, FittedHead):
             self.trainer.should_stop = True  # fitted once; one pass is the whole "training"
+            return
+        # logged once per epoch: logging the collection every step cost more than a head's step
+        self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -272,10 +276,9 @@ class ClassificationTask(BaseTask):
             return None
         logits = self._logits(batch)
         loss = self._loss(logits, batch["label"])
-        self.train_metrics(logits.detach(), batch["label"])
+        self.train_metrics.update(logits.detach(), batch["label"])  # computed once per epoch
         size = len(batch["label"])
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=size)
         return loss
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
@@ -299,6 +302,15 @@ class ClassificationTask(BaseTask):
         confmat = getattr(self, f"{split}_confmat")
         self.last_confusion[split] = confmat.compute().cpu()
         confmat.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints carry the validation metrics and confusion matrix they were saved with,
+        so the best checkpoint's numbers need no second validation pass (see :func:`visiontl.run.checkpoint_record`)."""
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                   if k.startswith("val_") and isinstance(v, torch.Tensor) and v.numel() == 1}
+        confusion = self.last_confusion.get("val")
+        checkpoint["visiontl"] = {"val_metrics": metrics,
+                                  "val_confusion": confusion.tolist() if confusion is not None else None}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
