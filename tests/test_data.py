@@ -110,7 +110,7 @@ def test_corrupt_images_error_or_are_skipped_and_listed(tmp_path: Path) -> None:
     bad = root / "a" / "002.jpg"
     _truncate(bad)
     (root / "b" / "junk.png").write_bytes(b"not an image")
-    with pytest.raises(DataError, match=r"(?s)2 unreadable image.*002\.jpg.*on_bad_image"):
+    with pytest.raises(DataError, match=r"(?s)2 image\(s\) cannot be used.*002\.jpg.*on_bad_image"):
         FolderDataModule(str(root), image_size=32, num_workers=0).setup()
     dm = FolderDataModule(str(root), image_size=32, num_workers=0, on_bad_image="skip")
     dm.setup()

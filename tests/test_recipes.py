@@ -7,21 +7,39 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from fixtures import load_fixture
 from visiontl.cli import main
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
 TINY = {"tf_efficientnet_lite0": "test_efficientnet", "resnet18": "test_resnet"}
 
 
-def _data_overrides(recipe: dict, shapes_root: Path) -> list[str]:
+# recipe -> (fixture generator in tests/data/<name>/generate.py, the data argument it fills)
+FIXTURES = {
+    "eurosat-rgb": ("eurosat", "root"),
+    "eurosat-ms": ("eurosat_ms", "root"),
+    "ucmerced": ("ucmerced", "root"),
+    "resisc45": ("resisc45", "root"),
+    "chest-xray": ("chest_xray", "root"),
+    "pathmnist": ("medmnist", "root"),
+    "ham10000": ("ham10000", "train_csv"),
+    "dicom": ("dicom", "root"),
+}
+
+
+def _data_overrides(recipe_path: Path, recipe: dict, shapes_root: Path, tmp_path: Path) -> list[str]:
     kind = recipe["data"]["class_path"].rsplit(".", 1)[-1]
+    if recipe_path.stem in FIXTURES:
+        name, argument = FIXTURES[recipe_path.stem]
+        return [f"--data.init_args.{argument}", str(load_fixture(name).make(tmp_path / "data"))]
     if kind == "FolderDataModule":
         return ["--data.init_args.root", str(shapes_root)]
     if kind == "BlueMarbleDataModule":  # real offline tiles, a handful of them
         return ["--data.init_args.train_per_class", "4", "--data.init_args.val_per_class", "2"]
-    raise AssertionError(f"no fixture for {kind}: add one to tests/test_recipes.py")
+    raise AssertionError(f"no fixture for {recipe_path}: add one to FIXTURES in tests/test_recipes.py")
 
 
 def _common(recipe: dict, out: Path) -> list[str]:
@@ -41,10 +59,12 @@ def _common(recipe: dict, out: Path) -> list[str]:
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: Path, tmp_path: Path) -> None:
     recipe = yaml.safe_load(recipe_path.read_text())
-    args = ["fit", "--config", str(recipe_path), *_common(recipe, tmp_path), *_data_overrides(recipe, shapes_root)]
+    runs = tmp_path / "runs"
+    data = _data_overrides(recipe_path, recipe, shapes_root, tmp_path)
+    args = ["fit", "--config", str(recipe_path), *_common(recipe, runs), *data]
     args += ["--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null"]
     assert main(args) == 0
-    (run,) = list(tmp_path.glob("*/version_0"))
+    (run,) = list(runs.glob("*/version_0"))
     for name in ("config.yaml", "metrics.csv", "metrics.json", "strategy.json", "confusion_matrix.png",
                  "confusion_matrix.csv", "learning_curves.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
         assert (run / name).exists(), name
@@ -52,6 +72,24 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
     assert summary["steps"] == 6 and 0.0 <= summary["best_score"] <= 1.0
     strategy = json.loads((run / "strategy.json").read_text())
     assert strategy["total_params"] > strategy["groups"][-1]["numel"] > 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if recipe_path.parent.name == "medical":  # what clinicians read, per class
+        names = {k.split("/")[0] for k in summary["final"]}
+        assert {"val_sensitivity", "val_specificity", "val_auroc", "val_balanced_acc"} <= names
+    if recipe_path.stem == "eurosat-ms":  # 13 bands in, per-band statistics from the tiles
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+        mean = ckpt["hyper_parameters"]["mean"]
+        assert config["model"]["init_args"]["in_chans"] == 13 and len(mean) == 13
+        assert max(mean) < 0.2  # 16-bit reflectances: far from ImageNet's 0.4-0.5
+
+
+def test_recipes_document_themselves() -> None:
+    for path in RECIPES:
+        header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+        text = "\n".join(header)
+        assert "Run:" in text and "visiontl fit --config recipes/" in text, path
+        if path.parent.name in ("medical", "satellite") and path.stem != "dicom":
+            assert "Data:" in text and "Expected" in text and "http" in text, path
 
 
 def test_cli_validate_test_predict_and_resume(shapes_splits: Path, tmp_path: Path) -> None:

@@ -32,11 +32,21 @@ def test_fine_tune_learns_and_fills_the_run_directory(trained) -> None:
         assert (run / name).exists(), name
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["steps"] == 40 and summary["monitor"] == "val_acc"
-    assert {"val_recall/bars", "val_recall/discs", "val_recall/squares", "val_auroc", "val_f1"} <= set(summary["final"])
+    assert {"val_auroc", "val_f1", "val_balanced_acc"} <= set(summary["final"])
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert "lr-AdamW/stem" in header and "lr-AdamW/head" in header  # every group's LR is logged
     confusion = (run / "confusion_matrix.csv").read_text().splitlines()
     assert len(confusion) == 4 and confusion[0].endswith("bars,discs,squares")
+    # the reports describe the best checkpoint: its metrics, and per-class sensitivity /
+    # specificity that agree with its confusion matrix by value
+    assert summary["best"]["val_acc"] == pytest.approx(trained.metrics["val_acc"]) == summary["best_score"]
+    cm = torch.tensor([[int(v) for v in row.split(",")[1:]] for row in confusion[1:]], dtype=torch.float64)
+    for i, name in enumerate(("bars", "discs", "squares")):
+        tp, fn, fp = cm[i, i], cm[i].sum() - cm[i, i], cm[:, i].sum() - cm[i, i]
+        tn = cm.sum() - tp - fn - fp
+        assert summary["best"][f"val_sensitivity/{name}"] == pytest.approx(float(tp / (tp + fn)))
+        assert summary["best"][f"val_specificity/{name}"] == pytest.approx(float(tn / (tn + fp)))
+    assert summary["best"]["val_acc"] == pytest.approx(float(cm.trace() / cm.sum()))
 
 
 def test_checkpoint_loads_safely_and_predicts_the_same(trained) -> None:

@@ -12,7 +12,7 @@ import math
 import os
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from visiontl.data.images import DataError, is_image_file, read_image, scan_images, to_channels
 from visiontl.data.presize import presize
+from visiontl.data.stats import channel_stats, needs_dataset_stats
 from visiontl.data.transforms import build_transforms
 
 __all__ = [
@@ -152,21 +153,38 @@ def index_folder(root: str | os.PathLike[str]) -> list[Sample]:
     return samples
 
 
-def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Split per class: ``fraction`` of each class (at least one image when it has two) to validation."""
+def stratified_split(
+    samples: Sequence[Sample], fraction: float, seed: int, groups: Mapping[Path, str] | None = None
+) -> tuple[list[Sample], list[Sample]]:
+    """Split per class: ``fraction`` of each class (at least one image when it has two) to validation.
+
+    With ``groups`` (image path -> group id, e.g. a lesion or a patient), whole groups move
+    together, so no group has images on both sides (the leak that inflates dermoscopy and X-ray
+    scores); a group counts towards the class of its first image.
+    """
     if not 0 < fraction < 1:
         raise DataError(f"val_fraction must be between 0 and 1, got {fraction}.")
-    by_class: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s[1], []).append(s)
+    units: dict[str, list[Sample]] = {}  # group id (or the image itself) -> its images
+    for s in sorted(samples):
+        unit = groups.get(s[0], f"\0{s[0]}") if groups else f"\0{s[0]}"
+        units.setdefault(unit, []).append(s)
+    by_class: dict[str, list[list[Sample]]] = {}
+    for unit in sorted(units):
+        by_class.setdefault(units[unit][0][1], []).append(units[unit])
     rng = random.Random(seed)
     train, val = [], []
     for name in sorted(by_class):
-        items = sorted(by_class[name])
+        items = by_class[name]
         rng.shuffle(items)
-        n_val = min(len(items) - 1, max(1, round(len(items) * fraction))) if len(items) > 1 else 0
-        val.extend(items[:n_val])
-        train.extend(items[n_val:])
+        n_images = sum(len(u) for u in items)
+        want = min(n_images - 1, max(1, round(n_images * fraction))) if len(items) > 1 else 0
+        taken = 0
+        for unit in items:
+            if taken < want and len(unit) <= n_images - taken - 1:
+                val.extend(unit)
+                taken += len(unit)
+            else:
+                train.extend(unit)
     return train, val
 
 
@@ -186,6 +204,10 @@ class ClassificationDataModule(pl.LightningDataModule):
             leaves such files out and lists them (also in the run directory).
         mean: normalisation mean override (``[0, 1]`` scale).
         std: normalisation std override.
+        normalize: where mean / std come from when not given: ``backbone`` (its pretraining
+            statistics), ``dataset`` (measured on the training images, :mod:`visiontl.data.stats`)
+            or ``auto``: the dataset's for more than 3 channels or images deeper than 8 bits
+            (16-bit PNG / TIFF, DICOM), the backbone's otherwise.
         in_chans: channels fed to the model; ``None`` follows the model.
         check_images: decode every image once in ``setup`` so corrupt files fail early.
         presize: decode and resize every image once to uint8 at about the training size and
@@ -203,6 +225,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         on_bad_image: Literal["error", "skip"] = "error",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        normalize: Literal["auto", "backbone", "dataset"] = "auto",
         in_chans: int | None = None,
         check_images: bool = True,
         presize: bool = False,
@@ -211,6 +234,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.presize = presize
         if on_bad_image not in ("error", "skip"):
             raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
+        if normalize not in ("auto", "backbone", "dataset"):
+            raise DataError(f"normalize must be 'auto', 'backbone' or 'dataset', got {normalize!r}.")
+        self.normalize = normalize
+        self._stats: dict[int, tuple[list[float], list[float]]] = {}
+        self._needs_stats: dict[int, bool] = {}
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.image_size = image_size
@@ -231,6 +259,10 @@ class ClassificationDataModule(pl.LightningDataModule):
         """Return ``{"train": [...], "val": [...], optional "test", "predict"}``."""
         raise NotImplementedError
 
+    def groups(self) -> dict[Path, str] | None:
+        """Image path -> group id (patient, lesion) kept on one side of a validation split, or None."""
+        return None
+
     # -- splits and classes -------------------------------------------------------------------
     @property
     def splits(self) -> dict[str, list[Sample]]:
@@ -240,7 +272,9 @@ class ClassificationDataModule(pl.LightningDataModule):
             if not splits.get("train"):
                 raise DataError(f"{type(self).__name__}: the training split is empty.")
             if not splits.get("val"):
-                splits["train"], splits["val"] = stratified_split(splits["train"], self.val_fraction, self.seed)
+                splits["train"], splits["val"] = stratified_split(
+                    splits["train"], self.val_fraction, self.seed, groups=self.groups()
+                )
             known = set(s[1] for s in splits["train"])
             for split in ("val", "test"):
                 unknown = sorted({s[1] for s in splits.get(split, [])} - known)
@@ -277,13 +311,32 @@ class ClassificationDataModule(pl.LightningDataModule):
         if module is not None and hasattr(module, "data_config"):
             cfg.update(module.data_config)
         chans = self.in_chans or cfg["input_size"][0]
+        self.check_channels(chans)
         size = self.image_size or cfg["input_size"][1]
         mean = list(self.mean or cfg["mean"])
         std = list(self.std or cfg["std"])
         if len(mean) != chans:
             mean, std = [float(np.mean(mean))] * chans, [float(np.mean(std))] * chans
+        if self.mean is None and self.std is None and self._use_dataset_stats(chans):
+            mean, std = self.dataset_stats(chans)
         return {"in_chans": chans, "size": size, "mean": mean, "std": std,
                 "crop_pct": cfg.get("crop_pct", 1.0), "interpolation": cfg.get("interpolation", "bilinear")}
+
+    def check_channels(self, chans: int) -> None:
+        """Raise :class:`DataError` if the model's input channels cannot fit this dataset (a hook)."""
+
+    def _use_dataset_stats(self, chans: int) -> bool:
+        if self.normalize != "auto":
+            return self.normalize == "dataset"
+        if chans not in self._needs_stats:
+            self._needs_stats[chans] = needs_dataset_stats([p for p, _ in self.splits["train"]], chans)
+        return self._needs_stats[chans]
+
+    def dataset_stats(self, chans: int) -> tuple[list[float], list[float]]:
+        """Per-channel mean / std of the training images (measured once, cached on disk)."""
+        if chans not in self._stats:
+            self._stats[chans] = channel_stats([p for p, _ in self.splits["train"]], chans)
+        return self._stats[chans]
 
     def _check(self) -> None:
         if self._checked or not self.check_images:
@@ -294,13 +347,13 @@ class ClassificationDataModule(pl.LightningDataModule):
             listing = "\n".join(f"  {p}: {r}" for p, r in bad[:10])
             more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
             raise DataError(
-                f"{len(bad)} unreadable image(s):\n{listing}{more}\nReplace or delete them, or set "
+                f"{len(bad)} image(s) cannot be used:\n{listing}{more}\nReplace or delete them, or set "
                 f"on_bad_image='skip' (--data.init_args.on_bad_image skip) to train without them."
             )
         if bad:
             drop = {p for p, _ in bad}
             self._splits = {k: [s for s in v if s[0] not in drop] for k, v in self.splits.items()}
-            self.skipped = bad
+            self.skipped = [*self.skipped, *bad]
             if not self._splits["train"]:
                 raise DataError("Every training image was unreadable; nothing left to train on.")
         self._checked = True
@@ -437,9 +490,17 @@ class CsvDataModule(ClassificationDataModule):
         val_csv: CSV of validation images (else a stratified split of ``train_csv``).
         test_csv: CSV of test images.
         root: folder relative paths are resolved against (default: each CSV's folder).
-        path_column: column with image paths.
+        path_column: column with image paths (or image ids, with ``suffix`` / ``image_dirs``).
         label_column: column with class names.
-        **kwargs: see :class:`ClassificationDataModule`.
+        suffix: appended to every path value (``.jpg`` when the column holds ids, as HAM10000's
+            ``image_id`` does).
+        image_dirs: folders (relative to ``root``) searched in order for each image, for data
+            shipped in several parts (``HAM10000_images_part_1``, ``..._part_2``).
+        group_column: column whose value ties images together (lesion, patient): a validation
+            split drawn from ``train_csv`` keeps each group on one side.
+        **kwargs: see :class:`ClassificationDataModule`. With ``on_bad_image='skip'``, rows
+            whose file is missing are left out and listed (``skipped_files.txt``) instead of
+            stopping with an error.
     """
 
     def __init__(
@@ -450,12 +511,29 @@ class CsvDataModule(ClassificationDataModule):
         root: str | None = None,
         path_column: str = "path",
         label_column: str = "label",
+        suffix: str = "",
+        image_dirs: Sequence[str] | None = None,
+        group_column: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.train_csv, self.val_csv, self.test_csv = train_csv, val_csv, test_csv
         self.root = root
         self.path_column, self.label_column = path_column, label_column
+        self.suffix, self.image_dirs, self.group_column = suffix, list(image_dirs or []), group_column
+        self._groups: dict[Path, str] = {}
+
+    def groups(self) -> dict[Path, str] | None:
+        """Image -> ``group_column`` value (filled while the CSVs are read), or None without one."""
+        return self._groups if self.group_column is not None else None
+
+    def _locate(self, base: Path, value: str) -> Path:
+        name = value + self.suffix
+        for folder in self.image_dirs:
+            candidate = base / folder / name
+            if candidate.is_file():
+                return candidate
+        return base / (self.image_dirs[0] if self.image_dirs else "") / name
 
     def _read(self, csv_path: str) -> list[Sample]:
         path = Path(csv_path).expanduser()
@@ -465,11 +543,11 @@ class CsvDataModule(ClassificationDataModule):
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             columns = reader.fieldnames or []
-            for col in (self.path_column, self.label_column):
-                if col not in columns:
+            for col in (self.path_column, self.label_column, self.group_column):
+                if col is not None and col not in columns:
                     raise DataError(
                         f"{path} has no column {col!r} (columns: {', '.join(columns) or 'none'}); "
-                        f"set path_column / label_column."
+                        f"set path_column / label_column / group_column."
                     )
             rows = list(reader)
         if not rows:
@@ -477,17 +555,25 @@ class CsvDataModule(ClassificationDataModule):
         samples, missing = [], []
         for line, row in enumerate(rows, start=2):
             label = (row[self.label_column] or "").strip()
-            file = base / (row[self.path_column] or "").strip()
+            file = self._locate(base, (row[self.path_column] or "").strip())
             if not label:
                 raise DataError(f"{path}, line {line}: empty label in column {self.label_column!r}.")
             if not file.is_file():
-                missing.append(f"line {line}: {file}")
+                missing.append((file, f"listed in {path.name} line {line} but missing"))
+                continue
+            if self.group_column is not None:
+                self._groups[file] = (row[self.group_column] or "").strip() or str(file)
             samples.append((file, label))
-        if missing:
-            listing = "\n  ".join(missing[:10])
+        if missing and self.on_bad_image == "skip":
+            self.skipped.extend(missing)
+        elif missing:
+            listing = "\n  ".join(f"{f} ({why})" for f, why in missing[:10])
+            more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+            where = f"{base}" + (f" (folders {', '.join(self.image_dirs)})" if self.image_dirs else "")
             raise DataError(
-                f"{path} lists {len(missing)} file(s) that do not exist:\n  {listing}\n"
-                f"Fix the paths (relative paths are resolved against {base}; set 'root' to change that)."
+                f"{path} lists {len(missing)} file(s) that do not exist:\n  {listing}{more}\n"
+                f"Fix the paths (they are resolved against {where}; set 'root' / 'image_dirs' to change "
+                f"that), or set on_bad_image='skip' to train without them."
             )
         return samples
 

@@ -61,15 +61,12 @@ def read_tiff_raw(path: str | os.PathLike[str]) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         arr = page.asarray()
-        planar = getattr(page, "planarconfig", None)
-        photometric = getattr(page, "photometric", None)
+        axes = str(getattr(page, "axes", ""))  # e.g. "YXS" (interleaved) or "SYX" (band-sequential)
     if arr.ndim == 2:
         return arr[:, :, None]
     if arr.ndim != 3:
         raise FormatError(f"TIFF {path} holds an array of shape {arr.shape}; expected one 2-D image with bands.")
-    separate = planar is not None and int(planar) == 2  # tifffile PLANARCONFIG.SEPARATE
-    if separate or (arr.shape[0] < arr.shape[2] and arr.shape[0] <= 64 and photometric is not None
-                    and int(photometric) != 2):  # 2 = RGB, stored interleaved
+    if axes.startswith("S"):
         arr = np.moveaxis(arr, 0, 2)
     return np.ascontiguousarray(arr)
 

@@ -38,7 +38,9 @@ __all__ = [
     "to_channels",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm"}) | TIFF_EXTENSIONS | DICOM_EXTENSIONS
+IMAGE_EXTENSIONS = (
+    frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm"}) | TIFF_EXTENSIONS | DICOM_EXTENSIONS
+)
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -52,9 +54,10 @@ class ImageReadError(DataError):
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
         self.path = Path(path)
-        self.reason = reason
+        self.reason = reason.rstrip(".")
+        head = self.reason if str(self.path) in self.reason else f"Cannot read image {self.path}: {self.reason}"
         super().__init__(
-            f"Cannot read image {self.path}: {reason}. Replace or delete the file, or set "
+            f"{head}. Replace or delete the file, or set "
             f"on_bad_image='skip' (--data.init_args.on_bad_image skip) to train without it."
         )
 

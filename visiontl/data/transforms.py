@@ -14,7 +14,7 @@ from albumentations.pytorch import ToTensorV2
 
 __all__ = ["PRESETS", "build_transforms"]
 
-PRESETS = ("natural", "satellite", "xray", "histology", "none")
+PRESETS = ("natural", "satellite", "xray", "histology", "dermoscopy", "none")
 
 _INTERPOLATION = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 
@@ -35,13 +35,24 @@ def _train_augment(preset: str, size: tuple[int, int], interp: int) -> list[A.Ba
             A.Affine(rotate=(-10, 10), p=0.5),
             A.RandomBrightnessContrast(0.1, 0.1),
         ]
-    if preset == "histology":  # no orientation; stain varies between labs
+    if preset == "histology":  # no orientation; H&E stain varies between labs and scanners
         return [
             A.RandomResizedCrop(size=size, scale=(0.6, 1.0), ratio=(1.0, 1.0), interpolation=interp),
             A.RandomRotate90(),
             A.HorizontalFlip(),
             A.VerticalFlip(),
+            A.HEStain(method="random_preset", intensity_scale_range=(0.85, 1.15),
+                      intensity_shift_range=(-0.1, 0.1), p=0.5),
             A.HueSaturationValue(8, 12, 8),
+        ]
+    if preset == "dermoscopy":  # lesions have no orientation; lighting and camera colour vary
+        return [
+            A.RandomResizedCrop(size=size, scale=(0.5, 1.0), interpolation=interp),
+            A.RandomRotate90(),
+            A.HorizontalFlip(),
+            A.VerticalFlip(),
+            A.RandomBrightnessContrast(0.15, 0.15),
+            A.HueSaturationValue(8, 15, 10),
         ]
     if preset == "none":
         return [A.Resize(*size, interpolation=interp)]
@@ -60,7 +71,9 @@ def build_transforms(
     """Build a pipeline for training (``train=True``) or evaluation.
 
     Args:
-        preset: ``natural``, ``satellite``, ``xray``, ``histology`` or ``none``.
+        preset: ``natural``, ``satellite`` (90-degree rotations, flips; any band count), ``xray``
+            (no flips: anatomy has an up and a left), ``histology`` (rotations, flips, H&E stain and
+            colour jitter), ``dermoscopy`` (rotations, flips, lighting / colour) or ``none``.
         train: training augmentations when true, deterministic resize otherwise.
         size: output size (int or ``(height, width)``).
         mean: per-channel mean on the ``[0, 1]`` scale.

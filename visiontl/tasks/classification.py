@@ -18,6 +18,7 @@ from torchmetrics.classification import (
     MulticlassConfusionMatrix,
     MulticlassF1Score,
     MulticlassRecall,
+    MulticlassSpecificity,
 )
 
 from visiontl.backbones import create_backbone, head_prefixes, layer_groups
@@ -151,6 +152,8 @@ class ClassificationTask(BaseTask):
         self.test_metrics = full.clone(prefix="test_")
         self.val_recall = MulticlassRecall(k, average=None)
         self.test_recall = MulticlassRecall(k, average=None)
+        self.val_specificity = MulticlassSpecificity(k, average=None)
+        self.test_specificity = MulticlassSpecificity(k, average=None)
         self.val_confmat = MulticlassConfusionMatrix(k)
         self.test_confmat = MulticlassConfusionMatrix(k)
         self.last_confusion: dict[str, torch.Tensor] = {}
@@ -288,6 +291,7 @@ class ClassificationTask(BaseTask):
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(probs, y)
         getattr(self, f"{split}_recall").update(probs, y)
+        getattr(self, f"{split}_specificity").update(probs, y)
         getattr(self, f"{split}_confmat").update(probs, y)
         self.log(f"{split}_loss", self._loss(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y))
 
@@ -295,10 +299,12 @@ class ClassificationTask(BaseTask):
         metrics = getattr(self, f"{split}_metrics")
         self.log_dict(metrics.compute(), prog_bar=True)
         metrics.reset()
-        recall = getattr(self, f"{split}_recall")
-        for name, value in zip(self.class_names, recall.compute()):
-            self.log(f"{split}_recall/{name}", value)
-        recall.reset()
+        # per class, as clinicians read them: sensitivity (= recall) and specificity, one-vs-rest
+        for kind, attr in (("sensitivity", "recall"), ("specificity", "specificity")):
+            metric = getattr(self, f"{split}_{attr}")
+            for name, value in zip(self.class_names, metric.compute()):
+                self.log(f"{split}_{kind}/{name}", value)
+            metric.reset()
         confmat = getattr(self, f"{split}_confmat")
         self.last_confusion[split] = confmat.compute().cpu()
         confmat.reset()

@@ -1,0 +1,197 @@
+"""Readers for multiband TIFF and DICOM, dataset statistics, and the inputs the recipes need."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import tifffile
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from visiontl.data import CsvDataModule, FolderDataModule, stratified_split
+from visiontl.data.images import DataError, ImageReadError, read_image, read_raw, scan_images
+from visiontl.data.stats import channel_stats, needs_dataset_stats
+
+
+def _dicom(path: Path, pixels: np.ndarray, **attrs: object) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.Rows, ds.Columns = "DX", pixels.shape[0], pixels.shape[1]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+RAMP = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (4, 1))  # 4 x 64, 0..4032
+
+
+def test_dicom_rescale_window_and_monochrome1_by_value(tmp_path: Path) -> None:
+    plain = read_image(_dicom(tmp_path / "plain.dcm", RAMP))
+    assert plain.shape == (4, 64, 1) and plain.dtype == np.float32
+    assert plain[0, 0, 0] == 0.0 and plain[0, -1, 0] == 1.0  # no window: the image's own range
+    # window centre 1000 width 1000 on HU = stored - 1024: [500, 1500] HU -> [0, 1]
+    windowed = read_image(_dicom(tmp_path / "w.dcm", RAMP, RescaleSlope=1, RescaleIntercept=-1024,
+                                 WindowCenter=1000, WindowWidth=1000))
+    hu = RAMP.astype(float) - 1024
+    expected = np.clip((hu - 999.5) / 999 + 0.5, 0, 1)
+    assert np.allclose(windowed[:, :, 0], expected, atol=1e-6)
+    inverted = read_image(_dicom(tmp_path / "m1.dcm", RAMP, PhotometricInterpretation="MONOCHROME1"))
+    assert np.allclose(inverted, 1.0 - plain)
+    raw = read_raw(tmp_path / "plain.dcm")
+    assert raw.dtype == np.uint16 and raw.shape == (4, 64, 1) and int(raw.max()) == 4032
+
+
+def test_bad_dicoms_name_the_file_and_the_fix(tmp_path: Path) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    report = FileDataset(str(tmp_path / "sr.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    report.Modality = "SR"
+    report.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    with pytest.raises(ImageReadError, match=r"sr\.dcm.*no pixel data.*SR"):
+        read_image(tmp_path / "sr.dcm")
+    compressed = pydicom.data.get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
+    with pytest.raises(ImageReadError, match=r"MR_small_jpeg_ls_lossless\.dcm.*compressed.*JPEG-LS.*pip install"):
+        read_image(compressed)
+    frames = np.stack([RAMP] * 3)
+    multi = _dicom(tmp_path / "multi.dcm", frames.reshape(12, 64), NumberOfFrames=3, Rows=4, Columns=64)
+    with pytest.raises(ImageReadError, match=r"multi\.dcm.*3 frames"):
+        read_image(multi)
+    # extension-less DICOM files are found by their preamble
+    plain = _dicom(tmp_path / "IM0001", RAMP)
+    from visiontl.data.images import is_image_file
+
+    assert is_image_file(plain) and not is_image_file(tmp_path / "sr.txt")
+
+
+@pytest.mark.parametrize("planar", ["separate", "contig"])
+def test_multiband_tiff_reads_every_band_in_either_interleave(tmp_path: Path, planar: str) -> None:
+    bands = (np.arange(13, dtype=np.uint16)[:, None, None] * 1000 + np.zeros((13, 8, 8), np.uint16))
+    data = bands if planar == "separate" else np.moveaxis(bands, 0, 2)
+    tifffile.imwrite(tmp_path / "t.tif", data, photometric="minisblack", planarconfig=planar)
+    raw = read_raw(tmp_path / "t.tif")
+    assert raw.shape == (8, 8, 13) and raw.dtype == np.uint16
+    assert [int(raw[0, 0, b]) for b in range(13)] == [1000 * b for b in range(13)]
+    image = read_image(tmp_path / "t.tif")
+    assert image.dtype == np.float32 and np.isclose(image[0, 0, 12], 12000 / 65535)
+
+
+def test_band_count_mismatch_is_reported_with_in_chans(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "four.tif", np.zeros((4, 8, 8), np.uint16), photometric="minisblack",
+                     planarconfig="separate")
+    ((path, reason),) = scan_images([tmp_path / "four.tif"], channels=13)
+    assert path.name == "four.tif" and "4 channels" in reason and "13" in reason
+
+
+def test_dataset_statistics_by_value_and_when_they_apply(tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths = []
+    for i, value in enumerate((1000, 3000)):
+        arr = np.full((4, 4), value, np.uint16)
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    mean, std = channel_stats(paths, 1, cache=False)
+    assert np.isclose(mean[0], 2000 / 65535) and np.isclose(std[0], 1000 / 65535)
+    assert needs_dataset_stats(paths, 1)  # 16-bit
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    assert not needs_dataset_stats([tmp_path / "rgb.png"], 3)
+    assert needs_dataset_stats([tmp_path / "rgb.png"], 13)
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.full((4, 4), 7, np.uint8)).save(flat)
+    assert channel_stats([flat], 1, cache=False)[1] == [1.0]  # no spread: never divide by zero
+
+
+def test_datamodule_uses_dataset_statistics_for_16_bit(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 4096, (8, 8), dtype=np.uint16)).save(tmp_path / c / f"{i}.png")
+    dm = FolderDataModule(str(tmp_path), in_chans=1, image_size=8)
+    pre = dm.preprocessing()
+    assert pre["mean"][0] == pytest.approx(2048 / 65535, rel=0.1)  # 12-bit values in 16-bit files
+    assert FolderDataModule(str(tmp_path), in_chans=1, normalize="backbone").preprocessing()["mean"][0] > 0.4
+    with pytest.raises(DataError, match="normalize must be"):
+        FolderDataModule(str(tmp_path), normalize="imagenet")
+
+
+def test_group_split_keeps_each_group_on_one_side() -> None:
+    samples = [(Path(f"/d/{c}{i}.jpg"), c) for c in "ab" for i in range(12)]
+    groups = {p: f"{label}-lesion{int(p.stem[1:]) // 3}" for p, label in samples}
+    train, val = stratified_split(samples, 0.25, seed=1, groups=groups)
+    assert len(train) + len(val) == 24 and {lbl for _, lbl in val} == {"a", "b"}
+    assert not {groups[p] for p, _ in train} & {groups[p] for p, _ in val}
+    plain_train, plain_val = stratified_split(samples, 0.25, seed=1)
+    assert len(plain_val) == 6 and len(plain_train) == 18
+
+
+def _ham(tmp_path: Path, missing: int = 0) -> Path:
+    from PIL import Image
+
+    rows = []
+    for i in range(12):
+        image_id = f"ISIC_{i:07d}"
+        part = tmp_path / f"part_{1 + i % 2}"
+        part.mkdir(exist_ok=True)
+        if i >= missing:
+            Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(part / f"{image_id}.jpg")
+        rows.append({"lesion_id": f"HAM_{i // 2:07d}", "image_id": image_id, "dx": "nv" if i % 4 else "mel"})
+    csv_path = tmp_path / "meta.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["lesion_id", "image_id", "dx"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return csv_path
+
+
+def test_csv_ids_in_several_folders_groups_and_missing_files(tmp_path: Path) -> None:
+    csv_path = _ham(tmp_path, missing=2)
+    kwargs = {"path_column": "image_id", "label_column": "dx", "suffix": ".jpg", "image_dirs": ["part_1", "part_2"],
+              "group_column": "lesion_id"}
+    with pytest.raises(DataError, match=r"(?s)2 file\(s\) that do not exist.*ISIC_0000000\.jpg.*line 2.*skip"):
+        _ = CsvDataModule(str(csv_path), **kwargs).splits
+    dm = CsvDataModule(str(csv_path), on_bad_image="skip", val_fraction=0.3, **kwargs)
+    splits = dm.splits
+    assert len(splits["train"]) + len(splits["val"]) == 10
+    assert [p.name for p, _ in dm.skipped] == ["ISIC_0000000.jpg", "ISIC_0000001.jpg"]
+    lesion = dm.groups()
+    assert not {lesion[p] for p, _ in splits["train"]} & {lesion[p] for p, _ in splits["val"]}
+    with pytest.raises(DataError, match="no column 'patient'"):
+        _ = CsvDataModule(str(csv_path), **{**kwargs, "group_column": "patient"}).splits
+
+
+def test_dicom_folder_with_bad_files_errors_or_skips_and_lists_them(tmp_path: Path) -> None:
+    from fixtures import load_fixture
+
+    gen = load_fixture("dicom")
+    root = gen.make(tmp_path)
+    bad = gen.make_bad(tmp_path)
+    for name, path in bad.items():
+        path.rename(root / "abnormal" / f"bad_{name}.dcm")
+    with pytest.raises(DataError, match=r"(?s)3 image\(s\) cannot be used.*bad_compressed\.dcm.*pip install"):
+        FolderDataModule(str(root), in_chans=1).setup()
+    dm = FolderDataModule(str(root), in_chans=1, on_bad_image="skip")
+    dm.setup()
+    reasons = {p.name: r for p, r in dm.skipped}
+    assert set(reasons) == {"bad_no_pixels.dcm", "bad_compressed.dcm", "bad_multiframe.dcm"}
+    assert "no pixel data" in reasons["bad_no_pixels.dcm"] and "3 frames" in reasons["bad_multiframe.dcm"]
+    assert len(dm.splits["train"]) + len(dm.splits["val"]) == 12
+    mean = dm.preprocessing()["mean"]
+    assert len(mean) == 1 and 0.05 < mean[0] < 0.95  # measured on the windowed radiographs (16-bit)

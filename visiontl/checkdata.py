@@ -1,0 +1,732 @@
+"""Check a dataset before training on it: ``visiontl check-data PATH`` and :func:`check_data`.
+
+The source is a class-per-folder tree (``PATH/<class>/**``), a tree with split folders
+(``PATH/train|val|valid|validation|test/<class>/**``), a CSV of (path, label[, split]) rows, or a
+``{split: [(path, label), ...]}`` dict (a datamodule's ``splits``). Every finding is an ``error``
+(training on the data as it is gives wrong or misleading results) or a ``warning`` (worth a look):
+
+* ``unreadable`` (error): missing, truncated or corrupt files, each with its reason;
+* ``mixed_channels`` / ``mixed_dtypes`` (warning): several channel counts or several dtypes / bit
+  depths (``uint8`` next to ``uint16``), with the number of images of each;
+* ``tiny_images`` (warning): images whose shorter side is below ``min_size``;
+* class counts per split; ``imbalance`` (warning): largest / smallest training class above
+  ``max_imbalance``; ``missing_in_train`` (error): classes in val / test without training images;
+  ``few_images`` (warning): classes with fewer than 2 training images;
+* ``exact_duplicates`` (warning): identical decoded pixels (BLAKE2b of the array bytes, shape and
+  dtype), or one file listed twice;
+* ``near_duplicates`` (warning): difference hashes (dHash) within ``near_threshold`` bits, see
+  :func:`dhash` and :func:`near_duplicate_pairs`;
+* ``leakage`` (error): exact or near duplicates shared between train, val and test: the model is
+  scored on images it was trained on, which inflates every validation and test metric;
+* ``conflicting_labels`` (error): one file, or identical pixels, under two different labels.
+
+``deep=False`` (what training runs first) reads only image headers where the format allows it and
+skips pixel hashing: counts, imbalance, modes and tiny images, plus files listed twice, but no
+duplicate search; files whose header cannot be read are a warning (``unreadable_header``), since
+the datamodule decodes every file itself and applies its ``on_bad_image`` policy.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageMode
+from tqdm.auto import tqdm
+
+from visiontl.data.formats import TIFF_EXTENSIONS, is_dicom
+from visiontl.data.images import DataError, ImageReadError, read_raw
+
+__all__ = [
+    "DataReport",
+    "Finding",
+    "check_data",
+    "default_report_path",
+    "dhash",
+    "image_digest",
+    "near_duplicate_pairs",
+]
+
+ERROR, WARNING = "error", "warning"
+Source = str | os.PathLike[str] | Mapping[str, Sequence[tuple[Any, str]]]
+
+_PROGRESS_FROM = 200  # files; fewer are checked without a progress bar
+_FLAT = 1.0 / 255.0  # thumbnails with a smaller range have no reliable dHash
+_MAX_CHUNKS = 8  # pigeonhole chunks of at least 8 bits; larger thresholds compare every pair
+_SPLIT_ORDER = ("train", "val", "test")
+_UNLABELLED = frozenset({"predict"})  # splits without labels: no class or leakage checks
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found in a dataset.
+
+    Attributes:
+        severity: ``"error"`` or ``"warning"``.
+        code: stable identifier (``"leakage"``, ``"unreadable"``...; see the module docstring).
+        message: one sentence saying what is wrong and what to do.
+        items: the files, pairs, groups or classes concerned, one readable line each.
+    """
+
+    severity: str
+    code: str
+    message: str
+    items: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with the number of items."""
+        return {"severity": self.severity, "code": self.code, "message": self.message,
+                "count": len(self.items), "items": list(self.items)}
+
+
+@dataclass
+class DataReport:
+    """What :func:`check_data` found.
+
+    Attributes:
+        counts: ``{split: {class: images}}`` (rows of the listing, readable or not).
+        findings: errors first, then warnings.
+        root: the dataset folder (or the CSV's folder); item paths are shown relative to it.
+        deep: whether pixels were decoded and hashed.
+        n_files: distinct files checked.
+        channels: ``{channel count: images}`` over readable files.
+        dtypes: ``{dtype: images}`` over readable files.
+        min_side: shortest image side seen (``None`` without readable files).
+        max_side: longest image side seen.
+        imbalance: largest / smallest training class (``None`` without training images).
+        settings: the thresholds used.
+    """
+
+    counts: dict[str, dict[str, int]]
+    findings: list[Finding]
+    root: str | None = None
+    deep: bool = True
+    n_files: int = 0
+    channels: dict[str, int] = field(default_factory=dict)
+    dtypes: dict[str, int] = field(default_factory=dict)
+    min_side: int | None = None
+    max_side: int | None = None
+    imbalance: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Finding]:
+        """Findings of severity ``error``."""
+        return [f for f in self.findings if f.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        """Findings of severity ``warning``."""
+        return [f for f in self.findings if f.severity == WARNING]
+
+    @property
+    def ok(self) -> bool:
+        """No errors (warnings allowed)."""
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form of the whole report."""
+        return {
+            "root": self.root, "deep": self.deep, "ok": self.ok, "n_files": self.n_files,
+            "n_errors": len(self.errors), "n_warnings": len(self.warnings),
+            "counts": self.counts, "imbalance": self.imbalance,
+            "channels": self.channels, "dtypes": self.dtypes, "min_side": self.min_side, "max_side": self.max_side,
+            "settings": self.settings, "findings": [f.to_dict() for f in self.findings],
+        }
+
+    def summary(self, max_items: int = 10, max_classes: int = 30) -> str:
+        """Readable text: counts per split and class, then the findings grouped by severity."""
+        mode = "decoded pixels" if self.deep else "headers only"
+        lines = [f"Checked {self.n_files} file(s) in {self.root or 'the given lists'} ({mode})"]
+        lines += _count_table(self.counts, max_classes)
+        if self.imbalance is not None:
+            lines.append(f"train imbalance (largest / smallest class): {self.imbalance:.1f}")
+        if self.channels:
+            chans = ", ".join(f"{k} channel(s): {v}" for k, v in self.channels.items())
+            dtypes = ", ".join(f"{k}: {v}" for k, v in self.dtypes.items())
+            lines.append(f"pixels: {chans}; {dtypes}; sides {self.min_side}..{self.max_side} px")
+        for title, group in (("Errors", self.errors), ("Warnings", self.warnings)):
+            if group:
+                lines.append(f"{title} ({len(group)}):")
+                lines += [line for f in group for line in _finding_lines(f, max_items)]
+        if self.errors:
+            lines.append(f"{len(self.errors)} error(s), {len(self.warnings)} warning(s): fix the errors before training.")
+        else:
+            lines.append(f"No errors ({len(self.warnings)} warning(s) to review).")
+        return "\n".join(lines)
+
+
+def _count_table(counts: Mapping[str, Mapping[str, int]], max_classes: int) -> list[str]:
+    splits = [s for s in counts if counts[s]]
+    classes = sorted({c for s in splits for c in counts[s]})
+    if not classes:
+        return []
+    width = max(5, *(len(c) for c in classes[:max_classes]))
+    cols = [max(5, len(s)) for s in splits]
+    lines = ["  " + " " * width + "".join(f"  {s:>{w}}" for s, w in zip(splits, cols))]
+    for name in classes[:max_classes]:
+        lines.append(f"  {name:<{width}}" + "".join(f"  {counts[s].get(name, 0):>{w}}" for s, w in zip(splits, cols)))
+    if len(classes) > max_classes:
+        lines.append(f"  ... and {len(classes) - max_classes} more classes (see the JSON report)")
+    lines.append(f"  {'total':<{width}}" + "".join(f"  {sum(counts[s].values()):>{w}}" for s, w in zip(splits, cols)))
+    return lines
+
+
+def _finding_lines(finding: Finding, max_items: int) -> list[str]:
+    lines = [f"  [{finding.code}] {finding.message}"]
+    lines += [f"    {item}" for item in finding.items[:max_items]]
+    if len(finding.items) > max_items:
+        lines.append(f"    ... and {len(finding.items) - max_items} more")
+    return lines
+
+
+# -- sources ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One listed image: its split, path, label and file identity (resolved path)."""
+
+    split: str
+    path: Path
+    label: str
+    key: str
+
+
+def _canonical_split(name: str) -> str:
+    """``valid`` / ``validation`` -> ``val`` (the datamodules' folder names); empty -> ``train``."""
+    name = name.strip().lower()
+    if not name:
+        return "train"
+    from visiontl.data.datamodules import _SPLIT_DIRS
+
+    return next((split for split, names in _SPLIT_DIRS.items() if name in names), name)
+
+
+def _load_folder(root: Path) -> dict[str, list[tuple[Path, str]]]:
+    """A class-per-folder tree, or ``train/`` (+ ``val/``, ``test/``) folders of that form."""
+    from visiontl.data.datamodules import _SPLIT_DIRS, index_folder
+
+    found = {split: next((root / n for n in names if (root / n).is_dir()), None)
+             for split, names in _SPLIT_DIRS.items()}
+    if found["train"] is None:
+        others = [p.name for p in found.values() if p is not None]
+        if others:
+            raise DataError(
+                f"{root} has {' and '.join(others)} folder(s) but no train/ folder; add "
+                f"{root / 'train'}/<class>/ with the training images, or check a single split folder."
+            )
+        return {"train": index_folder(root)}
+    return {split: index_folder(folder) for split, folder in found.items() if folder is not None}
+
+
+def _load_csv(path: Path, path_column: str, label_column: str) -> tuple[dict[str, list[tuple[Path, str]]], list[str]]:
+    """Rows of a CSV as splits (``split`` column, else all ``train``), plus the unusable rows."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path} is not a readable CSV file ({err}).") from err
+    missing = [c for c in (path_column, label_column) if c not in columns]
+    if missing:
+        raise DataError(
+            f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(columns) or 'none'}); "
+            f"name the columns with --path-column / --label-column."
+        )
+    if not rows:
+        raise DataError(f"CSV file {path} has no rows.")
+    splits: dict[str, list[tuple[Path, str]]] = {}
+    bad: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        value, label = (row.get(path_column) or "").strip(), (row.get(label_column) or "").strip()
+        if not value or not label:
+            bad.append(f"line {line}: empty {path_column if not value else label_column!r} value")
+            continue
+        file = Path(value).expanduser()
+        split = _canonical_split(row.get("split") or "")
+        splits.setdefault(split, []).append((file if file.is_absolute() else path.parent / file, label))
+    return splits, bad
+
+
+def _load(source: Source, path_column: str, label_column: str) -> tuple[list[_Entry], Path | None, list[str]]:
+    """Entries of ``source``, the folder to show paths relative to, and unusable CSV rows."""
+    bad: list[str] = []
+    if isinstance(source, Mapping):
+        splits = {str(k): [(Path(p), str(c)) for p, c in v] for k, v in source.items()}
+        root = _common_folder(p for items in splits.values() for p, _ in items)
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(
+                f"{path} does not exist. Give a class-per-folder dataset (PATH/<class>/*.png), a folder with "
+                f"train/ val/ test/ sub-folders of that form, or a CSV file of image paths and labels."
+            )
+        if path.is_dir():
+            splits, root = _load_folder(path), path
+        elif path.suffix.lower() == ".csv":
+            (splits, bad), root = _load_csv(path, path_column, label_column), path.parent
+        else:
+            raise DataError(f"{path} is a file but not a CSV; give a dataset folder or a CSV of paths and labels.")
+    entries = [_Entry(split, p, label, _file_key(p)) for split, items in splits.items() for p, label in items]
+    if not entries:
+        raise DataError("The dataset lists no images; nothing to check.")
+    return entries, root, bad
+
+
+def _file_key(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except OSError:
+        return os.path.abspath(path)
+
+
+def _common_folder(paths: Iterable[Path]) -> Path | None:
+    try:
+        return Path(os.path.commonpath([os.path.abspath(p.parent) for p in paths]))
+    except ValueError:  # no paths, or paths on different drives
+        return None
+
+
+def default_report_path(source: str | os.PathLike[str]) -> Path:
+    """Where ``check-data`` writes its JSON report without ``--json``.
+
+    ``PATH/check-data.json`` for a writable dataset folder, ``<csv stem>.check-data.json`` next to a
+    CSV in a writable folder, else ``check-data.json`` in the current directory.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir() and os.access(path, os.W_OK):
+        return path / "check-data.json"
+    if path.is_file() and os.access(path.parent, os.W_OK):
+        return path.parent / f"{path.stem}.check-data.json"
+    return Path.cwd() / "check-data.json"
+
+
+# -- per-file inspection ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Info:
+    """What one readable file holds."""
+
+    height: int
+    width: int
+    channels: int
+    dtype: str
+    digest: str | None = None
+    dhash: int | None = None
+
+
+def image_digest(image: np.ndarray) -> str:
+    """BLAKE2b of an array's shape, dtype and bytes: equal for identical decoded pixels only."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.shape}|{image.dtype.str}|".encode())
+    h.update(np.ascontiguousarray(image).data)
+    return h.hexdigest()
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    """Float 2-D grey image in ``[0, 1]`` from any HWC array (alpha dropped, bands averaged)."""
+    arr = np.nan_to_num(image.astype(np.float32))
+    if image.dtype == np.uint8 and arr.shape[2] in (2, 4):
+        arr = arr[:, :, :-1]
+    gray = arr @ _LUMA if arr.shape[2] == 3 else arr.mean(axis=2)
+    if image.dtype in (np.uint8, np.uint16):
+        return gray / float(np.iinfo(image.dtype).max)
+    low, high = float(gray.min()), float(gray.max())
+    return (gray - low) / (high - low) if high > low else np.zeros_like(gray)
+
+
+def dhash(image: np.ndarray) -> int | None:
+    """64-bit difference hash of an HWC image, or ``None`` for a (nearly) flat one.
+
+    The image is turned grey, normalised to ``[0, 1]`` and box-resized to 9 x 8; each bit says
+    whether a pixel is brighter than its left neighbour. Brightness, contrast, compression and
+    resizing barely change it; flat images (a thumbnail range below 1/255) would all hash to
+    noise or zero, so they get no hash and are left out of the near-duplicate search (identical
+    ones are still caught as exact duplicates).
+    """
+    thumb = np.asarray(Image.fromarray(_gray(image).astype(np.float32)).resize((9, 8), Image.Resampling.BOX))
+    if float(thumb.max() - thumb.min()) < _FLAT:
+        return None
+    bits = np.packbits((thumb[:, 1:] > thumb[:, :-1]).ravel())
+    return int.from_bytes(bits.tobytes(), "big")
+
+
+def _header(path: Path) -> _Info:
+    """Size, channels and dtype without decoding the pixels (PIL formats); full decode otherwise."""
+    if path.suffix.lower() in TIFF_EXTENSIONS or is_dicom(path):
+        return _describe(read_raw(path))
+    try:
+        with Image.open(path) as im:
+            mode, (width, height), info = im.mode, im.size, dict(im.info)
+    except FileNotFoundError as err:
+        raise ImageReadError(path, "file not found") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(path, f"header unreadable ({type(err).__name__}: {err})") from err
+    if mode == "P":
+        channels, dtype = (4 if "transparency" in info else 1), "uint8"
+    elif mode == "1":
+        channels, dtype = 1, "uint8"
+    elif mode.startswith("I;16"):
+        channels, dtype = 1, "uint16"
+    else:
+        try:
+            spec = ImageMode.getmode(mode)
+        except KeyError:  # a mode PIL cannot describe: decode it
+            return _describe(read_raw(path))
+        channels, dtype = len(spec.bands), np.dtype(spec.typestr).name
+    return _Info(height, width, channels, dtype)
+
+
+def _describe(image: np.ndarray, deep: bool = False) -> _Info:
+    height, width, channels = image.shape
+    if not deep:
+        return _Info(height, width, channels, image.dtype.name)
+    return _Info(height, width, channels, image.dtype.name, image_digest(image), dhash(image))
+
+
+def _inspect(paths: Mapping[str, Path], deep: bool, progress: bool) -> tuple[dict[str, _Info], dict[str, str]]:
+    """Read every distinct file once: ``({key: info}, {key: reason it cannot be read})``."""
+    infos: dict[str, _Info] = {}
+    failed: dict[str, str] = {}
+    bar = tqdm(paths.items(), desc="Checking images", unit="img", leave=False,
+               disable=not progress or len(paths) < _PROGRESS_FROM)
+    for key, path in bar:
+        try:
+            infos[key] = _describe(read_raw(path), deep=True) if deep else _header(path)
+        except ImageReadError as err:
+            failed[key] = err.reason
+    return infos, failed
+
+
+# -- near-duplicate search ----------------------------------------------------------------------
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x).astype(np.int64)
+    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+    return table[np.ascontiguousarray(x, dtype=np.uint64).view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1)
+
+
+def near_duplicate_pairs(hashes: Sequence[int] | np.ndarray, threshold: int) -> list[tuple[int, int, int]]:
+    """Pairs ``(i, j, distance)``, ``i < j``, of 64-bit hashes at most ``threshold`` bits apart.
+
+    Multi-index hashing: the 64 bits are cut into ``threshold + 1`` chunks; two hashes that differ
+    in at most ``threshold`` bits agree exactly on at least one chunk (pigeonhole). For each chunk
+    the hashes are sorted by that chunk's value, and only neighbours with equal values are
+    compared (popcount of the XOR), offset by offset until no run of equal values is that long.
+    With 13-bit chunks (threshold 4) 50,000 spread-out hashes make ~10^5 comparisons instead of
+    ~10^9. Above threshold 7 the chunks would be too short to prune, so every pair is compared
+    (the same loop with a single empty chunk).
+
+    Args:
+        hashes: unsigned 64-bit hashes (Python ints or a ``uint64`` array).
+        threshold: largest Hamming distance reported (``0`` gives equal hashes).
+
+    Returns:
+        The pairs sorted by ``(i, j)``, each once.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}.")
+    h = np.asarray([int(x) for x in hashes], dtype=np.uint64)
+    n = len(h)
+    if n < 2:
+        return []
+    if threshold + 1 <= _MAX_CHUNKS:
+        bounds = np.linspace(0, 64, threshold + 2).round().astype(int)
+    else:  # one empty chunk: every key is 0, so every pair is compared
+        bounds = np.array([0, 0])
+    found: list[np.ndarray] = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mask = np.uint64((1 << int(hi - lo)) - 1)
+        keys = (h >> np.uint64(lo)) & mask
+        found += _equal_key_pairs(h, keys, threshold)
+    if not found:
+        return []
+    codes = np.unique(np.concatenate(found))
+    i, j = codes // n, codes % n
+    dist = _popcount(h[i] ^ h[j])
+    return [(int(a), int(b), int(d)) for a, b, d in zip(i, j, dist)]
+
+
+def _equal_key_pairs(h: np.ndarray, keys: np.ndarray, threshold: int) -> list[np.ndarray]:
+    """Codes ``i * n + j`` (``i < j``) of pairs with equal ``keys`` and hashes within ``threshold``."""
+    n = len(h)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    out = []
+    for offset in range(1, n):
+        same = sorted_keys[offset:] == sorted_keys[:-offset]
+        if not same.any():  # no run of equal keys is longer than offset
+            break
+        a, b = order[:-offset][same], order[offset:][same]
+        close = _popcount(h[a] ^ h[b]) <= threshold
+        a, b = a[close], b[close]
+        out.append(np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b))
+    return out
+
+
+# -- checks -------------------------------------------------------------------------------------
+
+
+class _Namer:
+    """Shows paths relative to the dataset root when they are under it."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = os.path.abspath(root) if root is not None else None
+
+    def __call__(self, path: Path) -> str:
+        full = os.path.abspath(path)
+        if self.root and (full == self.root or full.startswith(self.root.rstrip(os.sep) + os.sep)):
+            return os.path.relpath(full, self.root)
+        return str(path)
+
+
+def _split_rank(split: str) -> tuple[int, str]:
+    return (_SPLIT_ORDER.index(split) if split in _SPLIT_ORDER else len(_SPLIT_ORDER), split)
+
+
+def _counts(entries: Sequence[_Entry]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for split in sorted({e.split for e in entries}, key=_split_rank):
+        per_class = Counter(e.label for e in entries if e.split == split and e.label)
+        counts[split] = dict(sorted(per_class.items()))
+    return counts
+
+
+def _check_unreadable(failed: Mapping[str, str], files: Mapping[str, Path], name: _Namer,
+                      deep: bool) -> list[Finding]:
+    if not failed:
+        return []
+    items = [f"{name(files[k])}: {reason}" for k, reason in sorted(failed.items())]
+    if deep:
+        return [Finding(ERROR, "unreadable", f"{len(items)} file(s) cannot be read; replace or delete them "
+                        f"(or train with on_bad_image='skip').", items)]
+    return [Finding(WARNING, "unreadable_header", f"{len(items)} file(s) have no readable image header; training "
+                    f"decodes every file and stops or skips them (on_bad_image).", items)]
+
+
+def _check_modes(infos: Mapping[str, _Info], files: Mapping[str, Path], name: _Namer) -> list[Finding]:
+    findings = []
+    for attr, code, what in (("channels", "mixed_channels", "channel counts"),
+                             ("dtype", "mixed_dtypes", "dtypes / bit depths")):
+        values: dict[Any, list[str]] = defaultdict(list)
+        for key, info in infos.items():
+            values[getattr(info, attr)].append(key)
+        if len(values) > 1:
+            ranked = sorted(values.items(), key=lambda kv: (-len(kv[1]), str(kv[0])))
+            items = [f"{v}: {len(keys)} image(s), e.g. {name(files[min(keys)])}" for v, keys in ranked]
+            findings.append(Finding(WARNING, code, f"The images mix {len(values)} {what} "
+                                    f"({', '.join(str(v) for v, _ in ranked)}); check that this is intended "
+                                    f"(every image is converted to the model's channels and scaled by its type).",
+                                    items))
+    return findings
+
+
+def _check_tiny(infos: Mapping[str, _Info], files: Mapping[str, Path], name: _Namer, min_size: int) -> list[Finding]:
+    tiny = sorted((k for k, info in infos.items() if min(info.height, info.width) < min_size),
+                  key=lambda k: (min(infos[k].height, infos[k].width), k))
+    if not tiny:
+        return []
+    items = [f"{name(files[k])} ({infos[k].width}x{infos[k].height})" for k in tiny]
+    return [Finding(WARNING, "tiny_images", f"{len(items)} image(s) have a side below {min_size} px; they are "
+                    f"upsampled a lot for the model (check they are not thumbnails or crops by mistake).", items)]
+
+
+def _check_classes(counts: Mapping[str, Mapping[str, int]], max_imbalance: float) -> tuple[list[Finding], float | None]:
+    train = {c: n for c, n in counts.get("train", {}).items() if n > 0}
+    findings: list[Finding] = []
+    others = {s: c for s, c in counts.items() if s != "train" and s not in _UNLABELLED}
+    absent = sorted({c for per in others.values() for c in per} - set(train))
+    if absent:
+        items = [f"{c}: 0 in train, " + ", ".join(f"{others[s][c]} in {s}" for s in others if others[s].get(c))
+                 for c in absent]
+        findings.append(Finding(ERROR, "missing_in_train", f"{len(absent)} class(es) have images in val/test but "
+                                f"none in train; the model cannot learn them.", items))
+    if not train:
+        findings.append(Finding(ERROR, "no_training_images", "The training split has no labelled images."))
+        return findings, None
+    few = sorted(c for c, n in train.items() if n < 2)
+    if few:
+        findings.append(Finding(WARNING, "few_images", f"{len(few)} class(es) have fewer than 2 training images; "
+                                f"add images or merge / drop the class.", [f"{c}: {train[c]}" for c in few]))
+    if len(train) == 1:
+        findings.append(Finding(WARNING, "one_class", f"Only one class ({next(iter(train))}) has training images."))
+    biggest, smallest = max(train, key=lambda c: (train[c], c)), min(train, key=lambda c: (train[c], c))
+    ratio = train[biggest] / train[smallest]
+    if ratio > max_imbalance:
+        items = [f"{c}: {n}" for c, n in sorted(train.items(), key=lambda kv: (kv[1], kv[0]))]
+        findings.append(Finding(WARNING, "imbalance", f"Training classes are imbalanced: {biggest!r} has "
+                                f"{train[biggest]} images, {smallest!r} {train[smallest]} (ratio {ratio:.1f} > "
+                                f"{max_imbalance:g}); consider class_weights='balanced' "
+                                f"(--model.init_args.class_weights balanced), more data, or balanced accuracy / "
+                                f"F1 as the metric.", items))
+    return findings, ratio
+
+
+def _groups(entries: Sequence[_Entry], content: Mapping[str, str]) -> dict[str, list[_Entry]]:
+    """Entries grouped by content (pixel digest when known, else the file itself)."""
+    groups: dict[str, list[_Entry]] = defaultdict(list)
+    for e in entries:
+        groups[content.get(e.key, f"file:{e.key}")].append(e)
+    return groups
+
+
+def _labelled(split: str) -> bool:
+    return split not in _UNLABELLED
+
+
+def _pair_items(a_entries: Sequence[_Entry], b_entries: Sequence[_Entry], name: _Namer, how: str) -> list[str]:
+    """Lines for every pair of entries in two different labelled splits (train side first)."""
+    items = []
+    for a in a_entries:
+        for b in b_entries:
+            if a.split == b.split or not (_labelled(a.split) and _labelled(b.split)):
+                continue
+            first, second = sorted((a, b), key=lambda e: _split_rank(e.split))
+            what = "same file" if a.key == b.key else how
+            items.append(f"{first.split}: {name(first.path)} <-> {second.split}: {name(second.path)} ({what})")
+    return items
+
+
+def _check_labels(entries: Sequence[_Entry], groups: Mapping[str, list[_Entry]], name: _Namer) -> list[Finding]:
+    items = []
+    by_file: dict[str, list[_Entry]] = defaultdict(list)
+    for e in entries:
+        by_file[e.key].append(e)
+    for same in by_file.values():
+        labels = sorted({e.label for e in same if e.label})
+        if len(labels) > 1:
+            where = ", ".join(f"{e.label!r} ({e.split})" for e in same if e.label)
+            items.append(f"{name(same[0].path)}: listed as {where}")
+    for key, same in groups.items():
+        labels = {e.label for e in same if e.label}
+        if not key.startswith("file:") and len({e.key for e in same}) > 1 and len(labels) > 1:
+            items.append("identical pixels: " + ", ".join(f"{name(e.path)} ({e.label!r}, {e.split})" for e in same))
+    if not items:
+        return []
+    return [Finding(ERROR, "conflicting_labels", f"{len(items)} image(s) carry two or more labels; keep the right "
+                    f"one and remove the others.", items)]
+
+
+def _check_exact(groups: Mapping[str, list[_Entry]], name: _Namer, deep: bool) -> tuple[list[Finding], list[str]]:
+    """Duplicate groups (warning) and their cross-split pairs (leakage lines)."""
+    dupes = [g for g in groups.values() if len(g) > 1]
+    leaks: list[str] = []
+    items = []
+    for group in sorted(dupes, key=lambda g: str(g[0].path)):
+        items.append(" = ".join(f"{name(e.path)} ({e.split})" for e in group))
+        for i, a in enumerate(group):
+            leaks += _pair_items([a], group[i + 1:], name, "identical pixels")
+    if not items:
+        return [], leaks
+    what = "identical pixels (or the same file listed twice)" if deep else "the same file listed more than once"
+    return [Finding(WARNING, "exact_duplicates", f"{len(items)} group(s) of {what}; keep one of each (duplicates "
+                    f"inside one split also land on both sides of a random validation split).", items)], leaks
+
+
+def _check_near(groups: Mapping[str, list[_Entry]], hashes: Mapping[str, int], name: _Namer,
+                threshold: int) -> tuple[list[Finding], list[str]]:
+    """Near-duplicate pairs of distinct content (warning) and their cross-split pairs (leakage lines)."""
+    keys = sorted(hashes)
+    pairs = near_duplicate_pairs([hashes[k] for k in keys], threshold)
+    items, leaks = [], []
+    for i, j, dist in pairs:
+        a, b = groups[keys[i]], groups[keys[j]]
+        items.append(f"{name(a[0].path)} ({a[0].split}) ~ {name(b[0].path)} ({b[0].split}): distance {dist}")
+        leaks += _pair_items(a, b, name, f"near duplicate, dHash distance {dist}")
+    if not items:
+        return [], leaks
+    return [Finding(WARNING, "near_duplicates", f"{len(items)} pair(s) of near-duplicate images (dHash within "
+                    f"{threshold} bits: the same picture re-encoded, resized or re-exposed); check and keep one.",
+                    items)], leaks
+
+
+def _leakage(leaks: list[str]) -> list[Finding]:
+    if not leaks:
+        return []
+    return [Finding(ERROR, "leakage", f"{len(leaks)} image pair(s) are shared between train, val and test: the "
+                    f"model is evaluated on images it trained on and every score is inflated. Remove one image of "
+                    f"each pair (or move it to the same split).", leaks)]
+
+
+def check_data(
+    source: Source,
+    *,
+    path_column: str = "path",
+    label_column: str = "label",
+    min_size: int = 32,
+    max_imbalance: float = 10.0,
+    near_threshold: int = 4,
+    deep: bool = True,
+    progress: bool = True,
+) -> DataReport:
+    """Check a dataset for unreadable files, mixed modes, tiny images, imbalance, duplicates and
+    train / val / test leakage (see the module docstring).
+
+    Args:
+        source: a dataset folder (``PATH/<class>/**`` or ``PATH/train|val|test/<class>/**``), a CSV
+            file (relative paths resolve against its folder; an optional ``split`` column), or
+            ``{split: [(path, label), ...]}`` (a datamodule's ``splits``).
+        path_column: CSV column with the image paths.
+        label_column: CSV column with the class names.
+        min_size: images with a shorter side are reported as tiny.
+        max_imbalance: largest / smallest training class above this is reported.
+        near_threshold: largest dHash Hamming distance (of 64 bits) counted as a near duplicate.
+        deep: decode every image and search exact / near duplicates; ``False`` reads headers only.
+        progress: show a progress bar (from 200 files).
+
+    Returns:
+        The report; ``report.errors`` is empty when the data is fit to train on.
+
+    Raises:
+        DataError: the source does not exist or is not a dataset (the message says what to give).
+    """
+    entries, root, bad_rows = _load(source, path_column, label_column)
+    name = _Namer(root)
+    files = {e.key: e.path for e in entries}
+    infos, failed = _inspect(files, deep, progress)
+    counts = _counts(entries)
+    findings: list[Finding] = []
+    if bad_rows:
+        findings.append(Finding(ERROR, "bad_rows", f"{len(bad_rows)} CSV row(s) have no path or no label.", bad_rows))
+    findings += _check_unreadable(failed, files, name, deep)
+    findings += _check_modes(infos, files, name) + _check_tiny(infos, files, name, min_size)
+    class_findings, ratio = _check_classes(counts, max_imbalance)
+    findings += class_findings
+    content = {k: i.digest for k, i in infos.items() if i.digest is not None}
+    groups = _groups(entries, content)
+    findings += _check_labels(entries, groups, name)
+    exact, leaks = _check_exact(groups, name, deep)
+    findings += exact
+    if deep:
+        hashes = {content[k]: i.dhash for k, i in infos.items() if i.dhash is not None}
+        near, near_leaks = _check_near(groups, hashes, name, near_threshold)
+        findings += near
+        leaks += near_leaks
+    findings += _leakage(leaks)
+    findings.sort(key=lambda f: f.severity != ERROR)
+    sides = [s for i in infos.values() for s in (i.height, i.width)]
+    return DataReport(
+        counts=counts, findings=findings, root=str(root) if root is not None else None, deep=deep,
+        n_files=len(files), channels=_tally(str(i.channels) for i in infos.values()),
+        dtypes=_tally(i.dtype for i in infos.values()), min_side=min(sides, default=None),
+        max_side=max(sides, default=None), imbalance=ratio,
+        settings={"min_size": min_size, "max_imbalance": max_imbalance, "near_threshold": near_threshold,
+                  "near_method": "dHash 64-bit, multi-index (pigeonhole) search"},
+    )
+
+
+def _tally(values: Iterable[str]) -> dict[str, int]:
+    return dict(sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0])))

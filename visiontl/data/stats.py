@@ -1,0 +1,90 @@
+"""Per-channel normalisation statistics of a training set, for data ImageNet's do not describe.
+
+A backbone's mean / std describe 8-bit RGB photographs. Thirteen Sentinel-2 bands scaled from
+16-bit, or a 12-bit radiograph, sit elsewhere entirely; normalising them with ImageNet's numbers
+leaves the inputs far from what the first layer expects. :func:`channel_stats` measures mean and
+standard deviation per channel on (up to ``max_images`` of) the training images as the model will
+read them, and keeps the result in the visiontl cache keyed by the files (path, size, mtime), so
+the scan happens once per dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from visiontl._io import default_cache_dir, write_json
+from visiontl.data.images import ImageReadError, read_image, read_raw, to_channels
+
+__all__ = ["channel_stats", "needs_dataset_stats"]
+
+
+def needs_dataset_stats(paths: Sequence[Path], channels: int, probe: int = 4) -> bool:
+    """Whether ImageNet-style statistics do not apply: more than 3 channels, or images stored with
+    more than 8 bits (16-bit PNG / TIFF, DICOM) or as floats (checked on the first ``probe`` files)."""
+    if channels > 3:
+        return True
+    for path in list(paths)[:probe]:
+        try:
+            raw = read_raw(path)
+        except ImageReadError:
+            continue  # reported by the image check
+        if raw.dtype.kind == "f" or raw.dtype.itemsize > 1:
+            return True
+    return False
+
+
+def _key(paths: Sequence[Path], channels: int, max_images: int) -> str:
+    digest = hashlib.sha256(f"v1:{channels}:{max_images}".encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
+
+
+def channel_stats(
+    paths: Sequence[Path], channels: int, max_images: int = 1000, cache: bool = True
+) -> tuple[list[float], list[float]]:
+    """Mean and standard deviation per channel over the pixels of ``paths`` (evenly sampled down to
+    ``max_images``), read with :func:`read_image` and converted to ``channels``.
+
+    Unreadable files are skipped (the datamodule's image check reports them). A channel with no
+    spread gets std 1 so normalising never divides by zero.
+    """
+    paths = [Path(p) for p in paths]
+    if len(paths) > max_images:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, max_images).round().astype(int)]
+    target = default_cache_dir() / "stats" / f"{_key(paths, channels, max_images)}.json" if cache else None
+    if target is not None and target.is_file():
+        try:
+            saved = json.loads(target.read_text())
+            return [float(v) for v in saved["mean"]], [float(v) for v in saved["std"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # damaged: measured again and rewritten
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    count = 0
+    for path in tqdm(paths, desc="Dataset statistics", unit="img", disable=len(paths) < 200, leave=False):
+        try:
+            image = to_channels(read_image(path), channels, path).astype(np.float64)
+        except (ImageReadError, ValueError):
+            continue
+        flat = image.reshape(-1, channels)
+        total += flat.sum(axis=0)
+        squares += np.square(flat).sum(axis=0)
+        count += flat.shape[0]
+    if count == 0:
+        raise ImageReadError(paths[0] if paths else "<none>", "no readable training image to measure statistics on")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+    std = np.where(std > 1e-8, std, 1.0)
+    result = ([float(v) for v in mean], [float(v) for v in std])
+    if target is not None:
+        write_json(target, {"mean": result[0], "std": result[1], "images": len(paths), "channels": channels})
+    return result
