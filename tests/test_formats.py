@@ -195,3 +195,18 @@ def test_dicom_folder_with_bad_files_errors_or_skips_and_lists_them(tmp_path: Pa
     assert len(dm.splits["train"]) + len(dm.splits["val"]) == 12
     mean = dm.preprocessing()["mean"]
     assert len(mean) == 1 and 0.05 < mean[0] < 0.95  # measured on the windowed radiographs (16-bit)
+
+
+def test_setup_runs_the_cheap_data_check_and_stops_on_leakage(tmp_path: Path) -> None:
+    csv_path = _ham(tmp_path)
+    rows = csv_path.read_text().splitlines()
+    val = tmp_path / "val.csv"
+    val.write_text("\n".join([rows[0], rows[1], rows[2]]) + "\n")  # two training images again
+    kwargs = {"path_column": "image_id", "label_column": "dx", "suffix": ".jpg", "image_dirs": ["part_1", "part_2"]}
+    dm = CsvDataModule(str(csv_path), val_csv=str(val), **kwargs)
+    with pytest.raises(DataError, match=r"(?s)leakage.*ISIC_0000000.*visiontl check-data"):
+        dm.setup()
+    ok = CsvDataModule(str(csv_path), **kwargs)
+    ok.setup()
+    assert ok.data_report is not None and not ok.data_report.errors
+    assert ok.data_report.counts["train"] == {"mel": 2, "nv": 7} and sum(ok.data_report.counts["val"].values()) == 3

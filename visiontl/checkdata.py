@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from visiontl.data.formats import TIFF_EXTENSIONS, is_dicom
 from visiontl.data.images import DataError, ImageReadError, read_raw
+from visiontl.data.layout import SPLIT_DIRS, index_folder, split_folders
 
 __all__ = [
     "DataReport",
@@ -61,7 +62,7 @@ _PROGRESS_FROM = 200  # files; fewer are checked without a progress bar
 _FLAT = 1.0 / 255.0  # thumbnails with a smaller range have no reliable dHash
 _MAX_CHUNKS = 8  # pigeonhole chunks of at least 8 bits; larger thresholds compare every pair
 _SPLIT_ORDER = ("train", "val", "test")
-_UNLABELLED = frozenset({"predict"})  # splits without labels: no class or leakage checks
+_UNLABELLED = frozenset({"predict", "target", "target_eval"})  # no labels: no class or leakage checks
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -158,7 +159,8 @@ class DataReport:
                 lines.append(f"{title} ({len(group)}):")
                 lines += [line for f in group for line in _finding_lines(f, max_items)]
         if self.errors:
-            lines.append(f"{len(self.errors)} error(s), {len(self.warnings)} warning(s): fix the errors before training.")
+            lines.append(f"{len(self.errors)} error(s), {len(self.warnings)} warning(s): "
+                         f"fix the errors before training.")
         else:
             lines.append(f"No errors ({len(self.warnings)} warning(s) to review).")
         return "\n".join(lines)
@@ -206,17 +208,12 @@ def _canonical_split(name: str) -> str:
     name = name.strip().lower()
     if not name:
         return "train"
-    from visiontl.data.datamodules import _SPLIT_DIRS
-
-    return next((split for split, names in _SPLIT_DIRS.items() if name in names), name)
+    return next((split for split, names in SPLIT_DIRS.items() if name in names), name)
 
 
 def _load_folder(root: Path) -> dict[str, list[tuple[Path, str]]]:
     """A class-per-folder tree, or ``train/`` (+ ``val/``, ``test/``) folders of that form."""
-    from visiontl.data.datamodules import _SPLIT_DIRS, index_folder
-
-    found = {split: next((root / n for n in names if (root / n).is_dir()), None)
-             for split, names in _SPLIT_DIRS.items()}
+    found = split_folders(root)
     if found["train"] is None:
         others = [p.name for p in found.values() if p is not None]
         if others:
@@ -643,11 +640,12 @@ def _check_near(groups: Mapping[str, list[_Entry]], hashes: Mapping[str, int], n
     pairs = near_duplicate_pairs([hashes[k] for k in keys], threshold)
     items, leaks = [], []
     for i, j, dist in pairs:
-        a, b = groups[keys[i]], groups[keys[j]]
+        a, b = sorted((groups[keys[i]], groups[keys[j]]), key=lambda g: (_split_rank(g[0].split), str(g[0].path)))
         items.append(f"{name(a[0].path)} ({a[0].split}) ~ {name(b[0].path)} ({b[0].split}): distance {dist}")
         leaks += _pair_items(a, b, name, f"near duplicate, dHash distance {dist}")
     if not items:
         return [], leaks
+    items.sort()
     return [Finding(WARNING, "near_duplicates", f"{len(items)} pair(s) of near-duplicate images (dHash within "
                     f"{threshold} bits: the same picture re-encoded, resized or re-exposed); check and keep one.",
                     items)], leaks
@@ -656,6 +654,7 @@ def _check_near(groups: Mapping[str, list[_Entry]], hashes: Mapping[str, int], n
 def _leakage(leaks: list[str]) -> list[Finding]:
     if not leaks:
         return []
+    leaks = sorted(leaks)
     return [Finding(ERROR, "leakage", f"{len(leaks)} image pair(s) are shared between train, val and test: the "
                     f"model is evaluated on images it trained on and every score is inflated. Remove one image of "
                     f"each pair (or move it to the same split).", leaks)]

@@ -3,8 +3,9 @@
 ``visiontl fit|validate|test|predict --config recipe.yaml`` go through Lightning's
 ``LightningCLI`` (recipes are ``class_path`` / ``init_args`` YAML; any field can be overridden on
 the command line, e.g. ``--model.init_args.strategy partial``). ``visiontl demo`` runs the
-offline demo, ``visiontl export`` writes a verified ONNX model and ``visiontl predict-onnx`` runs
-one with ONNX Runtime only (Lightning and torch are imported only by the commands that need them).
+offline demo, ``visiontl export`` writes a verified ONNX model, ``visiontl predict-onnx`` runs
+one with ONNX Runtime only and ``visiontl check-data`` checks a dataset before training (Lightning
+and torch are imported only by the commands that need them).
 """
 
 from __future__ import annotations
@@ -59,6 +60,47 @@ def _export(argv: Sequence[str]) -> int:
     return 0
 
 
+def _check_data(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="visiontl check-data",
+        description="Check a dataset before training: unreadable files, mixed modes, tiny images, class "
+                    "imbalance, exact / near duplicates and train/val/test leakage. Exit code 0: no errors, "
+                    "1: errors found, 2: not a dataset.",
+    )
+    parser.add_argument("path", help="class-per-folder tree, folder with train/ val/ test/, or a CSV file")
+    parser.add_argument("--path-column", default="path", help="CSV column with image paths")
+    parser.add_argument("--label-column", default="label", help="CSV column with class names")
+    parser.add_argument("--min-size", type=int, default=32, help="report images with a side below this (px)")
+    parser.add_argument("--max-imbalance", type=float, default=10.0, help="largest / smallest train class allowed")
+    parser.add_argument("--near-threshold", type=int, default=4, help="dHash bits (of 64) for a near duplicate")
+    parser.add_argument("--json", help="report file (default: PATH/check-data.json, or <csv>.check-data.json)")
+    parser.add_argument("--fast", action="store_true", help="headers only: no decoding, no duplicate search")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    from visiontl._io import write_json
+    from visiontl.checkdata import check_data, default_report_path
+    from visiontl.data.images import DataError
+
+    try:
+        report = check_data(args.path, path_column=args.path_column, label_column=args.label_column,
+                            min_size=args.min_size, max_imbalance=args.max_imbalance,
+                            near_threshold=args.near_threshold, deep=not args.fast, progress=not args.no_progress)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    out = args.json or default_report_path(args.path)
+    try:
+        write_json(out, report.to_dict())
+    except OSError as err:
+        print(f"error: cannot write the report to {out}: {err}; choose another file with --json.", file=sys.stderr)
+        return 2
+    print(f"report: {out}")
+    return 1 if report.errors else 0
+
+
 def _predict_onnx(argv: Sequence[str]) -> int:
     from visiontl.predict import main as predict_main
 
@@ -69,6 +111,7 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "demo": (_demo, "offline demo: Blue Marble tiles, real ImageNet weights, strategies compared"),
     "export": (_export, "export a run to ONNX (normalisation + labels inside, verified against PyTorch)"),
     "predict-onnx": (_predict_onnx, "predict images with an exported model (ONNX Runtime only, no torch)"),
+    "check-data": (_check_data, "check a dataset: unreadable files, imbalance, duplicates, train/val/test leakage"),
 }
 
 

@@ -9,6 +9,7 @@ CLI leave the same files in ``trainer.log_dir``:
 - ``checkpoints/best.ckpt`` and ``checkpoints/last.ckpt`` (resume with ``--ckpt_path last``);
 - ``confusion_matrix.png`` / ``.csv``, ``learning_curves.png``, ``skipped_files.txt``;
 - ``train_images.txt`` / ``val_images.txt``: the images of each split (export verifies on them);
+- ``data_check.json``: the data check run before training (counts, imbalance, modes, warnings);
 - ``predictions.csv`` after ``predict``.
 """
 
@@ -78,6 +79,9 @@ class RunReport(Callback):
         for split in ("train", "val"):  # export verifies / calibrates on these real images later
             if dm is not None and hasattr(dm, "paths") and split in getattr(dm, "splits", {}):
                 _io.write_text(out / f"{split}_images.txt", "".join(f"{p}\n" for p in dm.paths(split)))
+        report = getattr(dm, "data_report", None) if dm is not None else None
+        if report is not None:
+            _io.write_json(out / "data_check.json", report.to_dict())
         skipped = getattr(trainer.datamodule, "skipped", None) if trainer.datamodule else None
         if skipped:
             _io.write_text(out / "skipped_files.txt", "".join(f"{p}\t{r}\n" for p, r in skipped))

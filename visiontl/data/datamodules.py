@@ -8,6 +8,7 @@ Preprocessing comes from the backbone (``task.data_config``) unless given here.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import random
@@ -22,6 +23,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from visiontl.data.images import DataError, is_image_file, read_image, scan_images, to_channels
+from visiontl.data.layout import Sample, index_folder, split_folders
 from visiontl.data.presize import presize
 from visiontl.data.stats import channel_stats, needs_dataset_stats
 from visiontl.data.transforms import build_transforms
@@ -38,9 +40,8 @@ __all__ = [
     "stratified_split",
 ]
 
-Sample = tuple[Path, str]
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "predict")
-_SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
 
 def auto_batch_size(n_train: int, cap: int = 32) -> int:
@@ -125,32 +126,6 @@ class FeatureDataset(Dataset):
         # the same seed gives the same batches as the image loader it replaces
         return DataLoader(self, batch_size=None, sampler=BatchSampler(base, batch_size, drop_last),
                           num_workers=0, generator=generator)
-
-
-def index_folder(root: str | os.PathLike[str]) -> list[Sample]:
-    """List ``(image path, class name)`` under ``root/<class>/**``; clear errors for bad trees."""
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(f"Data folder {root} does not exist. Point 'root' at a folder with one sub-folder per class.")
-    if not root.is_dir():
-        raise DataError(
-            f"{root} is not a folder. Use a folder with one sub-folder per class, or CsvDataModule for a CSV."
-        )
-    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(
-            f"Data folder {root} has no class sub-folders; put the images of each class in root/<class name>/."
-        )
-    samples: list[Sample] = []
-    for folder in classes:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-        if not files:
-            raise DataError(
-                f"Class folder {folder} has no images (extensions: .png .jpg .jpeg .tif .tiff .bmp .webp); "
-                f"add images or remove the folder."
-            )
-        samples.extend((f, folder.name) for f in files)
-    return samples
 
 
 def stratified_split(
@@ -238,6 +213,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             raise DataError(f"normalize must be 'auto', 'backbone' or 'dataset', got {normalize!r}.")
         self.normalize = normalize
         self._stats: dict[int, tuple[list[float], list[float]]] = {}
+        self.data_report: Any = None  # the cheap data check's DataReport, after setup
         self._needs_stats: dict[int, bool] = {}
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -322,6 +298,21 @@ class ClassificationDataModule(pl.LightningDataModule):
         return {"in_chans": chans, "size": size, "mean": mean, "std": std,
                 "crop_pct": cfg.get("crop_pct", 1.0), "interpolation": cfg.get("interpolation", "bilinear")}
 
+    def _check_layout(self) -> None:
+        """The cheap part of ``visiontl check-data`` (headers, counts, imbalance, paths shared
+        between splits or labels): warnings are logged, errors stop the run before any training."""
+        from visiontl.checkdata import check_data
+
+        report = check_data(self.splits, deep=False, progress=True)
+        self.data_report = report
+        for finding in report.warnings:
+            log.warning("[visiontl] data check: %s", finding.message)
+        if report.errors:
+            raise DataError(
+                f"{report.summary(max_items=5)}\nRun `visiontl check-data` on the dataset for the full report "
+                f"(exact and near duplicates too), or set check_images: false to skip every check."
+            )
+
     def check_channels(self, chans: int) -> None:
         """Raise :class:`DataError` if the model's input channels cannot fit this dataset (a hook)."""
 
@@ -341,6 +332,7 @@ class ClassificationDataModule(pl.LightningDataModule):
     def _check(self) -> None:
         if self._checked or not self.check_images:
             return
+        self._check_layout()
         paths = sorted({p for items in self.splits.values() for p, _ in items})
         bad = scan_images(paths, channels=self.preprocessing()["in_chans"])
         if bad and self.on_bad_image == "error":
@@ -461,10 +453,7 @@ class FolderDataModule(ClassificationDataModule):
 
     def load_splits(self) -> dict[str, list[Sample]]:
         root = Path(self.root).expanduser()
-        found = {
-            split: next((root / n for n in names if (root / n).is_dir()), None)
-            for split, names in _SPLIT_DIRS.items()
-        }
+        found = split_folders(root)
         splits: dict[str, list[Sample]] = {}
         splits["train"] = index_folder(found["train"] or root)
         for split, given in (("val", self.val_root), ("test", self.test_root)):

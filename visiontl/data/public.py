@@ -26,7 +26,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from visiontl._io import default_cache_dir
-from visiontl.data.datamodules import ClassificationDataModule, Sample, index_folder
+from visiontl.data.datamodules import ClassificationDataModule
+from visiontl.data.layout import Sample, index_folder
 from visiontl.data.images import DataError, read_raw
 
 __all__ = ["EUROSAT_CLASSES", "EuroSATDataModule", "MedMNISTDataModule"]

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from visiontl._io import default_cache_dir, write_json
-from visiontl.data.images import ImageReadError, read_image, read_raw, to_channels
+from visiontl.data.images import DataError, ImageReadError, read_image, read_raw, to_channels
 
 __all__ = ["channel_stats", "needs_dataset_stats"]
 
@@ -70,17 +70,20 @@ def channel_stats(
     total = np.zeros(channels)
     squares = np.zeros(channels)
     count = 0
+    last_error: Exception | None = None
     for path in tqdm(paths, desc="Dataset statistics", unit="img", disable=len(paths) < 200, leave=False):
         try:
             image = to_channels(read_image(path), channels, path).astype(np.float64)
-        except (ImageReadError, ValueError):
+        except (ImageReadError, ValueError) as err:
+            last_error = err
             continue
         flat = image.reshape(-1, channels)
         total += flat.sum(axis=0)
         squares += np.square(flat).sum(axis=0)
         count += flat.shape[0]
     if count == 0:
-        raise ImageReadError(paths[0] if paths else "<none>", "no readable training image to measure statistics on")
+        raise DataError(f"No training image could be measured for normalisation statistics; the last one "
+                        f"failed with: {last_error}")
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
     std = np.where(std > 1e-8, std, 1.0)

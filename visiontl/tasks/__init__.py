@@ -1,6 +1,7 @@
-"""LightningModules: classification now; adaptation tasks (DANN, continued SSL) later."""
+"""LightningModules: classification, domain adaptation, continued self-supervised pretraining."""
 
+from visiontl.tasks.adaptation import AdaptationTask
 from visiontl.tasks.base import BaseTask, warmup_cosine
 from visiontl.tasks.classification import ClassificationTask
 
-__all__ = ["BaseTask", "ClassificationTask", "warmup_cosine"]
+__all__ = ["AdaptationTask", "BaseTask", "ClassificationTask", "warmup_cosine"]

@@ -105,8 +105,13 @@ class BaseTask(pl.LightningModule):
         return report
 
     # -- optimisation ---------------------------------------------------------------------------
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups: the strategy's, one per layer group (subclasses add their own
+        modules, e.g. a domain discriminator, as further groups)."""
+        return self.strategy.param_groups(self.groups, self.hparams.get("weight_decay", 0.0))
+
     def configure_optimizers(self) -> dict[str, Any] | None:
-        groups = self.strategy.param_groups(self.groups, self.hparams.get("weight_decay", 0.0))
+        groups = self.optimizer_groups()
         if not groups:  # heads fitted in closed form: no gradient descent at all
             return None
         optimizer = torch.optim.AdamW(groups)

@@ -221,7 +221,7 @@ class ClassificationTask(BaseTask):
         from visiontl.run import RunReport
 
         checkpoint = ModelCheckpoint(
-            filename="best", monitor="val_acc", mode="max", save_last=True, auto_insert_metric_name=False
+            filename="best", monitor=self.monitor, mode="max", save_last=True, auto_insert_metric_name=False
         )
         callbacks: list[Callback] = [RunReport(), *self.strategy.callbacks()]
         trainer = self._trainer
@@ -230,6 +230,9 @@ class ClassificationTask(BaseTask):
         if trainer is None or trainer.loggers:
             callbacks.append(LearningRateMonitor("step"))
         return callbacks
+
+    monitor = "val_acc"
+    """The validation metric (higher is better) that picks the best checkpoint."""
 
     # -- steps ----------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -261,7 +264,8 @@ class ClassificationTask(BaseTask):
             self.trainer.should_stop = True  # fitted once; one pass is the whole "training"
             return
         # logged once per epoch: logging the collection every step cost more than a head's step
-        self.log_dict(self.train_metrics.compute())
+        if any(metric.update_count for metric in self.train_metrics.values()):  # a resumed, empty epoch: none
+            self.log_dict(self.train_metrics.compute())
         self.train_metrics.reset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,7 +297,8 @@ class ClassificationTask(BaseTask):
         getattr(self, f"{split}_recall").update(probs, y)
         getattr(self, f"{split}_specificity").update(probs, y)
         getattr(self, f"{split}_confmat").update(probs, y)
-        self.log(f"{split}_loss", self._loss(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log(f"{split}_loss", self._loss(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y),
+                 add_dataloader_idx=False)
 
     def _eval_epoch_end(self, split: str) -> None:
         metrics = getattr(self, f"{split}_metrics")
@@ -356,7 +361,9 @@ class ClassificationTask(BaseTask):
         hp.update(pretrained=False, weights=None)
         strategy = dict(hp.pop("strategy", None) or {"name": "probe"})
         task = cls(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
-        task.load_state_dict(ckpt["state_dict"])
+        # the classifier network only: training-time modules (a domain discriminator...) stay behind
+        task.load_state_dict({k: v for k, v in ckpt["state_dict"].items()
+                              if k.startswith("model.") or k == "class_weight"})
         return task.eval()
 
 

