@@ -66,7 +66,8 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
     assert main(args) == 0
     (run,) = list(runs.glob("*/version_0"))
     for name in ("config.yaml", "metrics.csv", "metrics.json", "strategy.json", "confusion_matrix.png",
-                 "data_check.json", "confusion_matrix.csv", "learning_curves.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+                 "data_check.json", "confusion_matrix.csv", "learning_curves.png", "checkpoints/best.ckpt",
+                 "checkpoints/last.ckpt"):
         assert (run / name).exists(), name
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["steps"] == 6 and 0.0 <= summary["best_score"] <= 1.0
