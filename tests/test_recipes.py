@@ -35,10 +35,16 @@ def _data_overrides(recipe_path: Path, recipe: dict, shapes_root: Path, tmp_path
     if recipe_path.stem in FIXTURES:
         name, argument = FIXTURES[recipe_path.stem]
         return [f"--data.init_args.{argument}", str(load_fixture(name).make(tmp_path / "data"))]
+    if kind == "AdaptationDataModule":  # source: X-ray train; target: the test images; labelled target: val
+        xray = load_fixture("chest_xray").make(tmp_path / "data")
+        return ["--data.init_args.root", str(xray / "train"), "--data.init_args.target_root", str(xray / "test"),
+                "--data.init_args.target_val_root", str(xray / "val")]
     if kind == "FolderDataModule":
         return ["--data.init_args.root", str(shapes_root)]
-    if kind == "BlueMarbleDataModule":  # real offline tiles, a handful of them
+    if kind in ("BlueMarbleDataModule", "BlueMarbleAdaptationDataModule"):  # real offline tiles, a handful
         return ["--data.init_args.train_per_class", "4", "--data.init_args.val_per_class", "2"]
+    if kind == "BlueMarbleUnlabelledDataModule":
+        return ["--data.init_args.per_class", "4", "--data.init_args.batch_size", "4"]
     raise AssertionError(f"no fixture for {recipe_path}: add one to FIXTURES in tests/test_recipes.py")
 
 
@@ -65,6 +71,9 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
     args += ["--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null"]
     assert main(args) == 0
     (run,) = list(runs.glob("*/version_0"))
+    if recipe["model"]["class_path"].endswith("ContinuedPretraining"):
+        _check_pretraining_run(run, recipe)
+        return
     for name in ("config.yaml", "metrics.csv", "metrics.json", "strategy.json", "confusion_matrix.png",
                  "data_check.json", "confusion_matrix.csv", "learning_curves.png", "checkpoints/best.ckpt",
                  "checkpoints/last.ckpt"):
@@ -84,12 +93,25 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
         assert max(mean) < 0.2  # 16-bit reflectances: far from ImageNet's 0.4-0.5
 
 
+def _check_pretraining_run(run: Path, recipe: dict) -> None:
+    """The adapted backbone is the product: it loads through ``weights:`` like any weights file."""
+    from visiontl.tasks import ClassificationTask
+
+    for name in ("config.yaml", "metrics.csv", "metrics.json", "learning_curves.png", "backbone.safetensors",
+                 "checkpoints/last.ckpt"):
+        assert (run / name).exists(), name
+    backbone = TINY.get(recipe["model"]["init_args"]["backbone"], "test_resnet")
+    task = ClassificationTask(backbone, num_classes=3, pretrained=False, weights=str(run / "backbone.safetensors"))
+    report = task.model.visiontl_weights
+    assert report["source"] == "file" and report["loaded"] > 10 and report["reinitialized"]  # all but the new head
+
+
 def test_recipes_document_themselves() -> None:
     for path in RECIPES:
         header = [line for line in path.read_text().splitlines() if line.startswith("#")]
         text = "\n".join(header)
         assert "Run:" in text and "visiontl fit --config recipes/" in text, path
-        if path.parent.name in ("medical", "satellite") and path.stem != "dicom":
+        if path.parent.name in ("medical", "satellite") and path.stem not in ("dicom", "adapt-folders"):  # templates
             assert "Data:" in text and "Expected" in text and "http" in text, path
 
 

@@ -171,3 +171,24 @@ def test_failure_does_not_clobber_existing_file(tmp_path, monkeypatch):
         report.save_confusion_matrix(np.eye(2), ["a", "b"], target)
     assert target.read_bytes() == before
     assert _leftovers(tmp_path) == []
+
+
+def test_save_comparison_draws_error_bars_from_std_columns(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    bars = []
+    original = Axes.barh
+
+    def spy(self, *args, **kwargs):
+        bars.append(kwargs.get("xerr"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "barh", spy)
+    rows = [{"run": "source_only", "target_acc": 0.6, "target_acc_std": 0.05},
+            {"run": "dann", "target_acc": 0.7, "target_acc_std": 0.02}]
+    out = report.save_comparison(rows, tmp_path, name="adapt", metric="target_acc", label_key="run")
+    assert _is_png(out["png"])
+    assert list(bars[0]) == [0.05, 0.02]
+    report.save_comparison([{"run": "a", "target_acc": 0.6}], tmp_path, name="plain", metric="target_acc",
+                           label_key="run")
+    assert bars[-1] is None  # no spread given: no error bars

@@ -116,7 +116,8 @@ def create_backbone(
 
     Args:
         name: any timm model name (``resnet50``, ``convnext_tiny``, ``vit_small_patch16_224``...).
-        num_classes: classes of the new head (the head is always re-initialised).
+        num_classes: classes of the new head (the head is always re-initialised); 0 builds the
+            backbone alone (pooled features out, as for self-supervised pretraining).
         pretrained: download / use cached ImageNet weights from timm's hub. Ignored when
             ``weights`` is given.
         weights: a local checkpoint (``.safetensors`` or a weights-only ``.pth``) or a named
@@ -129,8 +130,8 @@ def create_backbone(
         The model, with ``model.visiontl_weights`` describing where its weights came from.
     """
     _check_name(name)
-    if num_classes < 1:
-        raise BackboneError(f"num_classes must be >= 1, got {num_classes}.")
+    if num_classes < 0:
+        raise BackboneError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}.")
     use_hub = pretrained and weights is None
     if use_hub:
         _check_pretrained_available(name)

@@ -130,13 +130,14 @@ def _cli_class():
 
 def cli(argv: Sequence[str] | None = None):
     """Run the Lightning subcommands (fit, validate, test, predict)."""
-    from visiontl.data import ClassificationDataModule
+    from pytorch_lightning import LightningDataModule
+
     from visiontl.tasks import BaseTask
 
     extra = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in EXTRA_COMMANDS.items())
     return _cli_class()(
         BaseTask,
-        ClassificationDataModule,
+        LightningDataModule,  # labelled, source + target, or unlabelled (continued pretraining)
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=list(argv) if argv is not None else None,

@@ -249,6 +249,7 @@ def save_comparison(rows: list[dict[str, Any]], out_dir: PathLike, name: str = "
         baseline: ``label_key`` value of the baseline row; adds a ``<metric>/baseline`` column
             (e.g. ``1.50`` for 0.75 against a 0.5 baseline; empty where undefined).
         label_key: key naming each row in the chart and the baseline lookup.
+        A ``<metric>_std`` (or ``wall_s_std``) value in a row draws an error bar.
 
     Returns:
         ``{"csv": ..., "md": ..., "png": ...}``.
@@ -286,8 +287,9 @@ def save_comparison(rows: list[dict[str, Any]], out_dir: PathLike, name: str = "
     y = np.arange(len(rows))
     for ax, key in zip(axes, keys):
         vals = np.array([float(r[key]) if _is_num(r.get(key)) else np.nan for r in rows])
+        spread = np.array([float(r[f"{key}_std"]) if _is_num(r.get(f"{key}_std")) else 0.0 for r in rows])
         colors = ["tab:orange" if lab == baseline else "tab:blue" for lab in labels]
-        ax.barh(y, np.nan_to_num(vals), color=colors)
+        ax.barh(y, np.nan_to_num(vals), color=colors, xerr=spread if spread.any() else None, capsize=3)
         for yi, v in zip(y, vals):
             if not np.isnan(v):
                 ax.text(v, yi, f" {v:.3g}", va="center", fontsize=8)

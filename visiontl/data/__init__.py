@@ -19,6 +19,8 @@ _EXPORTS = {
     "auto_workers": "visiontl.data.datamodules",
     "AdaptationDataModule": "visiontl.data.adaptation",
     "BlueMarbleAdaptationDataModule": "visiontl.data.adaptation",
+    "UnlabelledDataModule": "visiontl.data.unlabelled",
+    "BlueMarbleUnlabelledDataModule": "visiontl.data.unlabelled",
     "EuroSATDataModule": "visiontl.data.public",
     "MedMNISTDataModule": "visiontl.data.public",
     "channel_stats": "visiontl.data.stats",

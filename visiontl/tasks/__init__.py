@@ -3,5 +3,6 @@
 from visiontl.tasks.adaptation import AdaptationTask
 from visiontl.tasks.base import BaseTask, warmup_cosine
 from visiontl.tasks.classification import ClassificationTask
+from visiontl.tasks.pretrain import ContinuedPretraining
 
-__all__ = ["AdaptationTask", "BaseTask", "ClassificationTask", "warmup_cosine"]
+__all__ = ["AdaptationTask", "BaseTask", "ClassificationTask", "ContinuedPretraining", "warmup_cosine"]

@@ -318,7 +318,7 @@ class ClassificationTask(BaseTask):
         """Checkpoints carry the validation metrics and confusion matrix they were saved with,
         so the best checkpoint's numbers need no second validation pass (see :func:`visiontl.run.checkpoint_record`)."""
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
-                   if k.startswith("val_") and isinstance(v, torch.Tensor) and v.numel() == 1}
+                   if k.startswith(("val_", "target_")) and isinstance(v, torch.Tensor) and v.numel() == 1}
         confusion = self.last_confusion.get("val")
         checkpoint["visiontl"] = {"val_metrics": metrics,
                                   "val_confusion": confusion.tolist() if confusion is not None else None}

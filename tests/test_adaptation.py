@@ -1,0 +1,215 @@
+"""Domain adaptation (DANN, CORAL, source-only) and continued self-supervised pretraining."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import tifffile
+import torch
+
+from data import make_folder
+from fixtures import load_fixture
+from visiontl.data import AdaptationDataModule, DataError, UnlabelledDataModule
+from visiontl.tasks import AdaptationTask, ClassificationTask, ContinuedPretraining
+from visiontl.tasks.adaptation import (
+    DomainDiscriminator,
+    coral_loss,
+    dann_coefficient,
+    gradient_reversal,
+    target_signals,
+)
+
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+
+
+def test_gradient_reversal_flips_and_scales_the_gradient_by_value() -> None:
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    y = gradient_reversal(x, 0.25)
+    assert torch.equal(y, x)  # identity forward
+    (y * torch.tensor([1.0, 2.0, 4.0])).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([-0.25, -0.5, -1.0]))
+
+
+def test_dann_coefficient_follows_ganins_schedule() -> None:
+    assert dann_coefficient(0.0) == 0.0
+    assert dann_coefficient(0.5) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
+    assert dann_coefficient(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1) and dann_coefficient(2.0) < 1
+    values = [dann_coefficient(p / 10) for p in range(11)]
+    assert values == sorted(values)
+
+
+def test_coral_loss_by_value() -> None:
+    rng = torch.Generator().manual_seed(0)
+    source = torch.randn(256, 4, generator=rng)
+    assert coral_loss(source, source.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    target = source * torch.tensor([1.0, 1.0, 1.0, 3.0])  # variance x9 on one feature
+    cs = torch.cov(source.T)
+    ct = torch.cov(target.T)
+    assert coral_loss(source, target).item() == pytest.approx(((cs - ct) ** 2).sum().item() / (4 * 16), rel=1e-5)
+
+
+def test_discriminator_learns_to_separate_two_obvious_domains() -> None:
+    torch.manual_seed(0)
+    source, target = torch.randn(128, 32), torch.randn(128, 32) + 1.5
+    disc = DomainDiscriminator(32, hidden=64)
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-2)
+    x, truth = torch.cat([source, target]), torch.cat([torch.ones(128), torch.zeros(128)])
+    for _ in range(60):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(disc(x).squeeze(1), truth)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    disc.eval()
+    accuracy = ((disc(x).squeeze(1) > 0).float() == truth).float().mean().item()
+    assert accuracy > 0.95
+    signals = target_signals({"source_domain": [disc(source).squeeze(1)], "target_domain": [disc(target).squeeze(1)]})
+    assert signals["target_pad"] > 1.8  # proxy A-distance near 2: fully separable
+
+
+def test_label_free_signals_by_value() -> None:
+    uniform = target_signals({"probs": [torch.full((10, 4), 0.25)]})
+    assert uniform["target_entropy"] == pytest.approx(math.log(4)) and uniform["target_im"] == pytest.approx(0.0)
+    confident = target_signals({"probs": [torch.eye(4).repeat(3, 1)]})  # sure and diverse: the best case
+    assert confident["target_entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert confident["target_im"] == pytest.approx(math.log(4), rel=1e-4)
+    collapsed = target_signals({"probs": [torch.tensor([[1.0, 0, 0, 0]]).repeat(12, 1)]})
+    assert collapsed["target_im"] == pytest.approx(0.0, abs=1e-6)  # sure but one class: no credit
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("domains")
+    source = make_folder(base / "source", per_class=6)
+    target = make_folder(base / "target", per_class=10, seed=5)
+    for png in target.rglob("*.png"):  # another "scanner": inverted contrast
+        from PIL import Image
+
+        img = np.asarray(Image.open(png).convert("RGB"))
+        Image.fromarray(255 - img).save(png)
+    target_val = make_folder(base / "target_val", per_class=3, seed=9)
+    return {"source": source, "target": target, "target_val": target_val}
+
+
+def test_pairing_covers_both_sides_whatever_their_sizes(domains: dict[str, Path]) -> None:
+    dm = AdaptationDataModule(str(domains["source"]), str(domains["target"]), image_size=32, num_workers=0,
+                              batch_size=4, val_fraction=0.25)
+    dm.setup()
+    seen: dict[str, set[int]] = {"source": set(), "target": set()}
+    loader = dm.train_dataloader()
+    iter(loader)
+    for batch, *_ in loader:
+        for side in seen:
+            seen[side].update(batch[side]["index"].tolist())
+            assert batch[side]["image"].shape[1:] == (3, 32, 32)
+    assert seen["source"] == set(range(len(dm.datasets["train"])))  # 12 source images, cycled
+    assert seen["target"] == set(range(len(dm.datasets["target"])))  # 30 target images, once
+    assert (dm.datasets["target"].items[0][1]) == -1  # unlabelled
+    assert dm.target_split == "target_eval" and len(dm.val_dataloader()) == 2
+
+
+def test_adaptation_errors_name_the_problem(domains: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"target folder .*empty has no images"):
+        _ = AdaptationDataModule(str(domains["source"]), str(tmp_path / "empty")).splits
+    with pytest.raises(DataError, match="does not exist"):
+        _ = AdaptationDataModule(str(domains["source"]), str(tmp_path / "nowhere")).splits
+    extra = tmp_path / "target_val"
+    shutil.copytree(domains["target_val"], extra)
+    (extra / "stars").mkdir()
+    shutil.copy(next((extra / "bars").glob("*.png")), extra / "stars" / "s.png")
+    with pytest.raises(DataError, match="target validation set .* has classes the source lacks: stars"):
+        _ = AdaptationDataModule(str(domains["source"]), str(domains["target"]), target_val_root=str(extra)).splits
+    bands = tmp_path / "bands"
+    bands.mkdir()
+    tifffile.imwrite(bands / "t.tif", np.zeros((13, 32, 32), np.uint16), photometric="minisblack",
+                     planarconfig="separate")
+    dm = AdaptationDataModule(str(domains["source"]), str(bands), in_chans=3, num_workers=0)
+    with pytest.raises(DataError, match=r"(?s)t\.tif: has 13 channels, the model expects 3"):
+        dm.setup()
+
+
+def _fit(task: pl.LightningModule, dm: pl.LightningDataModule, tmp_path: Path, steps: int) -> pl.Trainer:
+    trainer = pl.Trainer(max_steps=steps, logger=pl.loggers.CSVLogger(str(tmp_path)), **QUIET)
+    trainer.fit(task, dm)
+    return trainer
+
+
+@pytest.mark.parametrize(("method", "backbone"), [("dann", "test_resnet"), ("coral", "test_resnet"),
+                                                  ("source_only", "test_resnet"), ("dann", "test_vit")])
+def test_adaptation_trains_with_a_ladder_strategy_and_logs_target_signals(
+    method: str, backbone: str, domains: dict[str, Path], tmp_path: Path
+) -> None:
+    dm = AdaptationDataModule(str(domains["source"]), str(domains["target"]),
+                              target_val_root=str(domains["target_val"]), image_size=32, num_workers=0, batch_size=4)
+    task = AdaptationTask(backbone, num_classes=3, class_names=["bars", "discs", "squares"], pretrained=False,
+                          method=method, strategy={"name": "partial", "k": 1, "lr": 0.01})
+    plan = {g.name: g.lr for g in task.strategy.plan(task.groups)}
+    frozen = {n: p.detach().clone() for g in task.groups if plan[g.name] == 0 for n, p in zip(g.param_names, g.params)}
+    assert frozen and len(frozen) < len(list(task.model.parameters()))
+    trainer = _fit(task, dm, tmp_path, steps=8)
+    names = [g.get("name") for g in trainer.optimizers[0].param_groups]
+    assert ("discriminator" in names) == (method == "dann")
+    for g in task.groups:
+        for n, p in zip(g.param_names, g.params):
+            if n in frozen and p.shape == frozen[n].shape:  # (a ViT's position embedding is resampled to 32 px)
+                assert torch.equal(p, frozen[n]), n  # the strategy's frozen groups stay put
+    logged = set(trainer.callback_metrics)
+    assert {"val_acc", "target_acc", "target_entropy", "target_im"} <= logged
+    assert ("target_pad" in logged) == (method == "dann")
+    # the run exports like any classification run: the classifier network only
+    restored = ClassificationTask.from_checkpoint(Path(trainer.log_dir) / "checkpoints" / "last.ckpt")
+    x = torch.rand(2, 3, 32, 32)
+    task.eval()
+    restored.eval()
+    assert torch.allclose(restored(x), task(x), atol=1e-5)
+
+
+def test_adaptation_refuses_fitted_heads_and_unknown_methods() -> None:
+    with pytest.raises(ValueError, match="trains by gradient"):
+        AdaptationTask("test_resnet", num_classes=3, pretrained=False, strategy="prototype")
+    with pytest.raises(ValueError, match="Unknown adaptation method 'mmdd'"):
+        AdaptationTask("test_resnet", num_classes=3, pretrained=False, method="mmdd")
+    with pytest.raises(ValueError, match="target labels never pick checkpoints"):
+        AdaptationTask("test_resnet", num_classes=3, pretrained=False, monitor="target_acc")
+
+
+@pytest.mark.parametrize(("method", "lr"), [("simclr", 3e-3), ("byol", 3e-4)])
+def test_continued_pretraining_lowers_its_loss_and_saves_a_loadable_backbone(
+    method: str, lr: float, domains: dict[str, Path], tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    dm = UnlabelledDataModule(str(domains["target"]), image_size=32, num_workers=0, batch_size=10)
+    task = ContinuedPretraining("test_resnet", method=method, pretrained=False,
+                                strategy={"name": "full", "lr": lr, "decay": 1.0})
+    trainer = _fit(task, dm, tmp_path, steps=30)
+    import pandas as pd
+
+    losses = pd.read_csv(Path(trainer.log_dir) / "metrics.csv")["train_loss_epoch"].dropna().tolist()
+    assert len(losses) == 10 and np.mean(losses[-3:]) < np.mean(losses[:3])  # 10 epochs of 3 steps
+    saved = Path(trainer.log_dir) / "backbone.safetensors"
+    fine = ClassificationTask("test_resnet", num_classes=3, pretrained=False, weights=str(saved))
+    adapted = task.model.state_dict()
+    for name, value in fine.model.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(value, adapted[name]), name  # every backbone tensor, by value
+    assert fine.model.visiontl_weights["reinitialized"] == ["fc.weight", "fc.bias"]
+
+
+def test_unlabelled_data_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        UnlabelledDataModule(str(tmp_path / "nowhere")).setup()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no images"):
+        UnlabelledDataModule(str(tmp_path / "empty")).setup()
+    gen = load_fixture("eurosat_ms")
+    root = gen.make(tmp_path / "ms", per_class=2)
+    dm = UnlabelledDataModule(str(root), in_chans=13, image_size=32, num_workers=0)
+    dm.setup()
+    assert len(dm.preprocessing["mean"]) == 13  # 16-bit, 13 bands: statistics of the images
+    item = dm.dataset[0]
+    assert item["view1"].shape == (13, 32, 32) and not torch.equal(item["view1"], item["view2"])

@@ -1,0 +1,159 @@
+"""Unlabelled images as pairs of augmented views, for continued self-supervised pretraining.
+
+Views come from the same albumentations pipeline family as training (OpenCV decoding, any band
+count), with SimCLR-style strength: large random crops, flips (plus 90-degree rotations for
+overhead imagery and histology, never for X-rays), colour jitter and random grayscale on RGB, and
+blur. Normalisation follows the backbone (or per-channel statistics of the images when the
+backbone's do not apply, as in :class:`~visiontl.data.ClassificationDataModule`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import pytorch_lightning as pl
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import DataLoader, Dataset
+
+from visiontl.data.datamodules import auto_batch_size, auto_workers
+from visiontl.data.images import DataError, is_image_file, read_image, scan_images, to_channels
+from visiontl.data.stats import channel_stats, needs_dataset_stats
+
+__all__ = ["UnlabelledDataModule", "ViewsDataset", "ssl_transform"]
+
+_ROTATING = ("satellite", "histology", "dermoscopy")
+
+
+def ssl_transform(preset: str, size: int, mean: Sequence[float], std: Sequence[float]) -> A.Compose:
+    """One random view: crop 0.2-1 of the image, flips (rotations where orientation is arbitrary),
+    colour jitter / grayscale (3-channel images only) and blur."""
+    steps: list[A.BasicTransform] = [A.RandomResizedCrop(size=(size, size), scale=(0.2, 1.0))]
+    if preset != "xray":
+        steps.append(A.HorizontalFlip())
+    if preset in _ROTATING:
+        steps += [A.VerticalFlip(), A.RandomRotate90()]
+    if len(mean) == 3 and preset != "xray":
+        steps += [A.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8), A.ToGray(p=0.2)]
+    elif preset == "xray":
+        steps.append(A.RandomBrightnessContrast(0.3, 0.3, p=0.8))
+    steps.append(A.GaussianBlur(blur_limit=(3, 7), p=0.5))
+    return A.Compose([*steps, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0), ToTensorV2()])
+
+
+class ViewsDataset(Dataset):
+    """Items ``{"view1", "view2", "index"}``: two independent random views of each image."""
+
+    def __init__(self, paths: Sequence[Path], transform: Any, in_chans: int) -> None:
+        self.paths, self.transform, self.in_chans = list(paths), transform, in_chans
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = to_channels(read_image(self.paths[index]), self.in_chans, self.paths[index])
+        if image.dtype != np.float32:
+            image = image.astype(np.float32)
+        return {"view1": self.transform(image=image)["image"], "view2": self.transform(image=image)["image"],
+                "index": index}
+
+
+class UnlabelledDataModule(pl.LightningDataModule):
+    """Every image under ``root`` (recursively; folder names are ignored), as pairs of views.
+
+    Args:
+        root: folder of unlabelled domain images.
+        image_size: view size (default: the backbone's).
+        augment: ``natural``, ``satellite``, ``xray``, ``histology`` or ``dermoscopy`` (which
+            geometric and colour changes leave the content intact).
+        batch_size: images per batch (pairs of views; contrastive losses like large batches).
+        num_workers: loader processes (``None``: chosen for the machine).
+        in_chans: channels fed to the model (``None``: the model's).
+        normalize: ``auto`` / ``backbone`` / ``dataset``, as for the labelled datamodules.
+        on_bad_image: ``error`` or ``skip`` unreadable files (listed in ``skipped``).
+    """
+
+    def __init__(self, root: str, image_size: int | None = None, augment: str = "natural",
+                 batch_size: int | None = None, num_workers: int | None = None, in_chans: int | None = None,
+                 normalize: str = "auto", on_bad_image: str = "error") -> None:
+        super().__init__()
+        self.root, self.image_size, self.augment = root, image_size, augment
+        self.batch_size, self.num_workers, self.in_chans = batch_size, num_workers, in_chans
+        self.normalize, self.on_bad_image = normalize, on_bad_image
+        self.skipped: list[tuple[Path, str]] = []
+        self.dataset: ViewsDataset | None = None
+
+    num_classes = None  # no labels: the command line links these into any task; SSL ignores them
+    class_names = None
+
+    def paths(self) -> list[Path]:
+        folder = Path(self.root).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"Unlabelled image folder {folder} does not exist.")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+        if not files:
+            raise DataError(f"Unlabelled image folder {folder} has no images (searched recursively).")
+        return files
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        cfg = getattr(getattr(self.trainer, "lightning_module", None), "data_config", None) or {
+            "input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+        chans = self.in_chans or cfg["input_size"][0]
+        size = self.image_size or cfg["input_size"][1]
+        files = self.paths()
+        bad = scan_images(files, desc="Checking images", channels=chans)
+        if bad and self.on_bad_image != "skip":
+            listing = "\n".join(f"  {p}: {r}" for p, r in bad[:10])
+            raise DataError(f"{len(bad)} image(s) cannot be used:\n{listing}\nReplace or delete them, or set "
+                            f"on_bad_image='skip'.")
+        self.skipped = bad
+        files = [p for p in files if p not in {b for b, _ in bad}]
+        mean, std = list(cfg["mean"]), list(cfg["std"])
+        if len(mean) != chans:
+            mean, std = [float(np.mean(mean))] * chans, [float(np.mean(std))] * chans
+        auto = self.normalize == "auto" and needs_dataset_stats(files, chans)
+        if self.normalize == "dataset" or auto:
+            mean, std = channel_stats(files, chans)
+        self.preprocessing = {"in_chans": chans, "size": size, "mean": mean, "std": std}
+        self.dataset = ViewsDataset(files, ssl_transform(self.augment, size, mean, std), chans)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.dataset is not None, "call setup() first"
+        batch = self.batch_size or auto_batch_size(len(self.dataset), cap=64)
+        workers = auto_workers() if self.num_workers is None else self.num_workers
+        return DataLoader(self.dataset, batch_size=min(batch, len(self.dataset)), shuffle=True, num_workers=workers,
+                          persistent_workers=workers > 0, drop_last=len(self.dataset) > batch)
+
+
+class BlueMarbleUnlabelledDataModule(UnlabelledDataModule):
+    """Unlabelled Blue Marble or shaded-relief tiles (built once, offline), for continued
+    pretraining on a rendering before few-label fine-tuning on it.
+
+    Args:
+        per_class: tiles per class drawn (their labels are not used).
+        source: ``shadedrelief`` or ``bmng``.
+        tile_px: tile side in the mosaic's pixels.
+        seed: which tiles are drawn.
+        **kwargs: see :class:`UnlabelledDataModule` (``root`` is built here).
+    """
+
+    def __init__(self, per_class: int = 200, source: str = "shadedrelief", tile_px: int = 32, seed: int = 0,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("augment", "satellite")
+        super().__init__(root="", **kwargs)
+        self.per_class, self.source, self.tile_px, self.seed = per_class, source, tile_px, seed
+
+    def paths(self) -> list[Path]:
+        from visiontl._io import default_cache_dir
+        from visiontl.data.bluemarble import build_tiles
+
+        name = f"bluemarble-unlabelled-{self.source}-{self.tile_px}px-{self.per_class}-{self.seed}"
+        folder = default_cache_dir() / name
+        self.root = str(build_tiles(folder, splits={"images": self.per_class}, source=self.source,
+                                    tile_px=self.tile_px, seed=self.seed))
+        return super().paths()

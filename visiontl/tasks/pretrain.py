@@ -1,0 +1,195 @@
+"""Continued self-supervised pretraining: adapt an ImageNet backbone to unlabelled domain images.
+
+Starting from the pretrained weights, the backbone keeps training at a low learning rate (with
+warm-up, through any strategy of the ladder) on a self-supervised objective over two augmented
+views of each image:
+
+- ``simclr`` (Chen et al. 2020): the views of one image attract, all others in the batch repel
+  (NT-Xent); simple, strong with batches of 64+;
+- ``byol`` (Grill et al. 2020): an online network predicts a momentum ("target") network's
+  projection of the other view; no negatives, so it tolerates the small batches of a CPU.
+
+Losses and heads come from lightly (``NTXentLoss``, ``SimCLRProjectionHead``, ``BYOL*Head``,
+``update_momentum``): maintained, tested implementations of exactly these objectives; the views
+come from visiontl's albumentations pipeline (:mod:`visiontl.data.unlabelled`), so every band
+count and the domain presets work. The adapted backbone is written as
+``<run dir>/backbone.safetensors`` (atomically, every epoch and at the end), which any recipe
+loads with ``weights: path/to/backbone.safetensors``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pytorch_lightning import Callback
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_info
+
+from visiontl import _io
+from visiontl.backbones import create_backbone
+from visiontl.features import pooled_features
+from visiontl.tasks.base import BaseTask
+
+__all__ = ["BACKBONE_FILE", "ContinuedPretraining", "save_backbone"]
+
+BACKBONE_FILE = "backbone.safetensors"
+
+
+def save_backbone(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a timm backbone's state dict as safetensors, atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = Path(path)
+    with _io.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata or {})
+    return path
+
+
+class ContinuedPretraining(BaseTask):
+    """Self-supervised continued pretraining of a timm backbone on unlabelled images.
+
+    Use with :class:`~visiontl.data.UnlabelledDataModule` (batches of two views).
+
+    Args:
+        backbone: timm model name.
+        method: ``simclr`` or ``byol``.
+        strategy: what trains and at which learning rate (default: every layer at 1e-4, one
+            rate: ``{"name": "full", "lr": 1e-4, "decay": 1.0}``). Keep it low: the point is to
+            move ImageNet features towards the domain, not to learn from scratch.
+        pretrained: start from timm's pretrained weights (hub or cache) when ``weights`` is None.
+        weights: a local weights file or named source (offline).
+        in_chans: input channels (the pretrained stem is adapted).
+        head_lr_scale: the new projection / prediction heads train at ``head_lr_scale`` x the
+            strategy's learning rate (they start from scratch).
+        projection_dim: output size of the projection head.
+        hidden_dim: hidden size of the projection (and BYOL prediction) heads.
+        temperature: NT-Xent temperature (SimCLR).
+        momentum: BYOL target-network momentum at the start (cosine-ramped to 1).
+        weight_decay: AdamW weight decay.
+        warmup: fraction of the steps for linear warm-up.
+        converter: weights converter (see :func:`visiontl.weights.load_weights`).
+        num_classes: ignored (the command line links it from any datamodule).
+        class_names: ignored.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        method: Literal["simclr", "byol"] = "simclr",
+        strategy: Any = None,
+        pretrained: bool = True,
+        weights: str | None = None,
+        in_chans: int = 3,
+        head_lr_scale: float = 10.0,
+        projection_dim: int = 128,
+        hidden_dim: int = 512,
+        temperature: float = 0.2,
+        momentum: float = 0.99,
+        weight_decay: float = 1e-4,
+        warmup: float = 0.1,
+        converter: str | None = "auto",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+    ) -> None:
+        if method not in ("simclr", "byol"):
+            raise ValueError(f"Unknown self-supervised method {method!r}; choose simclr or byol.")
+        if strategy is None:
+            strategy = {"name": "full", "lr": 1e-4, "decay": 1.0}
+        super().__init__()
+
+    def configure_models(self) -> None:
+        from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, SimCLRProjectionHead
+
+        hp = self.hparams
+        self.model = create_backbone(hp["backbone"], num_classes=0, pretrained=hp["pretrained"],
+                                     weights=hp["weights"], in_chans=hp["in_chans"], converter=hp["converter"])
+        width = self.model.num_features
+        if hp["method"] == "simclr":
+            self.projection = SimCLRProjectionHead(width, hp["hidden_dim"], hp["projection_dim"])
+            self.prediction = None
+        else:
+            self.projection = BYOLProjectionHead(width, hp["hidden_dim"], hp["projection_dim"])
+            self.prediction = BYOLPredictionHead(hp["projection_dim"], hp["hidden_dim"], hp["projection_dim"])
+            self.target_model = copy.deepcopy(self.model).requires_grad_(False)
+            self.target_projection = copy.deepcopy(self.projection).requires_grad_(False)
+
+    def configure_losses(self) -> None:
+        from lightly.loss import NegativeCosineSimilarity, NTXentLoss
+
+        self.criterion = (NTXentLoss(temperature=self.hparams["temperature"]) if self.hparams["method"] == "simclr"
+                          else NegativeCosineSimilarity())
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        groups = super().optimizer_groups()
+        heads = [m for m in (self.projection, self.prediction) if m is not None]
+        groups.append({"params": [p for m in heads for p in m.parameters()], "name": "ssl_heads",
+                       "lr": self.strategy.lr * self.hparams["head_lr_scale"],
+                       "weight_decay": self.hparams["weight_decay"]})
+        return groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The projection of ``x`` (what the self-supervised loss compares)."""
+        return self.projection(pooled_features(self.model, x))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0, x1 = batch["view1"], batch["view2"]
+        if self.hparams["method"] == "simclr":
+            loss = self.criterion(self(x0), self(x1))
+        else:
+            from lightly.models.utils import update_momentum
+            from lightly.utils.scheduler import cosine_schedule
+
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            m = cosine_schedule(self.global_step, total, self.hparams["momentum"], 1.0)
+            update_momentum(self.model, self.target_model, m)
+            update_momentum(self.projection, self.target_projection, m)
+            p0, p1 = self.prediction(self(x0)), self.prediction(self(x1))
+            with torch.no_grad():
+                z0 = self.target_projection(pooled_features(self.target_model, x0))
+                z1 = self.target_projection(pooled_features(self.target_model, x1))
+            loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x0))
+        return loss
+
+    # -- the product: the adapted backbone ----------------------------------------------------------
+    def save_backbone(self, path: str | Path) -> Path:
+        """Write the adapted backbone (timm names, no classifier) for ``weights:`` in a recipe."""
+        meta = {"backbone": str(self.hparams["backbone"]), "method": str(self.hparams["method"]),
+                "in_chans": str(self.hparams["in_chans"]), "steps": str(self.global_step),
+                "producer": "visiontl continued pretraining"}
+        return save_backbone(self.model, path, meta)
+
+    def configure_callbacks(self) -> list[Callback]:
+        from visiontl.run import RunReport
+
+        callbacks: list[Callback] = [RunReport(), _SaveBackbone()]
+        trainer = self._trainer
+        if trainer is None or trainer.checkpoint_callback is not None:
+            callbacks.insert(0, ModelCheckpoint(save_top_k=0, save_last=True))  # resume with --ckpt_path last
+        if trainer is None or trainer.loggers:
+            callbacks.append(LearningRateMonitor("step"))
+        return callbacks
+
+
+class _SaveBackbone(Callback):
+    """``backbone.safetensors`` in the run directory after every epoch and at the end."""
+
+    @staticmethod
+    def _save(trainer: Any, module: ContinuedPretraining) -> Path | None:
+        if not trainer.is_global_zero:
+            return None
+        from visiontl.run import run_dir
+
+        return module.save_backbone(run_dir(trainer) / BACKBONE_FILE)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._save(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        path = self._save(trainer, pl_module)
+        if path is not None:
+            rank_zero_info(f"[visiontl] adapted backbone: {path} (fine-tune with weights: {path})")
