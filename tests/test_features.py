@@ -17,15 +17,35 @@ from visiontl.strategies import Probe
 from visiontl.tasks import ClassificationTask
 
 
-def _fit_probe(root: Path, cache: bool, tmp_path: Path, steps: int = 12, backbone: str = "test_resnet"):
+def _fit_probe(root: Path, cache: bool, tmp_path: Path, steps: int = 12, backbone: str = "test_resnet",
+               **trainer_kwargs):
     pl.seed_everything(0, verbose=False)
     dm = FolderDataModule(str(root), image_size=32, num_workers=0, batch_size=8, augment="none")
     task = ClassificationTask(backbone, num_classes=dm.num_classes, strategy=Probe(cache_features=cache),
                               pretrained=False)
-    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer = pl.Trainer(max_steps=steps, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                         **{"logger": False, **trainer_kwargs})
     trainer.fit(task, dm)
     return task, dm
+
+
+def test_cached_probe_logs_the_same_epoch_loss_and_steps_only_when_written(shapes_root: Path, tmp_path: Path) -> None:
+    """Head steps on features skip Lightning's per-step logging, yet the logged epoch losses equal
+    those of the image run, and the step loss appears exactly at the logger's steps."""
+    import pandas as pd
+    from pytorch_lightning.loggers import CSVLogger
+
+    def logged(cache: bool, every: int) -> pd.DataFrame:
+        logger = CSVLogger(tmp_path, name=f"c{cache}{every}")
+        _fit_probe(shapes_root, cache, tmp_path, steps=12, logger=logger, log_every_n_steps=every)
+        return pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+
+    cached, plain = logged(True, 3), logged(False, 3)
+    a, b = cached["train_loss_epoch"].dropna().to_numpy(), plain["train_loss_epoch"].dropna().to_numpy()
+    assert len(a) == len(b) >= 2 and np.allclose(a, b, atol=1e-5)
+    steps = cached.dropna(subset=["train_loss_step"])["step"].tolist()
+    assert steps == [s for s in range(12) if (s + 1) % 3 == 0]
 
 
 def _entries(root: Path) -> list[Path]:
