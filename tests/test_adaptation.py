@@ -221,6 +221,48 @@ def test_continued_pretraining_lowers_its_loss_and_saves_a_loadable_backbone(
     assert fine.model.visiontl_weights["reinitialized"] == ["fc.weight", "fc.bias"]
 
 
+def test_mae_continues_a_vit_from_its_weights_lowers_its_loss_and_saves_a_loadable_backbone(
+    domains: dict[str, Path], tmp_path: Path
+) -> None:
+    from visiontl.backbones import create_backbone
+    from visiontl.tasks.pretrain import save_backbone
+
+    start = save_backbone(create_backbone("test_vit", num_classes=0), tmp_path / "start.safetensors")
+    task = ContinuedPretraining("test_vit", method="mae", pretrained=False, weights=str(start),
+                                strategy={"name": "full", "lr": 1e-3, "decay": 1.0})
+    from safetensors.torch import load_file
+
+    for name, value in load_file(str(start)).items():  # lightly's wrapper re-initialises unless told not to
+        assert torch.equal(task.model.state_dict()[name], value), name
+    pl.seed_everything(0, verbose=False)
+    dm = UnlabelledDataModule(str(domains["target"]), num_workers=0, batch_size=10)  # the ViT's own 160 px
+    trainer = _fit(task, dm, tmp_path, steps=30)
+    import pandas as pd
+
+    losses = pd.read_csv(Path(trainer.log_dir) / "metrics.csv")["train_loss_epoch"].dropna().tolist()
+    assert len(losses) == 10 and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    names = [g.get("name") for g in trainer.optimizers[0].param_groups]
+    assert "ssl_heads" in names  # the decoder trains (at the heads' rate)
+    fine = ClassificationTask("test_vit", num_classes=3, pretrained=False,
+                              weights=str(Path(trainer.log_dir) / "backbone.safetensors"))
+    adapted = task.model.state_dict()
+    assert not torch.equal(adapted["blocks.0.attn.qkv.weight"], load_file(str(start))["blocks.0.attn.qkv.weight"])
+    for name, value in fine.model.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(value, adapted[name]), name
+
+
+def test_mae_errors_name_the_problem(domains: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs a timm Vision Transformer.*simclr"):
+        ContinuedPretraining("test_resnet", method="mae", pretrained=False)
+    with pytest.raises(ValueError, match="mask_ratio must be between 0 and 1"):
+        ContinuedPretraining("test_vit", method="mae", pretrained=False, mask_ratio=1.0)
+    task = ContinuedPretraining("test_vit", method="mae", pretrained=False)
+    dm = UnlabelledDataModule(str(domains["target"]), image_size=32, num_workers=0, batch_size=10)
+    with pytest.raises(ValueError, match="takes 160 px images.*image_size to 160"):
+        _fit(task, dm, tmp_path, steps=1)
+
+
 def test_unlabelled_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         UnlabelledDataModule(str(tmp_path / "nowhere")).setup()

@@ -14,7 +14,7 @@ from fixtures import load_fixture
 from visiontl.cli import main
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
-TINY = {"tf_efficientnet_lite0": "test_efficientnet", "resnet18": "test_resnet"}
+TINY = {"tf_efficientnet_lite0": "test_efficientnet", "resnet18": "test_resnet", "vit_small_patch16_224": "test_vit"}
 
 
 # recipe -> (fixture generator in tests/data/<name>/generate.py, the data argument it fills)
@@ -39,7 +39,7 @@ def _data_overrides(recipe_path: Path, recipe: dict, shapes_root: Path, tmp_path
         xray = load_fixture("chest_xray").make(tmp_path / "data")
         return ["--data.init_args.root", str(xray / "train"), "--data.init_args.target_root", str(xray / "test"),
                 "--data.init_args.target_val_root", str(xray / "val")]
-    if kind == "FolderDataModule":
+    if kind in ("FolderDataModule", "UnlabelledDataModule"):
         return ["--data.init_args.root", str(shapes_root)]
     if kind in ("BlueMarbleDataModule", "BlueMarbleAdaptationDataModule"):  # real offline tiles, a handful
         return ["--data.init_args.train_per_class", "4", "--data.init_args.val_per_class", "2"]
@@ -50,11 +50,12 @@ def _data_overrides(recipe_path: Path, recipe: dict, shapes_root: Path, tmp_path
 
 def _common(recipe: dict, out: Path) -> list[str]:
     backbone = recipe["model"]["init_args"].get("backbone", "resnet18")
+    masked = recipe["model"]["init_args"].get("method") == "mae"  # on the ViT's own patch grid (160 px for test_vit)
     return [
         "--model.init_args.backbone", TINY.get(backbone, "test_resnet"),
         "--model.init_args.pretrained", "false",
         "--model.init_args.weights", "null",
-        "--data.init_args.image_size", "32",
+        "--data.init_args.image_size", "null" if masked else "32",
         "--data.init_args.num_workers", "0",
         "--trainer.max_steps", "6",
         "--trainer.enable_progress_bar", "false",
