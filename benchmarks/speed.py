@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile

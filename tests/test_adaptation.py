@@ -257,6 +257,10 @@ def test_mae_errors_name_the_problem(domains: dict[str, Path], tmp_path: Path) -
         ContinuedPretraining("test_resnet", method="mae", pretrained=False)
     with pytest.raises(ValueError, match="mask_ratio must be between 0 and 1"):
         ContinuedPretraining("test_vit", method="mae", pretrained=False, mask_ratio=1.0)
+    # extreme ratios still hide at least one patch and show at least one; any decoder width works
+    for ratio, width in ((0.001, 100), (0.999, 48)):
+        edge = ContinuedPretraining("test_vit", method="mae", pretrained=False, mask_ratio=ratio, decoder_dim=width)
+        assert torch.isfinite(edge.mae_loss(torch.rand(2, 3, 160, 160)))
     task = ContinuedPretraining("test_vit", method="mae", pretrained=False)
     dm = UnlabelledDataModule(str(domains["target"]), image_size=32, num_workers=0, batch_size=10)
     with pytest.raises(ValueError, match="takes 160 px images.*image_size to 160"):

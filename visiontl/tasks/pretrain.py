@@ -25,6 +25,7 @@ loads with ``weights: path/to/backbone.safetensors``.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,7 +150,7 @@ class ContinuedPretraining(BaseTask):
         self.decoder = MAEDecoderTIMM(
             num_patches=vit.patch_embed.num_patches, patch_size=patch[0], in_chans=hp["in_chans"],
             embed_dim=vit.embed_dim, decoder_embed_dim=hp["decoder_dim"], decoder_depth=hp["decoder_depth"],
-            decoder_num_heads=max(1, hp["decoder_dim"] // 32), num_prefix_tokens=vit.num_prefix_tokens,
+            decoder_num_heads=math.gcd(hp["decoder_dim"], 4), num_prefix_tokens=vit.num_prefix_tokens,
         )
         self.projection = None
 
@@ -163,8 +164,8 @@ class ContinuedPretraining(BaseTask):
     def setup(self, stage: str) -> None:
         """Refuse a view size a ViT cannot take: a fixed-size one (its position embedding would not
         load back) or MAE's, whose decoder is built for the model's own patch grid."""
-        dm = getattr(self.trainer, "datamodule", None)
-        size = (getattr(dm, "preprocessing", None) or {}).get("size")
+        pre = getattr(getattr(self.trainer, "datamodule", None), "preprocessing", None)
+        size = pre.get("size") if isinstance(pre, dict) else None  # an UnlabelledDataModule's, once set up
         native = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         fixed = self.hparams["method"] == "mae" or not getattr(self.model, "dynamic_img_size", False)
         if size and native and fixed and tuple(native) != (size, size):
@@ -192,7 +193,7 @@ class ContinuedPretraining(BaseTask):
 
         vit, masked = self.model, self.__dict__["_masked"]
         n, patches, prefix = len(images), vit.patch_embed.num_patches, vit.num_prefix_tokens
-        keep = max(1, round(patches * (1.0 - self.hparams["mask_ratio"])))
+        keep = min(patches - 1, max(1, round(patches * (1.0 - self.hparams["mask_ratio"]))))  # >= 1 seen, >= 1 hidden
         order = torch.rand(n, patches, device=images.device).argsort(dim=1) + prefix  # token positions
         idx_keep = torch.cat([torch.arange(prefix, device=images.device).expand(n, -1), order[:, :keep]], dim=1)
         idx_mask = order[:, keep:]
