@@ -64,8 +64,9 @@ def test_cli_export_verifies_on_the_runs_images_and_predictor_agrees(run, shapes
     task = run.task.eval()
     from visiontl.export import preprocess_for_export
 
-    x = torch.from_numpy(preprocess_for_export(files, (32, 32), 3))
     cfg = task.data_config
+    assert (predictor.crop_pct, predictor.interpolation) == (cfg["crop_pct"], cfg["interpolation"])  # as trained
+    x = torch.from_numpy(preprocess_for_export(files, (32, 32), 3, predictor.crop_pct, predictor.interpolation))
     with torch.no_grad():
         expected = task.model((x - torch.tensor(cfg["mean"]).view(1, -1, 1, 1))
                               / torch.tensor(cfg["std"]).view(1, -1, 1, 1)).softmax(1)
@@ -77,7 +78,7 @@ def test_failed_verification_leaves_nothing_at_the_target(run, tmp_path: Path) -
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous model")
     with pytest.raises(ExportError, match="nothing was written"):
-        export_onnx(run.run_dir, out, tolerance=-1.0)
+        export_onnx(run.run_dir, out, atol=-1.0, rtol=0.0)
     assert out.read_bytes() == b"previous model"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temp file left
 
@@ -194,3 +195,61 @@ def test_export_finds_the_runs_own_images(run, tmp_path: Path) -> None:
     assert report["verified_on"] == f"{len(val)} images"
     train = (run.run_dir / "train_images.txt").read_text().split()
     assert report["int8"]["method"] == f"static QDQ, calibrated on {len(train)} images"
+
+
+def _scaled_task(scale: float):
+    from visiontl.tasks import ClassificationTask
+
+    torch.manual_seed(0)
+    task = ClassificationTask("test_resnet", num_classes=4, class_names=list("abcd"), pretrained=False,
+                              input_size=32).eval()
+    with torch.no_grad():
+        head = task.model.get_classifier()
+        head.weight.mul_(scale)
+        head.bias.mul_(scale)
+    return task
+
+
+def test_export_tolerance_is_relative_to_the_logit_scale(tmp_path: Path) -> None:
+    """Float32 rounding grows with the logits: large logits differ by more than 1e-4 in absolute
+    terms, yet the model is right and exports; the report gives all three numbers."""
+    report = export_onnx(_scaled_task(3e4), tmp_path / "big.onnx")
+    assert report["max_abs_logit_diff"] > 1e-4  # would have been refused by a fixed 1e-4
+    assert report["max_abs_logit_diff"] <= report["logit_tolerance"] == pytest.approx(1e-4 + 1e-3 * report["logit_scale"])
+    assert report["logit_scale"] > 100 and report["max_prob_diff"] <= 1e-4 and report["top1_mismatches"] == 0
+    assert (tmp_path / "big.onnx").exists()
+
+
+def test_export_refuses_a_wrong_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One perturbed weight in the ONNX file is a real error, not noise: refused, nothing written."""
+    real_export = torch.onnx.export
+
+    def export_then_perturb(model, args, f, **kwargs):
+        real_export(model, args, f, **kwargs)
+        proto = onnx.load(str(f))
+        gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")  # the classifier
+        init = next(t for t in proto.graph.initializer if t.name == gemm.input[2])  # its bias
+        values = onnx.numpy_helper.to_array(init).copy()
+        values.flat[0] += 0.5  # one weight of one class
+        init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+        onnx.save(proto, str(f))
+
+    monkeypatch.setattr(torch.onnx, "export", export_then_perturb)
+    with pytest.raises(ExportError, match="does not reproduce PyTorch"):
+        export_onnx(_scaled_task(1.0), tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_compare_outputs_counts_top1_flips_only_outside_ties() -> None:
+    from visiontl.export import compare_outputs
+
+    ref = np.array([[5.0, 1.0, 0.0], [2.0, 2.0 + 1e-6, 0.0]])
+    tie_flip = ref + np.array([[0.0, 0.0, 0.0], [2e-6, 0.0, 0.0]])  # the near tie flips: rounding
+    ok = compare_outputs(ref, tie_flip)
+    assert ok["passed"] and ok["top1_agreement"] == 0.5 and ok["top1_mismatches"] == 0
+    wrong = ref.copy()
+    wrong[0] = [1.0, 5.0, 0.0]
+    bad = compare_outputs(ref, wrong)
+    assert not bad["passed"] and bad["top1_mismatches"] == 1 and bad["max_abs_logit_diff"] == 4.0
+    probs_off = compare_outputs(np.array([[0.0, 0.0]]), np.array([[0.0, 1e-3]]), atol=1e-2)
+    assert probs_off["max_abs_logit_diff"] <= probs_off["logit_tolerance"] and not probs_off["passed"]

@@ -31,7 +31,10 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, help="target .onnx file (written only once verified)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--images", nargs="*", help="images to verify on (default: the run's validation images)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed logit difference")
+    parser.add_argument("--atol", type=float, default=1e-4, help="absolute part of the logit tolerance")
+    parser.add_argument("--rtol", type=float, default=1e-3,
+                        help="relative part: logits may differ by atol + rtol * max|logit|")
+    parser.add_argument("--prob-atol", type=float, default=1e-4, help="largest allowed probability difference")
     parser.add_argument("--quantize", choices=["int8"], help="also write <out>.int8.onnx if it agrees with float")
     parser.add_argument("--calibration-images", nargs="*", help="training images for int8 calibration")
     parser.add_argument("--min-agreement", type=float, default=0.99, help="int8 top-1 agreement needed")
@@ -41,15 +44,17 @@ def _export(argv: Sequence[str]) -> int:
     from visiontl.weights import WeightsError
 
     try:
-        report = export_onnx(args.source, args.out, opset=args.opset, images=args.images, tolerance=args.tolerance,
+        report = export_onnx(args.source, args.out, opset=args.opset, images=args.images, atol=args.atol,
+                             rtol=args.rtol, prob_atol=args.prob_atol,
                              quantize=args.quantize, calibration_images=args.calibration_images,
                              min_agreement=args.min_agreement)
     except (ExportError, QuantizeError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {report['path']} ({report['size_bytes'] / 1e6:.1f} MB, opset {report['opset']}); verified on "
-          f"{report['verified_on']}: max |logit diff| {report['max_abs_logit_diff']:.2e}, "
-          f"top-1 agreement {report['top1_agreement']:.3f}")
+          f"{report['verified_on']}: max |logit diff| {report['max_abs_logit_diff']:.2e} (allowed "
+          f"{report['logit_tolerance']:.2e} at logit scale {report['logit_scale']:.3g}), max |prob diff| "
+          f"{report['max_prob_diff']:.2e}, top-1 agreement {report['top1_agreement']:.3f}")
     q8 = report.get("int8")
     if q8:
         verdict = f"wrote {q8['path']}" if q8["accepted"] else "REFUSED (float model kept as the artefact)"

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from visiontl.data.geometry import eval_resize
 from visiontl.data.images import ImageReadError, read_image, to_channels
 
 __all__ = ["Prediction", "Predictor", "PredictorError", "main", "ort_session", "preprocess"]
@@ -61,12 +61,17 @@ def ort_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str] 
     return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
-def preprocess(path: str | os.PathLike[str], size: tuple[int, int], channels: int) -> np.ndarray:
-    """Read an image and bring it to the export convention: float32 CHW in [0, 1] at ``size``."""
+def preprocess(path: str | os.PathLike[str], size: tuple[int, int], channels: int, crop_pct: float = 1.0,
+               interpolation: str = "bilinear") -> np.ndarray:
+    """Read an image and bring it to the export convention: float32 CHW in [0, 1] at ``size``.
+
+    The geometry is :func:`visiontl.data.geometry.eval_resize`, the one training evaluated with:
+    images at least as large as the input are resized to ``size / crop_pct`` and centre-cropped,
+    smaller ones are upsampled and never cropped.
+    """
     image = to_channels(read_image(path), channels, path)
+    resized = eval_resize(image, size, crop_pct, interpolation)
     height, width = size
-    shrink = image.shape[0] > height or image.shape[1] > width
-    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     return np.ascontiguousarray(resized.reshape(height, width, channels).transpose(2, 0, 1), dtype=np.float32)
 
 
@@ -96,6 +101,8 @@ class Predictor:
         self.class_names: list[str] = json.loads(meta["class_names"])
         self.size = tuple(json.loads(meta["input_size"]))
         self.channels = int(meta["channels"])
+        self.crop_pct = float(meta.get("crop_pct", 1.0))  # models exported before crop_pct was recorded: none
+        self.interpolation = meta.get("interpolation", "bilinear")
 
     def predict(self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32) -> list[Prediction]:
         """Predict every path (in order); unreadable files come back with ``error`` set."""
@@ -104,7 +111,7 @@ class Predictor:
         pending: list[Prediction] = []
         for path in paths:
             try:
-                batch.append(preprocess(path, self.size, self.channels))
+                batch.append(preprocess(path, self.size, self.channels, self.crop_pct, self.interpolation))
                 pending.append(Prediction(str(path)))
             except ImageReadError as err:
                 results.append(Prediction(str(path), error=err.reason))

@@ -295,8 +295,11 @@ class ClassificationDataModule(pl.LightningDataModule):
             mean, std = [float(np.mean(mean))] * chans, [float(np.mean(std))] * chans
         if self.mean is None and self.std is None and self._use_dataset_stats(chans):
             mean, std = self.dataset_stats(chans)
+        # centre crops are for natural photos (subject in the middle); tiles, scans and slides keep
+        # their borders, and images smaller than the input are never cropped (data.geometry)
+        crop_pct = float(cfg.get("crop_pct") or 1.0) if self.augment == "natural" else 1.0
         return {"in_chans": chans, "size": size, "mean": mean, "std": std,
-                "crop_pct": cfg.get("crop_pct", 1.0), "interpolation": cfg.get("interpolation", "bilinear")}
+                "crop_pct": crop_pct, "interpolation": cfg.get("interpolation", "bilinear")}
 
     def _check_layout(self) -> None:
         """The cheap part of ``visiontl check-data`` (headers, counts, imbalance, paths shared

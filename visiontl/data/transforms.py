@@ -1,22 +1,43 @@
 """Albumentations pipelines built from the backbone's data config, one preset per domain.
 
-Presets only differ in the training augmentations; evaluation is always resize (+ centre crop
-for natural images), normalise, to tensor. Images arrive as float32 HWC in ``[0, 1]``.
+Presets only differ in the training augmentations; evaluation is always
+:func:`visiontl.data.geometry.eval_resize` (resize, plus a centre crop for natural images that
+are not smaller than the input), normalise, to tensor: the same geometry as the feature cache,
+export verification and the predictor. Images arrive as float32 HWC in ``[0, 1]``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import Any
+
 import albumentations as A
 import cv2
+import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-__all__ = ["PRESETS", "build_transforms"]
+from visiontl.data.geometry import INTERPOLATION, eval_resize
+
+__all__ = ["PRESETS", "EvalResize", "build_transforms"]
 
 PRESETS = ("natural", "satellite", "xray", "histology", "dermoscopy", "none")
 
-_INTERPOLATION = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
+
+class EvalResize(A.ImageOnlyTransform):
+    """:func:`~visiontl.data.geometry.eval_resize` as an albumentations step (evaluation only)."""
+
+    def __init__(self, height: int, width: int, crop_pct: float = 1.0, interpolation: str = "bilinear",
+                 p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.height, self.width, self.crop_pct, self.interpolation = int(height), int(width), float(crop_pct), \
+            interpolation
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return eval_resize(img, (self.height, self.width), self.crop_pct, self.interpolation)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("height", "width", "crop_pct", "interpolation")
 
 
 def _train_augment(preset: str, size: tuple[int, int], interp: int) -> list[A.BasicTransform]:
@@ -78,20 +99,16 @@ def build_transforms(
         size: output size (int or ``(height, width)``).
         mean: per-channel mean on the ``[0, 1]`` scale.
         std: per-channel standard deviation on the ``[0, 1]`` scale.
-        crop_pct: evaluation centre crop fraction (timm's ``crop_pct``); natural preset only.
+        crop_pct: evaluation centre crop fraction (timm's ``crop_pct``) for images not smaller
+            than the input; smaller images are upsampled and never cropped.
         interpolation: ``nearest``, ``bilinear`` or ``bicubic``.
     """
     hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    interp = _INTERPOLATION.get(interpolation, cv2.INTER_LINEAR)
+    interp = INTERPOLATION.get(interpolation, cv2.INTER_LINEAR)
     if train:
         steps = _train_augment(preset, hw, interp)
-    elif preset == "natural" and crop_pct < 1.0:
-        steps = [
-            A.Resize(round(hw[0] / crop_pct), round(hw[1] / crop_pct), interpolation=interp),
-            A.CenterCrop(*hw),
-        ]
     else:
         _train_augment(preset, hw, interp)  # validates the preset name
-        steps = [A.Resize(*hw, interpolation=interp)]
+        steps = [EvalResize(*hw, crop_pct=crop_pct, interpolation=interpolation)]
     norm = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0)
     return A.Compose([*steps, norm, ToTensorV2()])

@@ -96,6 +96,9 @@ class BaseTask(pl.LightningModule):
         for key in ("mean", "std"):
             if self.hparams.get(key):
                 cfg[key] = tuple(float(v) for v in self.hparams[key])
+        for key in ("crop_pct", "interpolation"):
+            if self.hparams.get(key) is not None:
+                cfg[key] = self.hparams[key]
         return cfg
 
     def strategy_report(self) -> dict[str, Any]:

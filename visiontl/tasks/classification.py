@@ -62,6 +62,9 @@ class ClassificationTask(BaseTask):
         input_size: training input size, when not the backbone's (set from the datamodule).
         mean: normalisation mean, when not the backbone's (set from the datamodule).
         std: normalisation std, when not the backbone's (set from the datamodule).
+        crop_pct: evaluation centre-crop fraction (set from the datamodule; images smaller than
+            the input are never cropped, see :mod:`visiontl.data.geometry`).
+        interpolation: resize interpolation (set from the datamodule).
     """
 
     def __init__(
@@ -84,6 +87,8 @@ class ClassificationTask(BaseTask):
         input_size: int | None = None,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
     ) -> None:
         if num_classes is None and class_names:
             num_classes = len(class_names)
@@ -169,7 +174,8 @@ class ClassificationTask(BaseTask):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "preprocessing"):
             pre = dm.preprocessing()  # record what the model really sees: export and predict need it
-            self.hparams.update(input_size=int(pre["size"]), mean=list(pre["mean"]), std=list(pre["std"]))
+            self.hparams.update(input_size=int(pre["size"]), mean=list(pre["mean"]), std=list(pre["std"]),
+                                crop_pct=float(pre["crop_pct"]), interpolation=str(pre["interpolation"]))
             if self._fit_input_size(int(pre["size"])):
                 self.groups = layer_groups(self.model)  # the position embedding is a new parameter
                 self.set_trainable_groups(self.trainable_groups)
@@ -381,5 +387,5 @@ class ClassificationTask(BaseTask):
 _INIT_ARGS = {
     "backbone", "num_classes", "class_names", "pretrained", "weights", "in_chans", "weight_decay",
     "warmup", "class_weights", "label_smoothing", "drop_rate", "converter", "channels_last", "compile",
-    "input_size", "mean", "std",
+    "input_size", "mean", "std", "crop_pct", "interpolation",
 }

@@ -1,0 +1,47 @@
+"""The evaluation geometry shared by training evaluation, the feature cache, export and predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from visiontl.data.geometry import eval_resize
+from visiontl.data.transforms import build_transforms
+from visiontl.predict import preprocess
+
+
+def test_small_images_are_upsampled_whole_never_cropped() -> None:
+    image = np.zeros((10, 10), np.float32)
+    image[:, 0] = image[:, -1] = 1.0  # borders a centre crop would cut off
+    out = eval_resize(image, 64, crop_pct=0.875, interpolation="bilinear")
+    assert out.shape == (64, 64)
+    assert np.allclose(out, cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR))
+    assert out[:, 0].min() > 0.5 and out[:, -1].min() > 0.5  # both borders survive
+
+
+def test_large_images_are_resized_then_centre_cropped() -> None:
+    image = np.random.default_rng(0).random((200, 300, 3), dtype=np.float32)
+    out = eval_resize(image, (64, 64), crop_pct=0.8)
+    big = cv2.resize(image, (80, 80), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(out, big[8:72, 8:72])
+    assert np.array_equal(eval_resize(image, 64, crop_pct=1.0), cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA))
+    with pytest.raises(ValueError, match="crop_pct"):
+        eval_resize(image, 64, crop_pct=0.0)
+
+
+@pytest.mark.parametrize("side", [12, 120])
+def test_training_evaluation_and_predictor_see_the_same_pixels(side: int, tmp_path: Path) -> None:
+    rng = np.random.default_rng(side)
+    path = tmp_path / "x.png"
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    transform = build_transforms("natural", False, 48, mean, std, crop_pct=0.875, interpolation="bicubic")
+    image = np.asarray(Image.open(path), dtype=np.float32) / 255.0
+    seen_in_training = transform(image=image)["image"].numpy()
+    seen_in_deployment = preprocess(path, (48, 48), 3, crop_pct=0.875, interpolation="bicubic")
+    normalised = (seen_in_deployment - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    assert np.allclose(seen_in_training, normalised, atol=1e-5)
