@@ -17,7 +17,7 @@ from visiontl.predict import preprocess
 def test_small_images_are_upsampled_whole_never_cropped() -> None:
     image = np.zeros((10, 10), np.float32)
     image[:, 0] = image[:, -1] = 1.0  # borders a centre crop would cut off
-    out = eval_resize(image, 64, crop_pct=0.875, interpolation="bilinear")
+    out = eval_resize(image, 64, crop_pct=0.875)
     assert out.shape == (64, 64)
     assert np.allclose(out, cv2.resize(image, (64, 64), interpolation=cv2.INTER_LINEAR))
     assert out[:, 0].min() > 0.5 and out[:, -1].min() > 0.5  # both borders survive
@@ -42,6 +42,6 @@ def test_training_evaluation_and_predictor_see_the_same_pixels(side: int, tmp_pa
     transform = build_transforms("natural", False, 48, mean, std, crop_pct=0.875, interpolation="bicubic")
     image = np.asarray(Image.open(path), dtype=np.float32) / 255.0
     seen_in_training = transform(image=image)["image"].numpy()
-    seen_in_deployment = preprocess(path, (48, 48), 3, crop_pct=0.875, interpolation="bicubic")
+    seen_in_deployment = preprocess(path, (48, 48), 3, crop_pct=0.875)
     normalised = (seen_in_deployment - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
     assert np.allclose(seen_in_training, normalised, atol=1e-5)

@@ -112,22 +112,51 @@ def test_decay_one_is_a_single_learning_rate_and_lr_range_is_geometric() -> None
 
 
 def test_gradual_trains_the_head_first_then_everything(shapes_root, tmp_path) -> None:
-    task = _task(Gradual(head_epochs=1, decay=0.5))
+    task = _task(Gradual(head="sgd", head_epochs=1, decay=0.5))
     before = _snapshot(task)
     trainer = _fit(task, shapes_root, tmp_path, epochs=1)
     assert _changed(before, task) == _group_keys(task, {"head"})
     optimizer_groups = len(trainer.optimizers[0].param_groups)
     assert optimizer_groups == len(task.groups)  # every group is in the optimizer from the start
 
-    task2 = _task(Gradual(head_epochs=1, decay=0.5))
+    task2 = _task(Gradual(head="sgd", head_epochs=1, decay=0.5, bn_stats="update"))
     before = _snapshot(task2)
     trainer = _fit(task2, shapes_root, tmp_path, epochs=2)
     assert _changed(before, task2) >= {n for n, _ in task2.model.named_parameters()}
     assert len(trainer.optimizers[0].param_groups) == optimizer_groups
 
 
+def test_gradual_is_lp_ft_a_fitted_head_then_everything_with_frozen_statistics(shapes_root, tmp_path,
+                                                                                monkeypatch) -> None:
+    """LP-FT: before the first gradient step the head IS the logistic regression fitted on the
+    frozen features; then every group trains from epoch 0 while BatchNorm statistics stay put."""
+    from visiontl.strategies.heads import LogisticRegression
+
+    fitted: dict[str, torch.Tensor] = {}
+    real_fit = LogisticRegression.fit
+
+    def spy(self, head, features, labels, num_classes, class_weight=None):
+        real_fit(self, head, features, labels, num_classes, class_weight)
+        fitted.update(weight=head.weight.detach().clone(), features=features.clone(), labels=labels.clone())
+
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    task = _task("gradual")
+    before = _snapshot(task)
+    trainer = _fit(task, shapes_root, tmp_path, epochs=1)
+    assert fitted and fitted["features"].shape == (len(trainer.datamodule.splits["train"]), task.model.num_features)
+    reference = torch.nn.Linear(task.model.num_features, 3)
+    LogisticRegression().fit(reference, fitted["features"], fitted["labels"], 3)
+    assert torch.allclose(fitted["weight"], reference.weight, atol=1e-5)  # the same deterministic fit
+    changed = _changed(before, task)
+    assert {n for n, _ in task.model.named_parameters()} <= changed  # everything trained in epoch 0
+    running = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert running and not any(k in changed for k in running)  # bn_stats="frozen"
+    report = task.strategy_report()["head_fit"]
+    assert report["l2"] in LogisticRegression().grid and 0 <= report["val_acc"] <= 1
+
+
 def test_gradual_progressive_unfreezes_one_group_per_epoch() -> None:
-    task = _task(Gradual(head_epochs=1, unfreeze="progressive"))
+    task = _task(Gradual(head="sgd", head_epochs=1, unfreeze="progressive"))
     names = [g.name for g in task.groups]
     strategy = task.strategy
     assert strategy.trainable_at(task.groups, 0) == ["head"]

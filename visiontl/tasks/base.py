@@ -75,7 +75,8 @@ class BaseTask(pl.LightningModule):
     # -- freezing -------------------------------------------------------------------------------
     def set_trainable_groups(self, names: list[str]) -> None:
         """Train exactly the named layer groups; everything else (and its statistics) is frozen."""
-        self.frozen_norms = set_trainable(self.model, self.groups, names, self.strategy.train_bn)
+        self.frozen_norms = set_trainable(self.model, self.groups, names, self.strategy.train_bn,
+                                          freeze_stats=self.strategy.bn_stats == "frozen")
         self.trainable_groups = list(names)
 
     def train(self, mode: bool = True) -> BaseTask:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -31,7 +31,7 @@ from visiontl.features import (
     weights_fingerprint,
 )
 from visiontl.speed import is_cnn
-from visiontl.strategies import FittedHead, Strategy, StrategyError, replace_classifier
+from visiontl.strategies import Strategy, StrategyError, replace_classifier
 from visiontl.tasks.base import BaseTask
 
 __all__ = ["ClassificationTask"]
@@ -127,11 +127,10 @@ class ClassificationTask(BaseTask):
             self.model.to(memory_format=torch.channels_last)
         # not a registered submodule: the state dict keeps the model's own parameter names
         self.__dict__["_compiled"] = torch.compile(self.model) if hp["compile"] else None
-        if isinstance(self.strategy, FittedHead):
-            width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
-            head = self.strategy.make_head(width, hp["num_classes"])
-            if head is not None:
-                replace_classifier(self.model, head)
+        width = getattr(self.model, "head_hidden_size", None) or getattr(self.model, "num_features", 0)
+        head = self.strategy.make_head(width, hp["num_classes"])
+        if head is not None:
+            replace_classifier(self.model, head)
 
     def configure_losses(self) -> None:
         weights = self.hparams["class_weights"]
@@ -195,34 +194,35 @@ class ClassificationTask(BaseTask):
     @property
     def uses_feature_cache(self) -> bool:
         """Whether training reads cached backbone features (a frozen backbone and a timm head)."""
-        return bool(getattr(self.strategy, "cache_features", False)) and supports_features(self.model)
+        return bool(self.strategy.cache_features) and supports_features(self.model)
+
+    def _features(self, dm: Any, split: str, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The frozen backbone's pooled features of ``split`` (and labels), from the cache or computed
+        into it; ``views > 1`` gives that many augmented views of each training image."""
+        augmented = split == "train" and views > 1
+        source = dm.feature_source(split, augmented=augmented)
+        cache = FeatureCache()
+        key = cache.key({
+            "backbone": self.hparams["backbone"],
+            "weights": weights_fingerprint(self.model, exclude_prefixes=head_prefixes(self.model)),
+            "in_chans": source.in_chans, "transform": repr(source.transform), "pixels": source.source_tag,
+            "views": views if augmented else 1, "seed": dm.seed if augmented else None,
+            "data": data_fingerprint([p for p, _ in source.items]),
+        })
+        entry, hit = cache.get_or_compute(
+            key,
+            lambda: extract_features(self.model, source, batch_size=32, views=views if augmented else 1,
+                                     desc=f"Extracting {split} features"),
+            info={"backbone": self.hparams["backbone"], "split": split, "images": len(source)},
+        )
+        rank_zero_info(f"[visiontl] {split} features {'loaded from' if hit else 'cached in'} {entry.path}")
+        return entry.features, entry.labels
 
     def _attach_features(self, dm: Any) -> None:
         """Compute (or load) features for every labelled split and hand them to the datamodule."""
-        cache = FeatureCache()
-        weights = weights_fingerprint(self.model, exclude_prefixes=head_prefixes(self.model))
-        views = int(getattr(self.strategy, "views", 1))
         for split in ("train", "val", "test"):
-            if split not in dm.datasets:
-                continue
-            augmented = split == "train" and views > 1
-            source = dm.feature_source(split, augmented=augmented)
-            key = cache.key({
-                "backbone": self.hparams["backbone"], "weights": weights, "in_chans": source.in_chans,
-                "transform": repr(source.transform), "pixels": source.source_tag, "views": views if augmented else 1,
-                "seed": dm.seed if augmented else None,
-                "data": data_fingerprint([p for p, _ in source.items]),
-            })
-            entry, hit = cache.get_or_compute(
-                key,
-                lambda source=source, augmented=augmented: extract_features(
-                    self.model, source, batch_size=32, views=views if augmented else 1,
-                    desc=f"Extracting {split} features",
-                ),
-                info={"backbone": self.hparams["backbone"], "split": split, "images": len(source)},
-            )
-            rank_zero_info(f"[visiontl] {split} features {'loaded from' if hit else 'cached in'} {entry.path}")
-            dm.set_features(split, entry.features, entry.labels)
+            if split in dm.datasets:
+                dm.set_features(split, *self._features(dm, split, int(self.strategy.views)))
 
     def configure_callbacks(self) -> list[Callback]:
         from visiontl.run import RunReport
@@ -246,28 +246,47 @@ class ClassificationTask(BaseTask):
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.hparams["label_smoothing"])
 
     def on_fit_start(self) -> None:
-        if isinstance(self.strategy, FittedHead):
-            self._fit_head()
+        fitter = self.strategy.head_fitter()
+        if fitter is not None and not self.trainer.ckpt_path:  # a resumed run keeps its trained head
+            self._fit_head(fitter)
         super().on_fit_start()
 
-    def _fit_head(self) -> None:
-        """Fit a closed-form head on the cached training features (before any validation)."""
+    def _fit_head(self, fitter: Any) -> None:
+        """Fit a head on the frozen backbone's training features before any gradient step: the
+        whole training of the fitted-head strategies, the "LP" of LP-FT for ``gradual``."""
         dm = getattr(self.trainer, "datamodule", None)
         train = getattr(dm, "datasets", {}).get("train")
-        if not isinstance(getattr(train, "features", None), np.ndarray):
+        if isinstance(getattr(train, "features", None), np.ndarray):
+            features, labels = train.features, train.labels
+        elif self.strategy.sgd and hasattr(dm, "feature_source") and supports_features(self.model):
+            features, labels = self._features(dm, "train")
+        elif self.strategy.sgd:  # LP-FT needs pooled features: fall back to an SGD head epoch
+            rank_zero_warn(f"[visiontl] {self.hparams['backbone']} (or this datamodule) gives no pooled features "
+                           f"to fit a head on; the head trains alone by SGD for the first epoch instead.")
+            self.strategy.head = "sgd"
+            return
+        else:
             raise StrategyError(
                 f"Strategy {self.strategy.name!r} fits its head on cached features, which need a visiontl "
                 f"datamodule and a timm backbone with one classifier ({self.hparams['backbone']})."
             )
-        features = torch.from_numpy(np.array(train.features, dtype=np.float32))  # a writable copy
-        labels = torch.from_numpy(np.asarray(train.labels)).long()
-        self.strategy.fit(self.model.get_classifier(), features, labels, self.hparams["num_classes"],
-                          class_weight=self.class_weight if self.hparams["class_weights"] else None)
-        rank_zero_info(f"[visiontl] {self.strategy.name} head fitted on {len(labels)} training features")
+        head = self.model.get_classifier()
+        fitter.fit(head, torch.from_numpy(np.array(features, dtype=np.float32)),  # a writable copy
+                   torch.from_numpy(np.asarray(labels)).long(), self.hparams["num_classes"],
+                   class_weight=self.class_weight if self.hparams["class_weights"] else None)
+        message = f"[visiontl] {fitter.name} head fitted on {len(labels)} training features"
+        if self.strategy.sgd and "val" in getattr(dm, "splits", {}):  # LP-FT: what the head alone scores
+            val_features, val_labels = self._features(dm, "val")
+            with torch.no_grad():
+                predicted = head(torch.from_numpy(np.asarray(val_features, dtype=np.float32))).argmax(1).numpy()
+            val_acc = float((predicted == np.asarray(val_labels)).mean())
+            getattr(fitter, "fit_report", {})["val_acc"] = round(val_acc, 4)
+            message += f" (val_acc {val_acc:.3f}); fine-tuning starts from it"
+        rank_zero_info(message)
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        if isinstance(self.strategy, FittedHead):
+        if not self.strategy.sgd:
             self.trainer.should_stop = True  # fitted once; one pass is the whole "training"
             return
         # logged once per epoch: logging the collection every step cost more than a head's step
@@ -289,7 +308,7 @@ class ClassificationTask(BaseTask):
         return self(batch["image"])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        if isinstance(self.strategy, FittedHead):
+        if not self.strategy.sgd:
             return None
         logits = self._logits(batch)
         loss = self._loss(logits, batch["label"])
