@@ -145,7 +145,7 @@ def fine_tune(
 
 def _precision(task: ClassificationTask, dm: ClassificationDataModule, image_size: int | None) -> str:
     """Measure bf16 only where the backbone backpropagates (head-only training is tiny)."""
-    if not any(plan.lr > 0 for plan in task.strategy.plan(task.groups)[:-1]):
+    if not task._trains_backbone():
         return "32-true"
     chans, height, width = task.data_config["input_size"]
     size = image_size or dm.image_size

@@ -128,6 +128,10 @@ class RunReport(Callback):
                 pl_module.last_confusion["val"] = torch.tensor(best["val_confusion"])
         if hasattr(pl_module, "strategy_report"):
             summary["strategy"] = pl_module.strategy_report()
+            _io.write_json(out / "strategy.json", summary["strategy"])  # now with the fitted head's numbers
+        guard = next((c for c in trainer.callbacks if hasattr(c, "report") and hasattr(c, "gave_up")), None)
+        if guard is not None:
+            summary["divergence_guard"] = guard.report()
         _io.write_json(out / "metrics.json", summary)
         self._confusion(trainer, pl_module, "val")
         if (out / "metrics.csv").exists():

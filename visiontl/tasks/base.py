@@ -126,6 +126,16 @@ class BaseTask(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip the gradient norm to ``grad_clip`` when the backbone trains, unless the Trainer sets its own."""
+        if gradient_clip_val is None and self.hparams.get("grad_clip") and self._trains_backbone():
+            gradient_clip_val, gradient_clip_algorithm = float(self.hparams["grad_clip"]), "norm"
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _trains_backbone(self) -> bool:
+        return any(plan.lr > 0 for plan in self.strategy.plan(self.groups)[:-1])
+
     def on_fit_start(self) -> None:
         report = self.strategy_report()
         lines = [f"[visiontl] strategy {self.strategy!r}: {report['trainable_now']:,} of "

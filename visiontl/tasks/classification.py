@@ -33,6 +33,7 @@ from visiontl.features import (
 from visiontl.speed import is_cnn
 from visiontl.strategies import Strategy, StrategyError, replace_classifier
 from visiontl.tasks.base import BaseTask
+from visiontl.tasks.guard import DivergenceGuard
 
 __all__ = ["ClassificationTask"]
 
@@ -65,6 +66,10 @@ class ClassificationTask(BaseTask):
         crop_pct: evaluation centre-crop fraction (set from the datamodule; images smaller than
             the input are never cropped, see :mod:`visiontl.data.geometry`).
         interpolation: resize interpolation (set from the datamodule).
+        grad_clip: largest gradient norm for strategies that train the backbone (``None``: no
+            clipping; a Trainer's own ``gradient_clip_val`` takes precedence).
+        divergence_guard: watch for divergence and collapse and repair them
+            (:class:`~visiontl.tasks.guard.DivergenceGuard`); any SGD strategy.
     """
 
     def __init__(
@@ -89,6 +94,8 @@ class ClassificationTask(BaseTask):
         std: list[float] | None = None,
         crop_pct: float | None = None,
         interpolation: str | None = None,
+        grad_clip: float | None = 1.0,
+        divergence_guard: bool = True,
     ) -> None:
         if num_classes is None and class_names:
             num_classes = len(class_names)
@@ -231,6 +238,8 @@ class ClassificationTask(BaseTask):
             filename="best", monitor=self.monitor, mode="max", save_last=True, auto_insert_metric_name=False
         )
         callbacks: list[Callback] = [RunReport(), *self.strategy.callbacks()]
+        if self.strategy.sgd and self.hparams.get("divergence_guard", True):
+            callbacks.append(DivergenceGuard())
         trainer = self._trainer
         if trainer is None or trainer.checkpoint_callback is not None:
             callbacks.insert(0, checkpoint)
@@ -307,22 +316,23 @@ class ClassificationTask(BaseTask):
             return classify_features(self.model, batch["features"])
         return self(batch["image"])
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor] | None:
         if not self.strategy.sgd:
             return None
         logits = self._logits(batch)
         loss = self._loss(logits, batch["label"])
         self.train_metrics.update(logits.detach(), batch["label"])  # computed once per epoch
         size = len(batch["label"])
+        out = {"loss": loss, "preds": logits.detach().argmax(1)}  # predictions for the divergence guard
         if "features" not in batch:
             self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
-            return loss
+            return out
         # a step on cached features takes ~0.1 ms, Lightning's self.log ~1 ms: log the step loss
         # only when the logger writes it, and the epoch mean once per epoch (same names as above)
         self.train_loss_mean.update(loss.detach(), size)
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train_loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
-        return loss
+        return out
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
         logits = self._logits(batch)
@@ -406,5 +416,5 @@ class ClassificationTask(BaseTask):
 _INIT_ARGS = {
     "backbone", "num_classes", "class_names", "pretrained", "weights", "in_chans", "weight_decay",
     "warmup", "class_weights", "label_smoothing", "drop_rate", "converter", "channels_last", "compile",
-    "input_size", "mean", "std", "crop_pct", "interpolation",
+    "input_size", "mean", "std", "crop_pct", "interpolation", "grad_clip", "divergence_guard",
 }
