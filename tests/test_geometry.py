@@ -45,3 +45,32 @@ def test_training_evaluation_and_predictor_see_the_same_pixels(side: int, tmp_pa
     seen_in_deployment = preprocess(path, (48, 48), 3, crop_pct=0.875)
     normalised = (seen_in_deployment - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
     assert np.allclose(seen_in_training, normalised, atol=1e-5)
+
+
+def test_training_crops_keep_most_of_a_small_image() -> None:
+    """An 8 px image gets the mild crop (>= 85 % of its area), a large one the preset's."""
+    from visiontl.data.transforms import SizeAwareCrop
+
+    crop = SizeAwareCrop(64, 64, scale=(0.35, 1.0), ratio=(0.75, 4 / 3))
+    crop.set_random_seed(0)
+    small = np.zeros((8, 8), np.float32)
+    small[:, 0] = small[:, -1] = small[0, :] = small[-1, :] = 1.0  # a frame: any big crop cuts into it
+    kept = [crop(image=small)["image"] for _ in range(20)]
+    assert all(k.shape == (64, 64) for k in kept)
+    assert min(float(k.mean()) for k in kept) > 0.25  # the frame (44 % of the pixels) mostly survives
+    large = np.zeros((256, 256), np.float32)
+    large[:, :8] = large[:, -8:] = large[:8, :] = large[-8:, :] = 1.0
+    cut = [float(crop(image=large)["image"].mean()) for _ in range(20)]
+    assert min(cut) < 0.02  # the preset's crops (down to 35 % of the area) often miss the frame entirely
+
+
+def test_augmentations_are_reproducible_under_a_seeded_compose() -> None:
+    import albumentations as A
+
+    def run(seed: int) -> np.ndarray:
+        pipeline = build_transforms("natural", True, 32, [0.5] * 3, [0.5] * 3)
+        pipeline = A.Compose(pipeline.transforms, seed=seed)
+        image = np.random.default_rng(0).random((10, 10, 3), dtype=np.float32)
+        return np.stack([pipeline(image=image)["image"].numpy() for _ in range(3)])
+
+    assert np.array_equal(run(7), run(7)) and not np.array_equal(run(7), run(8))

@@ -82,3 +82,33 @@ def test_fitted_heads_run_end_to_end_and_reload(strategy: str, shapes_root: Path
 def test_knn_rejects_bad_k() -> None:
     with pytest.raises(StrategyError, match="k must be >= 1"):
         KNN(k=0)
+
+
+def test_logreg_chooses_its_penalty_by_stratified_cross_validation() -> None:
+    from visiontl.strategies.heads import LogisticRegression, stratified_folds
+
+    labels = torch.arange(4).repeat_interleave(10)
+    folds = stratified_folds(labels, 5, seed=0)
+    assert sorted(torch.cat(folds).tolist()) == list(range(40))
+    assert all(torch.bincount(labels[f], minlength=4).tolist() == [2, 2, 2, 2] for f in folds)
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 64, generator=gen) * 0.6
+    features = centres[labels] + torch.randn(40, 64, generator=gen)  # noisy: needs regularisation
+    strategy = LogisticRegression()
+    head = torch.nn.Linear(64, 4)
+    strategy.fit(head, features * 1e3, labels, 4)  # the feature scale does not change the choice
+    report = strategy.fit_report
+    assert report["folds"] == 5 and len(report["cv_acc"]) == len(strategy.grid)
+    best = max(report["cv_acc"])
+    chosen = strategy.grid.index(report["l2"])
+    assert report["cv_acc"][chosen] == best
+    assert all(report["cv_nll"][chosen] <= n for a, n in zip(report["cv_acc"], report["cv_nll"]) if a == best)
+    again = LogisticRegression()
+    again.fit(torch.nn.Linear(64, 4), features, labels, 4)
+    assert again.fit_report["l2"] == report["l2"]
+    fixed = LogisticRegression(l2=0.5)
+    fixed.fit(torch.nn.Linear(64, 4), features, labels, 4)
+    assert fixed.fit_report["l2"] == 0.5 and "cv_acc" not in fixed.fit_report
+    with pytest.raises(StrategyError, match="folds"):
+        LogisticRegression(folds=1)

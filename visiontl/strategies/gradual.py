@@ -42,7 +42,7 @@ class Gradual(Discriminative):
 
     Args:
         head: ``"fit"`` (LP-FT) or ``"sgd"``.
-        head_epochs: epochs during which only the head trains (``head="sgd"`` only).
+        head_epochs: epochs during which only the head trains (``head="sgd"`` only; default 1).
         unfreeze: ``"all"`` unfreezes the whole backbone at once; ``"progressive"`` unfreezes one
             more group per epoch, from the head down (ULMFiT).
         lr: learning rate of the head.
@@ -62,7 +62,7 @@ class Gradual(Discriminative):
     def __init__(
         self,
         head: Literal["fit", "sgd"] = "fit",
-        head_epochs: int = 1,
+        head_epochs: int | None = None,
         unfreeze: Literal["all", "progressive"] = "all",
         lr: float | None = None,
         decay: float = 0.7,
@@ -73,12 +73,17 @@ class Gradual(Discriminative):
         super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
         if head not in ("fit", "sgd"):
             raise StrategyError(f"gradual: head must be 'fit' (LP-FT) or 'sgd', got {head!r}.")
-        if head_epochs < 0:
+        if head_epochs is not None and head == "fit":
+            raise StrategyError(f"gradual: head_epochs={head_epochs} only applies to head='sgd'; with head='fit' "
+                                f"(LP-FT, the default) the head is fitted on cached features before the first step.")
+        if head == "sgd":
+            head_epochs = 1 if head_epochs is None else int(head_epochs)
+        if head_epochs is not None and head_epochs < 0:
             raise StrategyError(f"gradual: head_epochs must be >= 0, got {head_epochs}.")
         if unfreeze not in ("all", "progressive"):
             raise StrategyError(f"gradual: unfreeze must be 'all' or 'progressive', got {unfreeze!r}.")
         self.head = head
-        self.head_epochs = int(head_epochs)
+        self.head_epochs = head_epochs
         self.unfreeze = unfreeze
         self._fitter = LogisticRegression()
 
@@ -99,7 +104,7 @@ class Gradual(Discriminative):
     def trainable_at(self, groups: list[LayerGroup], epoch: int) -> list[str]:
         """Names of the groups that train during ``epoch`` (0-based)."""
         names = [g.name for g in groups]
-        head_epochs = self.head_epochs if self.head == "sgd" else 0
+        head_epochs = self.head_epochs if self.head == "sgd" and self.head_epochs else 0
         if epoch < head_epochs:
             return names[-1:]
         if self.unfreeze == "all":

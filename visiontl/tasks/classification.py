@@ -272,7 +272,7 @@ class ClassificationTask(BaseTask):
         elif self.strategy.sgd:  # LP-FT needs pooled features: fall back to an SGD head epoch
             rank_zero_warn(f"[visiontl] {self.hparams['backbone']} (or this datamodule) gives no pooled features "
                            f"to fit a head on; the head trains alone by SGD for the first epoch instead.")
-            self.strategy.head = "sgd"
+            self.strategy.head, self.strategy.head_epochs = "sgd", 1
             return
         else:
             raise StrategyError(
