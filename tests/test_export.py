@@ -253,3 +253,42 @@ def test_compare_outputs_counts_top1_flips_only_outside_ties() -> None:
     assert not bad["passed"] and bad["top1_mismatches"] == 1 and bad["max_abs_logit_diff"] == 4.0
     probs_off = compare_outputs(np.array([[0.0, 0.0]]), np.array([[0.0, 1e-3]]), atol=1e-2)
     assert probs_off["max_abs_logit_diff"] <= probs_off["logit_tolerance"] and not probs_off["passed"]
+
+
+def test_export_never_executes_what_a_run_directory_names(run, tmp_path: Path) -> None:
+    """A run directory is someone else's data: a config.yaml naming os.system must not run."""
+    import shutil
+
+    evil = tmp_path / "evil_run"
+    shutil.copytree(run.run_dir, evil)
+    (evil / "val_images.txt").unlink()
+    marker = tmp_path / "pwned"
+    (evil / "config.yaml").write_text(
+        f"data:\n  class_path: os.system\n  init_args:\n    command: touch {marker}\n"
+        f"model:\n  class_path: subprocess.call\n  init_args:\n    args: [touch, {marker}]\n"
+    )
+    report = export_onnx(evil, tmp_path / "m.onnx")
+    assert not marker.exists()
+    assert report["verified_on"].startswith("8 random inputs")
+    assert main(["export", str(evil), "--out", str(tmp_path / "m2.onnx")]) == 0 and not marker.exists()
+
+
+def test_a_checkpoint_naming_a_foreign_strategy_class_imports_nothing(run, tmp_path: Path) -> None:
+    """from_checkpoint reads the strategy's class_path as data: only registered strategies load."""
+    from visiontl.tasks import ClassificationTask
+    from visiontl.weights import WeightsError
+
+    ckpt = torch.load(run.run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    module = tmp_path / "evil_strategy_module.py"
+    marker = tmp_path / "imported"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\nclass Evil: pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        ckpt["hyper_parameters"]["strategy"] = {"class_path": "evil_strategy_module.Evil", "init_args": {}}
+        torch.save(ckpt, tmp_path / "evil.ckpt")
+        with pytest.raises(WeightsError, match="not a registered visiontl strategy"):
+            ClassificationTask.from_checkpoint(tmp_path / "evil.ckpt")
+        assert not marker.exists()
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert ClassificationTask.from_checkpoint(run.run_dir / "checkpoints" / "best.ckpt").strategy.name == "full"

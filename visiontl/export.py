@@ -121,30 +121,21 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, atol: float = 
 
 
 def _run_images(source: str | os.PathLike[str] | None, limit: int, split: str = "val") -> list[Path]:
-    """Images of a run's ``split``: its ``<split>_images.txt``, else rebuilt from its ``config.yaml``."""
+    """Images of a run's ``split``, from its ``<split>_images.txt`` (plain paths, nothing else).
+
+    A run directory is data, possibly someone else's: nothing in it is imported, instantiated or
+    executed. Its ``config.yaml`` is never read here (it may name any class).
+    """
     if source is None:
         return []
     run = Path(source) if Path(source).is_dir() else Path(source).parent.parent
     listing = run / f"{split}_images.txt"
-    if listing.exists():
-        files = [Path(line) for line in listing.read_text().splitlines() if line.strip()]
-        existing = [f for f in files if f.exists()]
-        if existing:
-            return existing[:limit]
-    if not (run / "config.yaml").exists():
-        return []
-    source = run
-    import importlib
-
-    import yaml
-
-    data = (yaml.safe_load((Path(source) / "config.yaml").read_text()) or {}).get("data") or {}
-    module, _, name = str(data.get("class_path", "")).rpartition(".")
     try:
-        dm = getattr(importlib.import_module(module), name)(**(data.get("init_args") or {}))
-        return list(dm.paths(split))[:limit]
-    except Exception:  # noqa: BLE001 - data moved or not rebuildable: the caller falls back
+        lines = listing.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
         return []
+    files = [Path(line) for line in lines if line.strip()]
+    return [f for f in files if f.is_file()][:limit]
 
 
 def _weights_sha256(model: nn.Module) -> str:
@@ -187,8 +178,8 @@ def export_onnx(
         source: a run directory, a ``.ckpt`` file or a :class:`ClassificationTask`.
         out: target ``.onnx`` path.
         opset: ONNX opset (13-20).
-        images: images to verify on (default: the run's validation images when its
-            ``config.yaml`` names them; else random inputs, which the report says).
+        images: images to verify on (default: the run's validation images listed in its
+            ``val_images.txt``; else random inputs, which the report says).
         atol: absolute part of the logit tolerance ``atol + rtol * max|logit|``.
         rtol: relative part of the logit tolerance (relative to the largest PyTorch logit).
         prob_atol: largest allowed probability difference.

@@ -66,17 +66,25 @@ for _cls in (Probe, Partial, Full, Gradual, Scratch, Prototype, KNN, LogisticReg
     register_strategy(_cls)
 
 
-def get_strategy(spec: Strategy | str | dict[str, Any]) -> Strategy:
+def get_strategy(spec: Strategy | str | dict[str, Any], *, trusted: bool = True) -> Strategy:
     """Turn a name, a config dict or a strategy object into a strategy.
 
     Dicts are ``{"name": "partial", "k": 3}`` or recipe form
     ``{"class_path": "visiontl.strategies.Partial", "init_args": {"k": 3}}``.
+
+    Args:
+        spec: the strategy.
+        trusted: whether ``spec`` comes from the user (code, command line, their recipe). Specs
+            read from a checkpoint or a run directory are not: their ``class_path`` must name a
+            registered strategy (:func:`register_strategy`) and nothing is imported for them.
     """
     if isinstance(spec, Strategy):
         return spec
     if isinstance(spec, str):
         name, kwargs = spec, {}
     elif isinstance(spec, dict) and "class_path" in spec:
+        if not trusted:
+            return _build(_registered(str(spec["class_path"])), dict(spec.get("init_args") or {}))
         return _from_class_path(spec["class_path"], dict(spec.get("init_args") or {}))
     elif isinstance(spec, dict):
         kwargs = dict(spec)
@@ -88,6 +96,18 @@ def get_strategy(spec: Strategy | str | dict[str, Any]) -> Strategy:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise StrategyError(f"Unknown strategy {name!r}.{hint} Known: {', '.join(STRATEGIES)}.")
     return _build(STRATEGIES[name], kwargs)
+
+
+def _registered(class_path: str) -> type[Strategy]:
+    """The registered strategy class a recorded ``class_path`` names (no import happens)."""
+    for cls in STRATEGIES.values():
+        module = cls.__module__
+        if class_path in (f"{module}.{cls.__qualname__}", f"{module.rsplit('.', 1)[0]}.{cls.__qualname__}"):
+            return cls
+    raise StrategyError(
+        f"The recorded strategy {class_path!r} is not a registered visiontl strategy; a checkpoint or run "
+        f"directory never makes visiontl import code. Import and register_strategy() it yourself if you trust it."
+    )
 
 
 def _from_class_path(class_path: str, kwargs: dict[str, Any]) -> Strategy:

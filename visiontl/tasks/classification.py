@@ -31,7 +31,7 @@ from visiontl.features import (
     weights_fingerprint,
 )
 from visiontl.speed import is_cnn
-from visiontl.strategies import Strategy, StrategyError, replace_classifier
+from visiontl.strategies import Strategy, StrategyError, get_strategy, replace_classifier
 from visiontl.tasks.base import BaseTask
 from visiontl.tasks.guard import DivergenceGuard
 
@@ -405,7 +405,10 @@ class ClassificationTask(BaseTask):
                 f"{path} is not a visiontl ClassificationTask checkpoint (no hyper_parameters / state_dict)."
             )
         hp.update(pretrained=False, weights=None)
-        strategy = dict(hp.pop("strategy", None) or {"name": "probe"})
+        try:  # registered strategies only: a checkpoint never makes visiontl import anything
+            strategy = get_strategy(dict(hp.pop("strategy", None) or {"name": "probe"}), trusted=False)
+        except StrategyError as err:
+            raise WeightsError(f"{path}: {err}") from err
         task = cls(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
         # the classifier network only: training-time modules (a domain discriminator...) stay behind
         task.load_state_dict({k: v for k, v in ckpt["state_dict"].items()
