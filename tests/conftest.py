@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS / "data" / "shapes"))
 sys.path.insert(0, str(TESTS / "data"))  # fixtures.load_fixture
+sys.path.insert(0, str(TESTS))  # helpers shared between test modules (test_trust.write_bomb)
 
 from data import make_folder, make_splits  # noqa: E402
 

@@ -292,3 +292,44 @@ def test_a_checkpoint_naming_a_foreign_strategy_class_imports_nothing(run, tmp_p
     finally:
         sys.path.remove(str(tmp_path))
     assert ClassificationTask.from_checkpoint(run.run_dir / "checkpoints" / "best.ckpt").strategy.name == "full"
+
+
+def test_predict_onnx_lists_a_bomb_and_writes_the_rest(run, shapes_root: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from test_trust import write_bomb
+
+    model = tmp_path / "m.onnx"
+    export_onnx(run.run_dir, model)
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for image in sorted((shapes_root / "bars").glob("*.png"))[:3]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    write_bomb(folder / "a_bomb.png")
+    out = tmp_path / "preds.csv"
+    assert main(["predict-onnx", str(model), str(folder), "--out", str(out)]) == 1
+    rows = out.read_text().splitlines()[1:]
+    assert len(rows) == 4 and sum(r.endswith(",") for r in rows) == 3  # three predictions, no error field
+    assert any("a_bomb.png" in r and "decompression bomb" in r for r in rows)
+    assert "a_bomb.png" in capsys.readouterr().err
+
+
+def test_predict_onnx_bad_inputs_are_one_line_errors(run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "m.onnx"
+    export_onnx(run.run_dir, model)
+    (tmp_path / "empty").mkdir()
+    assert main(["predict-onnx", str(model), str(tmp_path / "empty")]) == 2
+    assert "no image files" in capsys.readouterr().err
+    fake = tmp_path / "fake.onnx"
+    proto = onnx.load(str(model))
+    onnx.helper.set_model_props(proto, {"class_names": "not json", "input_size": "[32, 32]", "channels": "3"})
+    onnx.save(proto, str(fake))
+    with pytest.raises(PredictorError, match="unreadable visiontl metadata"):
+        Predictor(fake)
+    onnx.helper.set_model_props(proto, {"class_names": '["a"]', "input_size": "[32, 32]", "channels": "13"})
+    onnx.save(proto, str(fake))
+    with pytest.raises(PredictorError, match="3 channels, the metadata says 13"):
+        Predictor(fake)
+    image = next(Path(run.run_dir).parent.parent.glob("**/*.png"), None) or model
+    assert main(["predict-onnx", str(fake), str(image)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1

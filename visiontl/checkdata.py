@@ -42,7 +42,7 @@ from PIL import Image, ImageMode
 from tqdm.auto import tqdm
 
 from visiontl.data.formats import TIFF_EXTENSIONS, is_dicom
-from visiontl.data.images import DataError, ImageReadError, read_raw
+from visiontl.data.images import DataError, ImageReadError, check_pixels, read_raw
 from visiontl.data.layout import SPLIT_DIRS, index_folder, split_folders
 
 __all__ = [
@@ -359,17 +359,20 @@ def dhash(image: np.ndarray) -> int | None:
     return int.from_bytes(bits.tobytes(), "big")
 
 
-def _header(path: Path) -> _Info:
+def _header(path: Path, max_pixels: int | None = None) -> _Info:
     """Size, channels and dtype without decoding the pixels (PIL formats); full decode otherwise."""
     if path.suffix.lower() in TIFF_EXTENSIONS or is_dicom(path):
-        return _describe(read_raw(path))
+        return _describe(read_raw(path, max_pixels))
     try:
         with Image.open(path) as im:
             mode, (width, height), info = im.mode, im.size, dict(im.info)
     except FileNotFoundError as err:
         raise ImageReadError(path, "file not found") from err
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(path, f"refused by Pillow as a decompression bomb ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(path, f"header unreadable ({type(err).__name__}: {err})") from err
+    check_pixels(path, height, width, max_pixels)
     if mode == "P":
         channels, dtype = (4 if "transparency" in info else 1), "uint8"
     elif mode == "1":
@@ -380,7 +383,7 @@ def _header(path: Path) -> _Info:
         try:
             spec = ImageMode.getmode(mode)
         except KeyError:  # a mode PIL cannot describe: decode it
-            return _describe(read_raw(path))
+            return _describe(read_raw(path, max_pixels))
         channels, dtype = len(spec.bands), np.dtype(spec.typestr).name
     return _Info(height, width, channels, dtype)
 
@@ -392,7 +395,8 @@ def _describe(image: np.ndarray, deep: bool = False) -> _Info:
     return _Info(height, width, channels, image.dtype.name, image_digest(image), dhash(image))
 
 
-def _inspect(paths: Mapping[str, Path], deep: bool, progress: bool) -> tuple[dict[str, _Info], dict[str, str]]:
+def _inspect(paths: Mapping[str, Path], deep: bool, progress: bool,
+             max_pixels: int | None = None) -> tuple[dict[str, _Info], dict[str, str]]:
     """Read every distinct file once: ``({key: info}, {key: reason it cannot be read})``."""
     infos: dict[str, _Info] = {}
     failed: dict[str, str] = {}
@@ -400,7 +404,7 @@ def _inspect(paths: Mapping[str, Path], deep: bool, progress: bool) -> tuple[dic
                disable=not progress or len(paths) < _PROGRESS_FROM)
     for key, path in bar:
         try:
-            infos[key] = _describe(read_raw(path), deep=True) if deep else _header(path)
+            infos[key] = _describe(read_raw(path, max_pixels), deep=True) if deep else _header(path, max_pixels)
         except ImageReadError as err:
             failed[key] = err.reason
     return infos, failed
@@ -670,6 +674,7 @@ def check_data(
     near_threshold: int = 4,
     deep: bool = True,
     progress: bool = True,
+    max_pixels: int | None = None,
 ) -> DataReport:
     """Check a dataset for unreadable files, mixed modes, tiny images, imbalance, duplicates and
     train / val / test leakage (see the module docstring).
@@ -685,6 +690,8 @@ def check_data(
         near_threshold: largest dHash Hamming distance (of 64 bits) counted as a near duplicate.
         deep: decode every image and search exact / near duplicates; ``False`` reads headers only.
         progress: show a progress bar (from 200 files).
+        max_pixels: images with more pixels are reported as unreadable (decompression bombs);
+            ``None``: :func:`visiontl.data.images.pixel_limit`.
 
     Returns:
         The report; ``report.errors`` is empty when the data is fit to train on.
@@ -695,7 +702,7 @@ def check_data(
     entries, root, bad_rows = _load(source, path_column, label_column)
     name = _Namer(root)
     files = {e.key: e.path for e in entries}
-    infos, failed = _inspect(files, deep, progress)
+    infos, failed = _inspect(files, deep, progress, max_pixels)
     counts = _counts(entries)
     findings: list[Finding] = []
     if bad_rows:

@@ -83,6 +83,8 @@ def _check_data(argv: Sequence[str]) -> int:
     parser.add_argument("--json", help="report file (default: PATH/check-data.json, or <csv>.check-data.json)")
     parser.add_argument("--fast", action="store_true", help="headers only: no decoding, no duplicate search")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--max-pixels", type=int,
+                        help="report images with more pixels as unreadable (default: Pillow's limit, ~179 Mpx)")
     args = parser.parse_args(argv)
     from visiontl._io import write_json
     from visiontl.checkdata import check_data, default_report_path
@@ -91,7 +93,8 @@ def _check_data(argv: Sequence[str]) -> int:
     try:
         report = check_data(args.path, path_column=args.path_column, label_column=args.label_column,
                             min_size=args.min_size, max_imbalance=args.max_imbalance,
-                            near_threshold=args.near_threshold, deep=not args.fast, progress=not args.no_progress)
+                            near_threshold=args.near_threshold, deep=not args.fast, progress=not args.no_progress,
+                            max_pixels=args.max_pixels)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

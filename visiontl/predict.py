@@ -61,15 +61,15 @@ def ort_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str] 
     return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
-def preprocess(path: str | os.PathLike[str], size: tuple[int, int], channels: int, crop_pct: float = 1.0
-               ) -> np.ndarray:
+def preprocess(path: str | os.PathLike[str], size: tuple[int, int], channels: int, crop_pct: float = 1.0,
+               max_pixels: int | None = None) -> np.ndarray:
     """Read an image and bring it to the export convention: float32 CHW in [0, 1] at ``size``.
 
     The geometry is :func:`visiontl.data.geometry.eval_resize`, the one training evaluated with:
     images at least as large as the input are resized to ``size / crop_pct`` and centre-cropped,
     smaller ones are upsampled and never cropped.
     """
-    image = to_channels(read_image(path), channels, path)
+    image = to_channels(read_image(path, max_pixels), channels, path)
     resized = eval_resize(image, size, crop_pct)
     height, width = size
     return np.ascontiguousarray(resized.reshape(height, width, channels).transpose(2, 0, 1), dtype=np.float32)
@@ -81,9 +81,13 @@ class Predictor:
     Args:
         model_path: an ``.onnx`` file written by ``visiontl export``.
         providers: ONNX Runtime execution providers (default: CPU).
+        max_pixels: larger images are reported as errors, not decoded (see
+            :func:`visiontl.data.images.pixel_limit`).
     """
 
-    def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None) -> None:
+    def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None,
+                 max_pixels: int | None = None) -> None:
+        self.max_pixels = max_pixels
         path = Path(model_path)
         if not path.is_file():
             raise PredictorError(f"Model file {path} does not exist.")
@@ -98,10 +102,29 @@ class Predictor:
                 f"{path} has no visiontl metadata ({', '.join(missing)} missing); export it with `visiontl export`."
             )
         self.metadata = dict(meta)
-        self.class_names: list[str] = json.loads(meta["class_names"])
-        self.size = tuple(json.loads(meta["input_size"]))
-        self.channels = int(meta["channels"])
-        self.crop_pct = float(meta.get("crop_pct", 1.0))  # models exported before crop_pct was recorded: none
+        try:
+            self.class_names: list[str] = [str(n) for n in json.loads(meta["class_names"])]
+            self.size = tuple(int(v) for v in json.loads(meta["input_size"]))
+            self.channels = int(meta["channels"])
+            self.crop_pct = float(meta.get("crop_pct", 1.0))  # models exported before crop_pct was recorded: none
+        except (TypeError, ValueError) as err:
+            raise PredictorError(f"{path} has unreadable visiontl metadata ({err}); re-export it with "
+                                 f"`visiontl export`.") from err
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        problems = []
+        if len(self.size) != 2 or min(self.size) < 1 or self.channels < 1 or not 0 < self.crop_pct <= 1:
+            problems.append(f"input_size {list(self.size)}, channels {self.channels}, crop_pct {self.crop_pct}")
+        if not self.class_names:
+            problems.append("no class names")
+        if "input" not in inputs or len(inputs["input"]) != 4 or "probabilities" not in outputs:
+            problems.append(f"graph inputs {sorted(inputs)} / outputs {sorted(outputs)} (expected 'input' NCHW and "
+                            f"'probabilities')")
+        elif isinstance(inputs["input"][1], int) and inputs["input"][1] != self.channels:
+            problems.append(f"the graph takes {inputs['input'][1]} channels, the metadata says {self.channels}")
+        if problems:
+            raise PredictorError(f"{path} does not match its visiontl metadata: {'; '.join(problems)}. Re-export "
+                                 f"it with `visiontl export`.")
 
     def predict(self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32) -> list[Prediction]:
         """Predict every path (in order); unreadable files come back with ``error`` set."""
@@ -110,7 +133,7 @@ class Predictor:
         pending: list[Prediction] = []
         for path in paths:
             try:
-                batch.append(preprocess(path, self.size, self.channels, self.crop_pct))
+                batch.append(preprocess(path, self.size, self.channels, self.crop_pct, self.max_pixels))
                 pending.append(Prediction(str(path)))
             except ImageReadError as err:
                 results.append(Prediction(str(path), error=err.reason))
@@ -140,7 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--out", help="write a CSV here instead of printing")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-pixels", type=int, help="report larger images as errors (default: Pillow's limit)")
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be at least 1, got {args.batch_size}.", file=sys.stderr)
+        return 2
     from visiontl.data.images import is_image_file
 
     files: list[Path] = []
@@ -148,9 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if item.is_dir():
             files.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p)))
         else:
-            files.append(item)
+            files.append(item)  # a missing file is reported with the others
+    if not files:
+        print(f"error: no image files in {', '.join(args.images)} (searched recursively; extensions: "
+              f"png, jpg, tif, dcm...).", file=sys.stderr)
+        return 2
     try:
-        predictor = Predictor(args.model)
+        predictor = Predictor(args.model, max_pixels=args.max_pixels)
     except PredictorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -164,7 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         from visiontl._io import write_text
 
-        write_text(args.out, buf.getvalue())
+        try:
+            write_text(args.out, buf.getvalue())
+        except OSError as err:
+            print(f"error: cannot write {args.out}: {err.strerror or err}; choose another --out.", file=sys.stderr)
+            return 2
     else:
         print(buf.getvalue(), end="")
     failed = [r for r in results if r.error]

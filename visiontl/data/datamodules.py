@@ -65,8 +65,9 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, items: Sequence[tuple[Path, int]], transform: Any, in_chans: int,
-                 presized: np.ndarray | None = None) -> None:
+                 presized: np.ndarray | None = None, max_pixels: int | None = None) -> None:
         self.items = list(items)
+        self.max_pixels = max_pixels
         self.transform = transform
         self.in_chans = in_chans
         self.presized = presized  # uint8 N x S x S x C from visiontl.data.presize, or None
@@ -84,7 +85,7 @@ class ImageDataset(Dataset):
         if self.presized is not None:
             image = np.asarray(self.presized[index], dtype=np.float32) / 255.0
         else:
-            image = to_channels(read_image(path), self.in_chans, path)
+            image = to_channels(read_image(path, self.max_pixels), self.in_chans, path)
         return {"image": self.transform(image=image)["image"], "label": label, "index": index}
 
 
@@ -187,6 +188,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         check_images: decode every image once in ``setup`` so corrupt files fail early.
         presize: decode and resize every image once to uint8 at about the training size and
             read that cache afterwards (:mod:`visiontl.data.presize`; for large 8-bit files).
+        max_pixels: images with more pixels (height x width, read from the header) are bad images
+            (decompression bombs); ``None``: ``VISIONTL_MAX_PIXELS`` or Pillow's limit (~179 Mpx).
     """
 
     def __init__(
@@ -204,9 +207,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         in_chans: int | None = None,
         check_images: bool = True,
         presize: bool = False,
+        max_pixels: int | None = None,
     ) -> None:
         super().__init__()
         self.presize = presize
+        self.max_pixels = max_pixels
         if on_bad_image not in ("error", "skip"):
             raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
         if normalize not in ("auto", "backbone", "dataset"):
@@ -337,7 +342,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             return
         self._check_layout()
         paths = sorted({p for items in self.splits.values() for p, _ in items})
-        bad = scan_images(paths, channels=self.preprocessing()["in_chans"])
+        bad = scan_images(paths, channels=self.preprocessing()["in_chans"], max_pixels=self.max_pixels)
         if bad and self.on_bad_image == "error":
             listing = "\n".join(f"  {p}: {r}" for p, r in bad[:10])
             more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
@@ -364,7 +369,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             )
             labelled = [(p, index.get(c, -1)) for p, c in items]
             arrays = presize([p for p, _ in items], pre["size"], pre["in_chans"]) if self.presize else None
-            self.datasets[split] = ImageDataset(labelled, transform, pre["in_chans"], arrays)
+            self.datasets[split] = ImageDataset(labelled, transform, pre["in_chans"], arrays, self.max_pixels)
         self._image_datasets = dict(self.datasets)
         self._eval_transform = build_transforms(
             self.augment, False, pre["size"], pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"]
@@ -379,7 +384,7 @@ class ClassificationDataModule(pl.LightningDataModule):
             source = self._image_datasets[split]
         if augmented or split != "train":
             return source
-        return ImageDataset(source.items, self._eval_transform, source.in_chans, source.presized)
+        return ImageDataset(source.items, self._eval_transform, source.in_chans, source.presized, source.max_pixels)
 
     def set_features(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
         """Serve cached features instead of images for ``split`` (see :mod:`visiontl.features`)."""

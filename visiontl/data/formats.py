@@ -15,6 +15,7 @@ decoder, multi-frame files).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,18 +51,21 @@ def is_dicom(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def read_tiff_raw(path: str | os.PathLike[str]) -> np.ndarray:
+def read_tiff_raw(path: str | os.PathLike[str], on_shape: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Read a (Geo)TIFF with every band, as HWC in its stored dtype.
 
     Band-sequential files (``bands x H x W``, the GeoTIFF default for multispectral data) are
-    transposed to HWC; an RGB(A) file's alpha band is kept (the caller drops it).
+    transposed to HWC; an RGB(A) file's alpha band is kept (the caller drops it). ``on_shape``
+    is called with (height, width) from the header before any pixel is decoded (a size check).
     """
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
-        arr = page.asarray()
         axes = str(getattr(page, "axes", ""))  # e.g. "YXS" (interleaved) or "SYX" (band-sequential)
+        if on_shape is not None and "Y" in axes and "X" in axes:
+            on_shape(int(page.shape[axes.index("Y")]), int(page.shape[axes.index("X")]))
+        arr = page.asarray()
     if arr.ndim == 2:
         return arr[:, :, None]
     if arr.ndim != 3:
@@ -108,9 +112,16 @@ def _pixels(ds, path: str | os.PathLike[str]) -> np.ndarray:  # noqa: ANN001 - p
     return arr
 
 
-def read_dicom_raw(path: str | os.PathLike[str]) -> np.ndarray:
+def _sized(path: str | os.PathLike[str], on_shape: Callable[[int, int], None] | None):  # noqa: ANN202
+    ds = _dataset(path)
+    if on_shape is not None and "Rows" in ds and "Columns" in ds:
+        on_shape(int(ds.Rows), int(ds.Columns))
+    return ds
+
+
+def read_dicom_raw(path: str | os.PathLike[str], on_shape: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Stored pixel values of a single-frame DICOM, HWC (``uint16``, ``int16``, ``uint8``...)."""
-    arr = _pixels(_dataset(path), path)
+    arr = _pixels(_sized(path, on_shape), path)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -140,8 +151,8 @@ def dicom_to_float(ds, arr: np.ndarray) -> np.ndarray:  # noqa: ANN001 - pydicom
     return 1.0 - out if photometric == "MONOCHROME1" else out
 
 
-def read_dicom(path: str | os.PathLike[str]) -> np.ndarray:
+def read_dicom(path: str | os.PathLike[str], on_shape: Callable[[int, int], None] | None = None) -> np.ndarray:
     """A single-frame DICOM as ``float32`` HWC in ``[0, 1]`` (see :func:`dicom_to_float`)."""
-    ds = _dataset(path)
+    ds = _sized(path, on_shape)
     out = dicom_to_float(ds, _pixels(ds, path))
     return out[:, :, None] if out.ndim == 2 else out

@@ -32,6 +32,8 @@ __all__ = [
     "DataError",
     "ImageReadError",
     "is_image_file",
+    "check_pixels",
+    "pixel_limit",
     "read_image",
     "read_raw",
     "scan_images",
@@ -62,6 +64,35 @@ class ImageReadError(DataError):
         )
 
 
+def pixel_limit(max_pixels: int | None = None) -> int | None:
+    """The largest image (height x width) visiontl decodes: ``max_pixels`` if given, else the
+    ``VISIONTL_MAX_PIXELS`` environment variable, else Pillow's decompression-bomb limit (twice
+    ``PIL.Image.MAX_IMAGE_PIXELS``, about 179 Mpx). Larger files are bad images: named, skipped
+    under ``on_bad_image: skip``, reported by check-data and listed by predict-onnx."""
+    if max_pixels is not None:
+        return int(max_pixels)
+    env = os.environ.get("VISIONTL_MAX_PIXELS", "").strip()
+    if env:
+        try:
+            return int(float(env))
+        except ValueError as err:
+            raise DataError(f"VISIONTL_MAX_PIXELS={env!r} is not a number of pixels (e.g. 200000000).") from err
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
+
+
+def check_pixels(path: str | os.PathLike[str], height: int, width: int, max_pixels: int | None = None) -> None:
+    """Raise :class:`ImageReadError` for an image of more pixels than :func:`pixel_limit` allows,
+    from its header, before anything is decoded."""
+    limit = pixel_limit(max_pixels)
+    if limit and int(height) * int(width) > limit:
+        raise ImageReadError(
+            path, f"{width} x {height} px ({int(height) * int(width) / 1e6:,.0f} Mpx) is above the "
+            f"{limit / 1e6:,.0f} Mpx limit: a decompression bomb, or far more pixels than a model input needs. "
+            f"Downscale it, or allow it with max_pixels / VISIONTL_MAX_PIXELS (Pillow formats also need "
+            f"PIL.Image.MAX_IMAGE_PIXELS raised)"
+        )
+
+
 def is_image_file(path: Path) -> bool:
     """Whether ``path`` has an image extension (or is an extension-less DICOM) and is not hidden."""
     if path.name.startswith("."):
@@ -69,10 +100,14 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS or (not path.suffix and is_dicom(path))
 
 
-def _decoded(path: str | os.PathLike[str], read):  # noqa: ANN001, ANN202
-    """Run ``read(path)``, turning every decoding failure into an :class:`ImageReadError`."""
+def _decoded(path: str | os.PathLike[str], read, max_pixels: int | None = None):  # noqa: ANN001, ANN202
+    """Run ``read(path, max_pixels)``, turning every decoding failure into an :class:`ImageReadError`."""
     try:
-        return read(path)
+        return read(path, max_pixels)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(path, f"refused by Pillow as a decompression bomb ({err})") from err
     except FileNotFoundError as err:
         raise ImageReadError(path, "file not found") from err
     except UnidentifiedImageError as err:
@@ -93,23 +128,37 @@ def _scaled(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def read_raw(path: str | os.PathLike[str]) -> np.ndarray:
+def read_raw(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
     """Decode an image to its native dtype (``uint8``, ``uint16``, ``int32``, ``float32``...) as HWC,
     with every channel it has (alpha included): what :func:`visiontl.checkdata` inspects.
 
     Raises:
-        ImageReadError: missing, unrecognised, truncated or corrupt file.
+        ImageReadError: missing, unrecognised, truncated or corrupt file, or more pixels than
+            :func:`pixel_limit`.
     """
     if Path(path).suffix.lower() in TIFF_EXTENSIONS:
-        return _decoded(path, read_tiff_raw)
+        return _decoded(path, _tiff, max_pixels)
     if is_dicom(path):
-        return _decoded(path, read_dicom_raw)
-    arr = _decoded(path, _pil_raw)
+        return _decoded(path, _dicom_raw, max_pixels)
+    arr = _decoded(path, _pil_raw, max_pixels)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _pil_raw(path: str | os.PathLike[str]) -> np.ndarray:
+def _tiff(path: str | os.PathLike[str], max_pixels: int | None) -> np.ndarray:
+    return read_tiff_raw(path, on_shape=lambda h, w: check_pixels(path, h, w, max_pixels))
+
+
+def _dicom_raw(path: str | os.PathLike[str], max_pixels: int | None) -> np.ndarray:
+    return read_dicom_raw(path, on_shape=lambda h, w: check_pixels(path, h, w, max_pixels))
+
+
+def _dicom(path: str | os.PathLike[str], max_pixels: int | None) -> np.ndarray:
+    return read_dicom(path, on_shape=lambda h, w: check_pixels(path, h, w, max_pixels))
+
+
+def _pil_raw(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
     with Image.open(path) as im:
+        check_pixels(path, im.height, im.width, max_pixels)
         im.load()
         if im.mode in ("P", "1"):
             im = im.convert("RGBA" if "transparency" in im.info else "L")
@@ -117,21 +166,23 @@ def _pil_raw(path: str | os.PathLike[str]) -> np.ndarray:
         return arr.astype(np.uint16) if im.mode.startswith("I;16") else arr
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
     """Decode an image to ``float32`` HWC (see the module docstring; alpha is dropped).
 
     Raises:
-        ImageReadError: missing, unrecognised, truncated or corrupt file.
+        ImageReadError: missing, unrecognised, truncated or corrupt file, or more pixels than
+            :func:`pixel_limit` (checked from the header, before decoding).
     """
     if Path(path).suffix.lower() in TIFF_EXTENSIONS:
-        return _scaled(_decoded(path, read_tiff_raw))
+        return _scaled(_decoded(path, _tiff, max_pixels))
     if is_dicom(path):
-        return _decoded(path, read_dicom)
-    return _decoded(path, _pil_float)
+        return _decoded(path, _dicom, max_pixels)
+    return _decoded(path, _pil_float, max_pixels)
 
 
-def _pil_float(path: str | os.PathLike[str]) -> np.ndarray:
+def _pil_float(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
     with Image.open(path) as im:
+        check_pixels(path, im.height, im.width, max_pixels)
         im.load()  # full decode: truncated files fail here, not later in a worker
         return _to_array(im)
 
@@ -172,7 +223,8 @@ def to_channels(image: np.ndarray, channels: int, path: str | os.PathLike[str] =
 
 
 def scan_images(
-    paths: Sequence[Path], desc: str = "Checking images", min_for_progress: int = 300, channels: int | None = None
+    paths: Sequence[Path], desc: str = "Checking images", min_for_progress: int = 300, channels: int | None = None,
+    max_pixels: int | None = None,
 ) -> list[tuple[Path, str]]:
     """Decode every file once and return ``(path, reason)`` for those that fail, or, with
     ``channels``, that cannot be converted to that many channels (a 4-band TIFF for a 13-band model).
@@ -182,7 +234,7 @@ def scan_images(
     bad: list[tuple[Path, str]] = []
     for path in tqdm(paths, desc=desc, unit="img", disable=len(paths) < min_for_progress, leave=False):
         try:
-            image = read_image(path)
+            image = read_image(path, max_pixels)
             if channels is not None:
                 to_channels(image, channels, path)
         except ImageReadError as err:
