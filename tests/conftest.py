@@ -43,4 +43,5 @@ def shapes_splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: real weights or notebooks (still part of the default run)")
+    config.addinivalue_line("markers", "slow: notebooks, real weights, recipe runs, benchmark smoke runs "
+                                       "(the second tier: pytest -m slow; .ci/run runs both tiers)")

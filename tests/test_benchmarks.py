@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def test_speed_benchmark_quick_run(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, check=False)
+                         capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     for run in ("probe/plain", "probe/visiontl", "probe/floor", "full/plain", "full/visiontl"):
         assert run in out.stdout
@@ -20,7 +23,23 @@ def test_speed_benchmark_quick_run(tmp_path: Path) -> None:
 
 def test_export_benchmark_quick_run(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, str(BENCHMARKS / "export.py"), "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, check=False)
+                         capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     for engine in ("eager", "ort_fp32", "ort_int8"):
         assert engine in out.stdout
+
+
+def test_defaults_benchmark_smoke_run(tmp_path: Path) -> None:
+    """One seed of the fitted and cached-feature rows on the 8 px digits (real Lite0 weights)."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "defaults.py"), "--sets", "digits-8px", "--seeds", "1",
+                          "--strategies", "logreg", "probe", "--work", str(tmp_path / "work"), "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "digits-8px / logreg" in out.stdout and "vs_logreg" in out.stdout
+    table = (tmp_path / "out" / "defaults.csv").read_text().splitlines()
+    assert len(table) == 3 and table[1].startswith("digits-8px / logreg")
+    assert (tmp_path / "out" / "defaults.png").stat().st_size > 1000
+    rerun = subprocess.run([sys.executable, str(BENCHMARKS / "defaults.py"), "--sets", "digits-8px", "--seeds", "1",
+                            "--strategies", "logreg", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                           capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0 and '"strategy": "logreg"' not in rerun.stdout  # finished cells are skipped

