@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_path", "default_cache_dir", "read_manifest", "write_bytes", "write_json", "write_text"]
+__all__ = ["atomic_dir", "atomic_path", "current_umask", "default_cache_dir", "read_manifest", "remove_stale_temps", "write_bytes", "write_json", "write_text"]
 
 
 @contextlib.contextmanager
@@ -30,11 +30,14 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.tmp-", suffix=suffix if suffix is not None else path.suffix, dir=path.parent
+        prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix if suffix is not None else path.suffix,
+        dir=path.parent,
     )
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp's 0600 would stay on the final file
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -52,7 +55,9 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would stay on the final folder
     try:
         yield tmp
         old = None
@@ -74,6 +79,47 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporaries of ``path`` (``.NAME.tmp-PID-*``) left by processes that no longer run
+    (a killed export or build); a live writer's are kept. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name[len(f".{path.name}.tmp-"):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue  # an old-style name (no pid) or a writer still at work
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS tells (Linux), so files written
+    atomically get the same permissions as files written in place (a service user can read a model)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-and-restore
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger
 
 from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataModule, auto_batch_size
-from visiontl.run import checkpoint_record
+from visiontl.run import checkpoint_record, discard_if_empty
 from visiontl.speed import auto_precision
 from visiontl.strategies import Strategy
 from visiontl.tasks import ClassificationTask
@@ -102,6 +102,9 @@ def fine_tune(
         task_kwargs: more :class:`~visiontl.tasks.ClassificationTask` arguments.
         trainer_kwargs: more ``pytorch_lightning.Trainer`` arguments.
     """
+    for name, value in (("steps", steps), ("image_size", image_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"fine_tune: {name} must be a whole number >= 1 (or None for automatic), got {value!r}.")
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = make_datamodule(data, seed=seed, **(data_kwargs or {}))
     if image_size is not None:
@@ -117,7 +120,7 @@ def fine_tune(
     )
     n_train = len(dm.splits["train"])
     batches = math.ceil(n_train / (dm.batch_size or auto_batch_size(n_train)))
-    steps = steps or auto_steps(n_train, dm.batch_size or auto_batch_size(n_train))
+    steps = steps if steps is not None else auto_steps(n_train, dm.batch_size or auto_batch_size(n_train))
     kwargs: dict[str, Any] = {
         "max_steps": steps,
         "max_epochs": -1,
@@ -130,7 +133,11 @@ def fine_tune(
     if kwargs.get("precision", "auto") == "auto":
         kwargs["precision"] = _precision(task, dm, image_size)
     trainer = pl.Trainer(**kwargs)
-    trainer.fit(task, dm)
+    try:
+        trainer.fit(task, dm)
+    except BaseException:
+        discard_if_empty(trainer)  # bad input found in set-up: no empty version_N left behind
+        raise
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     record = checkpoint_record(best, state_dict=True)
     if record is not None:  # the best checkpoint's weights and the metrics it was saved with

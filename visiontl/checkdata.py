@@ -563,7 +563,8 @@ def _check_classes(counts: Mapping[str, Mapping[str, int]], max_imbalance: float
         findings.append(Finding(WARNING, "few_images", f"{len(few)} class(es) have fewer than 2 training images; "
                                 f"add images or merge / drop the class.", [f"{c}: {train[c]}" for c in few]))
     if len(train) == 1:
-        findings.append(Finding(WARNING, "one_class", f"Only one class ({next(iter(train))}) has training images."))
+        findings.append(Finding(ERROR, "one_class", f"Only one class ({next(iter(train))}) has training images; a "
+                                f"classifier needs at least two (fit refuses this dataset too)."))
     biggest, smallest = max(train, key=lambda c: (train[c], c)), min(train, key=lambda c: (train[c], c))
     ratio = train[biggest] / train[smallest]
     if ratio > max_imbalance:

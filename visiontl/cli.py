@@ -39,6 +39,7 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--calibration-images", nargs="*", help="training images for int8 calibration")
     parser.add_argument("--min-agreement", type=float, default=0.99, help="int8 top-1 agreement needed")
     args = parser.parse_args(argv)
+    from visiontl.data.images import DataError
     from visiontl.export import ExportError, export_onnx
     from visiontl.quantize import QuantizeError
     from visiontl.weights import WeightsError
@@ -48,7 +49,7 @@ def _export(argv: Sequence[str]) -> int:
                              rtol=args.rtol, prob_atol=args.prob_atol,
                              quantize=args.quantize, calibration_images=args.calibration_images,
                              min_agreement=args.min_agreement)
-    except (ExportError, QuantizeError, WeightsError) as err:
+    except (ExportError, QuantizeError, WeightsError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {report['path']} ({report['size_bytes'] / 1e6:.1f} MB, opset {report['opset']}); verified on "
@@ -133,6 +134,15 @@ def _cli_class():
             parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
             parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+        def _run_subcommand(self, subcommand: str) -> None:
+            from visiontl.run import discard_if_empty
+
+            try:
+                super()._run_subcommand(subcommand)
+            except BaseException:
+                discard_if_empty(self.trainer)  # stopped on bad input: no empty version_N left behind
+                raise
+
     return VisionTLCLI
 
 
@@ -164,7 +174,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[args[0]][0](args[1:])
-    cli(args)
+    from visiontl.data.images import DataError
+    from visiontl.export import ExportError
+    from visiontl.strategies import StrategyError
+    from visiontl.weights import WeightsError
+
+    try:
+        cli(args)
+    except (DataError, StrategyError, WeightsError, ExportError) as err:  # bad input: one line, no traceback
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

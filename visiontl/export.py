@@ -193,10 +193,6 @@ def export_onnx(
         The report (also stored in the model's metadata): path, size, max difference, top-1
         agreement, images used.
     """
-    import onnx
-
-    from visiontl.predict import ort_session
-
     if not 13 <= opset <= 20:
         raise ExportError(f"Unsupported opset {opset}; use 13 to 20 (17 is well supported everywhere).")
     task = source if isinstance(source, nn.Module) else load_task(source)
@@ -215,6 +211,24 @@ def export_onnx(
         inputs = np.random.default_rng(0).random((8, channels, height, width), dtype=np.float32)
         verified_on = "8 random inputs (no images given or found)"
     out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}.")
+    try:
+        return _export_to(out, model, task, cfg, inputs, verified_on, opset, atol, rtol, prob_atol, source,
+                          quantize, calibration_images, max_images, min_agreement, crop_pct)
+    except OSError as err:
+        raise ExportError(f"Cannot write {out}: {err.strerror or err}; choose another --out.") from err
+
+
+def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inputs: np.ndarray, verified_on: str,
+               opset: int, atol: float, rtol: float, prob_atol: float, source: Any, quantize: str | None,
+               calibration_images: list | None, max_images: int, min_agreement: float,
+               crop_pct: float) -> dict[str, Any]:
+    import onnx
+
+    from visiontl.predict import ort_session
+
+    channels, height, width = cfg["input_size"]
     with atomic_path(out) as tmp:
         torch.onnx.export(model, torch.from_numpy(inputs[:2]), str(tmp), input_names=["input"],
                           output_names=["logits", "probabilities"], opset_version=opset, dynamo=False,

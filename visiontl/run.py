@@ -29,7 +29,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from visiontl import _io
 from visiontl.report import save_confusion_matrix, save_learning_curves
 
-__all__ = ["RunReport", "checkpoint_record", "run_dir"]
+__all__ = ["RunReport", "checkpoint_record", "discard_if_empty", "run_dir"]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -50,6 +50,30 @@ def checkpoint_record(path: str | Path | None, state_dict: bool = False) -> dict
     if not isinstance(record, dict) or not record.get("val_metrics"):
         return None
     return {**record, "state_dict": ckpt["state_dict"]} if state_dict else dict(record)
+
+
+_SETUP_FILES = {"hparams.yaml", "config.yaml", "data_check.json", "strategy.json", "train_images.txt",
+                "val_images.txt", "skipped_files.txt"}
+
+
+def discard_if_empty(trainer: pl.Trainer | None) -> bool:
+    """Remove a failed run's directory when it holds nothing but set-up files (no checkpoint, no
+    metrics), so a fit that stopped on bad input leaves no empty ``version_N`` behind."""
+    if trainer is None or not trainer.is_global_zero:
+        return False
+    try:
+        path = run_dir(trainer)
+    except Exception:  # noqa: BLE001 - no logger / no directory decided yet
+        return False
+    if not path.is_dir() or not path.name.startswith("version_"):
+        return False
+    files = [p for p in path.rglob("*") if p.is_file()]
+    if any(p.name not in _SETUP_FILES for p in files):
+        return False
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def _scalar(value: Any) -> Any:

@@ -89,6 +89,13 @@ def _read(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e) and "GLOBAL" not in str(e):  # not a pickle of objects: noise
+            text = str(e).split("WeightsUnpickler error:")[-1]
+            detail = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)[:200]
+            raise WeightsError(
+                f"{path} is not a torch or safetensors weight file (corrupt, truncated or another format: "
+                f"{detail}). Give a .safetensors file or a state dict saved with torch.save."
+            ) from e
         raise WeightsError(
             f"{path} contains pickled Python objects, not just tensors. visiontl only loads "
             "weights_only (torch.load(weights_only=True)) or safetensors files, never arbitrary "

@@ -210,6 +210,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         max_pixels: int | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("image_size", image_size), ("max_pixels", max_pixels)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+                raise DataError(f"{name} must be a whole number >= 1 (or None for automatic), got {value!r}.")
+        if num_workers is not None and num_workers < 0:
+            raise DataError(f"num_workers must be >= 0 (or None for automatic), got {num_workers!r}.")
         self.presize = presize
         self.max_pixels = max_pixels
         if on_bad_image not in ("error", "skip"):
@@ -257,6 +262,12 @@ class ClassificationDataModule(pl.LightningDataModule):
                     splits["train"], self.val_fraction, self.seed, groups=self.groups()
                 )
             known = set(s[1] for s in splits["train"])
+            if len(known) < 2:
+                raise DataError(
+                    f"{type(self).__name__}: the training split has only one class ({', '.join(sorted(known))}); a "
+                    f"classifier needs at least two. Check the folder layout (one sub-folder per class) or the CSV's "
+                    f"label column."
+                )
             for split in ("val", "test"):
                 unknown = sorted({s[1] for s in splits.get(split, [])} - known)
                 if unknown:
@@ -291,6 +302,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if module is not None and hasattr(module, "data_config"):
             cfg.update(module.data_config)
+            model_chans = int(cfg["input_size"][0])
+            if self.in_chans and self.in_chans != model_chans:
+                raise DataError(
+                    f"The data is set to {self.in_chans} channel(s) (in_chans) but the model takes {model_chans}: set "
+                    f"the model's in_chans to {self.in_chans} (--model.init_args.in_chans {self.in_chans}), or leave "
+                    f"the data's in_chans unset to convert images to the model's {model_chans}."
+                )
         chans = self.in_chans or cfg["input_size"][0]
         self.check_channels(chans)
         size = self.image_size or cfg["input_size"][1]
