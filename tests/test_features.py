@@ -154,3 +154,49 @@ def test_onnxruntime_is_refused_when_features_differ(monkeypatch: pytest.MonkeyP
                         lambda model, x: (lambda b: features.pooled_features(model.eval(), b) + 0.5))
     used, _ = features.choose_engine(task.model.eval(), torch.randn(4, 3, 32, 32), "onnxruntime")
     assert used == "torch"
+
+
+_RACE = """
+import sys, time, random
+import numpy as np
+from visiontl.features import FeatureCache
+cache = FeatureCache(sys.argv[1])
+random.seed(int(sys.argv[2]))
+for i in range(int(sys.argv[3])):
+    key = f"k{i:03d}"
+    def compute():
+        time.sleep(random.random() * 0.01)  # widen the window between compute and publish
+        return np.full((50, 8), i, np.float32), np.arange(50)
+    entry, _ = cache.get_or_compute(key, compute)
+    assert float(entry.features[0, 0]) == i and entry.features.shape == (50, 8), key
+print("ok")
+"""
+
+
+def test_cache_is_safe_when_processes_race_for_the_same_keys(tmp_path: Path) -> None:
+    """Four real processes build the same 40 entries at once: no error, no lost or mixed entry."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "race.py"
+    script.write_text(_RACE)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(seed), "40"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in range(4)]
+    results = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    cache = FeatureCache(tmp_path / "cache")
+    for i in range(40):
+        entry = cache.load(f"k{i:03d}")
+        assert entry is not None and float(entry.features.max()) == float(entry.features.min()) == i
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temp or trash left
+
+
+@pytest.mark.parametrize("meta", ["null", "[]", '{"sha256": null}', "{", '{"sha256": {}, "shape": "x"}'])
+def test_unreadable_metadata_means_rebuild(tmp_path: Path, meta: str) -> None:
+    cache = FeatureCache(tmp_path)
+    cache.save("k", np.ones((3, 2), np.float32), np.arange(3))
+    (tmp_path / "k" / "meta.json").write_text(meta)
+    calls = []
+    entry, hit = cache.get_or_compute("k", lambda: calls.append(1) or (np.zeros((3, 2), np.float32), np.arange(3)))
+    assert not hit and calls == [1] and float(entry.features.sum()) == 0.0
+    assert cache.get_or_compute("k", lambda: 1 / 0)[1]  # rebuilt once, then a hit

@@ -266,51 +266,79 @@ class FeatureCache:
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def load(self, key: str) -> FeatureSet | None:
-        """The entry for ``key`` if it is complete and intact; a damaged one is removed."""
+        """The entry for ``key`` if it is complete and intact; a damaged one is removed.
+
+        Entries appear only by an atomic rename of a finished folder, so any entry is either
+        complete or damaged on disk (bit rot, a foreign or edited file, unreadable metadata); a
+        damaged one is moved aside atomically and deleted, and ``None`` tells the caller to rebuild.
+        """
         folder = self.root / key
         if not folder.exists():
             return None
         try:
             meta = json.loads((folder / "meta.json").read_text())
+            if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict):
+                raise ValueError(f"unreadable meta.json ({type(meta).__name__})")
             for name in ("features", "labels"):
-                if _sha256(folder / f"{name}.npy") != meta["sha256"][name]:
+                if _sha256(folder / f"{name}.npy") != meta["sha256"].get(name):
                     raise ValueError(f"{name}.npy checksum mismatch")
             feats = np.load(folder / "features.npy", mmap_mode="r")
             labels = np.load(folder / "labels.npy")
-            if feats.shape != tuple(meta["shape"]) or len(labels) != feats.shape[0]:
+            if feats.shape != tuple(meta.get("shape") or ()) or len(labels) != feats.shape[0]:
                 raise ValueError("shape mismatch")
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-            log.warning("Feature cache entry %s is damaged (%s); rebuilding it.", folder, err)
-            shutil.rmtree(folder, ignore_errors=True)
+        except FileNotFoundError:
+            if not folder.exists():  # another process replaced or removed it meanwhile
+                return None
+            self._discard(folder, "a file is missing")
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            self._discard(folder, str(err))
             return None
         return FeatureSet(feats, labels, key, folder)
+
+    def _discard(self, folder: Path, reason: str) -> None:
+        """Move a damaged entry aside (atomic: readers see it or nothing), then delete it."""
+        log.warning("Feature cache entry %s is damaged (%s); rebuilding it.", folder, reason)
+        trash = self.root / f".{folder.name}.trash-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.replace(folder, trash)
+        except OSError:
+            return  # already moved or replaced by another process
+        shutil.rmtree(trash, ignore_errors=True)
 
     def save(
         self, key: str, features: np.ndarray, labels: np.ndarray, info: dict[str, Any] | None = None
     ) -> FeatureSet:
-        """Write an entry atomically (temporary folder, then rename) and return it memory-mapped."""
+        """Write an entry atomically (temporary folder, then rename) and return it memory-mapped.
+
+        Safe under concurrent processes: when another process has published the same key first,
+        this one discards its copy and returns the winner's entry (same key, same content).
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=self.root))
-        try:
-            np.save(tmp / "features.npy", np.ascontiguousarray(features))
-            np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-            meta = {
-                "format": FORMAT_VERSION,
-                "shape": list(features.shape),
-                "sha256": {n: _sha256(tmp / f"{n}.npy") for n in ("features", "labels")},
-                "info": info or {},
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-            target = self.root / key
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        loaded = self.load(key)
-        assert loaded is not None
-        return loaded
+        for _attempt in range(5):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{os.getpid()}-", dir=self.root))
+            try:
+                np.save(tmp / "features.npy", np.ascontiguousarray(features))
+                np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+                meta = {
+                    "format": FORMAT_VERSION,
+                    "shape": list(features.shape),
+                    "sha256": {n: _sha256(tmp / f"{n}.npy") for n in ("features", "labels")},
+                    "info": info or {},
+                }
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+                try:
+                    os.rename(tmp, self.root / key)  # fails if the key exists: never replaces a published entry
+                except OSError:
+                    pass  # another process won the race (or a damaged entry sits there): load decides
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            loaded = self.load(key)  # ours or the winner's; None only if it was damaged and discarded
+            if loaded is not None:
+                return loaded
+        raise OSError(f"Could not publish feature cache entry {self.root / key} (another process keeps "
+                      f"replacing it, or the cache folder is not writable).")
 
     def get_or_compute(
         self, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]], info: dict[str, Any] | None = None
