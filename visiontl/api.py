@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger
 
 from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataModule, auto_batch_size
+from visiontl.resume import RunLogger, resolve_last
 from visiontl.run import checkpoint_record, discard_if_empty
 from visiontl.speed import auto_precision
 from visiontl.strategies import Strategy
@@ -81,6 +81,7 @@ def fine_tune(
     data_kwargs: dict[str, Any] | None = None,
     task_kwargs: dict[str, Any] | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
+    ckpt_path: str | os.PathLike[str] | None = None,
 ) -> FitResult:
     """Fine-tune ``backbone`` on ``data`` with ``strategy`` and return the best checkpoint's metrics.
 
@@ -101,10 +102,12 @@ def fine_tune(
         data_kwargs: more :class:`~visiontl.data.ClassificationDataModule` arguments.
         task_kwargs: more :class:`~visiontl.tasks.ClassificationTask` arguments.
         trainer_kwargs: more ``pytorch_lightning.Trainer`` arguments.
+        ckpt_path: resume: ``"last"`` continues the newest ``version_N`` of ``out/name`` from its
+            ``last.ckpt``, in that same directory (an error if there is none); or a checkpoint path.
     """
-    for name, value in (("steps", steps), ("image_size", image_size)):
+    for arg, value in (("steps", steps), ("image_size", image_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"fine_tune: {name} must be a whole number >= 1 (or None for automatic), got {value!r}.")
+            raise ValueError(f"fine_tune: {arg} must be a whole number >= 1 (or None for automatic), got {value!r}.")
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = make_datamodule(data, seed=seed, **(data_kwargs or {}))
     if image_size is not None:
@@ -121,10 +124,14 @@ def fine_tune(
     n_train = len(dm.splits["train"])
     batches = math.ceil(n_train / (dm.batch_size or auto_batch_size(n_train)))
     steps = steps if steps is not None else auto_steps(n_train, dm.batch_size or auto_batch_size(n_train))
+    run_name = name or f"{backbone}-{task.strategy.name}"
+    version = None
+    if ckpt_path is not None and str(ckpt_path) == "last":
+        ckpt_path, version = resolve_last(Path(out) / run_name)
     kwargs: dict[str, Any] = {
         "max_steps": steps,
         "max_epochs": -1,
-        "logger": CSVLogger(str(out), name=name or f"{backbone}-{task.strategy.name}"),
+        "logger": RunLogger(str(out), name=run_name, version=version),
         "log_every_n_steps": max(1, min(50, batches)),
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
@@ -134,7 +141,7 @@ def fine_tune(
         kwargs["precision"] = _precision(task, dm, image_size)
     trainer = pl.Trainer(**kwargs)
     try:
-        trainer.fit(task, dm)
+        trainer.fit(task, dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
     except BaseException:
         discard_if_empty(trainer)  # bad input found in set-up: no empty version_N left behind
         raise

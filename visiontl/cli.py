@@ -127,12 +127,29 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 def _cli_class():
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+    from visiontl.resume import ResumeError as ResumeErrorType
+
     class VisionTLCLI(LightningCLI):
         """LightningCLI that links the datamodule's classes into the task."""
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
             parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+        def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+            """``--ckpt_path last`` resumes the newest version of this run name, in that directory."""
+            kwargs = super()._prepare_subcommand_kwargs(subcommand)
+            if subcommand == "fit" and str(kwargs.get("ckpt_path")) == "last":
+                from visiontl.resume import resolve_last
+
+                logger = self.trainer.logger
+                root = getattr(logger, "root_dir", None)
+                if root is None:
+                    raise ResumeErrorType("--ckpt_path last needs the run's logger (visiontl.resume.RunLogger) to "
+                                          "know where the run lives; give the checkpoint's path instead.")
+                kwargs["ckpt_path"], version = resolve_last(root)
+                logger._version = version  # continue in that directory, not a new version_N
+            return kwargs
 
         def _run_subcommand(self, subcommand: str) -> None:
             from visiontl.run import discard_if_empty
@@ -160,7 +177,7 @@ def cli(argv: Sequence[str] | None = None):
         subclass_mode_data=True,
         args=list(argv) if argv is not None else None,
         trainer_defaults={
-            "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+            "logger": {"class_path": "visiontl.resume.RunLogger", "init_args": {"save_dir": "runs"}},
             "log_every_n_steps": 5,
         },
         parser_kwargs={"description": f"visiontl: transfer learning on images.\n\nMore commands:\n{extra}"},
@@ -176,12 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXTRA_COMMANDS[args[0]][0](args[1:])
     from visiontl.data.images import DataError
     from visiontl.export import ExportError
+    from visiontl.resume import ResumeError
     from visiontl.strategies import StrategyError
     from visiontl.weights import WeightsError
 
     try:
         cli(args)
-    except (DataError, StrategyError, WeightsError, ExportError) as err:  # bad input: one line, no traceback
+    except (DataError, StrategyError, WeightsError, ExportError, ResumeError) as err:  # bad input: one line
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -210,11 +211,14 @@ def extract_features(
     modes = [(m, m.training) for m in model.modules()]  # restored exactly: frozen norms stay in eval
     model.eval()
     feats, labels = [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    total = views * len(loader)
+    n = len(dataset)
+    seeded = getattr(dataset, "seed", None) is not None  # augmentation seeded per (seed, view, image)
+    total = views * math.ceil(n / batch_size)
     forward = None
     with tqdm(total=total, desc=desc, unit="batch", disable=total < 5, leave=False) as bar:
-        for _ in range(views):
+        for view in range(views):
+            indices = range(view * n, (view + 1) * n) if seeded else range(n)  # view v = "epoch" v
+            loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
             for batch in loader:
                 if forward is None:
                     # exporting and checking costs a few seconds: worth it on larger sets only

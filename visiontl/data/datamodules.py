@@ -25,6 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from visiontl.data.images import DataError, is_image_file, read_image, scan_images, to_channels
 from visiontl.data.layout import Sample, index_folder, split_folders
 from visiontl.data.presize import presize
+from visiontl.data.sampling import EpochBatchSampler, EpochSampler, sample_seed
 from visiontl.data.stats import channel_stats, needs_dataset_stats
 from visiontl.data.transforms import build_transforms
 
@@ -65,9 +66,10 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, items: Sequence[tuple[Path, int]], transform: Any, in_chans: int,
-                 presized: np.ndarray | None = None, max_pixels: int | None = None) -> None:
+                 presized: np.ndarray | None = None, max_pixels: int | None = None, seed: int | None = None) -> None:
         self.items = list(items)
         self.max_pixels = max_pixels
+        self.seed = seed  # set for random (training) transforms: augmentation seeded per (seed, epoch, image)
         self.transform = transform
         self.in_chans = in_chans
         self.presized = presized  # uint8 N x S x S x C from visiontl.data.presize, or None
@@ -81,6 +83,9 @@ class ImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, index = divmod(int(index), len(self.items))  # EpochSampler(encode_epoch=True) sends both
+        if self.seed is not None:
+            self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         path, label = self.items[index]
         if self.presized is not None:
             image = np.asarray(self.presized[index], dtype=np.float32) / 255.0
@@ -121,12 +126,9 @@ class FeatureDataset(Dataset):
     def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False) -> DataLoader:
         """Batches gathered by one fancy-indexing read each, in the main process: per-row reads,
         collation and worker processes cost more than the head's whole step on features."""
-        generator = torch.Generator().manual_seed(seed) if shuffle else None
-        base = RandomSampler(self, generator=generator) if shuffle else SequentialSampler(self)
-        # the loader shares the sampler's generator, as DataLoader(shuffle=True, generator=...) does:
-        # the same seed gives the same batches as the image loader it replaces
-        return DataLoader(self, batch_size=None, sampler=BatchSampler(base, batch_size, drop_last),
-                          num_workers=0, generator=generator)
+        # the same (seed, epoch) order as the image loader it replaces: the same batches
+        sampler = EpochBatchSampler(EpochSampler(len(self), seed, shuffle), batch_size, drop_last)
+        return DataLoader(self, batch_size=None, sampler=sampler, num_workers=0)
 
 
 def stratified_split(
@@ -387,7 +389,8 @@ class ClassificationDataModule(pl.LightningDataModule):
             )
             labelled = [(p, index.get(c, -1)) for p, c in items]
             arrays = presize([p for p, _ in items], pre["size"], pre["in_chans"]) if self.presize else None
-            self.datasets[split] = ImageDataset(labelled, transform, pre["in_chans"], arrays, self.max_pixels)
+            self.datasets[split] = ImageDataset(labelled, transform, pre["in_chans"], arrays, self.max_pixels,
+                                                seed=self.seed if train else None)
         self._image_datasets = dict(self.datasets)
         self._eval_transform = build_transforms(
             self.augment, False, pre["size"], pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"]
@@ -402,7 +405,8 @@ class ClassificationDataModule(pl.LightningDataModule):
             source = self._image_datasets[split]
         if augmented or split != "train":
             return source
-        return ImageDataset(source.items, self._eval_transform, source.in_chans, source.presized, source.max_pixels)
+        return ImageDataset(source.items, self._eval_transform, source.in_chans, source.presized, source.max_pixels,
+                            seed=source.seed if augmented else None)
 
     def set_features(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
         """Serve cached features instead of images for ``split`` (see :mod:`visiontl.features`)."""
@@ -424,18 +428,34 @@ class ClassificationDataModule(pl.LightningDataModule):
         if isinstance(dataset, FeatureDataset):  # evaluation needs no small batches on features
             return dataset.loader(batch_size if train else max(batch_size, 1024), train, self.seed, drop_last)
         workers = auto_workers() if self.num_workers is None else self.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            drop_last=drop_last,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-        )
+        if not train:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                              persistent_workers=workers > 0)
+        epochs = EpochSampler(len(dataset), self.seed, shuffle=True, encode_epoch=True, epoch_fn=self._current_epoch)
+        sampler = EpochBatchSampler(epochs, batch_size, drop_last)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        done = self._batches_done_in_resumed_epoch(len(loader))
+        batch_sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+        if done and isinstance(getattr(batch_sampler, "sampler", None), EpochSampler):
+            batch_sampler.sampler.skip_next(done * batch_sampler.batch_size)  # trained before the kill
+        return loader
+
+    def _current_epoch(self) -> int | None:
+        trainer = self.trainer
+        return None if trainer is None else int(trainer.current_epoch)
+
+    def _batches_done_in_resumed_epoch(self, per_epoch: int) -> int:
+        """Batches of the current epoch a resumed fit already trained on (0 for a fresh fit or a
+        checkpoint written at an epoch's end): Lightning restores its loop counters before it asks
+        for the training loader."""
+        trainer = self.trainer
+        if trainer is None or not getattr(trainer, "ckpt_path", None):
+            return 0
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return done if 0 < done < per_epoch else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

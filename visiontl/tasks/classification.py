@@ -70,6 +70,9 @@ class ClassificationTask(BaseTask):
             clipping; a Trainer's own ``gradient_clip_val`` takes precedence).
         divergence_guard: watch for divergence and collapse and repair them
             (:class:`~visiontl.tasks.guard.DivergenceGuard`); any SGD strategy.
+        last_every_n_steps: write ``checkpoints/last.ckpt`` every this many steps (``None``: not by
+            steps); it is also written at every epoch's end (:class:`~visiontl.resume.LastCheckpoint`).
+        last_every_minutes: and whenever this many minutes have passed (``None``: not by time).
     """
 
     def __init__(
@@ -96,6 +99,8 @@ class ClassificationTask(BaseTask):
         interpolation: str | None = None,
         grad_clip: float | None = 1.0,
         divergence_guard: bool = True,
+        last_every_n_steps: int | None = 50,
+        last_every_minutes: float | None = 5.0,
     ) -> None:
         if num_classes is None and class_names:
             num_classes = len(class_names)
@@ -232,17 +237,20 @@ class ClassificationTask(BaseTask):
                 dm.set_features(split, *self._features(dm, split, int(self.strategy.views)))
 
     def configure_callbacks(self) -> list[Callback]:
+        from visiontl.resume import LastCheckpoint
         from visiontl.run import RunReport
 
+        # best.ckpt by the monitored metric; last.ckpt, always the latest state, by LastCheckpoint
         checkpoint = ModelCheckpoint(
-            filename="best", monitor=self.monitor, mode="max", save_last=True, auto_insert_metric_name=False
+            filename="best", monitor=self.monitor, mode="max", save_last=False, auto_insert_metric_name=False
         )
         callbacks: list[Callback] = [RunReport(), *self.strategy.callbacks()]
         if self.strategy.sgd and self.hparams.get("divergence_guard", True):
             callbacks.append(DivergenceGuard())
         trainer = self._trainer
         if trainer is None or trainer.checkpoint_callback is not None:
-            callbacks.insert(0, checkpoint)
+            callbacks[:0] = [checkpoint, LastCheckpoint(self.hparams.get("last_every_n_steps", 50),
+                                                        self.hparams.get("last_every_minutes", 5.0))]
         if trainer is None or trainer.loggers:
             callbacks.append(LearningRateMonitor("step"))
         return callbacks
@@ -419,5 +427,6 @@ class ClassificationTask(BaseTask):
 _INIT_ARGS = {
     "backbone", "num_classes", "class_names", "pretrained", "weights", "in_chans", "weight_decay",
     "warmup", "class_weights", "label_smoothing", "drop_rate", "converter", "channels_last", "compile",
-    "input_size", "mean", "std", "crop_pct", "interpolation", "grad_clip", "divergence_guard",
+    "input_size", "mean", "std", "crop_pct", "interpolation", "grad_clip", "divergence_guard", "last_every_n_steps",
+    "last_every_minutes",
 }

@@ -1,0 +1,103 @@
+"""A killed run loses nothing: last.ckpt is the latest state and a resume continues it exactly."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from visiontl import fine_tune
+from visiontl.resume import ResumeError, resolve_last
+
+_FIT = """
+import os, signal, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+import pytorch_lightning as pl
+from visiontl import fine_tune
+
+root, out, name, kill_at, resume = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+
+class Kill(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind
+
+fine_tune(root, backbone="test_resnet", strategy="full", pretrained=False, image_size=32, steps=24, out=out,
+          name=name, seed=3, data_kwargs={"num_workers": 0, "batch_size": 8},
+          task_kwargs={"last_every_n_steps": 5},
+          trainer_kwargs={"enable_progress_bar": False, "precision": "32-true",
+                          "callbacks": [Kill()] if kill_at >= 0 else []},
+          ckpt_path="last" if resume else None)
+"""
+
+
+def _fit(script: Path, root: Path, out: Path, name: str, kill_at: int = -1, resume: bool = False) -> int:
+    done = subprocess.run([sys.executable, str(script), str(root), str(out), name, str(kill_at), str(int(resume))],
+                          capture_output=True, text=True, check=False)
+    if kill_at < 0:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done.returncode
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kill_at", "saved_at"), [(13, 12), (11, 10)], ids=["after-epoch-end", "mid-epoch"])
+def test_a_killed_run_resumes_where_it_was_and_ends_like_an_uninterrupted_one(shapes_root: Path, tmp_path: Path,
+                                                                             kill_at: int, saved_at: int) -> None:
+    """last.ckpt is written every 5 steps and at every epoch's end (4 batches an epoch): a SIGKILL at
+    step 13 resumes from the epoch end at 12, one at 11 from the middle of an epoch at 10."""
+    script = tmp_path / "fit.py"
+    script.write_text(_FIT)
+    out = tmp_path / "runs"
+    _fit(script, shapes_root, out, "whole")
+    assert _fit(script, shapes_root, out, "killed", kill_at=kill_at) == -9  # SIGKILLed
+    killed_ckpt, version = resolve_last(out / "killed")
+    assert version == 0 and torch.load(killed_ckpt, weights_only=True)["global_step"] == saved_at
+    assert not [p for p in killed_ckpt.parent.iterdir() if p.name.startswith(".")]  # no half-written file
+    _fit(script, shapes_root, out, "killed", resume=True)
+    assert sorted(p.name for p in (out / "killed").iterdir()) == ["version_0"]  # continued in place
+
+    whole = torch.load(out / "whole" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(out / "killed" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == whole["global_step"] == 24 and resumed["epoch"] == whole["epoch"]
+    for key, value in whole["state_dict"].items():
+        if value.is_floating_point():  # documented tolerance: CPU float32 kernels, same order of operations
+            assert torch.allclose(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6), key
+    moments = [s["exp_avg"] for s in whole["optimizer_states"][0]["state"].values()]
+    resumed_moments = [s["exp_avg"] for s in resumed["optimizer_states"][0]["state"].values()]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(moments, resumed_moments))
+
+    steps = [int(r["step"]) for r in _rows(out / "killed" / "version_0") if r.get("train_loss_step")]
+    assert steps == [int(r["step"]) for r in _rows(out / "whole" / "version_0") if r.get("train_loss_step")]
+    val = [float(r["val_acc"]) for r in _rows(out / "killed" / "version_0") if r.get("val_acc")]
+    val_whole = [float(r["val_acc"]) for r in _rows(out / "whole" / "version_0") if r.get("val_acc")]
+    assert val == pytest.approx(val_whole)  # every epoch logged once, no gap and no duplicate
+
+
+def test_last_checkpoint_is_the_latest_state(shapes_root: Path, tmp_path: Path) -> None:
+    run = fine_tune(shapes_root, backbone="test_resnet", strategy="full", pretrained=False, image_size=32, steps=14,
+                    out=tmp_path, data_kwargs={"num_workers": 0, "batch_size": 8},
+                    task_kwargs={"last_every_n_steps": None, "last_every_minutes": None},
+                    trainer_kwargs={"enable_progress_bar": False})
+    assert torch.load(run.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 14
+
+
+def test_resume_last_without_a_run_is_an_error(shapes_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ResumeError, match="Nothing to resume"):
+        fine_tune(shapes_root, backbone="test_resnet", pretrained=False, out=tmp_path, name="nothing",
+                  ckpt_path="last")
+    from visiontl.cli import main
+
+    recipe = Path(__file__).parents[1] / "recipes" / "folder.yaml"
+    code = main(["fit", "--config", str(recipe), "--data.init_args.root", str(shapes_root),
+                 "--model.init_args.backbone", "test_resnet", "--model.init_args.pretrained", "false",
+                 "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path", "last"])
+    assert code == 2

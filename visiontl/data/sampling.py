@@ -1,0 +1,78 @@
+"""Training order as a pure function of (seed, epoch): what makes a resumed run repeat the batches.
+
+A ``DataLoader(shuffle=True, generator=...)`` draws each epoch's order from one generator that
+advances epoch after epoch, so a process started from a checkpoint at epoch 7 would draw epoch
+0's order again. :class:`EpochSampler` seeds every epoch's permutation with ``(seed, epoch)``
+(Lightning calls ``set_epoch`` at each epoch start, resumed or not), can skip the batches a
+resumed epoch already trained on, and can tell the dataset which epoch an index belongs to
+(``epoch * n + index``), so random augmentations can be seeded per (seed, epoch, image) too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import BatchSampler, Sampler
+
+__all__ = ["EpochBatchSampler", "EpochSampler", "sample_seed"]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one image's augmentation in one epoch."""
+    return (seed * 1_000_003 + epoch * 7_919 * 65_537 + index * 2_654_435_761) % (2**32)
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of ``n`` items, shuffled by ``(seed, epoch)``.
+
+    Args:
+        n: number of items.
+        seed: the run's seed.
+        shuffle: shuffle (training) or keep the order.
+        encode_epoch: yield ``epoch * n + index`` (the dataset decodes both), for per-epoch
+            augmentation seeds.
+        epoch_fn: returns the epoch about to start (the datamodule passes
+            ``trainer.current_epoch``), read when an epoch's iteration begins.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, encode_epoch: bool = False,
+                 epoch_fn: Callable[[], int | None] | None = None) -> None:
+        self.n, self.seed, self.shuffle, self.encode_epoch = int(n), int(seed), shuffle, encode_epoch
+        self.epoch_fn = epoch_fn
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at every epoch start (``epoch_fn``, when given, has the last word:
+        after a resume Lightning's number here can run one ahead of ``trainer.current_epoch``)."""
+        self.epoch = int(epoch)
+
+    def skip_next(self, items: int) -> None:
+        """Leave out the first ``items`` indices of the next pass (a resumed, half-done epoch)."""
+        self.skip = max(0, int(items))
+
+    def order(self, epoch: int) -> list[int]:
+        """The item order of ``epoch``."""
+        if not self.shuffle:
+            return list(range(self.n))
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        if self.epoch_fn is not None and (epoch := self.epoch_fn()) is not None:
+            self.epoch = int(epoch)
+        skip, self.skip = self.skip, 0
+        offset = self.epoch * self.n if self.encode_epoch else 0
+        return iter([offset + i for i in self.order(self.epoch)[skip:]])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class EpochBatchSampler(BatchSampler):
+    """A ``BatchSampler`` over an :class:`EpochSampler` that passes ``set_epoch`` on (Lightning looks
+    for it on a loader's ``sampler`` or ``batch_sampler.sampler`` only)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)

@@ -1,0 +1,201 @@
+"""A killed run loses nothing: ``last.ckpt`` is always the latest state, and a resume continues it.
+
+- :class:`LastCheckpoint` writes ``checkpoints/last.ckpt`` atomically (temporary file, then
+  rename) every ``every_n_steps`` steps and every ``every_minutes`` minutes, at each epoch's end
+  and when training ends; it flushes the metrics log first, so ``metrics.csv`` holds every row up
+  to the checkpoint, and records how many rows that was.
+- :class:`RunLogger` is Lightning's ``CSVLogger`` made resumable: resuming into the same version
+  directory keeps ``metrics.csv`` (Lightning's deletes it), cut back to the rows that existed when
+  the checkpoint was written (the rows after it are trained again), and every rewrite is atomic.
+- :func:`resolve_last` turns ``ckpt_path="last"`` into the newest ``version_N/checkpoints/last.ckpt``
+  of a run name, so the resumed run writes into that same directory; with none, it is an error.
+- Data order and augmentation are pure functions of (seed, epoch, image)
+  (:class:`visiontl.data.sampling.EpochSampler`), and a resumed epoch skips the batches it already
+  trained on, so a resumed run sees exactly the batches the uninterrupted run would have.
+
+What a kill loses: the steps since the last ``last.ckpt`` (at most ``every_n_steps`` steps or
+``every_minutes`` minutes, or one epoch), which the resumed run trains again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from lightning_fabric.loggers.csv_logs import _ExperimentWriter
+from pytorch_lightning import Callback
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+from visiontl import _io
+
+__all__ = ["LastCheckpoint", "ResumeError", "RunLogger", "resolve_last"]
+
+
+class ResumeError(ValueError):
+    """Nothing to resume, or a checkpoint that does not belong to the run."""
+
+
+class _ResumableWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv`` (continuing its header) and rewrites it atomically."""
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            try:
+                header = next(csv.reader(io.StringIO(path.read_text())), [])
+            except (OSError, csv.Error):
+                header = []
+            self.metrics_keys = sorted(set(header))
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        rows = _read_rows(Path(self.metrics_file_path))
+        _write_rows(Path(self.metrics_file_path), fieldnames, rows)
+
+    def truncate(self, keep_rows: int) -> None:
+        """Keep the first ``keep_rows`` data rows (those written before the checkpoint)."""
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        rows = _read_rows(path)
+        header = self.metrics_keys or sorted({k for r in rows for k in r})
+        _write_rows(path, header, rows[:keep_rows])
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    text = path.read_text()
+    if text and not text.endswith("\n"):  # a kill in the middle of an append: drop the partial row
+        text = text[: text.rfind("\n") + 1]
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def _write_rows(path: Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _io.write_text(path, buf.getvalue())
+
+
+class RunLogger(CSVLogger):
+    """``CSVLogger`` that a resumed run continues (same arguments as ``CSVLogger``)."""
+
+    @property
+    def experiment(self) -> _ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumableWriter(log_dir=self.log_dir)
+        return self._experiment
+
+    def metrics_rows(self) -> int:
+        """Data rows in ``metrics.csv`` now (after flushing what is pending)."""
+        self.save()
+        path = Path(self.experiment.metrics_file_path)
+        return len(_read_rows(path)) if path.is_file() else 0
+
+
+class LastCheckpoint(Callback):
+    """Write ``<run>/checkpoints/last.ckpt`` atomically and often (see the module docstring).
+
+    Args:
+        every_n_steps: also every this many optimisation steps (``None``: only by time and epochs).
+        every_minutes: also when this many minutes have passed since the last write.
+    """
+
+    def __init__(self, every_n_steps: int | None = 50, every_minutes: float | None = 5.0) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}.")
+        if every_minutes is not None and every_minutes <= 0:
+            raise ValueError(f"every_minutes must be > 0 or None, got {every_minutes}.")
+        self.every_n_steps, self.every_minutes = every_n_steps, every_minutes
+        self._last_time = time.monotonic()
+        self._last_step = -1
+        self._rows = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metrics_rows": self._rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._rows = int(state_dict.get("metrics_rows", 0))
+
+    @staticmethod
+    def path(trainer: pl.Trainer) -> Path:
+        from visiontl.run import run_dir
+
+        return run_dir(trainer) / "checkpoints" / "last.ckpt"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_time = time.monotonic()
+        if trainer.ckpt_path and trainer.is_global_zero:  # resumed: drop the rows logged after the checkpoint
+            for logger in trainer.loggers:
+                if isinstance(getattr(logger, "experiment", None), _ResumableWriter):
+                    logger.experiment.truncate(self._rows)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` now (all ranks call this; rank 0 writes)."""
+        if trainer.sanity_checking or trainer.global_step == self._last_step:
+            return
+        rows = 0
+        for logger in trainer.loggers:
+            if isinstance(logger, RunLogger) and trainer.is_global_zero:
+                rows = logger.metrics_rows()  # flushed first: the file holds every row up to here
+            elif trainer.is_global_zero:
+                logger.save()
+        self._rows = rows
+        target = self.path(trainer)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+        _io.remove_stale_temps(target)
+        try:
+            trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero:
+                os.chmod(tmp, 0o666 & ~_io.current_umask())
+                os.replace(tmp, target)
+        finally:
+            if trainer.is_global_zero and tmp.exists():
+                tmp.unlink()
+        self._last_step, self._last_time = trainer.global_step, time.monotonic()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        steps_due = self.every_n_steps is not None and trainer.global_step % self.every_n_steps == 0
+        time_due = (self.every_minutes is not None
+                    and time.monotonic() - self._last_time >= 60 * self.every_minutes)
+        if steps_due or time_due:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+
+_VERSION = re.compile(r"^version_(\d+)$")
+
+
+def resolve_last(run_root: str | os.PathLike[str]) -> tuple[Path, int]:
+    """The newest ``version_N/checkpoints/last.ckpt`` under a run name's folder, and its ``N``.
+
+    Raises:
+        ResumeError: no version directory there has a ``last.ckpt``.
+    """
+    root = Path(run_root)
+    versions = sorted(
+        ((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else []) if (m := _VERSION.match(p.name))),
+        reverse=True,
+    )
+    for number, folder in versions:
+        ckpt = folder / "checkpoints" / "last.ckpt"
+        if ckpt.is_file():
+            return ckpt, number
+    raise ResumeError(
+        f"Nothing to resume: no {root}/version_*/checkpoints/last.ckpt. Start the run without "
+        f"--ckpt_path last, or give the checkpoint's path."
+    )
