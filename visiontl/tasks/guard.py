@@ -14,9 +14,10 @@ digits: 19 epochs at exactly ln 10). :class:`DivergenceGuard` notices and repair
   at most half of the labels, and the loss is no better than a uniform guess (``0.9 ln K``).
   Validation matters: with BatchNorm statistics drifting, training batches can look fine while
   the model in inference mode predicts one class. A collapse is only repaired when the last good
-  state was known not to be collapsed (a fitted head, as in LP-FT, or a healthy validated epoch):
-  a network trained from a random head passes through near-uniform predictions on its way, and
-  that is no divergence.
+  state was known to be good: a fitted head (LP-FT), or an epoch whose validation balanced
+  accuracy was clearly above chance (``1/K + (1 - 1/K) / 4``). A network trained from a random
+  head passes through near-uniform predictions on its way (seen: 3 easy classes at chance for 3
+  epochs, then 1.0), and that is no divergence.
 
 It then restores the last good state (model and optimizer, kept in memory at the start and at
 every healthy epoch end), multiplies every learning rate by ``lr_factor``, says so on the console
@@ -68,7 +69,7 @@ class DivergenceGuard(Callback):
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def _reset_epoch(self) -> None:
-        self._val: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._val: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
         self._pred_counts: torch.Tensor | None = None
         self._label_counts: torch.Tensor | None = None
         self._loss_sum, self._loss_n = 0.0, 0
@@ -147,7 +148,12 @@ class DivergenceGuard(Callback):
         loss = trainer.callback_metrics.get("val_loss")
         if trainer.sanity_checking or confusion is None or loss is None or trainer.global_step == 0:
             return
-        self._val = (confusion.sum(0), confusion.sum(1), float(loss))  # predicted / true counts per class
+        confusion = confusion.double()
+        recall = confusion.diagonal() / confusion.sum(1).clamp(min=1)
+        present = confusion.sum(1) > 0
+        balanced = float(recall[present].mean()) if bool(present.any()) else 0.0
+        # predicted / true counts per class, the loss, and the balanced accuracy
+        self._val = (confusion.sum(0), confusion.sum(1), float(loss), balanced)
 
     def _collapsed(self, counts: torch.Tensor | None, labels: torch.Tensor | None, loss: float,
                    num_classes: int, where: str) -> str | None:
@@ -168,12 +174,15 @@ class DivergenceGuard(Callback):
         mean_loss = self._loss_sum / max(1, self._loss_n)
         reason = self._collapsed(self._pred_counts, self._label_counts, mean_loss, num_classes, "epoch's training")
         if reason is None and self._val is not None:
-            reason = self._collapsed(*self._val, num_classes, "validation")
+            reason = self._collapsed(*self._val[:3], num_classes, "validation")
         if reason is not None:
             if self._good is not None and self._good["healthy"]:
                 self._repair(trainer, pl_module, reason)
-            return  # from an untested start (a random head), near-uniform predictions are a phase
-        self._snapshot(trainer, pl_module, healthy=True)  # a healthy epoch: the new last good state
+            return  # from a state never shown good (a random head), near-uniform predictions are a phase
+        chance = 1.0 / max(2, num_classes)
+        good = self._val is not None and self._val[3] >= chance + (1 - chance) / 4
+        if good or self._good is None or not self._good["healthy"]:
+            self._snapshot(trainer, pl_module, healthy=good)  # the new last good state
 
     # -- the repair ------------------------------------------------------------------------------------
     def _repair(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> None:
