@@ -153,7 +153,7 @@ class LastCheckpoint(Callback):
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
         _io.remove_stale_temps(target)
         try:
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)  # the full training state: a resume needs it
             if trainer.is_global_zero:
                 os.chmod(tmp, 0o666 & ~_io.current_umask())
                 os.replace(tmp, target)
