@@ -295,7 +295,7 @@ class ClassificationTask(BaseTask):
         if self.strategy.sgd and "val" in getattr(dm, "splits", {}):  # LP-FT: what the head alone scores
             val_features, val_labels = self._features(dm, "val")
             with torch.no_grad():
-                predicted = head(torch.from_numpy(np.asarray(val_features, dtype=np.float32))).argmax(1).numpy()
+                predicted = head(torch.from_numpy(np.array(val_features, dtype=np.float32))).argmax(1).numpy()
             val_acc = float((predicted == np.asarray(val_labels)).mean())
             getattr(fitter, "fit_report", {})["val_acc"] = round(val_acc, 4)
             message += f" (val_acc {val_acc:.3f}); fine-tuning starts from it"
