@@ -333,3 +333,35 @@ def test_predict_onnx_bad_inputs_are_one_line_errors(run, tmp_path: Path, capsys
     assert main(["predict-onnx", str(fake), str(image)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
+
+
+def test_predictor_frames_option_on_a_multi_frame_dicom(run, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import RLELossless, generate_uid
+
+    model = tmp_path / "m.onnx"
+    export_onnx(run.run_dir, model)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds = FileDataset("cine.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "US"
+    ds.Rows, ds.Columns, ds.NumberOfFrames, ds.SamplesPerPixel, ds.PhotometricInterpretation = 40, 40, 3, 3, "RGB"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.PlanarConfiguration = 8, 8, 7, 0, 0
+    rng = np.random.default_rng(0)
+    ds.PixelData = rng.integers(0, 256, (3, 40, 40, 3), dtype=np.uint8).tobytes()
+    ds.compress(RLELossless)
+    cine = tmp_path / "cine.dcm"
+    ds.save_as(cine, enforce_file_format=True)
+    (refused,) = Predictor(model).predict([cine])
+    assert refused.error is not None and "3 frames" in refused.error and "frames: middle" in refused.error
+    every = Predictor(model, frames="all").predict([cine])
+    assert [p.frame for p in every] == [0, 1, 2] and all(p.error is None for p in every)
+    (middle,) = Predictor(model, frames="middle").predict([cine])
+    assert middle.probabilities == every[1].probabilities  # the middle of three frames is frame 1
+    assert main(["predict-onnx", str(model), str(cine), "--frames", "all", "--out", str(tmp_path / "p.csv")]) == 0
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0].startswith("path,frame,label") and [r.split(",")[1] for r in rows[1:]] == ["0", "1", "2"]
+    with pytest.raises(PredictorError, match="frames must be one of"):
+        Predictor(model, frames="first")

@@ -42,7 +42,8 @@ from PIL import Image, ImageMode
 from tqdm.auto import tqdm
 
 from visiontl.data.formats import TIFF_EXTENSIONS, is_dicom
-from visiontl.data.images import DataError, ImageReadError, check_pixels, read_raw
+from visiontl.data.formats import Frame
+from visiontl.data.images import DataError, ImageReadError, check_pixels, read_raw, scan_frame
 from visiontl.data.layout import SPLIT_DIRS, index_folder, split_folders
 
 __all__ = [
@@ -359,10 +360,10 @@ def dhash(image: np.ndarray) -> int | None:
     return int.from_bytes(bits.tobytes(), "big")
 
 
-def _header(path: Path, max_pixels: int | None = None) -> _Info:
+def _header(path: Path, max_pixels: int | None = None, frame: Frame = "error") -> _Info:
     """Size, channels and dtype without decoding the pixels (PIL formats); full decode otherwise."""
     if path.suffix.lower() in TIFF_EXTENSIONS or is_dicom(path):
-        return _describe(read_raw(path, max_pixels))
+        return _describe(read_raw(path, max_pixels, frame))
     try:
         with Image.open(path) as im:
             mode, (width, height), info = im.mode, im.size, dict(im.info)
@@ -395,16 +396,19 @@ def _describe(image: np.ndarray, deep: bool = False) -> _Info:
     return _Info(height, width, channels, image.dtype.name, image_digest(image), dhash(image))
 
 
-def _inspect(paths: Mapping[str, Path], deep: bool, progress: bool,
-             max_pixels: int | None = None) -> tuple[dict[str, _Info], dict[str, str]]:
-    """Read every distinct file once: ``({key: info}, {key: reason it cannot be read})``."""
+def _inspect(paths: Mapping[str, Path], deep: bool, progress: bool, max_pixels: int | None = None,
+             frames: str = "error") -> tuple[dict[str, _Info], dict[str, str]]:
+    """Read every distinct file once: ``({key: info}, {key: reason it cannot be read})``; a
+    multi-frame DICOM is read by its middle frame unless ``frames`` is ``error``."""
+    frame = scan_frame(frames)
     infos: dict[str, _Info] = {}
     failed: dict[str, str] = {}
     bar = tqdm(paths.items(), desc="Checking images", unit="img", leave=False,
                disable=not progress or len(paths) < _PROGRESS_FROM)
     for key, path in bar:
         try:
-            infos[key] = _describe(read_raw(path, max_pixels), deep=True) if deep else _header(path, max_pixels)
+            infos[key] = (_describe(read_raw(path, max_pixels, frame), deep=True) if deep
+                          else _header(path, max_pixels, frame))
         except ImageReadError as err:
             failed[key] = err.reason
     return infos, failed
@@ -676,6 +680,7 @@ def check_data(
     deep: bool = True,
     progress: bool = True,
     max_pixels: int | None = None,
+    frames: str = "error",
 ) -> DataReport:
     """Check a dataset for unreadable files, mixed modes, tiny images, imbalance, duplicates and
     train / val / test leakage (see the module docstring).
@@ -693,6 +698,8 @@ def check_data(
         progress: show a progress bar (from 200 files).
         max_pixels: images with more pixels are reported as unreadable (decompression bombs);
             ``None``: :func:`visiontl.data.images.pixel_limit`.
+        frames: multi-frame DICOMs: ``error`` reports them as unusable (the datamodules' default),
+            ``middle`` / ``all`` check them by their middle frame.
 
     Returns:
         The report; ``report.errors`` is empty when the data is fit to train on.
@@ -703,7 +710,7 @@ def check_data(
     entries, root, bad_rows = _load(source, path_column, label_column)
     name = _Namer(root)
     files = {e.key: e.path for e in entries}
-    infos, failed = _inspect(files, deep, progress, max_pixels)
+    infos, failed = _inspect(files, deep, progress, max_pixels, frames)
     counts = _counts(entries)
     findings: list[Finding] = []
     if bad_rows:

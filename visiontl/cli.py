@@ -86,6 +86,9 @@ def _check_data(argv: Sequence[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--max-pixels", type=int,
                         help="report images with more pixels as unreadable (default: Pillow's limit, ~179 Mpx)")
+    parser.add_argument("--frames", choices=("error", "middle", "all"), default="error",
+                        help="multi-frame DICOMs: report them (error, the datamodules' default) or check their "
+                             "middle frame (middle, all)")
     args = parser.parse_args(argv)
     from visiontl._io import write_json
     from visiontl.checkdata import check_data, default_report_path
@@ -95,7 +98,7 @@ def _check_data(argv: Sequence[str]) -> int:
         report = check_data(args.path, path_column=args.path_column, label_column=args.label_column,
                             min_size=args.min_size, max_imbalance=args.max_imbalance,
                             near_threshold=args.near_threshold, deep=not args.fast, progress=not args.no_progress,
-                            max_pixels=args.max_pixels)
+                            max_pixels=args.max_pixels, frames=args.frames)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

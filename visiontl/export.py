@@ -81,10 +81,11 @@ def load_task(source: str | os.PathLike[str]):
 
 def preprocess_for_export(paths: list[Path], size: tuple[int, int], channels: int, crop_pct: float = 1.0
                           ) -> np.ndarray:
-    """Images to the graph's input convention (same code path as the predictor)."""
+    """Images to the graph's input convention (same code path as the predictor); a multi-frame
+    DICOM by its middle frame."""
     from visiontl.predict import preprocess
 
-    return np.stack([preprocess(p, size, channels, crop_pct) for p in paths])
+    return np.stack([preprocess(p, size, channels, crop_pct, frame="middle") for p in paths])
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -134,7 +135,7 @@ def _run_images(source: str | os.PathLike[str] | None, limit: int, split: str = 
         lines = listing.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return []
-    files = [Path(line) for line in lines if line.strip()]
+    files = [Path(line) for line in dict.fromkeys(lines) if line.strip()]
     return [f for f in files if f.is_file()][:limit]
 
 

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from visiontl.data.geometry import eval_resize
-from visiontl.data.images import ImageReadError, read_image, to_channels
+from visiontl.data.formats import Frame
+from visiontl.data.images import DataError, ImageReadError, check_frames, expand_frames, read_image, to_channels
 
 __all__ = ["Prediction", "Predictor", "PredictorError", "main", "ort_session", "preprocess"]
 
@@ -36,9 +37,10 @@ class PredictorError(ValueError):
 
 @dataclass
 class Prediction:
-    """One file's result (``error`` set and no label when the file could not be read)."""
+    """One file's (or one frame's) result (``error`` set and no label when it could not be read)."""
 
     path: str
+    frame: int | None = None  # the frame of a multi-frame DICOM, under frames="all"
     label: str | None = None
     probability: float | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
@@ -62,14 +64,15 @@ def ort_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str] 
 
 
 def preprocess(path: str | os.PathLike[str], size: tuple[int, int], channels: int, crop_pct: float = 1.0,
-               max_pixels: int | None = None) -> np.ndarray:
+               max_pixels: int | None = None, frame: Frame = "error") -> np.ndarray:
     """Read an image and bring it to the export convention: float32 CHW in [0, 1] at ``size``.
 
     The geometry is :func:`visiontl.data.geometry.eval_resize`, the one training evaluated with:
     images at least as large as the input are resized to ``size / crop_pct`` and centre-cropped,
-    smaller ones are upsampled and never cropped.
+    smaller ones are upsampled and never cropped. ``frame``: a multi-frame DICOM's frame (an index
+    or ``"middle"``; ``"error"`` refuses such a file).
     """
-    image = to_channels(read_image(path, max_pixels), channels, path)
+    image = to_channels(read_image(path, max_pixels, frame), channels, path)
     resized = eval_resize(image, size, crop_pct)
     height, width = size
     return np.ascontiguousarray(resized.reshape(height, width, channels).transpose(2, 0, 1), dtype=np.float32)
@@ -83,11 +86,17 @@ class Predictor:
         providers: ONNX Runtime execution providers (default: CPU).
         max_pixels: larger images are reported as errors, not decoded (see
             :func:`visiontl.data.images.pixel_limit`).
+        frames: multi-frame DICOMs: ``error`` reports them, ``middle`` predicts their middle
+            frame, ``all`` every frame (one :class:`Prediction` each, ``frame`` set).
     """
 
     def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None,
-                 max_pixels: int | None = None) -> None:
+                 max_pixels: int | None = None, frames: str = "error") -> None:
         self.max_pixels = max_pixels
+        try:
+            self.frames = check_frames(frames)
+        except DataError as err:
+            raise PredictorError(str(err)) from err
         path = Path(model_path)
         if not path.is_file():
             raise PredictorError(f"Model file {path} does not exist.")
@@ -127,32 +136,33 @@ class Predictor:
                                  f"it with `visiontl export`.")
 
     def predict(self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32) -> list[Prediction]:
-        """Predict every path (in order); unreadable files come back with ``error`` set."""
-        results: list[Prediction] = []
+        """Predict every path in order (every frame of a multi-frame DICOM under ``frames="all"``);
+        unreadable files come back with ``error`` set."""
+        results: list[Prediction] = []  # in input order; filled in place batch by batch
         batch: list[np.ndarray] = []
         pending: list[Prediction] = []
-        for path in paths:
+        for path, name, frame in expand_frames([(Path(p), str(p)) for p in paths], self.frames):
+            result = Prediction(name, frame=frame if isinstance(frame, int) else None)
+            results.append(result)
             try:
-                batch.append(preprocess(path, self.size, self.channels, self.crop_pct, self.max_pixels))
-                pending.append(Prediction(str(path)))
+                batch.append(preprocess(path, self.size, self.channels, self.crop_pct, self.max_pixels, frame))
             except ImageReadError as err:
-                results.append(Prediction(str(path), error=err.reason))
+                result.error = err.reason
                 continue
+            pending.append(result)
             if len(batch) == batch_size:
-                results.extend(self._run(batch, pending))
+                self._run(batch, pending)
                 batch, pending = [], []
         if batch:
-            results.extend(self._run(batch, pending))
-        order = {str(p): i for i, p in enumerate(paths)}
-        return sorted(results, key=lambda r: order.get(r.path, 0))
+            self._run(batch, pending)
+        return results
 
-    def _run(self, batch: list[np.ndarray], pending: list[Prediction]) -> list[Prediction]:
+    def _run(self, batch: list[np.ndarray], pending: list[Prediction]) -> None:
         probs = self.session.run(["probabilities"], {"input": np.stack(batch)})[0]
         for pred, row in zip(pending, probs):
             best = int(row.argmax())
             pred.label, pred.probability = self.class_names[best], float(row[best])
             pred.probabilities = {n: float(v) for n, v in zip(self.class_names, row)}
-        return pending
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="write a CSV here instead of printing")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-pixels", type=int, help="report larger images as errors (default: Pillow's limit)")
+    parser.add_argument("--frames", choices=("error", "middle", "all"), default="error",
+                        help="multi-frame DICOMs: report them (error), predict the middle frame, or every frame "
+                             "(all: one row each, with a frame column)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         print(f"error: --batch-size must be at least 1, got {args.batch_size}.", file=sys.stderr)
@@ -181,17 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"png, jpg, tif, dcm...).", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor(args.model, max_pixels=args.max_pixels)
+        predictor = Predictor(args.model, max_pixels=args.max_pixels, frames=args.frames)
     except PredictorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = predictor.predict(files, batch_size=args.batch_size)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path", "label", "probability", "error"])
+    framed = args.frames == "all"
+    writer.writerow(["path", *(["frame"] if framed else []), "label", "probability", "error"])
     for r in results:
         probability = f"{r.probability:.6f}" if r.probability is not None else ""
-        writer.writerow([r.path, r.label or "", probability, r.error or ""])
+        frame = ["" if r.frame is None else r.frame] if framed else []
+        writer.writerow([r.path, *frame, r.label or "", probability, r.error or ""])
     if args.out:
         from visiontl._io import write_text
 
@@ -204,5 +219,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(buf.getvalue(), end="")
     failed = [r for r in results if r.error]
     for r in failed:
-        print(f"skipped {r.path}: {r.error}", file=sys.stderr)
+        print(f"skipped {r.path}{'' if r.frame is None else f' frame {r.frame}'}: {r.error}", file=sys.stderr)
     return 1 if failed else 0

@@ -102,7 +102,8 @@ class RunReport(Callback):
         dm = trainer.datamodule
         for split in ("train", "val"):  # export verifies / calibrates on these real images later
             if dm is not None and hasattr(dm, "paths") and split in getattr(dm, "splits", {}):
-                _io.write_text(out / f"{split}_images.txt", "".join(f"{p}\n" for p in dm.paths(split)))
+                files = dict.fromkeys(dm.paths(split))  # each file once (frames='all' lists one per frame)
+                _io.write_text(out / f"{split}_images.txt", "".join(f"{p}\n" for p in files))
         report = getattr(dm, "data_report", None) if dm is not None else None
         if report is not None:
             _io.write_json(out / "data_check.json", report.to_dict())
@@ -175,13 +176,17 @@ class RunReport(Callback):
         dm = trainer.datamodule
         split = "predict" if dm is not None and "predict" in getattr(dm, "splits", {}) else "test"
         paths = dm.paths(split) if dm is not None and hasattr(dm, "paths") else None
+        frames = dm.frame_indices(split) if dm is not None and hasattr(dm, "frame_indices") else None
+        framed = frames is not None and any(f is not None for f in frames)  # frames='all': a column for them
         names = pl_module.class_names
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["path", "label", "probability", *[f"p_{n}" for n in names]])
+        writer.writerow(["path", *(["frame"] if framed else []), "label", "probability", *[f"p_{n}" for n in names]])
         for out in self._predictions:
             for i, probs, label in zip(out["index"].tolist(), out["probs"], out["label"].tolist()):
                 path = str(paths[i]) if paths is not None else i
-                writer.writerow([path, names[label], f"{probs[label]:.6f}", *[f"{p:.6f}" for p in probs.tolist()]])
+                frame = ["" if frames[i] is None else frames[i]] if framed else []
+                writer.writerow([path, *frame, names[label], f"{probs[label]:.6f}",
+                                 *[f"{p:.6f}" for p in probs.tolist()]])
         _io.write_text(run_dir(trainer) / "predictions.csv", buf.getvalue())
         self._predictions = []

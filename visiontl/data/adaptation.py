@@ -82,7 +82,8 @@ class AdaptationDataModule(FolderDataModule):
         train = self.datasets["train"]
         target = self.datasets["target"]
         # target images are augmented like the source: the adaptation sees the same distortions
-        self.datasets["target"] = ImageDataset(target.items, train.transform, target.in_chans, target.presized)
+        self.datasets["target"] = ImageDataset(target.items, train.transform, target.in_chans, target.presized,
+                                               target.max_pixels, frames=target.frames)
 
     @property
     def target_split(self) -> str:

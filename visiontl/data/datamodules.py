@@ -22,7 +22,18 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-from visiontl.data.images import DataError, is_image_file, read_image, scan_images, to_channels
+from visiontl.data.formats import Frame
+from visiontl.data.images import (
+    DataError,
+    bad_image_line,
+    check_frames,
+    expand_frames,
+    is_image_file,
+    read_image,
+    scan_frame,
+    scan_images,
+    to_channels,
+)
 from visiontl.data.layout import Sample, index_folder, split_folders
 from visiontl.data.presize import presize
 from visiontl.data.sampling import EpochBatchSampler, EpochSampler, sample_seed
@@ -63,11 +74,17 @@ class ImageDataset(Dataset):
     """``(path, label index)`` pairs read with :func:`read_image` and an albumentations transform.
 
     Items are dicts: ``image`` (CHW float tensor), ``label`` (int, -1 when unknown), ``index``.
+    ``frames`` gives each item's frame of a multi-frame DICOM (an index or ``"middle"``; see
+    :func:`visiontl.data.images.expand_frames`); without it a multi-frame file is an error.
     """
 
     def __init__(self, items: Sequence[tuple[Path, int]], transform: Any, in_chans: int,
-                 presized: np.ndarray | None = None, max_pixels: int | None = None, seed: int | None = None) -> None:
+                 presized: np.ndarray | None = None, max_pixels: int | None = None, seed: int | None = None,
+                 frames: Sequence[Frame] | None = None) -> None:
         self.items = list(items)
+        self.frames: list[Frame] = list(frames) if frames is not None else ["error"] * len(self.items)
+        if len(self.frames) != len(self.items):
+            raise ValueError(f"{len(self.frames)} frames given for {len(self.items)} items")
         self.max_pixels = max_pixels
         self.seed = seed  # set for random (training) transforms: augmentation seeded per (seed, epoch, image)
         self.transform = transform
@@ -78,6 +95,19 @@ class ImageDataset(Dataset):
     def source_tag(self) -> str:
         """What the pixels come from (part of the feature-cache key)."""
         return "files" if self.presized is None else f"presized-{self.presized.shape[1]}"
+
+    @property
+    def frame_key(self) -> str:
+        """Which frames the items read (part of the feature-cache key): empty for whole files."""
+        if all(f == "error" for f in self.frames):
+            return ""
+        import hashlib
+
+        return hashlib.sha256(repr(self.frames).encode()).hexdigest()
+
+    def frame_indices(self) -> list[int | None]:
+        """Each item's frame index in its file (None: the file's only or middle frame)."""
+        return [f if isinstance(f, int) else None for f in self.frames]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -90,7 +120,7 @@ class ImageDataset(Dataset):
         if self.presized is not None:
             image = np.asarray(self.presized[index], dtype=np.float32) / 255.0
         else:
-            image = to_channels(read_image(path, self.max_pixels), self.in_chans, path)
+            image = to_channels(read_image(path, self.max_pixels, self.frames[index]), self.in_chans, path)
         return {"image": self.transform(image=image)["image"], "label": label, "index": index}
 
 
@@ -192,6 +222,10 @@ class ClassificationDataModule(pl.LightningDataModule):
             read that cache afterwards (:mod:`visiontl.data.presize`; for large 8-bit files).
         max_pixels: images with more pixels (height x width, read from the header) are bad images
             (decompression bombs); ``None``: ``VISIONTL_MAX_PIXELS`` or Pillow's limit (~179 Mpx).
+        frames: multi-frame DICOMs (cine loops, enhanced CT / MR): ``error`` names them as bad
+            images, ``middle`` reads each one's middle frame, ``all`` makes every frame a sample
+            (a file's frames stay on one side of a validation split; per-frame rescale and window
+            are applied).
     """
 
     def __init__(
@@ -210,8 +244,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         check_images: bool = True,
         presize: bool = False,
         max_pixels: int | None = None,
+        frames: Literal["error", "middle", "all"] = "error",
     ) -> None:
         super().__init__()
+        self.frames = check_frames(frames)
+        self._expanded: dict[str, list[tuple[Path, str, Frame]]] = {}
         for name, value in (("batch_size", batch_size), ("image_size", image_size), ("max_pixels", max_pixels)):
             if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
                 raise DataError(f"{name} must be a whole number >= 1 (or None for automatic), got {value!r}.")
@@ -292,8 +329,8 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     @property
     def class_counts(self) -> list[int]:
-        """Training images per class, in label order."""
-        counts = Counter(s[1] for s in self.splits["train"])
+        """Training samples per class, in label order (frames under ``frames='all'``)."""
+        counts = Counter(s[1] for s in self.samples("train"))
         return [counts[c] for c in self.class_names]
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -331,7 +368,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         between splits or labels): warnings are logged, errors stop the run before any training."""
         from visiontl.checkdata import check_data
 
-        report = check_data(self.splits, deep=False, progress=True)
+        report = check_data(self.splits, deep=False, progress=True, frames=self.frames)
         self.data_report = report
         for finding in report.warnings:
             log.warning("[visiontl] data check: %s", finding.message)
@@ -348,13 +385,15 @@ class ClassificationDataModule(pl.LightningDataModule):
         if self.normalize != "auto":
             return self.normalize == "dataset"
         if chans not in self._needs_stats:
-            self._needs_stats[chans] = needs_dataset_stats([p for p, _ in self.splits["train"]], chans)
+            self._needs_stats[chans] = needs_dataset_stats([p for p, _ in self.splits["train"]], chans,
+                                                           frame=scan_frame(self.frames))
         return self._needs_stats[chans]
 
     def dataset_stats(self, chans: int) -> tuple[list[float], list[float]]:
         """Per-channel mean / std of the training images (measured once, cached on disk)."""
         if chans not in self._stats:
-            self._stats[chans] = channel_stats([p for p, _ in self.splits["train"]], chans)
+            self._stats[chans] = channel_stats([p for p, _ in self.splits["train"]], chans,
+                                               frame=scan_frame(self.frames))
         return self._stats[chans]
 
     def _check(self) -> None:
@@ -362,9 +401,10 @@ class ClassificationDataModule(pl.LightningDataModule):
             return
         self._check_layout()
         paths = sorted({p for items in self.splits.values() for p, _ in items})
-        bad = scan_images(paths, channels=self.preprocessing()["in_chans"], max_pixels=self.max_pixels)
+        bad = scan_images(paths, channels=self.preprocessing()["in_chans"], max_pixels=self.max_pixels,
+                          frames=self.frames)
         if bad and self.on_bad_image == "error":
-            listing = "\n".join(f"  {p}: {r}" for p, r in bad[:10])
+            listing = "\n".join(f"  {bad_image_line(p, r)}" for p, r in bad[:10])
             more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
             raise DataError(
                 f"{len(bad)} image(s) cannot be used:\n{listing}{more}\nReplace or delete them, or set "
@@ -373,6 +413,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         if bad:
             drop = {p for p, _ in bad}
             self._splits = {k: [s for s in v if s[0] not in drop] for k, v in self.splits.items()}
+            self._expanded = {}
             self.skipped = [*self.skipped, *bad]
             if not self._splits["train"]:
                 raise DataError("Every training image was unreadable; nothing left to train on.")
@@ -382,15 +423,17 @@ class ClassificationDataModule(pl.LightningDataModule):
         self._check()
         pre = self.preprocessing()
         index = {c: i for i, c in enumerate(self.class_names)}
-        for split, items in self.splits.items():
+        for split in self.splits:
             train = split == "train"
             transform = build_transforms(
                 self.augment, train, pre["size"], pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"],
             )
-            labelled = [(p, index.get(c, -1)) for p, c in items]
-            arrays = presize([p for p, _ in items], pre["size"], pre["in_chans"]) if self.presize else None
+            refs = self.samples(split)
+            labelled = [(p, index.get(c, -1)) for p, c, _ in refs]
+            frames = [f for _, _, f in refs]
+            arrays = presize([p for p, _, _ in refs], pre["size"], pre["in_chans"], frames) if self.presize else None
             self.datasets[split] = ImageDataset(labelled, transform, pre["in_chans"], arrays, self.max_pixels,
-                                                seed=self.seed if train else None)
+                                                seed=self.seed if train else None, frames=frames)
         self._image_datasets = dict(self.datasets)
         self._eval_transform = build_transforms(
             self.augment, False, pre["size"], pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"]
@@ -406,7 +449,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         if augmented or split != "train":
             return source
         return ImageDataset(source.items, self._eval_transform, source.in_chans, source.presized, source.max_pixels,
-                            seed=source.seed if augmented else None)
+                            seed=source.seed if augmented else None, frames=source.frames)
 
     def set_features(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
         """Serve cached features instead of images for ``split`` (see :mod:`visiontl.features`)."""
@@ -419,7 +462,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise DataError(f"{type(self).__name__} has no {split!r} split; give one to use it.")
         dataset = self.datasets[split]
-        n_train = len(self.splits["train"])
+        n_train = len(self.samples("train"))
         batch_size = self.batch_size or auto_batch_size(n_train)
         batch_size = max(1, min(batch_size, len(dataset)))
         # drop only a lone last image: BatchNorm cannot train on a batch of one, and a
@@ -466,9 +509,21 @@ class ClassificationDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict" if "predict" in self.splits else "test")
 
+    def samples(self, split: str) -> list[tuple[Path, str, Frame]]:
+        """``(path, class name, frame)`` of every sample of ``split`` in loader order: one per file,
+        or one per frame of each multi-frame DICOM under ``frames='all'``."""
+        if split not in self._expanded:
+            self._expanded[split] = expand_frames(self.splits[split], self.frames)
+        return self._expanded[split]
+
     def paths(self, split: str) -> list[Path]:
-        """File paths of ``split`` in loader order (after skipping unreadable files)."""
-        return [p for p, _ in self.splits[split]]
+        """File path of each sample of ``split`` in loader order (after skipping unreadable files;
+        a multi-frame file once per frame under ``frames='all'``, see :meth:`frame_indices`)."""
+        return [p for p, _, _ in self.samples(split)]
+
+    def frame_indices(self, split: str) -> list[int | None]:
+        """Frame index of each sample of ``split`` in its file (None: a whole or middle frame)."""
+        return [f if isinstance(f, int) else None for _, _, f in self.samples(split)]
 
 
 class FolderDataModule(ClassificationDataModule):

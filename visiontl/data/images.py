@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -19,8 +20,11 @@ from tqdm.auto import tqdm
 
 from visiontl.data.formats import (
     DICOM_EXTENSIONS,
+    FRAMES,
     TIFF_EXTENSIONS,
     FormatError,
+    Frame,
+    dicom_frames,
     is_dicom,
     read_dicom,
     read_dicom_raw,
@@ -31,6 +35,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
     "ImageReadError",
+    "bad_image_line",
+    "check_frames",
+    "expand_frames",
+    "scan_frame",
     "is_image_file",
     "check_pixels",
     "pixel_limit",
@@ -44,6 +52,7 @@ IMAGE_EXTENSIONS = (
     frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm"}) | TIFF_EXTENSIONS | DICOM_EXTENSIONS
 )
 
+T = TypeVar("T")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -62,6 +71,11 @@ class ImageReadError(DataError):
             f"{head}. Replace or delete the file, or set "
             f"on_bad_image='skip' (--data.init_args.on_bad_image skip) to train without it."
         )
+
+
+def bad_image_line(path: str | os.PathLike[str], reason: str) -> str:
+    """``path: reason`` for listings of bad files; just the reason when it names the file already."""
+    return reason if str(path) in reason else f"{path}: {reason}"
 
 
 def pixel_limit(max_pixels: int | None = None) -> int | None:
@@ -100,10 +114,44 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS or (not path.suffix and is_dicom(path))
 
 
-def _decoded(path: str | os.PathLike[str], read, max_pixels: int | None = None):  # noqa: ANN001, ANN202
-    """Run ``read(path, max_pixels)``, turning every decoding failure into an :class:`ImageReadError`."""
+def check_frames(frames: str) -> str:
+    """Validate a ``frames`` option (:data:`visiontl.data.formats.FRAMES`)."""
+    if frames not in FRAMES:
+        raise DataError(
+            f"frames must be one of {', '.join(FRAMES)} (what to do with multi-frame DICOMs), got {frames!r}."
+        )
+    return frames
+
+
+def expand_frames(samples: Sequence[tuple[Path, T]], frames: str) -> list[tuple[Path, T, Frame]]:
+    """``(path, x, frame)`` for each sample under the ``frames`` option: ``all`` gives one entry per
+    frame of each multi-frame DICOM (frame indices from 0), ``middle`` and ``error`` one entry per
+    file. A header that cannot be read counts as one frame: reading the image reports it."""
+    check_frames(frames)
+    if frames != "all":
+        return [(path, x, frames) for path, x in samples]
+    out: list[tuple[Path, T, Frame]] = []
+    for path, x in samples:
+        count = 1
+        if is_dicom(path):
+            try:
+                count = dicom_frames(path)
+            except (FormatError, OSError):
+                count = 1
+        out.extend([(path, x, "middle")] if count == 1 else [(path, x, i) for i in range(count)])
+    return out
+
+
+def scan_frame(frames: str) -> Frame:
+    """The frame a file check decodes under a ``frames`` option (``all``: the middle one)."""
+    return "middle" if check_frames(frames) == "all" else frames
+
+
+def _decoded(path: str | os.PathLike[str], read, max_pixels: int | None = None,  # noqa: ANN001, ANN202
+             frame: Frame = "error"):
+    """Run ``read(path, max_pixels, frame)``, turning every decoding failure into an :class:`ImageReadError`."""
     try:
-        return read(path, max_pixels)
+        return read(path, max_pixels, frame)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as err:
@@ -128,9 +176,10 @@ def _scaled(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def read_raw(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+def read_raw(path: str | os.PathLike[str], max_pixels: int | None = None, frame: Frame = "error") -> np.ndarray:
     """Decode an image to its native dtype (``uint8``, ``uint16``, ``int32``, ``float32``...) as HWC,
     with every channel it has (alpha included): what :func:`visiontl.checkdata` inspects.
+    ``frame`` picks a multi-frame DICOM's frame (an index, ``"middle"``; ``"error"`` refuses one).
 
     Raises:
         ImageReadError: missing, unrecognised, truncated or corrupt file, or more pixels than
@@ -139,24 +188,24 @@ def read_raw(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.
     if Path(path).suffix.lower() in TIFF_EXTENSIONS:
         return _decoded(path, _tiff, max_pixels)
     if is_dicom(path):
-        return _decoded(path, _dicom_raw, max_pixels)
+        return _decoded(path, _dicom_raw, max_pixels, frame)
     arr = _decoded(path, _pil_raw, max_pixels)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _tiff(path: str | os.PathLike[str], max_pixels: int | None) -> np.ndarray:
+def _tiff(path: str | os.PathLike[str], max_pixels: int | None, frame: Frame = "error") -> np.ndarray:
     return read_tiff_raw(path, on_shape=lambda h, w: check_pixels(path, h, w, max_pixels))
 
 
-def _dicom_raw(path: str | os.PathLike[str], max_pixels: int | None) -> np.ndarray:
-    return read_dicom_raw(path, on_shape=lambda h, w: check_pixels(path, h, w, max_pixels))
+def _dicom_raw(path: str | os.PathLike[str], max_pixels: int | None, frame: Frame = "error") -> np.ndarray:
+    return read_dicom_raw(path, on_shape=lambda h, w: check_pixels(path, h, w, max_pixels), frame=frame)
 
 
-def _dicom(path: str | os.PathLike[str], max_pixels: int | None) -> np.ndarray:
-    return read_dicom(path, on_shape=lambda h, w: check_pixels(path, h, w, max_pixels))
+def _dicom(path: str | os.PathLike[str], max_pixels: int | None, frame: Frame = "error") -> np.ndarray:
+    return read_dicom(path, on_shape=lambda h, w: check_pixels(path, h, w, max_pixels), frame=frame)
 
 
-def _pil_raw(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+def _pil_raw(path: str | os.PathLike[str], max_pixels: int | None = None, frame: Frame = "error") -> np.ndarray:
     with Image.open(path) as im:
         check_pixels(path, im.height, im.width, max_pixels)
         im.load()
@@ -166,8 +215,9 @@ def _pil_raw(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.
         return arr.astype(np.uint16) if im.mode.startswith("I;16") else arr
 
 
-def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], max_pixels: int | None = None, frame: Frame = "error") -> np.ndarray:
     """Decode an image to ``float32`` HWC (see the module docstring; alpha is dropped).
+    ``frame`` picks a multi-frame DICOM's frame (an index, ``"middle"``; ``"error"`` refuses one).
 
     Raises:
         ImageReadError: missing, unrecognised, truncated or corrupt file, or more pixels than
@@ -176,11 +226,11 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> n
     if Path(path).suffix.lower() in TIFF_EXTENSIONS:
         return _scaled(_decoded(path, _tiff, max_pixels))
     if is_dicom(path):
-        return _decoded(path, _dicom, max_pixels)
+        return _decoded(path, _dicom, max_pixels, frame)
     return _decoded(path, _pil_float, max_pixels)
 
 
-def _pil_float(path: str | os.PathLike[str], max_pixels: int | None = None) -> np.ndarray:
+def _pil_float(path: str | os.PathLike[str], max_pixels: int | None = None, frame: Frame = "error") -> np.ndarray:
     with Image.open(path) as im:
         check_pixels(path, im.height, im.width, max_pixels)
         im.load()  # full decode: truncated files fail here, not later in a worker
@@ -224,17 +274,20 @@ def to_channels(image: np.ndarray, channels: int, path: str | os.PathLike[str] =
 
 def scan_images(
     paths: Sequence[Path], desc: str = "Checking images", min_for_progress: int = 300, channels: int | None = None,
-    max_pixels: int | None = None,
+    max_pixels: int | None = None, frames: str = "error",
 ) -> list[tuple[Path, str]]:
     """Decode every file once and return ``(path, reason)`` for those that fail, or, with
     ``channels``, that cannot be converted to that many channels (a 4-band TIFF for a 13-band model).
+    ``frames``: the multi-frame option (:data:`~visiontl.data.formats.FRAMES`); under ``all`` a
+    multi-frame DICOM is checked by its header and middle frame.
 
     A progress bar is shown for lists of ``min_for_progress`` files or more.
     """
     bad: list[tuple[Path, str]] = []
+    frame = scan_frame(frames)
     for path in tqdm(paths, desc=desc, unit="img", disable=len(paths) < min_for_progress, leave=False):
         try:
-            image = read_image(path, max_pixels)
+            image = read_image(path, max_pixels, frame)
             if channels is not None:
                 to_channels(image, channels, path)
         except ImageReadError as err:

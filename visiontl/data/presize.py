@@ -10,6 +10,7 @@ there by every later epoch and run. Values are stored on 8 bits: use it for 8-bi
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from visiontl._io import default_cache_dir
+from visiontl.data.formats import Frame
 from visiontl.data.images import read_image, to_channels
 
 __all__ = ["presize", "presized_side"]
@@ -29,25 +31,31 @@ def presized_side(image_size: int) -> int:
     return int(math.ceil(image_size * 1.15))
 
 
-def _decode_all(paths: Sequence[Path], side: int, in_chans: int) -> np.ndarray:
+def _decode_all(paths: Sequence[Path], side: int, in_chans: int, frames: Sequence[Frame]) -> np.ndarray:
     out = np.empty((len(paths), side, side, in_chans), dtype=np.uint8)
     for i, path in enumerate(tqdm(paths, desc="Pre-resizing images", unit="img", disable=len(paths) < 300,
                                   leave=False)):
-        image = to_channels(read_image(path), in_chans, path)
+        image = to_channels(read_image(path, frame=frames[i]), in_chans, path)
         resized = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
         out[i] = np.round(np.clip(resized.reshape(side, side, in_chans), 0, 1) * 255).astype(np.uint8)
     return out
 
 
-def presize(paths: Sequence[Path], image_size: int, in_chans: int, cache_root: Path | None = None) -> np.ndarray:
-    """Return the pre-resized images of ``paths`` (uint8, N x S x S x C, memory-mapped)."""
+def presize(paths: Sequence[Path], image_size: int, in_chans: int, frames: Sequence[Frame] | None = None,
+            cache_root: Path | None = None) -> np.ndarray:
+    """Return the pre-resized images of ``paths`` (uint8, N x S x S x C, memory-mapped); ``frames``:
+    each path's frame of a multi-frame DICOM (see :func:`visiontl.data.images.expand_frames`)."""
     from visiontl.features import FeatureCache, data_fingerprint
 
     cache = FeatureCache(cache_root or default_cache_dir() / "presized")
     side = presized_side(image_size)
-    key = cache.key({"kind": "presize", "side": side, "in_chans": in_chans, "data": data_fingerprint(paths)})
+    frames = list(frames) if frames is not None else ["error"] * len(paths)
+    spec = {"kind": "presize", "side": side, "in_chans": in_chans, "data": data_fingerprint(paths)}
+    if any(f != "error" for f in frames):
+        spec["frames"] = hashlib.sha256(repr(frames).encode()).hexdigest()
+    key = cache.key(spec)
     entry, _ = cache.get_or_compute(
-        key, lambda: (_decode_all(paths, side, in_chans), np.zeros(len(paths), dtype=np.int64)),
+        key, lambda: (_decode_all(paths, side, in_chans, frames), np.zeros(len(paths), dtype=np.int64)),
         info={"images": len(paths), "side": side},
     )
     return entry.features

@@ -20,19 +20,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from visiontl._io import default_cache_dir, write_json
+from visiontl.data.formats import Frame
 from visiontl.data.images import DataError, ImageReadError, read_image, read_raw, to_channels
 
 __all__ = ["channel_stats", "needs_dataset_stats"]
 
 
-def needs_dataset_stats(paths: Sequence[Path], channels: int, probe: int = 4) -> bool:
+def needs_dataset_stats(paths: Sequence[Path], channels: int, probe: int = 4, frame: Frame = "error") -> bool:
     """Whether ImageNet-style statistics do not apply: more than 3 channels, or images stored with
-    more than 8 bits (16-bit PNG / TIFF, DICOM) or as floats (checked on the first ``probe`` files)."""
+    more than 8 bits (16-bit PNG / TIFF, DICOM) or as floats (checked on the first ``probe`` files;
+    ``frame``: which frame of a multi-frame DICOM)."""
     if channels > 3:
         return True
     for path in list(paths)[:probe]:
         try:
-            raw = read_raw(path)
+            raw = read_raw(path, frame=frame)
         except ImageReadError:
             continue  # reported by the image check
         if raw.dtype.kind == "f" or raw.dtype.itemsize > 1:
@@ -40,8 +42,9 @@ def needs_dataset_stats(paths: Sequence[Path], channels: int, probe: int = 4) ->
     return False
 
 
-def _key(paths: Sequence[Path], channels: int, max_images: int) -> str:
-    digest = hashlib.sha256(f"v1:{channels}:{max_images}".encode())
+def _key(paths: Sequence[Path], channels: int, max_images: int, frame: Frame) -> str:
+    tag = f"v1:{channels}:{max_images}" + (f":frame-{frame}" if frame != "error" else "")
+    digest = hashlib.sha256(tag.encode())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -49,10 +52,11 @@ def _key(paths: Sequence[Path], channels: int, max_images: int) -> str:
 
 
 def channel_stats(
-    paths: Sequence[Path], channels: int, max_images: int = 1000, cache: bool = True
+    paths: Sequence[Path], channels: int, max_images: int = 1000, cache: bool = True, frame: Frame = "error"
 ) -> tuple[list[float], list[float]]:
     """Mean and standard deviation per channel over the pixels of ``paths`` (evenly sampled down to
-    ``max_images``), read with :func:`read_image` and converted to ``channels``.
+    ``max_images``), read with :func:`read_image` and converted to ``channels`` (``frame``: which
+    frame of a multi-frame DICOM stands for it).
 
     Unreadable files are skipped (the datamodule's image check reports them). A channel with no
     spread gets std 1 so normalising never divides by zero.
@@ -60,7 +64,7 @@ def channel_stats(
     paths = [Path(p) for p in paths]
     if len(paths) > max_images:
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, max_images).round().astype(int)]
-    target = default_cache_dir() / "stats" / f"{_key(paths, channels, max_images)}.json" if cache else None
+    target = default_cache_dir() / "stats" / f"{_key(paths, channels, max_images, frame)}.json" if cache else None
     if target is not None and target.is_file():
         try:
             saved = json.loads(target.read_text())
@@ -73,7 +77,7 @@ def channel_stats(
     last_error: Exception | None = None
     for path in tqdm(paths, desc="Dataset statistics", unit="img", disable=len(paths) < 200, leave=False):
         try:
-            image = to_channels(read_image(path), channels, path).astype(np.float64)
+            image = to_channels(read_image(path, frame=frame), channels, path).astype(np.float64)
         except (ImageReadError, ValueError) as err:
             last_error = err
             continue

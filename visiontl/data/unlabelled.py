@@ -20,7 +20,18 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
 from visiontl.data.datamodules import auto_batch_size, auto_workers
-from visiontl.data.images import DataError, is_image_file, read_image, scan_images, to_channels
+from visiontl.data.formats import Frame
+from visiontl.data.images import (
+    DataError,
+    bad_image_line,
+    check_frames,
+    expand_frames,
+    is_image_file,
+    read_image,
+    scan_frame,
+    scan_images,
+    to_channels,
+)
 from visiontl.data.stats import channel_stats, needs_dataset_stats
 
 __all__ = ["UnlabelledDataModule", "ViewsDataset", "ssl_transform"]
@@ -45,16 +56,20 @@ def ssl_transform(preset: str, size: int, mean: Sequence[float], std: Sequence[f
 
 
 class ViewsDataset(Dataset):
-    """Items ``{"view1", "view2", "index"}``: two independent random views of each image."""
+    """Items ``{"view1", "view2", "index"}``: two independent random views of each image (``frames``:
+    each path's frame of a multi-frame DICOM, see :func:`visiontl.data.images.expand_frames`)."""
 
-    def __init__(self, paths: Sequence[Path], transform: Any, in_chans: int) -> None:
+    def __init__(self, paths: Sequence[Path], transform: Any, in_chans: int,
+                 frames: Sequence[Frame] | None = None) -> None:
         self.paths, self.transform, self.in_chans = list(paths), transform, in_chans
+        self.frames: list[Frame] = list(frames) if frames is not None else ["error"] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = to_channels(read_image(self.paths[index]), self.in_chans, self.paths[index])
+        path = self.paths[index]
+        image = to_channels(read_image(path, frame=self.frames[index]), self.in_chans, path)
         if image.dtype != np.float32:
             image = image.astype(np.float32)
         return {"view1": self.transform(image=image)["image"], "view2": self.transform(image=image)["image"],
@@ -74,12 +89,14 @@ class UnlabelledDataModule(pl.LightningDataModule):
         in_chans: channels fed to the model (``None``: the model's).
         normalize: ``auto`` / ``backbone`` / ``dataset``, as for the labelled datamodules.
         on_bad_image: ``error`` or ``skip`` unreadable files (listed in ``skipped``).
+        frames: multi-frame DICOMs: ``error``, their ``middle`` frame, or ``all`` frames as images.
     """
 
     def __init__(self, root: str, image_size: int | None = None, augment: str = "natural",
                  batch_size: int | None = None, num_workers: int | None = None, in_chans: int | None = None,
-                 normalize: str = "auto", on_bad_image: str = "error") -> None:
+                 normalize: str = "auto", on_bad_image: str = "error", frames: str = "error") -> None:
         super().__init__()
+        self.frames = check_frames(frames)
         self.root, self.image_size, self.augment = root, image_size, augment
         self.batch_size, self.num_workers, self.in_chans = batch_size, num_workers, in_chans
         self.normalize, self.on_bad_image = normalize, on_bad_image
@@ -106,9 +123,9 @@ class UnlabelledDataModule(pl.LightningDataModule):
         chans = self.in_chans or cfg["input_size"][0]
         size = self.image_size or cfg["input_size"][1]
         files = self.paths()
-        bad = scan_images(files, desc="Checking images", channels=chans)
+        bad = scan_images(files, desc="Checking images", channels=chans, frames=self.frames)
         if bad and self.on_bad_image != "skip":
-            listing = "\n".join(f"  {p}: {r}" for p, r in bad[:10])
+            listing = "\n".join(f"  {bad_image_line(p, r)}" for p, r in bad[:10])
             raise DataError(f"{len(bad)} image(s) cannot be used:\n{listing}\nReplace or delete them, or set "
                             f"on_bad_image='skip'.")
         self.skipped = bad
@@ -116,11 +133,14 @@ class UnlabelledDataModule(pl.LightningDataModule):
         mean, std = list(cfg["mean"]), list(cfg["std"])
         if len(mean) != chans:
             mean, std = [float(np.mean(mean))] * chans, [float(np.mean(std))] * chans
-        auto = self.normalize == "auto" and needs_dataset_stats(files, chans)
+        frame = scan_frame(self.frames)
+        auto = self.normalize == "auto" and needs_dataset_stats(files, chans, frame=frame)
         if self.normalize == "dataset" or auto:
-            mean, std = channel_stats(files, chans)
+            mean, std = channel_stats(files, chans, frame=frame)
         self.preprocessing = {"in_chans": chans, "size": size, "mean": mean, "std": std}
-        self.dataset = ViewsDataset(files, ssl_transform(self.augment, size, mean, std), chans)
+        refs = expand_frames([(p, None) for p in files], self.frames)
+        self.dataset = ViewsDataset([p for p, _, _ in refs], ssl_transform(self.augment, size, mean, std), chans,
+                                    frames=[f for _, _, f in refs])
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None, "call setup() first"

@@ -220,6 +220,7 @@ class ClassificationTask(BaseTask):
             "in_chans": source.in_chans, "transform": repr(source.transform), "pixels": source.source_tag,
             "views": views if augmented else 1, "seed": dm.seed if augmented else None,
             "data": data_fingerprint([p for p, _ in source.items]),
+            **({"frames": source.frame_key} if getattr(source, "frame_key", "") else {}),
         })
         entry, hit = cache.get_or_compute(
             key,
