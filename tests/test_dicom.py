@@ -321,3 +321,37 @@ def test_datamodule_frames_all_middle_error(tmp_path: Path) -> None:
     views = [dataset[first + i]["image"] for i in range(4)]
     assert not np.allclose(views[0].numpy(), views[3].numpy())  # really different frames
     assert every.class_counts[0] == middle.class_counts[0] + (3 if split == "train" else 0)
+
+
+@pytest.mark.parametrize("syntax,kind,kwargs", [(RLELossless, "gray", {}), (JPEGLSLossless, "gray", {}),
+                                                (JPEG2000Lossless, "rgb", {}), (JPEGBaseline8Bit, "rgb", None),
+                                                (ExplicitVRLittleEndian, "gray", None)],
+                         ids=["rle", "jpegls", "j2k", "jpeg", "native"])
+def test_damaged_files_only_ever_raise_data_errors(syntax: str, kind: str, kwargs: dict | None,
+                                                   tmp_path: Path) -> None:
+    """Truncations and flipped bytes anywhere in the file (header, codestream): a readable image
+    or a DataError naming the file, never another exception."""
+    good, _ = _write(syntax, kind, kwargs, tmp_path / "good.dcm", frames=2)
+    data = good.read_bytes()
+    rng = np.random.default_rng(7)
+    damaged = tmp_path / "damaged.dcm"
+    outcomes = {"read": 0, "refused": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for trial in range(40):
+            blob = bytearray(data)
+            if trial % 2:
+                blob = blob[: int(rng.integers(132, len(blob)))]
+            else:
+                for pos in rng.integers(132, len(blob), 6):
+                    blob[pos] = int(rng.integers(0, 256))
+            damaged.write_bytes(bytes(blob))
+            for frame in ("middle", 1):
+                try:
+                    image = read_image(damaged, frame=frame)
+                    assert image.dtype == np.float32 and np.isfinite(image).all()
+                    outcomes["read"] += 1
+                except DataError as err:
+                    assert "damaged.dcm" in str(err)
+                    outcomes["refused"] += 1
+    assert outcomes["refused"] > 0  # the damage is really seen

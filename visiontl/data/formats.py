@@ -22,7 +22,8 @@ description, no decoder installed, a corrupt codestream, a multi-frame file unde
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,23 @@ class _Dicom:
     ds: Any  # pydicom.Dataset
     by_path: bool  # the file itself can be re-read frame by frame (it has a valid file meta)
     frames: int
+
+
+_PASS_THROUGH = (FormatError, OSError, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+@contextmanager
+def _untrusted(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Whatever pydicom or a decoder plugin raises on a damaged file becomes a FormatError naming it:
+    lazily parsed header values fail wherever they are first touched, and the Rust / C plugins
+    raise their own types (pylibjpeg-rle panics with a BaseException)."""
+    try:
+        yield
+    except _PASS_THROUGH:
+        raise
+    except BaseException as err:  # noqa: BLE001 - see the docstring
+        reason = " ".join(str(err).split())[:300]
+        raise FormatError(f"DICOM {path} is damaged ({type(err).__name__}: {reason}); replace it.") from err
 
 
 def _open(path: str | os.PathLike[str]) -> _Dicom:
@@ -213,11 +231,13 @@ def _decode(dicom: _Dicom, index: int | None) -> np.ndarray:
         if dicom.by_path and index is not None:  # reads this frame's bytes only, not the whole cine loop
             return pixel_array(dicom.path, index=index)
         return pixel_array(dicom.ds, index=index)
-    except Exception as err:  # noqa: BLE001 - every decoder failure on untrusted bytes is a bad file
+    except _PASS_THROUGH:
+        raise
+    except BaseException as err:  # noqa: BLE001 - every decoder failure on untrusted bytes is a bad file
         raise _decode_error(dicom, err) from err
 
 
-def _decode_error(dicom: _Dicom, err: Exception) -> FormatError:
+def _decode_error(dicom: _Dicom, err: BaseException) -> FormatError:
     from pydicom.pixels import get_decoder
 
     syntax = dicom.ds.file_meta.TransferSyntaxUID
@@ -259,16 +279,18 @@ def _frame_value(ds: Any, keyword: str, index: int | None) -> Any:
 
 def dicom_frames(path: str | os.PathLike[str]) -> int:
     """Number of frames of a DICOM image (1 for a single-frame one), from its header."""
-    return _open(path).frames
+    with _untrusted(path):
+        return _open(path).frames
 
 
 def _read(path: str | os.PathLike[str], on_shape: Callable[[int, int], None] | None,
           frame: Frame) -> tuple[Any, np.ndarray, int | None]:
-    dicom = _open(path)
-    if on_shape is not None:
-        on_shape(int(dicom.ds.Rows), int(dicom.ds.Columns))
-    index = _frame_index(dicom, frame)
-    return dicom.ds, _decode(dicom, index), index
+    with _untrusted(path):
+        dicom = _open(path)
+        if on_shape is not None:
+            on_shape(int(dicom.ds.Rows), int(dicom.ds.Columns))
+        index = _frame_index(dicom, frame)
+        return dicom.ds, _decode(dicom, index), index
 
 
 def read_dicom_raw(path: str | os.PathLike[str], on_shape: Callable[[int, int], None] | None = None,
@@ -298,12 +320,16 @@ def dicom_to_float(ds: Any, arr: np.ndarray, index: int | None = None) -> np.nda
     if not photometric.startswith("MONOCHROME"):  # colour: stored 8 / 16-bit RGB (YBR converted)
         bits = int(ds.get("BitsStored", 8) or 8)
         return np.clip(arr.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
-    slope = _frame_value(ds, "RescaleSlope", index)
-    intercept = _frame_value(ds, "RescaleIntercept", index)
-    values = arr.astype(np.float64) * float(slope or 1) + float(intercept or 0)
+    slope = float(_frame_value(ds, "RescaleSlope", index) or 1)
+    intercept = float(_frame_value(ds, "RescaleIntercept", index) or 0)
     centre, width = _frame_value(ds, "WindowCenter", index), _frame_value(ds, "WindowWidth", index)
-    if centre not in (None, "") and width not in (None, ""):
-        centre, width = _first(centre), max(_first(width), 1.0)
+    window = None if centre in (None, "") or width in (None, "") else (_first(centre), max(_first(width), 1.0))
+    values = arr.astype(np.float64) * slope + intercept
+    if not np.isfinite([slope, intercept, *(window or ())]).all() or not np.isfinite(values).all():
+        raise FormatError(f"DICOM {getattr(ds, 'filename', '')} has non-finite rescale, window or pixel values "
+                          f"(slope {slope}, intercept {intercept}, window {window}); fix the header.")
+    if window is not None:
+        centre, width = window
         out = (values - (centre - 0.5)) / (width - 1.0 if width > 1 else 1.0) + 0.5  # DICOM PS3.3 C.11.2.1.2
     else:
         low, high = float(values.min()), float(values.max())
@@ -316,5 +342,6 @@ def read_dicom(path: str | os.PathLike[str], on_shape: Callable[[int, int], None
                frame: Frame = "error") -> np.ndarray:
     """One frame of a DICOM as ``float32`` HWC in ``[0, 1]`` (see :func:`dicom_to_float`)."""
     ds, arr, index = _read(path, on_shape, frame)
-    out = dicom_to_float(ds, arr, index)
+    with _untrusted(path):
+        out = dicom_to_float(ds, arr, index)
     return out[:, :, None] if out.ndim == 2 else out
