@@ -280,3 +280,28 @@ def test_unlabelled_data_errors(tmp_path: Path) -> None:
     assert len(dm.preprocessing["mean"]) == 13  # 16-bit, 13 bands: statistics of the images
     item = dm.dataset[0]
     assert item["view1"].shape == (13, 32, 32) and not torch.equal(item["view1"], item["view2"])
+
+
+def test_dann_validation_runs_the_backbone_once_per_batch(domains: dict[str, Path], tmp_path: Path) -> None:
+    dm = AdaptationDataModule(str(domains["source"]), str(domains["target"]),
+                              target_val_root=str(domains["target_val"]), image_size=32, num_workers=0, batch_size=4)
+    task = AdaptationTask("test_resnet", num_classes=3, class_names=["bars", "discs", "squares"], pretrained=False,
+                          method="dann", strategy={"name": "partial", "k": 1, "lr": 0.01})
+    calls = []
+    original = task.model.forward_features
+    task.model.forward_features = lambda x: (calls.append(1), original(x))[1]  # noqa: E731
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=0, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    trainer.validate(task, datamodule=dm, verbose=False)
+    batches = sum(len(loader) for loader in trainer.val_dataloaders)
+    assert len(calls) == batches  # source batches feed the classifier and the discriminator from one pass
+    assert "target_pad" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_projection_heads_fit_models_with_a_pre_logits_layer(method: str) -> None:
+    """MobileNetV3's pooled features are its head_hidden_size (1024), not num_features (288)."""
+    task = ContinuedPretraining("mobilenetv3_small_050", method=method, pretrained=False)
+    assert task.model.num_features != task.model.head_hidden_size
+    x = torch.rand(4, 3, 32, 32)
+    assert task(x).shape == (4, task.hparams["projection_dim"])

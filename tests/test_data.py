@@ -171,3 +171,13 @@ def test_presized_cache_reads_once_and_matches_the_files(tmp_path: Path) -> None
     again = FolderDataModule(str(root), image_size=32, num_workers=0, presize=True)
     again.setup()
     assert again.datasets["train"].presized.filename == arrays.filename  # cache hit: the same file
+
+
+def test_make_splits_seeds_every_split(tmp_path: Path) -> None:
+    from data import make_splits
+
+    def pixels(root: Path) -> list[bytes]:
+        return [p.read_bytes() for p in sorted((root / "val").rglob("*.png"))]
+
+    a, b, c = (make_splits(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 7), ("c", 7)))
+    assert pixels(b) == pixels(c) and pixels(a) != pixels(b)

@@ -365,3 +365,12 @@ def test_predictor_frames_option_on_a_multi_frame_dicom(run, tmp_path: Path,
     assert rows[0].startswith("path,frame,label") and [r.split(",")[1] for r in rows[1:]] == ["0", "1", "2"]
     with pytest.raises(PredictorError, match="frames must be one of"):
         Predictor(model, frames="first")
+
+
+def test_export_leaves_the_callers_task_as_it_was(run, tmp_path: Path) -> None:
+    task = run.task.train()
+    assert task.channels_last
+    export_onnx(task, tmp_path / "m.onnx")
+    assert task.training and task.model.training
+    conv = next(m for m in task.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)

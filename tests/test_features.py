@@ -156,6 +156,21 @@ def test_onnxruntime_is_refused_when_features_differ(monkeypatch: pytest.MonkeyP
     assert used == "torch"
 
 
+def test_onnxruntime_tolerance_is_absolute_plus_relative(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Features of scale 1e-3: an absolute difference of 5e-5 is within atol=1e-4 (an atol scaled
+    by the features, 1e-7 here, refused it); 5e-4 is not."""
+    from visiontl import features
+
+    task = ClassificationTask("test_resnet", num_classes=3, pretrained=False).eval()
+    tiny = lambda model, x: torch.tanh(model.forward_head(model.forward_features(x), pre_logits=True)) * 1e-3  # noqa: E731
+    monkeypatch.setattr(features, "pooled_features", tiny)
+    batch = torch.randn(4, 3, 32, 32)
+    for offset, expected in ((5e-5, "onnxruntime"), (5e-4, "torch")):
+        monkeypatch.setattr(features, "onnx_features", lambda model, x, o=offset: (lambda b: tiny(model, b) + o))
+        used, _ = features.choose_engine(task.model, batch, "onnxruntime")
+        assert used == expected, offset
+
+
 _RACE = """
 import sys, time, random
 import numpy as np

@@ -59,7 +59,7 @@ def test_guard_repairs_a_non_finite_loss(shapes_root: Path, tmp_path: Path, monk
     assert [e["action"] for e in report["events"]] == ["restored"] and report["events"][0]["step"] == 13
     assert report["events"][0]["reason"].startswith("non-finite loss") and report["lr_scale"] == pytest.approx(0.1)
     assert math.isfinite(summary["final"]["val_loss"]) and summary["steps"] == 60
-    planned = [g["lr"] for g in guarded.task.strategy.param_groups(guarded.task.groups)]
+    planned = [g["lr"] for g in guarded.task.optimizer_groups()]
     scheduler = guarded.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.base_lrs == pytest.approx([0.1 * p for p in planned])  # the schedule goes on at 0.1 x
     assert all(g["lr"] < p for g, p in zip(guarded.trainer.optimizers[0].param_groups, planned))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +15,20 @@ from visiontl import fine_tune
 from visiontl.resume import ResumeError, resolve_last
 
 _FIT = """
-import os, signal, sys
+import json, os, signal, sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 import pytorch_lightning as pl
 from visiontl import fine_tune
 
 root, out, name, kill_at, resume = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
+strategy = json.loads(sys.argv[6])
 
 class Kill(pl.Callback):
     def on_train_batch_end(self, trainer, *args):
         if trainer.global_step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind
 
-fine_tune(root, backbone="test_resnet", strategy="full", pretrained=False, image_size=32, steps=24, out=out,
+fine_tune(root, backbone="test_resnet", strategy=strategy, pretrained=False, image_size=32, steps=24, out=out,
           name=name, seed=3, data_kwargs={"num_workers": 0, "batch_size": 8},
           task_kwargs={"last_every_n_steps": 5},
           trainer_kwargs={"enable_progress_bar": False, "precision": "32-true",
@@ -35,9 +37,10 @@ fine_tune(root, backbone="test_resnet", strategy="full", pretrained=False, image
 """
 
 
-def _fit(script: Path, root: Path, out: Path, name: str, kill_at: int = -1, resume: bool = False) -> int:
-    done = subprocess.run([sys.executable, str(script), str(root), str(out), name, str(kill_at), str(int(resume))],
-                          capture_output=True, text=True, check=False)
+def _fit(script: Path, root: Path, out: Path, name: str, kill_at: int = -1, resume: bool = False,
+         strategy: object = "full") -> int:
+    done = subprocess.run([sys.executable, str(script), str(root), str(out), name, str(kill_at), str(int(resume)),
+                           json.dumps(strategy)], capture_output=True, text=True, check=False)
     if kill_at < 0:
         assert done.returncode == 0, done.stderr[-3000:]
     return done.returncode
@@ -49,20 +52,25 @@ def _rows(run: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kill_at", "saved_at"), [(13, 12), (11, 10)], ids=["after-epoch-end", "mid-epoch"])
-def test_a_killed_run_resumes_where_it_was_and_ends_like_an_uninterrupted_one(shapes_root: Path, tmp_path: Path,
-                                                                             kill_at: int, saved_at: int) -> None:
+@pytest.mark.parametrize(("kill_at", "saved_at", "strategy"), [
+    (13, 12, "full"), (11, 10, "full"),
+    # gradual, one more group each epoch: the kill lands in epoch 2, whose trainable set the resumed
+    # run must recompute (the unfreezing callback keeps no state)
+    (11, 10, {"name": "gradual", "head": "sgd", "unfreeze": "progressive", "bn_stats": "update"}),
+], ids=["after-epoch-end", "mid-epoch", "mid-gradual-schedule"])
+def test_a_killed_run_resumes_where_it_was_and_ends_like_an_uninterrupted_one(
+        shapes_root: Path, tmp_path: Path, kill_at: int, saved_at: int, strategy: object) -> None:
     """last.ckpt is written every 5 steps and at every epoch's end (4 batches an epoch): a SIGKILL at
     step 13 resumes from the epoch end at 12, one at 11 from the middle of an epoch at 10."""
     script = tmp_path / "fit.py"
     script.write_text(_FIT)
     out = tmp_path / "runs"
-    _fit(script, shapes_root, out, "whole")
-    assert _fit(script, shapes_root, out, "killed", kill_at=kill_at) == -9  # SIGKILLed
+    _fit(script, shapes_root, out, "whole", strategy=strategy)
+    assert _fit(script, shapes_root, out, "killed", kill_at=kill_at, strategy=strategy) == -9  # SIGKILLed
     killed_ckpt, version = resolve_last(out / "killed")
     assert version == 0 and torch.load(killed_ckpt, weights_only=True)["global_step"] == saved_at
     assert not [p for p in killed_ckpt.parent.iterdir() if p.name.startswith(".")]  # no half-written file
-    _fit(script, shapes_root, out, "killed", resume=True)
+    _fit(script, shapes_root, out, "killed", resume=True, strategy=strategy)
     assert sorted(p.name for p in (out / "killed").iterdir()) == ["version_0"]  # continued in place
 
     whole = torch.load(out / "whole" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)

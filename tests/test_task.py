@@ -97,3 +97,15 @@ def test_task_needs_classes() -> None:
         ClassificationTask("test_resnet", pretrained=False)
     with pytest.raises(ValueError, match="class_names has 2 names but num_classes is 3"):
         ClassificationTask("test_resnet", num_classes=3, class_names=["a", "b"], pretrained=False)
+
+
+def test_from_checkpoint_passes_back_every_init_argument_and_nothing_else(tmp_path: Path) -> None:
+    task = ClassificationTask("test_resnet", num_classes=3, pretrained=False, label_smoothing=0.2, drop_rate=0.1,
+                              last_every_minutes=None, grad_clip=0.5)
+    hparams = {**dict(task.hparams), "not_an_argument": 1}  # e.g. written by a newer or foreign version
+    path = tmp_path / "task.ckpt"
+    torch.save({"hyper_parameters": hparams, "state_dict": task.state_dict()}, path)
+    restored = ClassificationTask.from_checkpoint(path)
+    for key in ("label_smoothing", "drop_rate", "last_every_minutes", "grad_clip", "num_classes"):
+        assert restored.hparams[key] == task.hparams[key], key
+    assert "not_an_argument" not in restored.hparams

@@ -24,6 +24,7 @@ Verification (:func:`compare_outputs`) passes when, on every verification image:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -197,11 +198,12 @@ def export_onnx(
     if not 13 <= opset <= 20:
         raise ExportError(f"Unsupported opset {opset}; use 13 to 20 (17 is well supported everywhere).")
     task = source if isinstance(source, nn.Module) else load_task(source)
-    task = task.eval()
     cfg = task.data_config
     channels, height, width = cfg["input_size"]
     crop_pct = float(cfg.get("crop_pct") or 1.0)
-    model = _Deployable(task.model.to(memory_format=torch.contiguous_format), list(cfg["mean"]),
+    # a copy: the caller's task keeps its mode (train / eval) and memory format
+    network = copy.deepcopy(task.model) if task is source else task.model
+    model = _Deployable(network.to(memory_format=torch.contiguous_format), list(cfg["mean"]),
                         list(cfg["std"])).eval()
     paths = [Path(p) for p in images] if images else _run_images(None if isinstance(source, nn.Module) else source,
                                                                  max_images)

@@ -40,6 +40,7 @@ __all__ = [
     "classify_features",
     "data_fingerprint",
     "extract_features",
+    "feature_width",
     "onnx_features",
     "pooled_features",
     "supports_features",
@@ -53,6 +54,12 @@ FORMAT_VERSION = 1
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The pooled pre-logits features of a timm model (what its classifier sees)."""
     return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def feature_width(model: nn.Module) -> int:
+    """Width of :func:`pooled_features`: the classifier's input (``head_hidden_size`` where a timm
+    model has a pre-logits layer, as MobileNetV3 / V4 do; else ``num_features``)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def classify_features(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -139,8 +146,9 @@ def choose_engine(
 ) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
     """Pick PyTorch or ONNX Runtime for feature extraction, checked on a real batch.
 
-    ONNX Runtime is used only if its features match PyTorch's within ``rtol`` / ``atol`` (relative
-    to the features' scale) and, for ``engine="auto"``, only if it is faster on this batch.
+    ONNX Runtime is used only if its features match PyTorch's within ``atol + rtol * scale``
+    (``scale``: the largest feature magnitude) and, for ``engine="auto"``, only if it is faster on
+    this batch.
     """
     from visiontl.speed import is_cnn
 
@@ -161,7 +169,7 @@ def choose_engine(
     candidate, t_ort = _timed(runner, batch)
     scale = float(reference.abs().max()) or 1.0
     diff = float((candidate - reference).abs().max())
-    if diff > atol * scale + rtol * scale:
+    if diff > atol + rtol * scale:
         log.warning("ONNX Runtime features differ from PyTorch by %.2e (scale %.2e); using PyTorch.", diff, scale)
         return "torch", eager
     if engine == "auto" and t_ort >= t_torch:

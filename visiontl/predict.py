@@ -50,8 +50,8 @@ class Prediction:
 def ort_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str] | None = None) -> Any:
     """An ONNX Runtime session using every CPU this process may run on.
 
-    ORT's default thread count left half of this project's 2-core machine idle: batch-1 latency of
-    EfficientNet-Lite0 went from 8.0 ms to 5.1 ms with the threads set explicitly.
+    ORT's default thread count can leave cores idle; the threads are set explicitly (the latency
+    it saved on the project's machine is in the README).
     """
     import onnxruntime as ort
 

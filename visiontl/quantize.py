@@ -1,8 +1,8 @@
 """int8 ONNX models through ``onnxruntime.quantization``, accepted only if they agree with float.
 
-CNNs get static QDQ quantisation calibrated on real training images (the fast path: x2.2 over
-float32 for resnet18 on this project's CPU). Transformers get dynamic quantisation of MatMul
-only. Convolutions are never quantised dynamically: ConvInteger kernels ran x14 slower here.
+CNNs get static QDQ quantisation calibrated on real training images (the fast path). Transformers
+get dynamic quantisation of MatMul only. Convolutions are never quantised dynamically: ONNX
+Runtime's ConvInteger kernels are far slower than float (README, ``benchmarks/results/export.md``).
 The int8 model is checked on real validation images; below ``min_agreement`` top-1 agreement
 with the float model it is refused and the float model stays the artefact.
 """

@@ -1,10 +1,10 @@
 """CPU speed settings visiontl applies itself: allocator, memory format, precision, compile.
 
-Measured on this project's 2-core machine (``../shared/DATA.md``, ``benchmarks/results/``):
-glibc's default allocator returns freed memory to the OS and page-faults it back every step
-(x1.3-2.3 slower on EfficientNets); channels_last made CNN training x1.4 faster; bf16 autocast was
-x0.5 on a CPU without native bf16 units. So: the allocator is tuned once per process, CNNs use
-channels_last, and bf16 is only used where the CPU has native bf16 instructions.
+glibc's default allocator returns freed memory to the OS and page-faults it back every step;
+channels_last speeds up CNN training; bf16 autocast is slower on a CPU without native bf16 units.
+So: the allocator is tuned once in the process that trains, CNNs use channels_last, and bf16 is
+only used where the CPU has native bf16 instructions and a timing shows it faster. What each
+setting measured on the project's machine is in the README ("Speed") and ``benchmarks/results/speed.md``.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def auto_precision(model: nn.Module | None = None, input_shape: tuple[int, ...] 
 
     ``bf16-mixed`` on CUDA with bf16; on a CPU only when it has native bf16 instructions AND a
     short timing of ``model`` at ``input_shape`` shows bf16 autocast at least ``threshold`` times
-    faster (here it was x1.7 for resnet18 and x0.85 for EfficientNet-Lite0); else ``32-true``.
+    faster (the gain differs by architecture: see the README); else ``32-true``.
     """
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"

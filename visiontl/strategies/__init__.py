@@ -17,7 +17,9 @@ from visiontl.strategies.base import (
     GroupPlan,
     Strategy,
     StrategyError,
+    decays,
     discriminative_lrs,
+    no_weight_decay_names,
     set_trainable,
 )
 from visiontl.strategies.full import Full
@@ -44,8 +46,10 @@ __all__ = [
     "Scratch",
     "Strategy",
     "StrategyError",
+    "decays",
     "discriminative_lrs",
     "get_strategy",
+    "no_weight_decay_names",
     "register_strategy",
     "replace_classifier",
     "set_trainable",

@@ -8,7 +8,9 @@ rate (0 = never trains in this run) and whether the group trains from the first 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
+from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
 from pytorch_lightning import Callback
@@ -16,7 +18,8 @@ from torch import nn
 
 from visiontl.backbones import LayerGroup
 
-__all__ = ["Discriminative", "GroupPlan", "Strategy", "StrategyError", "discriminative_lrs", "set_trainable"]
+__all__ = ["Discriminative", "GroupPlan", "Strategy", "StrategyError", "decays", "discriminative_lrs",
+           "no_weight_decay_names", "set_trainable"]
 
 
 class StrategyError(ValueError):
@@ -63,6 +66,21 @@ def discriminative_lrs(
     if not 0 < decay <= 1:
         raise StrategyError(f"decay must be in (0, 1], got {decay}.")
     return [lr * decay ** (n - 1 - i) for i in range(n)]
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """The model's own no-weight-decay names or patterns (timm's ``no_weight_decay()``: position
+    embeddings, class tokens, relative-position tables)."""
+    method = getattr(model, "no_weight_decay", None)
+    return set(method()) if callable(method) else set()
+
+
+def decays(name: str, param: nn.Parameter, no_weight_decay: Collection[str] = ()) -> bool:
+    """Whether weight decay applies to a parameter, by timm's rule: not to 1-D parameters (norm
+    scales, biases) nor to names matching the model's ``no_weight_decay()`` set."""
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return not any(name == pattern or fnmatchcase(name, pattern) for pattern in no_weight_decay)
 
 
 class Strategy:
@@ -114,22 +132,37 @@ class Strategy:
         return None
 
     # -- shared machinery ---------------------------------------------------------------------
-    def param_groups(self, groups: list[LayerGroup], weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        """Optimizer parameter groups, one per layer group that ever trains, named after it.
+    def param_groups(self, groups: list[LayerGroup], weight_decay: float = 0.0,
+                     no_weight_decay: Collection[str] = ()) -> list[dict[str, Any]]:
+        """Optimizer parameter groups for every layer group that ever trains, named after it.
 
+        Each layer group gives up to two, at its learning rate: ``<name>`` with ``weight_decay``
+        and ``<name>/no_decay`` with none, for 1-D parameters (norms, biases) and names matching
+        ``no_weight_decay`` (the model's :func:`no_weight_decay_names`), as timm builds them.
         Groups that start frozen but unfreeze later (gradual) are included from the start with
         their final learning rate; their parameters have no gradient until unfrozen, so the
-        optimizer skips them, and the optimizer and scheduler never change shape mid-run.
+        optimizer skips them, and the optimizer and scheduler never change shape mid-run. Returns
+        ``[]`` for strategies that train nothing by gradient descent (``sgd = False``).
         """
+        if not self.sgd:
+            return []
         out = []
         for group, plan in zip(groups, self.plan(groups)):
-            params = group.params
+            named = list(zip(group.param_names, group.params))
             lr = plan.lr
             if lr == 0 and self.train_bn and group.norm_modules:
-                params = [p for n, p in zip(group.param_names, group.params) if _is_norm_param(n, group)]
+                named = [(n, p) for n, p in named if _is_norm_param(n, group)]
                 lr = self.lr
-            if lr > 0 and params:
-                out.append({"params": params, "lr": lr, "weight_decay": weight_decay, "name": group.name})
+            if lr <= 0 or not named:
+                continue
+            decay = [p for n, p in named if weight_decay and decays(n, p, no_weight_decay)]
+            ids = {id(p) for p in decay}
+            rest = [p for _, p in named if id(p) not in ids]
+            if decay:
+                out.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": group.name})
+            if rest:
+                out.append({"params": rest, "lr": lr, "weight_decay": 0.0,
+                            "name": f"{group.name}/no_decay" if decay else group.name})
         if not out:
             raise StrategyError(f"{self.name}: no parameter would train.")
         return out
@@ -155,7 +188,7 @@ class Strategy:
         sig = inspect.signature(type(self).__init__)
         args = {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}
         return {
-            "class_path": f"{type(self).__module__.rsplit('.', 1)[0]}.{type(self).__qualname__}",
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
             "init_args": {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()},
         }
 

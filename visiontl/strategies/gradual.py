@@ -1,10 +1,12 @@
 """LP-FT (a fitted head, then the whole network) or fastai ``fine_tune`` (an SGD head epoch first).
 
-Unfreezing is a Lightning :class:`~pytorch_lightning.callbacks.BaseFinetuning` callback. Every
-group that will ever train is in the optimizer from the first step with its final
-(discriminative) learning rate; frozen parameters simply have no gradient, so the optimizer skips
-them. Unfreezing therefore never reshapes the optimizer or the LR scheduler, and resuming from a
-checkpoint at any epoch recomputes the same set of trainable groups.
+Unfreezing is a plain Lightning callback (:class:`GradualUnfreezing`) that applies
+:meth:`Gradual.trainable_at` at the start of every training epoch. Every group that will ever train
+is in the optimizer from the first step with its final (discriminative) learning rate; frozen
+parameters simply have no gradient, so the optimizer skips them. Unfreezing therefore never
+reshapes the optimizer or the LR scheduler, and the trainable set is a function of the epoch alone:
+a run resumed at any epoch, or in the middle of one, recomputes it and has no callback state to
+restore.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import BaseFinetuning
 from pytorch_lightning.utilities import rank_zero_info
-from torch.optim import Optimizer
 
 from visiontl.backbones import LayerGroup
 from visiontl.strategies.base import Discriminative, GroupPlan, StrategyError
@@ -115,27 +115,17 @@ class Gradual(Discriminative):
         return [GradualUnfreezing(self)]
 
 
-class GradualUnfreezing(BaseFinetuning):
-    """Applies :meth:`Gradual.trainable_at` at the start of every training epoch."""
+class GradualUnfreezing(pl.Callback):
+    """Applies :meth:`Gradual.trainable_at` at the start of every training epoch (a resumed one
+    too: the epoch is all it needs, so it keeps no state)."""
 
     def __init__(self, strategy: Gradual) -> None:
         super().__init__()
         self.strategy = strategy
-        self._current: list[str] | None = None
 
-    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
-        pl_module.set_trainable_groups(self.strategy.trainable_at(pl_module.groups, 0))
-
-    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = int(trainer.current_epoch)
         names = self.strategy.trainable_at(pl_module.groups, epoch)
-        if names != self._current:
+        if names != pl_module.trainable_groups:
             pl_module.set_trainable_groups(names)
-            if self._current is not None:
-                rank_zero_info(f"[visiontl] epoch {epoch}: training groups {', '.join(names)}")
-            self._current = names
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"current": self._current}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._current = state_dict.get("current")
+            rank_zero_info(f"[visiontl] epoch {epoch}: training groups {', '.join(names)}")

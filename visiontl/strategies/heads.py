@@ -35,9 +35,6 @@ class FittedHead(Strategy):
     def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
         return [GroupPlan(g.name, g.numel, 0.0, False) for g in groups]
 
-    def param_groups(self, groups: list[LayerGroup], weight_decay: float = 0.0) -> list[dict[str, Any]]:
-        return []
-
     def describe(self, groups: list[LayerGroup]) -> dict[str, Any]:
         report = super().describe(groups)
         report["trainable_params"] = sum(g.numel for g in groups if g.name == "head")  # fitted, not trained

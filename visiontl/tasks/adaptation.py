@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from visiontl.features import classify_features, pooled_features
+from visiontl.features import classify_features, feature_width, pooled_features
 from visiontl.tasks.classification import ClassificationTask
 
 __all__ = ["METHODS", "AdaptationTask", "DomainDiscriminator", "coral_loss", "dann_coefficient",
@@ -134,7 +134,7 @@ class AdaptationTask(ClassificationTask):
 
     def configure_models(self) -> None:
         super().configure_models()
-        width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
+        width = feature_width(self.model)
         self.discriminator = (DomainDiscriminator(width, self.hparams["discriminator_hidden"])
                               if self.hparams["method"] == "dann" else None)
 
@@ -192,12 +192,12 @@ class AdaptationTask(ClassificationTask):
 
     # -- validation: source metrics, target signals --------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        feats = self._features(batch["image"])  # one backbone pass serves the classifier and the discriminator
         if dataloader_idx == 0:
-            super().validation_step(batch, batch_idx)
+            self._eval_step(batch, "val", logits=classify_features(self.model, feats))
             if self.discriminator is not None:
-                self._target.setdefault("source_domain", []).append(self._domain_logits(batch["image"]))
+                self._target.setdefault("source_domain", []).append(self.discriminator(feats).squeeze(1))
             return
-        feats = self._features(batch["image"])
         probs = classify_features(self.model, feats).float().softmax(dim=1)
         self._target.setdefault("probs", []).append(probs)
         labelled = batch["label"] >= 0
@@ -206,14 +206,11 @@ class AdaptationTask(ClassificationTask):
         if self.discriminator is not None:
             self._target.setdefault("target_domain", []).append(self.discriminator(feats).squeeze(1))
 
-    def _domain_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.discriminator(self._features(images)).squeeze(1)
-
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         signals = target_signals(self._target)
         for name, value in signals.items():
-            self.log(name, value, prog_bar=name == "target_acc")
+            self.log(name, value)
         if self.target_accuracy.update_count:
             self.log("target_acc", self.target_accuracy.compute(), prog_bar=True)
         self.target_accuracy.reset()

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl.backbones import LayerGroup, data_config, layer_groups
 from visiontl.speed import tune_allocator
-from visiontl.strategies import Strategy, get_strategy, set_trainable
+from visiontl.strategies import Strategy, get_strategy, no_weight_decay_names, set_trainable
 
 __all__ = ["BaseTask", "warmup_cosine"]
 
@@ -49,7 +49,6 @@ class BaseTask(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        tune_allocator()  # once per process: no page faults on every training step
         self.save_hyperparameters()  # the subclass's __init__ arguments
         strategy_spec = self.hparams.get("strategy", "probe")
         self.strategy = get_strategy(strategy_spec)
@@ -112,7 +111,8 @@ class BaseTask(pl.LightningModule):
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """AdamW parameter groups: the strategy's, one per layer group (subclasses add their own
         modules, e.g. a domain discriminator, as further groups)."""
-        return self.strategy.param_groups(self.groups, self.hparams.get("weight_decay", 0.0))
+        return self.strategy.param_groups(self.groups, self.hparams.get("weight_decay", 0.0),
+                                          no_weight_decay_names(self.model))
 
     def configure_optimizers(self) -> dict[str, Any] | None:
         groups = self.optimizer_groups()
@@ -137,6 +137,9 @@ class BaseTask(pl.LightningModule):
         return any(plan.lr > 0 for plan in self.strategy.plan(self.groups)[:-1])
 
     def on_fit_start(self) -> None:
+        # in the process that trains (each rank), not whenever a task is built (from_checkpoint in a
+        # service): the allocator setting is process-wide
+        tune_allocator()
         report = self.strategy_report()
         lines = [f"[visiontl] strategy {self.strategy!r}: {report['trainable_now']:,} of "
                  f"{report['total_params']:,} parameters train now, {report['trainable_params']:,} during the run"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from visiontl.features import (
     classify_features,
     data_fingerprint,
     extract_features,
+    feature_width,
     supports_features,
     weights_fingerprint,
 )
@@ -57,8 +59,8 @@ class ClassificationTask(BaseTask):
         label_smoothing: cross-entropy label smoothing.
         drop_rate: dropout before the classifier.
         converter: key converter for foreign ``weights`` (``auto`` detects it).
-        channels_last: NHWC memory format (``None``: on for CNNs, where it measured x1.4 faster
-            training on CPU; off for transformers).
+        channels_last: NHWC memory format (``None``: on for CNNs, where it trains faster on CPU;
+            off for transformers).
         compile: run the model through ``torch.compile`` (pays off after ~100 steps here).
         input_size: training input size, when not the backbone's (set from the datamodule).
         mean: normalisation mean, when not the backbone's (set from the datamodule).
@@ -139,7 +141,7 @@ class ClassificationTask(BaseTask):
             self.model.to(memory_format=torch.channels_last)
         # not a registered submodule: the state dict keeps the model's own parameter names
         self.__dict__["_compiled"] = torch.compile(self.model) if hp["compile"] else None
-        width = getattr(self.model, "head_hidden_size", None) or getattr(self.model, "num_features", 0)
+        width = feature_width(self.model)
         head = self.strategy.make_head(width, hp["num_classes"])
         if head is not None:
             replace_classifier(self.model, head)
@@ -343,8 +345,8 @@ class ClassificationTask(BaseTask):
             self.log("train_loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
         return out
 
-    def _eval_step(self, batch: dict[str, Any], split: str) -> None:
-        logits = self._logits(batch)
+    def _eval_step(self, batch: dict[str, Any], split: str, logits: torch.Tensor | None = None) -> None:
+        logits = self._logits(batch) if logits is None else logits
         y = batch["label"]
         probs = logits.softmax(dim=1)
         metrics = getattr(self, f"{split}_metrics")
@@ -425,9 +427,12 @@ class ClassificationTask(BaseTask):
         return task.eval()
 
 
-_INIT_ARGS = {
-    "backbone", "num_classes", "class_names", "pretrained", "weights", "in_chans", "weight_decay",
-    "warmup", "class_weights", "label_smoothing", "drop_rate", "converter", "channels_last", "compile",
-    "input_size", "mean", "std", "crop_pct", "interpolation", "grad_clip", "divergence_guard", "last_every_n_steps",
-    "last_every_minutes",
-}
+def _init_args(cls: type) -> frozenset[str]:
+    """The named ``__init__`` arguments of ``cls`` (what a checkpoint's hyper-parameters may pass
+    back), without ``self`` and ``strategy`` (rebuilt separately, registered strategies only)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(cls.__init__).parameters.values()
+    return frozenset(p.name for p in params if p.kind in kinds) - {"self", "strategy"}
+
+
+_INIT_ARGS = _init_args(ClassificationTask)

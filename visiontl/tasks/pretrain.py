@@ -36,7 +36,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl import _io
 from visiontl.backbones import create_backbone
-from visiontl.features import pooled_features
+from visiontl.features import feature_width, pooled_features
 from visiontl.tasks.base import BaseTask
 
 __all__ = ["BACKBONE_FILE", "ContinuedPretraining", "save_backbone"]
@@ -121,7 +121,7 @@ class ContinuedPretraining(BaseTask):
         hp = self.hparams
         self.model = create_backbone(hp["backbone"], num_classes=0, pretrained=hp["pretrained"],
                                      weights=hp["weights"], in_chans=hp["in_chans"], converter=hp["converter"])
-        width = self.model.num_features
+        width = feature_width(self.model)  # what pooled_features returns (head_hidden_size on MobileNetV3/V4)
         self.prediction = self.decoder = None
         if hp["method"] == "mae":
             self._configure_mae()

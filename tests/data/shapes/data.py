@@ -54,8 +54,9 @@ def make_splits(root: str | Path, per_class: dict[str, int] | None = None, **kwa
     """Write ``root/train``, ``root/val`` (and ``root/test``) folders with disjoint seeds."""
     root = Path(root)
     per_class = per_class or {"train": 8, "val": 4}
+    seed = kwargs.pop("seed", 0)
     for i, (split, n) in enumerate(per_class.items()):
-        make_folder(root / split, per_class=n, seed=kwargs.pop("seed", 0) + 100 * i, **kwargs)
+        make_folder(root / split, per_class=n, seed=seed + 100 * i, **kwargs)
     return root
 
 
