@@ -6,7 +6,6 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import tifffile
 from pydicom.dataset import FileDataset, FileMetaDataset

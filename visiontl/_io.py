@@ -47,11 +47,14 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; it replaces ``path`` only if the block succeeds.
+def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; it becomes ``path`` only if the block succeeds.
 
-    An existing ``path`` is moved aside first and deleted once the new folder is in place, so a
-    failure leaves the old folder (or none), never a mix.
+    With ``replace``, an existing ``path`` is moved aside first and deleted once the new folder
+    is in place, so a failure leaves the old folder (or none), never a mix. Without, the new
+    folder is published only where nothing is at ``path`` yet (a rename that cannot overwrite a
+    finished folder: content-addressed caches, where another process may have published the
+    same entry first) and is discarded otherwise.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +63,14 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would stay on the final folder
     try:
         yield tmp
+        if not replace:
+            try:
+                os.rename(tmp, path)  # fails if a (non-empty) folder is there: never replaces it
+            except OSError:
+                pass  # published by someone else (or a damaged entry sits there): the caller reads it
+            return
         old = None
-        if path.exists():
+        if path.exists() or path.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")
         os.replace(tmp, path)

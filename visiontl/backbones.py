@@ -18,9 +18,12 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from visiontl.weights import classifier_names
+
 __all__ = [
     "BackboneError",
     "LayerGroup",
+    "classifier_names",
     "create_backbone",
     "data_config",
     "head_parameter_names",
@@ -174,15 +177,12 @@ def _in_chans(model: nn.Module) -> int:
     return 3
 
 
-def head_prefixes(model: nn.Module) -> list[str]:
-    """Module paths of the classifier(s), from timm's ``pretrained_cfg['classifier']``."""
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
-    return [classifier] if isinstance(classifier, str) else list(classifier or [])
+head_prefixes = classifier_names  # the earlier name
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
     """Names of the classifier parameters (the part re-initialised for new classes)."""
-    prefixes = head_prefixes(model)
+    prefixes = classifier_names(model)
     if not prefixes and hasattr(model, "get_classifier"):
         head = model.get_classifier()
         ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()

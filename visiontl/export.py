@@ -25,7 +25,6 @@ Verification (:func:`compare_outputs`) passes when, on every verification image:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 
 from visiontl import __version__
 from visiontl._io import atomic_path
+from visiontl.features import weights_fingerprint
 
 __all__ = ["INPUT_CONVENTION", "ExportError", "compare_outputs", "export_onnx", "load_task", "preprocess_for_export"]
 
@@ -138,14 +138,6 @@ def _run_images(source: str | os.PathLike[str] | None, limit: int, split: str = 
         return []
     files = [Path(line) for line in dict.fromkeys(lines) if line.strip()]
     return [f for f in files if f.is_file()][:limit]
-
-
-def _weights_sha256(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _run_metrics(source: str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -266,7 +258,7 @@ def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inpu
             "backbone": task.hparams["backbone"],
             "strategy": json.dumps(task.hparams.get("strategy")),
             "metrics": json.dumps(_run_metrics(None if isinstance(source, nn.Module) else source)),
-            "weights_sha256": _weights_sha256(task.model),
+            "weights_sha256": weights_fingerprint(task.model),
             "verification": json.dumps(report),
         }
         onnx.helper.set_model_props(proto, meta)

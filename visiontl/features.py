@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from visiontl._io import default_cache_dir
+from visiontl._io import atomic_dir, default_cache_dir
 
 __all__ = [
     "FeatureCache",
@@ -150,13 +149,13 @@ def choose_engine(
     (``scale``: the largest feature magnitude) and, for ``engine="auto"``, only if it is faster on
     this batch.
     """
-    from visiontl.speed import is_cnn
+    from visiontl.speed import channels_last_input, is_cnn
 
     channels_last = is_cnn(model)
 
     def eager(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return pooled_features(model, x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+            return pooled_features(model, channels_last_input(x, channels_last))
 
     if engine == "torch":
         return "torch", eager
@@ -326,10 +325,10 @@ class FeatureCache:
         Safe under concurrent processes: when another process has published the same key first,
         this one discards its copy and returns the winner's entry (same key, same content).
         """
-        self.root.mkdir(parents=True, exist_ok=True)
         for _attempt in range(5):
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{os.getpid()}-", dir=self.root))
-            try:
+            # published only where the key is free: another process may have won the race (or a
+            # damaged entry sits there); load decides
+            with atomic_dir(self.root / key, replace=False) as tmp:
                 np.save(tmp / "features.npy", np.ascontiguousarray(features))
                 np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
                 meta = {
@@ -339,13 +338,6 @@ class FeatureCache:
                     "info": info or {},
                 }
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-                try:
-                    os.rename(tmp, self.root / key)  # fails if the key exists: never replaces a published entry
-                except OSError:
-                    pass  # another process won the race (or a damaged entry sits there): load decides
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
             loaded = self.load(key)  # ours or the winner's; None only if it was damaged and discarded
             if loaded is not None:
                 return loaded

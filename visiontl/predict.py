@@ -181,12 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size must be at least 1, got {args.batch_size}.", file=sys.stderr)
         return 2
-    from visiontl.data.images import is_image_file
+    from visiontl.data.layout import list_images
 
     files: list[Path] = []
     for item in map(Path, args.images):
         if item.is_dir():
-            files.extend(sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p)))
+            try:
+                files.extend(list_images(item))
+            except DataError:
+                pass  # a folder without images: reported below if nothing is left
         else:
             files.append(item)  # a missing file is reported with the others
     if not files:

@@ -23,6 +23,7 @@ from torch import nn
 
 __all__ = [
     "auto_precision",
+    "channels_last_input",
     "has_native_bf16",
     "is_cnn",
     "measure_bf16_speedup",
@@ -84,6 +85,11 @@ def _step_time(model: nn.Module, x: torch.Tensor, bf16: bool, steps: int) -> flo
     return (time.perf_counter() - start) / steps
 
 
+def channels_last_input(x: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """A 4-D batch in NHWC memory (what a channels_last CNN wants); anything else unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if enabled and x.dim() == 4 else x
+
+
 def measure_bf16_speedup(model: nn.Module, input_shape: tuple[int, ...], channels_last: bool = False,
                          steps: int = 3) -> float:
     """Time training steps (forward + backward) in float32 and under bf16 autocast on a copy of
@@ -92,7 +98,7 @@ def measure_bf16_speedup(model: nn.Module, input_shape: tuple[int, ...], channel
     x = torch.randn(*input_shape)
     if channels_last:
         probe.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last_input(x)
     fp32 = _step_time(probe, x, False, steps)
     bf16 = _step_time(probe, x, True, steps)
     return fp32 / bf16

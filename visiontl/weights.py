@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ __all__ = [
     "WeightsError", "WeightsMismatchError", "WeightSource", "load_state_dict_file",
     "register_converter", "list_converters", "convert_state_dict",
     "convert_lukemelas_efficientnet", "register_source", "list_sources", "resolve_weights",
-    "load_weights",
+    "load_weights", "classifier_names",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -363,7 +363,7 @@ def load_weights(model: nn.Module, spec: str | os.PathLike[str],
     cfg = getattr(model, "pretrained_cfg", None) or {}
     target = model.state_dict()
     adapted = _adapt_stem(sd, target, cfg.get("first_conv"))
-    head = _head_keys(cfg.get("classifier"))
+    head = [f"{name}.{p}" for name in classifier_names(cfg) for p in ("weight", "bias")]
     reinit = [k for k in head if k in target and (k not in sd or sd[k].shape != target[k].shape)]
     dropped = [k for k in head if k in sd and k not in target]
     for k in reinit + dropped:
@@ -376,9 +376,12 @@ def load_weights(model: nn.Module, spec: str | os.PathLike[str],
             "dropped": dropped, "adapted_stem": adapted}
 
 
-def _head_keys(classifier: str | tuple[str, ...] | list[str] | None) -> list[str]:
-    names = [classifier] if isinstance(classifier, str) else list(classifier or [])
-    return [f"{n}.{p}" for n in names for p in ("weight", "bias")]
+def classifier_names(source: nn.Module | Mapping[str, Any]) -> list[str]:
+    """Module paths of the classifier(s) (one, or two for distilled models), from timm's
+    ``pretrained_cfg['classifier']`` of a model, or of the ``pretrained_cfg`` mapping itself."""
+    cfg = source if isinstance(source, Mapping) else (getattr(source, "pretrained_cfg", None) or {})
+    classifier = cfg.get("classifier")
+    return [classifier] if isinstance(classifier, str) else list(classifier or [])
 
 
 def _adapt_stem(sd: StateDict, target: StateDict, first_conv: str | None) -> bool:

@@ -10,7 +10,6 @@ loaders: the source validation split (``val_*`` metrics, checkpoint selection) a
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
@@ -18,22 +17,15 @@ from torch.utils.data import DataLoader
 
 from visiontl.data.bluemarble import build_tiles
 from visiontl.data.datamodules import FolderDataModule, ImageDataset
-from visiontl.data.images import DataError, is_image_file
-from visiontl.data.layout import Sample, index_folder
+from visiontl.data.images import DataError
+from visiontl.data.layout import Sample, index_folder, list_images
 
 __all__ = ["AdaptationDataModule", "BlueMarbleAdaptationDataModule"]
 
 
 def _unlabelled(root: str, what: str) -> list[Sample]:
-    folder = Path(root).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"The {what} folder {folder} does not exist; point target_root at a folder of images.")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-    if not files:
-        raise DataError(
-            f"The {what} folder {folder} has no images (searched recursively for .png .jpg .tif .dcm ...); "
-            f"domain adaptation needs unlabelled images of the target domain there."
-        )
+    files = list_images(root, f"The {what} folder", "domain adaptation needs (unlabelled) images of the target "
+                                                    "domain there: point target_root at such a folder")
     return [(p, "") for p in files]
 
 

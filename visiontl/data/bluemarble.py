@@ -20,8 +20,6 @@ import gzip
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from visiontl._io import default_cache_dir, write_json
+from visiontl._io import atomic_dir, default_cache_dir, write_json
 from visiontl.data.datamodules import FolderDataModule
 
 __all__ = ["CLASSES", "SOURCES", "BlueMarbleDataModule", "Tile", "build_tiles", "default_cache_dir", "tile_index"]
@@ -295,9 +293,7 @@ def build_tiles(
     cell = int(tile_px * k)
     resample = Image.Resampling.BOX if cell >= out_px else Image.Resampling.BICUBIC
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with atomic_dir(root) as tmp:
         jobs = [(s, c, t) for s in chosen for c in CLASSES for t in chosen[s][c]]
         for s in chosen:
             for c in CLASSES:
@@ -310,16 +306,6 @@ def build_tiles(
                 im = im.resize((out_px, out_px), resample)
             im.save(tmp / s / c / f"{t.name}.png")
         write_json(tmp / "manifest.json", manifest)  # last: its presence marks a finished build
-        old = None
-        if root.exists() or root.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent)) / "x"
-            os.replace(root, old)
-        os.replace(tmp, root)
-        if old is not None:
-            shutil.rmtree(old.parent, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

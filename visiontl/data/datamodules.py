@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
 from visiontl.data.formats import Frame
 from visiontl.data.images import (
@@ -28,13 +28,12 @@ from visiontl.data.images import (
     bad_image_line,
     check_frames,
     expand_frames,
-    is_image_file,
     read_image,
     scan_frame,
     scan_images,
     to_channels,
 )
-from visiontl.data.layout import Sample, index_folder, split_folders
+from visiontl.data.layout import Sample, index_folder, list_images, split_folders
 from visiontl.data.presize import presize
 from visiontl.data.sampling import EpochBatchSampler, EpochSampler, sample_seed
 from visiontl.data.stats import channel_stats, needs_dataset_stats
@@ -562,13 +561,7 @@ class FolderDataModule(ClassificationDataModule):
             if folder is not None:
                 splits[split] = index_folder(folder)
         if self.predict_root:
-            folder = Path(self.predict_root).expanduser()
-            if not folder.is_dir():
-                raise DataError(f"predict_root {folder} is not a folder of images.")
-            files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-            if not files:
-                raise DataError(f"predict_root {folder} has no images.")
-            splits["predict"] = [(p, "") for p in files]
+            splits["predict"] = [(p, "") for p in list_images(self.predict_root, "predict_root")]
         return splits
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from visiontl.data.images import DataError, is_image_file
 
-__all__ = ["SPLIT_DIRS", "Sample", "index_folder", "split_folders"]
+__all__ = ["SPLIT_DIRS", "Sample", "index_folder", "list_images", "split_folders"]
 
 Sample = tuple[Path, str]
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -20,6 +20,20 @@ SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test"
 def split_folders(root: Path) -> dict[str, Path | None]:
     """The ``train`` / ``val`` / ``test`` folders found directly under ``root`` (None where absent)."""
     return {split: next((root / n for n in names if (root / n).is_dir()), None) for split, names in SPLIT_DIRS.items()}
+
+
+def list_images(folder: str | os.PathLike[str], what: str = "Image folder", fix: str = "") -> list[Path]:
+    """Every image file under ``folder``, recursively, sorted; a :class:`DataError` naming the
+    folder (as ``what``) and ``fix`` when it does not exist or holds no image."""
+    folder = Path(folder).expanduser()
+    tail = f"; {fix}" if fix else ""
+    if not folder.is_dir():
+        raise DataError(f"{what} {folder} does not exist{tail}.")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    if not files:
+        raise DataError(f"{what} {folder} has no images (searched recursively for .png .jpg .jpeg .tif .tiff .bmp "
+                        f".webp .dcm){tail}.")
+    return files
 
 
 def index_folder(root: str | os.PathLike[str]) -> list[Sample]:
@@ -38,11 +52,6 @@ def index_folder(root: str | os.PathLike[str]) -> list[Sample]:
         )
     samples: list[Sample] = []
     for folder in classes:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-        if not files:
-            raise DataError(
-                f"Class folder {folder} has no images (extensions: .png .jpg .jpeg .tif .tiff .bmp .webp "
-                f".dcm); add images or remove the folder."
-            )
+        files = list_images(folder, "Class folder", "add images or remove the folder")
         samples.extend((f, folder.name) for f in files)
     return samples

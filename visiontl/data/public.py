@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from visiontl._io import default_cache_dir
+from visiontl._io import atomic_dir, default_cache_dir
 from visiontl.data.datamodules import ClassificationDataModule
 from visiontl.data.layout import Sample, index_folder
 from visiontl.data.images import DataError, read_raw
@@ -210,9 +208,7 @@ class MedMNISTDataModule(ClassificationDataModule):
         if (target / "complete").is_file():
             return target
         arrays = self._verified_arrays(names)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:
             total = sum(len(labels) for _, labels in arrays.values())
             with tqdm(total=total, desc=f"Writing {self.flag} images", unit="img", disable=total < 500,
                       leave=False) as bar:
@@ -223,11 +219,6 @@ class MedMNISTDataModule(ClassificationDataModule):
                         Image.fromarray(image.squeeze()).save(folder / f"{split}_{i:06d}.png")
                         bar.update()
             (tmp / "complete").write_text(str(self.npz))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def load_splits(self) -> dict[str, list[Sample]]:

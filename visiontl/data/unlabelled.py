@@ -26,12 +26,12 @@ from visiontl.data.images import (
     bad_image_line,
     check_frames,
     expand_frames,
-    is_image_file,
     read_image,
     scan_frame,
     scan_images,
     to_channels,
 )
+from visiontl.data.layout import list_images
 from visiontl.data.stats import channel_stats, needs_dataset_stats
 
 __all__ = ["UnlabelledDataModule", "ViewsDataset", "ssl_transform"]
@@ -107,13 +107,7 @@ class UnlabelledDataModule(pl.LightningDataModule):
     class_names = None
 
     def paths(self) -> list[Path]:
-        folder = Path(self.root).expanduser()
-        if not folder.is_dir():
-            raise DataError(f"Unlabelled image folder {folder} does not exist.")
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-        if not files:
-            raise DataError(f"Unlabelled image folder {folder} has no images (searched recursively).")
-        return files
+        return list_images(self.root, "Unlabelled image folder")
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:

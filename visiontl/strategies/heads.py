@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visiontl.backbones import LayerGroup
+from visiontl.backbones import LayerGroup, classifier_names
 from visiontl.strategies.base import GroupPlan, Strategy, StrategyError
 
 __all__ = ["L2_GRID", "FittedHead", "KNN", "KNNHead", "LogisticRegression", "Prototype", "replace_classifier",
@@ -258,9 +258,10 @@ class KNN(FittedHead):
 
 def replace_classifier(model: nn.Module, head: nn.Module) -> None:
     """Put ``head`` where the timm model's classifier is (``pretrained_cfg['classifier']``)."""
-    path = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if not isinstance(path, str):
-        raise StrategyError(f"Cannot replace the classifier of {type(model).__name__} (classifier: {path!r}).")
+    names = classifier_names(model)
+    if len(names) != 1:
+        raise StrategyError(f"Cannot replace the classifier of {type(model).__name__} (classifiers: {names}).")
+    path = names[0]
     parent_name, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, head)

@@ -35,6 +35,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from visiontl.features import classify_features, feature_width, pooled_features
+from visiontl.speed import channels_last_input
 from visiontl.tasks.classification import ClassificationTask
 
 __all__ = ["METHODS", "AdaptationTask", "DomainDiscriminator", "coral_loss", "dann_coefficient",
@@ -156,9 +157,7 @@ class AdaptationTask(ClassificationTask):
         return self.global_step / total if total and math.isfinite(total) else 0.0
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return pooled_features(self.model, x)
+        return pooled_features(self.model, channels_last_input(x, self.channels_last))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         source, target = batch["source"], batch["target"]

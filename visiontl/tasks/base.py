@@ -71,6 +71,32 @@ class BaseTask(pl.LightningModule):
     def configure_metrics(self) -> None:
         """Create metric collections."""
 
+    def checkpoint_callbacks(self) -> list[pl.Callback]:
+        """Callbacks that write checkpoints (skipped when the Trainer has checkpointing off):
+        ``last.ckpt``, always the latest state (:class:`~visiontl.resume.LastCheckpoint`)."""
+        from visiontl.resume import LastCheckpoint
+
+        return [LastCheckpoint(self.hparams.get("last_every_n_steps", 50), self.hparams.get("last_every_minutes", 5.0))]
+
+    def task_callbacks(self) -> list[pl.Callback]:
+        """Further callbacks of the task and its strategy."""
+        return list(self.strategy.callbacks())
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The run report, the task's callbacks, checkpoints (when the Trainer checkpoints) and the
+        learning-rate monitor (when it logs)."""
+        from pytorch_lightning.callbacks import LearningRateMonitor
+
+        from visiontl.run import RunReport
+
+        callbacks: list[pl.Callback] = [RunReport(), *self.task_callbacks()]
+        trainer = self._trainer
+        if trainer is None or trainer.checkpoint_callback is not None:
+            callbacks[:0] = self.checkpoint_callbacks()
+        if trainer is None or trainer.loggers:
+            callbacks.append(LearningRateMonitor("step"))
+        return callbacks
+
     # -- freezing -------------------------------------------------------------------------------
     def set_trainable_groups(self, names: list[str]) -> None:
         """Train exactly the named layer groups; everything else (and its statistics) is frozen."""

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_lightning import Callback
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
@@ -22,7 +22,7 @@ from torchmetrics.classification import (
     MulticlassSpecificity,
 )
 
-from visiontl.backbones import create_backbone, head_prefixes, layer_groups
+from visiontl.backbones import classifier_names, create_backbone, layer_groups
 from visiontl.features import (
     FeatureCache,
     classify_features,
@@ -32,7 +32,7 @@ from visiontl.features import (
     supports_features,
     weights_fingerprint,
 )
-from visiontl.speed import is_cnn
+from visiontl.speed import channels_last_input, is_cnn
 from visiontl.strategies import Strategy, StrategyError, get_strategy, replace_classifier
 from visiontl.tasks.base import BaseTask
 from visiontl.tasks.guard import DivergenceGuard
@@ -218,7 +218,7 @@ class ClassificationTask(BaseTask):
         cache = FeatureCache()
         key = cache.key({
             "backbone": self.hparams["backbone"],
-            "weights": weights_fingerprint(self.model, exclude_prefixes=head_prefixes(self.model)),
+            "weights": weights_fingerprint(self.model, exclude_prefixes=classifier_names(self.model)),
             "in_chans": source.in_chans, "transform": repr(source.transform), "pixels": source.source_tag,
             "views": views if augmented else 1, "seed": dm.seed if augmented else None,
             "data": data_fingerprint([p for p, _ in source.items]),
@@ -239,24 +239,15 @@ class ClassificationTask(BaseTask):
             if split in dm.datasets:
                 dm.set_features(split, *self._features(dm, split, int(self.strategy.views)))
 
-    def configure_callbacks(self) -> list[Callback]:
-        from visiontl.resume import LastCheckpoint
-        from visiontl.run import RunReport
-
+    def checkpoint_callbacks(self) -> list[Callback]:
         # best.ckpt by the monitored metric; last.ckpt, always the latest state, by LastCheckpoint
-        checkpoint = ModelCheckpoint(
-            filename="best", monitor=self.monitor, mode="max", save_last=False, auto_insert_metric_name=False
-        )
-        callbacks: list[Callback] = [RunReport(), *self.strategy.callbacks()]
-        if self.strategy.sgd and self.hparams.get("divergence_guard", True):
-            callbacks.append(DivergenceGuard())
-        trainer = self._trainer
-        if trainer is None or trainer.checkpoint_callback is not None:
-            callbacks[:0] = [checkpoint, LastCheckpoint(self.hparams.get("last_every_n_steps", 50),
-                                                        self.hparams.get("last_every_minutes", 5.0))]
-        if trainer is None or trainer.loggers:
-            callbacks.append(LearningRateMonitor("step"))
-        return callbacks
+        best = ModelCheckpoint(filename="best", monitor=self.monitor, mode="max", save_last=False,
+                               auto_insert_metric_name=False)
+        return [best, *super().checkpoint_callbacks()]
+
+    def task_callbacks(self) -> list[Callback]:
+        guard = [DivergenceGuard()] if self.strategy.sgd and self.hparams.get("divergence_guard", True) else []
+        return [*super().task_callbacks(), *guard]
 
     monitor = "val_acc"
     """The validation metric (higher is better) that picks the best checkpoint."""
@@ -318,9 +309,7 @@ class ClassificationTask(BaseTask):
         self.train_loss_mean.reset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return (self.__dict__.get("_compiled") or self.model)(x)
+        return (self.__dict__.get("_compiled") or self.model)(channels_last_input(x, self.channels_last))
 
     def _logits(self, batch: dict[str, Any]) -> torch.Tensor:
         if "features" in batch:

@@ -31,7 +31,6 @@ from typing import Any, Literal
 
 import torch
 from pytorch_lightning import Callback
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl import _io
@@ -234,16 +233,8 @@ class ContinuedPretraining(BaseTask):
                 "producer": "visiontl continued pretraining"}
         return save_backbone(self.model, path, meta)
 
-    def configure_callbacks(self) -> list[Callback]:
-        from visiontl.run import RunReport
-
-        callbacks: list[Callback] = [RunReport(), _SaveBackbone()]
-        trainer = self._trainer
-        if trainer is None or trainer.checkpoint_callback is not None:
-            callbacks.insert(0, ModelCheckpoint(save_top_k=0, save_last=True))  # resume with --ckpt_path last
-        if trainer is None or trainer.loggers:
-            callbacks.append(LearningRateMonitor("step"))
-        return callbacks
+    def task_callbacks(self) -> list[Callback]:
+        return [*super().task_callbacks(), _SaveBackbone()]
 
 
 class _SaveBackbone(Callback):
