@@ -277,7 +277,8 @@ def test_unlabelled_data_errors(tmp_path: Path) -> None:
     root = gen.make(tmp_path / "ms", per_class=2)
     dm = UnlabelledDataModule(str(root), in_chans=13, image_size=32, num_workers=0)
     dm.setup()
-    assert len(dm.preprocessing["mean"]) == 13  # 16-bit, 13 bands: statistics of the images
+    assert len(dm.preprocessing.mean) == 13  # 16-bit, 13 bands: statistics of the images
+    dm.train_dataloader()
     item = dm.dataset[0]
     assert item["view1"].shape == (13, 32, 32) and not torch.equal(item["view1"], item["view2"])
 

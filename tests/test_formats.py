@@ -121,9 +121,11 @@ def test_datamodule_uses_dataset_statistics_for_16_bit(tmp_path: Path) -> None:
         for i in range(4):
             Image.fromarray(rng.integers(0, 4096, (8, 8), dtype=np.uint16)).save(tmp_path / c / f"{i}.png")
     dm = FolderDataModule(str(tmp_path), in_chans=1, image_size=8)
-    pre = dm.preprocessing()
-    assert pre["mean"][0] == pytest.approx(2048 / 65535, rel=0.1)  # 12-bit values in 16-bit files
-    assert FolderDataModule(str(tmp_path), in_chans=1, normalize="backbone").preprocessing()["mean"][0] > 0.4
+    pre = dm.preprocessing
+    assert pre.mean[0] == pytest.approx(2048 / 65535, rel=0.1)  # 12-bit values in 16-bit files
+    assert pre.normalization == "dataset" and pre.bit_depth == 16 and pre.size == 8
+    backbone = FolderDataModule(str(tmp_path), in_chans=1, normalize="backbone").preprocessing
+    assert backbone.mean[0] > 0.4 and backbone.normalization == "backbone"
     with pytest.raises(DataError, match="normalize must be"):
         FolderDataModule(str(tmp_path), normalize="imagenet")
 
@@ -193,7 +195,7 @@ def test_dicom_folder_with_bad_files_errors_or_skips_and_lists_them(tmp_path: Pa
     middle.setup()
     assert {p.name for p, _ in middle.skipped} == {"bad_no_pixels.dcm"}
     assert len(middle.splits["train"]) + len(middle.splits["val"]) == 14
-    mean = dm.preprocessing()["mean"]
+    mean = dm.preprocessing.mean
     assert len(mean) == 1 and 0.05 < mean[0] < 0.95  # measured on the windowed radiographs (16-bit)
 
 

@@ -20,11 +20,11 @@ def test_eurosat_rgb_and_all_bands_from_local_files(tmp_path: Path) -> None:
     assert len(rgb.splits["train"]) == 18 and len(rgb.splits["val"]) == 6
     assert rgb.augment == "satellite"
     ms = EuroSATDataModule(str(load_fixture("eurosat_ms").make(tmp_path / "ms")), bands="all", in_chans=13)
-    pre = ms.preprocessing()
-    assert pre["in_chans"] == 13 and len(pre["mean"]) == 13  # measured per band
-    assert max(pre["mean"]) < 0.2 and min(pre["std"]) > 0  # 16-bit reflectances, not ImageNet's 0.45
+    pre = ms.preprocessing
+    assert pre.in_chans == 13 and len(pre.mean) == 13  # measured per band
+    assert max(pre.mean) < 0.2 and min(pre.std) > 0  # 16-bit reflectances, not ImageNet's 0.45
     with pytest.raises(DataError, match="in_chans: 13"):
-        EuroSATDataModule(str(tmp_path / "ms"), bands="all", in_chans=3).preprocessing()
+        EuroSATDataModule(str(tmp_path / "ms"), bands="all", in_chans=3).preprocessing
     # RGB JPEGs placed where the 13-band release belongs
     wrong = tmp_path / "wrong" / "ds" / "images" / "remote_sensing" / "otherDatasets" / "sentinel_2" / "tif"
     shutil.copytree(tmp_path / "rgb" / "eurosat" / "2750", wrong)

@@ -190,11 +190,13 @@ def export_onnx(
     if not 13 <= opset <= 20:
         raise ExportError(f"Unsupported opset {opset}; use 13 to 20 (17 is well supported everywhere).")
     task = source if isinstance(source, nn.Module) else load_task(source)
-    cfg = task.data_config
+    pre = task.preprocessing  # what training resolved, read back from the checkpoint
+    cfg = pre.timm_config()
     channels, height, width = cfg["input_size"]
-    crop_pct = float(cfg.get("crop_pct") or 1.0)
-    # a copy: the caller's task keeps its mode (train / eval) and memory format
-    network = copy.deepcopy(task.model) if task is source else task.model
+    crop_pct = pre.crop_pct
+    # a copy: the caller's task keeps its mode (train / eval) and memory format; a strategy that
+    # changed the model (LoRA) folds it back into a plain one
+    network = task.strategy.merge(copy.deepcopy(task.model) if task is source else task.model)
     model = _Deployable(network.to(memory_format=torch.contiguous_format), list(cfg["mean"]),
                         list(cfg["std"])).eval()
     paths = [Path(p) for p in images] if images else _run_images(None if isinstance(source, nn.Module) else source,
@@ -255,6 +257,7 @@ def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inpu
             "std": json.dumps(list(cfg["std"])),
             "interpolation": "area (shrink) / bilinear (enlarge)",
             "crop_pct": repr(crop_pct),
+            "preprocessing": json.dumps(task.preprocessing.to_dict()),  # the whole object, as training resolved it
             "backbone": task.hparams["backbone"],
             "strategy": json.dumps(task.hparams.get("strategy")),
             "metrics": json.dumps(_run_metrics(None if isinstance(source, nn.Module) else source)),

@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from visiontl._io import atomic_dir, default_cache_dir
+from visiontl.weights import classifier_names
 
 __all__ = [
     "FeatureCache",
@@ -38,8 +41,10 @@ __all__ = [
     "choose_engine",
     "classify_features",
     "data_fingerprint",
+    "CachedFeatures",
     "extract_features",
     "feature_width",
+    "split_features",
     "onnx_features",
     "pooled_features",
     "supports_features",
@@ -353,3 +358,82 @@ class FeatureCache:
             return found, True
         features, labels = compute()
         return self.save(key, features, labels, info), False
+
+
+def split_features(model: nn.Module, backbone: str, dm: Any, split: str,
+                   views: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen ``model``'s pooled features of a datamodule's ``split`` (and labels), from the
+    cache or computed into it; ``views > 1`` gives that many augmented views of each training image."""
+    augmented = split == "train" and views > 1
+    source = dm.feature_source(split, augmented=augmented)
+    cache = FeatureCache()
+    key = cache.key({
+        "backbone": backbone,
+        "weights": weights_fingerprint(model, exclude_prefixes=classifier_names(model)),
+        "in_chans": source.in_chans, "transform": repr(source.transform), "pixels": source.source_tag,
+        "views": views if augmented else 1, "seed": dm.seed if augmented else None,
+        "data": data_fingerprint([p for p, _ in source.items]),
+        **({"frames": source.frame_key} if getattr(source, "frame_key", "") else {}),
+    })
+    entry, hit = cache.get_or_compute(
+        key,
+        lambda: extract_features(model, source, batch_size=32, views=views if augmented else 1,
+                                 desc=f"Extracting {split} features"),
+        info={"backbone": backbone, "split": split, "images": len(source)},
+    )
+    rank_zero_info(f"[visiontl] {split} features {'loaded from' if hit else 'cached in'} {entry.path}")
+    return entry.features, entry.labels
+
+
+class CachedFeatures(pl.Callback):
+    """Feature caching and head fitting, a data concern: the task only sees batches of
+    ``features`` or ``image`` and never where they came from.
+
+    - ``setup``: when the task trains on cached features (``uses_feature_cache``: a strategy with
+      ``cache_features`` and a timm backbone with one classifier), the images of every labelled
+      split are replaced, in the datamodule (``set_features``), by the frozen backbone's pooled
+      features from the on-disk cache (computed once).
+    - ``on_fit_start``: when the strategy :attr:`~visiontl.strategies.Strategy.fits_head`, its
+      :meth:`~visiontl.strategies.Strategy.fit_head` fits the classifier on the training features
+      before the first step (not on a resume: the checkpoint holds the trained head); with a
+      validation split, an SGD strategy's fitted head is scored alone (``head_fit.val_acc``: what
+      fine-tuning then adds, LP-FT).
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        dm: Any = trainer.datamodule
+        if not getattr(pl_module, "uses_feature_cache", False) or not hasattr(dm, "set_features"):
+            return
+        views = int(pl_module.strategy.views)
+        for split in ("train", "val", "test"):
+            if split in dm.datasets:
+                dm.set_features(split, *split_features(pl_module.model, pl_module.hparams["backbone"], dm, split, views))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = pl_module.strategy
+        if not strategy.fits_head or trainer.ckpt_path:
+            return
+        dm: Any = trainer.datamodule
+        model, backbone = pl_module.model, pl_module.hparams["backbone"]
+        train = getattr(dm, "datasets", {}).get("train") if dm is not None else None
+        if isinstance(getattr(train, "features", None), np.ndarray):
+            features, labels = train.features, train.labels
+        elif hasattr(dm, "feature_source") and supports_features(model):
+            features, labels = split_features(model, backbone, dm, "train")
+        else:
+            strategy.head_fit_unavailable(f"{backbone} (or this datamodule) gives no pooled features to fit a head on")
+            return
+        head = model.get_classifier()
+        weight = getattr(pl_module, "class_weight", None) if pl_module.hparams.get("class_weights") else None
+        strategy.fit_head(head, torch.from_numpy(np.array(features, dtype=np.float32)),  # a writable copy
+                          torch.from_numpy(np.asarray(labels)).long(), int(pl_module.hparams["num_classes"]),
+                          class_weight=weight)
+        message = f"[visiontl] {strategy.name} head fitted on {len(labels)} training features"
+        if strategy.sgd and "val" in getattr(dm, "splits", {}):
+            val_features, val_labels = split_features(model, backbone, dm, "val")
+            with torch.no_grad():
+                predicted = head(torch.from_numpy(np.array(val_features, dtype=np.float32))).argmax(1).numpy()
+            val_acc = float((predicted == np.asarray(val_labels)).mean())
+            strategy.fit_report["val_acc"] = round(val_acc, 4)
+            message += f" (val_acc {val_acc:.3f}); fine-tuning starts from it"
+        rank_zero_info(message)

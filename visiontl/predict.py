@@ -26,6 +26,7 @@ import numpy as np
 
 from visiontl.data.geometry import eval_resize
 from visiontl.data.formats import Frame
+from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.images import DataError, ImageReadError, check_frames, expand_frames, read_image, to_channels
 
 __all__ = ["Prediction", "Predictor", "PredictorError", "main", "ort_session", "preprocess"]
@@ -116,6 +117,8 @@ class Predictor:
             self.size = tuple(int(v) for v in json.loads(meta["input_size"]))
             self.channels = int(meta["channels"])
             self.crop_pct = float(meta.get("crop_pct", 1.0))  # models exported before crop_pct was recorded: none
+            self.preprocessing: Preprocessing | None = (  # the training-time object (exports since 0.1)
+                Preprocessing.from_dict(json.loads(meta["preprocessing"])) if "preprocessing" in meta else None)
         except (TypeError, ValueError) as err:
             raise PredictorError(f"{path} has unreadable visiontl metadata ({err}); re-export it with "
                                  f"`visiontl export`.") from err
@@ -126,6 +129,10 @@ class Predictor:
             problems.append(f"input_size {list(self.size)}, channels {self.channels}, crop_pct {self.crop_pct}")
         if not self.class_names:
             problems.append("no class names")
+        pre = self.preprocessing
+        if pre is not None and (pre.in_chans != self.channels or (pre.size, pre.size) != tuple(self.size)
+                                or abs(pre.crop_pct - self.crop_pct) > 1e-9):
+            problems.append(f"its preprocessing record {pre.to_dict()} disagrees with input_size / channels / crop_pct")
         if "input" not in inputs or len(inputs["input"]) != 4 or "probabilities" not in outputs:
             problems.append(f"graph inputs {sorted(inputs)} / outputs {sorted(outputs)} (expected 'input' NCHW and "
                             f"'probabilities')")

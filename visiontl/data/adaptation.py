@@ -19,6 +19,7 @@ from visiontl.data.bluemarble import build_tiles
 from visiontl.data.datamodules import FolderDataModule, ImageDataset
 from visiontl.data.images import DataError
 from visiontl.data.layout import Sample, index_folder, list_images
+from visiontl.data.preprocessing import Preprocessing
 
 __all__ = ["AdaptationDataModule", "BlueMarbleAdaptationDataModule"]
 
@@ -69,8 +70,8 @@ class AdaptationDataModule(FolderDataModule):
             splits["target_eval"] = target[::step][: self.target_eval_size]
         return splits
 
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
+    def build_datasets(self, pre: Preprocessing) -> None:
+        super().build_datasets(pre)
         train = self.datasets["train"]
         target = self.datasets["target"]
         # target images are augmented like the source: the adaptation sees the same distortions

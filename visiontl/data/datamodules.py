@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
-import os
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -18,25 +16,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from visiontl.data.base import ImageDataModule, auto_batch_size, auto_workers
 from visiontl.data.formats import Frame
 from visiontl.data.images import (
     DataError,
-    bad_image_line,
-    check_frames,
     expand_frames,
     read_image,
-    scan_frame,
-    scan_images,
     to_channels,
 )
 from visiontl.data.layout import Sample, index_folder, list_images, split_folders
+from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.presize import presize
 from visiontl.data.sampling import EpochBatchSampler, EpochSampler, sample_seed
-from visiontl.data.stats import channel_stats, needs_dataset_stats
 from visiontl.data.transforms import build_transforms
 
 __all__ = [
@@ -53,20 +47,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test", "predict")
-
-
-def auto_batch_size(n_train: int, cap: int = 32) -> int:
-    """Batch size from the training set size: 8 on tiny sets, ~8 steps per epoch, ``cap`` on large ones."""
-    if n_train <= 0:
-        return 1
-    size = 2 ** max(3, math.floor(math.log2(max(n_train / 8, 1))))
-    return int(max(1, min(cap, size, n_train)))
-
-
-def auto_workers() -> int:
-    """DataLoader workers for this machine: one fewer than the cores, at most 4, at least 1."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cpus - 1))  # one persistent worker beat two on a 2-core machine
 
 
 class ImageDataset(Dataset):
@@ -195,36 +175,26 @@ def stratified_split(
     return train, val
 
 
-class ClassificationDataModule(pl.LightningDataModule):
-    """Shared machinery: splits, class names, image checks, transforms and loaders.
+class ClassificationDataModule(ImageDataModule):
+    """Labelled images: splits, class names, the cheap data check, datasets and loaders.
 
     Subclasses implement :meth:`load_splits` returning ``{split: [(path, class name), ...]}``.
+    Preprocessing is resolved by :meth:`~visiontl.data.base.ImageDataModule.resolve_preprocessing`
+    (from the backbone's convention, given at set-up by the task's
+    :class:`~visiontl.tasks.link.DataLink`; used on its own, the datamodule assumes timm's ImageNet
+    defaults). The datasets are built for it, on first use.
 
     Args:
-        batch_size: images per batch; ``None`` picks one from the training set size.
-        num_workers: loader processes; ``None`` picks one for this machine (0 = main process).
-        image_size: input size; ``None`` uses the backbone's (``task.data_config``).
-        augment: augmentation preset: natural, satellite, xray, histology, none.
         val_fraction: share of each class held out for validation when no validation split exists.
-        seed: seed of that split.
-        on_bad_image: ``error`` stops on the first unreadable image with its path; ``skip``
-            leaves such files out and lists them (also in the run directory).
-        mean: normalisation mean override (``[0, 1]`` scale).
-        std: normalisation std override.
-        normalize: where mean / std come from when not given: ``backbone`` (its pretraining
-            statistics), ``dataset`` (measured on the training images, :mod:`visiontl.data.stats`)
-            or ``auto``: the dataset's for more than 3 channels or images deeper than 8 bits
-            (16-bit PNG / TIFF, DICOM), the backbone's otherwise.
-        in_chans: channels fed to the model; ``None`` follows the model.
-        check_images: decode every image once in ``setup`` so corrupt files fail early.
+        seed: seed of that split, of the data order and of the augmentation.
         presize: decode and resize every image once to uint8 at about the training size and
             read that cache afterwards (:mod:`visiontl.data.presize`; for large 8-bit files).
-        max_pixels: images with more pixels (height x width, read from the header) are bad images
-            (decompression bombs); ``None``: ``VISIONTL_MAX_PIXELS`` or Pillow's limit (~179 Mpx).
-        frames: multi-frame DICOMs (cine loops, enhanced CT / MR): ``error`` names them as bad
-            images, ``middle`` reads each one's middle frame, ``all`` makes every frame a sample
-            (a file's frames stay on one side of a validation split; per-frame rescale and window
+        frames: multi-frame DICOMs: ``error``, ``middle`` or ``all`` (every frame a sample; a
+            file's frames stay on one side of a validation split; per-frame rescale and window
             are applied).
+        **kwargs: the image settings of :class:`~visiontl.data.base.ImageDataModule`
+            (``batch_size``, ``num_workers``, ``image_size``, ``augment``, ``on_bad_image``,
+            ``mean``, ``std``, ``normalize``, ``in_chans``, ``check_images``, ``max_pixels``).
     """
 
     def __init__(
@@ -245,37 +215,17 @@ class ClassificationDataModule(pl.LightningDataModule):
         max_pixels: int | None = None,
         frames: Literal["error", "middle", "all"] = "error",
     ) -> None:
-        super().__init__()
-        self.frames = check_frames(frames)
-        self._expanded: dict[str, list[tuple[Path, str, Frame]]] = {}
-        for name, value in (("batch_size", batch_size), ("image_size", image_size), ("max_pixels", max_pixels)):
-            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
-                raise DataError(f"{name} must be a whole number >= 1 (or None for automatic), got {value!r}.")
-        if num_workers is not None and num_workers < 0:
-            raise DataError(f"num_workers must be >= 0 (or None for automatic), got {num_workers!r}.")
+        super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, augment=augment,
+                         on_bad_image=on_bad_image, mean=mean, std=std, normalize=normalize, in_chans=in_chans,
+                         check_images=check_images, max_pixels=max_pixels, frames=frames)
         self.presize = presize
-        self.max_pixels = max_pixels
-        if on_bad_image not in ("error", "skip"):
-            raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
-        if normalize not in ("auto", "backbone", "dataset"):
-            raise DataError(f"normalize must be 'auto', 'backbone' or 'dataset', got {normalize!r}.")
-        self.normalize = normalize
-        self._stats: dict[int, tuple[list[float], list[float]]] = {}
-        self.data_report: Any = None  # the cheap data check's DataReport, after setup
-        self._needs_stats: dict[int, bool] = {}
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.image_size = image_size
-        self.augment = augment
         self.val_fraction = val_fraction
         self.seed = seed
-        self.on_bad_image = on_bad_image
-        self.mean, self.std, self.in_chans = mean, std, in_chans
-        self.check_images = check_images
-        self.skipped: list[tuple[Path, str]] = []
+        self.data_report: Any = None  # the cheap data check's DataReport, after setup
+        self._expanded: dict[str, list[tuple[Path, str, Frame]]] = {}
         self._splits: dict[str, list[Sample]] | None = None
-        self._checked = False
-        self.datasets: dict[str, Dataset] = {}
+        self._layout_checked = False
+        self._datasets: dict[str, Dataset] | None = None
         self._image_datasets: dict[str, ImageDataset] = {}
 
     # -- subclasses ---------------------------------------------------------------------------
@@ -332,39 +282,49 @@ class ClassificationDataModule(pl.LightningDataModule):
         counts = Counter(s[1] for s in self.samples("train"))
         return [counts[c] for c in self.class_names]
 
+    def samples(self, split: str) -> list[tuple[Path, str, Frame]]:
+        """``(path, class name, frame)`` of every sample of ``split`` in loader order: one per file,
+        or one per frame of each multi-frame DICOM under ``frames='all'``."""
+        if split not in self._expanded:
+            self._expanded[split] = expand_frames(self.splits[split], self.frames)
+        return self._expanded[split]
+
+    def paths(self, split: str) -> list[Path]:
+        """File path of each sample of ``split`` in loader order (after skipping unreadable files;
+        a multi-frame file once per frame under ``frames='all'``, see :meth:`frame_indices`)."""
+        return [p for p, _, _ in self.samples(split)]
+
+    def frame_indices(self, split: str) -> list[int | None]:
+        """Frame index of each sample of ``split`` in its file (None: a whole or middle frame)."""
+        return [f if isinstance(f, int) else None for _, _, f in self.samples(split)]
+
+    # -- the image base's hooks ---------------------------------------------------------------
+    def train_paths(self) -> list[Path]:
+        return [p for p, _ in self.splits["train"]]
+
+    def check_paths(self) -> list[Path]:
+        return sorted({p for items in self.splits.values() for p, _ in items})
+
+    def drop_bad(self, bad: set[Path]) -> None:
+        self._splits = {k: [s for s in v if s[0] not in bad] for k, v in self.splits.items()}
+        self._expanded = {}
+        if not self._splits["train"]:
+            raise DataError("Every training image was unreadable; nothing left to train on.")
+
     # -- Lightning hooks ----------------------------------------------------------------------
-    def preprocessing(self) -> dict[str, Any]:
-        """Resolved preprocessing: ``in_chans``, ``size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``."""
-        cfg: dict[str, Any] = {"input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406),
-                               "std": (0.229, 0.224, 0.225), "crop_pct": 0.875, "interpolation": "bilinear"}
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        if module is not None and hasattr(module, "data_config"):
-            cfg.update(module.data_config)
-            model_chans = int(cfg["input_size"][0])
-            if self.in_chans and self.in_chans != model_chans:
-                raise DataError(
-                    f"The data is set to {self.in_chans} channel(s) (in_chans) but the model takes {model_chans}: set "
-                    f"the model's in_chans to {self.in_chans} (--model.init_args.in_chans {self.in_chans}), or leave "
-                    f"the data's in_chans unset to convert images to the model's {model_chans}."
-                )
-        chans = self.in_chans or cfg["input_size"][0]
-        self.check_channels(chans)
-        size = self.image_size or cfg["input_size"][1]
-        mean = list(self.mean or cfg["mean"])
-        std = list(self.std or cfg["std"])
-        if len(mean) != chans:
-            mean, std = [float(np.mean(mean))] * chans, [float(np.mean(std))] * chans
-        if self.mean is None and self.std is None and self._use_dataset_stats(chans):
-            mean, std = self.dataset_stats(chans)
-        # centre crops are for natural photos (subject in the middle); tiles, scans and slides keep
-        # their borders, and images smaller than the input are never cropped (data.geometry)
-        crop_pct = float(cfg.get("crop_pct") or 1.0) if self.augment == "natural" else 1.0
-        return {"in_chans": chans, "size": size, "mean": mean, "std": std,
-                "crop_pct": crop_pct, "interpolation": cfg.get("interpolation", "bilinear")}
+    def setup(self, stage: str | None = None) -> None:
+        """The cheap part of ``visiontl check-data`` (headers, counts, imbalance, paths shared
+        between splits or labels): warnings are logged, errors stop the run before any training.
+        Images are decoded (checked) when preprocessing is resolved: in a run, by the task's
+        :class:`~visiontl.tasks.link.DataLink` right after this; called on its own (no Trainer),
+        here, with timm's ImageNet defaults."""
+        self._check_layout()
+        if self.trainer is None:
+            self.resolve_preprocessing()
 
     def _check_layout(self) -> None:
-        """The cheap part of ``visiontl check-data`` (headers, counts, imbalance, paths shared
-        between splits or labels): warnings are logged, errors stop the run before any training."""
+        if self._layout_checked or not self.check_images:
+            return
         from visiontl.checkdata import check_data
 
         report = check_data(self.splits, deep=False, progress=True, frames=self.frames)
@@ -376,79 +336,43 @@ class ClassificationDataModule(pl.LightningDataModule):
                 f"{report.summary(max_items=5)}\nRun `visiontl check-data` on the dataset for the full report "
                 f"(exact and near duplicates too), or set check_images: false to skip every check."
             )
+        self._layout_checked = True
 
-    def check_channels(self, chans: int) -> None:
-        """Raise :class:`DataError` if the model's input channels cannot fit this dataset (a hook)."""
-
-    def _use_dataset_stats(self, chans: int) -> bool:
-        if self.normalize != "auto":
-            return self.normalize == "dataset"
-        if chans not in self._needs_stats:
-            self._needs_stats[chans] = needs_dataset_stats([p for p, _ in self.splits["train"]], chans,
-                                                           frame=scan_frame(self.frames))
-        return self._needs_stats[chans]
-
-    def dataset_stats(self, chans: int) -> tuple[list[float], list[float]]:
-        """Per-channel mean / std of the training images (measured once, cached on disk)."""
-        if chans not in self._stats:
-            self._stats[chans] = channel_stats([p for p, _ in self.splits["train"]], chans,
-                                               frame=scan_frame(self.frames))
-        return self._stats[chans]
-
-    def _check(self) -> None:
-        if self._checked or not self.check_images:
-            return
-        self._check_layout()
-        paths = sorted({p for items in self.splits.values() for p, _ in items})
-        bad = scan_images(paths, channels=self.preprocessing()["in_chans"], max_pixels=self.max_pixels,
-                          frames=self.frames)
-        if bad and self.on_bad_image == "error":
-            listing = "\n".join(f"  {bad_image_line(p, r)}" for p, r in bad[:10])
-            more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise DataError(
-                f"{len(bad)} image(s) cannot be used:\n{listing}{more}\nReplace or delete them, or set "
-                f"on_bad_image='skip' (--data.init_args.on_bad_image skip) to train without them."
-            )
-        if bad:
-            drop = {p for p, _ in bad}
-            self._splits = {k: [s for s in v if s[0] not in drop] for k, v in self.splits.items()}
-            self._expanded = {}
-            self.skipped = [*self.skipped, *bad]
-            if not self._splits["train"]:
-                raise DataError("Every training image was unreadable; nothing left to train on.")
-        self._checked = True
-
-    def setup(self, stage: str | None = None) -> None:
-        self._check()
-        pre = self.preprocessing()
+    def build_datasets(self, pre: Preprocessing) -> None:
+        datasets: dict[str, Dataset] = {}
         index = {c: i for i, c in enumerate(self.class_names)}
         for split in self.splits:
             train = split == "train"
-            transform = build_transforms(
-                self.augment, train, pre["size"], pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"],
-            )
             refs = self.samples(split)
             labelled = [(p, index.get(c, -1)) for p, c, _ in refs]
             frames = [f for _, _, f in refs]
-            arrays = presize([p for p, _, _ in refs], pre["size"], pre["in_chans"], frames) if self.presize else None
-            self.datasets[split] = ImageDataset(labelled, transform, pre["in_chans"], arrays, self.max_pixels,
-                                                seed=self.seed if train else None, frames=frames)
-        self._image_datasets = dict(self.datasets)
-        self._eval_transform = build_transforms(
-            self.augment, False, pre["size"], pre["mean"], pre["std"], pre["crop_pct"], pre["interpolation"]
-        )
+            arrays = presize([p for p, _, _ in refs], pre.size, pre.in_chans, frames) if self.presize else None
+            datasets[split] = ImageDataset(labelled, self._transform(pre, train), pre.in_chans, arrays,
+                                           self.max_pixels, seed=self.seed if train else None, frames=frames)
+        self._datasets = datasets
+        self._image_datasets = dict(datasets)
+
+    def _transform(self, pre: Preprocessing, train: bool) -> Any:
+        return build_transforms(self.augment, train, pre.size, list(pre.mean), list(pre.std), pre.crop_pct,
+                                pre.interpolation)
+
+    @property
+    def datasets(self) -> dict[str, Dataset]:
+        """Dataset per split (images, or cached features after :meth:`set_features`)."""
+        if self._datasets is None:
+            self.build_datasets(self.preprocessing)
+        assert self._datasets is not None
+        return self._datasets
 
     def feature_source(self, split: str, augmented: bool = False) -> ImageDataset:
         """The images of ``split`` with the evaluation transform (or the training one)."""
-        if split not in self.datasets:
-            self.setup()
         source = self.datasets[split]
         if not isinstance(source, ImageDataset):
             source = self._image_datasets[split]
         if augmented or split != "train":
             return source
-        return ImageDataset(source.items, self._eval_transform, source.in_chans, source.presized, source.max_pixels,
-                            seed=source.seed if augmented else None, frames=source.frames)
+        return ImageDataset(source.items, self._transform(self.preprocessing, False), source.in_chans,
+                            source.presized, source.max_pixels, seed=None, frames=source.frames)
 
     def set_features(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
         """Serve cached features instead of images for ``split`` (see :mod:`visiontl.features`)."""
@@ -457,19 +381,15 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self.datasets:
-            self.setup()
-        if split not in self.datasets:
             raise DataError(f"{type(self).__name__} has no {split!r} split; give one to use it.")
         dataset = self.datasets[split]
-        n_train = len(self.samples("train"))
-        batch_size = self.batch_size or auto_batch_size(n_train)
-        batch_size = max(1, min(batch_size, len(dataset)))
+        batch_size = self.loader_batch_size(len(self.samples("train")), len(dataset))
         # drop only a lone last image: BatchNorm cannot train on a batch of one, and a
         # loader never ends up with zero batches
         drop_last = train and len(dataset) % batch_size == 1 and len(dataset) > batch_size
         if isinstance(dataset, FeatureDataset):  # evaluation needs no small batches on features
             return dataset.loader(batch_size if train else max(batch_size, 1024), train, self.seed, drop_last)
-        workers = auto_workers() if self.num_workers is None else self.num_workers
+        workers = self.loader_workers()
         if not train:
             return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                               persistent_workers=workers > 0)
@@ -507,22 +427,6 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict" if "predict" in self.splits else "test")
-
-    def samples(self, split: str) -> list[tuple[Path, str, Frame]]:
-        """``(path, class name, frame)`` of every sample of ``split`` in loader order: one per file,
-        or one per frame of each multi-frame DICOM under ``frames='all'``."""
-        if split not in self._expanded:
-            self._expanded[split] = expand_frames(self.splits[split], self.frames)
-        return self._expanded[split]
-
-    def paths(self, split: str) -> list[Path]:
-        """File path of each sample of ``split`` in loader order (after skipping unreadable files;
-        a multi-frame file once per frame under ``frames='all'``, see :meth:`frame_indices`)."""
-        return [p for p, _, _ in self.samples(split)]
-
-    def frame_indices(self, split: str) -> list[int | None]:
-        """Frame index of each sample of ``split`` in its file (None: a whole or middle frame)."""
-        return [f if isinstance(f, int) else None for _, _, f in self.samples(split)]
 
 
 class FolderDataModule(ClassificationDataModule):

@@ -23,23 +23,27 @@ from visiontl._io import default_cache_dir, write_json
 from visiontl.data.formats import Frame
 from visiontl.data.images import DataError, ImageReadError, read_image, read_raw, to_channels
 
-__all__ = ["channel_stats", "needs_dataset_stats"]
+__all__ = ["channel_stats", "needs_dataset_stats", "stored_bit_depth"]
+
+
+def stored_bit_depth(paths: Sequence[Path], probe: int = 4, frame: Frame = "error") -> int:
+    """Bits per stored sample of the first ``probe`` readable images: 8, the integer width above
+    that (16 for 16-bit PNG / TIFF and DICOM), or 32 for floating-point images."""
+    depth = 8
+    for path in list(paths)[:probe]:
+        try:
+            raw = read_raw(path, frame=frame)
+        except ImageReadError:
+            continue  # reported by the image check
+        depth = max(depth, 32 if raw.dtype.kind == "f" else 8 * raw.dtype.itemsize)
+    return depth
 
 
 def needs_dataset_stats(paths: Sequence[Path], channels: int, probe: int = 4, frame: Frame = "error") -> bool:
     """Whether ImageNet-style statistics do not apply: more than 3 channels, or images stored with
     more than 8 bits (16-bit PNG / TIFF, DICOM) or as floats (checked on the first ``probe`` files;
     ``frame``: which frame of a multi-frame DICOM)."""
-    if channels > 3:
-        return True
-    for path in list(paths)[:probe]:
-        try:
-            raw = read_raw(path, frame=frame)
-        except ImageReadError:
-            continue  # reported by the image check
-        if raw.dtype.kind == "f" or raw.dtype.itemsize > 1:
-            return True
-    return False
+    return channels > 3 or stored_bit_depth(paths, probe, frame) > 8
 
 
 def _key(paths: Sequence[Path], channels: int, max_images: int, frame: Frame) -> str:

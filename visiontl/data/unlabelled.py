@@ -11,28 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
 import numpy as np
-import pytorch_lightning as pl
 from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
 
-from visiontl.data.datamodules import auto_batch_size, auto_workers
+from visiontl.data.base import ImageDataModule
 from visiontl.data.formats import Frame
 from visiontl.data.images import (
     DataError,
-    bad_image_line,
-    check_frames,
     expand_frames,
     read_image,
-    scan_frame,
-    scan_images,
     to_channels,
 )
 from visiontl.data.layout import list_images
-from visiontl.data.stats import channel_stats, needs_dataset_stats
+from visiontl.data.preprocessing import Preprocessing
 
 __all__ = ["UnlabelledDataModule", "ViewsDataset", "ssl_transform"]
 
@@ -76,7 +71,7 @@ class ViewsDataset(Dataset):
                 "index": index}
 
 
-class UnlabelledDataModule(pl.LightningDataModule):
+class UnlabelledDataModule(ImageDataModule):
     """Every image under ``root`` (recursively; folder names are ignored), as pairs of views.
 
     Args:
@@ -94,53 +89,52 @@ class UnlabelledDataModule(pl.LightningDataModule):
 
     def __init__(self, root: str, image_size: int | None = None, augment: str = "natural",
                  batch_size: int | None = None, num_workers: int | None = None, in_chans: int | None = None,
-                 normalize: str = "auto", on_bad_image: str = "error", frames: str = "error") -> None:
-        super().__init__()
-        self.frames = check_frames(frames)
-        self.root, self.image_size, self.augment = root, image_size, augment
-        self.batch_size, self.num_workers, self.in_chans = batch_size, num_workers, in_chans
-        self.normalize, self.on_bad_image = normalize, on_bad_image
-        self.skipped: list[tuple[Path, str]] = []
+                 normalize: Literal["auto", "backbone", "dataset"] = "auto",
+                 on_bad_image: Literal["error", "skip"] = "error",
+                 frames: Literal["error", "middle", "all"] = "error") -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, augment=augment,
+                         on_bad_image=on_bad_image, normalize=normalize, in_chans=in_chans, frames=frames)
+        self.root = root
+        self._files: list[Path] | None = None
         self.dataset: ViewsDataset | None = None
 
     num_classes = None  # no labels: the command line links these into any task; SSL ignores them
     class_names = None
 
     def paths(self) -> list[Path]:
+        """Every image file under ``root`` (recursively)."""
         return list_images(self.root, "Unlabelled image folder")
 
+    def train_paths(self) -> list[Path]:
+        if self._files is None:
+            self._files = self.paths()
+        return self._files
+
+    def drop_bad(self, bad: set[Path]) -> None:
+        self._files = [p for p in self.train_paths() if p not in bad]
+        if not self._files:
+            raise DataError(f"Every image under {self.root} was unreadable; nothing left to train on.")
+
+    def build_datasets(self, pre: Preprocessing) -> None:
+        refs = expand_frames([(p, None) for p in self.train_paths()], self.frames)
+        self.dataset = ViewsDataset([p for p, _, _ in refs], ssl_transform(self.augment, pre.size, pre.mean, pre.std),
+                                    pre.in_chans, frames=[f for _, _, f in refs])
+
     def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
-            return
-        cfg = getattr(getattr(self.trainer, "lightning_module", None), "data_config", None) or {
-            "input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-        chans = self.in_chans or cfg["input_size"][0]
-        size = self.image_size or cfg["input_size"][1]
-        files = self.paths()
-        bad = scan_images(files, desc="Checking images", channels=chans, frames=self.frames)
-        if bad and self.on_bad_image != "skip":
-            listing = "\n".join(f"  {bad_image_line(p, r)}" for p, r in bad[:10])
-            raise DataError(f"{len(bad)} image(s) cannot be used:\n{listing}\nReplace or delete them, or set "
-                            f"on_bad_image='skip'.")
-        self.skipped = bad
-        files = [p for p in files if p not in {b for b, _ in bad}]
-        mean, std = list(cfg["mean"]), list(cfg["std"])
-        if len(mean) != chans:
-            mean, std = [float(np.mean(mean))] * chans, [float(np.mean(std))] * chans
-        frame = scan_frame(self.frames)
-        auto = self.normalize == "auto" and needs_dataset_stats(files, chans, frame=frame)
-        if self.normalize == "dataset" or auto:
-            mean, std = channel_stats(files, chans, frame=frame)
-        self.preprocessing = {"in_chans": chans, "size": size, "mean": mean, "std": std}
-        refs = expand_frames([(p, None) for p in files], self.frames)
-        self.dataset = ViewsDataset([p for p, _, _ in refs], ssl_transform(self.augment, size, mean, std), chans,
-                                    frames=[f for _, _, f in refs])
+        """List the images (a missing or empty folder fails here); called on its own (no Trainer),
+        also resolve preprocessing and check every image (in a run, the task's
+        :class:`~visiontl.tasks.link.DataLink` does that next)."""
+        self.train_paths()
+        if self.trainer is None:
+            self.resolve_preprocessing()
 
     def train_dataloader(self) -> DataLoader:
-        assert self.dataset is not None, "call setup() first"
-        batch = self.batch_size or auto_batch_size(len(self.dataset), cap=64)
-        workers = auto_workers() if self.num_workers is None else self.num_workers
-        return DataLoader(self.dataset, batch_size=min(batch, len(self.dataset)), shuffle=True, num_workers=workers,
+        if self.dataset is None:
+            self.build_datasets(self.preprocessing)
+        assert self.dataset is not None
+        batch = self.loader_batch_size(len(self.dataset), len(self.dataset), cap=64)
+        workers = self.loader_workers()
+        return DataLoader(self.dataset, batch_size=batch, shuffle=True, num_workers=workers,
                           persistent_workers=workers > 0, drop_last=len(self.dataset) > batch)
 
 

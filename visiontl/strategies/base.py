@@ -3,6 +3,15 @@
 A strategy never names an architecture's layers: it sees the ordered :class:`LayerGroup` list
 (stem -> head) from :func:`visiontl.backbones.layer_groups` and decides, per group, a learning
 rate (0 = never trains in this run) and whether the group trains from the first step.
+
+What a strategy needs from the rest is declared, never asked for with ``isinstance``:
+
+- class attributes: ``sgd`` (anything trains by gradient descent), ``cache_features`` (training
+  reads cached backbone features), ``views`` (augmented views per image in that cache);
+- hooks the task and its callbacks call: :meth:`Strategy.fit_head` (fit the classifier on the
+  frozen backbone's training features before any gradient step, when :attr:`Strategy.fits_head`),
+  :meth:`Strategy.prepare` (change the freshly built model: inject LoRA or adapters, add prompts)
+  and :meth:`Strategy.merge` (fold such changes back into a plain model for export).
 """
 
 from __future__ import annotations
@@ -111,6 +120,9 @@ class Strategy:
         if self.lr <= 0:
             raise StrategyError(f"{type(self).__name__}: lr must be > 0, got {lr}.")
         self.train_bn = train_bn
+        self.fit_report: dict[str, Any] = {}
+        """What :meth:`fit_head` found (penalty, cross-validation scores, the fitted head's
+        validation accuracy): ``head_fit`` in the strategy report."""
 
     # -- what subclasses decide -------------------------------------------------------------
     def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
@@ -121,11 +133,32 @@ class Strategy:
         """Lightning callbacks the strategy needs (gradual unfreezing)."""
         return []
 
-    def head_fitter(self) -> Any:
-        """A head fitted on cached training features before any gradient step (a
-        :class:`~visiontl.strategies.FittedHead`), or None. The fitted heads return themselves;
-        ``gradual`` returns its logistic regression (LP-FT)."""
-        return None
+    @property
+    def fits_head(self) -> bool:
+        """Whether :meth:`fit_head` runs before the first gradient step (the fitted heads, and
+        ``gradual``'s LP-FT)."""
+        return False
+
+    def fit_head(self, head: nn.Module, features: Any, labels: Any, num_classes: int,
+                 class_weight: Any = None) -> None:
+        """Fit ``head`` (the model's classifier) on the frozen backbone's training ``features``
+        (N x D tensor) and ``labels``; what it found goes to :attr:`fit_report`."""
+        raise StrategyError(f"Strategy {self.name!r} fits no head.")
+
+    def head_fit_unavailable(self, reason: str) -> None:
+        """Called instead of :meth:`fit_head` when no pooled features can be had (``reason``
+        says why): an error unless the strategy has a fallback."""
+        raise StrategyError(reason)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Change the freshly built backbone before its layer groups are taken (inject LoRA or
+        adapters, add prompt tokens); the default leaves it as it is."""
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """A plain model computing the same function as a :meth:`prepare`-d one (LoRA folded into
+        the weights), for export; called on a copy. The default returns it unchanged."""
+        return model
 
     def make_head(self, in_features: int, num_classes: int) -> nn.Module | None:
         """A replacement classifier, or ``None`` to keep the model's linear one."""
@@ -176,12 +209,15 @@ class Strategy:
         plans = self.plan(groups)
         total = sum(g.numel for g in groups)
         trainable = sum(p.numel for p in plans if p.lr > 0)  # at any point of the run
-        return {
+        report = {
             "strategy": self.to_config(),
             "trainable_params": trainable,
             "total_params": total,
             "groups": [asdict(p) for p in plans],
         }
+        if self.fit_report:
+            report["head_fit"] = self.fit_report
+        return report
 
     def to_config(self) -> dict[str, Any]:
         """Plain data in recipe form (``class_path`` / ``init_args``), accepted by ``get_strategy``."""

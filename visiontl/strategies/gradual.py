@@ -11,10 +11,12 @@ restore.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
+import torch
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
 from visiontl.backbones import LayerGroup
 from visiontl.strategies.base import Discriminative, GroupPlan, StrategyError
@@ -87,14 +89,22 @@ class Gradual(Discriminative):
         self.unfreeze = unfreeze
         self._fitter = LogisticRegression()
 
-    def head_fitter(self) -> LogisticRegression | None:
-        return self._fitter if self.head == "fit" else None
+    @property
+    def fits_head(self) -> bool:
+        return self.head == "fit"
 
-    def describe(self, groups: list[LayerGroup]) -> dict[str, Any]:
-        report = super().describe(groups)
-        if self.head == "fit" and self._fitter.fit_report:
-            report["head_fit"] = self._fitter.fit_report
-        return report
+    def fit_head(self, head: nn.Module, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 class_weight: torch.Tensor | None = None) -> None:
+        """LP: the logistic-regression head, fitted to convergence (penalty by cross-validation)."""
+        self._fitter.fit(head, features, labels, num_classes, class_weight)
+        self.fit_report = self._fitter.fit_report
+
+    def head_fit_unavailable(self, reason: str) -> None:
+        """No pooled features (a model without one classifier, plain dataloaders): the head trains
+        alone by SGD for the first epoch instead (fastai's ``fine_tune``)."""
+        rank_zero_warn(f"[visiontl] {reason}; the head trains alone by SGD for the first epoch instead of being "
+                       f"fitted.")
+        self.head, self.head_epochs = "sgd", 1
 
     def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
         lrs = self.lrs(len(groups))

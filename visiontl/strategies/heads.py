@@ -39,12 +39,19 @@ class FittedHead(Strategy):
         report = super().describe(groups)
         report["trainable_params"] = sum(g.numel for g in groups if g.name == "head")  # fitted, not trained
         report["fitted"] = True
-        if getattr(self, "fit_report", None):
-            report["head_fit"] = self.fit_report
         return report
 
-    def head_fitter(self) -> FittedHead:
-        return self
+    @property
+    def fits_head(self) -> bool:
+        return True
+
+    def fit_head(self, head: nn.Module, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 class_weight: torch.Tensor | None = None) -> None:
+        self.fit(head, features, labels, num_classes, class_weight)
+
+    def head_fit_unavailable(self, reason: str) -> None:
+        raise StrategyError(f"Strategy {self.name!r} fits its head on cached features, which need a visiontl "
+                            f"datamodule and a timm backbone with one classifier: {reason}")
 
     def fit(self, head: nn.Module, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
             class_weight: torch.Tensor | None = None) -> None:
@@ -150,7 +157,6 @@ class LogisticRegression(FittedHead):
         self.max_iter = int(max_iter)
         self.folds = int(folds)
         self.grid = tuple(sorted((float(v) for v in grid), reverse=True))  # strongest first: warm starts
-        self.fit_report: dict[str, Any] = {}
 
     def choose_l2(self, z: torch.Tensor, labels: torch.Tensor, num_classes: int,
                   class_weight: torch.Tensor | None = None) -> tuple[float, dict[str, Any]]:

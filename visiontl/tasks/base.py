@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl.backbones import LayerGroup, data_config, layer_groups
+from visiontl.data.preprocessing import Preprocessing
 from visiontl.speed import tune_allocator
 from visiontl.strategies import Strategy, get_strategy, no_weight_decay_names, set_trainable
 
@@ -55,6 +56,7 @@ class BaseTask(pl.LightningModule):
         self.hparams["strategy"] = self.strategy.to_config()  # plain data: safe checkpoints
         self.frozen_norms: set[str] = set()
         self.configure_models()
+        self.model = self.strategy.prepare(self.model)  # LoRA / adapters / prompts, before the groups
         self.groups: list[LayerGroup] = layer_groups(self.model)
         self.set_trainable_groups(self.strategy.initial_trainable(self.groups))
         self.configure_losses()
@@ -83,13 +85,17 @@ class BaseTask(pl.LightningModule):
         return list(self.strategy.callbacks())
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """The run report, the task's callbacks, checkpoints (when the Trainer checkpoints) and the
+        """In this order: the set-up link with the datamodule (:class:`~visiontl.tasks.link.DataLink`),
+        feature caching and head fitting (:class:`~visiontl.features.CachedFeatures`), the run
+        report, the task's callbacks, checkpoints (when the Trainer checkpoints) and the
         learning-rate monitor (when it logs)."""
         from pytorch_lightning.callbacks import LearningRateMonitor
 
+        from visiontl.features import CachedFeatures
         from visiontl.run import RunReport
+        from visiontl.tasks.link import DataLink
 
-        callbacks: list[pl.Callback] = [RunReport(), *self.task_callbacks()]
+        callbacks: list[pl.Callback] = [DataLink(), CachedFeatures(), RunReport(), *self.task_callbacks()]
         trainer = self._trainer
         if trainer is None or trainer.checkpoint_callback is not None:
             callbacks[:0] = self.checkpoint_callbacks()
@@ -111,21 +117,39 @@ class BaseTask(pl.LightningModule):
                 self.model.get_submodule(name).eval()
         return self
 
+    # -- preprocessing (see visiontl.data.preprocessing for the direction of flow) ---------------
+    def backbone_preprocessing(self) -> Preprocessing:
+        """The backbone's own input convention (timm's pretrained config of the model as built:
+        its input channels and size), with the overrides given to the task (``input_size``,
+        ``mean``, ``std``, ``crop_pct``, ``interpolation``) on top."""
+        pre = Preprocessing.from_timm(data_config(self.model))
+        hp = self.hparams
+        changes: dict[str, Any] = {}
+        if hp.get("input_size"):
+            changes["size"] = int(hp["input_size"])
+        if hp.get("mean") and hp.get("std"):
+            changes.update(mean=tuple(hp["mean"]), std=tuple(hp["std"]), normalization="given")
+        for key in ("crop_pct", "interpolation"):
+            if hp.get(key) is not None:
+                changes[key] = hp[key]
+        return pre.replace(**changes) if changes else pre
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the model sees: the resolved preprocessing recorded by :meth:`set_preprocessing`
+        (and carried by the checkpoint), else the backbone's."""
+        recorded = self.hparams.get("preprocessing")
+        return Preprocessing.from_dict(recorded) if recorded else self.backbone_preprocessing()
+
+    def set_preprocessing(self, pre: Preprocessing) -> None:
+        """Record the resolved preprocessing (the datamodule's, given by
+        :class:`~visiontl.tasks.link.DataLink` at set-up): export and predict read it back."""
+        self.hparams["preprocessing"] = pre.to_dict()
+
     @property
     def data_config(self) -> dict[str, Any]:
-        """The preprocessing the model was trained with: the backbone's (timm) unless the run set
-        its own input size / mean / std (recorded in the hyper-parameters by ``setup``)."""
-        cfg = data_config(self.model)
-        size = self.hparams.get("input_size")
-        if size:
-            cfg["input_size"] = (cfg["input_size"][0], int(size), int(size))
-        for key in ("mean", "std"):
-            if self.hparams.get(key):
-                cfg[key] = tuple(float(v) for v in self.hparams[key])
-        for key in ("crop_pct", "interpolation"):
-            if self.hparams.get(key) is not None:
-                cfg[key] = self.hparams[key]
-        return cfg
+        """:attr:`preprocessing` as a timm data config (``input_size`` (C, H, W), ``mean``...)."""
+        return self.preprocessing.timm_config()
 
     def strategy_report(self) -> dict[str, Any]:
         """Strategy, trainable / total parameters and each group's learning rate."""

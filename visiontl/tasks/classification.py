@@ -6,12 +6,10 @@ import inspect
 import os
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -22,15 +20,12 @@ from torchmetrics.classification import (
     MulticlassSpecificity,
 )
 
-from visiontl.backbones import classifier_names, create_backbone, layer_groups
+from visiontl.backbones import create_backbone, layer_groups
+from visiontl.data.preprocessing import Preprocessing
 from visiontl.features import (
-    FeatureCache,
     classify_features,
-    data_fingerprint,
-    extract_features,
     feature_width,
     supports_features,
-    weights_fingerprint,
 )
 from visiontl.speed import channels_last_input, is_cnn
 from visiontl.strategies import Strategy, StrategyError, get_strategy, replace_classifier
@@ -62,12 +57,15 @@ class ClassificationTask(BaseTask):
         channels_last: NHWC memory format (``None``: on for CNNs, where it trains faster on CPU;
             off for transformers).
         compile: run the model through ``torch.compile`` (pays off after ~100 steps here).
-        input_size: training input size, when not the backbone's (set from the datamodule).
-        mean: normalisation mean, when not the backbone's (set from the datamodule).
-        std: normalisation std, when not the backbone's (set from the datamodule).
-        crop_pct: evaluation centre-crop fraction (set from the datamodule; images smaller than
+        input_size: input size, when not the backbone's (a datamodule's ``image_size`` refines it).
+        mean: normalisation mean, when not the backbone's (with ``std``).
+        std: normalisation std, when not the backbone's (with ``mean``).
+        crop_pct: evaluation centre-crop fraction, when not the backbone's (images smaller than
             the input are never cropped, see :mod:`visiontl.data.geometry`).
-        interpolation: resize interpolation (set from the datamodule).
+        interpolation: resize interpolation, when not the backbone's.
+        preprocessing: the resolved :class:`~visiontl.data.Preprocessing` as a dict: recorded at
+            set-up from the datamodule (:class:`~visiontl.tasks.link.DataLink`) and given back by
+            checkpoints; export and predict read it.
         grad_clip: largest gradient norm for strategies that train the backbone (``None``: no
             clipping; a Trainer's own ``gradient_clip_val`` takes precedence).
         divergence_guard: watch for divergence and collapse and repair them
@@ -99,6 +97,7 @@ class ClassificationTask(BaseTask):
         std: list[float] | None = None,
         crop_pct: float | None = None,
         interpolation: str | None = None,
+        preprocessing: dict[str, Any] | None = None,
         grad_clip: float | None = 1.0,
         divergence_guard: bool = True,
         last_every_n_steps: int | None = 50,
@@ -134,8 +133,9 @@ class ClassificationTask(BaseTask):
             converter=hp["converter"],
             drop_rate=hp["drop_rate"],
         )
-        if hp["input_size"]:
-            self._fit_input_size(int(hp["input_size"]))
+        size = (hp.get("preprocessing") or {}).get("size") or hp["input_size"]
+        if size:
+            self._fit_input_size(int(size))
         self.channels_last = is_cnn(self.model) if hp["channels_last"] is None else bool(hp["channels_last"])
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -177,23 +177,23 @@ class ClassificationTask(BaseTask):
         self.test_confmat = MulticlassConfusionMatrix(k)
         self.last_confusion: dict[str, torch.Tensor] = {}
 
-    def setup(self, stage: str) -> None:
+    def set_preprocessing(self, pre: Preprocessing) -> None:
+        super().set_preprocessing(pre)
+        if self._fit_input_size(pre.size):
+            self.groups = layer_groups(self.model)  # the position embedding is a new parameter
+            self.set_trainable_groups(self.trainable_groups)
+
+    def set_class_counts(self, counts: list[int]) -> None:
+        """Training samples per class (from the datamodule, at set-up): ``class_weights='balanced'``
+        weighs each class by the inverse of its frequency."""
         if self.hparams["class_weights"] == "balanced":
-            counts = getattr(getattr(self.trainer, "datamodule", None), "class_counts", None)
-            if counts is None:
-                raise ValueError("class_weights='balanced' needs a datamodule with class_counts.")
             c = torch.tensor(counts, dtype=torch.float32).clamp(min=1)
             self.class_weight.copy_(c.sum() / (len(c) * c))
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "preprocessing"):
-            pre = dm.preprocessing()  # record what the model really sees: export and predict need it
-            self.hparams.update(input_size=int(pre["size"]), mean=list(pre["mean"]), std=list(pre["std"]),
-                                crop_pct=float(pre["crop_pct"]), interpolation=str(pre["interpolation"]))
-            if self._fit_input_size(int(pre["size"])):
-                self.groups = layer_groups(self.model)  # the position embedding is a new parameter
-                self.set_trainable_groups(self.trainable_groups)
-        if self.uses_feature_cache and dm is not None and hasattr(dm, "set_features"):
-            self._attach_features(dm)
+            self._counts_set = True
+
+    def setup(self, stage: str) -> None:
+        if self.hparams["class_weights"] == "balanced" and not getattr(self, "_counts_set", False):
+            raise ValueError("class_weights='balanced' needs a datamodule with class_counts.")
 
     def _fit_input_size(self, size: int) -> bool:
         """Resample a transformer's position embedding to the training size once (timm's
@@ -209,35 +209,6 @@ class ClassificationTask(BaseTask):
     def uses_feature_cache(self) -> bool:
         """Whether training reads cached backbone features (a frozen backbone and a timm head)."""
         return bool(self.strategy.cache_features) and supports_features(self.model)
-
-    def _features(self, dm: Any, split: str, views: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """The frozen backbone's pooled features of ``split`` (and labels), from the cache or computed
-        into it; ``views > 1`` gives that many augmented views of each training image."""
-        augmented = split == "train" and views > 1
-        source = dm.feature_source(split, augmented=augmented)
-        cache = FeatureCache()
-        key = cache.key({
-            "backbone": self.hparams["backbone"],
-            "weights": weights_fingerprint(self.model, exclude_prefixes=classifier_names(self.model)),
-            "in_chans": source.in_chans, "transform": repr(source.transform), "pixels": source.source_tag,
-            "views": views if augmented else 1, "seed": dm.seed if augmented else None,
-            "data": data_fingerprint([p for p, _ in source.items]),
-            **({"frames": source.frame_key} if getattr(source, "frame_key", "") else {}),
-        })
-        entry, hit = cache.get_or_compute(
-            key,
-            lambda: extract_features(self.model, source, batch_size=32, views=views if augmented else 1,
-                                     desc=f"Extracting {split} features"),
-            info={"backbone": self.hparams["backbone"], "split": split, "images": len(source)},
-        )
-        rank_zero_info(f"[visiontl] {split} features {'loaded from' if hit else 'cached in'} {entry.path}")
-        return entry.features, entry.labels
-
-    def _attach_features(self, dm: Any) -> None:
-        """Compute (or load) features for every labelled split and hand them to the datamodule."""
-        for split in ("train", "val", "test"):
-            if split in dm.datasets:
-                dm.set_features(split, *self._features(dm, split, int(self.strategy.views)))
 
     def checkpoint_callbacks(self) -> list[Callback]:
         # best.ckpt by the monitored metric; last.ckpt, always the latest state, by LastCheckpoint
@@ -255,45 +226,6 @@ class ClassificationTask(BaseTask):
     # -- steps ----------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.hparams["label_smoothing"])
-
-    def on_fit_start(self) -> None:
-        fitter = self.strategy.head_fitter()
-        if fitter is not None and not self.trainer.ckpt_path:  # a resumed run keeps its trained head
-            self._fit_head(fitter)
-        super().on_fit_start()
-
-    def _fit_head(self, fitter: Any) -> None:
-        """Fit a head on the frozen backbone's training features before any gradient step: the
-        whole training of the fitted-head strategies, the "LP" of LP-FT for ``gradual``."""
-        dm = getattr(self.trainer, "datamodule", None)
-        train = getattr(dm, "datasets", {}).get("train")
-        if isinstance(getattr(train, "features", None), np.ndarray):
-            features, labels = train.features, train.labels
-        elif self.strategy.sgd and hasattr(dm, "feature_source") and supports_features(self.model):
-            features, labels = self._features(dm, "train")
-        elif self.strategy.sgd:  # LP-FT needs pooled features: fall back to an SGD head epoch
-            rank_zero_warn(f"[visiontl] {self.hparams['backbone']} (or this datamodule) gives no pooled features "
-                           f"to fit a head on; the head trains alone by SGD for the first epoch instead.")
-            self.strategy.head, self.strategy.head_epochs = "sgd", 1
-            return
-        else:
-            raise StrategyError(
-                f"Strategy {self.strategy.name!r} fits its head on cached features, which need a visiontl "
-                f"datamodule and a timm backbone with one classifier ({self.hparams['backbone']})."
-            )
-        head = self.model.get_classifier()
-        fitter.fit(head, torch.from_numpy(np.array(features, dtype=np.float32)),  # a writable copy
-                   torch.from_numpy(np.asarray(labels)).long(), self.hparams["num_classes"],
-                   class_weight=self.class_weight if self.hparams["class_weights"] else None)
-        message = f"[visiontl] {fitter.name} head fitted on {len(labels)} training features"
-        if self.strategy.sgd and "val" in getattr(dm, "splits", {}):  # LP-FT: what the head alone scores
-            val_features, val_labels = self._features(dm, "val")
-            with torch.no_grad():
-                predicted = head(torch.from_numpy(np.array(val_features, dtype=np.float32))).argmax(1).numpy()
-            val_acc = float((predicted == np.asarray(val_labels)).mean())
-            getattr(fitter, "fit_report", {})["val_acc"] = round(val_acc, 4)
-            message += f" (val_acc {val_acc:.3f}); fine-tuning starts from it"
-        rank_zero_info(message)
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()

@@ -105,7 +105,7 @@ class DivergenceGuard(Callback):
 
     # -- hooks --------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fitted = getattr(getattr(pl_module, "strategy", None), "head_fitter", lambda: None)() is not None
+        fitted = bool(getattr(getattr(pl_module, "strategy", None), "fits_head", False))
         self._snapshot(trainer, pl_module, healthy=fitted)  # after a fitted head (LP-FT): known good
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

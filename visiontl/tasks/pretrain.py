@@ -35,6 +35,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl import _io
 from visiontl.backbones import create_backbone
+from visiontl.data.preprocessing import Preprocessing
 from visiontl.features import feature_width, pooled_features
 from visiontl.tasks.base import BaseTask
 
@@ -160,11 +161,10 @@ class ContinuedPretraining(BaseTask):
         self.criterion = (NTXentLoss(temperature=self.hparams["temperature"]) if method == "simclr"
                           else NegativeCosineSimilarity() if method == "byol" else torch.nn.MSELoss())
 
-    def setup(self, stage: str) -> None:
+    def set_preprocessing(self, pre: Preprocessing) -> None:
         """Refuse a view size a ViT cannot take: a fixed-size one (its position embedding would not
         load back) or MAE's, whose decoder is built for the model's own patch grid."""
-        pre = getattr(getattr(self.trainer, "datamodule", None), "preprocessing", None)
-        size = pre.get("size") if isinstance(pre, dict) else None  # an UnlabelledDataModule's, once set up
+        size = pre.size
         native = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
         fixed = self.hparams["method"] == "mae" or not getattr(self.model, "dynamic_img_size", False)
         if size and native and fixed and tuple(native) != (size, size):
@@ -172,6 +172,7 @@ class ContinuedPretraining(BaseTask):
                 f"{self.hparams['backbone']} takes {native[0]} px images and its position embedding is saved at that "
                 f"size; the data gives {size} px views. Set the data's image_size to {native[0]} (or leave it unset)."
             )
+        super().set_preprocessing(pre)
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         groups = super().optimizer_groups()

@@ -1,0 +1,32 @@
+"""The one place where a task and its datamodule meet, at set-up (:class:`DataLink`).
+
+Lightning calls the datamodule's ``setup``, then the callbacks' ``setup``, then the task's. In
+between, :class:`DataLink` hands the backbone's :class:`~visiontl.data.Preprocessing` to the
+datamodule, which refines it from the data (:mod:`visiontl.data.preprocessing` draws the flow), and
+gives the resolved one and the training class counts to the task. Then, for strategies that read
+cached features or fit a head on them, :class:`CachedFeatures` (:mod:`visiontl.features`) does its
+work. Neither side imports or inspects the other: a datamodule only needs ``resolve_preprocessing``
+(and ``class_counts`` for balanced class weights); a task only ``backbone_preprocessing`` and
+``set_preprocessing``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+
+__all__ = ["DataLink"]
+
+
+class DataLink(pl.Callback):
+    """Resolve preprocessing once per set-up: backbone -> datamodule -> task."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        dm: Any = trainer.datamodule
+        if dm is None or not hasattr(dm, "resolve_preprocessing"):
+            return  # plain dataloaders: the task keeps the backbone's preprocessing
+        pl_module.set_preprocessing(dm.resolve_preprocessing(pl_module.backbone_preprocessing()))
+        counts = getattr(dm, "class_counts", None)
+        if counts is not None and hasattr(pl_module, "set_class_counts"):
+            pl_module.set_class_counts(counts)
