@@ -374,3 +374,11 @@ def test_export_leaves_the_callers_task_as_it_was(run, tmp_path: Path) -> None:
     assert task.training and task.model.training
     conv = next(m for m in task.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_predictor_reads_the_preprocessing_training_resolved(run, tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    export_onnx(run.run_dir, model)
+    predictor = Predictor(model)
+    assert predictor.preprocessing == run.task.preprocessing == run.datamodule.preprocessing
+    assert predictor.size == (predictor.preprocessing.size,) * 2 and predictor.channels == predictor.preprocessing.in_chans

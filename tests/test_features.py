@@ -12,7 +12,8 @@ import torch
 
 from data import make_folder
 from visiontl.data import FolderDataModule
-from visiontl.features import FeatureCache, classify_features, pooled_features, supports_features
+from visiontl.cache import ArrayCache
+from visiontl.features import classify_features, pooled_features, supports_features
 from visiontl.strategies import Probe
 from visiontl.tasks import ClassificationTask
 
@@ -98,12 +99,12 @@ def test_cache_hit_miss_and_invalidation(tmp_path: Path) -> None:
 
 
 def test_corrupt_or_half_written_entries_are_rebuilt(tmp_path: Path) -> None:
-    cache = FeatureCache(tmp_path / "cache")
+    cache = ArrayCache(tmp_path / "cache")
     feats = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
     labels = np.arange(10) % 2
     key = cache.key({"x": 1})
-    entry, hit = cache.get_or_compute(key, lambda: (feats, labels))
-    assert not hit and np.array_equal(np.asarray(entry.features), feats)
+    entry, hit = cache.get_or_compute(key, lambda: {"features": feats, "labels": labels})
+    assert not hit and np.array_equal(np.asarray(entry["features"]), feats)
     assert cache.get_or_compute(key, lambda: pytest.fail("should hit"))[1]
     # flip bytes inside the features file: detected by the checksum, rebuilt
     path = entry.path / "features.npy"
@@ -111,8 +112,8 @@ def test_corrupt_or_half_written_entries_are_rebuilt(tmp_path: Path) -> None:
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
     calls = []
-    entry, hit = cache.get_or_compute(key, lambda: calls.append(1) or (feats, labels))
-    assert not hit and calls == [1] and np.array_equal(np.asarray(entry.features), feats)
+    entry, hit = cache.get_or_compute(key, lambda: calls.append(1) or {"features": feats, "labels": labels})
+    assert not hit and calls == [1] and np.array_equal(np.asarray(entry["features"]), feats)
     # a half-written entry (no meta.json) is not used either
     (entry.path / "meta.json").unlink()
     assert cache.load(key) is None and not entry.path.exists()
@@ -174,16 +175,16 @@ def test_onnxruntime_tolerance_is_absolute_plus_relative(monkeypatch: pytest.Mon
 _RACE = """
 import sys, time, random
 import numpy as np
-from visiontl.features import FeatureCache
-cache = FeatureCache(sys.argv[1])
+from visiontl.cache import ArrayCache
+cache = ArrayCache(sys.argv[1])
 random.seed(int(sys.argv[2]))
 for i in range(int(sys.argv[3])):
     key = f"k{i:03d}"
     def compute():
         time.sleep(random.random() * 0.01)  # widen the window between compute and publish
-        return np.full((50, 8), i, np.float32), np.arange(50)
+        return {"features": np.full((50, 8), i, np.float32), "labels": np.arange(50)}
     entry, _ = cache.get_or_compute(key, compute)
-    assert float(entry.features[0, 0]) == i and entry.features.shape == (50, 8), key
+    assert float(entry["features"][0, 0]) == i and entry["features"].shape == (50, 8), key
 print("ok")
 """
 
@@ -199,19 +200,19 @@ def test_cache_is_safe_when_processes_race_for_the_same_keys(tmp_path: Path) -> 
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in range(4)]
     results = [p.communicate() for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
-    cache = FeatureCache(tmp_path / "cache")
+    cache = ArrayCache(tmp_path / "cache")
     for i in range(40):
         entry = cache.load(f"k{i:03d}")
-        assert entry is not None and float(entry.features.max()) == float(entry.features.min()) == i
+        assert entry is not None and float(entry["features"].max()) == float(entry["features"].min()) == i
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temp or trash left
 
 
 @pytest.mark.parametrize("meta", ["null", "[]", '{"sha256": null}', "{", '{"sha256": {}, "shape": "x"}'])
 def test_unreadable_metadata_means_rebuild(tmp_path: Path, meta: str) -> None:
-    cache = FeatureCache(tmp_path)
-    cache.save("k", np.ones((3, 2), np.float32), np.arange(3))
+    cache = ArrayCache(tmp_path)
+    cache.save("k", {"features": np.ones((3, 2), np.float32), "labels": np.arange(3)})
     (tmp_path / "k" / "meta.json").write_text(meta)
     calls = []
-    entry, hit = cache.get_or_compute("k", lambda: calls.append(1) or (np.zeros((3, 2), np.float32), np.arange(3)))
-    assert not hit and calls == [1] and float(entry.features.sum()) == 0.0
+    entry, hit = cache.get_or_compute("k", lambda: calls.append(1) or {"features": np.zeros((3, 2), np.float32)})
+    assert not hit and calls == [1] and float(entry["features"].sum()) == 0.0
     assert cache.get_or_compute("k", lambda: 1 / 0)[1]  # rebuilt once, then a hit

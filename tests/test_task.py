@@ -109,3 +109,32 @@ def test_from_checkpoint_passes_back_every_init_argument_and_nothing_else(tmp_pa
     for key in ("label_smoothing", "drop_rate", "last_every_minutes", "grad_clip", "num_classes"):
         assert restored.hparams[key] == task.hparams[key], key
     assert "not_an_argument" not in restored.hparams
+
+
+def test_the_task_trains_from_plain_dataloaders_without_a_datamodule(shapes_root: Path, tmp_path: Path) -> None:
+    """Nothing in the task reaches into a datamodule: plain DataLoaders of image batches train it,
+    and gradual's LP-FT, with no pooled features to fit a head on, falls back to an SGD head epoch."""
+    from torch.utils.data import DataLoader
+
+    dm = FolderDataModule(str(shapes_root), image_size=32, num_workers=0)
+    dm.setup()
+    train = DataLoader(dm.datasets["train"], batch_size=8, shuffle=True)
+    val = DataLoader(dm.datasets["val"], batch_size=8)
+    task = ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy="gradual")
+    import pytorch_lightning as pl
+
+    pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               num_sanity_val_steps=0, default_root_dir=str(tmp_path)).fit(task, train, val)
+    assert task.strategy.head == "sgd" and task.strategy.head_epochs == 1  # the documented fallback
+    assert task.preprocessing == task.backbone_preprocessing()  # nothing resolved it: the backbone's
+
+
+def test_preprocessing_is_resolved_once_recorded_and_read_back(shapes_root: Path, tmp_path: Path) -> None:
+    run = fine_tune(shapes_root, backbone="test_resnet", strategy="probe", pretrained=False, image_size=40,
+                    steps=2, out=tmp_path, data_kwargs={"num_workers": 0, "augment": "satellite"},
+                    trainer_kwargs={"enable_progress_bar": False})
+    pre = run.task.preprocessing
+    assert pre == run.datamodule.preprocessing  # the datamodule's resolution, recorded by the task
+    assert pre.size == 40 and pre.crop_pct == 1.0 and pre.normalization == "backbone" and pre.bit_depth == 8
+    restored = ClassificationTask.from_checkpoint(run.run_dir / "checkpoints" / "last.ckpt")
+    assert restored.preprocessing == pre and restored.data_config["input_size"] == (3, 40, 40)

@@ -1,27 +1,22 @@
 """Backbone features computed once and cached on disk, shared by probe training and benchmarks.
 
 A frozen backbone gives the same features every epoch, so ``probe`` (and the training-free
-heads) compute them once, store them under ``<cache>/features/<key>/`` and train the head on them.
-The key covers everything the features depend on: the backbone and a hash of its weights, the
-transform (image size, normalisation, augmentation), the number of augmented views, the seed and
-the data (each file's path, size and modification time). Entries are written into a temporary
-folder and renamed into place; each carries a SHA-256 of its arrays, checked on load, so a
-corrupt or half-written entry is rebuilt, never used.
+heads) compute them once, store them in the array cache (:mod:`visiontl.cache`) under
+``<cache>/features/<key>/`` and train the head on them. The key covers everything the features
+depend on: the backbone and a hash of its weights, the transform (image size, normalisation,
+augmentation), the number of augmented views, the seed, the frames read and the data (each file's
+path, size and modification time). :class:`CachedFeatures` is the callback that does this for a
+run (and fits heads on the features), so the task never knows where its batches came from.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
-import shutil
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,12 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from visiontl._io import atomic_dir, default_cache_dir
+from visiontl._io import default_cache_dir
+from visiontl.cache import ArrayCache, data_fingerprint
 from visiontl.weights import classifier_names
 
 __all__ = [
-    "FeatureCache",
-    "FeatureSet",
     "choose_engine",
     "classify_features",
     "data_fingerprint",
@@ -91,19 +85,6 @@ def weights_fingerprint(model: nn.Module, exclude_prefixes: Sequence[str] = ()) 
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def data_fingerprint(paths: Sequence[str | os.PathLike[str]], content: bool = False) -> str:
-    """SHA-256 of a file list: path, size and mtime of each (or the bytes, with ``content``)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = os.stat(path)
-        digest.update(str(Path(path).resolve()).encode())
-        if content:
-            digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
-        else:
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
@@ -245,128 +226,13 @@ def extract_features(
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 
-@dataclass
-class FeatureSet:
-    """Cached features (memory-mapped) and their labels."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    key: str
-    path: Path
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-class FeatureCache:
-    """On-disk feature cache.
-
-    Args:
-        root: cache folder (default ``$VISIONTL_CACHE/features``, else ``~/.cache/visiontl/features``).
-    """
-
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        if root is None:
-            root = default_cache_dir() / "features"
-        self.root = Path(root)
-
-    @staticmethod
-    def key(parts: dict[str, Any]) -> str:
-        """A stable key from JSON-able parts."""
-        blob = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-    def load(self, key: str) -> FeatureSet | None:
-        """The entry for ``key`` if it is complete and intact; a damaged one is removed.
-
-        Entries appear only by an atomic rename of a finished folder, so any entry is either
-        complete or damaged on disk (bit rot, a foreign or edited file, unreadable metadata); a
-        damaged one is moved aside atomically and deleted, and ``None`` tells the caller to rebuild.
-        """
-        folder = self.root / key
-        if not folder.exists():
-            return None
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-            if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict):
-                raise ValueError(f"unreadable meta.json ({type(meta).__name__})")
-            for name in ("features", "labels"):
-                if _sha256(folder / f"{name}.npy") != meta["sha256"].get(name):
-                    raise ValueError(f"{name}.npy checksum mismatch")
-            feats = np.load(folder / "features.npy", mmap_mode="r")
-            labels = np.load(folder / "labels.npy")
-            if feats.shape != tuple(meta.get("shape") or ()) or len(labels) != feats.shape[0]:
-                raise ValueError("shape mismatch")
-        except FileNotFoundError:
-            if not folder.exists():  # another process replaced or removed it meanwhile
-                return None
-            self._discard(folder, "a file is missing")
-            return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            self._discard(folder, str(err))
-            return None
-        return FeatureSet(feats, labels, key, folder)
-
-    def _discard(self, folder: Path, reason: str) -> None:
-        """Move a damaged entry aside (atomic: readers see it or nothing), then delete it."""
-        log.warning("Feature cache entry %s is damaged (%s); rebuilding it.", folder, reason)
-        trash = self.root / f".{folder.name}.trash-{os.getpid()}-{time.monotonic_ns()}"
-        try:
-            os.replace(folder, trash)
-        except OSError:
-            return  # already moved or replaced by another process
-        shutil.rmtree(trash, ignore_errors=True)
-
-    def save(
-        self, key: str, features: np.ndarray, labels: np.ndarray, info: dict[str, Any] | None = None
-    ) -> FeatureSet:
-        """Write an entry atomically (temporary folder, then rename) and return it memory-mapped.
-
-        Safe under concurrent processes: when another process has published the same key first,
-        this one discards its copy and returns the winner's entry (same key, same content).
-        """
-        for _attempt in range(5):
-            # published only where the key is free: another process may have won the race (or a
-            # damaged entry sits there); load decides
-            with atomic_dir(self.root / key, replace=False) as tmp:
-                np.save(tmp / "features.npy", np.ascontiguousarray(features))
-                np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
-                meta = {
-                    "format": FORMAT_VERSION,
-                    "shape": list(features.shape),
-                    "sha256": {n: _sha256(tmp / f"{n}.npy") for n in ("features", "labels")},
-                    "info": info or {},
-                }
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-            loaded = self.load(key)  # ours or the winner's; None only if it was damaged and discarded
-            if loaded is not None:
-                return loaded
-        raise OSError(f"Could not publish feature cache entry {self.root / key} (another process keeps "
-                      f"replacing it, or the cache folder is not writable).")
-
-    def get_or_compute(
-        self, key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]], info: dict[str, Any] | None = None
-    ) -> tuple[FeatureSet, bool]:
-        """Return ``(entry, hit)``: the cached entry, or compute, store and return it."""
-        found = self.load(key)
-        if found is not None:
-            return found, True
-        features, labels = compute()
-        return self.save(key, features, labels, info), False
-
-
 def split_features(model: nn.Module, backbone: str, dm: Any, split: str,
                    views: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The frozen ``model``'s pooled features of a datamodule's ``split`` (and labels), from the
     cache or computed into it; ``views > 1`` gives that many augmented views of each training image."""
     augmented = split == "train" and views > 1
     source = dm.feature_source(split, augmented=augmented)
-    cache = FeatureCache()
+    cache = ArrayCache(default_cache_dir() / "features")
     key = cache.key({
         "backbone": backbone,
         "weights": weights_fingerprint(model, exclude_prefixes=classifier_names(model)),
@@ -375,14 +241,14 @@ def split_features(model: nn.Module, backbone: str, dm: Any, split: str,
         "data": data_fingerprint([p for p, _ in source.items]),
         **({"frames": source.frame_key} if getattr(source, "frame_key", "") else {}),
     })
-    entry, hit = cache.get_or_compute(
-        key,
-        lambda: extract_features(model, source, batch_size=32, views=views if augmented else 1,
-                                 desc=f"Extracting {split} features"),
-        info={"backbone": backbone, "split": split, "images": len(source)},
-    )
+    def compute() -> dict[str, np.ndarray]:
+        features, labels = extract_features(model, source, batch_size=32, views=views if augmented else 1,
+                                            desc=f"Extracting {split} features")
+        return {"features": features, "labels": labels}
+
+    entry, hit = cache.get_or_compute(key, compute, info={"backbone": backbone, "split": split, "images": len(source)})
     rank_zero_info(f"[visiontl] {split} features {'loaded from' if hit else 'cached in'} {entry.path}")
-    return entry.features, entry.labels
+    return entry["features"], entry["labels"]
 
 
 class CachedFeatures(pl.Callback):

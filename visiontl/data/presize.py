@@ -4,7 +4,7 @@ For datasets of large files (full-resolution X-rays, big tiles), decoding domina
 With ``presize=True`` on a datamodule, every image is decoded once, resized to a square of
 ``ceil(1.15 * image_size)`` pixels (room for random crops), stored as one memory-mapped uint8
 array per split under ``<cache>/presized/`` (keyed by the files' paths, sizes and mtimes, the
-size and the channels; checksummed and written atomically, like the feature cache) and read from
+size and the channels; :mod:`visiontl.cache`: checksummed and written atomically) and read from
 there by every later epoch and run. Values are stored on 8 bits: use it for 8-bit images.
 """
 
@@ -45,17 +45,15 @@ def presize(paths: Sequence[Path], image_size: int, in_chans: int, frames: Seque
             cache_root: Path | None = None) -> np.ndarray:
     """Return the pre-resized images of ``paths`` (uint8, N x S x S x C, memory-mapped); ``frames``:
     each path's frame of a multi-frame DICOM (see :func:`visiontl.data.images.expand_frames`)."""
-    from visiontl.features import FeatureCache, data_fingerprint
+    from visiontl.cache import ArrayCache, data_fingerprint
 
-    cache = FeatureCache(cache_root or default_cache_dir() / "presized")
+    cache = ArrayCache(cache_root or default_cache_dir() / "presized")
     side = presized_side(image_size)
     frames = list(frames) if frames is not None else ["error"] * len(paths)
     spec = {"kind": "presize", "side": side, "in_chans": in_chans, "data": data_fingerprint(paths)}
     if any(f != "error" for f in frames):
         spec["frames"] = hashlib.sha256(repr(frames).encode()).hexdigest()
     key = cache.key(spec)
-    entry, _ = cache.get_or_compute(
-        key, lambda: (_decode_all(paths, side, in_chans, frames), np.zeros(len(paths), dtype=np.int64)),
-        info={"images": len(paths), "side": side},
-    )
-    return entry.features
+    entry, _ = cache.get_or_compute(key, lambda: {"images": _decode_all(paths, side, in_chans, frames)},
+                                    info={"images": len(paths), "side": side})
+    return entry["images"]
