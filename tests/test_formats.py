@@ -8,11 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from visiontl.data import CsvDataModule, FolderDataModule, stratified_split
-from visiontl.data.images import DataError, ImageReadError, read_image, read_raw, scan_images
+from visiontl.data.images import (
+    DataError,
+    ImageReadError,
+    read_image,
+    read_raw,
+    scan_images,
+)
 from visiontl.data.stats import channel_stats, needs_dataset_stats
 
 
@@ -212,3 +219,30 @@ def test_setup_runs_the_cheap_data_check_and_stops_on_leakage(tmp_path: Path) ->
     ok.setup()
     assert ok.data_report is not None and not ok.data_report.errors
     assert ok.data_report.counts["train"] == {"mel": 2, "nv": 7} and sum(ok.data_report.counts["val"].values()) == 3
+
+
+def test_check_data_reads_a_csv_and_a_folder_exactly_as_the_datamodules_do(tmp_path: Path) -> None:
+    """One reader: check-data resolves HAM10000's id column (suffix, several image folders) like
+    CsvDataModule, and a root with val/ but no train/ is the same error for both."""
+    from visiontl.checkdata import check_data
+    from visiontl.cli import main
+
+    csv_path = _ham(tmp_path, missing=2)
+    kwargs = {"path_column": "image_id", "label_column": "dx", "suffix": ".jpg", "image_dirs": ["part_1", "part_2"]}
+    report = check_data(str(csv_path), progress=False, **kwargs)
+    unreadable = [f for f in report.errors if f.code == "unreadable"]
+    assert report.n_files == 12 and len(unreadable) == 1 and len(unreadable[0].items) == 2  # the 2 missing files
+    dm = CsvDataModule(str(csv_path), on_bad_image="skip", **kwargs)
+    assert len(dm.splits["train"]) + len(dm.splits["val"]) == 10  # the same 10 resolved files
+    assert main(["check-data", str(csv_path), "--path-column", "image_id", "--label-column", "dx", "--suffix", ".jpg",
+                 "--image-dirs", "part_1", "part_2", "--no-progress", "--json", str(tmp_path / "r.json")]) == 1
+
+    odd = tmp_path / "odd"
+    for split in ("val", "test"):
+        for label in ("a", "b"):
+            (odd / split / label).mkdir(parents=True)
+            Image.fromarray(np.zeros((8, 8), np.uint8)).save(odd / split / label / "x.png")
+    with pytest.raises(DataError, match=r"val and test folder\(s\) but no train/ folder"):
+        check_data(str(odd), progress=False)
+    with pytest.raises(DataError, match=r"val and test folder\(s\) but no train/ folder"):
+        FolderDataModule(str(odd)).splits

@@ -28,7 +28,6 @@ the datamodule decodes every file itself and applies its ``on_bad_image`` policy
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 from collections import Counter, defaultdict
@@ -41,10 +40,9 @@ import numpy as np
 from PIL import Image, ImageMode
 from tqdm.auto import tqdm
 
-from visiontl.data.formats import TIFF_EXTENSIONS, is_dicom
-from visiontl.data.formats import Frame
+from visiontl.data.formats import TIFF_EXTENSIONS, Frame, is_dicom
 from visiontl.data.images import DataError, ImageReadError, check_pixels, read_raw, scan_frame
-from visiontl.data.layout import SPLIT_DIRS, index_folder, split_folders
+from visiontl.data.layout import folder_splits, read_csv_rows
 
 __all__ = [
     "DataReport",
@@ -204,59 +202,24 @@ class _Entry:
     key: str
 
 
-def _canonical_split(name: str) -> str:
-    """``valid`` / ``validation`` -> ``val`` (the datamodules' folder names); empty -> ``train``."""
-    name = name.strip().lower()
-    if not name:
-        return "train"
-    return next((split for split, names in SPLIT_DIRS.items() if name in names), name)
-
-
-def _load_folder(root: Path) -> dict[str, list[tuple[Path, str]]]:
-    """A class-per-folder tree, or ``train/`` (+ ``val/``, ``test/``) folders of that form."""
-    found = split_folders(root)
-    if found["train"] is None:
-        others = [p.name for p in found.values() if p is not None]
-        if others:
-            raise DataError(
-                f"{root} has {' and '.join(others)} folder(s) but no train/ folder; add "
-                f"{root / 'train'}/<class>/ with the training images, or check a single split folder."
-            )
-        return {"train": index_folder(root)}
-    return {split: index_folder(folder) for split, folder in found.items() if folder is not None}
-
-
-def _load_csv(path: Path, path_column: str, label_column: str) -> tuple[dict[str, list[tuple[Path, str]]], list[str]]:
+def _load_csv(path: Path, path_column: str, label_column: str, suffix: str = "",
+              image_dirs: Sequence[str] = (), root: str | os.PathLike[str] | None = None,
+              ) -> tuple[dict[str, list[tuple[Path, str]]], list[str]]:
     """Rows of a CSV as splits (``split`` column, else all ``train``), plus the unusable rows."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"{path} is not a readable CSV file ({err}).") from err
-    missing = [c for c in (path_column, label_column) if c not in columns]
-    if missing:
-        raise DataError(
-            f"{path} has no column {', '.join(map(repr, missing))} (columns: {', '.join(columns) or 'none'}); "
-            f"name the columns with --path-column / --label-column."
-        )
-    if not rows:
-        raise DataError(f"CSV file {path} has no rows.")
+    rows = read_csv_rows(path, path_column, label_column, root, suffix, image_dirs,
+                         columns_hint="name the columns with --path-column / --label-column")
     splits: dict[str, list[tuple[Path, str]]] = {}
     bad: list[str] = []
-    for line, row in enumerate(rows, start=2):
-        value, label = (row.get(path_column) or "").strip(), (row.get(label_column) or "").strip()
-        if not value or not label:
-            bad.append(f"line {line}: empty {path_column if not value else label_column!r} value")
+    for row in rows:
+        if row.path is None or not row.label:
+            bad.append(f"line {row.line}: empty {path_column if row.path is None else label_column!r} value")
             continue
-        file = Path(value).expanduser()
-        split = _canonical_split(row.get("split") or "")
-        splits.setdefault(split, []).append((file if file.is_absolute() else path.parent / file, label))
+        splits.setdefault(row.split, []).append((row.path, row.label))
     return splits, bad
 
 
-def _load(source: Source, path_column: str, label_column: str) -> tuple[list[_Entry], Path | None, list[str]]:
+def _load(source: Source, path_column: str, label_column: str, suffix: str = "", image_dirs: Sequence[str] = (),
+          root: str | os.PathLike[str] | None = None) -> tuple[list[_Entry], Path | None, list[str]]:
     """Entries of ``source``, the folder to show paths relative to, and unusable CSV rows."""
     bad: list[str] = []
     if isinstance(source, Mapping):
@@ -270,9 +233,10 @@ def _load(source: Source, path_column: str, label_column: str) -> tuple[list[_En
                 f"train/ val/ test/ sub-folders of that form, or a CSV file of image paths and labels."
             )
         if path.is_dir():
-            splits, root = _load_folder(path), path
+            splits, root = folder_splits(path), path
         elif path.suffix.lower() == ".csv":
-            (splits, bad), root = _load_csv(path, path_column, label_column), path.parent
+            (splits, bad) = _load_csv(path, path_column, label_column, suffix, image_dirs, root)
+            root = Path(root).expanduser() if root else path.parent
         else:
             raise DataError(f"{path} is a file but not a CSV; give a dataset folder or a CSV of paths and labels.")
     entries = [_Entry(split, p, label, _file_key(p)) for split, items in splits.items() for p, label in items]
@@ -681,6 +645,9 @@ def check_data(
     progress: bool = True,
     max_pixels: int | None = None,
     frames: str = "error",
+    suffix: str = "",
+    image_dirs: Sequence[str] = (),
+    root: str | os.PathLike[str] | None = None,
 ) -> DataReport:
     """Check a dataset for unreadable files, mixed modes, tiny images, imbalance, duplicates and
     train / val / test leakage (see the module docstring).
@@ -700,6 +667,11 @@ def check_data(
             ``None``: :func:`visiontl.data.images.pixel_limit`.
         frames: multi-frame DICOMs: ``error`` reports them as unusable (the datamodules' default),
             ``middle`` / ``all`` check them by their middle frame.
+        suffix: appended to every CSV path value (``.jpg`` for an id column such as HAM10000's).
+        image_dirs: folders (relative to ``root``) searched in order for each CSV image.
+        root: folder CSV paths resolve against (default: the CSV's folder). The CSV is read by the
+            same code as :class:`~visiontl.data.CsvDataModule` (:func:`visiontl.data.layout.read_csv_rows`),
+            a folder laid out as :class:`~visiontl.data.FolderDataModule` expects.
 
     Returns:
         The report; ``report.errors`` is empty when the data is fit to train on.
@@ -707,7 +679,7 @@ def check_data(
     Raises:
         DataError: the source does not exist or is not a dataset (the message says what to give).
     """
-    entries, root, bad_rows = _load(source, path_column, label_column)
+    entries, root, bad_rows = _load(source, path_column, label_column, suffix, image_dirs, root)
     name = _Namer(root)
     files = {e.key: e.path for e in entries}
     infos, failed = _inspect(files, deep, progress, max_pixels, frames)

@@ -78,6 +78,10 @@ def _check_data(argv: Sequence[str]) -> int:
     parser.add_argument("path", help="class-per-folder tree, folder with train/ val/ test/, or a CSV file")
     parser.add_argument("--path-column", default="path", help="CSV column with image paths")
     parser.add_argument("--label-column", default="label", help="CSV column with class names")
+    parser.add_argument("--suffix", default="", help="appended to every CSV path value (e.g. .jpg for an id column)")
+    parser.add_argument("--image-dirs", nargs="*", default=[],
+                        help="folders (relative to --root) searched in order for each CSV image")
+    parser.add_argument("--root", help="folder CSV paths resolve against (default: the CSV's folder)")
     parser.add_argument("--min-size", type=int, default=32, help="report images with a side below this (px)")
     parser.add_argument("--max-imbalance", type=float, default=10.0, help="largest / smallest train class allowed")
     parser.add_argument("--near-threshold", type=int, default=4, help="dHash bits (of 64) for a near duplicate")
@@ -98,7 +102,8 @@ def _check_data(argv: Sequence[str]) -> int:
         report = check_data(args.path, path_column=args.path_column, label_column=args.label_column,
                             min_size=args.min_size, max_imbalance=args.max_imbalance,
                             near_threshold=args.near_threshold, deep=not args.fast, progress=not args.no_progress,
-                            max_pixels=args.max_pixels, frames=args.frames)
+                            max_pixels=args.max_pixels, frames=args.frames, suffix=args.suffix,
+                            image_dirs=args.image_dirs, root=args.root)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

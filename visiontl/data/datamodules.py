@@ -7,13 +7,12 @@ Preprocessing comes from the backbone (``task.data_config``) unless given here.
 
 from __future__ import annotations
 
-import csv
 import logging
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +26,7 @@ from visiontl.data.images import (
     read_image,
     to_channels,
 )
-from visiontl.data.layout import Sample, index_folder, list_images, split_folders
+from visiontl.data.layout import Sample, folder_splits, index_folder, list_images, read_csv_rows
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.presize import presize
 from visiontl.data.sampling import EpochBatchSampler, EpochSampler, sample_seed
@@ -189,35 +188,14 @@ class ClassificationDataModule(ImageDataModule):
         seed: seed of that split, of the data order and of the augmentation.
         presize: decode and resize every image once to uint8 at about the training size and
             read that cache afterwards (:mod:`visiontl.data.presize`; for large 8-bit files).
-        frames: multi-frame DICOMs: ``error``, ``middle`` or ``all`` (every frame a sample; a
-            file's frames stay on one side of a validation split; per-frame rescale and window
-            are applied).
         **kwargs: the image settings of :class:`~visiontl.data.base.ImageDataModule`
             (``batch_size``, ``num_workers``, ``image_size``, ``augment``, ``on_bad_image``,
-            ``mean``, ``std``, ``normalize``, ``in_chans``, ``check_images``, ``max_pixels``).
+            ``mean``, ``std``, ``normalize``, ``in_chans``, ``check_images``, ``max_pixels``,
+            ``frames``: with ``all``, a file's frames stay on one side of a validation split).
     """
 
-    def __init__(
-        self,
-        batch_size: int | None = None,
-        num_workers: int | None = None,
-        image_size: int | None = None,
-        augment: str = "natural",
-        val_fraction: float = 0.2,
-        seed: int = 0,
-        on_bad_image: Literal["error", "skip"] = "error",
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        normalize: Literal["auto", "backbone", "dataset"] = "auto",
-        in_chans: int | None = None,
-        check_images: bool = True,
-        presize: bool = False,
-        max_pixels: int | None = None,
-        frames: Literal["error", "middle", "all"] = "error",
-    ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, augment=augment,
-                         on_bad_image=on_bad_image, mean=mean, std=std, normalize=normalize, in_chans=in_chans,
-                         check_images=check_images, max_pixels=max_pixels, frames=frames)
+    def __init__(self, val_fraction: float = 0.2, seed: int = 0, presize: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.presize = presize
         self.val_fraction = val_fraction
         self.seed = seed
@@ -456,14 +434,10 @@ class FolderDataModule(ClassificationDataModule):
         self.val_root, self.test_root, self.predict_root = val_root, test_root, predict_root
 
     def load_splits(self) -> dict[str, list[Sample]]:
-        root = Path(self.root).expanduser()
-        found = split_folders(root)
-        splits: dict[str, list[Sample]] = {}
-        splits["train"] = index_folder(found["train"] or root)
+        splits = folder_splits(self.root)
         for split, given in (("val", self.val_root), ("test", self.test_root)):
-            folder = given or (found[split] if found["train"] else None)
-            if folder is not None:
-                splits[split] = index_folder(folder)
+            if given:
+                splits[split] = index_folder(given)
         if self.predict_root:
             splits["predict"] = [(p, "") for p in list_images(self.predict_root, "predict_root")]
         return splits
@@ -514,48 +488,26 @@ class CsvDataModule(ClassificationDataModule):
         """Image -> ``group_column`` value (filled while the CSVs are read), or None without one."""
         return self._groups if self.group_column is not None else None
 
-    def _locate(self, base: Path, value: str) -> Path:
-        name = value + self.suffix
-        for folder in self.image_dirs:
-            candidate = base / folder / name
-            if candidate.is_file():
-                return candidate
-        return base / (self.image_dirs[0] if self.image_dirs else "") / name
-
     def _read(self, csv_path: str) -> list[Sample]:
+        rows = read_csv_rows(csv_path, self.path_column, self.label_column, self.root, self.suffix, self.image_dirs,
+                             self.group_column)
         path = Path(csv_path).expanduser()
-        if not path.is_file():
-            raise DataError(f"CSV file {path} does not exist.")
-        base = Path(self.root).expanduser() if self.root else path.parent
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = reader.fieldnames or []
-            for col in (self.path_column, self.label_column, self.group_column):
-                if col is not None and col not in columns:
-                    raise DataError(
-                        f"{path} has no column {col!r} (columns: {', '.join(columns) or 'none'}); "
-                        f"set path_column / label_column / group_column."
-                    )
-            rows = list(reader)
-        if not rows:
-            raise DataError(f"CSV file {path} has no rows.")
         samples, missing = [], []
-        for line, row in enumerate(rows, start=2):
-            label = (row[self.label_column] or "").strip()
-            file = self._locate(base, (row[self.path_column] or "").strip())
-            if not label:
-                raise DataError(f"{path}, line {line}: empty label in column {self.label_column!r}.")
-            if not file.is_file():
-                missing.append((file, f"listed in {path.name} line {line} but missing"))
+        for row in rows:
+            if not row.label:
+                raise DataError(f"{path}, line {row.line}: empty label in column {self.label_column!r}.")
+            if row.path is None or not row.path.is_file():
+                missing.append((row.path or path, f"listed in {path.name} line {row.line} but missing"))
                 continue
             if self.group_column is not None:
-                self._groups[file] = (row[self.group_column] or "").strip() or str(file)
-            samples.append((file, label))
+                self._groups[row.path] = row.group or str(row.path)
+            samples.append((row.path, row.label))
         if missing and self.on_bad_image == "skip":
             self.skipped.extend(missing)
         elif missing:
             listing = "\n  ".join(f"{f} ({why})" for f, why in missing[:10])
             more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+            base = Path(self.root).expanduser() if self.root else path.parent
             where = f"{base}" + (f" (folders {', '.join(self.image_dirs)})" if self.image_dirs else "")
             raise DataError(
                 f"{path} lists {len(missing)} file(s) that do not exist:\n  {listing}{more}\n"

@@ -1,16 +1,21 @@
-"""Dataset layouts on disk: class-per-folder trees and ``train`` / ``val`` / ``test`` split folders.
+"""Dataset layouts on disk: class-per-folder trees, ``train`` / ``val`` / ``test`` split folders and
+CSV files of (path, label) rows; the one implementation behind the datamodules and ``check-data``.
 
 Torch-free (numpy and PIL only), so ``visiontl check-data`` starts without loading torch.
 """
 
 from __future__ import annotations
 
+import csv
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from visiontl.data.images import DataError, is_image_file
 
-__all__ = ["SPLIT_DIRS", "Sample", "index_folder", "list_images", "split_folders"]
+__all__ = ["SPLIT_DIRS", "CsvRow", "Sample", "canonical_split", "folder_splits", "index_folder", "list_images",
+           "read_csv_rows", "split_folders"]
 
 Sample = tuple[Path, str]
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -55,3 +60,101 @@ def index_folder(root: str | os.PathLike[str]) -> list[Sample]:
         files = list_images(folder, "Class folder", "add images or remove the folder")
         samples.extend((f, folder.name) for f in files)
     return samples
+
+
+def canonical_split(name: str) -> str:
+    """``valid`` / ``validation`` -> ``val`` (the split folder names); empty -> ``train``."""
+    name = name.strip().lower()
+    if not name:
+        return "train"
+    return next((split for split, names in SPLIT_DIRS.items() if name in names), name)
+
+
+def folder_splits(root: str | os.PathLike[str]) -> dict[str, list[Sample]]:
+    """The samples of a dataset folder: ``root/<class>/**`` (all training images), or
+    ``root/train|val|test/<class>/**``. A root with ``val/`` or ``test/`` but no ``train/`` is an
+    error (those names would otherwise become classes)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        index_folder(root)  # the errors for a missing path or a file
+    found = split_folders(root)
+    if found["train"] is None:
+        others = [p.name for p in found.values() if p is not None]
+        if others:
+            raise DataError(
+                f"{root} has {' and '.join(others)} folder(s) but no train/ folder; add "
+                f"{root / 'train'}/<class>/ with the training images, or point at a single split folder."
+            )
+        return {"train": index_folder(root)}
+    return {split: index_folder(folder) for split, folder in found.items() if folder is not None}
+
+
+@dataclass(frozen=True)
+class CsvRow:
+    """One data row of a dataset CSV: its line number, resolved image path (None when the path
+    value is empty), class name ("" when empty), split (``split`` column, else ``train``) and
+    group (``group_column``, else "")."""
+
+    line: int
+    path: Path | None
+    label: str
+    split: str
+    group: str
+
+
+def read_csv_rows(
+    csv_path: str | os.PathLike[str],
+    path_column: str = "path",
+    label_column: str = "label",
+    root: str | os.PathLike[str] | None = None,
+    suffix: str = "",
+    image_dirs: Sequence[str] = (),
+    group_column: str | None = None,
+    columns_hint: str = "set path_column / label_column / group_column",
+) -> list[CsvRow]:
+    """Read a dataset CSV (the datamodules' and ``check-data``'s one reader).
+
+    Path values are resolved against ``root`` (default: the CSV's folder), with ``suffix``
+    appended (for id columns such as HAM10000's ``image_id``) and searched in ``image_dirs`` in
+    order (data shipped in several parts); absolute paths stay as they are.
+
+    Raises:
+        DataError: the file is missing or not a readable CSV, a named column is absent, or it has
+            no rows (``columns_hint`` says how to name the columns).
+    """
+    path = Path(csv_path).expanduser()
+    if not path.is_file():
+        raise DataError(f"CSV file {path} does not exist.")
+    base = Path(root).expanduser() if root else path.parent
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path} is not a readable CSV file ({err}).") from err
+    missing = [c for c in (path_column, label_column, group_column) if c is not None and c not in columns]
+    if missing:
+        raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (columns: "
+                        f"{', '.join(columns) or 'none'}); {columns_hint}.")
+    if not rows:
+        raise DataError(f"CSV file {path} has no rows.")
+    out = []
+    for line, row in enumerate(rows, start=2):
+        value = (row.get(path_column) or "").strip()
+        file = _locate(base, value + suffix, image_dirs) if value else None
+        group = (row.get(group_column) or "").strip() if group_column else ""
+        out.append(CsvRow(line, file, (row.get(label_column) or "").strip(), canonical_split(row.get("split") or ""),
+                          group))
+    return out
+
+
+def _locate(base: Path, name: str, image_dirs: Sequence[str]) -> Path:
+    given = Path(name).expanduser()
+    if given.is_absolute():
+        return given
+    for folder in image_dirs:
+        candidate = base / folder / name
+        if candidate.is_file():
+            return candidate
+    return base / (image_dirs[0] if image_dirs else "") / name
