@@ -90,7 +90,7 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
         assert {"val_sensitivity", "val_specificity", "val_auroc", "val_balanced_acc"} <= names
     if recipe_path.stem == "eurosat-ms":  # 13 bands in, per-band statistics from the tiles
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-        mean = ckpt["hyper_parameters"]["mean"]
+        mean = ckpt["hyper_parameters"]["preprocessing"]["mean"]
         assert config["model"]["init_args"]["in_chans"] == 13 and len(mean) == 13
         assert max(mean) < 0.2  # 16-bit reflectances: far from ImageNet's 0.4-0.5
 

@@ -126,12 +126,16 @@ class Gradual(Discriminative):
 
 
 class GradualUnfreezing(pl.Callback):
-    """Applies :meth:`Gradual.trainable_at` at the start of every training epoch (a resumed one
-    too: the epoch is all it needs, so it keeps no state)."""
+    """Applies :meth:`Gradual.trainable_at` when training starts and at the start of every epoch
+    (the epoch is all it needs, so it keeps no state). Lightning does not call
+    ``on_train_epoch_start`` for an epoch resumed in its middle, hence ``on_train_start`` too."""
 
     def __init__(self, strategy: Gradual) -> None:
         super().__init__()
         self.strategy = strategy
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = int(trainer.current_epoch)

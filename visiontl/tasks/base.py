@@ -105,10 +105,16 @@ class BaseTask(pl.LightningModule):
 
     # -- freezing -------------------------------------------------------------------------------
     def set_trainable_groups(self, names: list[str]) -> None:
-        """Train exactly the named layer groups; everything else (and its statistics) is frozen."""
+        """Train exactly the named layer groups; everything else (and its statistics) is frozen.
+
+        The normalisation layers' modes follow at once (those of newly unfrozen groups train when
+        the task is training), so they are a function of the trainable set alone: a run resumed in
+        the middle of a gradual schedule is in exactly the state of an uninterrupted one."""
         self.frozen_norms = set_trainable(self.model, self.groups, names, self.strategy.train_bn,
                                           freeze_stats=self.strategy.bn_stats == "frozen")
         self.trainable_groups = list(names)
+        if self.training:
+            self.train(True)
 
     def train(self, mode: bool = True) -> BaseTask:
         super().train(mode)
