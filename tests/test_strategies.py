@@ -243,3 +243,43 @@ def test_to_config_names_the_defining_module_and_round_trips() -> None:
     assert type(rebuilt) is _Nested and rebuilt.lr == 0.02
     assert Full().to_config()["class_path"] == "visiontl.strategies.full.Full"
     assert type(get_strategy(Full().to_config(), trusted=False)) is Full  # registered: no import needed
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_bitfit_trains_only_biases_norm_affine_and_the_head(backbone: str, shapes_root, tmp_path) -> None:
+    from visiontl.strategies.bitfit import norm_affine_names
+
+    task = _task("bitfit", backbone)
+    norms = norm_affine_names(task.model)
+    head = {n for g in task.groups if g.name == "head" for n in g.param_names}
+    expected = {n for n, _ in task.model.named_parameters() if n.endswith(".bias") or n in norms} | head
+    assert {n for n, p in task.model.named_parameters() if p.requires_grad} == expected
+    report = task.strategy_report()
+    total = sum(p.numel() for p in task.model.parameters())
+    trainable = sum(p.numel() for n, p in task.model.named_parameters() if n in expected)
+    assert report["trainable_params"] == trainable < total * 0.25  # tiny test models have few weights per bias
+    before = _snapshot(task)
+    _fit(task, shapes_root, tmp_path, epochs=1)
+    changed = _changed(before, task) - {"pos_embed"}  # a ViT's position embedding is resampled to 32 px, not trained
+    weights = {n for n, _ in task.model.named_parameters()} - expected
+    assert weights and not changed & weights  # convolution / linear weights did not move
+    assert changed & (expected - head)  # biases and norms below the head did
+    running = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert not any(k in changed for k in running)  # BatchNorm statistics frozen (bn_stats="frozen")
+    grouped = {id(p) for g in task.optimizer_groups() for p in g["params"]}
+    assert grouped == {id(p) for n, p in task.model.named_parameters() if n in expected}
+
+
+def test_bitfit_by_name_through_fine_tune_and_export(shapes_root, tmp_path) -> None:
+    from visiontl import fine_tune
+    from visiontl.export import export_onnx
+
+    run = fine_tune(shapes_root, backbone="test_resnet", strategy={"name": "bitfit", "lr": 0.01}, pretrained=False,
+                    image_size=32, steps=6, out=tmp_path, data_kwargs={"num_workers": 0},
+                    trainer_kwargs={"enable_progress_bar": False})
+    import json
+
+    report = json.loads((run.run_dir / "strategy.json").read_text())
+    assert report["strategy"]["class_path"] == "visiontl.strategies.bitfit.BitFit"
+    assert 0 < report["trainable_params"] < report["total_params"]
+    assert export_onnx(run.run_dir, tmp_path / "m.onnx")["max_abs_logit_diff"] < 1e-3

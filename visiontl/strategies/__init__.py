@@ -1,7 +1,7 @@
 """The fine-tuning ladder: which parameters train and at what learning rate.
 
 Strategies are selected by name (``"probe"``, ``"partial"``, ``"full"``, ``"gradual"``,
-``"scratch"``, and the heads fitted on cached features ``"prototype"``, ``"knn"``,
+``"scratch"``, ``"bitfit"``, and the heads fitted on cached features ``"prototype"``, ``"knn"``,
 ``"logreg"``), by plain config (``{"name": "partial", "k": 3}``) or as objects
 (``Partial(k=3)``); in a recipe, ``strategy: partial`` or ``class_path`` / ``init_args``.
 """
@@ -22,6 +22,7 @@ from visiontl.strategies.base import (
     no_weight_decay_names,
     set_trainable,
 )
+from visiontl.strategies.bitfit import BitFit
 from visiontl.strategies.full import Full
 from visiontl.strategies.gradual import Gradual, GradualUnfreezing
 from visiontl.strategies.heads import KNN, FittedHead, KNNHead, LogisticRegression, Prototype, replace_classifier
@@ -31,6 +32,7 @@ from visiontl.strategies.scratch import Scratch
 
 __all__ = [
     "KNN",
+    "BitFit",
     "STRATEGIES",
     "Discriminative",
     "FittedHead",
@@ -66,7 +68,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _cls in (Probe, Partial, Full, Gradual, Scratch, Prototype, KNN, LogisticRegression):
+for _cls in (Probe, Partial, Full, Gradual, Scratch, BitFit, Prototype, KNN, LogisticRegression):
     register_strategy(_cls)
 
 

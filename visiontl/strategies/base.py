@@ -155,6 +155,11 @@ class Strategy:
         adapters, add prompt tokens); the default leaves it as it is."""
         return model
 
+    def trains(self, group: LayerGroup, name: str, param: nn.Parameter) -> bool:
+        """Whether a parameter of a group the plan trains really trains (every one by default;
+        ``bitfit`` keeps to biases and normalisation affine parameters below the head)."""
+        return True
+
     def merge(self, model: nn.Module) -> nn.Module:
         """A plain model computing the same function as a :meth:`prepare`-d one (LoRA folded into
         the weights), for export; called on a copy. The default returns it unchanged."""
@@ -181,7 +186,7 @@ class Strategy:
             return []
         out = []
         for group, plan in zip(groups, self.plan(groups)):
-            named = list(zip(group.param_names, group.params))
+            named = [(n, p) for n, p in zip(group.param_names, group.params) if plan.lr == 0 or self.trains(group, n, p)]
             lr = plan.lr
             if lr == 0 and self.train_bn and group.norm_modules:
                 named = [(n, p) for n, p in named if _is_norm_param(n, group)]
@@ -208,7 +213,8 @@ class Strategy:
         """A JSON-able summary: strategy config, trainable/total parameters, each group's LR."""
         plans = self.plan(groups)
         total = sum(g.numel for g in groups)
-        trainable = sum(p.numel for p in plans if p.lr > 0)  # at any point of the run
+        trainable = sum(p.numel() for g, plan in zip(groups, plans) if plan.lr > 0  # at any point of the run
+                        for n, p in zip(g.param_names, g.params) if self.trains(g, n, p))
         report = {
             "strategy": self.to_config(),
             "trainable_params": trainable,
@@ -273,7 +279,7 @@ def _is_norm_param(param_name: str, group: LayerGroup) -> bool:
 
 
 def set_trainable(model: nn.Module, groups: list[LayerGroup], names: list[str], train_bn: bool,
-                  freeze_stats: bool = False) -> set[str]:
+                  freeze_stats: bool = False, trains: Any = None) -> set[str]:
     """Set ``requires_grad`` per group and return the norm modules whose statistics stay frozen.
 
     Args:
@@ -282,6 +288,8 @@ def set_trainable(model: nn.Module, groups: list[LayerGroup], names: list[str], 
         names: groups that train now.
         train_bn: whether norm layers in frozen groups still train.
         freeze_stats: keep every norm layer in inference mode, training groups' too.
+        trains: ``(group, name, param) -> bool``: which parameters of a training group train
+            (:meth:`Strategy.trains`; default: all of them).
 
     Returns:
         Names of modules to keep in eval mode (running statistics frozen).
@@ -291,7 +299,8 @@ def set_trainable(model: nn.Module, groups: list[LayerGroup], names: list[str], 
     for group in groups:
         on = group.name in wanted
         for pname, param in zip(group.param_names, group.params):
-            param.requires_grad_(on or (train_bn and _is_norm_param(pname, group)))
+            selected = on and (trains is None or trains(group, pname, param))
+            param.requires_grad_(selected or (train_bn and _is_norm_param(pname, group)))
         if (not on and not train_bn) or freeze_stats:
             frozen_norms.update(group.norm_modules)
     for name in frozen_norms:

@@ -111,7 +111,7 @@ class BaseTask(pl.LightningModule):
         the task is training), so they are a function of the trainable set alone: a run resumed in
         the middle of a gradual schedule is in exactly the state of an uninterrupted one."""
         self.frozen_norms = set_trainable(self.model, self.groups, names, self.strategy.train_bn,
-                                          freeze_stats=self.strategy.bn_stats == "frozen")
+                                          freeze_stats=self.strategy.bn_stats == "frozen", trains=self.strategy.trains)
         self.trainable_groups = list(names)
         if self.training:
             self.train(True)
