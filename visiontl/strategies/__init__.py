@@ -25,6 +25,7 @@ from visiontl.strategies.base import (
 from visiontl.strategies.bitfit import BitFit
 from visiontl.strategies.full import Full
 from visiontl.strategies.gradual import Gradual, GradualUnfreezing
+from visiontl.strategies.lora import Lora
 from visiontl.strategies.heads import KNN, FittedHead, KNNHead, LogisticRegression, Prototype, replace_classifier
 from visiontl.strategies.partial import Partial
 from visiontl.strategies.probe import Probe
@@ -37,6 +38,7 @@ __all__ = [
     "Discriminative",
     "FittedHead",
     "KNNHead",
+    "Lora",
     "LogisticRegression",
     "Prototype",
     "Full",
@@ -68,7 +70,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _cls in (Probe, Partial, Full, Gradual, Scratch, BitFit, Prototype, KNN, LogisticRegression):
+for _cls in (Probe, Partial, Full, Gradual, Scratch, BitFit, Lora, Prototype, KNN, LogisticRegression):
     register_strategy(_cls)
 
 
