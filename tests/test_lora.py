@@ -80,9 +80,10 @@ def test_merge_folds_the_updates_into_a_plain_model_with_the_same_logits(shapes_
                      out=tmp_path / "full", data_kwargs={"num_workers": 0},
                      trainer_kwargs={"enable_progress_bar": False})
     lora_onnx, full_onnx = tmp_path / "lora.onnx", tmp_path / "full.onnx"
-    report = export_onnx(run.run_dir, lora_onnx)
+    report = export_onnx(run.run_dir, lora_onnx, quantize="int8", min_agreement=0.0)
     export_onnx(full.run_dir, full_onnx)
     assert report["max_abs_logit_diff"] <= report["logit_tolerance"]
+    assert report["int8"]["method"].startswith("static QDQ") and Path(report["int8"]["path"]).is_file()  # int8 too
     assert abs(lora_onnx.stat().st_size - full_onnx.stat().st_size) < 0.02 * full_onnx.stat().st_size
     assert json.loads((run.run_dir / "strategy.json").read_text())["lora"]["r"] == 4
 
