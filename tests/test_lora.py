@@ -96,3 +96,11 @@ def test_lora_errors_name_the_problem() -> None:
         ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy={"name": "lora", "r": 64})
     with pytest.raises(StrategyError, match="r must be >= 1"):
         ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy={"name": "lora", "r": 0})
+
+
+def test_without_peft_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if the peft extra were not installed
+    with pytest.raises(StrategyError, match=r"pip install 'visiontl\[peft\]'"):
+        ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy="lora")
