@@ -22,6 +22,7 @@ from visiontl.strategies.base import (
     no_weight_decay_names,
     set_trainable,
 )
+from visiontl.strategies.adapter import Adapter
 from visiontl.strategies.bitfit import BitFit
 from visiontl.strategies.full import Full
 from visiontl.strategies.gradual import Gradual, GradualUnfreezing
@@ -33,6 +34,7 @@ from visiontl.strategies.scratch import Scratch
 
 __all__ = [
     "KNN",
+    "Adapter",
     "BitFit",
     "STRATEGIES",
     "Discriminative",
@@ -70,7 +72,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _cls in (Probe, Partial, Full, Gradual, Scratch, BitFit, Lora, Prototype, KNN, LogisticRegression):
+for _cls in (Probe, Partial, Full, Gradual, Scratch, BitFit, Lora, Adapter, Prototype, KNN, LogisticRegression):
     register_strategy(_cls)
 
 
