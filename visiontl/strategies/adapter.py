@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from visiontl.backbones import LayerGroup
-from visiontl.strategies.base import Discriminative, GroupPlan, StrategyError
+from visiontl.strategies.base import StrategyError
+from visiontl.strategies.full import Full
 
 __all__ = ["Adapter", "Bottleneck"]
 
@@ -47,7 +48,7 @@ def _after(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> 
     return output + module.adapter(output)
 
 
-class Adapter(Discriminative):
+class Adapter(Full):
     """Bottleneck adapters beside every transformer MLP, or after every CNN stage; head in full.
 
     Args:
@@ -102,9 +103,6 @@ class Adapter(Discriminative):
         if not self.attached:
             raise StrategyError(f"adapter: found no stage of {type(model).__name__} to attach adapters to.")
         return model
-
-    def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
-        return [GroupPlan(g.name, g.numel, lr, True) for g, lr in zip(groups, self.lrs(len(groups)))]
 
     def trains(self, group: LayerGroup, name: str, param: nn.Parameter) -> bool:
         return group.name == "head" or ".adapter." in name

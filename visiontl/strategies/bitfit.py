@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from visiontl.backbones import LayerGroup
-from visiontl.strategies.base import Discriminative, GroupPlan
+from visiontl.strategies.full import Full
 
 __all__ = ["BitFit", "norm_affine_names"]
 
@@ -31,7 +31,7 @@ def norm_affine_names(model: nn.Module) -> set[str]:
     return names
 
 
-class BitFit(Discriminative):
+class BitFit(Full):
     """Biases and normalisation affine parameters everywhere, plus the whole head.
 
     Args:
@@ -53,9 +53,6 @@ class BitFit(Discriminative):
     def prepare(self, model: nn.Module) -> nn.Module:
         self._norm_params = norm_affine_names(model)
         return model
-
-    def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
-        return [GroupPlan(g.name, g.numel, lr, True) for g, lr in zip(groups, self.lrs(len(groups)))]
 
     def trains(self, group: LayerGroup, name: str, param: nn.Parameter) -> bool:
         return group.name == "head" or name.endswith(".bias") or name in self._norm_params

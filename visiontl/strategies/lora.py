@@ -22,7 +22,8 @@ from typing import Any
 from torch import nn
 
 from visiontl.backbones import LayerGroup
-from visiontl.strategies.base import Discriminative, GroupPlan, StrategyError
+from visiontl.strategies.base import StrategyError
+from visiontl.strategies.full import Full
 
 __all__ = ["Lora", "lora_targets"]
 
@@ -79,7 +80,7 @@ def _layer_rank(module: nn.Module) -> int:
     return min(module.in_channels * k // module.groups, module.out_channels)
 
 
-class Lora(Discriminative):
+class Lora(Full):
     """Low-rank adaptation: frozen backbone weights, trainable rank-``r`` updates, a full head.
 
     Args:
@@ -127,9 +128,6 @@ class Lora(Discriminative):
         model = inject_adapter_in_model(config, model)
         self.wrapped = chosen
         return model
-
-    def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
-        return [GroupPlan(g.name, g.numel, lr, True) for g, lr in zip(groups, self.lrs(len(groups)))]
 
     def trains(self, group: LayerGroup, name: str, param: nn.Parameter) -> bool:
         return group.name == "head" or ".lora_" in name
