@@ -338,7 +338,9 @@ class ClassificationDataModule(ImageDataModule):
     def datasets(self) -> dict[str, Dataset]:
         """Dataset per split (images, or cached features after :meth:`set_features`)."""
         if self._datasets is None:
-            self.build_datasets(self.preprocessing)
+            pre = self.preprocessing  # resolving it for the first time builds them
+            if self._datasets is None:
+                self.build_datasets(pre)
         assert self._datasets is not None
         return self._datasets
 

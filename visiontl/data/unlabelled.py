@@ -130,7 +130,9 @@ class UnlabelledDataModule(ImageDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:
-            self.build_datasets(self.preprocessing)
+            pre = self.preprocessing  # resolving it for the first time builds the dataset
+            if self.dataset is None:
+                self.build_datasets(pre)
         assert self.dataset is not None
         batch = self.loader_batch_size(len(self.dataset), len(self.dataset), cap=64)
         workers = self.loader_workers()

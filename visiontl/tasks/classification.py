@@ -133,7 +133,8 @@ class ClassificationTask(BaseTask):
             converter=hp["converter"],
             drop_rate=hp["drop_rate"],
         )
-        size = (hp.get("preprocessing") or {}).get("size") or hp["input_size"]
+        recorded = hp.get("preprocessing")
+        size = (recorded.get("size") if isinstance(recorded, dict) else None) or hp["input_size"]
         if size:
             self._fit_input_size(int(size))
         self.channels_last = is_cnn(self.model) if hp["channels_last"] is None else bool(hp["channels_last"])
