@@ -292,7 +292,7 @@ class CachedFeatures(pl.Callback):
         head = model.get_classifier()
         weight = getattr(pl_module, "class_weight", None) if pl_module.hparams.get("class_weights") else None
         strategy.fit_head(head, torch.from_numpy(np.array(features, dtype=np.float32)),  # a writable copy
-                          torch.from_numpy(np.asarray(labels)).long(), int(pl_module.hparams["num_classes"]),
+                          torch.from_numpy(np.array(labels, dtype=np.int64)), int(pl_module.hparams["num_classes"]),
                           class_weight=weight)
         message = f"[visiontl] {strategy.name} head fitted on {len(labels)} training features"
         if strategy.sgd and "val" in getattr(dm, "splits", {}):
