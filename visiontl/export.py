@@ -62,8 +62,11 @@ class _Deployable(nn.Module):
         return logits, logits.softmax(dim=1)
 
 
-def load_task(source: str | os.PathLike[str]):
-    """A trained :class:`~visiontl.tasks.ClassificationTask` from a run directory or checkpoint."""
+def load_task(source: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None):
+    """A trained :class:`~visiontl.tasks.ClassificationTask` from a run directory, a checkpoint or
+    a PEFT checkpoint (``.peft.safetensors``, loaded onto its base weights, or onto ``weights``:
+    :func:`visiontl.delta.load_delta`)."""
+    from visiontl.delta import is_delta, load_delta
     from visiontl.tasks import ClassificationTask
 
     path = Path(source)
@@ -77,6 +80,10 @@ def load_task(source: str | os.PathLike[str]):
         path = found
     if not path.exists():
         raise ExportError(f"Checkpoint {path} does not exist.")
+    if path.suffix == ".safetensors" and is_delta(path):
+        return load_delta(path, weights=weights)
+    if weights is not None:
+        raise ExportError(f"weights= is for PEFT checkpoints (.peft.safetensors); {path} holds all its weights.")
     return ClassificationTask.from_checkpoint(path)
 
 
@@ -169,7 +176,9 @@ def export_onnx(
     """Export a trained classifier to ONNX, verify it, and write it atomically to ``out``.
 
     Args:
-        source: a run directory, a ``.ckpt`` file or a :class:`ClassificationTask`.
+        source: a run directory, a ``.ckpt`` file, a PEFT checkpoint (``.peft.safetensors``,
+            loaded onto the base weights it records, checked by SHA-256) or a
+            :class:`ClassificationTask`.
         out: target ``.onnx`` path.
         opset: ONNX opset (13-20).
         images: images to verify on (default: the run's validation images listed in its

@@ -1,7 +1,7 @@
 """The fine-tuning ladder: which parameters train and at what learning rate.
 
 Strategies are selected by name (``"probe"``, ``"partial"``, ``"full"``, ``"gradual"``,
-``"scratch"``, ``"bitfit"``, and the heads fitted on cached features ``"prototype"``, ``"knn"``,
+``"scratch"``, the parameter-efficient ``"bitfit"``, ``"lora"``, ``"adapter"``, ``"vpt"``, and the heads fitted on cached features ``"prototype"``, ``"knn"``,
 ``"logreg"``), by plain config (``{"name": "partial", "k": 3}``) or as objects
 (``Partial(k=3)``); in a recipe, ``strategy: partial`` or ``class_path`` / ``init_args``.
 """
@@ -31,6 +31,7 @@ from visiontl.strategies.heads import KNN, FittedHead, KNNHead, LogisticRegressi
 from visiontl.strategies.partial import Partial
 from visiontl.strategies.probe import Probe
 from visiontl.strategies.scratch import Scratch
+from visiontl.strategies.vpt import Vpt
 
 __all__ = [
     "KNN",
@@ -51,6 +52,7 @@ __all__ = [
     "Probe",
     "Scratch",
     "Strategy",
+    "Vpt",
     "StrategyError",
     "decays",
     "discriminative_lrs",
@@ -72,7 +74,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-for _cls in (Probe, Partial, Full, Gradual, Scratch, BitFit, Lora, Adapter, Prototype, KNN, LogisticRegression):
+for _cls in (Probe, Partial, Full, Gradual, Scratch, BitFit, Lora, Adapter, Vpt, Prototype, KNN, LogisticRegression):
     register_strategy(_cls)
 
 

@@ -62,6 +62,7 @@ class Adapter(Full):
     """
 
     name = "adapter"
+    peft = True
     default_lr = 3e-3
 
     def __init__(self, hidden: int | None = None, scale: float = 0.1, lr: float | None = None, decay: float = 1.0,

@@ -110,6 +110,9 @@ class Strategy:
     """Whether training reads cached backbone features instead of images (a frozen backbone)."""
     views: int = 1
     """Augmented views per training image in the feature cache."""
+    peft: ClassVar[bool] = False
+    """Whether it trains a small part of a frozen pretrained model (bitfit, lora, adapter, vpt):
+    runs then also write a PEFT checkpoint of the trained tensors alone (:mod:`visiontl.delta`)."""
     bn_stats: str = "update"
     """``update``: normalisation layers of training groups update their running statistics from
     each batch (PyTorch's default); ``frozen``: they stay in inference mode (statistics frozen, affine

@@ -43,6 +43,7 @@ class BitFit(Full):
     """
 
     name = "bitfit"
+    peft = True
     default_lr = 3e-3
 
     def __init__(self, lr: float | None = None, decay: float = 1.0, lr_range: tuple[float, float] | None = None,

@@ -3,7 +3,9 @@
 Targets are resolved from the model itself, per family, never from a hard-coded architecture:
 
 - transformers (ViT, DeiT, Swin, and ConvNeXt's MLPs): the ``Linear`` layers named ``qkv``,
-  ``proj``, ``fc1`` and ``fc2``;
+  ``proj``, ``fc1`` and ``fc2``; with ``qkv="qv"`` the fused ``qkv`` layer adapts its query and
+  value projections only (the original LoRA paper's choice): the key rows of its ``lora_B`` stay
+  at zero (their gradient is masked), so the key projection is exactly the pretrained one;
 - CNNs (ResNet, EfficientNet, MobileNet, RegNet...): every 1x1 and k x k convolution. Depthwise
   and grouped convolutions are left out (a rank-r update of a grouped kernel does not keep its
   group structure) and listed in the strategy report.
@@ -16,9 +18,11 @@ deployed graph is a plain timm model.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from visiontl.backbones import LayerGroup
@@ -88,6 +92,8 @@ class Lora(Full):
         alpha: scaling numerator (the update is ``alpha / r * B A``).
         dropout: dropout on the LoRA branch's input.
         targets: module names or regular expressions to wrap instead of the family rule.
+        qkv: ``all`` (query, key and value of a fused ``qkv`` layer adapt) or ``qv`` (query and
+            value only; the key projection stays the pretrained one).
         lr: learning rate of the head and the updates (``decay`` spreads it down the groups).
         decay: per-group decay going down from the head (default 1: one learning rate).
         lr_range: fastai-style ``(lr_min, lr_max)`` instead of ``decay``.
@@ -96,10 +102,11 @@ class Lora(Full):
     """
 
     name = "lora"
+    peft = True
     default_lr = 3e-3
 
     def __init__(self, r: int = 8, alpha: float | None = None, dropout: float = 0.0, targets: list[str] | None = None,
-                 lr: float | None = None, decay: float = 1.0, lr_range: tuple[float, float] | None = None,
+                 qkv: str = "all", lr: float | None = None, decay: float = 1.0, lr_range: tuple[float, float] | None = None,
                  train_bn: bool = False, bn_stats: str = "frozen") -> None:
         super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
         if int(r) < 1:
@@ -108,6 +115,10 @@ class Lora(Full):
             raise StrategyError(f"lora: dropout must be in [0, 1), got {dropout}.")
         self.r, self.alpha, self.dropout = int(r), float(alpha if alpha is not None else 2 * int(r)), float(dropout)
         self.targets = list(targets) if targets else None
+        if qkv not in ("all", "qv"):
+            raise StrategyError(f"lora: qkv must be 'all' or 'qv', got {qkv!r}.")
+        self.qkv = qkv
+        self.pinned = 0
         self.wrapped: list[str] = []
         self.skipped: list[str] = []
 
@@ -127,14 +138,36 @@ class Lora(Full):
                             bias="none")
         model = inject_adapter_in_model(config, model)
         self.wrapped = chosen
+        if self.qkv == "qv":
+            self._pin_keys(model)
         return model
+
+    def _pin_keys(self, model: nn.Module) -> None:
+        """Hold the key rows of every fused ``qkv`` layer's ``lora_B`` at zero (masked gradient)."""
+        from peft.tuners.lora import LoraLayer
+
+        fused = [(name, module) for name, module in model.named_modules()
+                 if isinstance(module, LoraLayer) and name.rsplit(".", 1)[-1] == "qkv"]
+        if not fused:
+            raise StrategyError("lora: qkv='qv' needs fused qkv layers among the targets (ViT, DeiT, Swin); "
+                                "this model has none.")
+        self.pinned = 0
+        for _, module in fused:
+            weight = module.lora_B["default"].weight
+            if weight.shape[0] % 3:
+                raise StrategyError(f"lora: qkv='qv': a fused qkv layer of {weight.shape[0]} outputs is not three "
+                                    f"equal projections.")
+            dim = weight.shape[0] // 3
+            weight.register_hook(functools.partial(_zero_rows, start=dim, stop=2 * dim))
+            self.pinned += dim * weight.shape[1]
 
     def trains(self, group: LayerGroup, name: str, param: nn.Parameter) -> bool:
         return group.name == "head" or ".lora_" in name
 
     def describe(self, groups: list[LayerGroup]) -> dict[str, Any]:
         report = super().describe(groups)
-        report["lora"] = {"r": self.r, "alpha": self.alpha, "wrapped": len(self.wrapped),
+        report["trainable_params"] -= self.pinned  # key rows held at zero
+        report["lora"] = {"r": self.r, "alpha": self.alpha, "qkv": self.qkv, "wrapped": len(self.wrapped),
                           "wrapped_modules": self.wrapped, "left_out": self.skipped}
         return report
 
@@ -151,3 +184,9 @@ class Lora(Full):
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, module.get_base_layer())
         return model
+
+
+def _zero_rows(grad: torch.Tensor, *, start: int, stop: int) -> torch.Tensor:
+    grad = grad.clone()
+    grad[start:stop] = 0
+    return grad

@@ -160,7 +160,8 @@ class BaseTask(pl.LightningModule):
     def strategy_report(self) -> dict[str, Any]:
         """Strategy, trainable / total parameters and each group's learning rate."""
         report = self.strategy.describe(self.groups)
-        report["trainable_now"] = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        report["trainable_now"] = (sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+                                   - getattr(self.strategy, "pinned", 0))  # LoRA's key rows, held at zero
         return report
 
     # -- optimisation ---------------------------------------------------------------------------

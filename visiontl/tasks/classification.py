@@ -22,6 +22,7 @@ from torchmetrics.classification import (
 
 from visiontl.backbones import create_backbone, layer_groups
 from visiontl.data.preprocessing import Preprocessing
+from visiontl.delta import DeltaCheckpoint, base_record
 from visiontl.features import (
     classify_features,
     feature_width,
@@ -133,6 +134,10 @@ class ClassificationTask(BaseTask):
             converter=hp["converter"],
             drop_rate=hp["drop_rate"],
         )
+        # what a PEFT checkpoint is checked against: the base weights as built, as loaded (before
+        # any resizing or training)
+        self.base_weights = (base_record(self.model, hp["backbone"], hp["weights"] if pretrained else None, pretrained)
+                             if self.strategy.peft else None)
         recorded = hp.get("preprocessing")
         size = (recorded.get("size") if isinstance(recorded, dict) else None) or hp["input_size"]
         if size:
@@ -215,7 +220,8 @@ class ClassificationTask(BaseTask):
         # best.ckpt by the monitored metric; last.ckpt, always the latest state, by LastCheckpoint
         best = ModelCheckpoint(filename="best", monitor=self.monitor, mode="max", save_last=False,
                                auto_insert_metric_name=False)
-        return [best, *super().checkpoint_callbacks()]
+        delta = [DeltaCheckpoint()] if self.strategy.peft else []
+        return [best, *super().checkpoint_callbacks(), *delta]
 
     def task_callbacks(self) -> list[Callback]:
         guard = [DivergenceGuard()] if self.strategy.sgd and self.hparams.get("divergence_guard", True) else []
@@ -300,7 +306,13 @@ class ClassificationTask(BaseTask):
                    if k.startswith(("val_", "target_")) and isinstance(v, torch.Tensor) and v.numel() == 1}
         confusion = self.last_confusion.get("val")
         checkpoint["visiontl"] = {"val_metrics": metrics,
-                                  "val_confusion": confusion.tolist() if confusion is not None else None}
+                                  "val_confusion": confusion.tolist() if confusion is not None else None,
+                                  "base_weights": self.base_weights}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = (checkpoint.get("visiontl") or {}).get("base_weights")
+        if isinstance(recorded, dict) and {"sha256", "source"} <= set(recorded):
+            self.base_weights = {"sha256": str(recorded["sha256"]), "source": str(recorded["source"])}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -346,6 +358,7 @@ class ClassificationTask(BaseTask):
         # the classifier network only: training-time modules (a domain discriminator...) stay behind
         task.load_state_dict({k: v for k, v in ckpt["state_dict"].items()
                               if k.startswith("model.") or k == "class_weight"})
+        task.on_load_checkpoint(ckpt)  # the base weights it was trained on, not the random ones rebuilt here
         return task.eval()
 
 
