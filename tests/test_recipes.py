@@ -52,7 +52,7 @@ def _common(recipe: dict, out: Path) -> list[str]:
     backbone = recipe["model"]["init_args"].get("backbone", "resnet18")
     masked = recipe["model"]["init_args"].get("method") == "mae"  # on the ViT's own patch grid (160 px for test_vit)
     return [
-        "--model.init_args.backbone", TINY.get(backbone, "test_resnet"),
+        "--model.init_args.backbone", TINY.get(backbone.split(".")[0], "test_resnet"),
         "--model.init_args.pretrained", "false",
         "--model.init_args.weights", "null",
         "--data.init_args.image_size", "null" if masked else "32",
@@ -85,6 +85,10 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
     strategy = json.loads((run / "strategy.json").read_text())
     assert strategy["total_params"] > strategy["groups"][-1]["numel"] > 0
     config = yaml.safe_load((run / "config.yaml").read_text())
+    strategy_class = str((recipe["model"]["init_args"].get("strategy") or {}).get("class_path", ""))
+    if strategy_class.rsplit(".", 1)[-1] in ("Lora", "Vpt", "Adapter", "BitFit"):  # what trained, alone
+        delta = run / "checkpoints" / "best.peft.safetensors"
+        assert delta.stat().st_size < 0.5 * (run / "checkpoints" / "best.ckpt").stat().st_size
     if recipe_path.parent.name == "medical":  # what clinicians read, per class
         names = {k.split("/")[0] for k in summary["final"]}
         assert {"val_sensitivity", "val_specificity", "val_auroc", "val_balanced_acc"} <= names
@@ -102,7 +106,7 @@ def _check_pretraining_run(run: Path, recipe: dict) -> None:
     for name in ("config.yaml", "metrics.csv", "metrics.json", "learning_curves.png", "backbone.safetensors",
                  "checkpoints/last.ckpt"):
         assert (run / name).exists(), name
-    backbone = TINY.get(recipe["model"]["init_args"]["backbone"], "test_resnet")
+    backbone = TINY.get(recipe["model"]["init_args"]["backbone"].split(".")[0], "test_resnet")
     task = ClassificationTask(backbone, num_classes=3, pretrained=False, weights=str(run / "backbone.safetensors"))
     report = task.model.visiontl_weights
     assert report["source"] == "file" and report["loaded"] > 10 and report["reinitialized"]  # all but the new head
