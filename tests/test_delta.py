@@ -38,7 +38,7 @@ def lora_run(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("delta")
     weights = _weights_file(work / "base.safetensors")
     run = fine_tune(shapes_root, backbone="test_resnet", strategy={"name": "lora", "r": 4, "lr": 0.05},
-                    weights=str(weights), image_size=32, steps=6, out=work / "runs", data_kwargs={"num_workers": 0},
+                    pretrained=False, weights=str(weights), image_size=32, steps=6, out=work / "runs", data_kwargs={"num_workers": 0},
                     trainer_kwargs={"enable_progress_bar": False})
     return run, weights, work
 
@@ -66,7 +66,8 @@ def test_peft_checkpoint_holds_what_trained_and_reloads_on_the_same_base(lora_ru
     assert report["max_abs_logit_diff"] <= report["logit_tolerance"]
 
 
-def test_peft_checkpoint_is_refused_on_other_base_weights(lora_run) -> None:
+def test_peft_checkpoint_is_refused_on_other_base_weights(lora_run, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     run, weights, work = lora_run
     delta = run.run_dir / "checkpoints" / "best.peft.safetensors"
     other = _weights_file(work / "other.safetensors", seed=1)
@@ -75,12 +76,17 @@ def test_peft_checkpoint_is_refused_on_other_base_weights(lora_run) -> None:
         load_delta(delta, weights=str(other))
     hashes = re.findall(r"sha256 ([0-9a-f]{64})", str(err.value))
     assert len(set(hashes)) == 2 and recorded in hashes and str(other) in str(err.value)
+    from visiontl.cli import main
+
+    assert main(["export", str(delta), "--out", str(tmp_path / "m.onnx"), "--weights", str(other)]) == 2
+    assert recorded in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
     moved = work / "moved.safetensors"
     weights.rename(moved)
     try:
         with pytest.raises(WeightsError, match=r"cannot be loaded here.*weights="):
             load_delta(delta)  # the recorded base is gone: say which it was and how to point to it
         assert load_delta(delta, weights=str(moved)).base_weights["sha256"] == recorded
+        assert main(["export", str(delta), "--out", str(tmp_path / "m.onnx"), "--weights", str(moved)]) == 0
     finally:
         moved.rename(weights)
 

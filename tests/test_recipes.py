@@ -99,6 +99,28 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
         assert max(mean) < 0.2  # 16-bit reflectances: far from ImageNet's 0.4-0.5
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["bitfit", "lora", "adapter", "vpt"])
+def test_parameter_efficient_strategies_run_from_the_command_line(strategy: str, shapes_root: Path,
+                                                                  tmp_path: Path) -> None:
+    """Each new rung by name through the CLI on the LoRA recipe (VPT on the test ViT), exported verified."""
+    pytest.importorskip("peft")
+    recipe_path = Path(__file__).parents[1] / "recipes" / "satellite" / "lora-relief.yaml"
+    recipe = yaml.safe_load(recipe_path.read_text())
+    runs = tmp_path / "runs"
+    args = ["fit", "--config", str(recipe_path), *_common(recipe, runs),
+            *_data_overrides(recipe_path, recipe, shapes_root, tmp_path), "--model.init_args.strategy", strategy]
+    if strategy == "vpt":
+        args += ["--model.init_args.backbone", "test_vit"]
+    assert main(args) == 0
+    (run,) = list(runs.glob("*/version_0"))
+    report = json.loads((run / "strategy.json").read_text())
+    assert report["strategy"]["class_path"].rsplit(".", 1)[-1].lower() == strategy
+    assert 0 < report["trainable_params"] < 0.5 * report["total_params"]
+    assert (run / "checkpoints" / "best.peft.safetensors").is_file()
+    assert main(["export", str(run), "--out", str(tmp_path / "model.onnx")]) == 0
+
+
 def _check_pretraining_run(run: Path, recipe: dict) -> None:
     """The adapted backbone is the product: it loads through ``weights:`` like any weights file."""
     from visiontl.tasks import ClassificationTask

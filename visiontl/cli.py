@@ -27,7 +27,7 @@ def _export(argv: Sequence[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="visiontl export", description="Export a run to a verified ONNX model.")
-    parser.add_argument("source", help="a run directory or a .ckpt checkpoint")
+    parser.add_argument("source", help="a run directory, a .ckpt checkpoint or a PEFT checkpoint (.peft.safetensors)")
     parser.add_argument("--out", required=True, help="target .onnx file (written only once verified)")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--images", nargs="*", help="images to verify on (default: the run's validation images)")
@@ -38,6 +38,8 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--quantize", choices=["int8"], help="also write <out>.int8.onnx if it agrees with float")
     parser.add_argument("--calibration-images", nargs="*", help="training images for int8 calibration")
     parser.add_argument("--min-agreement", type=float, default=0.99, help="int8 top-1 agreement needed")
+    parser.add_argument("--weights", help="base weights of a PEFT checkpoint, when not where it was trained "
+                                          "(checked by SHA-256)")
     args = parser.parse_args(argv)
     from visiontl.data.images import DataError
     from visiontl.export import ExportError, export_onnx
@@ -48,7 +50,7 @@ def _export(argv: Sequence[str]) -> int:
         report = export_onnx(args.source, args.out, opset=args.opset, images=args.images, atol=args.atol,
                              rtol=args.rtol, prob_atol=args.prob_atol,
                              quantize=args.quantize, calibration_images=args.calibration_images,
-                             min_agreement=args.min_agreement)
+                             min_agreement=args.min_agreement, weights=args.weights)
     except (ExportError, QuantizeError, WeightsError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

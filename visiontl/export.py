@@ -172,6 +172,7 @@ def export_onnx(
     quantize: str | None = None,
     calibration_images: list[str | os.PathLike[str]] | None = None,
     min_agreement: float = 0.99,
+    weights: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Export a trained classifier to ONNX, verify it, and write it atomically to ``out``.
 
@@ -191,6 +192,8 @@ def export_onnx(
             (:mod:`visiontl.quantize`); the float model stays the default artefact.
         calibration_images: training images for static int8 calibration (default: the run's).
         min_agreement: minimum top-1 agreement of the int8 model with the float one.
+        weights: the base weights of a PEFT checkpoint ``source`` when not at its recorded source
+            (a file or named source; their SHA-256 must match the recorded one).
 
     Returns:
         The report (also stored in the model's metadata): path, size, max difference, top-1
@@ -198,7 +201,7 @@ def export_onnx(
     """
     if not 13 <= opset <= 20:
         raise ExportError(f"Unsupported opset {opset}; use 13 to 20 (17 is well supported everywhere).")
-    task = source if isinstance(source, nn.Module) else load_task(source)
+    task = source if isinstance(source, nn.Module) else load_task(source, weights)
     pre = task.preprocessing  # what training resolved, read back from the checkpoint
     cfg = pre.timm_config()
     channels, height, width = cfg["input_size"]

@@ -125,18 +125,19 @@ class ClassificationTask(BaseTask):
     def configure_models(self) -> None:
         hp = self.hparams
         pretrained = hp["pretrained"] and self.strategy.uses_pretrained
+        weights = hp["weights"] if self.strategy.uses_pretrained else None  # loaded whatever `pretrained` says
         self.model = create_backbone(
             hp["backbone"],
             hp["num_classes"],
             pretrained=pretrained,
-            weights=hp["weights"] if self.strategy.uses_pretrained else None,
+            weights=weights,
             in_chans=hp["in_chans"],
             converter=hp["converter"],
             drop_rate=hp["drop_rate"],
         )
         # what a PEFT checkpoint is checked against: the base weights as built, as loaded (before
         # any resizing or training)
-        self.base_weights = (base_record(self.model, hp["backbone"], hp["weights"] if pretrained else None, pretrained)
+        self.base_weights = (base_record(self.model, hp["backbone"], weights, pretrained)
                              if self.strategy.peft else None)
         recorded = hp.get("preprocessing")
         size = (recorded.get("size") if isinstance(recorded, dict) else None) or hp["input_size"]
