@@ -38,7 +38,8 @@ def lora_run(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("delta")
     weights = _weights_file(work / "base.safetensors")
     run = fine_tune(shapes_root, backbone="test_resnet", strategy={"name": "lora", "r": 4, "lr": 0.05},
-                    pretrained=False, weights=str(weights), image_size=32, steps=6, out=work / "runs", data_kwargs={"num_workers": 0},
+                    pretrained=False, weights=str(weights), image_size=32, steps=6, out=work / "runs",
+                    data_kwargs={"num_workers": 0},
                     trainer_kwargs={"enable_progress_bar": False})
     return run, weights, work
 

@@ -104,3 +104,20 @@ def test_without_peft_the_error_says_what_to_install(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "peft", None)  # as if the peft extra were not installed
     with pytest.raises(StrategyError, match=r"pip install 'visiontl\[peft\]'"):
         ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy="lora")
+
+
+def test_train_bn_lets_the_batchnorm_layers_train_and_update(shapes_root: Path, tmp_path: Path) -> None:
+    task = ClassificationTask("test_resnet", num_classes=3, pretrained=False,
+                              strategy={"name": "lora", "r": 2, "lr": 0.01, "train_bn": True})
+    assert task.strategy.bn_stats == "update" and not task.frozen_norms
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    dm = FolderDataModule(str(shapes_root), image_size=32, num_workers=0, batch_size=8)
+    pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+               num_sanity_val_steps=0, default_root_dir=str(tmp_path)).fit(task, dm)
+    after = task.model.state_dict()
+    changed = {k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[k])}
+    assert "bn1.weight" in changed and "bn1.running_mean" in changed  # affine parameters and statistics
+    assert not [k for k in changed if k.endswith("conv1.base_layer.weight")]  # the convolutions stay
+    norms = sum(p.numel() for m in task.model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+    plain = ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy={"name": "lora", "r": 2})
+    assert task.strategy_report()["trainable_params"] == plain.strategy_report()["trainable_params"] + norms

@@ -28,7 +28,8 @@ from visiontl.weights import WeightsError, WeightsMismatchError, classifier_name
 if TYPE_CHECKING:
     from visiontl.tasks import ClassificationTask
 
-__all__ = ["FORMAT", "DeltaCheckpoint", "base_record", "delta_names", "is_delta", "load_delta", "read_delta_metadata", "save_delta"]
+__all__ = ["FORMAT", "DeltaCheckpoint", "base_record", "delta_names", "is_delta", "load_delta", "read_delta_metadata",
+           "save_delta"]
 
 FORMAT = "visiontl-peft/1"
 """The ``format`` entry of a PEFT checkpoint's metadata."""

@@ -1,7 +1,8 @@
 """The fine-tuning ladder: which parameters train and at what learning rate.
 
 Strategies are selected by name (``"probe"``, ``"partial"``, ``"full"``, ``"gradual"``,
-``"scratch"``, the parameter-efficient ``"bitfit"``, ``"lora"``, ``"adapter"``, ``"vpt"``, and the heads fitted on cached features ``"prototype"``, ``"knn"``,
+``"scratch"``, the parameter-efficient ``"bitfit"``, ``"lora"``, ``"adapter"``, ``"vpt"``, and the
+heads fitted on cached features ``"prototype"``, ``"knn"``,
 ``"logreg"``), by plain config (``{"name": "partial", "k": 3}``) or as objects
 (``Partial(k=3)``); in a recipe, ``strategy: partial`` or ``class_path`` / ``init_args``.
 """

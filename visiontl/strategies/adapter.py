@@ -57,8 +57,10 @@ class Adapter(Full):
         lr: learning rate of the head and the adapters.
         decay: per-group decay going down from the head (default 1: one learning rate).
         lr_range: fastai-style ``(lr_min, lr_max)`` instead of ``decay``.
-        train_bn: let the normalisation layers' affine parameters train too.
-        bn_stats: ``frozen`` (default: BatchNorm statistics do not move) or ``update``.
+        train_bn: let the normalisation layers train too (affine parameters, and running
+            statistics unless ``bn_stats="frozen"``).
+        bn_stats: ``frozen`` (the default without ``train_bn``: BatchNorm statistics do not move)
+            or ``update`` (the default with ``train_bn``).
     """
 
     name = "adapter"
@@ -66,7 +68,8 @@ class Adapter(Full):
     default_lr = 3e-3
 
     def __init__(self, hidden: int | None = None, scale: float = 0.1, lr: float | None = None, decay: float = 1.0,
-                 lr_range: tuple[float, float] | None = None, train_bn: bool = False, bn_stats: str = "frozen") -> None:
+                 lr_range: tuple[float, float] | None = None, train_bn: bool = False,
+                 bn_stats: str | None = None) -> None:
         super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
         if hidden is not None and int(hidden) < 1:
             raise StrategyError(f"adapter: hidden must be >= 1, got {hidden}.")

@@ -189,7 +189,8 @@ class Strategy:
             return []
         out = []
         for group, plan in zip(groups, self.plan(groups)):
-            named = [(n, p) for n, p in zip(group.param_names, group.params) if plan.lr == 0 or self.trains(group, n, p)]
+            named = [(n, p) for n, p in zip(group.param_names, group.params)
+                     if plan.lr == 0 or self._selected(group, n, p)]
             lr = plan.lr
             if lr == 0 and self.train_bn and group.norm_modules:
                 named = [(n, p) for n, p in named if _is_norm_param(n, group)]
@@ -208,6 +209,11 @@ class Strategy:
             raise StrategyError(f"{self.name}: no parameter would train.")
         return out
 
+    def _selected(self, group: LayerGroup, name: str, param: nn.Parameter) -> bool:
+        """Whether a parameter of a training group trains: :meth:`trains` says so, or it belongs to
+        a normalisation layer and ``train_bn`` is on."""
+        return self.trains(group, name, param) or (self.train_bn and _is_norm_param(name, group))
+
     def initial_trainable(self, groups: list[LayerGroup]) -> list[str]:
         """Names of the groups that train from the first step."""
         return [p.name for p in self.plan(groups) if p.trainable and p.lr > 0]
@@ -217,7 +223,7 @@ class Strategy:
         plans = self.plan(groups)
         total = sum(g.numel for g in groups)
         trainable = sum(p.numel() for g, plan in zip(groups, plans) if plan.lr > 0  # at any point of the run
-                        for n, p in zip(g.param_names, g.params) if self.trains(g, n, p))
+                        for n, p in zip(g.param_names, g.params) if self._selected(g, n, p))
         report = {
             "strategy": self.to_config(),
             "trainable_params": trainable,
@@ -253,7 +259,8 @@ class Discriminative(Strategy):
             the head, instead of ``decay``.
         train_bn: let BatchNorm layers of frozen groups train.
         bn_stats: ``update`` (running statistics follow the training batches) or ``frozen``
-            (normalisation layers stay in inference mode; their affine parameters still train).
+            (normalisation layers stay in inference mode; their affine parameters still train);
+            ``None``: ``update`` with ``train_bn``, else ``frozen``.
     """
 
     def __init__(
@@ -262,9 +269,11 @@ class Discriminative(Strategy):
         decay: float = 0.7,
         lr_range: tuple[float, float] | None = None,
         train_bn: bool = False,
-        bn_stats: str = "update",
+        bn_stats: str | None = "update",
     ) -> None:
         super().__init__(lr=lr, train_bn=train_bn)
+        if bn_stats is None:
+            bn_stats = "update" if train_bn else "frozen"
         if bn_stats not in ("update", "frozen"):
             raise StrategyError(f"{type(self).__name__}: bn_stats must be 'update' or 'frozen', got {bn_stats!r}.")
         self.bn_stats = bn_stats

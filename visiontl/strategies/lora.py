@@ -97,8 +97,10 @@ class Lora(Full):
         lr: learning rate of the head and the updates (``decay`` spreads it down the groups).
         decay: per-group decay going down from the head (default 1: one learning rate).
         lr_range: fastai-style ``(lr_min, lr_max)`` instead of ``decay``.
-        train_bn: let the normalisation layers' affine parameters train too.
-        bn_stats: ``frozen`` (default: BatchNorm statistics do not move) or ``update``.
+        train_bn: let the normalisation layers train too (affine parameters, and running
+            statistics unless ``bn_stats="frozen"``).
+        bn_stats: ``frozen`` (the default without ``train_bn``: BatchNorm statistics do not move)
+            or ``update`` (the default with ``train_bn``).
     """
 
     name = "lora"
@@ -106,8 +108,9 @@ class Lora(Full):
     default_lr = 3e-3
 
     def __init__(self, r: int = 8, alpha: float | None = None, dropout: float = 0.0, targets: list[str] | None = None,
-                 qkv: str = "all", lr: float | None = None, decay: float = 1.0, lr_range: tuple[float, float] | None = None,
-                 train_bn: bool = False, bn_stats: str = "frozen") -> None:
+                 qkv: str = "all", lr: float | None = None, decay: float = 1.0,
+                 lr_range: tuple[float, float] | None = None, train_bn: bool = False,
+                 bn_stats: str | None = None) -> None:
         super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
         if int(r) < 1:
             raise StrategyError(f"lora: r must be >= 1, got {r}.")

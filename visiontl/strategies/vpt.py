@@ -72,8 +72,8 @@ class Vpt(Full):
         lr: learning rate of the head and the prompts.
         decay: per-group decay going down from the head (default 1: one learning rate).
         lr_range: fastai-style ``(lr_min, lr_max)`` instead of ``decay``.
-        train_bn: unused (Vision Transformers have no BatchNorm).
-        bn_stats: ``frozen`` (default) or ``update``.
+        train_bn: let the normalisation layers' affine parameters train too.
+        bn_stats: ``frozen`` or ``update`` (ViTs have no running statistics).
     """
 
     name = "vpt"
@@ -82,7 +82,7 @@ class Vpt(Full):
 
     def __init__(self, tokens: int = 10, depth: str = "shallow", init: str = "xavier", dropout: float = 0.0,
                  lr: float | None = None, decay: float = 1.0, lr_range: tuple[float, float] | None = None,
-                 train_bn: bool = False, bn_stats: str = "frozen") -> None:
+                 train_bn: bool = False, bn_stats: str | None = None) -> None:
         super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
         if int(tokens) < 1:
             raise StrategyError(f"vpt: tokens must be >= 1, got {tokens}.")
