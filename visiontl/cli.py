@@ -120,6 +120,18 @@ def _check_data(argv: Sequence[str]) -> int:
     return 1 if report.errors else 0
 
 
+def _bench(argv: Sequence[str]) -> int:
+    from visiontl.bench.cli import bench_main
+
+    return bench_main(argv)
+
+
+def _rank(argv: Sequence[str]) -> int:
+    from visiontl.bench.cli import rank_main
+
+    return rank_main(argv)
+
+
 def _predict_onnx(argv: Sequence[str]) -> int:
     from visiontl.predict import main as predict_main
 
@@ -131,6 +143,8 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "export": (_export, "export a run to ONNX (normalisation + labels inside, verified against PyTorch)"),
     "predict-onnx": (_predict_onnx, "predict images with an exported model (ONNX Runtime only, no torch)"),
     "check-data": (_check_data, "check a dataset: unreadable files, imbalance, duplicates, train/val/test leakage"),
+    "bench": (_bench, "benchmark strategies x backbones x label budgets x seeds on your data, with a report"),
+    "rank": (_rank, "rank backbones for your data before fine-tuning (LogME, shrinkage H-score)"),
 }
 
 

@@ -233,14 +233,27 @@ def split_features(model: nn.Module, backbone: str, dm: Any, split: str,
     augmented = split == "train" and views > 1
     source = dm.feature_source(split, augmented=augmented)
     cache = ArrayCache(default_cache_dir() / "features")
-    key = cache.key({
-        "backbone": backbone,
-        "weights": weights_fingerprint(model, exclude_prefixes=classifier_names(model)),
-        "in_chans": source.in_chans, "transform": repr(source.transform), "pixels": source.source_tag,
-        "views": views if augmented else 1, "seed": dm.seed if augmented else None,
-        "data": data_fingerprint([p for p, _ in source.items]),
-        **({"frames": source.frame_key} if getattr(source, "frame_key", "") else {}),
-    })
+    weights = weights_fingerprint(model, exclude_prefixes=classifier_names(model))
+
+    def key_of(source: Any) -> str:
+        return cache.key({
+            "backbone": backbone, "weights": weights,
+            "in_chans": source.in_chans, "transform": repr(source.transform), "pixels": source.source_tag,
+            "views": views if augmented else 1, "seed": dm.seed if augmented else None,
+            "data": data_fingerprint([p for p, _ in source.items]),
+            **({"frames": source.frame_key} if getattr(source, "frame_key", "") else {}),
+        })
+
+    # a label budget (``shots``) reads its rows from the whole split's features when they are cached
+    whole = dm.full_feature_source(split) if not augmented and hasattr(dm, "full_feature_source") else None
+    if whole is not None:
+        entry = cache.load(key_of(whole[0]))
+        if entry is not None:
+            rank_zero_info(f"[visiontl] {split} features of the {len(whole[1])}-image budget read from the whole "
+                           f"split's in {entry.path}")
+            return entry["features"][whole[1]], entry["labels"][whole[1]]
+    key = key_of(source)
+
     def compute() -> dict[str, np.ndarray]:
         features, labels = extract_features(model, source, batch_size=32, views=views if augmented else 1,
                                             desc=f"Extracting {split} features")

@@ -30,6 +30,7 @@ from visiontl.data.layout import Sample, folder_splits, index_folder, list_image
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.presize import presize
 from visiontl.data.sampling import EpochBatchSampler, EpochSampler, sample_seed
+from visiontl.data.shots import nested_shots
 from visiontl.data.transforms import build_transforms
 
 __all__ = [
@@ -188,14 +189,24 @@ class ClassificationDataModule(ImageDataModule):
         seed: seed of that split, of the data order and of the augmentation.
         presize: decode and resize every image once to uint8 at about the training size and
             read that cache afterwards (:mod:`visiontl.data.presize`; for large 8-bit files).
+        shots: train on this many images per class (a label budget; ``None``: all): a seeded,
+            stratified subset of the training split, nested across budgets (:mod:`visiontl.data.shots`);
+            the validation split stays whole. A class with fewer images is an error naming it.
+        shots_seed: seed of that subset (default: ``seed``).
         **kwargs: the image settings of :class:`~visiontl.data.base.ImageDataModule`
             (``batch_size``, ``num_workers``, ``image_size``, ``augment``, ``on_bad_image``,
             ``mean``, ``std``, ``normalize``, ``in_chans``, ``check_images``, ``max_pixels``,
             ``frames``: with ``all``, a file's frames stay on one side of a validation split).
     """
 
-    def __init__(self, val_fraction: float = 0.2, seed: int = 0, presize: bool = False, **kwargs: Any) -> None:
+    def __init__(self, val_fraction: float = 0.2, seed: int = 0, presize: bool = False, shots: int | None = None,
+                 shots_seed: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if shots is not None and int(shots) < 1:
+            raise DataError(f"shots must be >= 1 image per class (or None for all), got {shots}.")
+        self.shots = int(shots) if shots is not None else None
+        self.shots_seed = shots_seed
+        self._full_train: list[Sample] | None = None
         self.presize = presize
         self.val_fraction = val_fraction
         self.seed = seed
@@ -241,6 +252,11 @@ class ClassificationDataModule(ImageDataModule):
                         f"The {split} split has classes the training split lacks: {', '.join(unknown)}. "
                         f"Every class needs training images."
                     )
+            if self.shots is not None:
+                self._full_train = splits["train"]
+                seed = self.seed if self.shots_seed is None else self.shots_seed
+                splits["train"] = nested_shots(splits["train"], self.shots, seed,
+                                               what=f"the training split of {type(self).__name__}")
             self._splits = splits
         return self._splits
 
@@ -285,6 +301,8 @@ class ClassificationDataModule(ImageDataModule):
 
     def drop_bad(self, bad: set[Path]) -> None:
         self._splits = {k: [s for s in v if s[0] not in bad] for k, v in self.splits.items()}
+        if self._full_train is not None:
+            self._full_train = [s for s in self._full_train if s[0] not in bad]
         self._expanded = {}
         if not self._splits["train"]:
             raise DataError("Every training image was unreadable; nothing left to train on.")
@@ -353,6 +371,20 @@ class ClassificationDataModule(ImageDataModule):
             return source
         return ImageDataset(source.items, self._transform(self.preprocessing, False), source.in_chans,
                             source.presized, source.max_pixels, seed=None, frames=source.frames)
+
+    def full_feature_source(self, split: str) -> tuple[ImageDataset, list[int]] | None:
+        """For a ``shots`` subset of the training split: the whole split's images (evaluation
+        transform) and the rows of the subset in it, so features cached for the whole split serve
+        every label budget; ``None`` otherwise."""
+        if split != "train" or self._full_train is None or self.frames == "all":
+            return None
+        source = self.feature_source(split)
+        index = {c: i for i, c in enumerate(self.class_names)}
+        items = [(p, index[c]) for p, c in self._full_train]
+        row = {p: i for i, (p, _) in enumerate(items)}
+        full = ImageDataset(items, source.transform, source.in_chans, None, source.max_pixels, seed=None,
+                            frames=[self.frames] * len(items))
+        return full, [row[p] for p, _ in self.splits["train"]]
 
     def set_features(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
         """Serve cached features instead of images for ``split`` (see :mod:`visiontl.features`)."""

@@ -1,0 +1,131 @@
+"""``visiontl bench``, ``visiontl bench report`` and ``visiontl rank``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["bench_main", "rank_main"]
+
+
+def _grid_table(cells: list, estimate: dict) -> str:
+    from collections import Counter
+
+    from visiontl.report import format_console_table
+
+    counts = Counter((c.data.name, c.backbone.label, c.strategy_label) for c in cells)
+    rows = [{"data": d, "backbone": b, "strategy": s, "cells": n,
+             "est_s": round(estimate.get((d, b, s), 0.0))} for (d, b, s), n in counts.items()]
+    return format_console_table(rows, ["data", "backbone", "strategy", "cells", "est_s"])
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    """Run (or resume) a bench; ``report`` as the first argument writes the report of one or more
+    bench directories (the shards of one grid)."""
+    args = list(argv)
+    if args and args[0] == "report":
+        return _report_main(args[1:])
+    parser = argparse.ArgumentParser(
+        prog="visiontl bench", description="Benchmark strategies x backbones x label budgets x seeds on your data; "
+        "`visiontl bench report DIR [DIR ...]` merges shards and writes the report.")
+    parser.add_argument("--config", help="bench.yaml (data, backbones, strategies, shots, seeds, image_size, steps)")
+    parser.add_argument("--out", required=True, help="bench directory: results.csv, summary.csv, report.md, PNGs")
+    parser.add_argument("--shard", help="i/n: run the i-th (from 0) of n slices of the grid")
+    parser.add_argument("--launcher", choices=["local", "ray"], default="local")
+    parser.add_argument("--data", nargs="+", help="folders or CSVs (override the file's data:)")
+    parser.add_argument("--backbones", nargs="+", help="NAME or NAME=WEIGHTS (a file, named source, hub or random)")
+    parser.add_argument("--strategies", nargs="+", help="strategy names")
+    parser.add_argument("--shots", help="images per class, e.g. 1,5,10,all")
+    parser.add_argument("--seeds", type=int)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--steps", type=int, help="steps of every cell (default: the step rule)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--dry-run", action="store_true", help="show the grid and its estimate, run nothing")
+    ns = parser.parse_args(args)
+    from visiontl.bench.config import BenchError, load_config
+    from visiontl.bench.grid import STEP_RULE, check_budgets, expand_grid, parse_shard, shard_cells
+    from visiontl.bench.runner import estimate_seconds, run_bench
+    from visiontl.data.images import DataError
+    from visiontl.strategies import StrategyError
+    from visiontl.weights import WeightsError
+
+    try:
+        config = load_config(ns.config, data=ns.data, backbones=ns.backbones, strategies=ns.strategies,
+                             shots=ns.shots, seeds=ns.seeds, image_size=ns.image_size, steps=ns.steps,
+                             batch_size=ns.batch_size)
+        shard = parse_shard(ns.shard)
+        check_budgets(config)
+        cells = shard_cells(expand_grid(config), shard)
+        estimate = estimate_seconds(cells)
+        print(_grid_table(cells, estimate))
+        total = sum(estimate.values())
+        print(f"{len(cells)} cells in shard {shard[0]}/{shard[1]}; step budget: {STEP_RULE}; estimated "
+              f"{total / 60:.0f} min on this machine (finished cells are skipped)")
+        if ns.dry_run:
+            return 0
+        rows = run_bench(config, ns.out, shard=shard, launcher=ns.launcher)
+        if shard[1] == 1:
+            from visiontl.bench.report import write_report
+            from visiontl.bench.store import BenchStore
+
+            paths = write_report(rows, ns.out, BenchStore(ns.out).scores())
+            print(f"report: {paths['report']}")
+        else:
+            print(f"shard done; when every shard is: visiontl bench report {ns.out}")
+    except (BenchError, DataError, StrategyError, WeightsError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _report_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="visiontl bench report",
+                                     description="Merge the results of bench directories (shards of one grid) and "
+                                                 "write summary.csv, report.md and the plots.")
+    parser.add_argument("dirs", nargs="+", help="bench directories of one grid")
+    parser.add_argument("--out", help="where the report goes (default: the first directory)")
+    parser.add_argument("--partial", action="store_true", help="report even when cells of the grid are missing")
+    ns = parser.parse_args(list(argv))
+    from visiontl.bench.config import BenchError
+    from visiontl.bench.merge import merge_shards
+    from visiontl.bench.report import write_report
+
+    try:
+        rows, scores, missing = merge_shards([Path(d) for d in ns.dirs])
+        if missing and not ns.partial:
+            raise BenchError(f"{len(missing)} cell(s) of the grid have no result yet (e.g. {missing[0]}); run the "
+                             f"missing shards, or pass --partial to report on what is there.")
+        paths = write_report(rows, ns.out or ns.dirs[0], scores)
+    except (BenchError, ValueError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(f"{len(rows)} runs; report: {paths['report']}")
+    return 0
+
+
+def rank_main(argv: Sequence[str]) -> int:
+    """Rank backbones by the transferability of their frozen features to the labels of ``DATA``."""
+    parser = argparse.ArgumentParser(
+        prog="visiontl rank", description="Rank backbones for your data before any fine-tuning: LogME (and a "
+        "shrinkage H-score) of each one's frozen features on your training labels.")
+    parser.add_argument("data", help="a class-per-folder directory or a CSV")
+    parser.add_argument("--backbone", action="append", required=True, help="NAME[=WEIGHTS|random] (repeatable)")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--out", default="runs/rank", help="folder for rank.csv and the feature runs")
+    ns = parser.parse_args(list(argv))
+    from visiontl.bench.config import BenchError
+    from visiontl.bench.rank import rank_backbones
+    from visiontl.data.images import DataError
+    from visiontl.report import format_console_table
+    from visiontl.weights import WeightsError
+
+    try:
+        rows, path = rank_backbones(ns.data, ns.backbone, image_size=ns.image_size, out=ns.out)
+    except (BenchError, DataError, WeightsError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(format_console_table(rows, ["rank", "backbone", "logme", "hscore", "images"]))
+    print(f"wrote {path}")
+    return 0
