@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 import time
@@ -34,6 +35,8 @@ from visiontl.bench.store import BenchStore
 __all__ = ["PeakRSS", "frozen_features", "run_bench", "run_cell", "score_transferability"]
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
+VALIDATIONS = 20
+"""About how many times a cell is validated (and can save its best checkpoint) during its steps."""
 
 
 class PeakRSS:
@@ -125,12 +128,17 @@ def run_cell(cell: Cell, out: str | os.PathLike[str]) -> dict[str, Any]:
 
     dm = build_datamodule(cell.data, **_data_args(cell))
     n_train = len(dm.splits["train"])
-    steps = cell_steps(cell, n_train, dm.batch_size or auto_batch_size(n_train))
+    batch = dm.batch_size or auto_batch_size(n_train)
+    steps = cell_steps(cell, n_train, batch)
+    # a 1-shot cell has a one-batch epoch: validating after each of its hundreds of epochs would cost
+    # far more than training, so every cell validates about VALIDATIONS times, whatever its budget
+    epochs = steps / max(1, math.ceil(n_train / batch))
+    every = max(1, math.floor(epochs / VALIDATIONS))
     start = time.perf_counter()
     with PeakRSS() as rss:
         result = fine_tune(dm, backbone=cell.backbone.name, strategy=cell.strategy, steps=steps, seed=cell.seed,
                            out=Path(out) / "runs", name=_run_name(cell), image_size=cell.image_size,
-                           trainer_kwargs=QUIET, **_weights_args(cell))
+                           trainer_kwargs={**QUIET, "check_val_every_n_epoch": every}, **_weights_args(cell))
         train_acc = _train_accuracy(result.task, result.datamodule)
     wall = time.perf_counter() - start
     report = result.task.strategy_report()
@@ -291,9 +299,7 @@ def _timings(backbone: str, image_size: int | None, batch_size: int) -> tuple[fl
 
 def estimate_seconds(cells: list[Cell]) -> dict[tuple[str, str, str], float]:
     """Rough wall time per (data, backbone, strategy) of ``cells`` on this machine: steps x a measured
-    training step, plus the validation passes (every epoch) and the feature passes."""
-    import math
-
+    training step, plus the validation passes and the feature passes."""
     from visiontl.data.base import auto_batch_size
     from visiontl.strategies import get_strategy
 
@@ -320,7 +326,7 @@ def estimate_seconds(cells: list[Cell]) -> dict[tuple[str, str, str], float]:
         else:
             steps = cell_steps(cell, n_train, batch)
             epochs = steps / max(1, math.ceil(n_train / batch))
-            seconds = steps * step_s + epochs * n_val * forward_s
+            seconds = steps * step_s + min(epochs, VALIDATIONS + 1) * n_val * forward_s
         key = (cell.data.name, cell.backbone.label, cell.strategy_label)
         out[key] = out.get(key, 0.0) + seconds
     for data, (per_class, n_val) in counts.items():  # one feature pass per data set and backbone
