@@ -45,7 +45,7 @@ def bench_main(argv: Sequence[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="show the grid and its estimate, run nothing")
     ns = parser.parse_args(args)
     from visiontl.bench.config import BenchError, load_config
-    from visiontl.bench.grid import STEP_RULE, check_budgets, expand_grid, parse_shard, shard_cells
+    from visiontl.bench.grid import check_budgets, expand_grid, parse_shard, shard_cells, step_budget
     from visiontl.bench.runner import estimate_seconds, run_bench
     from visiontl.data.images import DataError
     from visiontl.strategies import StrategyError
@@ -61,7 +61,7 @@ def bench_main(argv: Sequence[str]) -> int:
         estimate = estimate_seconds(cells)
         print(_grid_table(cells, estimate))
         total = sum(estimate.values())
-        print(f"{len(cells)} cells in shard {shard[0]}/{shard[1]}; step budget: {STEP_RULE}; estimated "
+        print(f"{len(cells)} cells in shard {shard[0]}/{shard[1]}; step budget: {step_budget(config)}; estimated "
               f"{total / 60:.0f} min on this machine (finished cells are skipped)")
         if ns.dry_run:
             return 0

@@ -19,7 +19,7 @@ from typing import Any
 from visiontl.bench.config import BackboneSpec, BenchConfig, BenchError, DataSpec
 from visiontl.data.shots import Shots
 
-__all__ = ["STEP_RULE", "Cell", "build_datamodule", "cell_steps", "check_budgets", "data_fingerprint", "expand_grid", "parse_shard",
+__all__ = ["STEP_RULE", "Cell", "build_datamodule", "cell_steps", "check_budgets", "step_budget", "data_fingerprint", "expand_grid", "parse_shard",
            "shard_cells", "weights_hash"]
 
 STEP_RULE = ("steps = max(200, min(20 epochs, max(3000, 3 epochs))) of the cell's own training images "
@@ -64,6 +64,11 @@ class Cell:
         payload = {**self.describe(), "data_fingerprint": data_fingerprint(self.data),
                    "weights_sha256": weights_hash(self.backbone.weights)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def step_budget(config: BenchConfig) -> str:
+    """The step budget of every cell, in words."""
+    return f"{config.steps} steps per cell (steps:)" if config.steps else STEP_RULE
 
 
 def cell_steps(cell: Cell, n_train: int, batch_size: int) -> int:

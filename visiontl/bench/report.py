@@ -30,16 +30,20 @@ FLAG_THRESHOLDS = {"gap": 0.25, "unstable": 0.08, "chance_margin": 0.05}
 """Overfitting: mean train - val accuracy above ``gap``; seed instability: std above ``unstable``;
 near chance: mean accuracy within ``chance_margin`` of 1 / classes."""
 
+_T95 = [6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761, 1.753,
+        1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697]
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045,
          2.042]
 
 
-def t_quantile(df: int) -> float:
-    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (two-sided 95 %)."""
+def t_quantile(df: int, q: float = 0.975) -> float:
+    """The ``q`` (0.975: two-sided 95 %; 0.95: one-sided 95 %) quantile of Student's t with ``df``
+    degrees of freedom."""
     if df < 1:
         return math.nan
-    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+    table, limit = {0.975: (_T975, 1.96), 0.95: (_T95, 1.645)}[q]
+    return table[df - 1] if df <= len(table) else limit + (table[-1] - limit) * len(table) / df
 
 
 def _num(value: Any) -> float | None:
@@ -114,8 +118,21 @@ def recommend(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _noise(line: dict[str, Any]) -> float:
-    return line["ci95_half"] or 0.0
+def _sgd(strategy_label: str) -> bool:
+    from visiontl.strategies import StrategyError, get_strategy
+
+    try:
+        return get_strategy(strategy_label.split("(")[0]).sgd
+    except StrategyError:
+        return True
+
+
+def _pooled_sd(lines: list[dict[str, Any]]) -> tuple[float, int]:
+    """The seed-to-seed standard deviation pooled over ``lines`` (one budget of one data set and
+    backbone: the seeds' noise is a property of the data and budget) and its degrees of freedom."""
+    ss = sum((r["val_acc_std"] or 0.0) ** 2 * (r["seeds"] - 1) for r in lines if r["seeds"] > 1)
+    df = sum(r["seeds"] - 1 for r in lines if r["seeds"] > 1)
+    return (math.sqrt(ss / df) if df else 0.0), df
 
 
 def flags(summary: list[dict[str, Any]], thresholds: dict[str, float] | None = None) -> list[str]:
@@ -130,15 +147,19 @@ def flags(summary: list[dict[str, Any]], thresholds: dict[str, float] | None = N
                        None)
         pretrained = [r for r in lines if r is not scratch and r["val_acc"] is not None]
         if scratch is not None and pretrained:
+            # one-sided: is the best pretrained line above scratch by more than the seeds' noise
+            # (pooled over the budget's lines, so two or three seeds still give a usable estimate)?
             best = max(pretrained, key=lambda r: r["val_acc"])
-            margin = math.hypot(_noise(best), _noise(scratch))
+            sd, df = _pooled_sd(lines)
+            margin = (t_quantile(df, 0.95) * sd * math.sqrt(1 / best["seeds"] + 1 / scratch["seeds"])) if df else 0.0
             if best["val_acc"] - scratch["val_acc"] <= margin:
-                out.append(f"negative transfer: {data} / {backbone} at {shots} shots: the best pretrained strategy "
+                out.append(f"negative transfer: {data} / {backbone} at {_budget(shots)}: the best pretrained strategy "
                            f"({best['strategy']}, {best['val_acc']:.3f}) is no better than scratch "
                            f"({scratch['val_acc']:.3f}) beyond the noise ({margin:.3f}).")
     for line in summary:
-        where = f"{line['data']} / {line['backbone']} / {line['strategy']} at {line['shots']} shots"
-        if line["train_val_gap"] is not None and line["train_val_gap"] > t["gap"]:
+        where = f"{line['data']} / {line['backbone']} / {line['strategy']} at {_budget(line['shots'])}"
+        # a fitted head's training accuracy is ~1 by construction (k-NN, a separable few-shot fit)
+        if line["train_val_gap"] is not None and line["train_val_gap"] > t["gap"] and _sgd(line["strategy"]):
             out.append(f"overfitting: {where}: train accuracy {line['train_acc']:.3f} is {line['train_val_gap']:.3f} "
                        f"above validation accuracy (threshold {t['gap']}).")
         if line["val_acc_std"] is not None and line["seeds"] > 1 and line["val_acc_std"] > t["unstable"]:
@@ -151,9 +172,13 @@ def flags(summary: list[dict[str, Any]], thresholds: dict[str, float] | None = N
         classes = next((r["classes"] for r in lines if r["classes"]), None)
         accs = [r["val_acc"] for r in lines if r["val_acc"] is not None]
         if classes and accs and max(accs) <= 1 / classes + t["chance_margin"]:
-            out.append(f"near chance: {data} at {shots} shots: every strategy is within {t['chance_margin']} of "
+            out.append(f"near chance: {data} at {_budget(shots)}: every strategy is within {t['chance_margin']} of "
                        f"chance (1/{int(classes)}); more labels, another backbone or a larger image size may help.")
     return out
+
+
+def _budget(shots: str) -> str:
+    return "all labels" if shots == "all" else f"{shots} per class"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

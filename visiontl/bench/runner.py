@@ -21,13 +21,13 @@ from typing import Any
 
 from visiontl.bench.config import BenchConfig, BenchError
 from visiontl.bench.grid import (
-    STEP_RULE,
     Cell,
     build_datamodule,
     cell_steps,
     check_budgets,
     expand_grid,
     shard_cells,
+    step_budget,
     weights_hash,
 )
 from visiontl.bench.store import BenchStore
@@ -223,7 +223,7 @@ def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int
     done = store.done()
     todo = [c for c in cells if keys[id(c)] not in done]
     log(f"[visiontl bench] shard {shard[0]}/{shard[1]}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
-        f"{len(todo)} to run; step budget: {STEP_RULE}")
+        f"{len(todo)} to run; step budget: {step_budget(config)}")
     if launcher == "ray":
         _run_ray(todo, out, log)
         return store.rows()
