@@ -77,3 +77,9 @@ def test_every_budget_reads_the_whole_splits_cached_features(shapes_root: Path, 
     rows = [whole.paths("train").index(p) for p in few.paths("train")]
     assert torch.equal(torch.from_numpy(few_features), torch.from_numpy(features[rows]))
     assert few_labels.tolist() == labels[rows].tolist() and len(rows) == 3 * whole.num_classes
+
+
+def test_a_moved_data_set_draws_the_same_subsets() -> None:
+    here = _samples({"a": 20, "b": 20})
+    moved = [(Path("/elsewhere/copy") / p.relative_to("/data"), c) for p, c in here]
+    assert [p.name for p, _ in nested_shots(here, 5, 3)] == [p.name for p, _ in nested_shots(moved, 5, 3)]

@@ -1,7 +1,8 @@
 """Label budgets: seeded, stratified and nested few-shot subsets of a training split.
 
 ``k`` shots keep ``k`` images of every class. Each class's images are put in a seeded order that
-depends only on (seed, class name, file names), and a ``k``-shot subset takes the first ``k``: so
+depends only on (seed, class name, file names: not on where the data lives, so a moved or copied
+data set draws the same subsets), and a ``k``-shot subset takes the first ``k``: so
 with one seed the 5-shot images contain the 1-shot ones, and the 10-shot images the 5-shot ones
 (learning curves compare like with like), and the subset does not change when other classes or
 files are added.
@@ -44,7 +45,7 @@ def parse_shots(values: str | int | Sequence[str | int] | None) -> list[Shots]:
 
 
 def _order_key(seed: int, label: str, path: Path) -> str:
-    return hashlib.sha256(f"{seed}\0{label}\0{path.name}\0{path}".encode()).hexdigest()
+    return hashlib.sha256(f"{seed}\0{label}\0{path.name}".encode()).hexdigest()
 
 
 def nested_shots(samples: Sequence[tuple[Path, str]], shots: Shots, seed: int = 0,
@@ -65,6 +66,6 @@ def nested_shots(samples: Sequence[tuple[Path, str]], shots: Shots, seed: int = 
         listed = ", ".join(f"{c!r} has {n}" for c, n in sorted(short.items(), key=lambda kv: kv[1]))
         raise DataError(f"{shots} shots per class asked, but in {what}: {listed} image(s); use at most "
                         f"{min(short.values())} shots or add images.")
-    keep = {id(s) for v in by_class.values()
+    keep = {id(s) for v in by_class.values()  # ties (one file name twice in a class): the original order
             for s in sorted(v, key=lambda s: _order_key(seed, s[1], Path(s[0])))[:shots]}
     return [s for s in samples if id(s) in keep]
