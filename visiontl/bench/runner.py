@@ -179,9 +179,11 @@ def score_transferability(cell: Cell, out: str | os.PathLike[str]) -> dict[str, 
     """LogME and the shrinkage H-score of the frozen backbone's features on the whole training split."""
     from visiontl.transferability import logme, shrinkage_hscore
 
+    start = time.perf_counter()
     features, labels = frozen_features(cell, out)
+    scores = {"logme": logme(features, labels), "hscore": shrinkage_hscore(features, labels)}
     return {"data": cell.data.name, "backbone": cell.backbone.label, "weights": cell.backbone.weights,
-            "images": len(labels), "logme": logme(features, labels), "hscore": shrinkage_hscore(features, labels)}
+            "images": len(labels), **scores, "seconds": round(time.perf_counter() - start, 2)}
 
 
 @contextlib.contextmanager

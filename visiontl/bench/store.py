@@ -32,7 +32,7 @@ COLUMNS = [
 ]
 """The columns of ``results.csv``, in order."""
 
-SCORE_COLUMNS = ["data", "backbone", "weights", "images", "logme", "hscore"]
+SCORE_COLUMNS = ["data", "backbone", "weights", "images", "logme", "hscore", "seconds"]
 """The columns of ``transferability.csv``."""
 
 
