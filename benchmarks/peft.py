@@ -4,7 +4,8 @@ Every cell is ``fine_tune(data, strategy=..., steps=--steps)`` at 64 px on the r
 ImageNet weights (offline), with each strategy's default learning rate:
 
 - strategies: ``probe``, ``bitfit``, ``lora-r4`` and ``lora-r16`` (LoRA ranks 4 and 16),
-  ``adapter``, ``partial``, ``full`` and ``scratch`` (random init: what the weights are worth);
+  ``adapter``, ``partial``, ``full``, ``gradual`` (the default: LP-FT) and ``scratch`` (random init:
+  what the weights are worth);
 - sets: NASA Blue Marble tiles (coast / land / water) and the same places as shaded relief (a
   rendering ImageNet never showed: the domain shift), with 10 and with 60 training tiles per class
   and 40 validation tiles per class;
@@ -55,6 +56,7 @@ STRATEGIES: dict[str, Any] = {
     "adapter": "adapter",
     "partial": "partial",
     "full": "full",
+    "gradual": "gradual",
     "scratch": "scratch",
 }
 VIT_STRATEGIES: dict[str, Any] = {
