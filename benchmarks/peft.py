@@ -11,11 +11,12 @@ ImageNet weights (offline), with each strategy's default learning rate:
   and 40 validation tiles per class;
 - 3 seeds (they seed training; the tiles are the same draw for every seed).
 
-Reported per set and strategy: best validation accuracy (mean and std over seeds), its ratio to
-``full`` of the same set, trainable parameters (% of the model), checkpoint MB (the PEFT checkpoint
-``best.peft.safetensors`` for the parameter-efficient strategies; the model's weights for the
-others) and its ratio to ``full``'s, fit wall time (s, and its ratio to ``full``) and the cell
-process's peak RSS (MB). Every cell runs in its own process, so peak RSS is the cell's own.
+Reported per set and strategy: best validation accuracy (mean and std over seeds), its difference
+to ``full`` of the same set, trainable parameters (% of the model), checkpoint MB (the PEFT
+checkpoint ``best.peft.safetensors`` for the parameter-efficient strategies; the model's weights for
+the others) and its ratio to ``full``'s, wall time of the cell's ``fine_tune`` (s, median over seeds:
+one seed slowed by a busy machine does not move it; and its ratio to ``full``'s) and the cell
+process's peak RSS (MB, median). Every cell runs in its own process, so peak RSS is the cell's own.
 
 ``vit-mechanics`` rows run ``test_vit`` from random init at 32 px (no ViT weights exist offline):
 they check that LoRA (all of qkv, and ``qkv="qv"``), adapters, shallow / deep VPT and BitFit train
@@ -126,13 +127,17 @@ def summarise(cells: list[dict[str, Any]], sets: list[str]) -> list[dict[str, An
             values = [c[key] for c in of if c.get(key) is not None]
             return statistics.mean(values) if values else None
 
+        def median(key: str, of: list[dict[str, Any]]) -> float | None:  # a seed slowed by a busy machine
+            values = [c[key] for c in of if c.get(key) is not None]
+            return statistics.median(values) if values else None
+
         for strategy in strategies_of(name):
             mine = [c for c in done if c["strategy"] == strategy]
             if not mine:
                 continue
             accs = [c["val_acc"] for c in mine]
-            ckpt, wall = mean("checkpoint_bytes", mine), mean("wall_s", mine)
-            full_ckpt, full_wall, full_acc = mean("checkpoint_bytes", full), mean("wall_s", full), mean("val_acc", full)
+            ckpt, wall = mean("checkpoint_bytes", mine), median("wall_s", mine)
+            full_ckpt, full_wall, full_acc = mean("checkpoint_bytes", full), median("wall_s", full), mean("val_acc", full)
             rows.append({
                 "cell": f"{name} / {strategy}", "set": name, "strategy": strategy, "seeds": len(mine),
                 "val_acc": statistics.mean(accs), "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -140,7 +145,7 @@ def summarise(cells: list[dict[str, Any]], sets: list[str]) -> list[dict[str, An
                 "trainable_pct": 100 * mine[0]["trainable_params"] / mine[0]["total_params"],
                 "checkpoint_mb": ckpt / 1e6, "ckpt_vs_full": ckpt / full_ckpt if full_ckpt else None,
                 "wall_s": wall, "wall_vs_full": wall / full_wall if full_wall else None,
-                "peak_rss_mb": mean("peak_rss_mb", mine),
+                "peak_rss_mb": median("peak_rss_mb", mine),
             })
     return rows
 
