@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
+from training import changed_after_training
 from visiontl import fine_tune
-from visiontl.data import FolderDataModule
 from visiontl.export import export_onnx
 from visiontl.strategies import StrategyError
 from visiontl.tasks import ClassificationTask
@@ -29,12 +28,7 @@ def test_untrained_adapters_are_exactly_the_base_model(backbone: str, size: int)
 
 def test_only_adapters_and_the_head_train_and_they_export(shapes_root: Path, tmp_path: Path) -> None:
     task = ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy={"name": "adapter", "lr": 0.02})
-    before = {k: v.clone() for k, v in task.model.state_dict().items()}
-    dm = FolderDataModule(str(shapes_root), image_size=32, num_workers=0, batch_size=8)
-    pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-               num_sanity_val_steps=0, default_root_dir=str(tmp_path)).fit(task, dm)
-    after = task.model.state_dict()
-    changed = {k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[k])}
+    changed = changed_after_training(task, shapes_root, tmp_path, epochs=2)
     assert any(".adapter.up." in k for k in changed)  # the branches learned something
     assert all(".adapter." in k or k.startswith("fc.") for k in changed)  # nothing else moved, BN statistics included
     report = export_onnx(task, tmp_path / "m.onnx")  # the hooked branches are traced into the graph

@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 pytest.importorskip("peft")  # the peft extra (in dev); the base install works without it
 
+from training import changed_after_training  # noqa: E402
 from visiontl import fine_tune  # noqa: E402
-from visiontl.data import FolderDataModule  # noqa: E402
 from visiontl.export import export_onnx  # noqa: E402
 from visiontl.strategies import StrategyError  # noqa: E402
 from visiontl.tasks import ClassificationTask  # noqa: E402
@@ -47,12 +46,7 @@ def test_untrained_lora_is_exactly_the_base_model(backbone: str, size: int) -> N
 def test_only_the_updates_and_the_head_train_and_batchnorm_stays(shapes_root: Path, tmp_path: Path) -> None:
     task = ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy={"name": "lora", "r": 4,
                                                                                         "lr": 0.01})
-    before = {k: v.clone() for k, v in task.model.state_dict().items()}
-    dm = FolderDataModule(str(shapes_root), image_size=32, num_workers=0, batch_size=8)
-    pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-               num_sanity_val_steps=0, default_root_dir=str(tmp_path)).fit(task, dm)
-    after = task.model.state_dict()
-    changed = {k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[k])}
+    changed = changed_after_training(task, shapes_root, tmp_path)
     assert changed and all(".lora_" in k or k.startswith("fc.") for k in changed)  # no base weight moved
     assert any(".lora_B" in k for k in changed) and any(".lora_A" in k for k in changed)
     assert not [k for k in changed if k.endswith(("running_mean", "running_var"))]
@@ -110,12 +104,7 @@ def test_train_bn_lets_the_batchnorm_layers_train_and_update(shapes_root: Path, 
     task = ClassificationTask("test_resnet", num_classes=3, pretrained=False,
                               strategy={"name": "lora", "r": 2, "lr": 0.01, "train_bn": True})
     assert task.strategy.bn_stats == "update" and not task.frozen_norms
-    before = {k: v.clone() for k, v in task.model.state_dict().items()}
-    dm = FolderDataModule(str(shapes_root), image_size=32, num_workers=0, batch_size=8)
-    pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-               num_sanity_val_steps=0, default_root_dir=str(tmp_path)).fit(task, dm)
-    after = task.model.state_dict()
-    changed = {k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[k])}
+    changed = changed_after_training(task, shapes_root, tmp_path)
     assert "bn1.weight" in changed and "bn1.running_mean" in changed  # affine parameters and statistics
     assert not [k for k in changed if k.endswith("conv1.base_layer.weight")]  # the convolutions stay
     norms = sum(p.numel() for m in task.model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
