@@ -185,3 +185,20 @@ def test_negative_transfer_stays_quiet_on_real_weights(tmp_path: Path) -> None:
     accs = {line["strategy"]: line["val_acc"] for line in summary}
     assert accs["logreg"] > accs["scratch"]
     assert not [f for f in flags(summary) if f.startswith("negative transfer")]
+
+
+def test_frozen_cells_share_one_feature_pass(shapes_root: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fitted heads at every budget and seed on fixed weights: features of the whole training and
+    validation splits are extracted once, and nothing else."""
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("VISIONTL_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(weights))
+    config = load_config({"data": [str(shapes_root)], "backbones": [f"test_resnet={weights}"],
+                          "strategies": ["logreg", "knn"], "shots": "2,4", "seeds": 2, "image_size": 32})
+    assert len(run_bench(config, tmp_path / "bench", log=lambda *_: None)) == 8
+    entries = sorted((tmp_path / "cache" / "features").iterdir())
+    assert len(entries) == 2  # the whole train split and the validation split
