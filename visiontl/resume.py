@@ -1,8 +1,9 @@
 """A killed run loses nothing: ``last.ckpt`` is always the latest state, and a resume continues it.
 
 - :class:`LastCheckpoint` writes ``checkpoints/last.ckpt`` atomically (temporary file, then
-  rename) every ``every_n_steps`` steps and every ``every_minutes`` minutes, at each epoch's end
-  and when training ends; it flushes the metrics log first, so ``metrics.csv`` holds every row up
+  rename) every ``every_n_steps`` steps and every ``every_minutes`` minutes, and when training
+  ends (not at each epoch's end: a tiny data set's epoch is one step, and writing the full training
+  state after each cost more than training); it flushes the metrics log first, so ``metrics.csv`` holds every row up
   to the checkpoint, and records how many rows that was.
 - :class:`RunLogger` is Lightning's ``CSVLogger`` made resumable: resuming into the same version
   directory keeps ``metrics.csv`` (Lightning's deletes it), cut back to the rows that existed when
@@ -14,7 +15,7 @@
   trained on, so a resumed run sees exactly the batches the uninterrupted run would have.
 
 What a kill loses: the steps since the last ``last.ckpt`` (at most ``every_n_steps`` steps or
-``every_minutes`` minutes, or one epoch), which the resumed run trains again.
+``every_minutes`` minutes), which the resumed run trains again.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class LastCheckpoint(Callback):
     """Write ``<run>/checkpoints/last.ckpt`` atomically and often (see the module docstring).
 
     Args:
-        every_n_steps: also every this many optimisation steps (``None``: only by time and epochs).
+        every_n_steps: every this many optimisation steps (``None``: only by time and at the end).
         every_minutes: also when this many minutes have passed since the last write.
     """
 
@@ -169,9 +170,6 @@ class LastCheckpoint(Callback):
                     and time.monotonic() - self._last_time >= 60 * self.every_minutes)
         if steps_due or time_due:
             self.save(trainer)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.save(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)

@@ -271,13 +271,18 @@ def _run_ray(cells: list[Cell], out: Path, log: Any) -> None:
             f"seed {row['seed']}: val_acc {float(row['val_acc']):.3f}")
 
 
-def _timings(backbone: str, image_size: int | None, batch_size: int) -> tuple[float, float]:
-    """Seconds of one training step (batch) and of one image's forward pass, measured on random
-    input with a randomly initialised copy of the backbone."""
+def _timings(backbone: str, image_size: int | None, batch_size: int) -> tuple[float, float, float]:
+    """Seconds of one training step (batch), of one image's forward pass at the evaluation batch
+    size, and of building the model, measured on random input with a randomly initialised copy of
+    the backbone."""
     import timm
     import torch
 
+    from visiontl.data.base import EVAL_BATCH
+
+    begin = time.perf_counter()
     model = timm.create_model(backbone, pretrained=False, num_classes=10)
+    build = time.perf_counter() - begin
     size = image_size or int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
     if hasattr(model, "set_input_size") and image_size:
         with contextlib.suppress(Exception):
@@ -292,11 +297,13 @@ def _timings(backbone: str, image_size: int | None, batch_size: int) -> tuple[fl
         optimizer.zero_grad()
         times.append(time.perf_counter() - begin)
     model.eval()
+    x = torch.rand(max(batch_size, EVAL_BATCH), 3, size, size)
     with torch.no_grad():
+        model(x)
         begin = time.perf_counter()
         model(x)
-        forward = (time.perf_counter() - begin) / batch_size
-    return min(times[1:]), forward
+        forward = (time.perf_counter() - begin) / len(x)
+    return min(times[1:]), forward, build
 
 
 def estimate_seconds(cells: list[Cell]) -> dict[tuple[str, str, str], float]:
@@ -321,14 +328,15 @@ def estimate_seconds(cells: list[Cell]) -> dict[tuple[str, str, str], float]:
         timing_key = (cell.backbone.name, cell.image_size, batch)
         if timing_key not in timings:
             timings[timing_key] = _timings(*timing_key)
-        step_s, forward_s = timings[timing_key]
+        step_s, forward_s, build_s = timings[timing_key]
         strategy = get_strategy(cell.strategy)
         if not strategy.sgd or strategy.cache_features:
             seconds = 1.0  # reads cached features: the head's fit or a few thousand steps of a linear layer
         else:
             steps = cell_steps(cell, n_train, batch)
             epochs = steps / max(1, math.ceil(n_train / batch))
-            seconds = steps * step_s + min(epochs, VALIDATIONS + 1) * n_val * forward_s
+            # + the train-accuracy pass and setting the run up (weights, trainer, checkpoints: ~2 model builds)
+            seconds = steps * step_s + (min(epochs, VALIDATIONS + 1) * n_val + n_train) * forward_s + 2 * build_s
         key = (cell.data.name, cell.backbone.label, cell.strategy_label)
         out[key] = out.get(key, 0.0) + seconds
     for data, (per_class, n_val) in counts.items():  # one feature pass per data set and backbone

@@ -403,6 +403,7 @@ class ClassificationDataModule(ImageDataModule):
             return dataset.loader(batch_size if train else max(batch_size, 1024), train, self.seed, drop_last)
         workers = self.loader_workers()
         if not train:
+            batch_size = self.eval_batch_size(len(self.samples("train")), len(dataset))
             return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                               persistent_workers=workers > 0)
         epochs = EpochSampler(len(dataset), self.seed, shuffle=True, encode_epoch=True, epoch_fn=self._current_epoch)
