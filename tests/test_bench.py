@@ -202,3 +202,32 @@ def test_frozen_cells_share_one_feature_pass(shapes_root: Path, tmp_path: Path,
     assert len(run_bench(config, tmp_path / "bench", log=lambda *_: None)) == 8
     entries = sorted((tmp_path / "cache" / "features").iterdir())
     assert len(entries) == 2  # the whole train split and the validation split
+
+
+@pytest.mark.slow
+def test_the_ray_launcher_gives_the_local_rows(shapes_root: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--launcher ray`` on a local Ray cluster: the same rows as the local run, and the frozen
+    cells read the one feature pass made before the tasks start."""
+    import ray
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("VISIONTL_CACHE", str(tmp_path / "cache"))  # before ray.init: the workers inherit it
+    weights = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(weights))
+    config = load_config({"data": [str(shapes_root)], "backbones": [f"test_resnet={weights}"], "image_size": 32,
+                          "steps": 2, "strategies": ["logreg", "knn", "full"], "shots": "2", "seeds": 2})
+    local = {r["key"]: r for r in run_bench(config, tmp_path / "local", log=lambda *_: None)}
+    lines: list[str] = []
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = run_bench(config, tmp_path / "ray", launcher="ray", log=lines.append)
+    finally:
+        ray.shutdown()
+    assert sorted(r["key"] for r in rows) == sorted(local) and len(rows) == 6
+    for row in rows:
+        assert {k: row[k] for k in METRICS} == {k: local[row["key"]][k] for k in METRICS}, row["strategy"]
+    assert sum("one feature pass" in line for line in lines) == 1 and sum("/6 " in line for line in lines) == 6
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2  # shared by both runs and every task
+    assert run_bench(config, tmp_path / "ray", launcher="ray", log=lines.append) == rows  # a rerun is a no-op

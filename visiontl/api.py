@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataModule, auto_batch_size
 from visiontl.resume import RunLogger, resolve_last
@@ -82,6 +84,8 @@ def fine_tune(
     task_kwargs: dict[str, Any] | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
     ckpt_path: str | os.PathLike[str] | None = None,
+    retain: str | os.PathLike[str] | None = None,
+    compare_scratch: bool | int = False,
 ) -> FitResult:
     """Fine-tune ``backbone`` on ``data`` with ``strategy`` and return the best checkpoint's metrics.
 
@@ -104,12 +108,27 @@ def fine_tune(
         trainer_kwargs: more ``pytorch_lightning.Trainer`` arguments.
         ckpt_path: resume: ``"last"`` continues the newest ``version_N`` of ``out/name`` from its
             ``last.ckpt``, in that same directory (an error if there is none); or a checkpoint path.
+        retain: a labelled folder or CSV of a task to keep: ``metrics.json`` gets
+            ``retain_acc_before``, ``retain_acc_after`` and ``forgetting`` (:mod:`visiontl.forgetting`).
+        compare_scratch: also train ``scratch`` on the same data, budget and preprocessing (``True``:
+            one run with ``seed``; a number n: n seeds from ``seed``) and report the gap
+            (``metrics.json``'s ``scratch``; a warning when pretraining did not help).
     """
     for arg, value in (("steps", steps), ("image_size", image_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"fine_tune: {arg} must be a whole number >= 1 (or None for automatic), got {value!r}.")
+    if isinstance(compare_scratch, bool):
+        scratch_seeds = int(compare_scratch)
+    elif isinstance(compare_scratch, int) and compare_scratch >= 1:
+        scratch_seeds = compare_scratch
+    else:
+        raise ValueError(f"fine_tune: compare_scratch must be True, False or a number of seeds >= 1, got "
+                         f"{compare_scratch!r}.")
+    pristine = copy.deepcopy(data) if scratch_seeds and isinstance(data, ClassificationDataModule) else data
     pl.seed_everything(seed, workers=True, verbose=False)
     dm = make_datamodule(data, seed=seed, **(data_kwargs or {}))
+    if retain is not None:
+        dm.retain = str(retain)
     if image_size is not None:
         dm.image_size = image_size
     task = ClassificationTask(
@@ -154,7 +173,45 @@ def fine_tune(
         results = trainer.validate(task, dm, ckpt_path=best or None, verbose=False)
         metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     wall = _wall_time(trainer)
-    return FitResult(metrics, Path(trainer.log_dir), task, trainer, dm, wall)
+    result = FitResult(metrics, Path(trainer.log_dir), task, trainer, dm, wall)
+    if scratch_seeds:
+        _compare_scratch(result, pristine, scratch_seeds, backbone=backbone, image_size=image_size, steps=steps,
+                         out=out, name=f"{run_name}-scratch", seed=seed, data_kwargs=data_kwargs,
+                         task_kwargs=task_kwargs, trainer_kwargs=trainer_kwargs)
+    return result
+
+
+def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **kwargs: Any) -> None:
+    """Train ``scratch`` ``seeds`` times at the run's budget and record the pretrained - scratch
+    gap in ``result.metrics`` and the run's ``metrics.json`` (``scratch``)."""
+    import json
+    import statistics
+    import warnings
+
+    from visiontl import _io
+
+    runs = []
+    for i in range(seeds):
+        source = copy.deepcopy(data) if isinstance(data, ClassificationDataModule) else data
+        runs.append(fine_tune(source, strategy="scratch", pretrained=False, seed=seed + i, **kwargs))
+    accs = [float(r.metrics["val_acc"]) for r in runs]
+    mean = statistics.fmean(accs)
+    std = statistics.stdev(accs) if len(accs) > 1 else None
+    gap = float(result.metrics["val_acc"]) - mean
+    record = {"val_acc": accs, "val_acc_mean": round(mean, 6), "val_acc_std": round(std, 6) if std is not None
+              else None, "gap": round(gap, 6), "seeds": [seed + i for i in range(seeds)],
+              "runs": [str(r.run_dir) for r in runs]}
+    result.metrics.update(scratch_val_acc=mean, transfer_gap=gap)
+    path = result.run_dir / "metrics.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    _io.write_json(path, {**summary, "scratch": record})
+    spread = f" ± {std:.3f} over {seeds} seeds" if std is not None else ""
+    if gap <= 0:
+        warnings.warn(f"[visiontl] negative transfer: the pretrained run's val_acc {result.metrics['val_acc']:.3f} is "
+                      f"not above scratch's {mean:.3f}{spread} at the same budget. Try another backbone "
+                      f"(visiontl rank), a gentler strategy (gradual, lora) or more steps for scratch.", stacklevel=3)
+    else:
+        rank_zero_info(f"[visiontl] pretrained - scratch: {gap:+.3f} val_acc (scratch {mean:.3f}{spread})")
 
 
 def _precision(task: ClassificationTask, dm: ClassificationDataModule, image_size: int | None) -> str:

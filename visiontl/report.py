@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from visiontl._io import atomic_path, write_text
 
-__all__ = ["save_confusion_matrix", "save_learning_curves", "comparison_table",
+__all__ = ["save_confusion_matrix", "save_learning_curves", "save_drift", "comparison_table",
            "format_console_table", "save_comparison"]
 
 PathLike = str | os.PathLike[str]
@@ -155,6 +155,25 @@ def save_learning_curves(metrics_csv: PathLike, path_png: PathLike) -> Path | No
         ax.set(title=title, xlabel=xlabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save_figure(fig, path_png)
+
+
+def save_drift(drift: dict[str, Any], path_png: PathLike) -> Path | None:
+    """Plot a run's drift report (:mod:`visiontl.forgetting`): each layer group's L2 distance from
+    the pretrained weights relative to their norm, with CKA, ImageNet agreement and retention in
+    the title. Returns None (nothing written) when no group moved or has pretrained weights."""
+    groups = [g for g in drift.get("groups", []) if g.get("relative") is not None]
+    if not groups:
+        return None
+    fig = Figure(figsize=(max(4.5, 0.55 * len(groups) + 2), 3.6), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(groups)), [g["relative"] for g in groups], color="tab:orange")
+    ax.set_xticks(range(len(groups)), [g["group"] for g in groups], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("||w - w_pretrained|| / ||w_pretrained||")
+    parts = [f"{label} {drift[key]:.3f}" for key, label in (("cka_val", "CKA"), ("imagenet_agreement",
+             "ImageNet agreement"), ("retain_acc_after", "retained acc")) if drift.get(key) is not None]
+    ax.set_title("weight drift per layer group" + (f"\n{', '.join(parts)}" if parts else ""), fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
     return _save_figure(fig, path_png)
 
 

@@ -9,6 +9,8 @@ CLI leave the same files in ``trainer.log_dir``:
 - ``checkpoints/best.ckpt`` and ``checkpoints/last.ckpt`` (resume with ``--ckpt_path last``);
 - ``confusion_matrix.png`` / ``.csv``, ``learning_curves.png``, ``skipped_files.txt``;
 - ``train_images.txt`` / ``val_images.txt``: the images of each split (export verifies on them);
+- ``splits.csv``: split, path and label of every image (``visiontl wise-ft`` fits and scores on it;
+  ``CsvDataModule(train_csv=..., split_column="split")`` reads it);
 - ``data_check.json``: the data check run before training (counts, imbalance, modes, warnings);
 - ``predictions.csv`` after ``predict``.
 """
@@ -27,7 +29,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 
 from visiontl import _io
-from visiontl.report import save_confusion_matrix, save_learning_curves
+from visiontl.report import save_confusion_matrix, save_drift, save_learning_curves
 
 __all__ = ["RunReport", "checkpoint_record", "discard_if_empty", "run_dir"]
 
@@ -53,7 +55,7 @@ def checkpoint_record(path: str | Path | None, state_dict: bool = False) -> dict
 
 
 _SETUP_FILES = {"hparams.yaml", "config.yaml", "data_check.json", "strategy.json", "train_images.txt",
-                "val_images.txt", "skipped_files.txt"}
+                "val_images.txt", "splits.csv", "skipped_files.txt"}
 
 
 def discard_if_empty(trainer: pl.Trainer | None) -> bool:
@@ -104,6 +106,14 @@ class RunReport(Callback):
             if dm is not None and hasattr(dm, "paths") and split in getattr(dm, "splits", {}):
                 files = dict.fromkeys(dm.paths(split))  # each file once (frames='all' lists one per frame)
                 _io.write_text(out / f"{split}_images.txt", "".join(f"{p}\n" for p in files))
+        splits = getattr(dm, "splits", None) if dm is not None else None
+        if isinstance(splits, dict) and "train" in splits:  # labelled: what wise-ft fits and scores on
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            writer.writerow(["split", "path", "label"])
+            for split in ("train", "val", "test"):
+                writer.writerows((split, str(p), label) for p, label in splits.get(split, []))
+            _io.write_text(out / "splits.csv", buf.getvalue())
         report = getattr(dm, "data_report", None) if dm is not None else None
         if report is not None:
             _io.write_json(out / "data_check.json", report.to_dict())
@@ -154,6 +164,18 @@ class RunReport(Callback):
         if hasattr(pl_module, "strategy_report"):
             summary["strategy"] = pl_module.strategy_report()
             _io.write_json(out / "strategy.json", summary["strategy"])  # now with the fitted head's numbers
+        forgetting = getattr(pl_module, "forgetting_report", None)  # visiontl.forgetting.Forgetting's
+        if forgetting:
+            summary.update(forgetting)
+            if "strategy" in summary:
+                moved = {g["group"]: g for g in forgetting["drift"]["groups"]}
+                for group in summary["strategy"]["groups"]:
+                    if group["name"] in moved:
+                        group["l2_from_pretrained"] = moved[group["name"]]["l2"]
+                        group["relative_l2_from_pretrained"] = moved[group["name"]]["relative"]
+                _io.write_json(out / "strategy.json", summary["strategy"])
+            save_drift({**forgetting["drift"], "retain_acc_after": forgetting.get("retain_acc_after")},
+                       out / "drift.png")
         guard = next((c for c in trainer.callbacks if hasattr(c, "report") and hasattr(c, "gave_up")), None)
         if guard is not None:
             summary["divergence_guard"] = guard.report()

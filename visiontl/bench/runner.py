@@ -226,35 +226,50 @@ def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int
     todo = [c for c in cells if keys[id(c)] not in done]
     log(f"[visiontl bench] shard {shard[0]}/{shard[1]}: {len(cells)} cells, {len(cells) - len(todo)} already done, "
         f"{len(todo)} to run; step budget: {step_budget(config)}")
-    if launcher == "ray":
-        _run_ray(todo, out, log)
-        return store.rows()
-    if launcher != "local":
+    if launcher not in ("local", "ray"):
         raise BenchError(f"launcher must be 'local' or 'ray', got {launcher!r}.")
     scored = {(s["data"], s["backbone"]) for s in store.scores()}
-    for n, cell in enumerate(todo, 1):
+
+    def feature_pass(cell: Cell) -> None:
         pair = (cell.data.name, cell.backbone.label)
-        with _quiet():
-            if pair not in scored:
-                log(f"[visiontl bench] one feature pass for {pair[0]} / {pair[1]}: transferability scores, and the "
-                    f"features every frozen-backbone cell reads")
+        if pair not in scored:
+            log(f"[visiontl bench] one feature pass for {pair[0]} / {pair[1]}: transferability scores, and the "
+                f"features every frozen-backbone cell reads")
+            with _quiet():
                 store.add_score(score_transferability(cell, out))
-                scored.add(pair)
+            scored.add(pair)
+
+    def done(n: int, row: dict[str, Any]) -> None:
+        log(f"[visiontl bench] {n}/{len(todo)} {row['data']} / {row['backbone']} / {row['strategy']} / "
+            f"shots {row['shots']} / seed {row['seed']}: val_acc {float(row['val_acc']):.3f} "
+            f"({float(row['wall_s']):.0f} s)")
+
+    if launcher == "ray" and todo:
+        for cell in todo:  # here, before any task starts: the tasks then read the cached features
+            feature_pass(cell)
+        _run_ray(todo, out, done)
+        return store.rows()
+    for n, cell in enumerate(todo, 1):
+        feature_pass(cell)
+        with _quiet():
             row = run_cell(cell, out)
         store.append(row)
-        log(f"[visiontl bench] {n}/{len(todo)} {cell.data.name} / {cell.backbone.label} / {cell.strategy_label} / "
-            f"shots {cell.shots_label} / seed {cell.seed}: val_acc {row['val_acc']:.3f} ({row['wall_s']:.0f} s)")
+        done(n, row)
     return store.rows()
 
 
-def _run_ray(cells: list[Cell], out: Path, log: Any) -> None:
+def _run_ray(cells: list[Cell], out: Path, done: Any) -> None:
+    """Run ``cells`` as Ray tasks, one CPU each (Ray then gives each task one OpenMP thread), on the
+    cluster ``ray.init()`` finds (``RAY_ADDRESS``) or on a local one. Each task appends its own row,
+    so ``out`` (and, to share the feature pass, ``VISIONTL_CACHE``) must be on a file system every
+    node sees."""
     try:
         import ray
     except ImportError as err:
-        raise BenchError("--launcher ray needs Ray: pip install 'ray[default]' (or run shards with --shard i/n "
+        raise BenchError("--launcher ray needs Ray: pip install 'visiontl[ray]' (or run shards with --shard i/n "
                          "under any scheduler).") from err
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True)
+        ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
 
     @ray.remote(num_cpus=1)
     def remote(cell: Cell) -> dict[str, Any]:
@@ -264,11 +279,11 @@ def _run_ray(cells: list[Cell], out: Path, log: Any) -> None:
         return row
 
     pending = [remote.remote(cell) for cell in cells]
+    n = 0
     while pending:
         finished, pending = ray.wait(pending, num_returns=1)
-        row = ray.get(finished[0])
-        log(f"[visiontl bench] {row['data']} / {row['backbone']} / {row['strategy']} / shots {row['shots']} / "
-            f"seed {row['seed']}: val_acc {float(row['val_acc']):.3f}")
+        n += 1
+        done(n, ray.get(finished[0]))
 
 
 def _timings(backbone: str, image_size: int | None, batch_size: int) -> tuple[float, float, float]:

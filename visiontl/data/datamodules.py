@@ -193,6 +193,9 @@ class ClassificationDataModule(ImageDataModule):
             stratified subset of the training split, nested across budgets (:mod:`visiontl.data.shots`);
             the validation split stays whole. A class with fewer images is an error naming it.
         shots_seed: seed of that subset (default: ``seed``).
+        retain: a labelled folder or CSV of an earlier task or domain whose knowledge the
+            fine-tuned model should keep: a run then reports ``retain_acc_before``,
+            ``retain_acc_after`` and ``forgetting`` (:mod:`visiontl.forgetting`).
         **kwargs: the image settings of :class:`~visiontl.data.base.ImageDataModule`
             (``batch_size``, ``num_workers``, ``image_size``, ``augment``, ``on_bad_image``,
             ``mean``, ``std``, ``normalize``, ``in_chans``, ``check_images``, ``max_pixels``,
@@ -200,8 +203,9 @@ class ClassificationDataModule(ImageDataModule):
     """
 
     def __init__(self, val_fraction: float = 0.2, seed: int = 0, presize: bool = False, shots: int | None = None,
-                 shots_seed: int | None = None, **kwargs: Any) -> None:
+                 shots_seed: int | None = None, retain: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.retain = retain
         if shots is not None and int(shots) < 1:
             raise DataError(f"shots must be >= 1 image per class (or None for all), got {shots}.")
         self.shots = int(shots) if shots is not None else None
@@ -494,6 +498,10 @@ class CsvDataModule(ClassificationDataModule):
             shipped in several parts (``HAM10000_images_part_1``, ``..._part_2``).
         group_column: column whose value ties images together (lesion, patient): a validation
             split drawn from ``train_csv`` keeps each group on one side.
+        split_column: a column of ``train_csv`` naming each row's split (``train``, ``val`` /
+            ``valid`` / ``validation``, ``test``; empty: ``train``), for data listed in one CSV
+            (a run directory's ``splits.csv`` is such a file); ``val_csv`` / ``test_csv`` then
+            must not be given.
         **kwargs: see :class:`ClassificationDataModule`. With ``on_bad_image='skip'``, rows
             whose file is missing are left out and listed (``skipped_files.txt``) instead of
             stopping with an error.
@@ -510,9 +518,14 @@ class CsvDataModule(ClassificationDataModule):
         suffix: str = "",
         image_dirs: Sequence[str] | None = None,
         group_column: str | None = None,
+        split_column: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if split_column is not None and (val_csv or test_csv):
+            raise DataError(f"CsvDataModule: split_column={split_column!r} takes every split from {train_csv}; do "
+                            f"not also give val_csv / test_csv.")
+        self.split_column = split_column
         self.train_csv, self.val_csv, self.test_csv = train_csv, val_csv, test_csv
         self.root = root
         self.path_column, self.label_column = path_column, label_column
@@ -524,8 +537,12 @@ class CsvDataModule(ClassificationDataModule):
         return self._groups if self.group_column is not None else None
 
     def _read(self, csv_path: str) -> list[Sample]:
+        return [s for _, s in self._read_rows(csv_path)]
+
+    def _read_rows(self, csv_path: str) -> list[tuple[str, Sample]]:
+        """``(split, sample)`` per row (the split from ``split_column``, else ``train``)."""
         rows = read_csv_rows(csv_path, self.path_column, self.label_column, self.root, self.suffix, self.image_dirs,
-                             self.group_column)
+                             self.group_column, split_column=self.split_column or "split")
         path = Path(csv_path).expanduser()
         samples, missing = [], []
         for row in rows:
@@ -536,7 +553,7 @@ class CsvDataModule(ClassificationDataModule):
                 continue
             if self.group_column is not None:
                 self._groups[row.path] = row.group or str(row.path)
-            samples.append((row.path, row.label))
+            samples.append((row.split if self.split_column else "train", (row.path, row.label)))
         if missing and self.on_bad_image == "skip":
             self.skipped.extend(missing)
         elif missing:
@@ -552,6 +569,15 @@ class CsvDataModule(ClassificationDataModule):
         return samples
 
     def load_splits(self) -> dict[str, list[Sample]]:
+        if self.split_column is not None:
+            splits: dict[str, list[Sample]] = {}
+            for split, sample in self._read_rows(self.train_csv):
+                if split not in ("train", "val", "test"):
+                    raise DataError(f"{self.train_csv}: column {self.split_column!r} has {split!r}; use train, val "
+                                    f"(valid, validation) or test.")
+                splits.setdefault(split, []).append(sample)
+            splits.setdefault("train", [])
+            return splits
         splits = {"train": self._read(self.train_csv)}
         if self.val_csv:
             splits["val"] = self._read(self.val_csv)

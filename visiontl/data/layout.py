@@ -92,7 +92,7 @@ def folder_splits(root: str | os.PathLike[str]) -> dict[str, list[Sample]]:
 @dataclass(frozen=True)
 class CsvRow:
     """One data row of a dataset CSV: its line number, resolved image path (None when the path
-    value is empty), class name ("" when empty), split (``split`` column, else ``train``) and
+    value is empty), class name ("" when empty), split (``split_column``, else ``train``) and
     group (``group_column``, else "")."""
 
     line: int
@@ -111,6 +111,7 @@ def read_csv_rows(
     image_dirs: Sequence[str] = (),
     group_column: str | None = None,
     columns_hint: str = "set path_column / label_column / group_column",
+    split_column: str = "split",
 ) -> list[CsvRow]:
     """Read a dataset CSV (the datamodules' and ``check-data``'s one reader).
 
@@ -133,7 +134,8 @@ def read_csv_rows(
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path} is not a readable CSV file ({err}).") from err
-    missing = [c for c in (path_column, label_column, group_column) if c is not None and c not in columns]
+    required = (path_column, label_column, group_column, None if split_column == "split" else split_column)
+    missing = [c for c in required if c is not None and c not in columns]
     if missing:
         raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (columns: "
                         f"{', '.join(columns) or 'none'}); {columns_hint}.")
@@ -144,7 +146,7 @@ def read_csv_rows(
         value = (row.get(path_column) or "").strip()
         file = _locate(base, value + suffix, image_dirs) if value else None
         group = (row.get(group_column) or "").strip() if group_column else ""
-        out.append(CsvRow(line, file, (row.get(label_column) or "").strip(), canonical_split(row.get("split") or ""),
+        out.append(CsvRow(line, file, (row.get(label_column) or "").strip(), canonical_split(row.get(split_column) or ""),
                           group))
     return out
 

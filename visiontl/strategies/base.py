@@ -113,6 +113,8 @@ class Strategy:
     peft: ClassVar[bool] = False
     """Whether it trains a small part of a frozen pretrained model (bitfit, lora, adapter, vpt):
     runs then also write a PEFT checkpoint of the trained tensors alone (:mod:`visiontl.delta`)."""
+    regularizer: str | None = None
+    """A loss term the task adds (``l2sp``; :class:`Discriminative` strategies), or ``None``."""
     bn_stats: str = "update"
     """``update``: normalisation layers of training groups update their running statistics from
     each batch (PyTorch's default); ``frozen``: they stay in inference mode (statistics frozen, affine
@@ -187,6 +189,8 @@ class Strategy:
         """
         if not self.sgd:
             return []
+        if getattr(self, "regularizer", None) == "l2sp":
+            weight_decay = 0.0  # L2-SP's loss term replaces decay towards zero
         out = []
         for group, plan in zip(groups, self.plan(groups)):
             named = [(n, p) for n, p in zip(group.param_names, group.params)
@@ -261,6 +265,13 @@ class Discriminative(Strategy):
         bn_stats: ``update`` (running statistics follow the training batches) or ``frozen``
             (normalisation layers stay in inference mode; their affine parameters still train);
             ``None``: ``update`` with ``train_bn``, else ``frozen``.
+        regularizer: ``None`` or ``"l2sp"``: a loss term ``alpha / 2 * ||w - w0||^2`` over the
+            pretrained backbone weights ``w0`` plus ``beta / 2 * ||w_head||^2`` over the new head
+            (L2-SP, Li et al., ICML 2018), logged as ``train_l2sp``. It replaces AdamW's weight
+            decay (which pulls towards zero, away from the pretrained start), as in the paper;
+            the learning rates stay discriminative.
+        alpha: L2-SP's weight on the distance from the pretrained backbone.
+        beta: L2-SP's weight on the new head's norm.
     """
 
     def __init__(
@@ -270,8 +281,16 @@ class Discriminative(Strategy):
         lr_range: tuple[float, float] | None = None,
         train_bn: bool = False,
         bn_stats: str | None = "update",
+        regularizer: str | None = None,
+        alpha: float = 0.1,
+        beta: float = 0.01,
     ) -> None:
         super().__init__(lr=lr, train_bn=train_bn)
+        if regularizer not in (None, "l2sp"):
+            raise StrategyError(f"{type(self).__name__}: regularizer must be 'l2sp' or None, got {regularizer!r}.")
+        if alpha < 0 or beta < 0:
+            raise StrategyError(f"{type(self).__name__}: alpha and beta must be >= 0, got {alpha} and {beta}.")
+        self.regularizer, self.alpha, self.beta = regularizer, float(alpha), float(beta)
         if bn_stats is None:
             bn_stats = "update" if train_bn else "frozen"
         if bn_stats not in ("update", "frozen"):

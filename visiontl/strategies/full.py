@@ -17,6 +17,7 @@ class Full(Discriminative):
         lr_range: fastai-style ``(lr_min, lr_max)``: geometric from the stem to the head.
         train_bn: unused (every group trains, so all BatchNorm layers do).
         bn_stats: ``update`` (default) or ``frozen``: normalisation layers in inference mode.
+        regularizer: ``"l2sp"`` (with ``alpha``, ``beta``): see :class:`~visiontl.strategies.base.Discriminative`.
     """
 
     name = "full"

@@ -56,6 +56,7 @@ class Gradual(Discriminative):
             fitted on, and small batches cannot drag the running statistics away (on 8 px digits,
             batch statistics took the fitted head's training loss from ~0 to 8.5 at the first
             step); ``update``: PyTorch's default.
+        regularizer: ``"l2sp"`` (with ``alpha``, ``beta``): see :class:`~visiontl.strategies.base.Discriminative`.
     """
 
     name = "gradual"
@@ -71,8 +72,12 @@ class Gradual(Discriminative):
         lr_range: tuple[float, float] | None = None,
         train_bn: bool = False,
         bn_stats: str = "frozen",
+        regularizer: str | None = None,
+        alpha: float = 0.1,
+        beta: float = 0.01,
     ) -> None:
-        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
+        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats,
+                         regularizer=regularizer, alpha=alpha, beta=beta)
         if head not in ("fit", "sgd"):
             raise StrategyError(f"gradual: head must be 'fit' (LP-FT) or 'sgd', got {head!r}.")
         if head_epochs is not None and head == "fit":

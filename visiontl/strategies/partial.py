@@ -19,6 +19,7 @@ class Partial(Discriminative):
         lr_range: fastai-style ``(lr_min, lr_max)`` over the trainable groups instead of ``decay``.
         train_bn: let BatchNorm layers of the frozen groups train.
         bn_stats: ``update`` or ``frozen`` running statistics in the training groups.
+        regularizer: ``"l2sp"`` (with ``alpha``, ``beta``): see :class:`~visiontl.strategies.base.Discriminative`.
     """
 
     name = "partial"
@@ -32,8 +33,12 @@ class Partial(Discriminative):
         lr_range: tuple[float, float] | None = None,
         train_bn: bool = False,
         bn_stats: str = "update",
+        regularizer: str | None = None,
+        alpha: float = 0.1,
+        beta: float = 0.01,
     ) -> None:
-        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
+        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats,
+                         regularizer=regularizer, alpha=alpha, beta=beta)
         self.k = int(k)
         if self.k < 1:
             raise StrategyError(f"partial: k must be >= 1 (k=0 is the 'probe' strategy), got {k}.")

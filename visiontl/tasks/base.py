@@ -86,16 +86,19 @@ class BaseTask(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """In this order: the set-up link with the datamodule (:class:`~visiontl.tasks.link.DataLink`),
-        feature caching and head fitting (:class:`~visiontl.features.CachedFeatures`), the run
-        report, the task's callbacks, checkpoints (when the Trainer checkpoints) and the
-        learning-rate monitor (when it logs)."""
+        feature caching and head fitting (:class:`~visiontl.features.CachedFeatures`), forgetting
+        and drift (:class:`~visiontl.forgetting.Forgetting`), the run report, the task's callbacks,
+        checkpoints (when the Trainer checkpoints) and the learning-rate monitor (when it logs)."""
         from pytorch_lightning.callbacks import LearningRateMonitor
 
         from visiontl.features import CachedFeatures
+        from visiontl.forgetting import Forgetting
         from visiontl.run import RunReport
         from visiontl.tasks.link import DataLink
 
-        callbacks: list[pl.Callback] = [DataLink(), CachedFeatures(), RunReport(), *self.task_callbacks()]
+        # Forgetting before RunReport: its measures go into the report RunReport writes at fit end
+        callbacks: list[pl.Callback] = [DataLink(), CachedFeatures(), Forgetting(), RunReport(),
+                                        *self.task_callbacks()]
         trainer = self._trainer
         if trainer is None or trainer.checkpoint_callback is not None:
             callbacks[:0] = self.checkpoint_callbacks()

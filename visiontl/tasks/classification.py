@@ -30,6 +30,8 @@ from visiontl.features import (
 )
 from visiontl.speed import channels_last_input, is_cnn
 from visiontl.strategies import Strategy, StrategyError, get_strategy, replace_classifier
+from visiontl.strategies.regularizers import l2sp_penalty
+from visiontl.weights import classifier_names
 from visiontl.tasks.base import BaseTask
 from visiontl.tasks.guard import DivergenceGuard
 
@@ -72,8 +74,11 @@ class ClassificationTask(BaseTask):
         divergence_guard: watch for divergence and collapse and repair them
             (:class:`~visiontl.tasks.guard.DivergenceGuard`); any SGD strategy.
         last_every_n_steps: write ``checkpoints/last.ckpt`` every this many steps (``None``: not by
-            steps); it is also written at every epoch's end (:class:`~visiontl.resume.LastCheckpoint`).
+            steps); it is also written when training ends (:class:`~visiontl.resume.LastCheckpoint`).
         last_every_minutes: and whenever this many minutes have passed (``None``: not by time).
+        measure_drift: at the end of a fit that changed a pretrained backbone, report how far it
+            moved and what it forgot (:mod:`visiontl.forgetting`: CKA, per-group weight distance,
+            ImageNet agreement, retention on the datamodule's ``retain`` set) in ``metrics.json``.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class ClassificationTask(BaseTask):
         divergence_guard: bool = True,
         last_every_n_steps: int | None = 50,
         last_every_minutes: float | None = 5.0,
+        measure_drift: bool = True,
     ) -> None:
         if num_classes is None and class_names:
             num_classes = len(class_names)
@@ -152,6 +158,14 @@ class ClassificationTask(BaseTask):
         head = self.strategy.make_head(width, hp["num_classes"])
         if head is not None:
             replace_classifier(self.model, head)
+        # the pretrained backbone as it starts (resized, before any step or resumed checkpoint): what
+        # L2-SP pulls towards and what the drift report (visiontl.forgetting) compares with; kept
+        # out of the state dict. Only for strategies that change a pretrained backbone.
+        changes_backbone = self.strategy.sgd and self.strategy.uses_pretrained and not self.strategy.cache_features
+        head_keys = tuple(f"{name}." for name in classifier_names(self.model))
+        wanted = (changes_backbone and hp.get("measure_drift", True)) or self.strategy.regularizer is not None
+        self.__dict__["start_state"] = ({k: v.detach().clone() for k, v in self.model.state_dict().items()
+                                         if not k.startswith(head_keys)} if wanted else None)
 
     def configure_losses(self) -> None:
         weights = self.hparams["class_weights"]
@@ -248,6 +262,14 @@ class ClassificationTask(BaseTask):
         self.train_metrics.reset()
         self.train_loss_mean.reset()
 
+    def _start_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The pretrained snapshot on ``device`` (moved once)."""
+        start = self.__dict__.get("start_state") or {}
+        if start and next(iter(start.values())).device != device:
+            start = {k: v.to(device) for k, v in start.items()}
+            self.__dict__["start_state"] = start
+        return start
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.__dict__.get("_compiled") or self.model)(channels_last_input(x, self.channels_last))
 
@@ -261,6 +283,10 @@ class ClassificationTask(BaseTask):
             return None
         logits = self._logits(batch)
         loss = self._loss(logits, batch["label"])
+        if self.strategy.regularizer == "l2sp":
+            penalty = l2sp_penalty(self.model, self._start_on(loss.device), self.strategy.alpha, self.strategy.beta)
+            self.log("train_l2sp", penalty.detach(), on_step=True, on_epoch=True, batch_size=len(batch["label"]))
+            loss = loss + penalty
         self.train_metrics.update(logits.detach(), batch["label"])  # computed once per epoch
         size = len(batch["label"])
         out = {"loss": loss, "preds": logits.detach().argmax(1)}  # predictions for the divergence guard
@@ -339,28 +365,61 @@ class ClassificationTask(BaseTask):
         The checkpoint is read with ``torch.load(weights_only=True)``; the backbone is rebuilt
         from the saved hyper-parameters with no download and no weights file.
         """
-        from visiontl.weights import WeightsError
-
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError as err:
-            raise WeightsError(f"Checkpoint {path} does not exist.") from err
-        hp = dict(ckpt.get("hyper_parameters") or {})
-        if "state_dict" not in ckpt or "backbone" not in hp:
-            raise WeightsError(
-                f"{path} is not a visiontl ClassificationTask checkpoint (no hyper_parameters / state_dict)."
-            )
+        ckpt, hp, strategy = _read_checkpoint(path, map_location)
         hp.update(pretrained=False, weights=None)
-        try:  # registered strategies only: a checkpoint never makes visiontl import anything
-            strategy = get_strategy(dict(hp.pop("strategy", None) or {"name": "probe"}), trusted=False)
-        except StrategyError as err:
-            raise WeightsError(f"{path}: {err}") from err
         task = cls(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
         # the classifier network only: training-time modules (a domain discriminator...) stay behind
         task.load_state_dict({k: v for k, v in ckpt["state_dict"].items()
                               if k.startswith("model.") or k == "class_weight"})
         task.on_load_checkpoint(ckpt)  # the base weights it was trained on, not the random ones rebuilt here
         return task.eval()
+
+    @classmethod
+    def start_of(cls, path: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None
+                 ) -> ClassificationTask:
+        """The task a checkpoint's run started from: the same configuration on the pretrained weights
+        it recorded (its weights file, named source or timm's hub), or on ``weights``; the head is
+        a fresh one. Loads weights (safetensors or ``weights_only``), never code.
+
+        Raises:
+            WeightsError: the recorded weights cannot be had here (give ``weights``).
+        """
+        from visiontl.weights import WeightsError
+
+        _, hp, strategy = _read_checkpoint(path)
+        if weights is not None:
+            hp.update(pretrained=False, weights=str(weights))
+        elif not hp.get("pretrained") and not hp.get("weights"):
+            raise WeightsError(f"{path}: its run started from random weights; there is no pretrained model to go back "
+                               f"to (give weights= to use some).")
+        try:
+            task = cls(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
+        except (OSError, RuntimeError) as err:  # no hub access, a weights file gone
+            raise WeightsError(f"{path}: the pretrained weights it started from ({hp.get('weights') or 'timm hub'}) "
+                               f"cannot be loaded here ({err}); give the weights file.") from err
+        return task.eval()
+
+
+def _read_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu"
+                     ) -> tuple[dict[str, Any], dict[str, Any], Strategy]:
+    """A visiontl checkpoint's contents, hyper-parameters and strategy (registered strategies only:
+    a checkpoint never makes visiontl import anything), read with ``weights_only=True``."""
+    from visiontl.weights import WeightsError
+
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as err:
+        raise WeightsError(f"Checkpoint {path} does not exist.") from err
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    if "state_dict" not in ckpt or "backbone" not in hp:
+        raise WeightsError(
+            f"{path} is not a visiontl ClassificationTask checkpoint (no hyper_parameters / state_dict)."
+        )
+    try:
+        strategy = get_strategy(dict(hp.pop("strategy", None) or {"name": "probe"}), trusted=False)
+    except StrategyError as err:
+        raise WeightsError(f"{path}: {err}") from err
+    return ckpt, hp, strategy
 
 
 def _init_args(cls: type) -> frozenset[str]:

@@ -1,0 +1,302 @@
+"""WiSE-FT: weight-space ensembles of the pretrained and the fine-tuned model (Wortsman et al., CVPR
+2022, "Robust fine-tuning of zero-shot models").
+
+``theta(alpha) = (1 - alpha) * theta_0 + alpha * theta_1`` where ``theta_1`` is the fine-tuned model
+and ``theta_0`` the pretrained backbone with a linear head fitted on its frozen features of the run's
+training images (the paper's recipe for models without a zero-shot head: the linear classifier,
+:class:`~visiontl.strategies.LogisticRegression` here, penalty by cross-validation). ``alpha = 0`` is
+that linear probe, ``alpha = 1`` the fine-tuned model; the ensemble costs no training.
+
+BatchNorm running statistics are interpolated like every other tensor (``bn="interpolate"``, the
+default: ``benchmarks/forgetting.py`` measured it against re-estimating them), or re-estimated on
+the training images (``bn="recompute"``: a cumulative average over one pass, as SWA does).
+
+Every alpha is scored on the run's validation images (and, with ``retain``, by linear-probe
+retention on a task to keep, :mod:`visiontl.forgetting`); the chosen alpha is the smallest within
+``tolerance`` of the best validation accuracy (the most of the pretrained model kept for at most
+that much of the new task), unless ``alpha`` is given. Its weights are written as a normal
+checkpoint (``wise-ft.ckpt``) that ``visiontl export`` takes.
+
+A run directory is data: nothing in it is imported or executed. The run's images and labels come
+from its ``splits.csv``; the weights from its checkpoint (``weights_only``) and the pretrained weights
+it recorded (or ``weights``).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontl import _io
+
+__all__ = ["WiseFTError", "interpolate", "main", "parse_alphas", "wise_ft"]
+
+DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+class WiseFTError(ValueError):
+    """A run WiSE-FT cannot interpolate, or bad options."""
+
+
+def parse_alphas(text: str | Sequence[float]) -> list[float]:
+    """``"0,0.1,...,1"`` (or a list) -> sorted unique alphas in [0, 1]."""
+    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text) if str(v).strip()]
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if not values or bad:
+        raise WiseFTError(f"alphas must be numbers in [0, 1] (0: the pretrained model with its linear head, 1: the "
+                          f"fine-tuned one), got {text!r}.")
+    return sorted(set(values))
+
+
+def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * start + alpha * end`` for every floating-point tensor; integer tensors
+    (BatchNorm's ``num_batches_tracked``) come from the nearer end."""
+    if set(start) != set(end):
+        differ = sorted(set(start) ^ set(end))
+        raise WiseFTError(f"the pretrained and fine-tuned models have different tensors ({', '.join(differ[:5])}...).")
+    out = {}
+    for key, value in end.items():
+        if value.is_floating_point():
+            out[key] = torch.lerp(start[key].to(value.dtype), value, float(alpha))
+        else:
+            out[key] = (value if alpha > 0.5 else start[key]).clone()
+    return out
+
+
+def _run_checkpoint(run: Path) -> Path:
+    if run.is_file():
+        return run
+    found = run / "checkpoints" / "best.ckpt"
+    if not found.is_file():
+        raise WiseFTError(f"{run} has no checkpoints/best.ckpt; give a run directory or a .ckpt file.")
+    return found
+
+
+def _run_data(ckpt: Path, task: Any) -> Any:
+    """The run's datamodule, from its ``splits.csv`` (paths and labels), with its preprocessing."""
+    from visiontl.data import CsvDataModule
+
+    run = ckpt.parent.parent
+    listing = run / "splits.csv"
+    if not listing.is_file():
+        raise WiseFTError(f"{run} has no splits.csv (runs write it from visiontl 0.x on); re-run the fit, or list its "
+                          f"images as split,path,label in {listing}.")
+    pre = task.preprocessing
+    dm = CsvDataModule(str(listing), split_column="split", num_workers=0, image_size=pre.size, mean=list(pre.mean),
+                       std=list(pre.std), in_chans=pre.in_chans, check_images=False)
+    dm.resolve_preprocessing(pre)
+    if dm.class_names != task.class_names:
+        raise WiseFTError(f"{listing} has classes {dm.class_names}, the checkpoint {task.class_names}.")
+    if "val" not in dm.splits:
+        raise WiseFTError(f"{listing} has no validation images to choose alpha on.")
+    return dm
+
+
+@torch.no_grad()
+def _recompute_bn(model: nn.Module, dataset: Any, batch_size: int = 32) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``dataset`` (one pass, cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    for batch in loader:
+        model(batch["image"])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+@torch.no_grad()
+def _scores(model: nn.Module, dm: Any) -> dict[str, float]:
+    """Validation accuracy and balanced accuracy of ``model``."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(dm.feature_source("val"), batch_size=32, num_workers=0)
+    predicted, labels = [], []
+    for batch in loader:
+        predicted.append(model(batch["image"]).argmax(1).numpy())
+        labels.append(np.asarray(batch["label"]))
+    p, y = np.concatenate(predicted), np.concatenate(labels)
+    per_class = [float((p[y == c] == c).mean()) for c in np.unique(y)]
+    return {"val_acc": float((p == y).mean()), "val_balanced_acc": float(np.mean(per_class))}
+
+
+def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Sequence[float] = DEFAULT_ALPHAS,
+            retain: str | os.PathLike[str] | None = None, bn: str = "interpolate",
+            weights: str | os.PathLike[str] | None = None, alpha: float | None = None, tolerance: float = 0.01,
+            log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Interpolate a run's pretrained and fine-tuned weights, score every alpha, write the chosen one.
+
+    Args:
+        run: a run directory (its ``checkpoints/best.ckpt``) or a checkpoint in one.
+        out: folder for ``wise_ft.csv`` / ``.json`` / ``.png`` and ``wise-ft.ckpt``.
+        alphas: the mixing weights to score (0: pretrained + linear head, 1: fine-tuned).
+        retain: a labelled folder or CSV of a task to keep, scored by linear-probe retention.
+        bn: ``interpolate`` BatchNorm running statistics, or ``recompute`` them on the training images.
+        weights: the pretrained weights, when the recorded ones are not here (a file or named source).
+        alpha: write this alpha instead of the chosen one (it is scored too).
+        tolerance: the chosen alpha is the smallest whose validation accuracy is within this of the best.
+        log: where progress lines go.
+
+    Returns:
+        ``{"alphas": [rows], "chosen": alpha, "checkpoint": path, ...}`` (also ``wise_ft.json``).
+    """
+    from visiontl.features import pooled_features, split_features, supports_features
+    from visiontl.forgetting import linear_probe_accuracy, retain_datamodule
+    from visiontl.strategies.heads import LogisticRegression
+    from visiontl.tasks import ClassificationTask
+
+    if bn not in ("interpolate", "recompute"):
+        raise WiseFTError(f"bn must be 'interpolate' or 'recompute', got {bn!r}.")
+    if not 0.0 <= tolerance < 1.0:
+        raise WiseFTError(f"tolerance must be in [0, 1), got {tolerance}.")
+    grid = parse_alphas(list(alphas) + ([alpha] if alpha is not None else []))
+    ckpt = _run_checkpoint(Path(run))
+    tuned = ClassificationTask.from_checkpoint(ckpt)
+    strategy = tuned.strategy
+    if not strategy.sgd or strategy.cache_features or not strategy.uses_pretrained:
+        raise WiseFTError(f"{ckpt}: strategy {strategy.name!r} does not fine-tune a pretrained backbone; there is "
+                          f"nothing to interpolate.")
+    start = ClassificationTask.start_of(ckpt, weights=weights)
+    end_model = strategy.merge(copy.deepcopy(tuned.model)).eval()
+    start_model = strategy.merge(copy.deepcopy(start.model)).eval()
+    if not supports_features(end_model):
+        raise WiseFTError(f"{tuned.hparams['backbone']} has no single linear classifier to fit on its features.")
+    dm = _run_data(ckpt, tuned)
+    backbone = tuned.hparams["backbone"]
+    k = tuned.hparams["num_classes"]
+
+    # theta_0's head: the linear probe on the pretrained features of the run's training images
+    features, labels = split_features(start_model, backbone, dm, "train")
+    probe = start_model.get_classifier()
+    LogisticRegression().fit(probe, torch.from_numpy(np.array(features, dtype=np.float32)),
+                             torch.from_numpy(np.array(labels, dtype=np.int64)), k)
+    start_state, end_state = start_model.state_dict(), end_model.state_dict()
+    rdm = retain_datamodule(retain, dm) if retain else None
+
+    rows = []
+    model = copy.deepcopy(end_model)
+    for a in grid:
+        model.load_state_dict(interpolate(start_state, end_state, a))
+        if bn == "recompute" and 0.0 < a < 1.0:
+            _recompute_bn(model, dm.feature_source("train"))
+        row: dict[str, Any] = {"alpha": a, **_scores(model, dm)}
+        if rdm is not None:
+            with torch.no_grad():
+                pairs = []
+                for split in ("train", "val"):
+                    source = rdm.feature_source(split)
+                    loader = torch.utils.data.DataLoader(source, batch_size=32, num_workers=0)
+                    pooled = [pooled_features(model, b["image"]).numpy() for b in loader]
+                    pairs.append((np.concatenate(pooled), np.array([label for _, label in source.items])))
+            row["retain_acc"] = linear_probe_accuracy(pairs[0], pairs[1], rdm.num_classes)
+        rows.append(row)
+        log(f"[visiontl wise-ft] alpha {a:.2f}: val_acc {row['val_acc']:.3f}"
+            + (f", retain_acc {row['retain_acc']:.3f}" if "retain_acc" in row else ""))
+
+    best = max(r["val_acc"] for r in rows)
+    chosen = alpha if alpha is not None else min(r["alpha"] for r in rows if r["val_acc"] >= best - tolerance - 1e-12)
+    model.load_state_dict(interpolate(start_state, end_state, chosen))
+    if bn == "recompute" and 0.0 < chosen < 1.0:
+        _recompute_bn(model, dm.feature_source("train"))
+    picked = next(r for r in rows if r["alpha"] == chosen)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = _save_checkpoint(ckpt, tuned, model, picked, chosen, bn, out / "wise-ft.ckpt")
+    report = {"run": str(ckpt), "bn": bn, "tolerance": tolerance, "chosen": chosen,
+              "rule": "given" if alpha is not None else f"smallest alpha within {tolerance} of the best val_acc",
+              "checkpoint": str(path), "alphas": rows}
+    _write_table(rows, out / "wise_ft.csv")
+    _io.write_json(out / "wise_ft.json", report)
+    _plot(rows, chosen, out / "wise_ft.png")
+    log(f"[visiontl wise-ft] alpha {chosen:.2f} ({report['rule']}): val_acc {picked['val_acc']:.3f}; wrote {path}")
+    return report
+
+
+def _save_checkpoint(ckpt: Path, tuned: Any, model: nn.Module, scores: dict[str, Any], alpha: float, bn: str,
+                     path: Path) -> Path:
+    """A checkpoint ``ClassificationTask.from_checkpoint`` (and ``visiontl export``) loads: the run's
+    hyper-parameters (a merged LoRA model is a plain one: strategy ``full``) and the mixed weights."""
+    from visiontl.strategies import get_strategy
+
+    original = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hp = dict(original["hyper_parameters"])
+    if set(model.state_dict()) != set(tuned.model.state_dict()):
+        hp["strategy"] = get_strategy("full").to_config()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({k: v for k, v in original["state_dict"].items() if k == "class_weight"})
+    record = dict(original.get("visiontl") or {})
+    record.update(val_metrics={k: v for k, v in scores.items() if k.startswith("val_")}, val_confusion=None,
+                  wise_ft={"alpha": alpha, "bn": bn, "from": str(ckpt)})
+    with _io.atomic_path(path) as tmp:
+        torch.save({"hyper_parameters": hp, "state_dict": state, "visiontl": record}, tmp)
+    return path
+
+
+def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _io.write_text(path, buf.getvalue())
+
+
+def _plot(rows: list[dict[str, Any]], chosen: float, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from visiontl.report import _save_figure
+
+    fig = Figure(figsize=(5.4, 3.8), layout="constrained")
+    ax = fig.subplots()
+    xs = [r["alpha"] for r in rows]
+    ax.plot(xs, [r["val_acc"] for r in rows], marker="o", label="new task (validation)")
+    if "retain_acc" in rows[0]:
+        ax.plot(xs, [r["retain_acc"] for r in rows], marker="s", label="retained task (linear probe)")
+    ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"chosen alpha {chosen:.2f}")
+    ax.set(xlabel="alpha (0: pretrained + linear head, 1: fine-tuned)", ylabel="accuracy", title="WiSE-FT")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``visiontl wise-ft RUN --out DIR [--alphas 0,0.1,...,1] [--retain PATH] [--bn ...]``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="visiontl wise-ft", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a run directory (its checkpoints/best.ckpt) or a checkpoint in one")
+    parser.add_argument("--out", required=True, help="folder for wise_ft.csv/.json/.png and wise-ft.ckpt")
+    parser.add_argument("--alphas", default=",".join(str(a) for a in DEFAULT_ALPHAS),
+                        help="mixing weights to score, comma-separated (0: pretrained + linear head, 1: fine-tuned)")
+    parser.add_argument("--retain", help="a labelled folder or CSV of a task to keep: scored at every alpha")
+    parser.add_argument("--bn", choices=["interpolate", "recompute"], default="interpolate",
+                        help="BatchNorm running statistics: interpolated, or re-estimated on the training images")
+    parser.add_argument("--weights", help="the pretrained weights, when the ones the run recorded are not here")
+    parser.add_argument("--alpha", type=float, help="write this alpha instead of the chosen one")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="choose the smallest alpha within this of the best validation accuracy")
+    args = parser.parse_args(argv)
+    from visiontl.data.images import DataError
+    from visiontl.weights import WeightsError
+
+    try:
+        wise_ft(args.run, args.out, parse_alphas(args.alphas), retain=args.retain, bn=args.bn, weights=args.weights,
+                alpha=args.alpha, tolerance=args.tolerance)
+    except (WiseFTError, WeightsError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
