@@ -231,3 +231,17 @@ def test_the_ray_launcher_gives_the_local_rows(shapes_root: Path, tmp_path: Path
     assert sum("one feature pass" in line for line in lines) == 1 and sum("/6 " in line for line in lines) == 6
     assert len(list((tmp_path / "cache" / "features").iterdir())) == 2  # shared by both runs and every task
     assert run_bench(config, tmp_path / "ray", launcher="ray", log=lines.append) == rows  # a rerun is a no-op
+
+
+def test_seeds_vary_training_not_the_validation_split(shapes_root: Path) -> None:
+    """A cell's seed drives data order, augmentation and the label subset; every seed validates on
+    the same images (shapes_root has no val folder: the split is drawn, with the spec's seed 0)."""
+    from visiontl.bench.grid import build_datamodule
+    from visiontl.bench.runner import _data_args
+
+    cells = [c for c in expand_grid(_config(shapes_root, strategies=["full"], shots="2")) if c.strategy == "full"]
+    dms = [build_datamodule(c.data, **_data_args(c)) for c in cells]
+    assert [dm.seed for dm in dms] == [0, 1] and dms[0].splits["val"] == dms[1].splits["val"]
+    assert dms[0].splits["train"] != dms[1].splits["train"]  # other 2-shot subsets
+    orders = [list(dm.train_dataloader().batch_sampler) for dm in dms]
+    assert orders[0] != orders[1]

@@ -55,3 +55,15 @@ def test_bench_bluemarble_quick_run(tmp_path: Path) -> None:
     md = (tmp_path / "out" / "bench_bluemarble.md").read_text()
     assert "## Timing" in md and "## Recommendation" in md
     assert (tmp_path / "out" / "bench_bluemarble.png").stat().st_size > 1000
+
+
+def test_forgetting_benchmark_smoke_run(tmp_path: Path) -> None:
+    """One seed, a few steps: full fine-tuning with Blue Marble kept, then WiSE-FT on it (real Lite0)."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "forgetting.py"), "--seeds", "1", "--steps", "4",
+                          "--methods", "wise-ft", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = (tmp_path / "out" / "forgetting.csv").read_text()
+    assert "relief, keeping bluemarble" in table and "wise-ft" in table and "full" in table
+    assert "## Target" in (tmp_path / "out" / "forgetting.md").read_text()
+    assert (tmp_path / "out" / "forgetting.png").stat().st_size > 1000

@@ -118,7 +118,7 @@ class BlueMarbleAdaptationDataModule(AdaptationDataModule):
         splits = {"train": self.train_per_class, "val": self.val_per_class}
         base = default_cache_dir() / "bluemarble-adaptation"
         tiles = {source: build_tiles(base / f"{source}-{self.train_per_class}-{self.val_per_class}-{self.tile_px}",
-                                     splits=splits, source=source, tile_px=self.tile_px, seed=self.seed)
+                                     splits=splits, source=source, tile_px=self.tile_px, seed=self.data_seed)
                  for source in ("bmng", "shadedrelief")}
         self.root = str(tiles["bmng"])
         self.target_root = str(tiles["shadedrelief"] / "train")

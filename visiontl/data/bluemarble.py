@@ -339,11 +339,12 @@ class BlueMarbleDataModule(FolderDataModule):
             splits["test"] = test_per_class
         if root is None:
             sizes = "-".join(str(v) for v in splits.values())
-            root = str(default_cache_dir() / f"bluemarble-{source}-{tile_px}px-seed{kwargs.get('seed', 0)}-{sizes}")
+            draw = kwargs.get("split_seed") if kwargs.get("split_seed") is not None else kwargs.get("seed", 0)
+            root = str(default_cache_dir() / f"bluemarble-{source}-{tile_px}px-seed{draw}-{sizes}")
         super().__init__(root=root, augment=augment, **kwargs)
         self.tile_splits = splits
         self.source, self.tile_px = source, tile_px
 
     def load_splits(self) -> dict[str, list[tuple[Path, str]]]:
-        build_tiles(self.root, splits=self.tile_splits, source=self.source, tile_px=self.tile_px, seed=self.seed)
+        build_tiles(self.root, splits=self.tile_splits, source=self.source, tile_px=self.tile_px, seed=self.data_seed)
         return super().load_splits()

@@ -193,6 +193,10 @@ class ClassificationDataModule(ImageDataModule):
             stratified subset of the training split, nested across budgets (:mod:`visiontl.data.shots`);
             the validation split stays whole. A class with fewer images is an error naming it.
         shots_seed: seed of that subset (default: ``seed``).
+        split_seed: seed of the validation split drawn from the training data (and of a built-in
+            data set's draw of images); default: ``seed``. Fix it to vary only the training
+            randomness (data order, augmentation, a new head's initialisation) across seeds while
+            every run validates on the same images, as ``visiontl bench`` does.
         retain: a labelled folder or CSV of an earlier task or domain whose knowledge the
             fine-tuned model should keep: a run then reports ``retain_acc_before``,
             ``retain_acc_after`` and ``forgetting`` (:mod:`visiontl.forgetting`).
@@ -203,7 +207,8 @@ class ClassificationDataModule(ImageDataModule):
     """
 
     def __init__(self, val_fraction: float = 0.2, seed: int = 0, presize: bool = False, shots: int | None = None,
-                 shots_seed: int | None = None, retain: str | None = None, **kwargs: Any) -> None:
+                 shots_seed: int | None = None, retain: str | None = None, split_seed: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.retain = retain
         if shots is not None and int(shots) < 1:
@@ -214,12 +219,18 @@ class ClassificationDataModule(ImageDataModule):
         self.presize = presize
         self.val_fraction = val_fraction
         self.seed = seed
+        self.split_seed = split_seed
         self.data_report: Any = None  # the cheap data check's DataReport, after setup
         self._expanded: dict[str, list[tuple[Path, str, Frame]]] = {}
         self._splits: dict[str, list[Sample]] | None = None
         self._layout_checked = False
         self._datasets: dict[str, Dataset] | None = None
         self._image_datasets: dict[str, ImageDataset] = {}
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the validation split and of a built-in data set's draw: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     # -- subclasses ---------------------------------------------------------------------------
     def load_splits(self) -> dict[str, list[Sample]]:
@@ -240,7 +251,7 @@ class ClassificationDataModule(ImageDataModule):
                 raise DataError(f"{type(self).__name__}: the training split is empty.")
             if not splits.get("val"):
                 splits["train"], splits["val"] = stratified_split(
-                    splits["train"], self.val_fraction, self.seed, groups=self.groups()
+                    splits["train"], self.val_fraction, self.data_seed, groups=self.groups()
                 )
             known = set(s[1] for s in splits["train"])
             if len(known) < 2:

