@@ -13,7 +13,7 @@ Writes ``benchmarks/results/bench_bluemarble.{csv,md,png}``: the bench's summary
 (recommendation, flags, transferability) with the timing lines, and accuracy against labels for
 both data sets.
 
-    python benchmarks/bench_bluemarble.py                     # the whole grid (about 30 minutes on 2 cores)
+    python benchmarks/bench_bluemarble.py                     # the grid (28 min on 2 cores) + ~8 min of timing runs
     python benchmarks/bench_bluemarble.py --quick --out /tmp/b  # a smoke run: one data set, one budget, one seed
 """
 

@@ -169,11 +169,13 @@ class Forgetting(pl.Callback):
 
         tuned = _kept_model(trainer, pl_module)
         pretrained = copy.deepcopy(tuned)
-        missing = pretrained.load_state_dict(start, strict=False).missing_keys
+        own = pretrained.state_dict()
+        kept = {k: v for k, v in start.items() if k in own and own[k].shape == v.shape}
+        missing = pretrained.load_state_dict(kept, strict=False).missing_keys
         added = [k for k in missing if not _is_head(k, pretrained)]
         if added:  # adapters and prompts: modules the pretrained model never had
-            rank_zero_info(f"[visiontl] no drift report: {pl_module.strategy.name} adds {len(added)} tensors "
-                           f"({added[0]}...) the pretrained model has no values for")
+            rank_zero_info(f"[visiontl] no drift report: the fine-tuned model has {len(added)} tensors ({added[0]}...) "
+                           f"the pretrained one has no values for ({pl_module.strategy.name})")
             return
         report: dict[str, Any] = {"drift": {"groups": weight_drift(start, tuned)}}
         backbone = pl_module.hparams["backbone"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from typing import Any, Literal
@@ -158,13 +159,19 @@ class ClassificationTask(BaseTask):
         head = self.strategy.make_head(width, hp["num_classes"])
         if head is not None:
             replace_classifier(self.model, head)
-        # the pretrained backbone as it starts (resized, before any step or resumed checkpoint): what
-        # L2-SP pulls towards and what the drift report (visiontl.forgetting) compares with; kept
-        # out of the state dict. Only for strategies that change a pretrained backbone.
-        changes_backbone = self.strategy.sgd and self.strategy.uses_pretrained and not self.strategy.cache_features
+        self._snapshot_start()
+
+    def _snapshot_start(self, prepared: bool = False) -> None:
+        """Keep the pretrained backbone as it starts (resized, before any step or resumed checkpoint):
+        what L2-SP pulls towards and what the drift report (:mod:`visiontl.forgetting`) compares
+        with; out of the state dict. Only for strategies that change a pretrained backbone."""
+        strategy = self.strategy
+        changes_backbone = strategy.sgd and strategy.uses_pretrained and not strategy.cache_features
+        wanted = (changes_backbone and self.hparams.get("measure_drift", True)) or strategy.regularizer is not None
         head_keys = tuple(f"{name}." for name in classifier_names(self.model))
-        wanted = (changes_backbone and hp.get("measure_drift", True)) or self.strategy.regularizer is not None
-        self.__dict__["start_state"] = ({k: v.detach().clone() for k, v in self.model.state_dict().items()
+        # once prepared (LoRA injected), the plain model it computes: the names the drift report uses
+        model = self.strategy.merge(copy.deepcopy(self.model)) if prepared and strategy.peft else self.model
+        self.__dict__["start_state"] = ({k: v.detach().clone() for k, v in model.state_dict().items()
                                          if not k.startswith(head_keys)} if wanted else None)
 
     def configure_losses(self) -> None:
@@ -203,6 +210,8 @@ class ClassificationTask(BaseTask):
         if self._fit_input_size(pre.size):
             self.groups = layer_groups(self.model)  # the position embedding is a new parameter
             self.set_trainable_groups(self.trainable_groups)
+            if self.__dict__.get("start_state") is not None:  # at set-up, before any step: still pretrained
+                self._snapshot_start(prepared=True)
 
     def set_class_counts(self, counts: list[int]) -> None:
         """Training samples per class (from the datamodule, at set-up): ``class_weights='balanced'``
