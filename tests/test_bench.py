@@ -199,9 +199,12 @@ def test_frozen_cells_share_one_feature_pass(shapes_root: Path, tmp_path: Path,
     save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(weights))
     config = load_config({"data": [str(shapes_root)], "backbones": [f"test_resnet={weights}"],
                           "strategies": ["logreg", "knn"], "shots": "2,4", "seeds": 2, "image_size": 32})
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     assert len(run_bench(config, tmp_path / "bench", log=lambda *_: None)) == 8
     entries = sorted((tmp_path / "cache" / "features").iterdir())
     assert len(entries) == 2  # the whole train split and the validation split
+    assert not list((tmp_path / "cwd").iterdir())  # every run's files are under the bench directory
 
 
 @pytest.mark.slow

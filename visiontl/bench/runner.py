@@ -175,7 +175,7 @@ def frozen_features(cell: Cell, out: str | os.PathLike[str]) -> tuple[Any, Any]:
     dm = build_datamodule(cell.data, **_data_args(cell, shots=None))
     result = fine_tune(dm, backbone=cell.backbone.name, strategy="prototype", steps=1, seed=0, out=Path(out) / "runs",
                        name=f"{cell.data.name}/{cell.backbone.name}/_features", image_size=cell.image_size,
-                       trainer_kwargs={**QUIET, "enable_checkpointing": False, "logger": False},
+                       trainer_kwargs={**QUIET, "enable_checkpointing": False},  # a run dir under out/runs
                        **_weights_args(cell))
     train = result.datamodule.datasets["train"]
     return train.features, train.labels
