@@ -76,7 +76,8 @@ def train(direction: str, method: str, seed: int, steps: int, work: Path) -> dic
             "imagenet_agreement": metrics.get("drift", {}).get("imagenet_agreement"), "run_dir": str(result.run_dir)}
 
 
-def wise(direction: str, method: str, seed: int, runs: list[dict[str, Any]], work: Path) -> dict[str, Any]:
+def wise(direction: str, method: str, seed: int, runs: list[dict[str, Any]], work: Path,
+         alphas: list[float]) -> dict[str, Any]:
     from visiontl.wiseft import wise_ft
 
     full = next(r for r in runs if r["direction"] == direction and r["method"] == "full" and r["seed"] == seed)
@@ -84,7 +85,7 @@ def wise(direction: str, method: str, seed: int, runs: list[dict[str, Any]], wor
     kept.splits  # noqa: B018
     bn = "recompute" if method.endswith("+bn") else "interpolate"
     report = wise_ft(full["run_dir"], work / "wise-ft" / f"{Path(full['run_dir']).parent.name}-{bn}",
-                     retain=kept.root, bn=bn, log=lambda *_: None)
+                     alphas=alphas, retain=kept.root, bn=bn, log=lambda *_: None)
     chosen = next(r for r in report["alphas"] if r["alpha"] == report["chosen"])
     return {"direction": direction, "method": method, "seed": seed, "val_acc": chosen["val_acc"],
             "retain_acc_before": full["retain_acc_before"], "retain_acc_after": chosen["retain_acc"],
@@ -163,6 +164,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps of every run (one budget)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=list(DIRECTIONS))
+    parser.add_argument("--alphas", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="WiSE-FT's alphas")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-forgetting"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -170,6 +173,7 @@ def main() -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     from visiontl import _io
     from visiontl.report import format_console_table, save_comparison
+    from visiontl.wiseft import parse_alphas
 
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "runs.jsonl"
@@ -177,11 +181,12 @@ def main() -> None:
     methods = [m for m in METHODS if m in args.methods or (m == "full" and any(x.startswith("wise") for x in
                                                                                  args.methods))]
     for seed in range(args.seeds):
-        for direction in DIRECTIONS:
+        for direction in args.directions:
             for method in methods:
                 if any(r["direction"] == direction and r["method"] == method and r["seed"] == seed for r in runs):
                     continue
-                row = (wise(direction, method, seed, runs, args.work) if method.startswith("wise")
+                row = (wise(direction, method, seed, runs, args.work, parse_alphas(args.alphas))
+                       if method.startswith("wise")
                        else train(direction, method, seed, args.steps, args.work))
                 runs.append(row)
                 with log.open("a") as fh:

@@ -58,9 +58,11 @@ def test_bench_bluemarble_quick_run(tmp_path: Path) -> None:
 
 
 def test_forgetting_benchmark_smoke_run(tmp_path: Path) -> None:
-    """One seed, a few steps: full fine-tuning with Blue Marble kept, then WiSE-FT on it (real Lite0)."""
+    """One seed, one direction, a few steps: full fine-tuning with Blue Marble kept, then WiSE-FT at
+    alpha 0 and 1 on it (real Lite0); a run that ended before its first validation (last.ckpt only)."""
     out = subprocess.run([sys.executable, str(BENCHMARKS / "forgetting.py"), "--seeds", "1", "--steps", "4",
-                          "--methods", "wise-ft", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                          "--methods", "wise-ft", "--directions", "relief, keeping bluemarble", "--alphas", "0,1",
+                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     table = (tmp_path / "out" / "forgetting.csv").read_text()

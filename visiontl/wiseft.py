@@ -73,11 +73,13 @@ def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], al
 
 
 def _run_checkpoint(run: Path) -> Path:
+    """A run's ``best.ckpt``, else its ``last.ckpt`` (a run that ended before its first validation)."""
     if run.is_file():
         return run
-    found = run / "checkpoints" / "best.ckpt"
-    if not found.is_file():
-        raise WiseFTError(f"{run} has no checkpoints/best.ckpt; give a run directory or a .ckpt file.")
+    found = next((p for p in (run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt") if p.is_file()),
+                 None)
+    if found is None:
+        raise WiseFTError(f"{run} has no checkpoints/best.ckpt or last.ckpt; give a run directory or a .ckpt file.")
     return found
 
 
@@ -141,7 +143,7 @@ def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Se
     """Interpolate a run's pretrained and fine-tuned weights, score every alpha, write the chosen one.
 
     Args:
-        run: a run directory (its ``checkpoints/best.ckpt``) or a checkpoint in one.
+        run: a run directory (its ``checkpoints/best.ckpt``, else ``last.ckpt``) or a checkpoint in one.
         out: folder for ``wise_ft.csv`` / ``.json`` / ``.png`` and ``wise-ft.ckpt``.
         alphas: the mixing weights to score (0: pretrained + linear head, 1: fine-tuned).
         retain: a labelled folder or CSV of a task to keep, scored by linear-probe retention.
