@@ -10,7 +10,13 @@ renderings; 30 training and 40 validation tiles per class), 3 seeds. Methods:
 - ``lora``: LoRA rank 8 on every eligible layer, the backbone frozen;
 - ``wise-ft``: ``visiontl wise-ft`` on each ``full`` run (alphas 0, 0.1, ..., 1; the smallest alpha
   within 1 point of the best validation accuracy), with BatchNorm statistics interpolated;
-- ``wise-ft+bn``: the same with BatchNorm statistics re-estimated on the training images.
+- ``wise-ft+bn``: the same with BatchNorm statistics re-estimated on the training images;
+- ``gradual+wise-ft``: ``visiontl wise-ft`` on each ``gradual`` run (LP-FT keeps BatchNorm statistics
+  frozen, so the two BatchNorm modes agree there).
+
+Besides the chosen alpha, every WiSE-FT curve (new-task and kept-task accuracy at each alpha) is
+averaged over seeds into ``forgetting_wise_ft.{csv,png}``: that is where interpolated and re-estimated
+BatchNorm statistics are compared at the same alphas.
 
 New-task accuracy is the best checkpoint's validation accuracy (WiSE-FT: at its chosen alpha).
 Retention is linear-probe accuracy on the kept task's validation tiles, a logistic-regression head
@@ -47,7 +53,9 @@ TRAINED: dict[str, Any] = {
     "gradual": "gradual",
     "lora": {"name": "lora", "r": 8},
 }
-METHODS = (*TRAINED, "wise-ft", "wise-ft+bn")
+WISE = {"wise-ft": ("full", "interpolate"), "wise-ft+bn": ("full", "recompute"),
+        "gradual+wise-ft": ("gradual", "interpolate")}  # method: (the runs it mixes, BatchNorm statistics)
+METHODS = (*TRAINED, *WISE)
 DIRECTIONS = {"relief, keeping bluemarble": ("shadedrelief", "bmng"),
               "bluemarble, keeping relief": ("bmng", "shadedrelief")}
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
@@ -80,17 +88,54 @@ def wise(direction: str, method: str, seed: int, runs: list[dict[str, Any]], wor
          alphas: list[float]) -> dict[str, Any]:
     from visiontl.wiseft import wise_ft
 
-    full = next(r for r in runs if r["direction"] == direction and r["method"] == "full" and r["seed"] == seed)
+    source, bn = WISE[method]
+    tuned = next(r for r in runs if r["direction"] == direction and r["method"] == source and r["seed"] == seed)
     kept = data(DIRECTIONS[direction][1])
     kept.splits  # noqa: B018
-    bn = "recompute" if method.endswith("+bn") else "interpolate"
-    report = wise_ft(full["run_dir"], work / "wise-ft" / f"{Path(full['run_dir']).parent.name}-{bn}",
+    report = wise_ft(tuned["run_dir"], work / "wise-ft" / f"{Path(tuned['run_dir']).parent.name}-{bn}",
                      alphas=alphas, retain=kept.root, bn=bn, log=lambda *_: None)
     chosen = next(r for r in report["alphas"] if r["alpha"] == report["chosen"])
     return {"direction": direction, "method": method, "seed": seed, "val_acc": chosen["val_acc"],
-            "retain_acc_before": full["retain_acc_before"], "retain_acc_after": chosen["retain_acc"],
-            "forgetting": full["retain_acc_before"] - chosen["retain_acc"], "alpha": report["chosen"],
+            "retain_acc_before": tuned["retain_acc_before"], "retain_acc_after": chosen["retain_acc"],
+            "forgetting": tuned["retain_acc_before"] - chosen["retain_acc"], "alpha": report["chosen"],
             "run_dir": report["checkpoint"]}
+
+
+def curves(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every WiSE-FT method's accuracy at each alpha, mean over seeds (read from each run's wise_ft.json)."""
+    points: dict[tuple[str, str, float], list[dict[str, float]]] = {}
+    for r in runs:
+        report = Path(r["run_dir"]).parent / "wise_ft.json"
+        if r["method"] in WISE and report.exists():
+            for row in json.loads(report.read_text())["alphas"]:
+                points.setdefault((r["direction"], r["method"], row["alpha"]), []).append(row)
+    return [{"direction": d, "method": m, "alpha": a, "seeds": len(rows),
+             "val_acc": statistics.mean(x["val_acc"] for x in rows),
+             "retain_acc": statistics.mean(x["retain_acc"] for x in rows)}
+            for (d, m, a), rows in sorted(points.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2]))]
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from visiontl.report import _save_figure
+
+    fig = Figure(figsize=(5.4 * len(DIRECTIONS), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(DIRECTIONS), squeeze=False)[0]
+    for ax, direction in zip(axes, DIRECTIONS):
+        for i, method in enumerate(WISE):
+            mine = [r for r in rows if r["direction"] == direction and r["method"] == method]
+            if not mine:
+                continue
+            xs = [r["alpha"] for r in mine]
+            line = ax.plot(xs, [r["val_acc"] for r in mine], marker="o", label=f"{method}: new task")[0]
+            ax.plot(xs, [r["retain_acc"] for r in mine], marker="s", ls="--", color=line.get_color(),
+                    label=f"{method}: kept task")
+        ax.set(xlabel="alpha (0: pretrained backbone + the run's head, 1: fine-tuned)", ylabel="accuracy",
+               title=direction)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save_figure(fig, path)
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -178,15 +223,15 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "runs.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    methods = [m for m in METHODS if m in args.methods or (m == "full" and any(x.startswith("wise") for x in
-                                                                                 args.methods))]
+    needed = {WISE[m][0] for m in args.methods if m in WISE}  # the runs a WiSE-FT method mixes
+    methods = [m for m in METHODS if m in args.methods or m in needed]
     for seed in range(args.seeds):
         for direction in args.directions:
             for method in methods:
                 if any(r["direction"] == direction and r["method"] == method and r["seed"] == seed for r in runs):
                     continue
                 row = (wise(direction, method, seed, runs, args.work, parse_alphas(args.alphas))
-                       if method.startswith("wise")
+                       if method in WISE
                        else train(direction, method, seed, args.steps, args.work))
                 runs.append(row)
                 with log.open("a") as fh:
@@ -202,6 +247,10 @@ def main() -> None:
     lines = targets(rows)
     _io.write_text(paths["md"], paths["md"].read_text() + "\n## Target\n\n" + "\n".join(lines) + "\n")
     plot(rows, paths["png"])
+    alpha_rows = curves(runs)
+    if alpha_rows:
+        curve_paths = save_comparison(alpha_rows, args.out, name="forgetting_wise_ft", label_key="method")
+        plot_curves(alpha_rows, curve_paths["png"])
     print("\n".join(lines))
     print("wrote", ", ".join(str(p) for p in paths.values()))
 

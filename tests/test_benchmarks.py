@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,7 @@ def test_forgetting_benchmark_smoke_run(tmp_path: Path) -> None:
     assert "relief, keeping bluemarble" in table and "wise-ft" in table and "full" in table
     assert "## Target" in (tmp_path / "out" / "forgetting.md").read_text()
     assert (tmp_path / "out" / "forgetting.png").stat().st_size > 1000
+    with (tmp_path / "out" / "forgetting_wise_ft.csv").open() as fh:
+        curve = list(csv.DictReader(fh))
+    assert [(r["method"], float(r["alpha"])) for r in curve] == [("wise-ft", 0.0), ("wise-ft", 1.0)]
+    assert (tmp_path / "out" / "forgetting_wise_ft.png").stat().st_size > 1000
