@@ -139,9 +139,11 @@ def test_compare_scratch_records_the_gap(shapes_root: Path, tmp_path: Path) -> N
 
 
 def test_wise_ft_ends_are_the_pretrained_and_the_fine_tuned_model(shapes_root: Path, shapes_splits: Path,
-                                                                   base_weights: Path, tmp_path: Path) -> None:
+                                                                   base_weights: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI end to end: alpha 0 is the pretrained backbone (with the fitted linear head), alpha 1
-    the fine-tuned model, tensor for tensor; the chosen alpha's checkpoint exports."""
+    the fine-tuned model, tensor for tensor; the chosen alpha's checkpoint exports. A ``full`` run
+    (head from a random start) is mixed with a warning that names ``gradual``."""
     from visiontl.cli import main
     from visiontl.export import export_onnx
     from visiontl.tasks import ClassificationTask
@@ -165,6 +167,7 @@ def test_wise_ft_ends_are_the_pretrained_and_the_fine_tuned_model(shapes_root: P
                 assert torch.equal(value, reference[key]), key
         if alpha == "1":
             assert torch.equal(mixed["fc.weight"], tuned["fc.weight"])
+        assert "use strategy 'gradual'" in capsys.readouterr().out
         rows = json.loads((out / "wise_ft.json").read_text())["alphas"]
         assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0] and all(0 <= r["retain_acc"] <= 1 for r in rows)
         assert (out / "wise_ft.png").stat().st_size > 0 and (out / "wise_ft.csv").read_text().count("\n") == 4

@@ -172,6 +172,11 @@ def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Se
     if not strategy.sgd or strategy.cache_features or not strategy.uses_pretrained:
         raise WiseFTError(f"{ckpt}: strategy {strategy.name!r} does not fine-tune a pretrained backbone; there is "
                           f"nothing to interpolate.")
+    if not strategy.fits_head:
+        log(f"[visiontl wise-ft] warning: {strategy.name!r} trained its head from a random start, so the run did not "
+            f"start where alpha 0 is (pretrained backbone + linear probe) and the mixtures in between can be worse "
+            f"than both ends (benchmarks/results/forgetting_wise_ft.png). WiSE-FT assumes fine-tuning from theta_0: "
+            f"use strategy 'gradual' (LP-FT) for the run to mix.")
     start = ClassificationTask.start_of(ckpt, weights=weights)
     end_model = strategy.merge(copy.deepcopy(tuned.model)).eval()
     start_model = strategy.merge(copy.deepcopy(start.model)).eval()
