@@ -62,6 +62,71 @@ class _Deployable(nn.Module):
         return logits, logits.softmax(dim=1)
 
 
+class _StaticSame(nn.Module):
+    """A timm TensorFlow-"SAME" layer (``Conv2dSame``, ``MaxPool2dSame``, ``AvgPool2dSame``) with its
+    padding fixed for one input size: one ``Pad`` with constant amounts in the ONNX graph.
+
+    timm computes "SAME" padding from the input's shape at every call, which ONNX records as float
+    arithmetic on ``Shape`` outputs (Ceil, Sub, Mul, Clip...). A float graph runs it exactly, but int8
+    quantisation puts those values through QuantizeLinear like activations: the padding amounts are
+    rounded, the feature maps shift by a pixel, and EfficientNet-Lite's int8 agreement collapsed.
+    The exported graph has a fixed height and width, so fixing the padding loses nothing.
+    """
+
+    def __init__(self, layer: nn.Module, pad: list[int], value: float) -> None:
+        super().__init__()
+        self.layer, self.pad, self.value = layer, [int(p) for p in pad], value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        layer = self.layer
+        x = F.pad(x, self.pad, value=self.value)
+        if isinstance(layer, nn.Conv2d):
+            return F.conv2d(x, layer.weight, layer.bias, layer.stride, 0, layer.dilation, layer.groups)
+        if isinstance(layer, nn.MaxPool2d):
+            return F.max_pool2d(x, layer.kernel_size, layer.stride, 0, layer.dilation, layer.ceil_mode)
+        return F.avg_pool2d(x, layer.kernel_size, layer.stride, 0, layer.ceil_mode, layer.count_include_pad)
+
+
+def static_same_padding(model: nn.Module, input_shape: tuple[int, int, int]) -> nn.Module:
+    """Replace, in place, every timm dynamic "SAME" layer of ``model`` by :class:`_StaticSame` with
+    the padding that an input of ``input_shape`` (C, H, W) gets; other models are returned unchanged."""
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+
+    kinds = (Conv2dSame, MaxPool2dSame, AvgPool2dSame)
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        sizes.setdefault(module, tuple(args[0].shape[-2:]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, kinds)]
+    if not hooks:
+        return model
+    try:
+        was_training = model.training
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+        model.train(was_training)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, module in list(model.named_modules()):
+        if module in sizes:
+            if isinstance(module, nn.Conv2d):
+                kernel, stride, dilation, value = module.weight.shape[-2:], module.stride, module.dilation, 0.0
+            else:
+                as2 = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+                kernel, stride = as2(module.kernel_size), as2(module.stride)
+                dilation = as2(getattr(module, "dilation", 1))
+                value = float("-inf") if isinstance(module, nn.MaxPool2d) else 0.0
+            pad = pad_same_arg(list(sizes[module]), list(kernel), list(stride), list(dilation))
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], _StaticSame(module, pad, value))
+    return model
+
+
 def load_task(source: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None):
     """A trained :class:`~visiontl.tasks.ClassificationTask` from a run directory, a checkpoint or
     a PEFT checkpoint (``.peft.safetensors``, loaded onto its base weights, or onto ``weights``:
@@ -173,6 +238,7 @@ def export_onnx(
     calibration_images: list[str | os.PathLike[str]] | None = None,
     min_agreement: float = 0.99,
     weights: str | os.PathLike[str] | None = None,
+    int8_exclude: list[str] | None = None,
 ) -> dict[str, Any]:
     """Export a trained classifier to ONNX, verify it, and write it atomically to ``out``.
 
@@ -194,6 +260,7 @@ def export_onnx(
         min_agreement: minimum top-1 agreement of the int8 model with the float one.
         weights: the base weights of a PEFT checkpoint ``source`` when not at its recorded source
             (a file or named source; their SHA-256 must match the recorded one).
+        int8_exclude: ONNX node names that int8 keeps float (the report's ``excluded_nodes``).
 
     Returns:
         The report (also stored in the model's metadata): path, size, max difference, top-1
@@ -209,6 +276,7 @@ def export_onnx(
     # a copy: the caller's task keeps its mode (train / eval) and memory format; a strategy that
     # changed the model (LoRA) folds it back into a plain one
     network = task.strategy.merge(copy.deepcopy(task.model) if task is source else task.model)
+    network = static_same_padding(network, (channels, height, width))
     model = _Deployable(network.to(memory_format=torch.contiguous_format), list(cfg["mean"]),
                         list(cfg["std"])).eval()
     paths = [Path(p) for p in images] if images else _run_images(None if isinstance(source, nn.Module) else source,
@@ -224,14 +292,15 @@ def export_onnx(
         raise ExportError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.onnx'}.")
     try:
         return _export_to(out, model, task, cfg, inputs, verified_on, opset, atol, rtol, prob_atol, source,
-                          quantize, calibration_images, max_images, min_agreement, crop_pct)
+                          quantize, calibration_images, max_images,
+                          {"min_agreement": min_agreement, "exclude": int8_exclude}, crop_pct)
     except OSError as err:
         raise ExportError(f"Cannot write {out}: {err.strerror or err}; choose another --out.") from err
 
 
 def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inputs: np.ndarray, verified_on: str,
                opset: int, atol: float, rtol: float, prob_atol: float, source: Any, quantize: str | None,
-               calibration_images: list | None, max_images: int, min_agreement: float,
+               calibration_images: list | None, max_images: int, int8_options: dict[str, Any],
                crop_pct: float) -> dict[str, Any]:
     import onnx
 
@@ -281,12 +350,12 @@ def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inpu
     report["size_bytes"] = out.stat().st_size
     if quantize is not None:
         report["int8"] = _int8(out, quantize, source, calibration_images, inputs, (height, width), channels,
-                               max_images, min_agreement, crop_pct)
+                               max_images, int8_options, crop_pct)
     return report
 
 
 def _int8(out: Path, quantize: str, source: Any, calibration_images: list | None, validation: np.ndarray,
-          size: tuple[int, int], channels: int, max_images: int, min_agreement: float, crop_pct: float
+          size: tuple[int, int], channels: int, max_images: int, options: dict[str, Any], crop_pct: float
           ) -> dict[str, Any]:
     from visiontl.quantize import quantize_int8
 
@@ -297,6 +366,6 @@ def _int8(out: Path, quantize: str, source: Any, calibration_images: list | None
     calibration = (preprocess_for_export(paths[:max_images], size, channels, crop_pct)
                    if paths else validation)
     target = out.with_name(out.stem + ".int8.onnx")
-    report = quantize_int8(out, target, calibration, validation, min_agreement)
+    report = quantize_int8(out, target, calibration, validation, **options)
     report["path"] = str(target) if report["accepted"] else None
     return report

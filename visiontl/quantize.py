@@ -1,35 +1,55 @@
 """int8 ONNX models through ``onnxruntime.quantization``, accepted only if they agree with float.
 
-CNNs get static QDQ quantisation calibrated on real training images (the fast path). Transformers
-get dynamic quantisation of MatMul only. Convolutions are never quantised dynamically: ONNX
-Runtime's ConvInteger kernels are far slower than float (README, ``benchmarks/results/export.md``).
-The int8 model is checked on real validation images; below ``min_agreement`` top-1 agreement
-with the float model it is refused and the float model stays the artefact.
+CNNs get static QDQ quantisation: int8 per-channel weights, uint8 activations (ONNX Runtime's
+fast u8s8 kernels; symmetric int8 activations ran 2-5x slower here), MinMax ranges calibrated once
+on equal-size batches of real training images after ``quant_pre_process``. Then, step by step, as
+long as the top-1 agreement with the float model on the validation images is below
+``min_agreement``:
+
+1. **bias correction**: the int8 logits' mean shift from the float logits on the calibration
+   images is taken off the classifier's bias (quantisation noise is not zero-mean; a constant
+   shift flips every near-tie the same way);
+2. **mixed precision**: each quantised Conv / Gemm / MatMul is ranked by measured sensitivity (the
+   logits' relative error on calibration images when that node alone stays float), and the most
+   sensitive 1, 2, 4, ... nodes stay float (``nodes_to_exclude``), each with its own bias
+   correction, up to ``max_excluded``.
+
+The first step that agrees enough is written; if none does, the int8 model is refused and the
+float model stays the artefact. Every step's agreement is in the report, with the excluded nodes.
+
+Transformers get dynamic quantisation of MatMul only. Convolutions are never quantised
+dynamically: ONNX Runtime's ConvInteger kernels are far slower than float (README,
+``benchmarks/results/export.md``).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["QuantizeError", "quantize_int8"]
+__all__ = ["QUANTIZABLE", "QuantizeError", "quantize_int8", "sensitivity"]
+
+QUANTIZABLE = ("Conv", "Gemm", "MatMul")  # the nodes whose weights int8 changes, ranked and excluded
+CALIBRATION_BATCH = 8
 
 
 class QuantizeError(ValueError):
     """Quantisation that cannot run (no calibration images, unsupported model)."""
 
 
-def _is_cnn(model_path: Path) -> bool:
-    """Convolutions beyond a patch-embedding stem (a ViT has one Conv; a CNN has dozens)."""
+def _ops(model_path: Path) -> list[Any]:
     import onnx
 
-    return sum(node.op_type == "Conv" for node in onnx.load(str(model_path)).graph.node) > 2
+    return list(onnx.load(str(model_path)).graph.node)
 
 
 def _latency(session: Any, batch: np.ndarray, repeats: int = 5) -> float:
@@ -40,12 +60,123 @@ def _latency(session: Any, batch: np.ndarray, repeats: int = 5) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def _throughput(session: Any, images: np.ndarray, batch: int = 32, repeats: int = 3) -> float:
+    """Images per second at ``batch`` (the images repeated up to it), median of ``repeats``."""
+    x = np.concatenate([images] * (batch // len(images) + 1))[:batch]
+    session.run(["logits"], {"input": x})
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(["logits"], {"input": x})
+        times.append(time.perf_counter() - start)
+    return batch / sorted(times)[len(times) // 2]
+
+
+def _logits(session: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([session.run(["logits"], {"input": images[i:i + batch]})[0]
+                           for i in range(0, len(images), batch)])
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+def _relative_error(q: np.ndarray, f: np.ndarray) -> float:
+    return float(np.mean((q - f) ** 2) / max(float(np.mean(f ** 2)), 1e-12))
+
+
+class _Static:
+    """Static QDQ quantisation of one prepared float model: calibrated once, rebuilt per setting."""
+
+    def __init__(self, prepared: Path, calibration: np.ndarray, work: Path) -> None:
+        from onnxruntime.quantization import quantize_static
+
+        self.prepared, self.calibration, self.work = prepared, calibration, work
+        self.builds = 0
+        # ONNX Runtime >= 1.26 keeps the ranges in a cache: later builds skip the calibration pass
+        self.cache = work / "calibration.json" if "calibration_cache_path" in inspect.signature(
+            quantize_static).parameters else None
+        self.classifier = self._classifier()
+
+    def _reader(self) -> Any:
+        from onnxruntime.quantization import CalibrationDataReader
+
+        images = self.calibration
+        size = CALIBRATION_BATCH if len(images) >= CALIBRATION_BATCH else len(images)
+        batches = [images[i:i + size] for i in range(0, len(images) - size + 1, size)]  # equal sizes
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.batches = iter([{"input": b} for b in batches])
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                return next(self.batches, None)
+
+        return Reader()
+
+    def _classifier(self) -> tuple[str, float] | None:
+        """The Gemm that writes ``logits`` and its bias initializer (None: no bias correction)."""
+        import onnx
+
+        graph = onnx.load(str(self.prepared)).graph
+        inits = {i.name for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Gemm" and "logits" in node.output and len(node.input) > 2 and node.input[2] in inits:
+                beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+                return node.input[2], beta
+        return None
+
+    def build(self, exclude: list[str], shift: np.ndarray | None = None) -> Path:
+        """The int8 model with ``exclude`` left float and ``shift`` taken off the logits' bias."""
+        import onnx
+        from onnx import numpy_helper
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        source = self.prepared
+        if shift is not None and self.classifier is not None:
+            name, beta = self.classifier
+            proto = onnx.load(str(self.prepared))
+            for init in proto.graph.initializer:
+                if init.name == name:
+                    bias = numpy_helper.to_array(init).astype(np.float32) - shift.astype(np.float32) / beta
+                    init.CopyFrom(numpy_helper.from_array(bias, name))
+            source = self.work / "shifted.onnx"
+            onnx.save(proto, str(source))
+        self.builds += 1
+        out = self.work / f"int8-{self.builds}.onnx"
+        cached = self.cache is not None and self.cache.is_file()
+        kwargs = {"calibration_cache_path": str(self.cache)} if self.cache is not None else {}
+        quantize_static(str(source), str(out), None if cached else self._reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        nodes_to_exclude=list(exclude), **kwargs)
+        return out
+
+
+def sensitivity(static: _Static, nodes: list[str], images: np.ndarray, reference: np.ndarray,
+                base: list[str] | None = None, progress: bool = True) -> list[tuple[str, float]]:
+    """Each node's measured sensitivity: the logits' relative error on ``images`` when that node
+    (besides ``base``) stays float (lower = keeping it float helps more), most sensitive first."""
+    from tqdm.auto import tqdm
+
+    from visiontl.predict import ort_session
+
+    scores = []
+    for node in tqdm(nodes, desc="int8 sensitivity", unit="node", disable=not progress, leave=False):
+        path = static.build([*(base or []), node])
+        scores.append((node, _relative_error(_logits(ort_session(path), images), reference)))
+        path.unlink()
+    return sorted(scores, key=lambda item: item[1])
+
+
 def quantize_int8(
     float_model: str | os.PathLike[str],
     out: str | os.PathLike[str],
     calibration: np.ndarray | None,
     validation: np.ndarray,
     min_agreement: float = 0.99,
+    max_excluded: int | float = 0.1,
+    exclude: list[str] | None = None,
+    log: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Quantise ``float_model`` and keep the result at ``out`` only if it agrees enough.
 
@@ -55,61 +186,120 @@ def quantize_int8(
         calibration: preprocessed training images (N, C, H, W) for static quantisation of CNNs.
         validation: preprocessed validation images for the agreement check.
         min_agreement: minimum top-1 agreement with the float model.
+        max_excluded: the most nodes the search leaves float, a count or a share of the quantisable
+            nodes (0: no search).
+        exclude: node names that always stay float (CNNs), e.g. from an earlier report.
+        log: where progress lines go (default: nowhere).
 
     Returns:
-        Report: method, accepted, top-1 agreement, sizes, batch-1 latencies (float vs int8).
+        Report: method, accepted, top-1 agreement, ``steps`` (every setting tried, with its
+        agreement), ``excluded_nodes``, ``bias_correction``, sizes, batch-1 latencies.
     """
     float_model, out = Path(float_model), Path(out)
     try:
-        return _quantize(float_model, out, calibration, validation, min_agreement)
+        return _quantize(float_model, out, calibration, validation, min_agreement, max_excluded,
+                         list(exclude or []), log or (lambda _line: None))
     except _Refused as refused:
         return refused.report
 
 
 def _quantize(float_model: Path, out: Path, calibration: np.ndarray | None, validation: np.ndarray,
-              min_agreement: float) -> dict[str, Any]:
+              min_agreement: float, max_excluded: int | float, exclude: list[str],
+              log: Callable[[str], Any]) -> dict[str, Any]:
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
-    from onnxruntime.quantization import quant_pre_process, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
     from visiontl._io import atomic_path
     from visiontl.predict import ort_session
 
-    cnn = _is_cnn(float_model)
-    with atomic_path(out) as tmp:
-        if cnn:
+    nodes = _ops(float_model)
+    convs = sum(node.op_type == "Conv" for node in nodes)
+    matmuls = sum(node.op_type in ("MatMul", "Gemm") for node in nodes)
+    if convs == 0 and matmuls == 0:
+        kinds = sorted({node.op_type for node in nodes})
+        raise QuantizeError(f"{float_model}: nothing int8 can speed up (no Conv, Gemm or MatMul; ops: "
+                            f"{', '.join(kinds)}). Deploy the float model.")
+    fp = ort_session(float_model)
+    val_ref = _logits(fp, validation)
+    started = time.perf_counter()
+    steps: list[dict[str, Any]] = []
+    excluded = list(exclude)
+    shift = None
+    ranking: list[tuple[str, float]] = []
+    with atomic_path(out) as tmp, tempfile.TemporaryDirectory() as work_dir:
+        work = Path(work_dir)
+        if convs > 2:  # a CNN (a ViT has one Conv: its patch embedding)
             if calibration is None or len(calibration) == 0:
                 raise QuantizeError(
-                    "Static int8 quantisation of a CNN needs calibration images (--images or the run's own)."
+                    "Static int8 quantisation of a CNN needs calibration images (--calibration-images or the run's "
+                    "own training images)."
                 )
+            prepared = work / "prepared.onnx"  # shape inference + graph clean-up first
+            quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
+            static = _Static(prepared, calibration, work)
+            cal_ref = _logits(fp, calibration)
 
-            class Reader(CalibrationDataReader):
-                def __init__(self) -> None:
-                    self.batches = iter([{"input": calibration[i:i + 8]} for i in range(0, len(calibration), 8)])
+            def attempt(name: str, exclude: list[str]) -> tuple[Path, dict[str, Any], np.ndarray | None]:
+                path = static.build(exclude)
+                q8 = ort_session(path)
+                cal_q = _logits(q8, calibration)
+                delta = (cal_q - cal_ref).mean(axis=0) if static.classifier is not None else None
+                if delta is not None:  # bias correction, measured on the calibration images
+                    path = static.build(exclude, delta)
+                    q8 = ort_session(path)
+                    cal_q = _logits(q8, calibration)
+                val_q = _logits(q8, validation)
+                step = {"step": name, "excluded": len(exclude), "top1_agreement": _agreement(val_q, val_ref),
+                        "calibration_agreement": _agreement(cal_q, cal_ref),
+                        "relative_logit_error": _relative_error(val_q, val_ref)}
+                steps.append(step)
+                log(f"[visiontl int8] {name}: top-1 agreement {step['top1_agreement']:.3f} "
+                    f"(calibration images {step['calibration_agreement']:.3f})")
+                return path, step, delta
 
-                def get_next(self) -> dict[str, np.ndarray] | None:
-                    return next(self.batches, None)
-
-            with tempfile.TemporaryDirectory() as work:
-                prepared = Path(work) / "prepared.onnx"  # shape inference + graph clean-up first
-                quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
-                quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
-            method = f"static QDQ, calibrated on {len(calibration)} images"
+            candidates = [n.name for n in _ops(prepared) if n.op_type in QUANTIZABLE]
+            unknown = [name for name in exclude if name not in candidates]
+            if unknown:
+                raise QuantizeError(f"Cannot keep {unknown} float: not a Conv, Gemm or MatMul of {float_model}; "
+                                    f"its nodes are named like {candidates[:3]}.")
+            first = "int8 + bias correction" if static.classifier else "int8"
+            path, step, shift = attempt(first + (f", {len(exclude)} given node(s) float" if exclude else ""), exclude)
+            candidates = [name for name in candidates if name not in exclude]
+            limit = int(max_excluded if max_excluded >= 1 else round(max_excluded * len(candidates)))
+            if step["top1_agreement"] < min_agreement and limit > 0:
+                subset = calibration[:64]
+                log(f"[visiontl int8] ranking {len(candidates)} nodes by sensitivity on {len(subset)} images")
+                ranking = sensitivity(static, candidates, subset, cal_ref[:64], base=exclude)
+                k = 1
+                while step["top1_agreement"] < min_agreement and k <= limit:
+                    trial = exclude + [name for name, _ in ranking[:k]]
+                    path, step, shift = attempt(f"{k} most sensitive node(s) float", trial)
+                    excluded = trial
+                    k = k * 2 if k * 2 <= limit or k == limit else limit
+            shutil.copyfile(path, tmp)
+            size = min(CALIBRATION_BATCH, len(calibration))
+            method = (f"static QDQ (u8 activations, s8 per-channel weights, MinMax), calibrated on "
+                      f"{len(calibration) // size * size} images" + (", bias-corrected" if shift is not None else "")
+                      + (f", {len(excluded)} node(s) float" if excluded else ""))
         else:
             quantize_dynamic(str(float_model), str(tmp), op_types_to_quantize=["MatMul"],
                              weight_type=QuantType.QInt8)
             method = "dynamic, MatMul only"
-        fp = ort_session(float_model)
+            q8 = ort_session(tmp)
+            steps.append({"step": "dynamic", "excluded": 0,
+                          "top1_agreement": _agreement(_logits(q8, validation), val_ref)})
         q8 = ort_session(tmp)
-        agree = float((fp.run(["logits"], {"input": validation})[0].argmax(1)
-                       == q8.run(["logits"], {"input": validation})[0].argmax(1)).mean())
+        agree = steps[-1]["top1_agreement"]
         report = {
             "method": method, "top1_agreement": agree, "validated_on": len(validation),
-            "min_agreement": min_agreement, "accepted": agree >= min_agreement,
+            "min_agreement": min_agreement, "accepted": agree >= min_agreement, "steps": steps,
+            "excluded_nodes": excluded, "bias_correction": None if shift is None else [float(x) for x in shift],
+            "sensitivity": [{"node": name, "relative_logit_error": score} for name, score in ranking[:10]],
+            "quantize_s": round(time.perf_counter() - started, 1),
             "float_bytes": float_model.stat().st_size, "int8_bytes": tmp.stat().st_size,
             "float_latency_ms_bs1": 1000 * _latency(fp, validation[:1]),
             "int8_latency_ms_bs1": 1000 * _latency(q8, validation[:1]),
+            "int8_vs_float_throughput_bs32": _throughput(q8, validation) / _throughput(fp, validation),
         }
         if not report["accepted"]:
             # raising inside atomic_path removes the temporary file; nothing lands at ``out``
@@ -126,4 +316,3 @@ class _Refused(Exception):
     def __init__(self, report: dict[str, Any]) -> None:
         super().__init__("int8 refused")
         self.report = report
-
