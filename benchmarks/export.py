@@ -183,6 +183,13 @@ def main() -> None:
     sessions = {"ort_fp32": ort_session(model_path), "ort_int8": ort_session(int8_path)}
     if mixed_path.exists():
         sessions[f"ort_int8_{len(search['excluded_nodes'])}_float"] = ort_session(mixed_path)
+    from visiontl.predict import Predictor, PredictorError
+
+    try:  # the same files in OpenVINO (the openvino extra), checked against ONNX Runtime on load
+        sessions["openvino_fp32"] = Predictor(model_path, engine="openvino").runner
+        sessions["openvino_int8"] = Predictor(int8_path, engine="openvino").runner
+    except PredictorError as err:
+        print(f"no OpenVINO rows: {err}")
     runners = {"eager": eager, "eager_channels_last": eager_cl}
     for key, session in sessions.items():
         runners[key] = lambda x, session=session: session.run(["logits"], {"input": x})[0]
@@ -197,8 +204,8 @@ def main() -> None:
         throughput = 32 / _median_time(lambda: run(batch32), max(2, args.repeats // 3))
         predicted = np.concatenate([run(x_val[i:i + 32]) for i in range(0, len(x_val), 32)]).argmax(1)
         agreement = float((predicted == reference).mean())
-        size_mb = {"ort_int8": int8_path, "ort_fp32": model_path}.get(name, mixed_path if "int8" in name
-                                                                      else model_path).stat().st_size / 1e6
+        size_mb = {"ort_int8": int8_path, "openvino_int8": int8_path}.get(
+            name, mixed_path if name.startswith("ort_int8_") else model_path).stat().st_size / 1e6
         rows.append({"engine": name, "latency_ms_bs1": round(1000 * latency, 2), "img_per_s_bs32": round(throughput, 1),
                      "size_mb": round(size_mb, 2), "top1_agreement": agreement,
                      "accuracy": round(float((predicted == labels).mean()), 3)})

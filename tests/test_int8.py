@@ -139,3 +139,29 @@ def test_a_depthwise_convolution_kept_float_stays_float_in_the_session(tmp_path:
     expected = plain.run(["logits"], {"input": images[32:]})[0]
     ours = ort_session(tmp_path / "q.onnx").run(["logits"], {"input": images[32:]})[0]
     assert np.abs(ours - expected).max() < 0.1 * np.abs(expected).max()
+
+
+def test_openvino_engine_reads_the_same_file_and_agrees(same_model, tmp_path: Path) -> None:
+    """The float export and its int8 model, in OpenVINO: checked against ONNX Runtime on load (float:
+    the export's tolerance), same predictions; an unknown engine is refused by name."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'visiontl[openvino]')")
+    from PIL import Image
+
+    from visiontl.predict import Predictor, PredictorError
+
+    model, calibration, validation = same_model
+    quantize_int8(model, tmp_path / "q.onnx", calibration, validation, min_agreement=0.0)
+    images = []
+    for i in range(5):
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray((calibration[i].transpose(1, 2, 0) * 255).astype(np.uint8)).save(images[-1])
+    for path in (model, tmp_path / "q.onnx"):
+        ov, ort_ = Predictor(path, engine="openvino"), Predictor(path, engine="onnxruntime")
+        assert ov.engine_check["passed"] and ov.engine_check["top1_agreement"] == 1.0
+        if path == model:
+            assert ov.engine_check["max_abs_logit_diff"] <= ov.engine_check["atol"] + 1e-3 * ov.engine_check["logit_scale"]
+        assert [p.label for p in ov.predict(images)] == [p.label for p in ort_.predict(images)]
+    # the default: OpenVINO for the int8 model (measured faster), ONNX Runtime for the float one
+    assert Predictor(tmp_path / "q.onnx").engine == "openvino" and Predictor(model).engine == "onnxruntime"
+    with pytest.raises(PredictorError, match="Unknown engine 'tensorrt'"):
+        Predictor(model, engine="tensorrt")

@@ -37,6 +37,7 @@ from torch import nn
 from visiontl import __version__
 from visiontl._io import atomic_path
 from visiontl.features import weights_fingerprint
+from visiontl.predict import compare_outputs
 
 __all__ = ["INPUT_CONVENTION", "ExportError", "compare_outputs", "export_onnx", "load_task", "preprocess_for_export"]
 
@@ -159,39 +160,6 @@ def preprocess_for_export(paths: list[Path], size: tuple[int, int], channels: in
     from visiontl.predict import preprocess
 
     return np.stack([preprocess(p, size, channels, crop_pct, frame="middle") for p in paths])
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def compare_outputs(reference: np.ndarray, candidate: np.ndarray, atol: float = 1e-4, rtol: float = 1e-3,
-                    prob_atol: float = 1e-4) -> dict[str, Any]:
-    """Compare ONNX Runtime logits (``candidate``) with PyTorch's (``reference``), N x K each.
-
-    Returns:
-        ``passed`` and the numbers behind it: ``max_abs_logit_diff`` against
-        ``logit_tolerance`` (``atol + rtol * logit_scale``, ``logit_scale`` = max |reference|),
-        ``max_prob_diff`` against ``prob_atol``, ``top1_agreement`` and ``top1_mismatches``
-        (images whose top-1 differs although PyTorch's margin between its two best classes
-        exceeds the logit tolerance).
-    """
-    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
-    diff = float(np.abs(candidate - reference).max()) if reference.size else 0.0
-    scale = float(np.abs(reference).max()) if reference.size else 0.0
-    tolerance = atol + rtol * scale
-    prob_diff = float(np.abs(_softmax(candidate) - _softmax(reference)).max()) if reference.size else 0.0
-    same = candidate.argmax(1) == reference.argmax(1)
-    top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
-    clear = (top2[:, 1] - top2[:, 0]) > tolerance
-    mismatches = int((~same & clear).sum())
-    return {
-        "passed": bool(diff <= tolerance and prob_diff <= prob_atol and mismatches == 0),
-        "max_abs_logit_diff": diff, "logit_scale": scale, "logit_tolerance": tolerance, "atol": atol, "rtol": rtol,
-        "max_prob_diff": prob_diff, "prob_atol": prob_atol,
-        "top1_agreement": float(same.mean()) if len(same) else 1.0, "top1_mismatches": mismatches,
-    }
 
 
 def _run_images(source: str | os.PathLike[str] | None, limit: int, split: str = "val") -> list[Path]:

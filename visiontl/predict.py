@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -29,7 +30,10 @@ from visiontl.data.formats import Frame
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.images import DataError, ImageReadError, check_frames, expand_frames, read_image, to_channels
 
-__all__ = ["Prediction", "Predictor", "PredictorError", "main", "ort_session", "preprocess"]
+__all__ = ["ENGINES", "OpenVINOSession", "Prediction", "Predictor", "PredictorError", "compare_outputs", "main",
+           "ort_session", "preprocess"]
+
+ENGINES = ("auto", "onnxruntime", "openvino")
 
 
 class PredictorError(ValueError):
@@ -46,6 +50,39 @@ class Prediction:
     probability: float | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray, atol: float = 1e-4, rtol: float = 1e-3,
+                    prob_atol: float = 1e-4) -> dict[str, Any]:
+    """Compare ONNX Runtime logits (``candidate``) with PyTorch's (``reference``), N x K each.
+
+    Returns:
+        ``passed`` and the numbers behind it: ``max_abs_logit_diff`` against
+        ``logit_tolerance`` (``atol + rtol * logit_scale``, ``logit_scale`` = max |reference|),
+        ``max_prob_diff`` against ``prob_atol``, ``top1_agreement`` and ``top1_mismatches``
+        (images whose top-1 differs although PyTorch's margin between its two best classes
+        exceeds the logit tolerance).
+    """
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    diff = float(np.abs(candidate - reference).max()) if reference.size else 0.0
+    scale = float(np.abs(reference).max()) if reference.size else 0.0
+    tolerance = atol + rtol * scale
+    prob_diff = float(np.abs(_softmax(candidate) - _softmax(reference)).max()) if reference.size else 0.0
+    same = candidate.argmax(1) == reference.argmax(1)
+    top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
+    clear = (top2[:, 1] - top2[:, 0]) > tolerance
+    mismatches = int((~same & clear).sum())
+    return {
+        "passed": bool(diff <= tolerance and prob_diff <= prob_atol and mismatches == 0),
+        "max_abs_logit_diff": diff, "logit_scale": scale, "logit_tolerance": tolerance, "atol": atol, "rtol": rtol,
+        "max_prob_diff": prob_diff, "prob_atol": prob_atol,
+        "top1_agreement": float(same.mean()) if len(same) else 1.0, "top1_mismatches": mismatches,
+    }
 
 
 def ort_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str] | None = None) -> Any:
@@ -66,6 +103,31 @@ def ort_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str] 
     # exclusion and took agreement from 0.97 to 0.58 (visiontl.quantize); unknown names are ignored
     return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]),
                                 disabled_optimizers=["WeightBiasQuantization"])
+
+
+class OpenVINOSession:
+    """The same ONNX file compiled by OpenVINO for the CPU, with ONNX Runtime's ``run(names, feeds)``.
+
+    OpenVINO (PyPI ``openvino``, the ``openvino`` extra) is Intel's CPU inference runtime; it reads
+    the exported ONNX file itself, so there is still one artefact.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str]) -> None:
+        try:
+            import openvino as ov
+        except ImportError as err:
+            raise PredictorError("engine 'openvino' needs the openvino package: pip install 'visiontl[openvino]' "
+                                 "(or use the default engine, onnxruntime).") from err
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        # float32 arithmetic: on CPUs with bfloat16 units OpenVINO's default precision is bf16 (logits
+        # 2e-2 off on Lite0, where the export verifies to 1e-3)
+        self.compiled = ov.Core().compile_model(str(model_path), "CPU", {"INFERENCE_NUM_THREADS": cpus,
+                                                                          "INFERENCE_PRECISION_HINT": "f32"})
+        self.request = self.compiled.create_infer_request()
+
+    def run(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.request.infer(feeds)
+        return [np.asarray(result[self.compiled.output(name)]) for name in names]
 
 
 def preprocess(path: str | os.PathLike[str], size: tuple[int, int], channels: int, crop_pct: float = 1.0,
@@ -96,7 +158,10 @@ class Predictor:
     """
 
     def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None,
-                 max_pixels: int | None = None, frames: str = "error") -> None:
+                 max_pixels: int | None = None, frames: str = "error", engine: str = "auto") -> None:
+        if engine not in ENGINES:
+            raise PredictorError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+        self.engine = engine
         self.max_pixels = max_pixels
         try:
             self.frames = check_frames(frames)
@@ -145,6 +210,36 @@ class Predictor:
         if problems:
             raise PredictorError(f"{path} does not match its visiontl metadata: {'; '.join(problems)}. Re-export "
                                  f"it with `visiontl export`.")
+        self.runner: Any = self.session
+        self.engine_check: dict[str, Any] | None = None
+        if engine == "auto":  # OpenVINO where it was measured faster (int8: README), when installed
+            self.engine = "onnxruntime"
+            if "quantization" in self.metadata and importlib.util.find_spec("openvino") is not None:
+                try:
+                    self.runner, self.engine_check, self.engine = OpenVINOSession(path), None, "openvino"
+                    self.engine_check = self._check_engine(path)
+                except PredictorError:
+                    self.runner, self.engine = self.session, "onnxruntime"  # it did not agree: stay on ORT
+        elif engine == "openvino":
+            self.runner = OpenVINOSession(path)
+            self.engine_check = self._check_engine(path)
+
+    def _check_engine(self, path: Path) -> dict[str, Any]:
+        """The engine must reproduce ONNX Runtime on fixed inputs (8 seeded images in [0, 1]): within
+        the export's tolerance for a float model; an int8 model (other int8 kernels round otherwise)
+        within 10 % of the logit scale, with no top-1 change where ORT's margin exceeds that."""
+        height, width = self.size
+        probe = np.random.default_rng(0).random((8, self.channels, height, width), dtype=np.float32)
+        reference = self.session.run(["logits"], {"input": probe})[0]
+        candidate = self.runner.run(["logits"], {"input": probe})[0]
+        int8 = "quantization" in self.metadata
+        check = compare_outputs(reference, candidate, rtol=0.1 if int8 else 1e-3, prob_atol=1.0 if int8 else 1e-4)
+        if not check["passed"]:
+            raise PredictorError(
+                f"openvino does not reproduce ONNX Runtime on {path}: max logit difference "
+                f"{check['max_abs_logit_diff']:.2e} (allowed {check['logit_tolerance']:.2e}), max probability "
+                f"difference {check['max_prob_diff']:.2e}; use engine 'onnxruntime'.")
+        return check
 
     def predict(self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 32) -> list[Prediction]:
         """Predict every path in order (every frame of a multi-frame DICOM under ``frames="all"``);
@@ -169,7 +264,7 @@ class Predictor:
         return results
 
     def _run(self, batch: list[np.ndarray], pending: list[Prediction]) -> None:
-        probs = self.session.run(["probabilities"], {"input": np.stack(batch)})[0]
+        probs = self.runner.run(["probabilities"], {"input": np.stack(batch)})[0]
         for pred, row in zip(pending, probs):
             best = int(row.argmax())
             pred.label, pred.probability = self.class_names[best], float(row[best])
@@ -184,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--out", help="write a CSV here instead of printing")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="the runtime (auto: OpenVINO for int8 models when installed, else ONNX Runtime; "
+                             "OpenVINO is checked against ONNX Runtime on load)")
     parser.add_argument("--max-pixels", type=int, help="report larger images as errors (default: Pillow's limit)")
     parser.add_argument("--frames", choices=("error", "middle", "all"), default="error",
                         help="multi-frame DICOMs: report them (error), predict the middle frame, or every frame "
@@ -208,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"png, jpg, tif, dcm...).", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor(args.model, max_pixels=args.max_pixels, frames=args.frames)
+        predictor = Predictor(args.model, max_pixels=args.max_pixels, frames=args.frames, engine=args.engine)
     except PredictorError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
