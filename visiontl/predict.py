@@ -158,7 +158,7 @@ class Predictor:
     """
 
     def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None,
-                 max_pixels: int | None = None, frames: str = "error", engine: str = "auto") -> None:
+                 max_pixels: int | None = None, frames: str = "error", engine: str = "onnxruntime") -> None:
         if engine not in ENGINES:
             raise PredictorError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
         self.engine = engine
@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--out", help="write a CSV here instead of printing")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
+    parser.add_argument("--engine", choices=ENGINES, default="onnxruntime",
                         help="the runtime (auto: OpenVINO for int8 models when installed, else ONNX Runtime; "
                              "OpenVINO is checked against ONNX Runtime on load)")
     parser.add_argument("--max-pixels", type=int, help="report larger images as errors (default: Pillow's limit)")
