@@ -32,6 +32,7 @@ _EXPORTS = {
     "Strategy": "visiontl.strategies",
     "get_strategy": "visiontl.strategies",
     "ClassificationTask": "visiontl.tasks",
+    "DistillationTask": "visiontl.tasks",
     "load_weights": "visiontl.weights",
 }
 

@@ -24,7 +24,7 @@ from visiontl.speed import auto_precision
 from visiontl.strategies import Strategy
 from visiontl.tasks import ClassificationTask
 
-__all__ = ["FitResult", "auto_steps", "fine_tune", "make_datamodule"]
+__all__ = ["FitResult", "auto_steps", "fine_tune", "fit_task", "make_datamodule"]
 
 
 @dataclass
@@ -140,17 +140,34 @@ def fine_tune(
         weights=weights,
         **(task_kwargs or {}),
     )
-    n_train = len(dm.splits["train"])
-    batches = math.ceil(n_train / (dm.batch_size or auto_batch_size(n_train)))
-    steps = steps if steps is not None else auto_steps(n_train, dm.batch_size or auto_batch_size(n_train))
     run_name = name or f"{backbone}-{task.strategy.name}"
+    result = fit_task(task, dm, steps=steps, out=out, name=run_name, ckpt_path=ckpt_path,
+                      trainer_kwargs=trainer_kwargs, image_size=image_size)
+    steps = result.trainer.max_steps
+    if scratch_seeds:
+        _compare_scratch(result, pristine, scratch_seeds, backbone=backbone, image_size=image_size, steps=steps,
+                         out=out, name=f"{run_name}-scratch", seed=seed, data_kwargs=data_kwargs,
+                         task_kwargs=task_kwargs, trainer_kwargs=trainer_kwargs)
+    return result
+
+
+def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: int | None = None,
+             out: str | os.PathLike[str] = "runs", name: str, ckpt_path: str | os.PathLike[str] | None = None,
+             trainer_kwargs: dict[str, Any] | None = None, image_size: int | None = None) -> FitResult:
+    """Train a built task on a datamodule the way :func:`fine_tune` does (step budget, run
+    directory ``out/name/version_N``, precision, resume with ``ckpt_path="last"``) and return the
+    best checkpoint's metrics, with its weights loaded into ``task``."""
+    n_train = len(dm.splits["train"])
+    batch_size = dm.batch_size or auto_batch_size(n_train)
+    batches = math.ceil(n_train / batch_size)
+    steps = steps if steps is not None else auto_steps(n_train, batch_size)
     version = None
     if ckpt_path is not None and str(ckpt_path) == "last":
-        ckpt_path, version = resolve_last(Path(out) / run_name)
+        ckpt_path, version = resolve_last(Path(out) / name)
     kwargs: dict[str, Any] = {
         "max_steps": steps,
         "max_epochs": -1,
-        "logger": RunLogger(str(out), name=run_name, version=version),
+        "logger": RunLogger(str(out), name=name, version=version),
         "log_every_n_steps": max(1, min(50, batches)),
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
@@ -172,13 +189,7 @@ def fine_tune(
     else:
         results = trainer.validate(task, dm, ckpt_path=best or None, verbose=False)
         metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    wall = _wall_time(trainer)
-    result = FitResult(metrics, Path(trainer.log_dir), task, trainer, dm, wall)
-    if scratch_seeds:
-        _compare_scratch(result, pristine, scratch_seeds, backbone=backbone, image_size=image_size, steps=steps,
-                         out=out, name=f"{run_name}-scratch", seed=seed, data_kwargs=data_kwargs,
-                         task_kwargs=task_kwargs, trainer_kwargs=trainer_kwargs)
-    return result
+    return FitResult(metrics, Path(trainer.log_dir), task, trainer, dm, _wall_time(trainer))
 
 
 def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **kwargs: Any) -> None:

@@ -61,7 +61,7 @@ _PROGRESS_FROM = 200  # files; fewer are checked without a progress bar
 _FLAT = 1.0 / 255.0  # thumbnails with a smaller range have no reliable dHash
 _MAX_CHUNKS = 8  # pigeonhole chunks of at least 8 bits; larger thresholds compare every pair
 _SPLIT_ORDER = ("train", "val", "test")
-_UNLABELLED = frozenset({"predict", "target", "target_eval"})  # no labels: no class or leakage checks
+_UNLABELLED = frozenset({"predict", "target", "target_eval", "unlabelled"})  # no labels: no class or leakage checks
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 

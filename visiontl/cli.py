@@ -145,6 +145,12 @@ def _wise_ft(argv: Sequence[str]) -> int:
     return wise_ft_main(argv)
 
 
+def _distill(argv: Sequence[str]) -> int:
+    from visiontl.distill import main as distill_main
+
+    return distill_main(argv)
+
+
 def _predict_onnx(argv: Sequence[str]) -> int:
     from visiontl.predict import main as predict_main
 
@@ -158,6 +164,7 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "check-data": (_check_data, "check a dataset: unreadable files, imbalance, duplicates, train/val/test leakage"),
     "bench": (_bench, "benchmark strategies x backbones x label budgets x seeds on your data, with a report"),
     "rank": (_rank, "rank backbones for your data before fine-tuning (LogME, shrinkage H-score)"),
+    "distill": (_distill, "train a small student to match a fine-tuned teacher run (knowledge distillation)"),
     "wise-ft": (_wise_ft, "mix a run's pretrained and fine-tuned weights (WiSE-FT): score each alpha, keep one"),
 }
 

@@ -128,13 +128,9 @@ def static_same_padding(model: nn.Module, input_shape: tuple[int, int, int]) -> 
     return model
 
 
-def load_task(source: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None):
-    """A trained :class:`~visiontl.tasks.ClassificationTask` from a run directory, a checkpoint or
-    a PEFT checkpoint (``.peft.safetensors``, loaded onto its base weights, or onto ``weights``:
-    :func:`visiontl.delta.load_delta`)."""
-    from visiontl.delta import is_delta, load_delta
-    from visiontl.tasks import ClassificationTask
-
+def run_checkpoint(source: str | os.PathLike[str]) -> Path:
+    """The checkpoint a run directory stands for (``checkpoints/best.ckpt``, else ``last.ckpt``), or
+    ``source`` itself when it is a file; :class:`ExportError` when there is none."""
     path = Path(source)
     if path.is_dir():
         candidates = [path / "checkpoints" / "best.ckpt", path / "checkpoints" / "last.ckpt"]
@@ -146,6 +142,17 @@ def load_task(source: str | os.PathLike[str], weights: str | os.PathLike[str] | 
         path = found
     if not path.exists():
         raise ExportError(f"Checkpoint {path} does not exist.")
+    return path
+
+
+def load_task(source: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None):
+    """A trained :class:`~visiontl.tasks.ClassificationTask` from a run directory, a checkpoint or
+    a PEFT checkpoint (``.peft.safetensors``, loaded onto its base weights, or onto ``weights``:
+    :func:`visiontl.delta.load_delta`)."""
+    from visiontl.delta import is_delta, load_delta
+    from visiontl.tasks import ClassificationTask
+
+    path = run_checkpoint(source)
     if path.suffix == ".safetensors" and is_delta(path):
         return load_delta(path, weights=weights)
     if weights is not None:

@@ -12,6 +12,8 @@ CLI leave the same files in ``trainer.log_dir``:
 - ``splits.csv``: split, path and label of every image (``visiontl wise-ft`` fits and scores on it;
   ``CsvDataModule(train_csv=..., split_column="split")`` reads it);
 - ``data_check.json``: the data check run before training (counts, imbalance, modes, warnings);
+- ``data.json``: the datamodule's class and augmentation preset (``visiontl distill`` trains a
+  student with the teacher's);
 - ``predictions.csv`` after ``predict``.
 """
 
@@ -54,7 +56,7 @@ def checkpoint_record(path: str | Path | None, state_dict: bool = False) -> dict
     return {**record, "state_dict": ckpt["state_dict"]} if state_dict else dict(record)
 
 
-_SETUP_FILES = {"hparams.yaml", "config.yaml", "data_check.json", "strategy.json", "train_images.txt",
+_SETUP_FILES = {"hparams.yaml", "config.yaml", "data_check.json", "data.json", "strategy.json", "train_images.txt",
                 "val_images.txt", "splits.csv", "skipped_files.txt"}
 
 
@@ -104,7 +106,8 @@ class RunReport(Callback):
         dm = trainer.datamodule
         for split in ("train", "val"):  # export verifies / calibrates on these real images later
             if dm is not None and hasattr(dm, "paths") and split in getattr(dm, "splits", {}):
-                files = dict.fromkeys(dm.paths(split))  # each file once (frames='all' lists one per frame)
+                # absolute: the listings are read later from elsewhere (export, wise-ft, distill)
+                files = dict.fromkeys(Path(p).absolute() for p in dm.paths(split))  # each file once (frames='all')
                 _io.write_text(out / f"{split}_images.txt", "".join(f"{p}\n" for p in files))
         splits = getattr(dm, "splits", None) if dm is not None else None
         if isinstance(splits, dict) and "train" in splits:  # labelled: what wise-ft fits and scores on
@@ -112,8 +115,10 @@ class RunReport(Callback):
             writer = csv.writer(buf)
             writer.writerow(["split", "path", "label"])
             for split in ("train", "val", "test"):
-                writer.writerows((split, str(p), label) for p, label in splits.get(split, []))
+                writer.writerows((split, str(Path(p).absolute()), label) for p, label in splits.get(split, []))
             _io.write_text(out / "splits.csv", buf.getvalue())
+        if dm is not None and hasattr(dm, "augment"):
+            _io.write_json(out / "data.json", {"datamodule": type(dm).__name__, "augment": dm.augment})
         report = getattr(dm, "data_report", None) if dm is not None else None
         if report is not None:
             _io.write_json(out / "data_check.json", report.to_dict())
@@ -176,6 +181,9 @@ class RunReport(Callback):
                 _io.write_json(out / "strategy.json", summary["strategy"])
             save_drift({**forgetting["drift"], "retain_acc_after": forgetting.get("retain_acc_after")},
                        out / "drift.png")
+        extra = getattr(pl_module, "run_summary", None)  # a task's own record (DistillationTask: its teacher)
+        if callable(extra):
+            summary.update(extra())
         guard = next((c for c in trainer.callbacks if hasattr(c, "report") and hasattr(c, "gave_up")), None)
         if guard is not None:
             summary["divergence_guard"] = guard.report()

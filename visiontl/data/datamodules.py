@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from visiontl.data.base import ImageDataModule, auto_batch_size, auto_workers
@@ -200,6 +201,12 @@ class ClassificationDataModule(ImageDataModule):
         retain: a labelled folder or CSV of an earlier task or domain whose knowledge the
             fine-tuned model should keep: a run then reports ``retain_acc_before``,
             ``retain_acc_after`` and ``forgetting`` (:mod:`visiontl.forgetting`).
+        unlabelled: a folder of unlabelled images of the task (searched recursively; class folders,
+            if any, are ignored), augmented like the training images. Training batches then pair
+            the two: ``{"source": labelled batch, "target": unlabelled batch}`` (Lightning's
+            ``CombinedLoader``, ``max_size_cycle``: the smaller side is cycled). For tasks that learn
+            from unlabelled images (:class:`~visiontl.tasks.DistillationTask`); files also in a
+            labelled split are left out.
         **kwargs: the image settings of :class:`~visiontl.data.base.ImageDataModule`
             (``batch_size``, ``num_workers``, ``image_size``, ``augment``, ``on_bad_image``,
             ``mean``, ``std``, ``normalize``, ``in_chans``, ``check_images``, ``max_pixels``,
@@ -208,9 +215,10 @@ class ClassificationDataModule(ImageDataModule):
 
     def __init__(self, val_fraction: float = 0.2, seed: int = 0, presize: bool = False, shots: int | None = None,
                  shots_seed: int | None = None, retain: str | None = None, split_seed: int | None = None,
-                 **kwargs: Any) -> None:
+                 unlabelled: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.retain = retain
+        self.unlabelled = unlabelled
         if shots is not None and int(shots) < 1:
             raise DataError(f"shots must be >= 1 image per class (or None for all), got {shots}.")
         self.shots = int(shots) if shots is not None else None
@@ -272,6 +280,14 @@ class ClassificationDataModule(ImageDataModule):
                 seed = self.seed if self.shots_seed is None else self.shots_seed
                 splits["train"] = nested_shots(splits["train"], self.shots, seed,
                                                what=f"the training split of {type(self).__name__}")
+            if self.unlabelled:
+                labelled = {p.resolve() for items in splits.values() for p, _ in items}
+                found = list_images(self.unlabelled, "The unlabelled folder",
+                                    "point unlabelled at a folder of images of the task (any layout)")
+                splits["unlabelled"] = [(p, "") for p in found if p.resolve() not in labelled]
+                if not splits["unlabelled"]:
+                    raise DataError(f"Every image in the unlabelled folder {self.unlabelled} is also a labelled "
+                                    f"training / validation / test image; give images the model has no labels for.")
             self._splits = splits
         return self._splits
 
@@ -353,13 +369,16 @@ class ClassificationDataModule(ImageDataModule):
         datasets: dict[str, Dataset] = {}
         index = {c: i for i, c in enumerate(self.class_names)}
         for split in self.splits:
-            train = split == "train"
+            train = split in ("train", "unlabelled")  # unlabelled images are augmented like the labelled ones
             refs = self.samples(split)
             labelled = [(p, index.get(c, -1)) for p, c, _ in refs]
             frames = [f for _, _, f in refs]
             arrays = presize([p for p, _, _ in refs], pre.size, pre.in_chans, frames) if self.presize else None
+            # augmentation is seeded per (seed, epoch, index): another seed for the unlabelled images, so
+            # image i of each side does not get the same crop
+            seed = (self.seed + (split == "unlabelled")) if train else None
             datasets[split] = ImageDataset(labelled, self._transform(pre, train), pre.in_chans, arrays,
-                                           self.max_pixels, seed=self.seed if train else None, frames=frames)
+                                           self.max_pixels, seed=seed, frames=frames)
         self._datasets = datasets
         self._image_datasets = dict(datasets)
 
@@ -425,8 +444,11 @@ class ClassificationDataModule(ImageDataModule):
         sampler = EpochBatchSampler(epochs, batch_size, drop_last)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
         loader = self._loader("train", train=True)
+        if "unlabelled" in self.splits:  # paired with the unlabelled images (see ``unlabelled``)
+            return CombinedLoader({"source": loader, "target": self._loader("unlabelled", train=True)},
+                                  mode="max_size_cycle")
         done = self._batches_done_in_resumed_epoch(len(loader))
         batch_sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
         if done and isinstance(getattr(batch_sampler, "sampler", None), EpochSampler):
