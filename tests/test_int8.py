@@ -80,6 +80,31 @@ def test_excluded_nodes_and_only_they_stay_float(same_model, tmp_path: Path) -> 
         quantize_int8(model, tmp_path / "x.onnx", calibration, validation, exclude=["no-such-node"])
 
 
+def test_transformer_exclusion_keeps_exactly_the_named_matmuls_float(tmp_path: Path) -> None:
+    """The dynamic (ViT) path takes ``exclude`` too: the named MatMuls keep float weights, the others
+    become MatMulInteger; a name that is no MatMul is refused."""
+    from visiontl.tasks import ClassificationTask
+
+    task = ClassificationTask("test_vit", num_classes=3, pretrained=False).eval()
+    size = task.preprocessing.size
+    images = np.random.default_rng(0).random((8, 3, size, size), dtype=np.float32)
+    export_onnx(task, tmp_path / "vit.onnx")
+    graph = onnx.load(str(tmp_path / "vit.onnx")).graph
+    weights = {t.name for t in graph.initializer}
+    matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # weight MatMuls
+    keep = matmuls[:2]
+    report = quantize_int8(tmp_path / "vit.onnx", tmp_path / "q.onnx", None, images, min_agreement=0.0, exclude=keep)
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    assert report["excluded_nodes"] == keep and "2 node(s) float" in report["method"]
+    assert {n.name for n in graph.node if n.op_type == "MatMul"} >= set(keep)
+    quantize_int8(tmp_path / "vit.onnx", tmp_path / "all.onnx", None, images, min_agreement=0.0)
+    integer = [sum(n.op_type == "MatMulInteger" for n in onnx.load(str(p)).graph.node)
+               for p in (tmp_path / "all.onnx", tmp_path / "q.onnx")]
+    assert integer[1] == integer[0] - len(keep) > 0
+    with pytest.raises(QuantizeError, match="quantises MatMul nodes with weights only"):
+        quantize_int8(tmp_path / "vit.onnx", tmp_path / "x.onnx", None, images, exclude=["no-such-node"])
+
+
 def test_bias_correction_takes_the_mean_shift_off_the_logits(same_model, tmp_path: Path) -> None:
     model, calibration, validation = same_model
     report = quantize_int8(model, tmp_path / "q.onnx", calibration, validation, min_agreement=0.0)

@@ -282,9 +282,15 @@ def _quantize(float_model: Path, out: Path, calibration: np.ndarray | None, vali
                       f"{len(calibration) // size * size} images" + (", bias-corrected" if shift is not None else "")
                       + (f", {len(excluded)} node(s) float" if excluded else ""))
         else:
+            weights = {t.name for t in onnx.load(str(float_model), load_external_data=False).graph.initializer}
+            matmul_names = [n.name for n in nodes if n.op_type == "MatMul" and any(i in weights for i in n.input)]
+            unknown = [name for name in exclude if name not in matmul_names]
+            if unknown:
+                raise QuantizeError(f"Cannot keep {unknown} float: dynamic int8 (a transformer) quantises MatMul nodes "
+                                    f"with weights only, and {float_model}'s are named like {matmul_names[:3]}.")
             quantize_dynamic(str(float_model), str(tmp), op_types_to_quantize=["MatMul"],
-                             weight_type=QuantType.QInt8)
-            method = "dynamic, MatMul only"
+                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
+            method = "dynamic, MatMul only" + (f", {len(exclude)} node(s) float" if exclude else "")
             q8 = ort_session(tmp)
             steps.append({"step": "dynamic", "excluded": 0,
                           "top1_agreement": _agreement(_logits(q8, validation), val_ref)})
