@@ -62,10 +62,7 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
         ``loss``, ``kd`` (the ``T**2``-scaled KL, mean over all images) and ``ce`` (mean over the
         labelled images; 0 when there are none).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha (the weight of the distillation term) must be in [0, 1], got {alpha}.")
+    _check_mix(temperature, alpha)
     t = float(temperature)
     log_s = F.log_softmax(student.float() / t, dim=1)
     log_t = F.log_softmax(teacher.detach().float() / t, dim=1)
@@ -78,6 +75,13 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     else:
         ce = student.new_zeros((), dtype=torch.float32)
     return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
+
+
+def _check_mix(temperature: float, alpha: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (the weight of the distillation term) must be in [0, 1], got {alpha}.")
 
 
 def teacher_view(x: torch.Tensor, student: Preprocessing, teacher: Preprocessing) -> torch.Tensor:
@@ -121,7 +125,7 @@ class DistillationTask(ClassificationTask):
                  teacher_weights: str | None = None, **kwargs: Any) -> None:
         if not teacher:
             raise ValueError("DistillationTask needs teacher: the teacher's run directory or checkpoint.")
-        distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), temperature=temperature, alpha=alpha)  # validates
+        _check_mix(temperature, alpha)
         # not a submodule (plain __dict__ entry): outside the state dict, the optimizer and train()
         self.__dict__["_teacher_task"] = load_teacher(teacher, teacher_weights)
         names = kwargs.get("class_names")
