@@ -164,6 +164,33 @@ def test_unlabelled_images_pair_with_the_labelled_batch(shapes_root: Path, unlab
     assert batch["target"]["image"].shape == batch["source"]["image"].shape
     with pytest.raises(DataError, match="also a labelled"):
         FolderDataModule(str(shapes_root), unlabelled=str(shapes_root)).splits  # noqa: B018
+    # set after the splits were read (distill(data=datamodule, unlabelled=...)): still used
+    late = FolderDataModule(str(shapes_root), image_size=32, num_workers=0, batch_size=4)
+    assert "unlabelled" not in late.splits
+    late.unlabelled = str(unlabelled_root)
+    assert len(late.splits["unlabelled"]) == 12 and set(next(iter(late.train_dataloader()))[0]) == {"source", "target"}
+
+
+def test_a_resumed_half_epoch_skips_the_pairs_it_trained_on(shapes_root: Path, unlabelled_root: Path) -> None:
+    """A distill run killed mid-epoch resumes with the rest of that epoch's labelled and unlabelled
+    batches, the cycled (shorter) unlabelled loader included: no batch twice, none left out."""
+    dm = FolderDataModule(str(shapes_root), image_size=32, num_workers=0, batch_size=4,
+                          unlabelled=str(unlabelled_root))
+    dm.setup("fit")
+
+    def pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(b["source"]["image"], b["target"]["image"]) for b, *_ in dm.train_dataloader()]
+
+    whole = pairs()
+    cycle = -(-len(dm.splits["unlabelled"]) // 4)
+    assert len(whole) > cycle + 1  # the unlabelled loader cycles within the epoch
+    assert 2 * cycle < len(whole) - 1
+    for done in (1, cycle + 1, 2 * cycle, len(whole) - 1):
+        dm._batches_done_in_resumed_epoch = lambda per_epoch, done=done: done
+        resumed = pairs()
+        assert len(resumed) == len(whole) - done
+        for (source, target), (source2, target2) in zip(whole[done:], resumed):
+            assert torch.equal(source, source2) and torch.equal(target, target2)
 
 
 def test_student_run_exports_and_records_its_teacher(teacher_run: Path, unlabelled_root: Path,
@@ -196,6 +223,12 @@ def test_cli_distills_and_reports(teacher_run: Path, tmp_path: Path, capsys: pyt
     assert (record["temperature"], record["alpha"]) == (2.0, 0.8)
     # a student from random weights trains by scratch (gradual would freeze its random BatchNorm statistics)
     assert ClassificationTask.from_checkpoint(run / "checkpoints" / "last.ckpt").strategy.name == "scratch"
+    # a killed (here: finished) run continues where its last checkpoint is, in the same run directory
+    assert main(["distill", str(teacher_run), "--student", "test_efficientnet", "--no-pretrained", "--image-size",
+                 "32", "--steps", "5", "--temperature", "2", "--alpha", "0.8", "--out", str(tmp_path),
+                 "--ckpt-path", "last"]) == 0
+    assert [p.name for p in (tmp_path / "test_efficientnet-distilled").iterdir()] == [run.name]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
 
 
 # -- errors ---------------------------------------------------------------------------------------

@@ -117,6 +117,88 @@ def test_bias_correction_takes_the_mean_shift_off_the_logits(same_model, tmp_pat
     assert residual.max() < 0.25 * np.abs(correction).max()
 
 
+@pytest.mark.parametrize("group", [1, 2, 6])
+def test_layer_output_shift_is_the_mean_output_change_of_the_rounded_weights(group: int) -> None:
+    """Per-layer bias correction by value: the predicted mean output shift of a Conv (plain, grouped,
+    depthwise) and of a Gemm (both weight layouts) equals the measured one. The formula uses each
+    channel's mean over the whole map, so it is exact where every window sees that mean: inputs
+    constant over space (on real feature maps, up to border and window effects)."""
+    import torch.nn.functional as F
+    from onnx import helper
+
+    from visiontl.quantize import _output_shift
+
+    rng = np.random.default_rng(group)
+    x = torch.from_numpy(rng.normal(0.5, 1.0, (4, 6, 1, 1))).expand(4, 6, 9, 9)
+    w = torch.from_numpy(rng.normal(size=(12, 6 // group, 3, 3)))
+    delta = torch.from_numpy(rng.normal(scale=0.01, size=w.shape))
+    measured = (F.conv2d(x, w + delta, groups=group) - F.conv2d(x, w, groups=group)).mean(dim=(0, 2, 3))
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=group)
+    predicted = _output_shift(node, delta.numpy(), x.mean(dim=(0, 2, 3)).numpy())
+    np.testing.assert_allclose(predicted, measured.numpy(), rtol=1e-9, atol=1e-12)
+    if group == 1:
+        a = rng.normal(size=(5, 7))
+        w2, d2 = rng.normal(size=(3, 7)), rng.normal(scale=0.01, size=(3, 7))
+        measured = (0.5 * a @ (w2 + d2).T - 0.5 * a @ w2.T).mean(axis=0)
+        for node, delta2 in ((helper.make_node("Gemm", ["a", "w", "b"], ["y"], transB=1, alpha=0.5), d2),
+                             (helper.make_node("Gemm", ["a", "w", "b"], ["y"], alpha=0.5), d2.T)):
+            np.testing.assert_allclose(_output_shift(node, delta2, a.mean(axis=0)), measured, rtol=1e-6)
+
+
+def test_layer_bias_correction_moves_biases_only_and_not_of_float_nodes(same_model, tmp_path: Path) -> None:
+    """The int8 weights are exactly those without the correction; the biases of the quantised layers
+    moved by the predicted shift (read back from the two int8 models); a node kept float keeps its
+    bias; the logits' error and mean shift drop below logit-only correction on the validation images."""
+    from onnx import numpy_helper
+
+    model, calibration, validation = same_model
+
+    def tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        graph = onnx.load(str(path)).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        producers = {o: n for n in graph.node for o in n.output}
+        weights, biases = {}, {}
+        for node in graph.node:
+            if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
+                w = producers.get(node.input[1])
+                weights[node.name] = inits[w.input[0]] if w is not None and w.op_type == "DequantizeLinear" else None
+                b = producers.get(node.input[2])  # a quantised bias: int32 through DequantizeLinear
+                quantised = b is not None and b.op_type == "DequantizeLinear"
+                biases[node.name] = (inits[b.input[0]] * inits[b.input[1]] if quantised
+                                     else inits[node.input[2]]).astype(np.float64)
+        return weights, biases
+
+    keep = sorted(_float_weight_nodes(model))[:1]
+    reports = {}
+    for correction in ("layers", "logits"):
+        reports[correction] = quantize_int8(model, tmp_path / f"{correction}.onnx", calibration, validation,
+                                            min_agreement=0.0, max_excluded=0, exclude=keep,
+                                            bias_correction=correction)
+    w_layers, b_layers = tensors(tmp_path / "layers.onnx")
+    w_logits, b_logits = tensors(tmp_path / "logits.onnx")
+    quantised = [name for name, w in w_layers.items() if w is not None]
+    # measured on every layer once; the node kept float is then left out of the correction
+    assert reports["layers"]["layer_bias_correction"]["layers"] == len(quantised) + len(keep) > 3
+    assert reports["logits"]["layer_bias_correction"] is None
+    assert "per-layer bias correction" in reports["layers"]["method"]
+    for name in quantised:
+        assert np.array_equal(w_layers[name], w_logits[name]), name
+    moved = [name for name in quantised if not np.allclose(b_layers[name], b_logits[name], rtol=0, atol=1e-6)]
+    assert len(moved) >= len(quantised) - 1  # the classifier's correction may cancel by chance; nothing else
+    for name in keep:  # a convolution: the logit-only correction leaves its bias as exported
+        assert name.endswith("Conv") and w_layers[name] is None
+        assert np.allclose(b_layers[name], b_logits[name], rtol=0, atol=1e-7)
+    f = ort_session(model).run(["logits"], {"input": validation})[0]
+    err = {c: ort_session(tmp_path / f"{c}.onnx").run(["logits"], {"input": validation})[0] - f for c in reports}
+    assert np.abs(err["layers"]).mean() < np.abs(err["logits"]).mean()
+
+
+def test_unknown_bias_correction_is_refused(same_model, tmp_path: Path) -> None:
+    model, calibration, validation = same_model
+    with pytest.raises(QuantizeError, match="bias_correction='weights'.*layers, logits, none"):
+        quantize_int8(model, tmp_path / "q.onnx", calibration, validation, bias_correction="weights")
+
+
 def test_the_search_leaves_sensitive_nodes_float_until_it_agrees(same_model, tmp_path: Path) -> None:
     """An impossible bar: every step is tried and reported, up to max_excluded, then refused."""
     model, calibration, validation = same_model

@@ -106,6 +106,7 @@ def distill(
     import pytorch_lightning as pl
 
     from visiontl.api import fit_task, make_datamodule
+    from visiontl.data.images import DataError
     from visiontl.export import run_checkpoint
     from visiontl.tasks.distill import DistillationTask
 
@@ -115,8 +116,11 @@ def distill(
     if unlabelled is not None:
         kwargs["unlabelled"] = str(unlabelled)
     dm = make_datamodule(data, **kwargs) if data is not None else _teacher_data(teacher, kwargs)
-    if unlabelled is not None and not getattr(dm, "unlabelled", None):
-        dm.unlabelled = str(unlabelled)  # a datamodule given as such
+    if unlabelled is not None and not getattr(dm, "unlabelled", None):  # a datamodule given as such
+        if not hasattr(dm, "unlabelled"):
+            raise DataError(f"{type(dm).__name__} cannot pair unlabelled images with its batches; give data as a "
+                            f"folder or CSV, or a visiontl ClassificationDataModule.")
+        dm.unlabelled = str(unlabelled)
     if image_size is not None:
         dm.image_size = image_size
     if strategy is None:
@@ -159,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimisation steps (default: from the dataset size)")
     parser.add_argument("--batch-size", type=int, help="batch size (default: from the dataset size)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ckpt-path", help="resume: 'last' (this run's latest checkpoint, after a kill) or a .ckpt")
     args = parser.parse_args(argv)
     from visiontl.data.images import DataError
     from visiontl.export import ExportError
@@ -171,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          temperature=args.temperature, alpha=args.alpha, strategy=args.strategy,
                          pretrained=not args.no_pretrained, student_weights=args.student_weights,
                          teacher_weights=args.teacher_weights, image_size=args.image_size, steps=args.steps,
-                         out=args.out, name=args.name, seed=args.seed, data_kwargs=data_kwargs)
+                         out=args.out, name=args.name, seed=args.seed, data_kwargs=data_kwargs,
+                         ckpt_path=args.ckpt_path)
     except (DataError, StrategyError, WeightsError, ExportError, ValueError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

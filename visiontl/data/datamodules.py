@@ -280,15 +280,16 @@ class ClassificationDataModule(ImageDataModule):
                 seed = self.seed if self.shots_seed is None else self.shots_seed
                 splits["train"] = nested_shots(splits["train"], self.shots, seed,
                                                what=f"the training split of {type(self).__name__}")
-            if self.unlabelled:
-                labelled = {p.resolve() for items in splits.values() for p, _ in items}
-                found = list_images(self.unlabelled, "The unlabelled folder",
-                                    "point unlabelled at a folder of images of the task (any layout)")
-                splits["unlabelled"] = [(p, "") for p in found if p.resolve() not in labelled]
-                if not splits["unlabelled"]:
-                    raise DataError(f"Every image in the unlabelled folder {self.unlabelled} is also a labelled "
-                                    f"training / validation / test image; give images the model has no labels for.")
             self._splits = splits
+        if self.unlabelled and "unlabelled" not in self._splits:  # also when set after the splits were read
+            labelled = {p.resolve() for items in self._splits.values() for p, _ in items}
+            found = list_images(self.unlabelled, "The unlabelled folder",
+                                "point unlabelled at a folder of images of the task (any layout)")
+            unlabelled = [(p, "") for p in found if p.resolve() not in labelled]
+            if not unlabelled:
+                raise DataError(f"Every image in the unlabelled folder {self.unlabelled} is also a labelled "
+                                f"training / validation / test image; give images the model has no labels for.")
+            self._splits["unlabelled"] = unlabelled
         return self._splits
 
     @property
@@ -446,14 +447,28 @@ class ClassificationDataModule(ImageDataModule):
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         loader = self._loader("train", train=True)
-        if "unlabelled" in self.splits:  # paired with the unlabelled images (see ``unlabelled``)
-            return CombinedLoader({"source": loader, "target": self._loader("unlabelled", train=True)},
-                                  mode="max_size_cycle")
-        done = self._batches_done_in_resumed_epoch(len(loader))
+        if "unlabelled" not in self.splits:
+            self._skip_done(loader, self._batches_done_in_resumed_epoch(len(loader)))
+            return loader
+        # paired with the unlabelled images (see ``unlabelled``): the epoch runs over the longer one,
+        # the shorter cycles (the same order again: orders depend on the epoch only). Resumed mid-epoch,
+        # each skips what it served, and the shorter serves no more than the epoch has left: Lightning's
+        # max_size_cycle ends the epoch only once every loader ran out
+        target = self._loader("unlabelled", train=True)
+        longest = max(len(loader), len(target))
+        done = self._batches_done_in_resumed_epoch(longest)
+        for part in (loader, target) if done else ():
+            self._skip_done(part, done % len(part), keep=longest - done)
+        return CombinedLoader({"source": loader, "target": target}, mode="max_size_cycle")
+
+    @staticmethod
+    def _skip_done(loader: DataLoader, done: int, keep: int | None = None) -> None:
+        """Leave out the ``done`` batches a resumed, half-done epoch already trained on (and serve at
+        most ``keep`` after them)."""
         batch_sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-        if done and isinstance(getattr(batch_sampler, "sampler", None), EpochSampler):
-            batch_sampler.sampler.skip_next(done * batch_sampler.batch_size)  # trained before the kill
-        return loader
+        if (done or keep is not None) and isinstance(getattr(batch_sampler, "sampler", None), EpochSampler):
+            size = batch_sampler.batch_size
+            batch_sampler.sampler.skip_next(done * size, None if keep is None else keep * size)
 
     def _current_epoch(self) -> int | None:
         trainer = self.trainer

@@ -42,15 +42,18 @@ class EpochSampler(Sampler[int]):
         self.epoch_fn = epoch_fn
         self.epoch = 0
         self.skip = 0
+        self.keep: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at every epoch start (``epoch_fn``, when given, has the last word:
         after a resume Lightning's number here can run one ahead of ``trainer.current_epoch``)."""
         self.epoch = int(epoch)
 
-    def skip_next(self, items: int) -> None:
-        """Leave out the first ``items`` indices of the next pass (a resumed, half-done epoch)."""
+    def skip_next(self, items: int, keep: int | None = None) -> None:
+        """Leave out the first ``items`` indices of the next pass (a resumed, half-done epoch), and
+        yield at most ``keep`` after them (None: all the rest)."""
         self.skip = max(0, int(items))
+        self.keep = None if keep is None else max(0, int(keep))
 
     def order(self, epoch: int) -> list[int]:
         """The item order of ``epoch``."""
@@ -63,8 +66,10 @@ class EpochSampler(Sampler[int]):
         if self.epoch_fn is not None and (epoch := self.epoch_fn()) is not None:
             self.epoch = int(epoch)
         skip, self.skip = self.skip, 0
+        keep, self.keep = self.keep, None
         offset = self.epoch * self.n if self.encode_epoch else 0
-        return iter([offset + i for i in self.order(self.epoch)[skip:]])
+        order = self.order(self.epoch)[skip:]
+        return iter([offset + i for i in (order if keep is None else order[:keep])])
 
     def __len__(self) -> int:
         return self.n
