@@ -37,6 +37,7 @@ __all__ = [
     "data_fingerprint",
     "CachedFeatures",
     "extract_features",
+    "FeatureCacheError",
     "feature_width",
     "split_features",
     "onnx_features",
@@ -226,10 +227,15 @@ def extract_features(
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int64)
 
 
+class FeatureCacheError(RuntimeError):
+    """A distributed run whose ranks do not see one feature cache."""
+
+
 def split_features(model: nn.Module, backbone: str, dm: Any, split: str,
-                   views: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                   views: int = 1, compute: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The frozen ``model``'s pooled features of a datamodule's ``split`` (and labels), from the
-    cache or computed into it; ``views > 1`` gives that many augmented views of each training image."""
+    cache or computed into it; ``views > 1`` gives that many augmented views of each training image.
+    ``compute=False``: read only (a rank of a distributed run, after rank 0 wrote the entry)."""
     augmented = split == "train" and views > 1
     source = dm.feature_source(split, augmented=augmented)
     cache = ArrayCache(default_cache_dir() / "features")
@@ -254,14 +260,32 @@ def split_features(model: nn.Module, backbone: str, dm: Any, split: str,
             return entry["features"][whole[1]], entry["labels"][whole[1]]
     key = key_of(source)
 
-    def compute() -> dict[str, np.ndarray]:
+    def extract() -> dict[str, np.ndarray]:
+        if not compute:
+            raise FeatureCacheError(
+                f"The {split} features rank 0 just cached are not in {cache.root} on this rank: the nodes of this "
+                f"distributed run do not share the feature cache. Point VISIONTL_CACHE at a folder every node "
+                f"sees (a shared filesystem), or train without the cache (a strategy without cache_features).")
         features, labels = extract_features(model, source, batch_size=32, views=views if augmented else 1,
                                             desc=f"Extracting {split} features")
         return {"features": features, "labels": labels}
 
-    entry, hit = cache.get_or_compute(key, compute, info={"backbone": backbone, "split": split, "images": len(source)})
+    entry, hit = cache.get_or_compute(key, extract, info={"backbone": backbone, "split": split, "images": len(source)})
     rank_zero_info(f"[visiontl] {split} features {'loaded from' if hit else 'cached in'} {entry.path}")
     return entry["features"], entry["labels"]
+
+
+def _rank_zero_first(trainer: pl.Trainer, read: Callable[[bool], Any]) -> Any:
+    """``read(compute)`` on every rank, rank 0 first: under DDP rank 0 extracts (or loads) the cache
+    entry while the others wait, then they read it (``compute=False``), so it is written once."""
+    if trainer.world_size <= 1:
+        return read(True)
+    if trainer.is_global_zero:
+        result = read(True)
+        trainer.strategy.barrier("visiontl-features")
+        return result
+    trainer.strategy.barrier("visiontl-features")
+    return read(False)
 
 
 class CachedFeatures(pl.Callback):
@@ -286,7 +310,8 @@ class CachedFeatures(pl.Callback):
         views = int(pl_module.strategy.views)
         for split in ("train", "val", "test"):
             if split in dm.datasets:
-                dm.set_features(split, *split_features(pl_module.model, pl_module.hparams["backbone"], dm, split, views))
+                dm.set_features(split, *_rank_zero_first(trainer, lambda compute, split=split: split_features(
+                    pl_module.model, pl_module.hparams["backbone"], dm, split, views, compute=compute)))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = pl_module.strategy
@@ -298,7 +323,8 @@ class CachedFeatures(pl.Callback):
         if isinstance(getattr(train, "features", None), np.ndarray):
             features, labels = train.features, train.labels
         elif hasattr(dm, "feature_source") and supports_features(model):
-            features, labels = split_features(model, backbone, dm, "train")
+            features, labels = _rank_zero_first(trainer, lambda compute: split_features(model, backbone, dm, "train",
+                                                                                        compute=compute))
         else:
             strategy.head_fit_unavailable(f"{backbone} (or this datamodule) gives no pooled features to fit a head on")
             return
@@ -307,9 +333,13 @@ class CachedFeatures(pl.Callback):
         strategy.fit_head(head, torch.from_numpy(np.array(features, dtype=np.float32)),  # a writable copy
                           torch.from_numpy(np.array(labels, dtype=np.int64)), int(pl_module.hparams["num_classes"]),
                           class_weight=weight)
+        if trainer.world_size > 1:  # DDP synchronised the weights before this hook: every rank takes rank 0's head
+            state = trainer.strategy.broadcast({k: v.detach().cpu() for k, v in head.state_dict().items()}, src=0)
+            head.load_state_dict(state)
         message = f"[visiontl] {strategy.name} head fitted on {len(labels)} training features"
         if strategy.sgd and "val" in getattr(dm, "splits", {}):
-            val_features, val_labels = split_features(model, backbone, dm, "val")
+            val_features, val_labels = _rank_zero_first(trainer, lambda compute: split_features(
+                model, backbone, dm, "val", compute=compute))
             with torch.no_grad():
                 predicted = head(torch.from_numpy(np.array(val_features, dtype=np.float32))).argmax(1).numpy()
             val_acc = float((predicted == np.asarray(val_labels)).mean())

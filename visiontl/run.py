@@ -37,8 +37,16 @@ __all__ = ["RunReport", "checkpoint_record", "discard_if_empty", "run_dir"]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
-    """The directory of this run (the logger's version folder, else ``default_root_dir``)."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The directory of this run (the logger's version folder, else ``default_root_dir``).
+
+    Read from the logger, not ``trainer.log_dir``: that one broadcasts from rank 0 under DDP, a
+    collective that hangs when only rank 0 asks (the report is written by rank 0 alone). On rank 0
+    the two are the same folder."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    path = getattr(logger, "log_dir", None) if logger is not None else None
+    if path is None and logger is not None:
+        path = logger.save_dir
+    return Path(path or trainer.default_root_dir)
 
 
 def checkpoint_record(path: str | Path | None, state_dict: bool = False) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ from visiontl.data.images import (
 from visiontl.data.layout import Sample, folder_splits, index_folder, list_images, read_csv_rows
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.presize import presize
-from visiontl.data.sampling import EpochBatchSampler, EpochSampler, sample_seed
+from visiontl.data.sampling import DistributedEpochSampler, EpochBatchSampler, EpochSampler, sample_seed
 from visiontl.data.shots import nested_shots
 from visiontl.data.transforms import build_transforms
 
@@ -441,9 +441,14 @@ class ClassificationDataModule(ImageDataModule):
             batch_size = self.eval_batch_size(len(self.samples("train")), len(dataset))
             return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                               persistent_workers=workers > 0)
-        epochs = EpochSampler(len(dataset), self.seed, shuffle=True, encode_epoch=True, epoch_fn=self._current_epoch)
-        sampler = EpochBatchSampler(epochs, batch_size, drop_last)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+        # under DDP each rank takes its share of the one-process order (Lightning keeps a
+        # DistributedSampler as it is: its own would reshuffle, and replaces a batch sampler's)
+        world = self._world_size()
+        epochs = (EpochSampler if world == 1 else DistributedEpochSampler)(
+            len(dataset), self.seed, shuffle=True, encode_epoch=True, epoch_fn=self._current_epoch,
+            rank=0 if world == 1 else int(self.trainer.global_rank), world_size=world)
+        return DataLoader(dataset, batch_size=batch_size, sampler=epochs, drop_last=drop_last, num_workers=workers,
+                          persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         loader = self._loader("train", train=True)
@@ -461,14 +466,16 @@ class ClassificationDataModule(ImageDataModule):
             self._skip_done(part, done % len(part), keep=longest - done)
         return CombinedLoader({"source": loader, "target": target}, mode="max_size_cycle")
 
-    @staticmethod
-    def _skip_done(loader: DataLoader, done: int, keep: int | None = None) -> None:
+    def _skip_done(self, loader: DataLoader, done: int, keep: int | None = None) -> None:
         """Leave out the ``done`` batches a resumed, half-done epoch already trained on (and serve at
         most ``keep`` after them)."""
         batch_sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
         if (done or keep is not None) and isinstance(getattr(batch_sampler, "sampler", None), EpochSampler):
-            size = batch_sampler.batch_size
+            size = batch_sampler.batch_size * self._world_size()  # every rank's share of the order
             batch_sampler.sampler.skip_next(done * size, None if keep is None else keep * size)
+
+    def _world_size(self) -> int:
+        return 1 if self.trainer is None else int(self.trainer.world_size)
 
     def _current_epoch(self) -> int | None:
         trainer = self.trainer

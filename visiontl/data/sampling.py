@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 
-__all__ = ["EpochBatchSampler", "EpochSampler", "sample_seed"]
+__all__ = ["DistributedEpochSampler", "EpochBatchSampler", "EpochSampler", "sample_seed"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -37,8 +37,9 @@ class EpochSampler(Sampler[int]):
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, encode_epoch: bool = False,
-                 epoch_fn: Callable[[], int | None] | None = None) -> None:
+                 epoch_fn: Callable[[], int | None] | None = None, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.seed, self.shuffle, self.encode_epoch = int(n), int(seed), shuffle, encode_epoch
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch_fn = epoch_fn
         self.epoch = 0
         self.skip = 0
@@ -69,10 +70,21 @@ class EpochSampler(Sampler[int]):
         keep, self.keep = self.keep, None
         offset = self.epoch * self.n if self.encode_epoch else 0
         order = self.order(self.epoch)[skip:]
-        return iter([offset + i for i in (order if keep is None else order[:keep])])
+        order = [offset + i for i in (order if keep is None else order[:keep])]
+        if self.world_size > 1:  # rank r: every world_size-th index, padded to equal shares (as DistributedSampler)
+            order += order[:(-len(order)) % self.world_size]
+            order = order[self.rank::self.world_size]
+        return iter(order)
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world_size)
+
+
+class DistributedEpochSampler(EpochSampler, DistributedSampler):
+    """An :class:`EpochSampler` for one rank of a distributed run (``rank``, ``world_size``): rank
+    r takes every ``world_size``-th index of the one-process order, so the ranks' batches together
+    are the one-process batch. A ``DistributedSampler`` for Lightning, which then keeps it instead
+    of wrapping it in its own (which reshuffles the order with its own seed)."""
 
 
 class EpochBatchSampler(BatchSampler):

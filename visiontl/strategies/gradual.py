@@ -139,6 +139,18 @@ class GradualUnfreezing(pl.Callback):
         super().__init__()
         self.strategy = strategy
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or trainer.world_size <= 1:
+            return
+        groups = pl_module.groups
+        if self.strategy.trainable_at(groups, 0) != self.strategy.trainable_at(groups, 10 ** 6):
+            # DDP registers the parameters that train when it wraps the model; groups unfrozen later
+            # would train on each rank's own gradients, silently apart (Lightning #20340)
+            raise StrategyError(
+                f"gradual with unfreeze={self.strategy.unfreeze!r} and head={self.strategy.head!r} changes which "
+                f"groups train during the run, which DDP ({trainer.world_size} processes) cannot follow. Use "
+                f"unfreeze='all' with the fitted head (the default), or train on one device.")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.on_train_epoch_start(trainer, pl_module)
 
@@ -146,5 +158,9 @@ class GradualUnfreezing(pl.Callback):
         epoch = int(trainer.current_epoch)
         names = self.strategy.trainable_at(pl_module.groups, epoch)
         if names != pl_module.trainable_groups:
+            if trainer.world_size > 1 and trainer.global_step > 0:
+                raise StrategyError(f"gradual: the trainable groups change at epoch {epoch}, which DDP cannot follow "
+                                    f"(a head fitted by SGD first?); use unfreeze='all' with a fitted head, or one "
+                                    f"device.")
             pl_module.set_trainable_groups(names)
             rank_zero_info(f"[visiontl] epoch {epoch}: training groups {', '.join(names)}")

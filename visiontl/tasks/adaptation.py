@@ -179,14 +179,14 @@ class AdaptationTask(ClassificationTask):
             truth = torch.cat([torch.ones(n), torch.zeros(len(feats) - n)]).to(domain)
             adversarial = F.binary_cross_entropy_with_logits(domain, truth)
             loss = loss + weight * adversarial
-            self.log("train_domain_loss", adversarial, on_epoch=True, batch_size=n)
-            self.log("train_domain_acc", ((domain > 0).float() == truth).float().mean(), on_epoch=True, batch_size=n)
-            self.log("grl_coeff", coeff, on_step=True, batch_size=n)
+            self.log("train_domain_loss", adversarial, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log("train_domain_acc", ((domain > 0).float() == truth).float().mean(), on_epoch=True, batch_size=n, sync_dist=True)
+            self.log("grl_coeff", coeff, on_step=True, batch_size=n, sync_dist=True)
         elif method == "coral":
             alignment = coral_loss(feats[:n], feats[n:])
             loss = loss + weight * alignment
-            self.log("train_coral", alignment, on_epoch=True, batch_size=n)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+            self.log("train_coral", alignment, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         return loss
 
     # -- validation: source metrics, target signals --------------------------------------------------
@@ -209,9 +209,9 @@ class AdaptationTask(ClassificationTask):
         super().on_validation_epoch_end()
         signals = target_signals(self._target)
         for name, value in signals.items():
-            self.log(name, value)
+            self.log(name, value, sync_dist=True)
         if self.target_accuracy.update_count:
-            self.log("target_acc", self.target_accuracy.compute(), prog_bar=True)
+            self.log("target_acc", self.target_accuracy.compute(), prog_bar=True, sync_dist=True)
         self.target_accuracy.reset()
         self._target = {}
 

@@ -17,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from visiontl.backbones import LayerGroup, data_config, layer_groups
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.speed import tune_allocator
-from visiontl.strategies import Strategy, get_strategy, no_weight_decay_names, set_trainable
+from visiontl.strategies import Strategy, StrategyError, get_strategy, no_weight_decay_names, set_trainable
 
 __all__ = ["BaseTask", "warmup_cosine"]
 
@@ -195,6 +195,15 @@ class BaseTask(pl.LightningModule):
 
     def _trains_backbone(self) -> bool:
         return any(plan.lr > 0 for plan in self.strategy.plan(self.groups)[:-1])
+
+    def setup(self, stage: str) -> None:
+        # before Lightning converts the BatchNorm layers and DDP refuses them with a bare ValueError
+        sync = getattr(self.trainer.strategy, "_layer_sync", None) is not None  # Trainer(sync_batchnorm=True)
+        if sync and self.trainer.strategy.root_device.type == "cpu":
+            raise StrategyError(
+                "sync_batchnorm=True on the CPU: PyTorch's SyncBatchNorm runs on GPUs only (not with gloo). Leave "
+                "--trainer.sync_batchnorm off here (each process then normalises with its own batch), or train on "
+                "GPUs.")
 
     def on_fit_start(self) -> None:
         # in the process that trains (each rank), not whenever a task is built (from_checkpoint in a

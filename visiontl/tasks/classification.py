@@ -222,6 +222,7 @@ class ClassificationTask(BaseTask):
             self._counts_set = True
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.hparams["class_weights"] == "balanced" and not getattr(self, "_counts_set", False):
             raise ValueError("class_weights='balanced' needs a datamodule with class_counts.")
 
@@ -265,9 +266,9 @@ class ClassificationTask(BaseTask):
             return
         # logged once per epoch: logging the collection every step cost more than a head's step
         if any(metric.update_count for metric in self.train_metrics.values()):  # a resumed, empty epoch: none
-            self.log_dict(self.train_metrics.compute())
+            self.log_dict(self.train_metrics.compute(), sync_dist=True)
         if self.train_loss_mean.update_count:
-            self.log("train_loss_epoch", self.train_loss_mean.compute())
+            self.log("train_loss_epoch", self.train_loss_mean.compute(), sync_dist=True)
         self.train_metrics.reset()
         self.train_loss_mean.reset()
 
@@ -294,19 +295,19 @@ class ClassificationTask(BaseTask):
         loss = self._loss(logits, batch["label"])
         if self.strategy.regularizer == "l2sp":
             penalty = l2sp_penalty(self.model, self._start_on(loss.device), self.strategy.alpha, self.strategy.beta)
-            self.log("train_l2sp", penalty.detach(), on_step=True, on_epoch=True, batch_size=len(batch["label"]))
+            self.log("train_l2sp", penalty.detach(), on_step=True, on_epoch=True, batch_size=len(batch["label"]), sync_dist=True)
             loss = loss + penalty
         self.train_metrics.update(logits.detach(), batch["label"])  # computed once per epoch
         size = len(batch["label"])
         out = {"loss": loss, "preds": logits.detach().argmax(1)}  # predictions for the divergence guard
         if "features" not in batch:
-            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
             return out
         # a step on cached features takes ~0.1 ms, Lightning's self.log ~1 ms: log the step loss
         # only when the logger writes it, and the epoch mean once per epoch (same names as above)
         self.train_loss_mean.update(loss.detach(), size)
         if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
-            self.log("train_loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size)
+            self.log("train_loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size, sync_dist=True)
         return out
 
     def _eval_step(self, batch: dict[str, Any], split: str, logits: torch.Tensor | None = None) -> None:
@@ -319,17 +320,17 @@ class ClassificationTask(BaseTask):
         getattr(self, f"{split}_specificity").update(probs, y)
         getattr(self, f"{split}_confmat").update(probs, y)
         self.log(f"{split}_loss", self._loss(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y),
-                 add_dataloader_idx=False)
+                 add_dataloader_idx=False, sync_dist=True)
 
     def _eval_epoch_end(self, split: str) -> None:
         metrics = getattr(self, f"{split}_metrics")
-        self.log_dict(metrics.compute(), prog_bar=True)
+        self.log_dict(metrics.compute(), prog_bar=True, sync_dist=True)
         metrics.reset()
         # per class, as clinicians read them: sensitivity (= recall) and specificity, one-vs-rest
         for kind, attr in (("sensitivity", "recall"), ("specificity", "specificity")):
             metric = getattr(self, f"{split}_{attr}")
             for name, value in zip(self.class_names, metric.compute()):
-                self.log(f"{split}_{kind}/{name}", value)
+                self.log(f"{split}_{kind}/{name}", value, sync_dist=True)
             metric.reset()
         confmat = getattr(self, f"{split}_confmat")
         self.last_confusion[split] = confmat.compute().cpu()
