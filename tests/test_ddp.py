@@ -89,6 +89,9 @@ def test_ddp_probe_on_cached_features_writes_each_split_once(shapes_root: Path, 
     # identical to the single-process cache: a one-process run finds every entry already there
     _fit(shapes_root, tmp_path, "one", "probe", 1, cache)
     assert sorted((cache / "features").iterdir()) == entries
+    # the head trained on the same global batches of features (rank r: every r-th row of the batch)
+    one, ddp = _final(tmp_path / "one" / "version_0"), _final(tmp_path / "ddp" / "version_0")
+    assert ddp["val_acc"] == one["val_acc"] and ddp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3)
 
 
 def test_ddp_refuses_what_it_cannot_do_on_cpu(shapes_root: Path, tmp_path: Path) -> None:

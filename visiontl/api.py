@@ -174,7 +174,7 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
     }
     kwargs.update(trainer_kwargs or {})
     if kwargs.get("precision", "auto") == "auto":
-        kwargs["precision"] = _precision(task, dm, image_size)
+        kwargs["precision"] = _precision(task, dm, image_size, kwargs.get("accelerator", "auto"))
     trainer = pl.Trainer(**kwargs)
     try:
         trainer.fit(task, dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
@@ -225,15 +225,22 @@ def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **k
         rank_zero_info(f"[visiontl] pretrained - scratch: {gap:+.3f} val_acc (scratch {mean:.3f}{spread})")
 
 
-def _precision(task: ClassificationTask, dm: ClassificationDataModule, image_size: int | None) -> str:
-    """Measure bf16 only where the backbone backpropagates (head-only training is tiny)."""
+def _precision(task: ClassificationTask, dm: ClassificationDataModule, image_size: int | None,
+               accelerator: Any = "auto") -> str:
+    """The device's mixed precision on a GPU; on a CPU bf16 is measured only where the backbone
+    backpropagates (head-only training is tiny)."""
+    from visiontl.devices import default_precision, device_kind
+
+    gpu = default_precision(device_kind(accelerator))
+    if gpu is not None:
+        return gpu
     if not task._trains_backbone():
         return "32-true"
     chans, height, width = task.data_config["input_size"]
     size = image_size or dm.image_size
     batch = dm.batch_size or auto_batch_size(len(dm.splits["train"]))
     shape = (batch, chans, size or height, size or width)
-    return auto_precision(task.model, shape, channels_last=task.channels_last)
+    return auto_precision(task.model, shape, channels_last=task.channels_last, accelerator="cpu")
 
 
 def _wall_time(trainer: pl.Trainer) -> float:

@@ -181,6 +181,15 @@ def _cli_class():
             parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
             parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+        def before_instantiate_classes(self) -> None:
+            """Unset precision: the device's mixed precision on a GPU (``visiontl.devices``)."""
+            from visiontl.devices import resolve_precision
+
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            trainer = config.get("trainer")
+            if trainer is not None:
+                trainer.precision = resolve_precision(trainer.get("precision"), trainer.get("accelerator", "auto"))
+
         def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
             """``--ckpt_path last`` resumes the newest version of this run name, in that directory."""
             kwargs = super()._prepare_subcommand_kwargs(subcommand)

@@ -139,12 +139,13 @@ def choose_engine(
     from visiontl.speed import channels_last_input, is_cnn
 
     channels_last = is_cnn(model)
+    device = next(model.parameters()).device
 
-    def eager(x: torch.Tensor) -> torch.Tensor:
+    def eager(x: torch.Tensor) -> torch.Tensor:  # on the model's device (a GPU's when the trainer has one)
         with torch.no_grad():
-            return pooled_features(model, channels_last_input(x, channels_last))
+            return pooled_features(model, channels_last_input(x.to(device, non_blocking=True), channels_last))
 
-    if engine == "torch":
+    if engine == "torch" or device.type != "cpu":  # ONNX Runtime is the CPU alternative here
         return "torch", eager
     if engine not in ("auto", "onnxruntime"):
         raise ValueError(f"engine must be 'auto', 'torch' or 'onnxruntime', got {engine!r}.")
@@ -308,6 +309,7 @@ class CachedFeatures(pl.Callback):
         if not getattr(pl_module, "uses_feature_cache", False) or not hasattr(dm, "set_features"):
             return
         views = int(pl_module.strategy.views)
+        pl_module.to(trainer.strategy.root_device)  # extract on the run's device (Lightning moves it there next)
         for split in ("train", "val", "test"):
             if split in dm.datasets:
                 dm.set_features(split, *_rank_zero_first(trainer, lambda compute, split=split: split_features(

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,15 +106,19 @@ def measure_bf16_speedup(model: nn.Module, input_shape: tuple[int, ...], channel
 
 
 def auto_precision(model: nn.Module | None = None, input_shape: tuple[int, ...] | None = None,
-                   channels_last: bool = False, threshold: float = 1.15) -> str:
-    """Lightning ``precision`` for this machine and model: measured, never assumed.
+                   channels_last: bool = False, threshold: float = 1.15, accelerator: Any = "auto") -> str:
+    """Lightning ``precision`` for the device ``accelerator`` names and this model.
 
-    ``bf16-mixed`` on CUDA with bf16; on a CPU only when it has native bf16 instructions AND a
-    short timing of ``model`` at ``input_shape`` shows bf16 autocast at least ``threshold`` times
-    faster (the gain differs by architecture: see the README); else ``32-true``.
+    On a GPU :func:`visiontl.devices.default_precision` (``bf16-mixed`` where supported, else
+    ``16-mixed``). On a CPU, measured, never assumed: ``bf16-mixed`` only when it has native bf16
+    instructions AND a short timing of ``model`` at ``input_shape`` shows bf16 autocast at least
+    ``threshold`` times faster (the gain differs by architecture: see the README); else ``32-true``.
     """
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    from visiontl.devices import default_precision, device_kind
+
+    chosen = default_precision(device_kind(accelerator))
+    if chosen is not None:
+        return chosen
     if model is None or input_shape is None or not has_native_bf16():
         return "32-true"
     speedup = measure_bf16_speedup(model, input_shape, channels_last)

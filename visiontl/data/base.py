@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -44,10 +43,12 @@ EVAL_BATCH = 32
 """The smallest evaluation batch (32 was the fastest feature-extraction batch for Lite0 on 2 cores)."""
 
 
-def auto_workers() -> int:
-    """DataLoader workers for this machine: one fewer than the cores, at most 4, at least 1."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cpus - 1))  # one persistent worker beat two on a 2-core machine
+def auto_workers(kind: str = "cpu") -> int:
+    """DataLoader workers for this machine feeding a device ``kind`` (see
+    :func:`visiontl.devices.loader_defaults`): one fewer than the cores, at least 1."""
+    from visiontl.devices import loader_defaults
+
+    return int(loader_defaults(kind)["num_workers"])
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -231,6 +232,16 @@ class ImageDataModule(pl.LightningDataModule):
         Evaluation keeps no activations for backward, so a batch larger than training's fits."""
         return max(1, min(max(self.loader_batch_size(n_train, n_items), EVAL_BATCH), n_items))
 
+    def device_kind(self) -> str:
+        """The device the attached trainer computes on: ``cuda``, ``mps`` or ``cpu``."""
+        from visiontl.devices import trainer_device_kind
+
+        return trainer_device_kind(getattr(self, "trainer", None))
+
     def loader_workers(self) -> int:
-        """Loader processes: ``num_workers`` or one chosen for this machine."""
-        return auto_workers() if self.num_workers is None else self.num_workers
+        """Loader processes: ``num_workers`` or one chosen for this machine and device."""
+        return auto_workers(self.device_kind()) if self.num_workers is None else self.num_workers
+
+    def pin_memory(self) -> bool:
+        """Page-locked batches where they are copied to a CUDA device (faster, asynchronous copies)."""
+        return self.device_kind() == "cuda"

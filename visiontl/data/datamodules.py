@@ -30,7 +30,13 @@ from visiontl.data.images import (
 from visiontl.data.layout import Sample, folder_splits, index_folder, list_images, read_csv_rows
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.presize import presize
-from visiontl.data.sampling import DistributedEpochSampler, EpochBatchSampler, EpochSampler, sample_seed
+from visiontl.data.sampling import (
+    DistributedEpochBatchSampler,
+    DistributedEpochSampler,
+    EpochBatchSampler,
+    EpochSampler,
+    sample_seed,
+)
 from visiontl.data.shots import nested_shots
 from visiontl.data.transforms import build_transforms
 
@@ -133,11 +139,17 @@ class FeatureDataset(Dataset):
             "index": index % self.n_images,
         }
 
-    def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False) -> DataLoader:
+    def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False, rank: int = 0,
+               world_size: int = 1) -> DataLoader:
         """Batches gathered by one fancy-indexing read each, in the main process: per-row reads,
-        collation and worker processes cost more than the head's whole step on features."""
+        collation and worker processes cost more than the head's whole step on features. Under
+        DDP (``world_size`` > 1) rank ``rank`` reads its share of each one-process batch."""
         # the same (seed, epoch) order as the image loader it replaces: the same batches
-        sampler = EpochBatchSampler(EpochSampler(len(self), seed, shuffle), batch_size, drop_last)
+        if world_size == 1:
+            sampler = EpochBatchSampler(EpochSampler(len(self), seed, shuffle), batch_size, drop_last)
+        else:
+            shard = DistributedEpochSampler(len(self), seed, shuffle, rank=rank, world_size=world_size)
+            sampler = DistributedEpochBatchSampler(shard, batch_size, drop_last)
         return DataLoader(self, batch_size=None, sampler=sampler, num_workers=0)
 
 
@@ -432,15 +444,18 @@ class ClassificationDataModule(ImageDataModule):
         dataset = self.datasets[split]
         batch_size = self.loader_batch_size(len(self.samples("train")), len(dataset))
         # drop only a lone last image: BatchNorm cannot train on a batch of one, and a
-        # loader never ends up with zero batches
-        drop_last = train and len(dataset) % batch_size == 1 and len(dataset) > batch_size
+        # loader never ends up with zero batches (under DDP: of each rank's equal share)
+        share = -(-len(dataset) // self._world_size())
+        drop_last = train and share % batch_size == 1 and share > batch_size
         if isinstance(dataset, FeatureDataset):  # evaluation needs no small batches on features
-            return dataset.loader(batch_size if train else max(batch_size, 1024), train, self.seed, drop_last)
+            world = self._world_size()
+            return dataset.loader(batch_size if train else max(batch_size, 1024), train, self.seed, drop_last,
+                                  rank=0 if world == 1 else int(self.trainer.global_rank), world_size=world)
         workers = self.loader_workers()
         if not train:
             batch_size = self.eval_batch_size(len(self.samples("train")), len(dataset))
             return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                              persistent_workers=workers > 0)
+                              persistent_workers=workers > 0, pin_memory=self.pin_memory())
         # under DDP each rank takes its share of the one-process order (Lightning keeps a
         # DistributedSampler as it is: its own would reshuffle, and replaces a batch sampler's)
         world = self._world_size()
@@ -448,7 +463,7 @@ class ClassificationDataModule(ImageDataModule):
             len(dataset), self.seed, shuffle=True, encode_epoch=True, epoch_fn=self._current_epoch,
             rank=0 if world == 1 else int(self.trainer.global_rank), world_size=world)
         return DataLoader(dataset, batch_size=batch_size, sampler=epochs, drop_last=drop_last, num_workers=workers,
-                          persistent_workers=workers > 0)
+                          persistent_workers=workers > 0, pin_memory=self.pin_memory())
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         loader = self._loader("train", train=True)

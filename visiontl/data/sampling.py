@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 
-__all__ = ["DistributedEpochSampler", "EpochBatchSampler", "EpochSampler", "sample_seed"]
+__all__ = ["DistributedEpochBatchSampler", "DistributedEpochSampler", "EpochBatchSampler", "EpochSampler",
+           "sample_seed"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -86,6 +87,12 @@ class DistributedEpochSampler(EpochSampler, DistributedSampler):
     are the one-process batch. A ``DistributedSampler`` for Lightning, which then keeps it instead
     of wrapping it in its own (which reshuffles the order with its own seed)."""
 
+    @property
+    def num_replicas(self) -> int:  # DistributedSampler's names
+        return self.world_size
+
+
+
 
 class EpochBatchSampler(BatchSampler):
     """A ``BatchSampler`` over an :class:`EpochSampler` that passes ``set_epoch`` on (Lightning looks
@@ -93,3 +100,19 @@ class EpochBatchSampler(BatchSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+
+
+class DistributedEpochBatchSampler(EpochBatchSampler, DistributedSampler):
+    """Batches of one rank's :class:`DistributedEpochSampler`, for a loader whose dataset reads whole
+    batches (its ``sampler`` yields index lists); a ``DistributedSampler`` so Lightning keeps it."""
+
+    def __init__(self, sampler: DistributedEpochSampler, batch_size: int, drop_last: bool) -> None:
+        EpochBatchSampler.__init__(self, sampler, batch_size, drop_last)
+
+    @property
+    def rank(self) -> int:
+        return self.sampler.rank
+
+    @property
+    def num_replicas(self) -> int:
+        return self.sampler.world_size

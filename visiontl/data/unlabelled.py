@@ -137,7 +137,8 @@ class UnlabelledDataModule(ImageDataModule):
         batch = self.loader_batch_size(len(self.dataset), len(self.dataset), cap=64)
         workers = self.loader_workers()
         return DataLoader(self.dataset, batch_size=batch, shuffle=True, num_workers=workers,
-                          persistent_workers=workers > 0, drop_last=len(self.dataset) > batch)
+                          persistent_workers=workers > 0, drop_last=len(self.dataset) > batch,
+                          pin_memory=self.pin_memory())
 
 
 class BlueMarbleUnlabelledDataModule(UnlabelledDataModule):

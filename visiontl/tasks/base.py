@@ -197,6 +197,14 @@ class BaseTask(pl.LightningModule):
         return any(plan.lr > 0 for plan in self.strategy.plan(self.groups)[:-1])
 
     def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        norms = (torch.nn.modules.batchnorm._BatchNorm,)
+        if (stage == "fit" and self.trainer.world_size > 1 and getattr(dm, "batch_size", None) == 1
+                and self.strategy.bn_stats == "update" and any(isinstance(m, norms) for m in self.model.modules())):
+            raise StrategyError(
+                f"batch_size 1 per device across {self.trainer.world_size} processes: BatchNorm would normalise "
+                f"each image by itself (batch_size is per device under DDP). Give batch_size >= 2 per device, or a "
+                f"strategy with bn_stats='frozen' (gradual's default).")
         # before Lightning converts the BatchNorm layers and DDP refuses them with a bare ValueError
         sync = getattr(self.trainer.strategy, "_layer_sync", None) is not None  # Trainer(sync_batchnorm=True)
         if sync and self.trainer.strategy.root_device.type == "cpu":
