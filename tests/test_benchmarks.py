@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,14 @@ def test_forgetting_benchmark_smoke_run(tmp_path: Path) -> None:
         curve = list(csv.DictReader(fh))
     assert [(r["method"], float(r["alpha"])) for r in curve] == [("wise-ft", 0.0), ("wise-ft", 1.0)]
     assert (tmp_path / "out" / "forgetting_wise_ft.png").stat().st_size > 1000
+
+
+def test_scale_benchmark_quick_run(tmp_path: Path) -> None:
+    """Every stage (scan, check, extract, logreg, knn) in its own process, with its wall time and peak RSS."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), "--quick", "--work", str(tmp_path)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["stage"] for r in rows] == ["scan", "check", "extract", "logreg", "knn"]
+    assert rows[2]["train"][1] == 1280 and all(0 < r["peak_rss_gb"] < 4 for r in rows)
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2  # train and val, extracted once

@@ -19,28 +19,35 @@ from pathlib import Path
 import pytest
 import torch
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "folder.yaml"
+RECIPES = Path(__file__).parents[1] / "recipes"
 pytestmark = pytest.mark.slow
+
+
+def _cli(recipe: str, out: Path, name: str, devices: int, cache: Path, *args: str,
+         check: bool = True) -> subprocess.CompletedProcess:
+    """``visiontl fit --config recipes/<recipe>`` on ``devices`` CPU processes (DDP when > 1)."""
+    command = [sys.executable, "-m", "visiontl", "fit", "--config", str(RECIPES / recipe),
+               "--model.init_args.pretrained", "false", "--data.init_args.num_workers", "0",
+               "--trainer.max_steps", "8", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
+               "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name,
+               "--trainer.enable_progress_bar", "false", "--trainer.deterministic", "true", *args]
+    if devices > 1:
+        command += ["--trainer.strategy", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VISIONTL_CACHE": str(cache),
+           "PYTHONHASHSEED": "0"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
 
 
 def _fit(root: Path, out: Path, name: str, strategy: str, devices: int, cache: Path, *extra: str,
          check: bool = True) -> subprocess.CompletedProcess:
-    batch = 8 // devices
-    args = [sys.executable, "-m", "visiontl", "fit", "--config", str(RECIPE), "--data.init_args.root", str(root),
-            "--model.init_args.backbone", "test_resnet", "--model.init_args.pretrained", "false",
-            "--model.init_args.strategy", strategy, "--data.init_args.image_size", "32",
-            "--data.init_args.num_workers", "0", "--data.init_args.batch_size", str(batch),
-            "--trainer.max_steps", "8", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
-            "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", name,
-            "--trainer.enable_progress_bar", "false", "--trainer.deterministic", "true", *extra]
-    if devices > 1:
-        args += ["--trainer.strategy", "ddp"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VISIONTL_CACHE": str(cache),
-           "PYTHONHASHSEED": "0"}
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, check=False)
-    if check:
-        assert done.returncode == 0, done.stderr[-4000:]
-    return done
+    """The folder recipe on a tiny ResNet, global batch 8."""
+    return _cli("folder.yaml", out, name, devices, cache, "--data.init_args.root", str(root),
+                "--model.init_args.backbone", "test_resnet", "--model.init_args.strategy", strategy,
+                "--data.init_args.image_size", "32", "--data.init_args.batch_size", str(8 // devices), *extra,
+                check=check)
 
 
 def _final(run: Path) -> dict[str, float]:
@@ -101,3 +108,28 @@ def test_ddp_refuses_what_it_cannot_do_on_cpu(shapes_root: Path, tmp_path: Path)
     progressive = '{"class_path": "visiontl.strategies.Gradual", "init_args": {"unfreeze": "progressive"}}'
     done = _fit(shapes_root, tmp_path, "prog", progressive, 2, cache, check=False)
     assert done.returncode != 0 and "which DDP (2 processes) cannot follow" in done.stderr
+
+
+def test_ddp_adaptation_and_continued_pretraining_finish(shapes_root: Path, tmp_path: Path) -> None:
+    """DANN's paired source / target loaders and MAE continued pretraining under DDP: they finish,
+    write one run directory each, and their artefacts load in this process."""
+    from data import make_folder  # tests/data/shapes (conftest puts it on the path)
+
+    from visiontl.tasks import AdaptationTask
+
+    target = make_folder(tmp_path / "target", per_class=8, seed=5)
+    cache = tmp_path / "cache"
+    _cli("medical/adapt-folders.yaml", tmp_path, "dann", 2, cache, "--data.init_args.root", str(shapes_root),
+         "--data.init_args.target_root", str(target), "--model.init_args.backbone", "test_resnet",
+         "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4")
+    run = tmp_path / "dann" / "version_0"
+    assert sorted(p.name for p in (tmp_path / "dann").iterdir()) == ["version_0"]
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 8
+    AdaptationTask.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
+    _cli("medical/pretrain-mae-folder.yaml", tmp_path, "mae", 2, cache, "--data.init_args.root", str(target),
+         "--model.init_args.backbone", "test_vit", "--data.init_args.batch_size", "4",
+         "--trainer.max_steps", "4")
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "mae" / "version_0" / "backbone.safetensors")
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())

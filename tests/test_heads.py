@@ -112,3 +112,19 @@ def test_logreg_chooses_its_penalty_by_stratified_cross_validation() -> None:
     assert fixed.fit_report["l2"] == 0.5 and "cv_acc" not in fixed.fit_report
     with pytest.raises(StrategyError, match="folds"):
         LogisticRegression(folds=1)
+
+
+def test_knn_compares_the_bank_in_chunks_with_the_same_votes() -> None:
+    """A bank far larger than a query batch is compared chunk by chunk (memory: batch x CHUNK, not
+    batch x bank); the running top-k gives exactly the one-block result, ties and all."""
+    torch.manual_seed(0)
+    bank, labels = torch.randn(103, 16), torch.randint(0, 4, (103,))
+    queries = torch.cat([torch.randn(9, 16), bank[:3]])  # exact matches too
+    whole = KNNHead(num_classes=4, k=5)
+    whole.fit(bank, labels)
+    chunked = KNNHead(num_classes=4, k=5)
+    chunked.fit(bank, labels)
+    chunked.CHUNK = 7  # 15 chunks, the last one shorter than k... and one of 103 - 98 = 5 rows
+    assert torch.allclose(chunked(queries), whole(queries), atol=1e-6)
+    chunked.CHUNK = 2  # chunks smaller than k
+    assert torch.allclose(chunked(queries), whole(queries), atol=1e-6)

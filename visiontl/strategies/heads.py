@@ -225,12 +225,23 @@ class KNNHead(nn.Module):
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    CHUNK = 16384  # bank rows compared at a time: a (batch x CHUNK) similarity block, never batch x bank
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bank.shape[0] == 0:
             raise RuntimeError("KNNHead is empty: fit it on training features first.")
-        sim = F.normalize(x, dim=1) @ self.bank.T
+        query = F.normalize(x, dim=1)
         k = min(self.k, self.bank.shape[0])
-        top, idx = sim.topk(k, dim=1)
+        top = idx = None
+        for start in range(0, self.bank.shape[0], self.CHUNK):  # a running top-k over the bank's chunks
+            sim = query @ self.bank[start:start + self.CHUNK].T
+            chunk_top, chunk_idx = sim.topk(min(k, sim.shape[1]), dim=1)
+            if top is None:
+                top, idx = chunk_top, chunk_idx + start
+            else:
+                merged = torch.cat([top, chunk_top], 1)
+                top, pick = merged.topk(min(k, merged.shape[1]), dim=1)
+                idx = torch.cat([idx, chunk_idx + start], 1).gather(1, pick)
         votes = torch.exp((top - 1) / self.temperature)
         scores = torch.zeros(x.shape[0], self.num_classes, dtype=votes.dtype, device=x.device)
         scores.scatter_add_(1, self.bank_labels[idx], votes)

@@ -230,7 +230,7 @@ class BaseTask(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.log("trainable_params", float(trainable), on_epoch=True, sync_dist=False)
+        self.log("trainable_params", float(trainable), on_epoch=True, sync_dist=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
