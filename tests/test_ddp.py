@@ -121,7 +121,9 @@ def test_ddp_adaptation_and_continued_pretraining_finish(shapes_root: Path, tmp_
     cache = tmp_path / "cache"
     _cli("medical/adapt-folders.yaml", tmp_path, "dann", 2, cache, "--data.init_args.root", str(shapes_root),
          "--data.init_args.target_root", str(target), "--model.init_args.backbone", "test_resnet",
-         "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4")
+         "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
+         # the progress bar reads epoch values on rank 0 alone: none may need a collective (#21264)
+         "--trainer.enable_progress_bar", "true")
     run = tmp_path / "dann" / "version_0"
     assert sorted(p.name for p in (tmp_path / "dann").iterdir()) == ["version_0"]
     assert json.loads((run / "metrics.json").read_text())["steps"] == 8
@@ -133,3 +135,23 @@ def test_ddp_adaptation_and_continued_pretraining_finish(shapes_root: Path, tmp_
 
     weights = load_file(tmp_path / "mae" / "version_0" / "backbone.safetensors")
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_ddp_streams_prepared_data(shapes_root: Path, tmp_path: Path) -> None:
+    """``recipes/streaming.yaml`` under DDP, from a local folder read as a remote (shards copied to a
+    cache): the ranks split the shards, LP-FT trains every group from the start (no fitted head on a
+    stream, and no mid-run change under DDP), with the progress bar on."""
+    from visiontl.data import prepare_data
+
+    streamed = tmp_path / "streamed"
+    prepare_data(shapes_root, str(streamed), num_workers=1)
+    done = _cli("streaming.yaml", tmp_path, "stream", 2, tmp_path / "cache", "--data.init_args.input_dir",
+                f"local:{streamed}", "--data.init_args.cache_dir", str(tmp_path / "shards"),
+                "--model.init_args.backbone", "test_resnet", "--data.init_args.image_size", "32",
+                "--data.init_args.batch_size", "4", "--trainer.enable_progress_bar", "true")
+    assert "every group trains from the first step" in done.stderr
+    run = tmp_path / "stream" / "version_0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 8 and 0 <= metrics["final"]["val_acc"] <= 1
+    assert metrics["strategy"]["strategy"]["init_args"]["head_epochs"] == 0
+    assert any((tmp_path / "shards").rglob("*.bin"))

@@ -157,7 +157,7 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
     """Train a built task on a datamodule the way :func:`fine_tune` does (step budget, run
     directory ``out/name/version_N``, precision, resume with ``ckpt_path="last"``) and return the
     best checkpoint's metrics, with its weights loaded into ``task``."""
-    n_train = len(dm.splits["train"])
+    n_train = dm.train_size
     batch_size = dm.batch_size or auto_batch_size(n_train)
     batches = math.ceil(n_train / batch_size)
     steps = steps if steps is not None else auto_steps(n_train, batch_size)
@@ -238,7 +238,7 @@ def _precision(task: ClassificationTask, dm: ClassificationDataModule, image_siz
         return "32-true"
     chans, height, width = task.data_config["input_size"]
     size = image_size or dm.image_size
-    batch = dm.batch_size or auto_batch_size(len(dm.splits["train"]))
+    batch = dm.batch_size or auto_batch_size(dm.train_size)
     shape = (batch, chans, size or height, size or width)
     return auto_precision(task.model, shape, channels_last=task.channels_last, accelerator="cpu")
 

@@ -127,6 +127,51 @@ def _check_data(argv: Sequence[str]) -> int:
     return 1 if report.errors else 0
 
 
+def _prepare_data(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="visiontl prepare-data",
+        description="Write a labelled folder or CSV in LitData's streaming format (one data set per split and "
+                    "OUT/visiontl.json), to train from with StreamingDataModule: data on object storage or a shared "
+                    "filesystem, larger than memory or local disk. Needs: pip install 'visiontl[stream]'.",
+    )
+    parser.add_argument("src", help="class-per-folder tree, folder with train/ val/ test/, or a CSV of path,label")
+    parser.add_argument("out", help="a local folder, or s3:// / gs:// (LitData uploads the shards)")
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="share of each class held out for validation when SRC has no validation split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of that validation split")
+    parser.add_argument("--image-size", type=int,
+                        help="store images resized once for this training size (shorter side 1.15 x); default: as is")
+    parser.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                        help="stop at an unreadable image (error) or leave it out and list it (skip)")
+    parser.add_argument("--frames", choices=("error", "middle", "all"), default="error",
+                        help="multi-frame DICOMs: refuse (error), middle frame, or every frame")
+    parser.add_argument("--chunk-bytes", default="64MB", help="size of a shard")
+    parser.add_argument("--workers", type=int, help="decoding processes (default: the cores)")
+    parser.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
+    parser.add_argument("--path-column", default="path", help="CSV column with image paths")
+    parser.add_argument("--label-column", default="label", help="CSV column with class names")
+    args = parser.parse_args(argv)
+    from visiontl.data.images import DataError
+    from visiontl.data.streaming import describe, prepare_data
+
+    csv = {"path_column": args.path_column, "label_column": args.label_column} \
+        if args.src.lower().endswith(".csv") else None
+    try:
+        meta = prepare_data(args.src, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                            image_size=args.image_size, on_bad_image=args.on_bad_image, frames=args.frames,
+                            chunk_bytes=args.chunk_bytes, num_workers=args.workers, overwrite=args.overwrite,
+                            csv_options=csv)
+    except (DataError, ImportError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(describe(meta))
+    print(f"prepared: {args.out} (train with --data visiontl.data.StreamingDataModule "
+          f"--data.init_args.input_dir {args.out})")
+    return 0
+
+
 def _bench(argv: Sequence[str]) -> int:
     from visiontl.bench.cli import bench_main
 
@@ -162,6 +207,7 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "export": (_export, "export a run to ONNX (normalisation + labels inside, verified against PyTorch)"),
     "predict-onnx": (_predict_onnx, "predict images with an exported model (ONNX Runtime only, no torch)"),
     "check-data": (_check_data, "check a dataset: unreadable files, imbalance, duplicates, train/val/test leakage"),
+    "prepare-data": (_prepare_data, "write a dataset in LitData's streaming format, for StreamingDataModule"),
     "bench": (_bench, "benchmark strategies x backbones x label budgets x seeds on your data, with a report"),
     "rank": (_rank, "rank backbones for your data before fine-tuning (LogME, shrinkage H-score)"),
     "distill": (_distill, "train a small student to match a fine-tuned teacher run (knowledge distillation)"),
@@ -247,13 +293,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXTRA_COMMANDS[args[0]][0](args[1:])
     from visiontl.data.images import DataError
     from visiontl.export import ExportError
+    from visiontl.features import FeatureCacheError
     from visiontl.resume import ResumeError
     from visiontl.strategies import StrategyError
     from visiontl.weights import WeightsError
 
     try:
         cli(args)
-    except (DataError, StrategyError, WeightsError, ExportError, ResumeError) as err:  # bad input: one line
+    except (DataError, StrategyError, WeightsError, ExportError, ResumeError, FeatureCacheError) as err:  # bad input: one line
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0

@@ -338,7 +338,8 @@ class CachedFeatures(pl.Callback):
             features, labels = _rank_zero_first(trainer, lambda compute: split_features(model, backbone, dm, "train",
                                                                                         compute=compute))
         else:
-            strategy.head_fit_unavailable(f"{backbone} (or this datamodule) gives no pooled features to fit a head on")
+            strategy.head_fit_unavailable(f"{backbone} (or this datamodule) gives no pooled features to fit a head on",
+                                          distributed=trainer.world_size > 1)
             return
         head = model.get_classifier()
         weight = getattr(pl_module, "class_weight", None) if pl_module.hparams.get("class_weights") else None

@@ -23,6 +23,8 @@ _EXPORTS = {
     "BlueMarbleUnlabelledDataModule": "visiontl.data.unlabelled",
     "EuroSATDataModule": "visiontl.data.public",
     "MedMNISTDataModule": "visiontl.data.public",
+    "StreamingDataModule": "visiontl.data.streaming",
+    "prepare_data": "visiontl.data.streaming",
     "channel_stats": "visiontl.data.stats",
     "read_raw": "visiontl.data.images",
     "BlueMarbleDataModule": "visiontl.data.bluemarble",

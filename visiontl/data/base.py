@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 
 from visiontl.data.images import DataError, bad_image_line, check_frames, scan_frame, scan_images
 from visiontl.data.preprocessing import Preprocessing
-from visiontl.data.stats import channel_stats, needs_dataset_stats, stored_bit_depth
+from visiontl.data.stats import channel_stats, stored_bit_depth
 
 __all__ = ["ImageDataModule", "auto_batch_size", "auto_workers"]
 
@@ -179,7 +179,7 @@ class ImageDataModule(pl.LightningDataModule):
         resolved = base.replace(
             size=self.image_size or base.size, mean=tuple(mean), std=tuple(std), normalization=normalization,
             crop_pct=base.crop_pct if self.augment == "natural" else 1.0,
-            bit_depth=stored_bit_depth(self.train_paths(), frame=frame),
+            bit_depth=self.bit_depth(frame),
         )
         self._scan(chans)
         if resolved != self._preprocessing:
@@ -191,8 +191,13 @@ class ImageDataModule(pl.LightningDataModule):
         if self.normalize != "auto":
             return self.normalize == "dataset"
         if chans not in self._needs_stats:
-            self._needs_stats[chans] = needs_dataset_stats(self.train_paths(), chans, frame=frame)
+            self._needs_stats[chans] = chans > 3 or self.bit_depth(frame) > 8
         return self._needs_stats[chans]
+
+    def bit_depth(self, frame: Any = "error") -> int:
+        """Bits per stored sample of the training images (8, 16, or 32 for floats; a hook: measured
+        on the first files here)."""
+        return stored_bit_depth(self.train_paths(), frame=frame)
 
     def dataset_stats(self, chans: int) -> tuple[list[float], list[float]]:
         """Per-channel mean / std of the training images (measured once, cached on disk)."""

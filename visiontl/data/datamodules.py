@@ -315,6 +315,11 @@ class ClassificationDataModule(ImageDataModule):
         return len(self.class_names)
 
     @property
+    def train_size(self) -> int:
+        """Training samples (frames under ``frames='all'``)."""
+        return len(self.samples("train"))
+
+    @property
     def class_counts(self) -> list[int]:
         """Training samples per class, in label order (frames under ``frames='all'``)."""
         counts = Counter(s[1] for s in self.samples("train"))

@@ -150,9 +150,9 @@ class Strategy:
         (N x D tensor) and ``labels``; what it found goes to :attr:`fit_report`."""
         raise StrategyError(f"Strategy {self.name!r} fits no head.")
 
-    def head_fit_unavailable(self, reason: str) -> None:
+    def head_fit_unavailable(self, reason: str, distributed: bool = False) -> None:
         """Called instead of :meth:`fit_head` when no pooled features can be had (``reason``
-        says why): an error unless the strategy has a fallback."""
+        says why; ``distributed``: under DDP): an error unless the strategy has a fallback."""
         raise StrategyError(reason)
 
     def prepare(self, model: nn.Module) -> nn.Module:

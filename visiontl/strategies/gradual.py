@@ -104,9 +104,15 @@ class Gradual(Discriminative):
         self._fitter.fit(head, features, labels, num_classes, class_weight)
         self.fit_report = self._fitter.fit_report
 
-    def head_fit_unavailable(self, reason: str) -> None:
-        """No pooled features (a model without one classifier, plain dataloaders): the head trains
-        alone by SGD for the first epoch instead (fastai's ``fine_tune``)."""
+    def head_fit_unavailable(self, reason: str, distributed: bool = False) -> None:
+        """No pooled features (a model without one classifier, plain or streamed data): the head
+        trains alone by SGD for the first epoch instead (fastai's ``fine_tune``); under DDP, which
+        cannot follow a trainable set that changes mid-run, every group trains from the first step."""
+        if distributed:
+            rank_zero_warn(f"[visiontl] {reason}; under DDP the trainable groups cannot change mid-run, so every "
+                           f"group trains from the first step with the new head (no head-only epoch).")
+            self.head, self.head_epochs = "sgd", 0
+            return
         rank_zero_warn(f"[visiontl] {reason}; the head trains alone by SGD for the first epoch instead of being "
                        f"fitted.")
         self.head, self.head_epochs = "sgd", 1

@@ -49,9 +49,10 @@ class FittedHead(Strategy):
                  class_weight: torch.Tensor | None = None) -> None:
         self.fit(head, features, labels, num_classes, class_weight)
 
-    def head_fit_unavailable(self, reason: str) -> None:
+    def head_fit_unavailable(self, reason: str, distributed: bool = False) -> None:
         raise StrategyError(f"Strategy {self.name!r} fits its head on cached features, which need a visiontl "
-                            f"datamodule and a timm backbone with one classifier: {reason}")
+                            f"datamodule of image files (not streamed) and a timm backbone with one classifier: "
+                            f"{reason}")
 
     def fit(self, head: nn.Module, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
             class_weight: torch.Tensor | None = None) -> None:

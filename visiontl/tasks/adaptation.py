@@ -179,14 +179,15 @@ class AdaptationTask(ClassificationTask):
             truth = torch.cat([torch.ones(n), torch.zeros(len(feats) - n)]).to(domain)
             adversarial = F.binary_cross_entropy_with_logits(domain, truth)
             loss = loss + weight * adversarial
-            self.log("train_domain_loss", adversarial, on_epoch=True, batch_size=n, sync_dist=True)
-            self.log("train_domain_acc", ((domain > 0).float() == truth).float().mean(), on_epoch=True, batch_size=n, sync_dist=True)
+            self.log("train_domain_loss", adversarial, on_epoch=True, batch_size=n)
+            self.log("train_domain_acc", ((domain > 0).float() == truth).float().mean(), on_epoch=True, batch_size=n)
             self.log("grl_coeff", coeff, on_step=True, batch_size=n, sync_dist=True)
         elif method == "coral":
             alignment = coral_loss(feats[:n], feats[n:])
             loss = loss + weight * alignment
-            self.log("train_coral", alignment, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
+            self.log("train_coral", alignment, on_epoch=True, batch_size=n)
+        # epoch means per rank: a synchronised one deadlocks Lightning's progress bar under DDP (#21264)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         return loss
 
     # -- validation: source metrics, target signals --------------------------------------------------

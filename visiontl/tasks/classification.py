@@ -295,18 +295,18 @@ class ClassificationTask(BaseTask):
         loss = self._loss(logits, batch["label"])
         if self.strategy.regularizer == "l2sp":
             penalty = l2sp_penalty(self.model, self._start_on(loss.device), self.strategy.alpha, self.strategy.beta)
-            self.log("train_l2sp", penalty.detach(), on_step=True, on_epoch=True, batch_size=len(batch["label"]), sync_dist=True)
+            self.log("train_l2sp", penalty.detach(), on_step=True, on_epoch=True, batch_size=len(batch["label"]))
             loss = loss + penalty
         self.train_metrics.update(logits.detach(), batch["label"])  # computed once per epoch
         size = len(batch["label"])
         out = {"loss": loss, "preds": logits.detach().argmax(1)}  # predictions for the divergence guard
-        if "features" not in batch:
-            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
-            return out
-        # a step on cached features takes ~0.1 ms, Lightning's self.log ~1 ms: log the step loss
-        # only when the logger writes it, and the epoch mean once per epoch (same names as above)
+        # the epoch mean is kept here and logged at the epoch's end, synchronised there: an epoch value
+        # logged from a step with sync_dist is reduced when first read, and Lightning's progress bar
+        # reads it on rank 0 alone (Lightning #21264: DDP deadlocks)
         self.train_loss_mean.update(loss.detach(), size)
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+        # a step on cached features takes ~0.1 ms, Lightning's self.log ~1 ms: there, log the step loss
+        # only when the logger writes it
+        if "features" not in batch or (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
             self.log("train_loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size, sync_dist=True)
         return out
 

@@ -197,9 +197,10 @@ class DistillationTask(ClassificationTask):
         labelled = labels >= 0
         n = int(labelled.sum())
         self.train_metrics.update(logits.detach()[labelled], labels[labelled])
-        self.log("train_loss", parts["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
-        self.log("train_kd", parts["kd"], on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
-        self.log("train_ce", parts["ce"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        # epoch means per rank: a synchronised one deadlocks Lightning's progress bar under DDP (#21264)
+        self.log("train_loss", parts["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train_kd", parts["kd"], on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log("train_ce", parts["ce"], on_step=False, on_epoch=True, batch_size=n)
         return {"loss": parts["loss"], "preds": logits.detach()[labelled].argmax(1)}
 
     def _teacher_val_logits(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:

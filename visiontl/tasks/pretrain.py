@@ -223,7 +223,8 @@ class ContinuedPretraining(BaseTask):
                 z0 = self.target_projection(pooled_features(self.target_model, x0))
                 z1 = self.target_projection(pooled_features(self.target_model, x1))
             loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x0), sync_dist=True)
+        # epoch means per rank: a synchronised one deadlocks Lightning's progress bar under DDP (#21264)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x0))
         return loss
 
     # -- the product: the adapted backbone ----------------------------------------------------------

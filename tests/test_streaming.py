@@ -1,0 +1,147 @@
+"""Streaming data: ``visiontl prepare-data`` writes LitData shards, StreamingDataModule trains from
+them, with a local folder standing in for object storage (LitData's ``local:`` prefix copies the
+shards into a cache as it would download them)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("litdata", reason="the stream extra (litdata) is part of the dev install")
+
+from visiontl.data import FolderDataModule, StreamingDataModule, prepare_data  # noqa: E402
+from visiontl.data.images import DataError, read_image  # noqa: E402
+from visiontl.data.streamcodec import decode_image, encode_image  # noqa: E402
+from visiontl.data.streaming import META  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def prepared(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("streamed") / "set"
+    prepare_data(shapes_root, str(out), num_workers=1)
+    return out
+
+
+def test_codec_round_trip_by_value() -> None:
+    rng = np.random.default_rng(0)
+    eight = (rng.integers(0, 256, (5, 7, 3)).astype(np.float32) / 255)
+    data, codec, bits = encode_image(eight)
+    assert (codec, bits) == ("png", 8)
+    np.testing.assert_array_equal(decode_image(data, codec), eight)  # 8-bit sources: exact
+    deep = rng.random((6, 4, 1)).astype(np.float32)  # 16-bit / DICOM values: to 1/65535
+    data, codec, bits = encode_image(deep)
+    assert (codec, bits) == ("png", 16)
+    assert np.abs(decode_image(data, codec) - deep).max() <= 0.5 / 65535 + 1e-7
+    bands = rng.random((4, 4, 13)).astype(np.float32)  # multispectral: .npy
+    data, codec, bits = encode_image(bands)
+    assert codec == "npy" and decode_image(data, codec).shape == (4, 4, 13)
+    with pytest.raises(DataError, match="codec 'webp'"):
+        decode_image(b"", "webp")
+
+
+def test_prepare_writes_splits_counts_and_statistics(shapes_root: Path, prepared: Path) -> None:
+    meta = json.loads((prepared / META).read_text())
+    folder = FolderDataModule(str(shapes_root))
+    assert meta["classes"] == folder.class_names
+    for split in ("train", "val"):
+        info = meta["splits"][split]
+        assert info["n"] == len(folder.splits[split])
+        assert info["class_counts"] == [sum(c == name for _, c in folder.splits[split]) for name in folder.class_names]
+        assert (prepared / split / "index.json").is_file()
+    # per-channel statistics of the training pixels, as numpy computes them on the files
+    pixels = np.concatenate([read_image(p).reshape(-1, 3) for p, _ in folder.splits["train"]]).astype(np.float64)
+    stats = meta["stats"]["3"]
+    np.testing.assert_allclose(stats["mean"], pixels.mean(0), atol=1e-5)
+    np.testing.assert_allclose(stats["std"], pixels.std(0), atol=1e-5)
+    assert meta["bit_depth"] == 8 and meta["skipped"] == []
+
+
+def test_streamed_validation_images_equal_the_folder_ones(shapes_root: Path, prepared: Path, tmp_path: Path) -> None:
+    stream = StreamingDataModule(f"local:{prepared}", cache_dir=str(tmp_path / "cache"), num_workers=0,
+                                 image_size=32)
+    folder = FolderDataModule(str(shapes_root), num_workers=0, image_size=32)
+    assert stream.class_names == folder.class_names and stream.train_size == 30
+    assert stream.resolve_preprocessing() == folder.resolve_preprocessing()
+    names = stream.names("val")
+    by_name = {Path(p).relative_to(shapes_root).as_posix(): i for i, p in enumerate(folder.paths("val"))}
+    seen = []
+    for batch in stream.val_dataloader():
+        for image, label, index in zip(batch["image"], batch["label"], batch["index"]):
+            item = folder.datasets["val"][by_name[names[int(index)]]]
+            torch.testing.assert_close(image, item["image"])  # the same pixels through the same transform
+            assert int(label) == item["label"]
+            seen.append(int(index))
+    assert sorted(seen) == list(range(6))  # every validation image once
+    assert any((tmp_path / "cache").rglob("*.bin"))  # the shards came through the cache, as from a remote
+
+
+def test_streamed_training_order_is_seeded_and_labels_follow_the_index(prepared: Path, tmp_path: Path) -> None:
+    meta = json.loads((prepared / META).read_text())
+
+    def epoch(seed: int) -> list[int]:
+        dm = StreamingDataModule(str(prepared), cache_dir=str(tmp_path / f"c{seed}"), num_workers=0,
+                                 image_size=32, batch_size=4, seed=seed)
+        dm.resolve_preprocessing()
+        order = []
+        for batch in dm.train_dataloader():
+            assert batch["image"].shape[1:] == (3, 32, 32)
+            for label, index in zip(batch["label"].tolist(), batch["index"].tolist()):
+                assert label == meta["splits"]["train"]["labels"][index]
+                order.append(index)
+        return order
+
+    first = epoch(0)
+    assert first == epoch(0) and len(set(first)) == len(first) >= 24  # seeded; no image twice
+    assert first != sorted(first)  # shuffled
+
+
+def test_prepare_refuses_to_overwrite_and_stops_on_bad_images(shapes_root: Path, prepared: Path,
+                                                              tmp_path: Path) -> None:
+    before = sorted(p.relative_to(prepared) for p in prepared.rglob("*"))
+    with pytest.raises(DataError, match="already holds a prepared data set"):
+        prepare_data(shapes_root, str(prepared))
+    assert sorted(p.relative_to(prepared) for p in prepared.rglob("*")) == before
+    src = tmp_path / "src"
+    shutil.copytree(shapes_root, src)
+    bad = src / "discs" / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="broken.png"):
+        prepare_data(src, str(tmp_path / "out"), num_workers=1)
+    assert not (tmp_path / "out" / META).exists()  # no finished data set
+    meta = prepare_data(src, str(tmp_path / "skip"), num_workers=1, on_bad_image="skip", image_size=16)
+    assert [Path(p).name for p, _ in meta["skipped"]] == ["broken.png"]
+    assert sum(meta["splits"][s]["n"] for s in meta["splits"]) == 36
+    assert meta["stored_short_side"] == 19  # ceil(1.15 * 16): stored smaller than the 32 px sources
+    dm = StreamingDataModule(str(tmp_path / "skip"), num_workers=0, image_size=16)
+    dm.resolve_preprocessing()
+    assert next(iter(dm.val_dataloader()))["image"].shape[-1] == 16
+    with pytest.raises(DataError, match="not a data set prepared by `visiontl prepare-data`"):
+        StreamingDataModule(str(tmp_path / "out")).class_names
+
+
+def test_fit_from_a_stream_and_the_cli(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import warnings
+
+    from visiontl.api import fit_task
+    from visiontl.cli import main
+    from visiontl.tasks import ClassificationTask
+
+    dm = StreamingDataModule(f"local:{prepared}", cache_dir=str(tmp_path / "cache"), num_workers=0, image_size=32)
+    task = ClassificationTask(backbone="test_resnet", num_classes=dm.num_classes, class_names=dm.class_names,
+                              pretrained=False, strategy="gradual")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fit_task(task, dm, steps=4, out=tmp_path / "runs", name="stream",
+                          trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False})
+    assert any("no pooled features" in str(w.message) for w in caught)  # LP-FT's fallback is said
+    assert 0 <= result.metrics["val_acc"] <= 1 and result.trainer.global_step == 4
+    import multiprocessing
+
+    assert multiprocessing.get_start_method(allow_none=True) != "spawn"  # prepare-data put the caller's back
+    assert main(["prepare-data", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err

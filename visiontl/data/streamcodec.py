@@ -1,0 +1,106 @@
+"""The samples of ``visiontl prepare-data``: an image stored losslessly, and the function LitData's
+``optimize`` runs on each listing entry. Kept apart from :mod:`visiontl.data.streaming` so that
+its worker processes import numpy, OpenCV and the image readers only (not torch or Lightning).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visiontl.data.images import DataError, ImageReadError, read_image
+
+__all__ = ["decode_image", "encode_image", "encode_sample", "read_log"]
+
+
+# -- the stored image -------------------------------------------------------------------------
+def encode_image(image: np.ndarray) -> tuple[bytes, str, int]:
+    """A decoded ``float32`` HWC image in [0, 1] as ``(bytes, codec, bits)``: PNG of 8 bits when
+    every value is a multiple of 1/255 (8-bit sources: exact), else 16 bits (the value rounded to
+    1/65535); 1, 3 or 4 channels as PNG, other band counts as ``.npy``."""
+    import cv2
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    eight = np.round(np.clip(image, 0, 1) * 255)
+    bits = 8 if np.abs(eight / 255 - image).max(initial=0) < 1e-6 else 16
+    stored = eight.astype(np.uint8) if bits == 8 else np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
+    if stored.shape[2] in (1, 3, 4):
+        ok, data = cv2.imencode(".png", stored)  # channel order in = channel order out (no BGR swap either way)
+        if ok:
+            return data.tobytes(), "png", bits
+    buf = io.BytesIO()
+    np.save(buf, stored, allow_pickle=False)
+    return buf.getvalue(), "npy", bits
+
+
+def decode_image(data: bytes, codec: str) -> np.ndarray:
+    """The ``float32`` HWC image in [0, 1] stored by :func:`encode_image`."""
+    import cv2
+
+    if codec == "png":
+        stored = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if stored is None:
+            raise DataError("A streamed sample's PNG bytes do not decode; prepare the data again.")
+    elif codec == "npy":
+        stored = np.load(io.BytesIO(data), allow_pickle=False)
+    else:
+        raise DataError(f"A streamed sample has codec {codec!r}, which this visiontl does not read; prepare the data "
+                        f"again with this version.")
+    if stored.ndim == 2:
+        stored = stored[:, :, None]
+    scale = 255.0 if stored.dtype == np.uint8 else 65535.0
+    return stored.astype(np.float32) / scale
+
+
+def _resize(image: np.ndarray, short_side: int | None) -> np.ndarray:
+    import cv2
+
+    height, width = image.shape[:2]
+    if short_side is None or min(height, width) <= short_side:
+        return image
+    scale = short_side / min(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return resized.reshape(size[1], size[0], image.shape[2]) if image.ndim == 3 else resized
+
+
+def encode_sample(item: tuple[int, str, int, Any], short_side: int | None, max_pixels: int | None, log_dir: str,
+                   skip_bad: bool) -> dict[str, Any] | None:
+    """LitData's ``fn``: one listing entry ``(index, path, label, frame)`` -> a stored sample; the
+    per-channel sums and anything left out go to this process's log (``log_dir/<pid>.jsonl``)."""
+    index, path, label, frame = item
+    record: dict[str, Any] = {"index": index}
+    try:
+        image = read_image(path, max_pixels, frame)
+    except ImageReadError as err:
+        if not skip_bad:
+            raise
+        record["bad"] = str(err)
+        sample = None
+    else:
+        image = _resize(image if image.ndim == 3 else image[:, :, None], short_side)
+        data, codec, bits = encode_image(image)
+        pixels = image.reshape(-1, image.shape[-1]).astype(np.float64)
+        record.update(channels=int(image.shape[-1]), bits=bits, sum=pixels.sum(0).tolist(),
+                      sumsq=(pixels**2).sum(0).tolist(), pixels=len(pixels))
+        sample = {"image": data, "codec": codec, "label": int(label), "index": int(index)}
+    with open(Path(log_dir) / f"{os.getpid()}.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return sample
+
+
+def read_log(log_dir: Path) -> dict[int, dict[str, Any]]:
+    records: dict[int, dict[str, Any]] = {}
+    for part in sorted(log_dir.glob("*.jsonl")):
+        for line in part.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[int(record["index"])] = record
+    return records

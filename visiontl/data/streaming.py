@@ -1,0 +1,410 @@
+"""Streaming data for sets that do not fit in memory or on local disk, in Lightning's own format.
+
+``visiontl prepare-data SRC OUT`` (:func:`prepare_data`) decodes a labelled folder or CSV once and
+writes it with LitData's ``optimize`` as chunked binary shards, one LitData data set per split
+(``OUT/train``, ``OUT/val``, ``OUT/test``), then ``OUT/visiontl.json``: the classes, each split's
+counts and sample names, the channels, bit depth and per-channel statistics of the training
+images, and anything left out. ``OUT`` may be a local folder, a shared filesystem, or object
+storage (``s3://``, ``gs://``; LitData uploads the shards). :class:`StreamingDataModule` then
+trains from it with LitData's ``StreamingDataset`` / ``StreamingDataLoader``: shards are fetched
+as needed into a bounded local cache, each rank and worker reads its own share, and nothing is
+held in memory.
+
+Each sample keeps the decoded image as lossless PNG (8 or 16 bits; ``.npy`` for other band counts),
+its label and its position in the split's listing (``index``), which names it in
+``visiontl.json``. Images read exactly as :func:`~visiontl.data.images.read_image` reads the files
+(DICOM windowing, 16-bit scaling, multi-band TIFF); ``image_size`` resizes them once, shorter side
+to :func:`~visiontl.data.presize.presized_side`, for sources much larger than training needs.
+
+``visiontl.json`` is written last: a folder without it is an unfinished preparation, and
+:class:`StreamingDataModule` refuses it. Needs the ``stream`` extra (``pip install 'visiontl[stream]'``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visiontl.data.base import ImageDataModule
+from visiontl.data.images import DataError
+from visiontl.data.preprocessing import Preprocessing
+from visiontl.data.streamcodec import encode_sample, read_log
+
+__all__ = ["META", "StreamingDataModule", "describe", "prepare_data", "read_meta"]
+
+log = logging.getLogger(__name__)
+
+META = "visiontl.json"
+FORMAT = 1
+SPLITS = ("train", "val", "test")
+_REMOTE = ("s3://", "gs://", "r2://", "azure://", "hf://")
+
+
+def _litdata() -> Any:
+    try:
+        import litdata
+    except ImportError as err:
+        raise ImportError("Streaming data needs LitData: pip install 'visiontl[stream]' (or pip install litdata).") \
+            from err
+    return litdata
+
+
+# -- where the data set lives -----------------------------------------------------------------
+def _is_remote(path: str) -> bool:
+    return str(path).startswith(_REMOTE)
+
+
+def _local(path: str) -> Path | None:
+    """The local folder of ``path`` (a plain path or LitData's ``local:`` prefix), None for object storage."""
+    path = str(path)
+    if _is_remote(path):
+        return None
+    return Path(path[len("local:"):] if path.startswith("local:") else path).expanduser()
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def read_meta(input_dir: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``visiontl.json`` of a prepared data set (downloaded first from object storage)."""
+    local = _local(input_dir)
+    if local is not None:
+        meta_path = local / META
+        if not meta_path.is_file():
+            what = "does not exist" if not local.exists() else "holds no visiontl.json"
+            raise DataError(f"{input_dir} {what}: it is not a data set prepared by `visiontl prepare-data` (or its "
+                            f"preparation did not finish). Run `visiontl prepare-data SRC {input_dir}` first.")
+        text = meta_path.read_text(encoding="utf-8")
+    else:
+        from litdata.streaming.downloader import get_downloader
+
+        with tempfile.TemporaryDirectory(prefix="visiontl-meta-") as tmp:
+            target = str(Path(tmp) / META)
+            try:
+                get_downloader(input_dir, tmp, [], storage_options or {}).download_file(_join(input_dir, META), target)
+                text = Path(target).read_text(encoding="utf-8")
+            except Exception as err:  # noqa: BLE001 - the provider's own errors vary
+                raise DataError(f"Cannot read {_join(input_dir, META)} ({type(err).__name__}: {err}): is {input_dir} "
+                                f"a data set prepared by `visiontl prepare-data`, and are its credentials set?") from err
+    meta = json.loads(text)
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{input_dir}/{META} has format {meta.get('format')!r}; this visiontl reads format {FORMAT}. "
+                        f"Prepare the data again.")
+    return meta
+
+
+def _write_meta(out: str, meta: dict[str, Any], storage_options: dict[str, Any] | None) -> None:
+    local = _local(out)
+    if local is not None:
+        from visiontl._io import write_json
+
+        write_json(local / META, meta)  # atomic: the last thing written, so its presence means "finished"
+        return
+    from litdata.streaming.fs_provider import _get_fs_provider  # LitData's own uploader for its shards
+
+    with tempfile.TemporaryDirectory(prefix="visiontl-meta-") as tmp:
+        path = Path(tmp) / META
+        path.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        _get_fs_provider(out, storage_options or {}).upload_file(str(path), _join(out, META))
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    local = _local(out)
+    if local is None:
+        return  # object storage: LitData's optimize refuses a non-empty prefix itself unless overwriting
+    if local.exists() and not local.is_dir():
+        raise DataError(f"{out} is a file; give prepare-data a folder to write the data set to.")
+    if local.is_dir() and any(local.iterdir()):
+        if not overwrite:
+            what = "a prepared data set" if (local / META).exists() else "files"
+            raise DataError(f"{out} already holds {what}; nothing was changed. Give another OUT, or pass --overwrite "
+                            f"to replace it.")
+        (local / META).unlink(missing_ok=True)  # unfinished from now until the new one is written
+        for split in SPLITS:
+            shutil.rmtree(local / split, ignore_errors=True)
+
+
+# -- prepare ----------------------------------------------------------------------------------
+def _source(src: str | os.PathLike[str], **kwargs: Any) -> Any:
+    from visiontl.data.datamodules import CsvDataModule, FolderDataModule
+
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise DataError(f"{src} does not exist; give prepare-data a class-per-folder tree or a CSV of path,label.")
+    if path.suffix.lower() == ".csv":
+        return CsvDataModule(str(path), **kwargs)
+    return FolderDataModule(str(path), **kwargs)
+
+
+def _name(path: Path, base: Path) -> str:
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float = 0.2, seed: int = 0,
+                 image_size: int | None = None, on_bad_image: str = "error", frames: str = "error",
+                 max_pixels: int | None = None, chunk_bytes: str | int = "64MB", num_workers: int | None = None,
+                 overwrite: bool = False, storage_options: dict[str, Any] | None = None,
+                 csv_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the labelled images of ``src`` (a class-per-folder tree, or a CSV of path, label) to
+    ``out`` in LitData's format and return the data set's ``visiontl.json``.
+
+    Splits are read as :class:`~visiontl.data.FolderDataModule` / :class:`~visiontl.data.CsvDataModule`
+    read them (a validation split of ``val_fraction`` per class is drawn with ``seed`` when there is
+    none), after the same cheap data check (errors stop here, before anything is written).
+
+    Args:
+        image_size: store images resized once (shorter side ``ceil(1.15 * image_size)``, aspect
+            kept); ``None`` keeps full resolution.
+        on_bad_image: ``error`` stops at an unreadable file, naming it; ``skip`` leaves it out and
+            lists it in ``visiontl.json`` (``skipped``).
+        chunk_bytes: size of LitData's shards (``"64MB"``: a few hundred to a few thousand images each).
+        num_workers: processes decoding images (default: the machine's cores).
+        overwrite: replace a data set (or other files) already in ``out``; without it they are kept
+            and nothing is written.
+        csv_options: more :class:`~visiontl.data.CsvDataModule` arguments for a CSV source
+            (``path_column``, ``label_column``, ``root``, ``split_column``...).
+    """
+    litdata = _litdata()
+    if on_bad_image not in ("error", "skip"):
+        raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
+    if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
+        raise DataError(f"image_size must be a whole number >= 1 (or None to keep full resolution), got {image_size!r}.")
+    dm = _source(src, val_fraction=val_fraction, seed=seed, on_bad_image=on_bad_image, frames=frames,
+                 max_pixels=max_pixels, **(csv_options or {}))
+    dm._check_layout()  # headers, counts, leakage: stops before anything is written
+    _check_out(out, overwrite)
+    from visiontl.data.presize import presized_side
+
+    short_side = presized_side(int(image_size)) if image_size is not None else None
+    classes = dm.class_names
+    label_of = {c: i for i, c in enumerate(classes)}
+    base = Path(src).expanduser()
+    base = base.parent if base.is_file() else base
+    meta: dict[str, Any] = {"format": FORMAT, "source": str(src), "classes": classes, "image_size": image_size,
+                            "stored_short_side": short_side, "splits": {}, "skipped": []}
+    stats: dict[int, np.ndarray] = {}
+    depth = 8
+    workers = int(num_workers) if num_workers is not None else max(1, os.cpu_count() or 1)
+    for split in SPLITS:
+        refs = dm.samples(split) if split in dm.splits else []
+        if not refs:
+            continue
+        inputs = [(i, str(p), label_of[c], f) for i, (p, c, f) in enumerate(refs)]
+        with tempfile.TemporaryDirectory(prefix="visiontl-prepare-") as log_dir:
+            fn = functools.partial(encode_sample, short_side=short_side, max_pixels=max_pixels, log_dir=log_dir,
+                                   skip_bad=on_bad_image == "skip")
+            method = multiprocessing.get_start_method(allow_none=True)
+            try:
+                litdata.optimize(fn=fn, inputs=inputs, output_dir=_join(out, split), chunk_bytes=chunk_bytes,
+                                 num_workers=min(workers, len(inputs)), reorder_files=False, mode="overwrite",
+                                 storage_options=storage_options or {}, verbose=len(inputs) >= 300)
+            except Exception as err:
+                raise DataError(f"prepare-data stopped while writing the {split} split of {src} to {out} ({err}); "
+                                f"{out} holds no finished data set. Fix the file(s) named above, or pass "
+                                f"--on-bad-image skip to leave unreadable images out.") from err
+            finally:  # LitData sets the process-wide start method (spawn): the caller's comes back
+                multiprocessing.set_start_method(method, force=True)
+            records = read_log(Path(log_dir))
+        kept = [i for i in range(len(inputs)) if "bad" not in records.get(i, {"bad": "not written"})]
+        bad = [(str(refs[i][0]), records.get(i, {}).get("bad", "not written")) for i in range(len(inputs))
+               if i not in set(kept)]
+        if bad and on_bad_image == "error":
+            raise DataError(f"{len(bad)} image(s) of the {split} split were not written: "
+                            + "; ".join(f"{p} ({r})" for p, r in bad[:10]))
+        meta["skipped"] += [[p, r] for p, r in bad]
+        counts = [0] * len(classes)
+        for i in kept:
+            counts[inputs[i][2]] += 1
+            if split == "train":
+                record = records[i]
+                depth = max(depth, int(record["bits"]))
+                sums = stats.setdefault(int(record["channels"]), np.zeros(3 * int(record["channels"])))
+                sums += np.concatenate([record["sum"], record["sumsq"],
+                                        [record["pixels"]] * int(record["channels"])])
+        if split == "train" and not kept:
+            raise DataError(f"Every training image of {src} was unreadable; nothing to prepare.")
+        meta["splits"][split] = {
+            "n": len(kept), "class_counts": counts,
+            "names": [_name(Path(p), base) for p, _, _ in refs],  # by the samples' ``index``
+            "labels": [label_of[c] for _, c, _ in refs],
+        }
+    meta["bit_depth"] = depth
+    meta["stats"] = {}
+    for chans, sums in sorted(stats.items()):
+        total, square, pixels = sums[:chans], sums[chans:2 * chans], sums[2 * chans:]
+        mean = total / pixels
+        std = np.sqrt(np.maximum(square / pixels - mean**2, 0))
+        meta["stats"][str(chans)] = {"mean": mean.round(6).tolist(),
+                                     "std": np.where(std > 1e-6, std, 1.0).round(6).tolist(),
+                                     "pixels": int(pixels[0])}
+    meta["channels"] = max((int(c) for c in meta["stats"]), default=3)
+    _write_meta(out, meta, storage_options)
+    return meta
+
+
+# -- train from it ----------------------------------------------------------------------------
+class StreamingDataModule(ImageDataModule):
+    """A data set written by ``visiontl prepare-data``, streamed with LitData.
+
+    Every strategy that trains through images works from it (probe, partial, full, gradual,
+    LoRA, scratch), on one process or under DDP (LitData gives each rank and loader worker its own
+    share of the shards). Cached features and fitted heads need the image files and are not
+    offered: an LP-FT strategy trains its head by SGD instead, and says so.
+
+    Args:
+        input_dir: where ``prepare-data`` wrote it: a local folder, ``local:/path`` (read as if it
+            were remote: shards are copied to ``cache_dir``, for testing), or ``s3://`` / ``gs://``.
+        cache_dir: local folder for the fetched shards (default: LitData's).
+        max_cache_size: the most local disk the fetched shards take (``"50GB"``).
+        storage_options: credentials and options for the object store (LitData's).
+        seed: seed of the training order and of the augmentation.
+        **kwargs: the image settings of :class:`~visiontl.data.base.ImageDataModule`
+            (``batch_size``, ``num_workers``, ``image_size``, ``augment``, ``mean``, ``std``,
+            ``normalize``, ``in_chans``). Images were checked when they were prepared.
+    """
+
+    def __init__(self, input_dir: str, cache_dir: str | None = None, max_cache_size: str = "50GB",
+                 storage_options: dict[str, Any] | None = None, seed: int = 0, **kwargs: Any) -> None:
+        kwargs["check_images"] = False  # prepare-data decoded every image
+        super().__init__(**kwargs)
+        self.input_dir, self.cache_dir, self.max_cache_size = input_dir, cache_dir, max_cache_size
+        self.storage_options = storage_options
+        self.seed = seed
+        self._meta: dict[str, Any] | None = None
+        self._datasets: dict[str, Any] = {}
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The data set's ``visiontl.json``."""
+        if self._meta is None:
+            self._meta = read_meta(self.input_dir, self.storage_options)
+        return self._meta
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> list[int]:
+        return list(self.meta["splits"]["train"]["class_counts"])
+
+    @property
+    def train_size(self) -> int:
+        """Training images."""
+        return int(self.meta["splits"]["train"]["n"])
+
+    @property
+    def split_names(self) -> list[str]:
+        return [s for s in SPLITS if s in self.meta["splits"]]
+
+    def names(self, split: str) -> list[str]:
+        """Each sample's name (its path under the prepared source), by the samples' ``index``."""
+        return list(self.meta["splits"][split]["names"])
+
+    # -- the image base's hooks ---------------------------------------------------------------
+    def train_paths(self) -> list[Path]:
+        return []
+
+    def bit_depth(self, frame: Any = "error") -> int:
+        return int(self.meta.get("bit_depth", 8))
+
+    def _use_dataset_stats(self, chans: int, frame: Any) -> bool:
+        if self.normalize != "auto":
+            return self.normalize == "dataset"
+        return chans > 3 or self.bit_depth() > 8
+
+    def dataset_stats(self, chans: int) -> tuple[list[float], list[float]]:
+        """Per-channel mean / std measured by ``prepare-data`` on the training images as they are read
+        with ``chans`` channels (gray images count once per channel); other conversions are an error."""
+        stats = self.meta.get("stats", {})
+        parts = [(stats[str(chans)], False)] if str(chans) in stats else []
+        if chans > 1 and "1" in stats:
+            parts.append((stats["1"], True))
+        if not parts or set(stats) - {str(chans), "1"}:
+            raise DataError(f"{self.input_dir} holds images with {', '.join(sorted(stats))} channel(s); statistics for "
+                            f"{chans} channels cannot be derived from them. Set mean and std, or normalize: backbone.")
+        pixels = sum(p["pixels"] for p, _ in parts)
+        mean = sum(np.resize(p["mean"], chans) * p["pixels"] for p, _ in parts) / pixels
+        second = sum((np.resize(p["std"], chans) ** 2 + np.resize(p["mean"], chans) ** 2) * p["pixels"]
+                     for p, _ in parts) / pixels
+        std = np.sqrt(np.maximum(second - mean**2, 0))
+        return mean.tolist(), np.where(std > 1e-6, std, 1.0).tolist()
+
+    def drop_bad(self, bad: set[Path]) -> None:  # pragma: no cover - images are checked by prepare-data
+        raise DataError("Streamed images were checked when they were prepared.")
+
+    def build_datasets(self, pre: Preprocessing) -> None:
+        self._datasets = {}  # built per loader: LitData data sets open their shards on first use
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _dataset(self, split: str, train: bool) -> Any:
+        from visiontl.data.streamset import StreamingImages
+        from visiontl.data.transforms import build_transforms
+
+        if split not in self.meta["splits"]:
+            raise DataError(f"{self.input_dir} has no {split!r} split (it has {', '.join(self.split_names)}).")
+        pre = self.preprocessing
+        transform = build_transforms(self.augment, train, pre.size, list(pre.mean), list(pre.std), pre.crop_pct,
+                                     pre.interpolation)
+        cache_dir = None if self.cache_dir is None else str(Path(self.cache_dir).expanduser() / split)
+        return StreamingImages(_join(self.input_dir, split), transform=transform, in_chans=pre.in_chans,
+                               aug_seed=self.seed if train else None, shuffle=train, seed=self.seed,
+                               drop_last=train, cache_dir=cache_dir, max_cache_size=self.max_cache_size,
+                               storage_options=self.storage_options or {})
+
+    def _loader(self, split: str, train: bool = False) -> Any:
+        litdata = _litdata()
+        dataset = self._dataset(split, train)
+        n = int(self.meta["splits"][split]["n"])
+        batch = self.loader_batch_size(self.train_size, n) if train else self.eval_batch_size(self.train_size, n)
+        workers = self.loader_workers()
+        world = 1 if self.trainer is None else int(self.trainer.world_size)
+        if not train:  # LitData hands ranks whole batches: one per rank at least, or a rank has none
+            batch = max(1, min(batch, n // world))
+        # each rank and worker batches its own share: drop a short last batch (it may be a lone image,
+        # which BatchNorm cannot train on) only where every share still fills a whole one
+        drop_last = train and n // (max(1, workers) * world) >= batch
+        return litdata.StreamingDataLoader(dataset, batch_size=batch, num_workers=workers,
+                                           pin_memory=self.pin_memory(), drop_last=drop_last)
+
+    def train_dataloader(self) -> Any:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val")
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> Any:
+        return self._loader("test")
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """A few lines about a prepared data set (what ``prepare-data`` prints)."""
+    lines = [f"{len(meta['classes'])} classes: {', '.join(meta['classes'][:12])}"
+             + (" ..." if len(meta["classes"]) > 12 else "")]
+    for split, info in meta["splits"].items():
+        lines.append(f"{split}: {info['n']} images")
+    lines.append(f"channels {meta['channels']}, {meta['bit_depth']}-bit"
+                 + (f", stored at shorter side {meta['stored_short_side']} px" if meta.get("stored_short_side") else ""))
+    if meta["skipped"]:
+        lines.append(f"{len(meta['skipped'])} unreadable image(s) left out (listed in {META}: skipped)")
+    return "\n".join(lines)
