@@ -155,3 +155,28 @@ def test_ddp_streams_prepared_data(shapes_root: Path, tmp_path: Path) -> None:
     assert metrics["steps"] == 8 and 0 <= metrics["final"]["val_acc"] <= 1
     assert metrics["strategy"]["strategy"]["init_args"]["head_epochs"] == 0
     assert any((tmp_path / "shards").rglob("*.bin"))
+
+
+def test_bench_cells_under_ddp_match_one_process(shapes_root: Path, tmp_path: Path) -> None:
+    """``visiontl bench --devices 2``: each cell trains under ``ddp_spawn`` (its batch split over the
+    devices) and hands its weights and metrics back to the harness, which writes the same rows as a
+    one-process bench: cached-feature probe and LP-FT (BatchNorm statistics frozen) to 1e-3."""
+    def bench(name: str, devices: int) -> dict[str, dict[str, str]]:
+        command = [sys.executable, "-m", "visiontl", "bench", "--out", str(tmp_path / name), "--data", str(shapes_root),
+                   "--backbones", "test_resnet=random", "--strategies", "probe", "gradual", "--shots", "all",
+                   "--seeds", "1", "--image-size", "32", "--steps", "6", "--batch-size", "8",
+                   "--devices", str(devices), "--accelerator", "cpu"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "VISIONTL_CACHE": str(tmp_path / "cache")}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, check=False)
+        assert done.returncode == 0, done.stderr[-4000:]
+        with (tmp_path / name / "results.csv").open() as fh:
+            return {r["strategy"]: r for r in csv.DictReader(fh)}
+
+    one, ddp = bench("one", 1), bench("ddp", 2)
+    assert set(one) == set(ddp) == {"probe", "gradual"}
+    for strategy in one:
+        assert ddp[strategy]["val_acc"] == one[strategy]["val_acc"]
+        assert int(ddp[strategy]["steps"]) == int(one[strategy]["steps"])
+        loss_one = _final(Path(one[strategy]["run_dir"]))["val_loss"]
+        loss_ddp = _final(Path(ddp[strategy]["run_dir"]))["val_loss"]
+        assert loss_ddp == pytest.approx(loss_one, rel=1e-3), strategy

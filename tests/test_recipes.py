@@ -40,6 +40,12 @@ def _data_overrides(recipe_path: Path, recipe: dict, shapes_root: Path, tmp_path
         xray = load_fixture("chest_xray").make(tmp_path / "data")
         return ["--data.init_args.root", str(xray / "train"), "--data.init_args.target_root", str(xray / "test"),
                 "--data.init_args.target_val_root", str(xray / "val")]
+    if kind == "StreamingDataModule":  # the shapes prepared as LitData shards, read as from a bucket (local:)
+        from visiontl.data import prepare_data
+
+        prepare_data(shapes_root, str(tmp_path / "streamed"), num_workers=1)
+        return ["--data.init_args.input_dir", f"local:{tmp_path / 'streamed'}", "--data.init_args.cache_dir",
+                str(tmp_path / "shards")]
     if kind in ("FolderDataModule", "UnlabelledDataModule"):
         return ["--data.init_args.root", str(shapes_root)]
     if kind in ("BlueMarbleDataModule", "BlueMarbleAdaptationDataModule"):  # real offline tiles, a handful

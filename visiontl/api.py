@@ -173,6 +173,9 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
         "num_sanity_val_steps": 0,
     }
     kwargs.update(trainer_kwargs or {})
+    # the run directory is decided here, once: processes started for the fit (ddp_spawn) take this one,
+    # and this process reads the same one afterwards (left unpinned, it would count theirs and pick the next)
+    getattr(kwargs.get("logger"), "version", None)
     if kwargs.get("precision", "auto") == "auto":
         kwargs["precision"] = _precision(task, dm, image_size, kwargs.get("accelerator", "auto"))
     trainer = pl.Trainer(**kwargs)

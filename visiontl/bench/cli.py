@@ -42,6 +42,10 @@ def bench_main(argv: Sequence[str]) -> int:
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--steps", type=int, help="steps of every cell (default: the step rule)")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="devices (processes) per cell: above 1, each cell trains under DDP (ddp_spawn) with "
+                             "its batch split over the devices (the global batch and steps stay the cell's)")
+    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator of the cells: auto, cpu, gpu")
     parser.add_argument("--dry-run", action="store_true", help="show the grid and its estimate, run nothing")
     ns = parser.parse_args(args)
     from visiontl.bench.config import BenchError, load_config
@@ -65,7 +69,8 @@ def bench_main(argv: Sequence[str]) -> int:
               f"{total / 60:.0f} min on this machine (finished cells are skipped)")
         if ns.dry_run:
             return 0
-        rows = run_bench(config, ns.out, shard=shard, launcher=ns.launcher)
+        rows = run_bench(config, ns.out, shard=shard, launcher=ns.launcher, devices=ns.devices,
+                         accelerator=ns.accelerator)
         if shard[1] == 1:
             from visiontl.bench.report import write_report
             from visiontl.bench.store import BenchStore

@@ -122,8 +122,14 @@ def _train_accuracy(task: Any, dm: Any, limit: int = 1000) -> float | None:
     return correct / n
 
 
-def run_cell(cell: Cell, out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Train one cell with ``fine_tune`` and return its results row."""
+def run_cell(cell: Cell, out: str | os.PathLike[str], devices: int = 1, accelerator: str = "auto") -> dict[str, Any]:
+    """Train one cell with ``fine_tune`` and return its results row.
+
+    ``devices`` > 1 trains the cell with Lightning's ``ddp_spawn``: one process per device, started
+    for this cell, which hand the trained weights and metrics back to this one (the launched ``ddp``
+    would start every rank at the top of the whole bench); ``batch_size`` is then per device, so the
+    global batch and the step budget stay the cell's.
+    """
     import timm
     import torch
 
@@ -138,13 +144,22 @@ def run_cell(cell: Cell, out: str | os.PathLike[str]) -> dict[str, Any]:
     # far more than training, so every cell validates about VALIDATIONS times, whatever its budget
     epochs = steps / max(1, math.ceil(n_train / batch))
     every = max(1, math.floor(epochs / VALIDATIONS))
+    trainer_kwargs: dict[str, Any] = {**QUIET, "check_val_every_n_epoch": every}
+    if devices > 1:
+        if batch % devices:
+            raise BenchError(f"cell {cell.key()}: batch size {batch} does not split over {devices} devices; give "
+                             f"--batch-size a multiple of {devices}.")
+        dm.batch_size = batch // devices
+        trainer_kwargs.update(devices=devices, strategy="ddp_spawn", accelerator=accelerator)
     start = time.perf_counter()
     with PeakRSS() as rss:
         result = fine_tune(dm, backbone=cell.backbone.name, strategy=cell.strategy, steps=steps, seed=cell.seed,
                            out=Path(out) / "runs", name=_run_name(cell), image_size=cell.image_size,
-                           trainer_kwargs={**QUIET, "check_val_every_n_epoch": every},
+                           trainer_kwargs=trainer_kwargs,
                            task_kwargs={"measure_drift": False},  # the grid compares accuracy; drift costs passes
                            **_weights_args(cell))
+        if devices > 1:  # the spawned ranks resolved the preprocessing; this process's copy of the data did not
+            result.datamodule.resolve_preprocessing(result.task.backbone_preprocessing())
         train_acc = _train_accuracy(result.task, result.datamodule)
     wall = time.perf_counter() - start
     report = result.task.strategy_report()
@@ -211,7 +226,8 @@ def _quiet() -> Iterator[None]:
 
 
 def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int, int] = (0, 1),
-              launcher: str = "local", log: Any = print) -> list[dict[str, Any]]:
+              launcher: str = "local", log: Any = print, devices: int = 1,
+              accelerator: str = "auto") -> list[dict[str, Any]]:
     """Run every unfinished cell of ``config``'s grid in ``shard`` and return all rows of ``out``.
 
     Args:
@@ -221,8 +237,13 @@ def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int
         launcher: ``local`` (one cell after another in this process) or ``ray`` (cells as Ray tasks,
             on a running Ray cluster or a local one; ``pip install ray``).
         log: where progress lines go.
+        devices: processes (devices) per cell, under DDP when more than one (see :func:`run_cell`).
+        accelerator: Lightning's accelerator for the cells (``auto``, ``cpu``, ``gpu``).
     """
     out = Path(out)
+    if devices < 1 or (devices > 1 and launcher != "local"):
+        raise BenchError(f"devices must be >= 1 and, above 1, run with the local launcher (got {devices} with "
+                         f"{launcher!r}): each cell then spawns its own DDP processes.")
     check_budgets(config)
     store = BenchStore(out)
     store.claim(config.to_dict())
@@ -258,7 +279,7 @@ def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int
     for n, cell in enumerate(todo, 1):
         feature_pass(cell)
         with _quiet():
-            row = run_cell(cell, out)
+            row = run_cell(cell, out, devices=devices, accelerator=accelerator)
         store.append(row)
         done(n, row)
     return store.rows()

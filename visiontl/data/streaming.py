@@ -241,6 +241,8 @@ def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float =
             "names": [_name(Path(p), base) for p, _, _ in refs],  # by the samples' ``index``
             "labels": [label_of[c] for _, c, _ in refs],
         }
+    report = getattr(dm, "data_report", None)  # the data check's findings travel with the data set
+    meta["data_check"] = report.to_dict() if report is not None else None
     meta["bit_depth"] = depth
     meta["stats"] = {}
     for chans, sums in sorted(stats.items()):
@@ -253,6 +255,16 @@ def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float =
     meta["channels"] = max((int(c) for c in meta["stats"]), default=3)
     _write_meta(out, meta, storage_options)
     return meta
+
+
+class _StoredReport:
+    """A data check's report as ``prepare-data`` stored it."""
+
+    def __init__(self, found: dict[str, Any]) -> None:
+        self._found = found
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._found)
 
 
 # -- train from it ----------------------------------------------------------------------------
@@ -296,6 +308,12 @@ class StreamingDataModule(ImageDataModule):
     @property
     def class_names(self) -> list[str]:
         return list(self.meta["classes"])
+
+    @property
+    def data_report(self) -> _StoredReport | None:
+        """The data check ``prepare-data`` ran (a run directory's ``data_check.json``)."""
+        found = self.meta.get("data_check")
+        return _StoredReport(found) if found is not None else None
 
     @property
     def num_classes(self) -> int:
