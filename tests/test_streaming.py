@@ -110,8 +110,9 @@ def test_prepare_refuses_to_overwrite_and_stops_on_bad_images(shapes_root: Path,
     shutil.copytree(shapes_root, src)
     bad = src / "discs" / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(DataError, match="broken.png"):
+    with pytest.raises(DataError, match="broken.png") as stopped:
         prepare_data(src, str(tmp_path / "out"), num_workers=1)
+    assert "worker process stopped" not in str(stopped.value)  # the reader's own reason, not just "missing"
     assert not (tmp_path / "out" / META).exists()  # no finished data set
     meta = prepare_data(src, str(tmp_path / "skip"), num_workers=1, on_bad_image="skip", image_size=16)
     assert [Path(p).name for p, _ in meta["skipped"]] == ["broken.png"]

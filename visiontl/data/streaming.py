@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import multiprocessing
 import os
 import shutil
@@ -36,12 +35,9 @@ import numpy as np
 
 from visiontl.data.base import ImageDataModule
 from visiontl.data.images import DataError
-from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.streamcodec import encode_sample, read_log
 
 __all__ = ["META", "StreamingDataModule", "describe", "prepare_data", "read_meta"]
-
-log = logging.getLogger(__name__)
 
 META = "visiontl.json"
 FORMAT = 1
@@ -153,6 +149,17 @@ def _name(path: Path, base: Path) -> str:
         return str(path)
 
 
+def _why_missing(path: Path, frame: Any, max_pixels: int | None) -> str:
+    """Why a worker wrote nothing for an image (LitData ends a worker that raised without saying so)."""
+    from visiontl.data.images import ImageReadError, read_image
+
+    try:
+        read_image(path, max_pixels, frame)
+    except ImageReadError as err:
+        return str(err)
+    return "not written (its worker process stopped)"
+
+
 def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float = 0.2, seed: int = 0,
                  image_size: int | None = None, on_bad_image: str = "error", frames: str = "error",
                  max_pixels: int | None = None, chunk_bytes: str | int = "64MB", num_workers: int | None = None,
@@ -218,9 +225,15 @@ def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float =
             finally:  # LitData sets the process-wide start method (spawn): the caller's comes back
                 multiprocessing.set_start_method(method, force=True)
             records = read_log(Path(log_dir))
-        kept = [i for i in range(len(inputs)) if "bad" not in records.get(i, {"bad": "not written"})]
-        bad = [(str(refs[i][0]), records.get(i, {}).get("bad", "not written")) for i in range(len(inputs))
-               if i not in set(kept)]
+        if not records:
+            raise DataError(f"prepare-data: LitData's worker processes wrote none of the {len(inputs)} {split} images "
+                            f"to {out}; their errors are printed above. They are started with spawn, which imports "
+                            f"the calling script again: call prepare_data under `if __name__ == \"__main__\":` "
+                            f"(or use `visiontl prepare-data`). {out} holds no finished data set.")
+        kept = [i for i in range(len(inputs)) if "bad" not in records.get(i, {"bad": ""})]
+        kept_set = set(kept)
+        bad = [(str(refs[i][0]), records.get(i, {}).get("bad") or _why_missing(refs[i][0], refs[i][2], max_pixels))
+               for i in range(len(inputs)) if i not in kept_set]
         if bad and on_bad_image == "error":
             raise DataError(f"{len(bad)} image(s) of the {split} split were not written: "
                             + "; ".join(f"{p} ({r})" for p, r in bad[:10]))
@@ -296,7 +309,6 @@ class StreamingDataModule(ImageDataModule):
         self.storage_options = storage_options
         self.seed = seed
         self._meta: dict[str, Any] | None = None
-        self._datasets: dict[str, Any] = {}
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -367,9 +379,6 @@ class StreamingDataModule(ImageDataModule):
 
     def drop_bad(self, bad: set[Path]) -> None:  # pragma: no cover - images are checked by prepare-data
         raise DataError("Streamed images were checked when they were prepared.")
-
-    def build_datasets(self, pre: Preprocessing) -> None:
-        self._datasets = {}  # built per loader: LitData data sets open their shards on first use
 
     # -- loaders ------------------------------------------------------------------------------
     def _dataset(self, split: str, train: bool) -> Any:
