@@ -14,6 +14,7 @@ from PIL import Image
 import visiontl.checkdata as checkdata
 from visiontl.checkdata import DataReport, Finding, check_data, dhash, near_duplicate_pairs
 from visiontl.cli import main
+from visiontl.neardup import near_duplicate_clusters
 from visiontl.data.images import DataError
 
 
@@ -99,6 +100,90 @@ def test_near_duplicates_across_splits_are_leakage(tmp_path: Path) -> None:
     # the threshold is honoured: below the smallest distance nothing is a near duplicate
     if min(distances) > 0:
         assert "leakage" not in _codes(check_data(root, near_threshold=min(distances) - 1, progress=False))
+
+
+def test_a_cluster_of_near_duplicates_is_one_line_and_each_leak_names_its_closest_partner(tmp_path: Path) -> None:
+    root = _dataset(tmp_path / "ds")
+    source = np.asarray(Image.open(root / "train" / "a" / "1.png")).astype(np.int16)
+    for i, shift in enumerate((2, 4)):  # two more near copies in train, one in val, one in test
+        Image.fromarray(np.clip(source + shift, 0, 255).astype(np.uint8)).save(root / "train" / "a" / f"copy{i}.png")
+    Image.fromarray(np.clip(source - 2, 0, 255).astype(np.uint8)).save(root / "val" / "a" / "copy.png")
+    (root / "test" / "a").mkdir(parents=True)
+    Image.fromarray(np.clip(source + 6, 0, 255).astype(np.uint8)).save(root / "test" / "a" / "copy.png")
+    report = check_data(root, progress=False)
+    near = _finding(report, "near_duplicates")
+    assert len(near.items) == 1 and ": 5 images, distances 0 to " in near.items[0]
+    assert near.items[0].startswith("train/a/1.png (train) ~ train/a/copy0.png (train) ~ train/a/copy1.png (train)")
+    assert "5 images" in near.message
+    # one leakage line per val / test image, its partner from an earlier split (val's copy may be the test's)
+    leaks = _finding(report, "leakage").items
+    assert len(leaks) == 2
+    assert leaks[0].startswith("train: train/a/") and "<-> test: test/a/copy.png (near duplicate" in leaks[0]
+    assert leaks[1].startswith("train: train/a/") and "<-> val: val/a/copy.png (near duplicate" in leaks[1]
+
+
+def test_near_duplicate_clusters_match_brute_force() -> None:
+    """Clusters, their distance ranges and each image's closest earlier-split partner, against a
+    pairwise search, on random hashes with copies (shared groups), ranks and unlabelled images."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n = int(rng.integers(2, 30))
+        seeds = rng.integers(0, 2**63, 3)
+        group = np.arange(n)
+        for i in range(1, n):
+            if rng.random() < 0.2:  # a copy: same pixels, same hash
+                group[i] = group[int(rng.integers(0, i))]
+        hashes = [0] * n
+        for i in range(n):
+            flips = rng.choice(64, int(rng.integers(0, 6)), replace=False)
+            fresh = int(seeds[rng.integers(0, 3)]) ^ sum(1 << int(b) for b in flips)
+            hashes[i] = hashes[group[i]] if group[i] != i else fresh
+        rank, order, threshold = rng.integers(-1, 3, n), rng.permutation(n), int(rng.integers(0, 6))
+        found = near_duplicate_clusters(hashes, threshold, rank, group, order)
+
+        def dist(a: int, b: int) -> int:
+            return bin(hashes[a] ^ hashes[b]).count("1")
+
+        for q in range(n):
+            candidates = [(dist(p, q), rank[p], order[p], p) for p in range(n) if 0 <= rank[p] < rank[q]
+                          and group[p] != group[q] and dist(p, q) <= threshold]
+            best = min(candidates, default=None)
+            assert found.partner[q] == (-1 if best is None else best[3])
+            assert found.partner_distance[q] == (-1 if best is None else best[0])
+        linked = [(a, b) for a in range(n) for b in range(a + 1, n) if group[a] == group[b] or dist(a, b) <= threshold]
+        component = list(range(n))
+
+        def root(x: int) -> int:
+            while component[x] != x:
+                x = component[x]
+            return x
+
+        for a, b in linked:
+            component[root(a)] = root(b)
+        for i in range(n):
+            same = [j for j in range(n) if root(j) == root(i)]
+            groups = {group[j] for j in same}
+            if len(groups) < 2:
+                assert found.cluster[i] == -1
+                continue
+            assert {j for j in range(n) if found.cluster[j] == found.cluster[i]} == set(same)
+            assert found.sizes[found.cluster[i]] == len(groups)
+            d = [dist(a, b) for a, b in linked if a in same and group[a] != group[b]]
+            assert tuple(found.distances[found.cluster[i]]) == (min(d), max(d))
+
+
+def test_near_duplicate_clusters_stay_linear_on_one_huge_cluster() -> None:
+    """20,000 images a few bits from one hash: 2 * 10^8 near pairs, reported as one cluster and
+    one partner per val image (the pair list would take gigabytes)."""
+    rng = np.random.default_rng(1)
+    base = np.uint64(0x0F0F_3C3C_5A5A_A5A5)
+    flips = (np.uint64(1) << rng.integers(0, 64, (20_000, 2)).astype(np.uint64))
+    hashes = base ^ flips[:, 0] ^ flips[:, 1]
+    rank = (np.arange(20_000) % 5 == 4).astype(np.int64)
+    found = near_duplicate_clusters(hashes, 4, rank)
+    assert found.sizes.tolist() == [20_000] and (found.cluster == 0).all()
+    assert (found.partner[rank == 1] >= 0).all() and (found.partner[rank == 0] == -1).all()
+    assert (rank[found.partner[rank == 1]] == 0).all() and found.partner_distance.max() <= 4
 
 
 def test_mixed_bit_depth_is_a_warning(tmp_path: Path) -> None:

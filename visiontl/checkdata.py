@@ -15,7 +15,8 @@ The source is a class-per-folder tree (``PATH/<class>/**``), a tree with split f
 * ``exact_duplicates`` (warning): identical decoded pixels (BLAKE2b of the array bytes, shape and
   dtype), or one file listed twice;
 * ``near_duplicates`` (warning): difference hashes (dHash) within ``near_threshold`` bits, see
-  :func:`dhash` and :func:`near_duplicate_pairs`;
+  :func:`dhash` and :mod:`visiontl.neardup`; one line per cluster of
+  near-identical images;
 * ``leakage`` (error): exact or near duplicates shared between train, val and test: the model is
   scored on images it was trained on, which inflates every validation and test metric;
 * ``conflicting_labels`` (error): one file, or identical pixels, under two different labels.
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from visiontl.data.formats import TIFF_EXTENSIONS, Frame, is_dicom
 from visiontl.data.images import DataError, ImageReadError, check_pixels, read_raw, scan_frame
 from visiontl.data.layout import folder_splits, read_csv_rows
+from visiontl.neardup import near_duplicate_clusters, near_duplicate_pairs
 
 __all__ = [
     "DataReport",
@@ -59,7 +61,7 @@ Source = str | os.PathLike[str] | Mapping[str, Sequence[tuple[Any, str]]]
 
 _PROGRESS_FROM = 200  # files; fewer are checked without a progress bar
 _FLAT = 1.0 / 255.0  # thumbnails with a smaller range have no reliable dHash
-_MAX_CHUNKS = 8  # pigeonhole chunks of at least 8 bits; larger thresholds compare every pair
+_CLUSTER_SHOWN = 6  # members named in a near-duplicate cluster's line
 _SPLIT_ORDER = ("train", "val", "test")
 _UNLABELLED = frozenset({"predict", "target", "target_eval", "unlabelled"})  # no labels: no class or leakage checks
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -378,74 +380,6 @@ def _inspect(paths: Mapping[str, Path], deep: bool, progress: bool, max_pixels: 
     return infos, failed
 
 
-# -- near-duplicate search ----------------------------------------------------------------------
-
-
-def _popcount(x: np.ndarray) -> np.ndarray:
-    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        return np.bitwise_count(x).astype(np.int64)
-    table = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
-    return table[np.ascontiguousarray(x, dtype=np.uint64).view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1)
-
-
-def near_duplicate_pairs(hashes: Sequence[int] | np.ndarray, threshold: int) -> list[tuple[int, int, int]]:
-    """Pairs ``(i, j, distance)``, ``i < j``, of 64-bit hashes at most ``threshold`` bits apart.
-
-    Multi-index hashing: the 64 bits are cut into ``threshold + 1`` chunks; two hashes that differ
-    in at most ``threshold`` bits agree exactly on at least one chunk (pigeonhole). For each chunk
-    the hashes are sorted by that chunk's value, and only neighbours with equal values are
-    compared (popcount of the XOR), offset by offset until no run of equal values is that long.
-    With 13-bit chunks (threshold 4) 50,000 spread-out hashes make ~10^5 comparisons instead of
-    ~10^9. Above threshold 7 the chunks would be too short to prune, so every pair is compared
-    (the same loop with a single empty chunk).
-
-    Args:
-        hashes: unsigned 64-bit hashes (Python ints or a ``uint64`` array).
-        threshold: largest Hamming distance reported (``0`` gives equal hashes).
-
-    Returns:
-        The pairs sorted by ``(i, j)``, each once.
-    """
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}.")
-    h = np.asarray([int(x) for x in hashes], dtype=np.uint64)
-    n = len(h)
-    if n < 2:
-        return []
-    if threshold + 1 <= _MAX_CHUNKS:
-        bounds = np.linspace(0, 64, threshold + 2).round().astype(int)
-    else:  # one empty chunk: every key is 0, so every pair is compared
-        bounds = np.array([0, 0])
-    found: list[np.ndarray] = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        mask = np.uint64((1 << int(hi - lo)) - 1)
-        keys = (h >> np.uint64(lo)) & mask
-        found += _equal_key_pairs(h, keys, threshold)
-    if not found:
-        return []
-    codes = np.unique(np.concatenate(found))
-    i, j = codes // n, codes % n
-    dist = _popcount(h[i] ^ h[j])
-    return [(int(a), int(b), int(d)) for a, b, d in zip(i, j, dist)]
-
-
-def _equal_key_pairs(h: np.ndarray, keys: np.ndarray, threshold: int) -> list[np.ndarray]:
-    """Codes ``i * n + j`` (``i < j``) of pairs with equal ``keys`` and hashes within ``threshold``."""
-    n = len(h)
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    out = []
-    for offset in range(1, n):
-        same = sorted_keys[offset:] == sorted_keys[:-offset]
-        if not same.any():  # no run of equal keys is longer than offset
-            break
-        a, b = order[:-offset][same], order[offset:][same]
-        close = _popcount(h[a] ^ h[b]) <= threshold
-        a, b = a[close], b[close]
-        out.append(np.minimum(a, b).astype(np.int64) * n + np.maximum(a, b))
-    return out
-
-
 # -- checks -------------------------------------------------------------------------------------
 
 
@@ -608,20 +542,49 @@ def _check_exact(groups: Mapping[str, list[_Entry]], name: _Namer, deep: bool) -
 
 def _check_near(groups: Mapping[str, list[_Entry]], hashes: Mapping[str, int], name: _Namer,
                 threshold: int) -> tuple[list[Finding], list[str]]:
-    """Near-duplicate pairs of distinct content (warning) and their cross-split pairs (leakage lines)."""
+    """Near-duplicate clusters of distinct content (warning) and the leakage they cause.
+
+    One line per cluster (a pair is shown with its distance, a larger cluster with its first
+    members and its range of distances) and one leakage line per val / test image whose closest
+    near duplicate in an earlier split it names: both grow with the images, not with the pairs
+    (N near-identical images make ~N^2 / 2 pairs), see :func:`visiontl.neardup.near_duplicate_clusters`.
+    """
     keys = sorted(hashes)
-    pairs = near_duplicate_pairs([hashes[k] for k in keys], threshold)
-    items, leaks = [], []
-    for i, j, dist in pairs:
-        a, b = sorted((groups[keys[i]], groups[keys[j]]), key=lambda g: (_split_rank(g[0].split), str(g[0].path)))
-        items.append(f"{name(a[0].path)} ({a[0].split}) ~ {name(b[0].path)} ({b[0].split}): distance {dist}")
-        leaks += _pair_items(a, b, name, f"near duplicate, dHash distance {dist}")
+    entries = [(node, e) for node, key in enumerate(keys) for e in groups[key]]
+    if len(entries) < 2:
+        return [], []
+    labelled = sorted({e.split for _, e in entries if _labelled(e.split)}, key=_split_rank)
+    by_path = sorted(range(len(entries)), key=lambda i: str(entries[i][1].path))
+    order = np.empty(len(entries), dtype=np.int64)
+    order[by_path] = np.arange(len(entries))
+    found = near_duplicate_clusters(
+        np.array([hashes[keys[node]] for node, _ in entries], dtype=np.uint64), threshold,
+        rank=[labelled.index(e.split) if e.split in labelled else -1 for _, e in entries],
+        group=[node for node, _ in entries], order=order)
+    members: dict[int, dict[int, _Entry]] = defaultdict(dict)  # cluster -> node -> first entry
+    for i in sorted(np.flatnonzero(found.cluster >= 0), key=lambda i: (_split_rank(entries[i][1].split), order[i])):
+        members[int(found.cluster[i])].setdefault(entries[i][0], entries[i][1])
+    items = []
+    for cluster, nodes in members.items():
+        shown = [f"{name(e.path)} ({e.split})" for e in list(nodes.values())[:_CLUSTER_SHOWN]]
+        low, high = (int(d) for d in found.distances[cluster])
+        if len(nodes) == 2:
+            items.append(f"{shown[0]} ~ {shown[1]}: distance {high}")
+        else:
+            more = f" ~ ... ({len(nodes) - len(shown)} more)" if len(nodes) > len(shown) else ""
+            items.append(f"{' ~ '.join(shown)}{more}: {len(nodes)} images, distances {low} to {high}")
+    leaks = []
+    for i in np.flatnonzero(found.partner >= 0):
+        e, p = entries[i][1], entries[int(found.partner[i])][1]
+        leaks.append(f"{p.split}: {name(p.path)} <-> {e.split}: {name(e.path)} "
+                     f"(near duplicate, dHash distance {int(found.partner_distance[i])})")
     if not items:
         return [], leaks
     items.sort()
-    return [Finding(WARNING, "near_duplicates", f"{len(items)} pair(s) of near-duplicate images (dHash within "
-                    f"{threshold} bits: the same picture re-encoded, resized or re-exposed); check and keep one.",
-                    items)], leaks
+    images = sum(len(nodes) for nodes in members.values())
+    return [Finding(WARNING, "near_duplicates", f"{len(items)} group(s) of near-duplicate images ({images} images; "
+                    f"dHash within {threshold} bits: the same picture re-encoded, resized or re-exposed); check "
+                    f"and keep one of each.", items)], leaks
 
 
 def _leakage(leaks: list[str]) -> list[Finding]:
