@@ -157,6 +157,18 @@ def test_onnxruntime_is_refused_when_features_differ(monkeypatch: pytest.MonkeyP
     assert used == "torch"
 
 
+def test_an_unknown_engine_is_refused_on_any_device() -> None:
+    """Checked before the non-CPU shortcut (a model on a GPU, faked by the meta device, once took
+    the PyTorch path with any engine name)."""
+    from visiontl import features
+
+    model = ClassificationTask("test_resnet", num_classes=3, pretrained=False).model
+    for device in ("cpu", "meta"):
+        with pytest.raises(ValueError, match="engine must be 'auto', 'torch' or 'onnxruntime', got 'tensorrt'"):
+            features.choose_engine(model.to(device), torch.randn(2, 3, 32, 32), "tensorrt")
+    assert features.choose_engine(model, torch.randn(2, 3, 32, 32), "auto")[0] == "torch"  # meta: no ONNX attempt
+
+
 def test_onnxruntime_tolerance_is_absolute_plus_relative(monkeypatch: pytest.MonkeyPatch) -> None:
     """Features of scale 1e-3: an absolute difference of 5e-5 is within atol=1e-4 (an atol scaled
     by the features, 1e-7 here, refused it); 5e-4 is not."""

@@ -145,10 +145,10 @@ def choose_engine(
         with torch.no_grad():
             return pooled_features(model, channels_last_input(x.to(device, non_blocking=True), channels_last))
 
+    if engine not in ("auto", "torch", "onnxruntime"):
+        raise ValueError(f"engine must be 'auto', 'torch' or 'onnxruntime', got {engine!r}.")
     if engine == "torch" or device.type != "cpu":  # ONNX Runtime is the CPU alternative here
         return "torch", eager
-    if engine not in ("auto", "onnxruntime"):
-        raise ValueError(f"engine must be 'auto', 'torch' or 'onnxruntime', got {engine!r}.")
     runner = onnx_features(model, batch)
     if runner is None:
         return "torch", eager

@@ -92,8 +92,6 @@ class DistributedEpochSampler(EpochSampler, DistributedSampler):
         return self.world_size
 
 
-
-
 class EpochBatchSampler(BatchSampler):
     """A ``BatchSampler`` over an :class:`EpochSampler` that passes ``set_epoch`` on (Lightning looks
     for it on a loader's ``sampler`` or ``batch_sampler.sampler`` only)."""
