@@ -146,3 +146,67 @@ def test_fit_from_a_stream_and_the_cli(prepared: Path, tmp_path: Path, capsys: p
     assert multiprocessing.get_start_method(allow_none=True) != "spawn"  # prepare-data put the caller's back
     assert main(["prepare-data", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+_STREAM_FIT = """
+import os, signal, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+import pytorch_lightning as pl
+from visiontl.api import fit_task
+from visiontl.data import StreamingDataModule
+from visiontl.tasks import ClassificationTask
+
+prepared, cache, out, name, kill_at, resume = sys.argv[1:6] + [sys.argv[6] == "1"]
+
+class Kill(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind
+
+pl.seed_everything(3)
+dm = StreamingDataModule(f"local:{prepared}", cache_dir=cache, num_workers=0, image_size=32, batch_size=8, seed=3)
+task = ClassificationTask("test_resnet", num_classes=dm.num_classes, class_names=dm.class_names, pretrained=False,
+                          strategy="full", last_every_n_steps=5)
+fit_task(task, dm, steps=20, out=out, name=name, ckpt_path="last" if resume else None,
+         trainer_kwargs={"accelerator": "cpu", "enable_progress_bar": False, "precision": "32-true",
+                         "callbacks": [Kill()] if int(kill_at) >= 0 else []})
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_streamed_run_resumes_mid_epoch_and_ends_like_an_uninterrupted_one(prepared: Path,
+                                                                                      tmp_path: Path) -> None:
+    """30 streamed training images, batch 8 (3 full batches an epoch): SIGKILL at step 7, in epoch 3,
+    resumes from the step-5 last.ckpt (mid-epoch 2), which carries the stream loader's position (LitData's
+    state through Lightning's fit loop), with the shards fetched into another cache; the weights end as
+    in a run that was never stopped (LitData alone served the resumed epoch's rest twice and refused
+    the other cache)."""
+    import subprocess
+    import sys
+
+    from visiontl.resume import resolve_last
+
+    script = tmp_path / "fit.py"
+    script.write_text(_STREAM_FIT)
+
+    def fit(name: str, kill_at: int = -1, resume: bool = False) -> int:
+        cache = tmp_path / f"cache-{name}-{int(resume)}"  # a resume may fetch the shards into another cache
+        done = subprocess.run([sys.executable, str(script), str(prepared), str(cache),
+                               str(tmp_path / "runs"), name, str(kill_at), str(int(resume))],
+                              capture_output=True, text=True, check=False)
+        assert kill_at >= 0 or done.returncode == 0, done.stderr[-3000:]
+        return done.returncode
+
+    fit("whole")
+    assert fit("killed", kill_at=7) == -9
+    ckpt, _ = resolve_last(tmp_path / "runs" / "killed")
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == 5
+    fit("killed", resume=True)
+    whole = torch.load(tmp_path / "runs" / "whole" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "runs" / "killed" / "version_0" / "checkpoints" / "last.ckpt",
+                         weights_only=True)
+    assert resumed["global_step"] == whole["global_step"] == 20
+    for key, value in whole["state_dict"].items():
+        if value.is_floating_point():  # CPU float32 kernels, same order of operations
+            assert torch.allclose(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6), key

@@ -397,7 +397,8 @@ class StreamingDataModule(ImageDataModule):
                                storage_options=self.storage_options or {})
 
     def _loader(self, split: str, train: bool = False) -> Any:
-        litdata = _litdata()
+        from visiontl.data.streamset import StreamingLoader
+
         dataset = self._dataset(split, train)
         n = int(self.meta["splits"][split]["n"])
         batch = self.loader_batch_size(self.train_size, n) if train else self.eval_batch_size(self.train_size, n)
@@ -408,8 +409,8 @@ class StreamingDataModule(ImageDataModule):
         # each rank and worker batches its own share: drop a short last batch (it may be a lone image,
         # which BatchNorm cannot train on) only where every share still fills a whole one
         drop_last = train and n // (max(1, workers) * world) >= batch
-        return litdata.StreamingDataLoader(dataset, batch_size=batch, num_workers=workers,
-                                           pin_memory=self.pin_memory(), drop_last=drop_last)
+        return StreamingLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=self.pin_memory(),
+                               drop_last=drop_last)
 
     def train_dataloader(self) -> Any:
         return self._loader("train", train=True)
