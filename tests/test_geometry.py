@@ -33,6 +33,20 @@ def test_large_images_are_resized_then_centre_cropped() -> None:
         eval_resize(image, 64, crop_pct=0.0)
 
 
+@pytest.mark.parametrize("bands", [1, 5, 13])
+def test_multiband_images_resize_band_by_band_like_opencv(bands: int) -> None:
+    """OpenCV's area resize refuses more than 4 channels at a non-integer scale (a 13-band
+    Sentinel-2 tile broke evaluation and prepare-data); each band resizes as it would alone."""
+    image = np.random.default_rng(1).random((20, 24, bands), dtype=np.float32)
+    for size in (16, 40):  # shrink (area) and enlarge (linear)
+        out = eval_resize(image, size)
+        assert out.shape == (size, size, bands)
+        flag = cv2.INTER_AREA if size < 20 else cv2.INTER_LINEAR
+        for b in range(bands):
+            np.testing.assert_allclose(out[:, :, b], cv2.resize(image[:, :, b], (size, size), interpolation=flag),
+                                       atol=1e-6)
+
+
 @pytest.mark.parametrize("side", [12, 120])
 def test_training_evaluation_and_predictor_see_the_same_pixels(side: int, tmp_path: Path) -> None:
     rng = np.random.default_rng(side)

@@ -32,14 +32,25 @@ def is_small(shape: Sequence[int], size: tuple[int, int]) -> bool:
     return int(shape[0]) < size[0] or int(shape[1]) < size[1]
 
 
+def cv2_resize(image: np.ndarray, height: int, width: int, interpolation: int) -> np.ndarray:
+    """``cv2.resize`` to ``height x width`` for any number of channels, the channel axis kept.
+
+    OpenCV drops a single channel axis, and with some interpolations (``INTER_AREA`` at a
+    non-integer scale) refuses more than 4 channels; multispectral images go 4 bands at a time.
+    """
+    channels = image.shape[2] if image.ndim == 3 else None
+    if channels is not None and channels > 4:
+        return np.concatenate([cv2_resize(image[:, :, c:c + 4], height, width, interpolation)
+                               for c in range(0, channels, 4)], axis=2)
+    out = cv2.resize(image, (width, height), interpolation=interpolation)
+    return out.reshape(height, width, channels) if channels is not None else out
+
+
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[0] == height and image.shape[1] == width:
         return image
     shrink = image.shape[0] >= height and image.shape[1] >= width
-    flag = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    channels = image.shape[2] if image.ndim == 3 else None
-    out = cv2.resize(image, (width, height), interpolation=flag)
-    return out.reshape(height, width, channels) if channels is not None else out
+    return cv2_resize(image, height, width, cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def eval_resize(image: np.ndarray, size: tuple[int, int] | int, crop_pct: float = 1.0) -> np.ndarray:

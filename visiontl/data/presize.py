@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from visiontl._io import default_cache_dir
 from visiontl.data.formats import Frame
+from visiontl.data.geometry import cv2_resize
 from visiontl.data.images import read_image, to_channels
 
 __all__ = ["presize", "presized_side"]
@@ -36,8 +37,8 @@ def _decode_all(paths: Sequence[Path], side: int, in_chans: int, frames: Sequenc
     for i, path in enumerate(tqdm(paths, desc="Pre-resizing images", unit="img", disable=len(paths) < 300,
                                   leave=False)):
         image = to_channels(read_image(path, frame=frames[i]), in_chans, path)
-        resized = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
-        out[i] = np.round(np.clip(resized.reshape(side, side, in_chans), 0, 1) * 255).astype(np.uint8)
+        resized = cv2_resize(image, side, side, cv2.INTER_AREA)
+        out[i] = np.round(np.clip(resized, 0, 1) * 255).astype(np.uint8)
     return out
 
 

@@ -62,13 +62,14 @@ def decode_image(data: bytes, codec: str) -> np.ndarray:
 def _resize(image: np.ndarray, short_side: int | None) -> np.ndarray:
     import cv2
 
+    from visiontl.data.geometry import cv2_resize
+
     height, width = image.shape[:2]
     if short_side is None or min(height, width) <= short_side:
         return image
     scale = short_side / min(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resized = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return resized.reshape(size[1], size[0], image.shape[2]) if image.ndim == 3 else resized
+    return cv2_resize(image, size[1], size[0], cv2.INTER_AREA)
 
 
 def encode_sample(item: tuple[int, str, int, Any], short_side: int | None, max_pixels: int | None, log_dir: str,
