@@ -251,3 +251,19 @@ def test_a_killed_streamed_run_resumes_mid_epoch_and_ends_like_an_uninterrupted_
     for key, value in whole["state_dict"].items():
         if value.is_floating_point():  # CPU float32 kernels, same order of operations
             assert torch.allclose(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6), key
+
+
+def test_prepare_data_reads_a_csv_as_check_data_does(shapes_root: Path, tmp_path: Path) -> None:
+    """An id column without extension (``--suffix``), resolved against another folder (``--root``):
+    the CSV options check-data takes."""
+    from visiontl.cli import main
+
+    rows = ["id,diagnosis"] + [f"{p.parent.name}/{p.stem},{p.parent.name}" for p in sorted(shapes_root.rglob("*.png"))]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    args = [str(tmp_path / "labels.csv"), "--path-column", "id", "--label-column", "diagnosis", "--suffix", ".png",
+            "--root", str(shapes_root)]
+    assert main(["check-data", *args, "--json", str(tmp_path / "report.json")]) == 0
+    assert main(["prepare-data", args[0], str(tmp_path / "out"), *args[1:], "--workers", "1"]) == 0
+    meta = json.loads((tmp_path / "out" / META).read_text())
+    assert meta["classes"] == ["bars", "discs", "squares"]
+    assert sum(info["n"] for info in meta["splits"].values()) == 36

@@ -13,6 +13,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["main"]
 
@@ -75,6 +79,16 @@ def _export(argv: Sequence[str]) -> int:
     return 0
 
 
+def _csv_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say how a CSV source is read (check-data and prepare-data read it alike)."""
+    parser.add_argument("--path-column", default="path", help="CSV column with image paths")
+    parser.add_argument("--label-column", default="label", help="CSV column with class names")
+    parser.add_argument("--suffix", default="", help="appended to every CSV path value (e.g. .jpg for an id column)")
+    parser.add_argument("--image-dirs", nargs="*", default=[],
+                        help="folders (relative to --root) searched in order for each CSV image")
+    parser.add_argument("--root", help="folder CSV paths resolve against (default: the CSV's folder)")
+
+
 def _check_data(argv: Sequence[str]) -> int:
     import argparse
 
@@ -85,12 +99,7 @@ def _check_data(argv: Sequence[str]) -> int:
                     "1: errors found, 2: not a dataset.",
     )
     parser.add_argument("path", help="class-per-folder tree, folder with train/ val/ test/, or a CSV file")
-    parser.add_argument("--path-column", default="path", help="CSV column with image paths")
-    parser.add_argument("--label-column", default="label", help="CSV column with class names")
-    parser.add_argument("--suffix", default="", help="appended to every CSV path value (e.g. .jpg for an id column)")
-    parser.add_argument("--image-dirs", nargs="*", default=[],
-                        help="folders (relative to --root) searched in order for each CSV image")
-    parser.add_argument("--root", help="folder CSV paths resolve against (default: the CSV's folder)")
+    _csv_arguments(parser)
     parser.add_argument("--min-size", type=int, default=32, help="report images with a side below this (px)")
     parser.add_argument("--max-imbalance", type=float, default=10.0, help="largest / smallest train class allowed")
     parser.add_argument("--near-threshold", type=int, default=4, help="dHash bits (of 64) for a near duplicate")
@@ -150,14 +159,13 @@ def _prepare_data(argv: Sequence[str]) -> int:
     parser.add_argument("--chunk-bytes", default="64MB", help="size of a shard")
     parser.add_argument("--workers", type=int, help="decoding processes (default: the cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
-    parser.add_argument("--path-column", default="path", help="CSV column with image paths")
-    parser.add_argument("--label-column", default="label", help="CSV column with class names")
+    _csv_arguments(parser)
     args = parser.parse_args(argv)
     from visiontl.data.images import DataError
     from visiontl.data.streaming import describe, prepare_data
 
-    csv = {"path_column": args.path_column, "label_column": args.label_column} \
-        if args.src.lower().endswith(".csv") else None
+    csv = {"path_column": args.path_column, "label_column": args.label_column, "suffix": args.suffix,
+           "image_dirs": args.image_dirs or None, "root": args.root} if args.src.lower().endswith(".csv") else None
     try:
         meta = prepare_data(args.src, args.out, val_fraction=args.val_fraction, seed=args.seed,
                             image_size=args.image_size, on_bad_image=args.on_bad_image, frames=args.frames,
