@@ -28,7 +28,9 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "bench" / "bluemarble.yaml"
+from visiontl.catalog import find_recipe  # noqa: E402 - after the offline switch
+
+RECIPE = find_recipe("bench/bluemarble").path
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -148,7 +148,9 @@ def test_layer_output_shift_is_the_mean_output_change_of_the_rounded_weights(gro
 def test_layer_bias_correction_moves_biases_only_and_not_of_float_nodes(same_model, tmp_path: Path) -> None:
     """The int8 weights are exactly those without the correction; the biases of the quantised layers
     moved by the predicted shift (read back from the two int8 models); a node kept float keeps its
-    bias; the logits' error and mean shift drop below logit-only correction on the validation images."""
+    bias; the logits' mean shift on the validation images drops below the uncorrected model's (which
+    correction is better on real weights, per layer or on the logits alone, is measured by
+    benchmarks/export.py: on this random model the two swap places between ONNX Runtime releases)."""
     from onnx import numpy_helper
 
     model, calibration, validation = same_model
@@ -189,8 +191,11 @@ def test_layer_bias_correction_moves_biases_only_and_not_of_float_nodes(same_mod
         assert name.endswith("Conv") and w_layers[name] is None
         assert np.allclose(b_layers[name], b_logits[name], rtol=0, atol=1e-7)
     f = ort_session(model).run(["logits"], {"input": validation})[0]
+    reports["none"] = quantize_int8(model, tmp_path / "none.onnx", calibration, validation, min_agreement=0.0,
+                                    max_excluded=0, exclude=keep, bias_correction="none")
     err = {c: ort_session(tmp_path / f"{c}.onnx").run(["logits"], {"input": validation})[0] - f for c in reports}
-    assert np.abs(err["layers"]).mean() < np.abs(err["logits"]).mean()
+    shift = {c: float(np.abs(e.mean(axis=0)).mean()) for c, e in err.items()}  # mean logit shift, per class
+    assert shift["layers"] < 0.75 * shift["none"] and shift["logits"] < 0.75 * shift["none"], shift
 
 
 def test_unknown_bias_correction_is_refused(same_model, tmp_path: Path) -> None:

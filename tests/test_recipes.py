@@ -146,7 +146,7 @@ def test_recipes_document_themselves() -> None:
     for path in RECIPES:
         header = [line for line in path.read_text().splitlines() if line.startswith("#")]
         text = "\n".join(header)
-        assert "Run:" in text and "visiontl fit --config recipes/" in text, path
+        assert "Run:" in text and "visiontl fit --config recipe:" in text, path
         if path.parent.name in ("medical", "satellite") and path.stem not in ("dicom", "adapt-folders"):  # templates
             assert "Data:" in text and "Expected" in text and "http" in text, path
 
@@ -174,10 +174,12 @@ def test_cli_validate_test_predict_and_resume(shapes_splits: Path, tmp_path: Pat
 
 
 def test_cli_help_lists_extra_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        main(["--help"])
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "fit" in out and "demo" in out
+    with pytest.raises(SystemExit):  # a Lightning command's own options
+        main(["fit", "--help"])
+    assert "--trainer.max_steps" in capsys.readouterr().out
 
 
 def test_bad_strategy_in_recipe_is_a_clear_error(shapes_root: Path, tmp_path: Path) -> None:
@@ -197,7 +199,7 @@ def test_bench_recipes_are_valid_grids(bench_path: Path) -> None:
     from visiontl.bench.grid import check_budgets
 
     text = bench_path.read_text()
-    assert "Run:  visiontl bench --config recipes/bench/" in text and "Expected:" in text
+    assert "Run:  visiontl bench --config recipe:bench/" in text and "Expected:" in text
     config = load_config(bench_path)
     check_budgets(config)
     assert len(expand_grid(config)) == (len(config.data) * len(config.backbones) * len(config.strategies)

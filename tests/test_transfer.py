@@ -42,8 +42,14 @@ def test_demo_command_writes_comparison(tmp_path: Path, capsys: pytest.CaptureFi
     code = main(["demo", "--out", str(out), "--strategies", "probe,scratch", "--train-per-class", "4",
                  "--val-per-class", "3", "--steps", "3", "--image-size", "32", "--no-progress"])
     assert code == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert "probe" in printed and "scratch" in printed and "val_acc" in printed
+    # quiet by default: one line per strategy as it finishes, then the table and where things are
+    lines = printed.splitlines()
+    assert [line.split()[:2] for line in lines if line.startswith("  ")] == [["1/2", "probe"], ["2/2", "scratch"]]
+    assert any(line.startswith("Plot: ") and line.endswith("comparison.png  (table: comparison.md, .csv)")
+               for line in lines)
+    assert "GPU available" not in printed + err and "Tip:" not in printed + err
     for name in ("comparison.csv", "comparison.md", "comparison.png"):
         assert (out / name).exists()
     with (out / "comparison.csv").open() as fh:

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataModule, auto_batch_size
+from visiontl.quiet import StepProgress, quiet
 from visiontl.resume import RunLogger, resolve_last
 from visiontl.run import checkpoint_record, discard_if_empty
 from visiontl.speed import auto_precision
@@ -86,6 +87,7 @@ def fine_tune(
     ckpt_path: str | os.PathLike[str] | None = None,
     retain: str | os.PathLike[str] | None = None,
     compare_scratch: bool | int = False,
+    verbose: bool = True,
 ) -> FitResult:
     """Fine-tune ``backbone`` on ``data`` with ``strategy`` and return the best checkpoint's metrics.
 
@@ -113,6 +115,9 @@ def fine_tune(
         compare_scratch: also train ``scratch`` on the same data, budget and preprocessing (``True``:
             one run with ``seed``; a number n: n seeds from ``seed``) and report the gap
             (``metrics.json``'s ``scratch``; a warning when pretraining did not help).
+        verbose: Lightning's progress bars and information lines; ``False`` shows one progress bar
+            over the run's steps instead (:mod:`visiontl.quiet`). Warnings about the data are
+            shown either way; Lightning's tips and dependencies' deprecation warnings never are.
     """
     for arg, value in (("steps", steps), ("image_size", image_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -141,14 +146,27 @@ def fine_tune(
         **(task_kwargs or {}),
     )
     run_name = name or f"{backbone}-{task.strategy.name}"
-    result = fit_task(task, dm, steps=steps, out=out, name=run_name, ckpt_path=ckpt_path,
-                      trainer_kwargs=trainer_kwargs, image_size=image_size)
-    steps = result.trainer.max_steps
-    if scratch_seeds:
-        _compare_scratch(result, pristine, scratch_seeds, backbone=backbone, image_size=image_size, steps=steps,
-                         out=out, name=f"{run_name}-scratch", seed=seed, data_kwargs=data_kwargs,
-                         task_kwargs=task_kwargs, trainer_kwargs=trainer_kwargs)
+    with quiet(verbose):
+        result = fit_task(task, dm, steps=steps, out=out, name=run_name, ckpt_path=ckpt_path,
+                          trainer_kwargs=_progress_kwargs(trainer_kwargs, verbose, run_name), image_size=image_size)
+        steps = result.trainer.max_steps
+        if scratch_seeds:
+            _compare_scratch(result, pristine, scratch_seeds, backbone=backbone, image_size=image_size, steps=steps,
+                             out=out, name=f"{run_name}-scratch", seed=seed, data_kwargs=data_kwargs,
+                             task_kwargs=task_kwargs, trainer_kwargs=trainer_kwargs, verbose=verbose)
     return result
+
+
+def _progress_kwargs(trainer_kwargs: dict[str, Any] | None, verbose: bool, desc: str) -> dict[str, Any]:
+    """Trainer arguments with Lightning's bars (verbose) or one :class:`~visiontl.quiet.StepProgress` bar."""
+    kwargs = dict(trainer_kwargs or {})
+    if verbose:
+        return kwargs
+    kwargs.setdefault("enable_model_summary", False)
+    if kwargs.get("enable_progress_bar", True):  # the caller's False means no bar at all
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), StepProgress(desc)]
+    kwargs["enable_progress_bar"] = False
+    return kwargs
 
 
 def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: int | None = None,

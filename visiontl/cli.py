@@ -210,6 +210,51 @@ def _predict_onnx(argv: Sequence[str]) -> int:
     return predict_main(argv)
 
 
+def _recipes(argv: Sequence[str]) -> int:
+    import argparse
+
+    from visiontl.catalog import RecipeError, find_recipe, recipes, recipes_dir
+
+    parser = argparse.ArgumentParser(
+        prog="visiontl recipes",
+        description="The recipes bundled with visiontl. `visiontl recipes` lists them; `visiontl recipes show NAME` "
+                    "prints one (redirect it to a file to edit it). Use one with --config recipe:NAME.")
+    parser.add_argument("action", nargs="?", choices=("list", "show", "path"), default="list")
+    parser.add_argument("name", nargs="?", help="a recipe name, e.g. satellite/eurosat-rgb")
+    args = parser.parse_args(argv)
+    if args.action == "list":
+        found = recipes()
+        width = max(len(r.name) for r in found)
+        for recipe in found:
+            print(f"{recipe.name:<{width}}  {recipe.description}")
+        print(f"\n{len(found)} recipes in {recipes_dir()}.\nShow one: visiontl recipes show NAME    Run one: "
+              f"visiontl fit --config recipe:NAME [--data.init_args.root ...]")
+        return 0
+    if not args.name:
+        parser.error(f"`visiontl recipes {args.action}` needs a recipe NAME (see `visiontl recipes`).")
+    try:
+        recipe = find_recipe(args.name)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(recipe.path if args.action == "path" else recipe.path.read_text(encoding="utf-8"), end="\n" if
+          args.action == "path" else "")
+    return 0
+
+
+def _doctor(argv: Sequence[str]) -> int:
+    from visiontl.doctor import main as doctor_main
+
+    return doctor_main(list(argv))
+
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a recipe: visiontl fit --config recipe:NAME (or your YAML) [--section.field value ...]",
+    "validate": "score a checkpoint on the validation split (--ckpt_path)",
+    "test": "score a checkpoint on the test split (--ckpt_path)",
+    "predict": "predict images with a checkpoint (--ckpt_path), writing predictions.csv",
+}
+
 EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "demo": (_demo, "offline demo: Blue Marble tiles, real ImageNet weights, strategies compared"),
     "export": (_export, "export a run to ONNX (normalisation + labels inside, verified against PyTorch)"),
@@ -220,7 +265,44 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "rank": (_rank, "rank backbones for your data before fine-tuning (LogME, shrinkage H-score)"),
     "distill": (_distill, "train a small student to match a fine-tuned teacher run (knowledge distillation)"),
     "wise-ft": (_wise_ft, "mix a run's pretrained and fine-tuned weights (WiSE-FT): score each alpha, keep one"),
+    "recipes": (_recipes, "list the bundled recipes, or show one: visiontl recipes [show NAME]"),
+    "doctor": (_doctor, "print versions, CPU features, GPUs, the cache and offline weights, for a bug report"),
 }
+
+
+_LIGHT_COMMANDS = ("predict-onnx", "recipes", "doctor")  # torch-free or light: Lightning is not imported for them
+
+
+def overview() -> str:
+    """``visiontl --help``: every command with one line, as git and pip list theirs."""
+    from visiontl import __version__
+
+    width = max(map(len, [*LIGHTNING_COMMANDS, *EXTRA_COMMANDS]))
+    lines = [f"visiontl {__version__}: transfer learning on images (timm backbones, PyTorch Lightning).", "",
+             "usage: visiontl COMMAND [options]     (visiontl COMMAND --help for a command's options)", "",
+             "Train and evaluate (LightningCLI: a recipe YAML, any field overridable on the command line):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    groups = {"Data": ("check-data", "prepare-data"), "Compare and choose": ("demo", "bench", "rank"),
+              "After training": ("export", "predict-onnx", "distill", "wise-ft"), "Help": ("recipes", "doctor")}
+    for title, names in groups.items():
+        lines += ["", f"{title}:"] + [f"  {name:<{width}}  {EXTRA_COMMANDS[name][1]}" for name in names]
+    lines += ["", "  --version  print the version", "",
+              "Start: visiontl demo (offline, a few minutes); then visiontl fit --config recipe:folder "
+              "--data.init_args.root path/to/images"]
+    return "\n".join(lines)
+
+
+def _with_recipes(args: list[str]) -> list[str]:
+    """``--config recipe:NAME`` (or ``--config=recipe:NAME``) -> the bundled recipe's path."""
+    from visiontl.catalog import PREFIX, resolve_config
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out) and out[i + 1].startswith(PREFIX):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config=" + PREFIX):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    return out
 
 
 def _cli_class():
@@ -297,7 +379,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``visiontl`` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in EXTRA_COMMANDS:
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(overview())
+        return 0
+    if args[0] in ("--version", "-V"):
+        from visiontl import __version__
+
+        print(f"visiontl {__version__}")
+        return 0
+    from visiontl.catalog import RecipeError
+
+    try:
+        args = _with_recipes(args)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args[0].startswith("-") and args[0] not in (*LIGHTNING_COMMANDS, *EXTRA_COMMANDS):
+        import difflib
+
+        close = difflib.get_close_matches(args[0], [*LIGHTNING_COMMANDS, *EXTRA_COMMANDS], n=1)
+        hint = f" Did you mean `visiontl {close[0]}`?" if close else ""
+        print(f"error: unknown command {args[0]!r}.{hint} `visiontl --help` lists the commands.", file=sys.stderr)
+        return 2
+    if args[0] in _LIGHT_COMMANDS:
+        return EXTRA_COMMANDS[args[0]][0](args[1:])
+    from visiontl.quiet import quiet
+
+    with quiet(verbose=True):  # Lightning's tips, dependencies' deprecations: never; data warnings: always
+        return _run(args)
+
+
+def _run(args: list[str]) -> int:
+    if args[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[args[0]][0](args[1:])
     from visiontl.data.images import DataError
     from visiontl.export import ExportError

@@ -11,9 +11,7 @@ network is used.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,8 +47,12 @@ def run_demo(
     seed: int = DEFAULTS["seed"],
     num_workers: int | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ) -> list[dict[str, Any]]:
     """Run every strategy on the Blue Marble tiles and write a comparison.
+
+    Prints one line per strategy when it finishes (with one progress bar while it trains, unless
+    ``progress`` is False); ``verbose`` shows Lightning's own bars and information lines instead.
 
     Returns:
         One row per strategy: ``strategy``, ``val_acc``, ``val_f1``, ``val_auroc``,
@@ -58,9 +60,10 @@ def run_demo(
     """
     out = Path(out)
     rows = []
+    print(f"[visiontl demo] {len(strategies)} strategies on {backbone}, {train_per_class} tiles per class, "
+          f"{image_size} px, {steps or 'auto'} steps each: {out}", flush=True)
+    width = max(map(len, strategies))
     for i, strategy in enumerate(strategies, start=1):
-        print(f"[visiontl demo] {i}/{len(strategies)}: {strategy} on {backbone} "
-              f"({train_per_class} tiles per class, {image_size} px, {steps or 'auto'} steps)", flush=True)
         dm = BlueMarbleDataModule(
             train_per_class=train_per_class, val_per_class=val_per_class, seed=seed, num_workers=num_workers
         )
@@ -77,6 +80,7 @@ def run_demo(
             name=strategy,
             seed=seed,
             trainer_kwargs={"enable_progress_bar": progress},
+            verbose=verbose,
         )
         report = result.task.strategy_report()
         rows.append({
@@ -89,9 +93,16 @@ def run_demo(
             "wall_s": round(time.perf_counter() - start, 1),
             "run_dir": str(result.run_dir),
         })
+        row = rows[-1]
+        print(f"  {i}/{len(strategies)} {strategy:<{width}}  val_acc {_fmt(row['val_acc'])}  val_f1 "
+              f"{_fmt(row['val_f1'])}  {row['trainable_params']:>10,} trainable  {row['wall_s']:6.1f} s", flush=True)
     save_comparison(rows, out, name="comparison", metric="val_acc",
                     baseline="scratch" if "scratch" in strategies else None)
     return rows
+
+
+def _fmt(value: Any) -> str:
+    return f"{float(value):.3f}" if value is not None else "  -  "
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,10 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-per-class", type=int, default=DEFAULTS["val_per_class"])
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="optimisation steps per strategy")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (one line per strategy)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Lightning's own progress bars (per epoch and validation) and information lines")
     args = parser.parse_args(argv)
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="pytorch_lightning")
     rows = run_demo(
         args.out,
         strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
@@ -119,9 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         seed=args.seed,
         progress=not args.no_progress,
+        verbose=args.verbose,
     )
     print()
     columns = ["strategy", "val_acc", "val_f1", "val_auroc", "trainable_params", "wall_s"]
     print(format_console_table([{**r, "wall_s": f"{r['wall_s']:.1f}"} for r in rows], columns))
-    print(f"\nComparison: {Path(args.out) / 'comparison.md'} (and .csv, .png); runs: {args.out}/<strategy>/")
+    print(f"\nPlot: {Path(args.out) / 'comparison.png'}  (table: comparison.md, .csv)")
+    print("Runs: " + "  ".join(r["run_dir"] for r in rows))
     return 0

@@ -155,7 +155,8 @@ def _strategy(entry: Any, index: int) -> Any:
 
 
 def load_config(source: str | os.PathLike[str] | dict[str, Any] | None = None, **overrides: Any) -> BenchConfig:
-    """A checked :class:`BenchConfig` from a ``bench.yaml`` path or a dict, with ``overrides``
+    """A checked :class:`BenchConfig` from a ``bench.yaml`` path (or ``recipe:bench/NAME``, a bundled
+    one) or a dict, with ``overrides``
     (command-line flags: ``data``, ``backbones``, ``strategies``, ``shots``, ``seeds``,
     ``image_size``, ``steps``, ``batch_size``) on top; ``None`` values do not override."""
     import yaml
@@ -165,7 +166,12 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any] | None = None, *
     elif isinstance(source, dict):
         raw = dict(source)
     else:
-        path = Path(source)
+        from visiontl.catalog import RecipeError, resolve_config
+
+        try:
+            path = Path(resolve_config(source))
+        except RecipeError as err:
+            raise BenchError(str(err)) from err
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except OSError as err:
