@@ -2,7 +2,7 @@
 
 Start from an ImageNet backbone (any timm model), pick a strategy on the fine-tuning ladder
 (``probe`` -> ``partial`` -> ``gradual`` / ``full``, with ``scratch`` as the baseline) and train with
-PyTorch Lightning. See README.md.
+PyTorch Lightning. See README.md and the documentation site (docs/).
 
 Names are imported lazily, so that light modules (``visiontl.predict``: ONNX Runtime only) do not
 pull in torch and Lightning.

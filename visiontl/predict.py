@@ -89,7 +89,7 @@ def ort_session(model: str | os.PathLike[str] | bytes, providers: Sequence[str] 
     """An ONNX Runtime session using every CPU this process may run on.
 
     ORT's default thread count can leave cores idle; the threads are set explicitly (the latency
-    it saved on the project's machine is in the README).
+    it saved on the project's machine is in docs/how-to/export-deploy.md).
     """
     import onnxruntime as ort
 
@@ -212,7 +212,7 @@ class Predictor:
                                  f"it with `visiontl export`.")
         self.runner: Any = self.session
         self.engine_check: dict[str, Any] | None = None
-        if engine == "auto":  # OpenVINO where it was measured faster (int8: README), when installed
+        if engine == "auto":  # OpenVINO where it was measured faster (int8: docs/how-to/export-deploy.md), when installed
             self.engine = "onnxruntime"
             if "quantization" in self.metadata and importlib.util.find_spec("openvino") is not None:
                 try:

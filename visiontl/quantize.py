@@ -23,7 +23,7 @@ The first step that agrees enough is written; if none does, the int8 model is re
 float model stays the artefact. Every step's agreement is in the report, with the excluded nodes.
 
 Transformers get dynamic quantisation of MatMul only. Convolutions are never quantised
-dynamically: ONNX Runtime's ConvInteger kernels are far slower than float (README,
+dynamically: ONNX Runtime's ConvInteger kernels are far slower than float (docs/how-to/export-deploy.md,
 ``benchmarks/results/export.md``).
 """
 

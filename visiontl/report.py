@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from visiontl._io import atomic_path, write_text
 
 __all__ = ["save_confusion_matrix", "save_learning_curves", "save_drift", "comparison_table",
-           "format_console_table", "save_comparison"]
+           "format_console_table", "save_comparison", "thumbnail_png"]
 
 PathLike = str | os.PathLike[str]
 VAL_METRICS = ("val_acc", "val_f1", "val_auroc", "val_balanced_acc")
@@ -37,6 +37,24 @@ def _save_figure(fig: Figure, path: PathLike, dpi: int = 120) -> Path:
         tight = None if fig.get_layout_engine() is not None else "tight"  # laid out already: one draw, not two
         fig.savefig(tmp, format=path.suffix[1:].lower() or "png", dpi=dpi, bbox_inches=tight)
     return path
+
+
+def thumbnail_png(path: PathLike, max_width: int = 720) -> bytes:
+    """A saved plot as PNG bytes at most ``max_width`` pixels wide (aspect kept) in a 256-colour
+    palette (plots have few colours): what notebooks embed, so that they stay small enough to
+    review (``IPython.display.Image(data=thumbnail_png(path))``)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.width > max_width:
+            image = image.resize((max_width, round(image.height * max_width / image.width)), Image.Resampling.LANCZOS)
+        image = image.quantize(colors=256)
+        out = BytesIO()
+        image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def _to_numpy(x: Any) -> np.ndarray:

@@ -4,7 +4,7 @@ glibc's default allocator returns freed memory to the OS and page-faults it back
 channels_last speeds up CNN training; bf16 autocast is slower on a CPU without native bf16 units.
 So: the allocator is tuned once in the process that trains, CNNs use channels_last, and bf16 is
 only used where the CPU has native bf16 instructions and a timing shows it faster. What each
-setting measured on the project's machine is in the README ("Speed") and ``benchmarks/results/speed.md``.
+setting measured on the project's machine is in docs/concepts/speed.md and ``benchmarks/results/speed.md``.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def auto_precision(model: nn.Module | None = None, input_shape: tuple[int, ...] 
     On a GPU :func:`visiontl.devices.default_precision` (``bf16-mixed`` where supported, else
     ``16-mixed``). On a CPU, measured, never assumed: ``bf16-mixed`` only when it has native bf16
     instructions AND a short timing of ``model`` at ``input_shape`` shows bf16 autocast at least
-    ``threshold`` times faster (the gain differs by architecture: see the README); else ``32-true``.
+    ``threshold`` times faster (the gain differs by architecture: see docs/concepts/speed.md); else ``32-true``.
     """
     from visiontl.devices import default_precision, device_kind
 

@@ -110,7 +110,8 @@ class AdaptationTask(ClassificationTask):
             without BatchNorm (ViTs use LayerNorm).
         monitor: the validation metric that picks the best checkpoint: ``val_acc`` (source,
             default) or a label-free one: ``target_im``.
-        *args, **kwargs: see :class:`~visiontl.tasks.ClassificationTask` (strategy default ``full``).
+        *args: see :class:`~visiontl.tasks.ClassificationTask` (strategy default ``full``).
+        **kwargs: see :class:`~visiontl.tasks.ClassificationTask`.
     """
 
     def __init__(self, *args: Any, method: Literal["source_only", "dann", "coral"] = "dann",

@@ -117,8 +117,9 @@ class DistillationTask(ClassificationTask):
         temperature: softmax temperature ``T`` (:func:`distillation_loss`).
         alpha: weight of the distillation term; ``1 - alpha`` weighs the cross-entropy on labels.
         teacher_weights: base weights of a PEFT teacher, when not where it was trained.
-        *args, **kwargs: see :class:`~visiontl.tasks.ClassificationTask` (the student); its
-            ``class_names`` must be the teacher's.
+        *args: see :class:`~visiontl.tasks.ClassificationTask` (the student).
+        **kwargs: see :class:`~visiontl.tasks.ClassificationTask`; the student's ``class_names``
+            must be the teacher's.
     """
 
     def __init__(self, *args: Any, teacher: str = "", temperature: float = 4.0, alpha: float = 0.5,

@@ -1,0 +1,98 @@
+"""mkdocs hooks: the pages generated from the code when the site is built, so they cannot drift.
+
+- ``reference/cli.md``: ``visiontl --help`` and every command's ``--help``, as the parsers print them;
+- ``how-to/recipes-medical.md``, ``recipes-satellite.md``, ``recipes-general.md``: every bundled
+  recipe's header comment, run line and YAML, from the recipe files;
+- ``results-overview.md``: the committed benchmark results (``benchmarks/results/*.md``, linked
+  into the site as ``results/``), one link and summary line each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+from mkdocs.structure.files import File
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _help(args: list[str]) -> str:
+    from visiontl.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main(args)
+        except SystemExit:
+            pass
+    return out.getvalue().rstrip()
+
+
+def _cli_page() -> str:
+    from visiontl.cli import EXTRA_COMMANDS, LIGHTNING_COMMANDS
+
+    os.environ["COLUMNS"] = "110"  # argparse wraps to this width
+    parts = ["# Command line", "", "Generated from the command-line parsers when this site is built.", "",
+             "```text", _help(["--help"]), "```", ""]
+    for name in EXTRA_COMMANDS:
+        parts += [f"## `visiontl {name}`", "", "```text", _help([name, "--help"]), "```", ""]
+    parts += ["## `visiontl fit` / `validate` / `test` / `predict`", "",
+              "Lightning's `LightningCLI` (" + ", ".join(f"`{c}`" for c in LIGHTNING_COMMANDS) + "): a recipe "
+              "([schema](recipe-schema.md)) and any of its fields as options. The full list, from "
+              "`visiontl fit --help`:", "", '??? note "visiontl fit --help"', "", "    ```text"]
+    parts += ["    " + line if line else "" for line in _help(["fit", "--help"]).splitlines()]
+    parts += ["    ```", ""]
+    return "\n".join(parts)
+
+
+def _recipe_page(title: str, intro: str, names: list) -> str:
+    parts = [f"# {title}", "", intro, ""]
+    for recipe in names:
+        text = recipe.path.read_text(encoding="utf-8")
+        header = [line[1:].strip() if line.startswith("# ") or line == "#" else line[1:]
+                  for line in text.splitlines() if line.startswith("#")]
+        command = "bench" if recipe.name.startswith("bench/") else "fit"
+        parts += [f"## `recipe:{recipe.name}`", "", recipe.description, "",
+                  "```bash", f"visiontl {command} --config recipe:{recipe.name}", "```", "",
+                  '??? note "Header"', "", "    ```text", *["    " + h for h in header], "    ```", "",
+                  '??? example "YAML"', "", "    ```yaml", *["    " + line for line in text.splitlines()], "    ```", ""]
+    return "\n".join(parts)
+
+
+def _results_page() -> str:
+    results = ROOT / "benchmarks" / "results"
+    parts = ["# Results", "",
+             "Every number here was measured by a script in `benchmarks/` on this project's 2-core CPU machine "
+             "and committed with its CSV and plot; each compares against a baseline measured in the same run.", ""]
+    for md in sorted(results.glob("*.md")):
+        title = next((line.lstrip("# ").strip() for line in md.read_text().splitlines() if line.startswith("# ")),
+                     md.stem)
+        png = md.with_suffix(".png")
+        parts += [f"## [{title}](results/{md.name})", ""]
+        if png.is_file():
+            parts += [f"![{title}](results/{png.name})", ""]
+    return "\n".join(parts)
+
+
+def on_files(files, config):  # noqa: ANN001, ANN201 - mkdocs' hook signature
+    from visiontl.catalog import recipes
+
+    found = recipes()
+    groups = {
+        "how-to/recipes-medical.md": ("Medical recipes", "X-rays, DICOM, dermoscopy and histology.",
+                                      [r for r in found if r.name.startswith("medical/")]),
+        "how-to/recipes-satellite.md": ("Satellite recipes", "Sentinel-2, aerial and Blue Marble imagery.",
+                                        [r for r in found if r.name.startswith("satellite/")]),
+        "how-to/recipes-general.md": ("Other recipes", "Your own folder, the demo, streamed data and bench grids.",
+                                      [r for r in found if not r.name.startswith(("medical/", "satellite/"))]),
+    }
+    for path, (title, intro, chosen) in groups.items():
+        intro += " Each runs as shown wherever visiontl is installed; `visiontl recipes show NAME > my.yaml` copies one."
+        files.append(File.generated(config, path, content=_recipe_page(title, intro, chosen)))
+    files.append(File.generated(config, "reference/cli.md", content=_cli_page()))
+    files.append(File.generated(config, "results-overview.md", content=_results_page()))
+    return files
