@@ -41,3 +41,23 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     client.execute()
     kernel_python = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.output_type == "stream")
     assert Path(kernel_python).resolve() == Path(sys.executable).resolve()
+
+
+MAX_IMAGE_B64 = 100_000  # characters of one embedded PNG: downscale saved plots (visiontl.report.thumbnail_png)
+MAX_NOTEBOOK = 400_000  # bytes of a committed notebook
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_committed_executed_with_a_plot_and_small(path: Path) -> None:
+    """What a reader on the web sees: every code cell ran (execution counts in order, no errors),
+    at least one plot, and nothing too large to review."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+    counts = [c.execution_count for c in code]
+    assert None not in counts and counts == sorted(counts), f"{path.name}: not executed top to bottom ({counts})"
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"], path.name
+    images = [o.data["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+    assert images, f"{path.name}: no plot"
+    assert max(map(len, images)) <= MAX_IMAGE_B64, f"{path.name}: a {max(map(len, images)):,}-character image"
+    assert path.stat().st_size <= MAX_NOTEBOOK, f"{path.name}: {path.stat().st_size:,} bytes"

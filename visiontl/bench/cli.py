@@ -47,6 +47,8 @@ def bench_main(argv: Sequence[str]) -> int:
                              "its batch split over the devices (the global batch and steps stay the cell's)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator of the cells: auto, cpu, gpu")
     parser.add_argument("--dry-run", action="store_true", help="show the grid and its estimate, run nothing")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Lightning's information lines for every cell (default: one line per cell)")
     ns = parser.parse_args(args)
     from visiontl.bench.config import BenchError, load_config
     from visiontl.bench.grid import check_budgets, expand_grid, parse_shard, shard_cells, step_budget
@@ -69,8 +71,11 @@ def bench_main(argv: Sequence[str]) -> int:
               f"{total / 60:.0f} min on this machine (finished cells are skipped)")
         if ns.dry_run:
             return 0
-        rows = run_bench(config, ns.out, shard=shard, launcher=ns.launcher, devices=ns.devices,
-                         accelerator=ns.accelerator)
+        from visiontl.quiet import quiet
+
+        with quiet(verbose=ns.verbose):  # one line per cell; warnings about the data still show
+            rows = run_bench(config, ns.out, shard=shard, launcher=ns.launcher, devices=ns.devices,
+                             accelerator=ns.accelerator)
         if shard[1] == 1:
             from visiontl.bench.report import write_report
             from visiontl.bench.store import BenchStore
