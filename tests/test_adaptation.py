@@ -140,7 +140,8 @@ def _fit(task: pl.LightningModule, dm: pl.LightningDataModule, tmp_path: Path, s
 
 
 @pytest.mark.parametrize(("method", "backbone"), [("dann", "test_resnet"), ("coral", "test_resnet"),
-                                                  ("source_only", "test_resnet"), ("dann", "test_vit")])
+                                                  ("source_only", "test_resnet"), ("dann", "test_vit"),
+                                                  ("mcc", "test_resnet"), ("cdan_e", "test_resnet")])
 def test_adaptation_trains_with_a_ladder_strategy_and_logs_target_signals(
     method: str, backbone: str, domains: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -153,13 +154,13 @@ def test_adaptation_trains_with_a_ladder_strategy_and_logs_target_signals(
     assert frozen and len(frozen) < len(list(task.model.parameters()))
     trainer = _fit(task, dm, tmp_path, steps=8)
     names = [g.get("name") for g in trainer.optimizers[0].param_groups]
-    assert ("discriminator" in names) == (method == "dann")
+    assert ("discriminator" in names) == (method in ("dann", "cdan_e"))
     for g in task.groups:
         for n, p in zip(g.param_names, g.params):
             if n in frozen and p.shape == frozen[n].shape:  # (a ViT's position embedding is resampled to 32 px)
                 assert torch.equal(p, frozen[n]), n  # the strategy's frozen groups stay put
     logged = set(trainer.callback_metrics)
-    assert {"val_acc", "target_acc", "target_entropy", "target_im"} <= logged
+    assert {"val_acc", "target_acc", "target_entropy", "target_im", "target_snd"} <= logged
     assert ("target_pad" in logged) == (method == "dann")
     # the run exports like any classification run: the classifier network only
     restored = ClassificationTask.from_checkpoint(Path(trainer.log_dir) / "checkpoints" / "last.ckpt")
@@ -195,7 +196,7 @@ def test_adaptation_refuses_fitted_heads_and_unknown_methods() -> None:
         AdaptationTask("test_resnet", num_classes=3, pretrained=False, strategy="prototype")
     with pytest.raises(ValueError, match="Unknown adaptation method 'mmdd'"):
         AdaptationTask("test_resnet", num_classes=3, pretrained=False, method="mmdd")
-    with pytest.raises(ValueError, match="target labels never pick checkpoints"):
+    with pytest.raises(ValueError, match="target_snd .target labels never pick checkpoints"):
         AdaptationTask("test_resnet", num_classes=3, pretrained=False, monitor="target_acc")
 
 

@@ -8,6 +8,11 @@ Methods (``method=``):
   with ``p`` the training progress, so early noisy features are not pushed around.
 - ``coral`` (Sun and Saenko 2016, Deep CORAL): the distance between the source and target feature
   covariances, ``||C_s - C_t||_F^2 / (4 d^2)``; cheap, no extra network, often strong.
+- ``mcc`` (Jin et al. 2020, Minimum Class Confusion): penalises the target predictions' class
+  confusion (:func:`visiontl.tasks.da.mcc_loss`); no extra network.
+- ``cdan_e`` (Long et al. 2018, CDAN+E): a domain discriminator on the multilinear map of features
+  and class predictions (:func:`visiontl.tasks.da.multilinear_map`, randomised above 4,096
+  entries), each sample weighted by its prediction's certainty; the same reversal schedule as DANN.
 
 Source and target batches go through the backbone separately (``domain_bn``), so BatchNorm
 normalises each domain by its own batch statistics in training; alignment then works on what is
@@ -18,7 +23,8 @@ trains the head only, so alignment cannot move the features).
 
 Label-free model selection: every validation epoch logs, on the target images,
 ``target_entropy`` (mean prediction entropy, lower = more confident), ``target_im`` (information
-maximisation: entropy of the mean prediction minus mean entropy; higher = confident *and* diverse)
+maximisation: entropy of the mean prediction minus mean entropy; higher = confident *and* diverse),
+``target_snd`` (soft neighbourhood density, Saito et al. 2021; higher = denser target neighbourhoods)
 and, for DANN, ``target_pad`` (proxy A-distance from the discriminator's domain error,
 ``2 (1 - 2 err)``: 0 = domains indistinguishable, 2 = fully separable). ``target_acc`` is logged
 only when labelled target images are given (for evaluation, never for training).
@@ -37,11 +43,15 @@ from torchmetrics.classification import MulticlassAccuracy
 from visiontl.features import classify_features, feature_width, pooled_features
 from visiontl.speed import channels_last_input
 from visiontl.tasks.classification import ClassificationTask
+from visiontl.tasks.da import (cdan_entropy_weights, information_maximisation, mcc_loss, multilinear_map,
+                               soft_neighbourhood_density)
 
 __all__ = ["METHODS", "AdaptationTask", "DomainDiscriminator", "coral_loss", "dann_coefficient",
            "gradient_reversal", "target_signals"]
 
-METHODS = ("source_only", "dann", "coral")
+METHODS = ("source_only", "dann", "coral", "mcc", "cdan_e")
+MONITORS = ("val_acc", "target_im", "target_snd")  # target labels never pick a checkpoint
+_CDAN_MAX_DIM = 4096  # above this many features x classes, CDAN's randomised multilinear map (width 1024)
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -97,10 +107,11 @@ class AdaptationTask(ClassificationTask):
     given, are for evaluation only. Exports and predicts like any classification run.
 
     Args:
-        method: ``source_only``, ``dann`` or ``coral``.
-        adaptation_weight: weight of the adversarial / CORAL loss beside the source cross-entropy.
-        discriminator_hidden: width of the DANN discriminator.
-        gamma: steepness of the DANN coefficient schedule.
+        method: ``source_only``, ``dann``, ``coral``, ``mcc`` or ``cdan_e``.
+        adaptation_weight: weight of the adversarial / CORAL / MCC loss beside the source cross-entropy.
+        discriminator_hidden: width of the DANN / CDAN discriminator.
+        gamma: steepness of the DANN / CDAN coefficient schedule.
+        mcc_temperature: MCC's softmax temperature (2.5, the paper's).
         domain_bn: forward the source and the target batch separately, so that in training each
             is normalised by its own BatchNorm batch statistics and the low-level look of a domain
             (brightness, contrast, colour) is taken out before alignment (as in AdaBN / DSBN).
@@ -109,19 +120,19 @@ class AdaptationTask(ClassificationTask):
             DANN beat source-only (``benchmarks/results/adaptation.md``). No effect on models
             without BatchNorm (ViTs use LayerNorm).
         monitor: the validation metric that picks the best checkpoint: ``val_acc`` (source,
-            default) or a label-free one: ``target_im``.
+            default) or a label-free one: ``target_im``, ``target_snd``.
         *args: see :class:`~visiontl.tasks.ClassificationTask` (strategy default ``full``).
         **kwargs: see :class:`~visiontl.tasks.ClassificationTask`.
     """
 
-    def __init__(self, *args: Any, method: Literal["source_only", "dann", "coral"] = "dann",
+    def __init__(self, *args: Any, method: Literal["source_only", "dann", "coral", "mcc", "cdan_e"] = "dann",
                  adaptation_weight: float = 1.0, discriminator_hidden: int = 256, gamma: float = 10.0,
-                 domain_bn: bool = True, monitor: Literal["val_acc", "target_im"] = "val_acc",
-                 **kwargs: Any) -> None:
+                 domain_bn: bool = True, monitor: Literal["val_acc", "target_im", "target_snd"] = "val_acc",
+                 mcc_temperature: float = 2.5, **kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"Unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}.")
-        if monitor not in ("val_acc", "target_im"):
-            raise ValueError(f"monitor must be 'val_acc' or 'target_im' (target labels never pick checkpoints), "
+        if monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {', '.join(MONITORS)} (target labels never pick checkpoints), "
                              f"got {monitor!r}.")
         kwargs.setdefault("strategy", "full")
         super().__init__(*args, **kwargs)
@@ -137,8 +148,19 @@ class AdaptationTask(ClassificationTask):
     def configure_models(self) -> None:
         super().configure_models()
         width = feature_width(self.model)
+        method = self.hparams["method"]
+        self.cdan_projection: tuple[torch.Tensor, torch.Tensor] | None = None
+        if method == "cdan_e":
+            k = int(self.hparams["num_classes"])
+            if width * k > _CDAN_MAX_DIM:  # fixed random matrices, seeded: the same map in every process
+                generator = torch.Generator().manual_seed(0)
+                self.register_buffer("cdan_rf", torch.randn(width, 1024, generator=generator), persistent=False)
+                self.register_buffer("cdan_rg", torch.randn(k, 1024, generator=generator), persistent=False)
+                width = 1024
+            else:
+                width = width * k
         self.discriminator = (DomainDiscriminator(width, self.hparams["discriminator_hidden"])
-                              if self.hparams["method"] == "dann" else None)
+                              if method in ("dann", "cdan_e") else None)
 
     def configure_metrics(self) -> None:
         super().configure_metrics()
@@ -187,6 +209,22 @@ class AdaptationTask(ClassificationTask):
             alignment = coral_loss(feats[:n], feats[n:])
             loss = loss + weight * alignment
             self.log("train_coral", alignment, on_epoch=True, batch_size=n)
+        elif method == "mcc":
+            confusion = mcc_loss(classify_features(self.model, feats[n:]), self.hparams.get("mcc_temperature", 2.5))
+            loss = loss + weight * confusion
+            self.log("train_mcc", confusion, on_epoch=True, batch_size=n)
+        elif method == "cdan_e":
+            probs = torch.cat([logits, classify_features(self.model, feats[n:])]).softmax(dim=1)
+            projection = (self.cdan_rf, self.cdan_rg) if hasattr(self, "cdan_rf") else None
+            coeff = dann_coefficient(self._progress(), self.hparams["gamma"])
+            joint = gradient_reversal(multilinear_map(feats, probs, projection), coeff)
+            domain = self.discriminator(joint).squeeze(1)
+            truth = torch.cat([torch.ones(n), torch.zeros(len(feats) - n)]).to(domain)
+            adversarial = (F.binary_cross_entropy_with_logits(domain, truth, reduction="none")
+                           * cdan_entropy_weights(probs, n)).mean()
+            loss = loss + weight * adversarial
+            self.log("train_domain_loss", adversarial, on_epoch=True, batch_size=n)
+            self.log("grl_coeff", coeff, on_step=True, batch_size=n, sync_dist=True)
         # epoch means per rank: a synchronised one deadlocks Lightning's progress bar under DDP (#21264)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         return loss
@@ -196,7 +234,7 @@ class AdaptationTask(ClassificationTask):
         feats = self._features(batch["image"])  # one backbone pass serves the classifier and the discriminator
         if dataloader_idx == 0:
             self._eval_step(batch, "val", logits=classify_features(self.model, feats))
-            if self.discriminator is not None:
+            if self.hparams["method"] == "dann":  # the proxy A-distance of DANN's feature discriminator
                 self._target.setdefault("source_domain", []).append(self.discriminator(feats).squeeze(1))
             return
         probs = classify_features(self.model, feats).float().softmax(dim=1)
@@ -204,7 +242,7 @@ class AdaptationTask(ClassificationTask):
         labelled = batch["label"] >= 0
         if labelled.any():
             self.target_accuracy.update(probs[labelled], batch["label"][labelled])
-        if self.discriminator is not None:
+        if self.hparams["method"] == "dann":
             self._target.setdefault("target_domain", []).append(self.discriminator(feats).squeeze(1))
 
     def on_validation_epoch_end(self) -> None:
@@ -223,11 +261,10 @@ def target_signals(collected: dict[str, list[torch.Tensor]]) -> dict[str, float]
     out: dict[str, float] = {}
     if collected.get("probs"):
         probs = torch.cat(collected["probs"]).clamp_min(1e-12)
-        entropy = -(probs * probs.log()).sum(dim=1).mean()
-        mean = probs.mean(dim=0)
-        diversity = -(mean * mean.log()).sum()
-        out["target_entropy"] = float(entropy)
-        out["target_im"] = float(diversity - entropy)
+        out["target_entropy"] = float(-(probs * probs.log()).sum(dim=1).mean())
+        out["target_im"] = information_maximisation(probs)
+        if len(probs) >= 2:
+            out["target_snd"] = soft_neighbourhood_density(probs)
     if collected.get("source_domain") and collected.get("target_domain"):
         source, target = torch.cat(collected["source_domain"]), torch.cat(collected["target_domain"])
         correct = (source > 0).sum() + (target <= 0).sum()

@@ -1,0 +1,98 @@
+"""Domain-adaptation objectives, validators and target BatchNorm (visiontl.tasks.da), by value."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from visiontl.tasks.da import (cdan_entropy_weights, information_maximisation, mcc_loss, multilinear_map,
+                               reestimate_batchnorm, soft_neighbourhood_density)
+
+
+def test_mcc_on_a_hand_case_and_its_bounds() -> None:
+    logits = torch.tensor([[math.log(0.8), math.log(0.2)], [math.log(0.3), math.log(0.7)]])
+    # by hand, T = 1: p = [[.8, .2], [.3, .7]]; H_i, w_i = 1 + exp(-H_i) scaled to sum to 2
+    p = [[0.8, 0.2], [0.3, 0.7]]
+    h = [-sum(q * math.log(q) for q in row) for row in p]
+    w = [1 + math.exp(-x) for x in h]
+    w = [2 * x / sum(w) for x in w]
+    c = [[sum(w[i] * p[i][a] * p[i][b] for i in range(2)) for b in range(2)] for a in range(2)]
+    col = [c[0][b] + c[1][b] for b in range(2)]
+    expected = (c[0][1] / col[1] + c[1][0] / col[0]) / 2
+    assert float(mcc_loss(logits, temperature=1.0)) == pytest.approx(expected, rel=1e-6)
+    k = 4
+    assert float(mcc_loss(torch.eye(k).repeat(3, 1) * 60, 1.0)) == pytest.approx(0.0, abs=1e-6)  # no confusion
+    assert float(mcc_loss(torch.zeros(5, k), 1.0)) == pytest.approx((k - 1) / k, rel=1e-6)  # all confused
+    logits = torch.randn(8, 3, requires_grad=True)
+    mcc_loss(logits).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="temperature"):
+        mcc_loss(logits, temperature=0)
+
+
+def test_cdan_multilinear_map_shape_values_and_gradient() -> None:
+    f = torch.randn(5, 7, requires_grad=True)
+    z = torch.randn(5, 3, requires_grad=True)
+    g = torch.softmax(z, dim=1)
+    h = multilinear_map(f, g)
+    assert h.shape == (5, 21)
+    torch.testing.assert_close(h.view(5, 3, 7), g.detach()[:, :, None] * f.detach()[:, None, :])
+    h.sum().backward()
+    torch.testing.assert_close(f.grad, g.detach().sum(dim=1, keepdim=True).expand(5, 7))  # d/df of sum g_k f_j
+    assert z.grad is None  # the predictions are detached: no gradient reaches the logits through them
+    r_f, r_g = torch.randn(7, 16), torch.randn(3, 16)
+    randomised = multilinear_map(f, g, (r_f, r_g))
+    assert randomised.shape == (5, 16)
+    torch.testing.assert_close(randomised, (f.detach() @ r_f) * (g.detach() @ r_g) / 4.0)
+
+
+def test_cdan_entropy_weights_favour_confident_samples_per_domain() -> None:
+    probs = torch.tensor([[0.98, 0.02], [0.5, 0.5], [0.9, 0.1], [0.6, 0.4]])
+    w = cdan_entropy_weights(probs, n_source=2)
+    assert float(w[:2].sum()) == pytest.approx(2.0) and float(w[2:].sum()) == pytest.approx(2.0)
+    assert w[0] > w[1] and w[2] > w[3]
+
+
+def test_information_maximisation_and_snd_on_constructed_predictions() -> None:
+    k = 3
+    confident = torch.eye(k).repeat(4, 1)  # 12 samples, 4 per class, certain
+    uniform = torch.full((6, k), 1 / k)
+    one_class = torch.tensor([[1.0, 0.0, 0.0]]).repeat(6, 1)
+    assert information_maximisation(confident) == pytest.approx(math.log(k), rel=1e-6)
+    assert information_maximisation(uniform) == pytest.approx(0.0, abs=1e-6)
+    assert information_maximisation(one_class) == pytest.approx(0.0, abs=1e-6)
+    # SND: with all predictions alike every other sample is an equal neighbour (entropy log(N - 1));
+    # in tight clusters of 4, only the 3 others of a sample's cluster count (log 3)
+    assert soft_neighbourhood_density(uniform) == pytest.approx(math.log(5), rel=1e-5)
+    assert soft_neighbourhood_density(confident) == pytest.approx(math.log(3), rel=1e-5)
+    big = torch.softmax(torch.randn(2500, k) * 3, dim=1)  # rows in blocks give the same value as one block
+    unit = torch.nn.functional.normalize(big, dim=1)
+    sim = unit @ unit.T
+    sim.fill_diagonal_(float("-inf"))
+    p = torch.softmax(sim / 0.05, dim=1)
+    direct = float(-(p * p.clamp_min(1e-12).log()).sum(dim=1).mean())
+    assert soft_neighbourhood_density(big) == pytest.approx(direct, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        soft_neighbourhood_density(uniform[:1])
+
+
+def test_adabn_changes_only_running_statistics_and_equals_the_target_batch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.LazyLinear(2))
+    model(torch.randn(2, 3, 8, 8))  # materialise the lazy layer
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    target = torch.randn(16, 3, 8, 8) * 2 + 1
+    assert reestimate_batchnorm(model, [target]) == 1
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {"1.running_mean", "1.running_var"} <= changed <= {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    conv = model[0](target)
+    torch.testing.assert_close(model[1].running_mean, conv.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(model[1].running_var, conv.var(dim=(0, 2, 3), unbiased=True))
+    assert model[1].momentum == 0.1 and model.training and model[3].training  # modes and momentum put back
+    assert reestimate_batchnorm(nn.Sequential(nn.Linear(2, 2)), [torch.randn(2, 2)]) == 0  # no BatchNorm: a no-op
