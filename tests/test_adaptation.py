@@ -308,3 +308,56 @@ def test_projection_heads_fit_models_with_a_pre_logits_layer(method: str) -> Non
     assert task.model.num_features != task.model.head_hidden_size
     x = torch.rand(4, 3, 32, 32)
     assert task(x).shape == (4, task.hparams["projection_dim"])
+
+
+def test_target_bn_makes_the_kept_checkpoint_the_target_model_and_export_carries_it(
+    domains: dict[str, Path], tmp_path: Path
+) -> None:
+    """AdaBN at fit end: best.ckpt's BatchNorm buffers are the target images' statistics (the same
+    as re-estimating the trained checkpoint by hand), nothing else moved, the trained checkpoint stays
+    beside it, metrics.json says so, and the exported ONNX model computes the target model."""
+    import json
+
+    from visiontl.export import export_onnx
+    from visiontl.predict import ort_session
+    from visiontl.speed import channels_last_input
+    from visiontl.tasks.da import reestimate_batchnorm
+    from visiontl.features import pooled_features
+
+    dm = AdaptationDataModule(str(domains["source"]), str(domains["target"]),
+                              target_val_root=str(domains["target_val"]), image_size=32, num_workers=0, batch_size=4)
+    task = AdaptationTask("test_resnet", num_classes=3, class_names=["bars", "discs", "squares"], pretrained=False,
+                          method="coral", target_bn=True, strategy={"name": "full", "lr": 0.01})
+    from visiontl.api import fit_task
+
+    result = fit_task(task, dm, steps=16, out=tmp_path / "runs", name="tbn",
+                      trainer_kwargs={"enable_progress_bar": False, "accelerator": "cpu"})
+    run = result.run_dir
+    best, source = run / "checkpoints" / "best.ckpt", run / "checkpoints" / "best_source_bn.ckpt"
+    adapted = torch.load(best, weights_only=True)["state_dict"]
+    trained = torch.load(source, weights_only=True)["state_dict"]
+    changed = {k for k in trained if not torch.equal(trained[k], adapted[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    # by hand: the trained model re-estimated on the target images (evaluation transform)
+    by_hand = ClassificationTask.from_checkpoint(source).eval()
+    report = json.loads((run / "metrics.json").read_text())["target_bn"]
+    images, size = dm.feature_source("target"), report["batch_size"]  # the cumulative average follows the batches
+    batches = [torch.stack([images[i]["image"] for i in range(s, min(s + size, len(images)))])
+               for s in range(0, len(images), size)]
+    reestimate_batchnorm(by_hand.model, (channels_last_input(b, by_hand.channels_last) for b in batches),
+                         forward=lambda x: pooled_features(by_hand.model, x))
+    for k, v in by_hand.model.state_dict().items():
+        if k.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(adapted[f"model.{k}"], v, rtol=1e-4, atol=1e-5)
+    assert report["layers"] > 0 and report["images"] == len(images)
+    assert {"target_im", "target_acc"} <= set(report["before"]) and {"target_im", "target_acc"} <= set(report["after"])
+    # export: the deployed graph is the target model (not the source-statistics one)
+    export_onnx(ClassificationTask.from_checkpoint(best).eval(), tmp_path / "m.onnx")
+    x = torch.rand(3, 3, 32, 32)  # the graph takes images in [0, 1] and normalises them itself
+    got = ort_session(tmp_path / "m.onnx").run(["logits"], {"input": x.numpy()})[0]
+    target_task, source_task = (ClassificationTask.from_checkpoint(p).eval() for p in (best, source))
+    pre = target_task.preprocessing
+    normalised = (x - torch.tensor(pre.mean)[:, None, None]) / torch.tensor(pre.std)[:, None, None]
+    with torch.no_grad():
+        target_logits, source_logits = target_task(normalised).numpy(), source_task(normalised).numpy()
+    assert np.allclose(got, target_logits, atol=1e-4) and not np.allclose(got, source_logits, atol=1e-4)

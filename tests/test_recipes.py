@@ -107,16 +107,19 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
         assert max(mean) < 0.2  # 16-bit reflectances: far from ImageNet's 0.4-0.5
 
 
-@pytest.mark.parametrize(("method", "monitor"), [("mcc", "target_snd"), ("cdan_e", "target_im")])
-def test_new_adaptation_methods_run_through_the_recipe(method: str, monitor: str, shapes_root: Path,
+@pytest.mark.parametrize(("method", "monitor", "target_bn"), [("mcc", "target_snd", "true"),
+                                                              ("cdan_e", "target_im", "false")])
+def test_new_adaptation_methods_run_through_the_recipe(method: str, monitor: str, target_bn: str, shapes_root: Path,
                                                        tmp_path: Path) -> None:
-    """MCC and CDAN+E by name on the adaptation recipe, checkpoints picked by a label-free validator."""
+    """MCC and CDAN+E by name on the adaptation recipe, checkpoints picked by a label-free validator,
+    target BatchNorm on and off."""
     recipe_path = Path(__file__).parents[1] / "recipes" / "medical" / "adapt-folders.yaml"
     recipe = yaml.safe_load(recipe_path.read_text())
     runs = tmp_path / "runs"
     args = ["fit", "--config", str(recipe_path), *_common(recipe, runs),
             *_data_overrides(recipe_path, recipe, shapes_root, tmp_path), "--model.init_args.method", method,
-            "--model.init_args.monitor", monitor, "--trainer.val_check_interval", "2",
+            "--model.init_args.monitor", monitor, "--model.init_args.target_bn", target_bn,
+            "--trainer.val_check_interval", "2",
             "--trainer.check_val_every_n_epoch", "null"]
     assert main(args) == 0
     (run,) = list(runs.glob("*/version_0"))
@@ -126,6 +129,8 @@ def test_new_adaptation_methods_run_through_the_recipe(method: str, monitor: str
     logged = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert any(c.startswith("train_mcc") for c in logged) == (method == "mcc")
     assert any(c.startswith("train_domain_loss") for c in logged) == (method == "cdan_e")
+    assert ("target_bn" in summary) == (target_bn == "true")
+    assert (run / "checkpoints" / "best_source_bn.ckpt").is_file() == (target_bn == "true")
 
 
 @pytest.mark.slow

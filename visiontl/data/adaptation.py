@@ -78,6 +78,15 @@ class AdaptationDataModule(FolderDataModule):
         self.datasets["target"] = ImageDataset(target.items, train.transform, target.in_chans, target.presized,
                                                target.max_pixels, frames=target.frames)
 
+    def feature_source(self, split: str, augmented: bool = False) -> ImageDataset:
+        """As for any split; the ``target`` images (augmented for training) with the evaluation
+        transform unless ``augmented`` (what target BatchNorm statistics are estimated on)."""
+        if split != "target" or augmented:
+            return super().feature_source(split, augmented)
+        target = self.datasets["target"]
+        return ImageDataset(target.items, self._transform(self.preprocessing, False), target.in_chans, target.presized,
+                            target.max_pixels, frames=target.frames)
+
     @property
     def target_split(self) -> str:
         """The split the target validation loader reads: labelled if given, else unlabelled."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,6 +113,10 @@ class AdaptationTask(ClassificationTask):
         discriminator_hidden: width of the DANN / CDAN discriminator.
         gamma: steepness of the DANN / CDAN coefficient schedule.
         mcc_temperature: MCC's softmax temperature (2.5, the paper's).
+        target_bn: at the end of the fit, re-estimate the kept model's BatchNorm statistics on the
+            target training images (AdaBN, :mod:`visiontl.tasks.targetbn`): ``best.ckpt`` (and what
+            export deploys) becomes the model for the target; the trained one stays as
+            ``best_source_bn.ckpt``; ``metrics.json`` records ``target_bn``.
         domain_bn: forward the source and the target batch separately, so that in training each
             is normalised by its own BatchNorm batch statistics and the low-level look of a domain
             (brightness, contrast, colour) is taken out before alignment (as in AdaBN / DSBN).
@@ -128,7 +133,7 @@ class AdaptationTask(ClassificationTask):
     def __init__(self, *args: Any, method: Literal["source_only", "dann", "coral", "mcc", "cdan_e"] = "dann",
                  adaptation_weight: float = 1.0, discriminator_hidden: int = 256, gamma: float = 10.0,
                  domain_bn: bool = True, monitor: Literal["val_acc", "target_im", "target_snd"] = "val_acc",
-                 mcc_temperature: float = 2.5, **kwargs: Any) -> None:
+                 mcc_temperature: float = 2.5, target_bn: bool = False, **kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"Unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}.")
         if monitor not in MONITORS:
@@ -144,6 +149,22 @@ class AdaptationTask(ClassificationTask):
     @property
     def uses_feature_cache(self) -> bool:
         return False  # every step sees both domains through the backbone
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The classification task's, with :class:`~visiontl.tasks.targetbn.TargetBatchNorm` just
+        before the run report (which records what it did)."""
+        from visiontl.run import RunReport
+        from visiontl.tasks.targetbn import TargetBatchNorm
+
+        callbacks = super().configure_callbacks()
+        at = next((i for i, c in enumerate(callbacks) if isinstance(c, RunReport)), len(callbacks))
+        callbacks.insert(at, TargetBatchNorm())
+        return callbacks
+
+    def run_summary(self) -> dict[str, Any]:
+        """What ``metrics.json`` records besides the classification run's: ``target_bn``."""
+        report = getattr(self, "target_bn_report", None)
+        return {"target_bn": report} if report else {}
 
     def configure_models(self) -> None:
         super().configure_models()

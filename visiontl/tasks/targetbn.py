@@ -1,0 +1,104 @@
+"""Target BatchNorm (AdaBN) for adaptation runs: the kept model normalises with the target's statistics.
+
+:class:`TargetBatchNorm` runs at the end of an :class:`~visiontl.tasks.AdaptationTask` fit with
+``target_bn: true``. It takes the model the run keeps (the best checkpoint's weights), re-estimates
+every BatchNorm layer's running statistics on the unlabelled target training images with the
+evaluation transform (:func:`visiontl.tasks.da.reestimate_batchnorm`: weights untouched), and
+makes that the run's ``checkpoints/best.ckpt``, so ``visiontl export`` and ``predict-onnx`` deploy
+the model for the target. The checkpoint as trained (source statistics) stays as
+``checkpoints/best_source_bn.ckpt``. ``metrics.json`` (``target_bn``) records the layers, the
+images, both checkpoints and the label-free target signals (and target accuracy when labelled
+target images were given) before and after.
+
+Models without BatchNorm (ViTs) are left as they are, and the report says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from visiontl import _io
+from visiontl.features import classify_features, pooled_features
+from visiontl.speed import channels_last_input
+from visiontl.tasks.da import information_maximisation, reestimate_batchnorm, soft_neighbourhood_density
+
+__all__ = ["TargetBatchNorm", "target_scores"]
+
+
+@torch.no_grad()
+def target_scores(model: torch.nn.Module, loader: Any, channels_last: bool, device: torch.device) -> dict[str, float]:
+    """Label-free signals (``target_im``, ``target_snd``) and, where the images carry labels,
+    ``target_acc`` / ``target_balanced_acc`` of ``model`` (eval mode) on ``loader``."""
+    model.eval()
+    probs, labels = [], []
+    for batch in loader:
+        x = channels_last_input(batch["image"].to(device), channels_last)
+        probs.append(classify_features(model, pooled_features(model, x)).float().softmax(dim=1).cpu())
+        labels.append(batch["label"])
+    p, y = torch.cat(probs), torch.cat(labels)
+    out = {"target_im": round(information_maximisation(p), 6)}
+    if len(p) >= 2:
+        out["target_snd"] = round(soft_neighbourhood_density(p), 6)
+    known = y >= 0
+    if known.any():
+        hit = (p.argmax(1) == y)[known].float()
+        out["target_acc"] = round(float(hit.mean()), 6)
+        per_class = [float(hit[y[known] == c].mean()) for c in torch.unique(y[known])]
+        out["target_balanced_acc"] = round(sum(per_class) / len(per_class), 6)
+    return out
+
+
+class TargetBatchNorm(pl.Callback):
+    """AdaBN at the end of the fit (see the module docstring); its report goes to
+    ``pl_module.target_bn_report`` for :class:`~visiontl.run.RunReport`."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm: Any = trainer.datamodule
+        if (not pl_module.hparams.get("target_bn") or not trainer.is_global_zero or dm is None
+                or "target" not in getattr(dm, "datasets", {})):
+            return
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+        model = copy.deepcopy(pl_module.model)
+        ckpt = None
+        if best and Path(best).is_file():
+            ckpt = torch.load(best, map_location="cpu", weights_only=True)
+            model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items()
+                                   if k.startswith("model.")})
+        device = next(model.parameters()).device
+        channels_last = bool(getattr(pl_module, "channels_last", False))
+        images = dm.feature_source("target")
+        batch_size = dm.eval_batch_size(len(dm.samples("train")), len(images))
+        loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=0)
+        scored = dm._loader(dm.target_split)
+        before = target_scores(model, scored, channels_last, device)
+        layers = reestimate_batchnorm(
+            model, (channels_last_input(b["image"].to(device), channels_last) for b in loader),
+            forward=lambda x: pooled_features(model, x))
+        report: dict[str, Any] = {"layers": layers, "images": len(images), "batch_size": batch_size, "before": before}
+        if not layers:
+            report["note"] = "the model has no BatchNorm layer: nothing to re-estimate"
+            pl_module.target_bn_report = report
+            return
+        report["after"] = target_scores(model, scored, channels_last, device)
+        if ckpt is not None:  # the kept checkpoint becomes the target model; the trained one stays beside it
+            source = Path(best).with_name("best_source_bn.ckpt")
+            _io.write_bytes(source, Path(best).read_bytes())
+            state = model.state_dict()
+            ckpt["state_dict"] = {**ckpt["state_dict"], **{f"model.{k}": v.detach().cpu() for k, v in state.items()}}
+            ckpt.setdefault("visiontl", {})["target_bn"] = {"layers": layers, "images": len(images)}
+            with _io.atomic_path(best) as tmp:
+                torch.save(ckpt, tmp)
+            report.update(checkpoint=str(best), source_bn_checkpoint=str(source))
+        pl_module.model.load_state_dict(model.state_dict())  # what fit_task hands back is the target model too
+        pl_module.target_bn_report = report
+        rank_zero_info(f"[visiontl] target BatchNorm: {layers} layers re-estimated on {len(images)} target images; "
+                       f"target_im {before['target_im']:.3f} -> {report['after']['target_im']:.3f}"
+                       + (f", target_acc {before['target_acc']:.3f} -> {report['after']['target_acc']:.3f}"
+                          if "target_acc" in before else "") + f" ({os.path.basename(str(best)) or 'no checkpoint'})")
