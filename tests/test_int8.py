@@ -148,9 +148,9 @@ def test_layer_output_shift_is_the_mean_output_change_of_the_rounded_weights(gro
 def test_layer_bias_correction_moves_biases_only_and_not_of_float_nodes(same_model, tmp_path: Path) -> None:
     """The int8 weights are exactly those without the correction; the biases of the quantised layers
     moved by the predicted shift (read back from the two int8 models); a node kept float keeps its
-    bias; the logits' mean shift on the validation images drops below the uncorrected model's (which
-    correction is better on real weights, per layer or on the logits alone, is measured by
-    benchmarks/export.py: on this random model the two swap places between ONNX Runtime releases)."""
+    bias; both corrections remove most of the logits' mean shift they measured on the calibration
+    images (on held-out images this random model's int8 shift is at noise level; which correction
+    is better on real weights is measured by benchmarks/export.py)."""
     from onnx import numpy_helper
 
     model, calibration, validation = same_model
@@ -190,12 +190,12 @@ def test_layer_bias_correction_moves_biases_only_and_not_of_float_nodes(same_mod
     for name in keep:  # a convolution: the logit-only correction leaves its bias as exported
         assert name.endswith("Conv") and w_layers[name] is None
         assert np.allclose(b_layers[name], b_logits[name], rtol=0, atol=1e-7)
-    f = ort_session(model).run(["logits"], {"input": validation})[0]
+    f = ort_session(model).run(["logits"], {"input": calibration})[0]
     reports["none"] = quantize_int8(model, tmp_path / "none.onnx", calibration, validation, min_agreement=0.0,
                                     max_excluded=0, exclude=keep, bias_correction="none")
-    err = {c: ort_session(tmp_path / f"{c}.onnx").run(["logits"], {"input": validation})[0] - f for c in reports}
+    err = {c: ort_session(tmp_path / f"{c}.onnx").run(["logits"], {"input": calibration})[0] - f for c in reports}
     shift = {c: float(np.abs(e.mean(axis=0)).mean()) for c, e in err.items()}  # mean logit shift, per class
-    assert shift["layers"] < 0.75 * shift["none"] and shift["logits"] < 0.75 * shift["none"], shift
+    assert shift["layers"] < 0.5 * shift["none"] and shift["logits"] < 0.5 * shift["none"], shift
 
 
 def test_unknown_bias_correction_is_refused(same_model, tmp_path: Path) -> None:
@@ -295,3 +295,19 @@ def test_openvino_engine_reads_the_same_file_and_agrees(same_model, tmp_path: Pa
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_sessions_of_int8_models_with_a_kept_float_node_run_without_the_qdq_fusion(same_model, tmp_path: Path) -> None:
+    """ONNX Runtime 1.32's QDQ fusion computes DQ -> Conv with float weights -> Q wrongly; visiontl's
+    session turns that fusion off only where such a node exists (detected from the graph)."""
+    from visiontl.predict import _has_kept_float_node
+
+    model, calibration, validation = same_model
+    keep = sorted(_float_weight_nodes(model))[:1]
+    quantize_int8(model, tmp_path / "kept.onnx", calibration, validation, min_agreement=0.0, exclude=keep,
+                  max_excluded=0)
+    quantize_int8(model, tmp_path / "all.onnx", calibration, validation, min_agreement=0.0, max_excluded=0)
+    assert _has_kept_float_node(str(tmp_path / "kept.onnx"))
+    assert _has_kept_float_node((tmp_path / "kept.onnx").read_bytes())
+    assert not _has_kept_float_node(str(tmp_path / "all.onnx")) and not _has_kept_float_node(str(model))
+    assert not _has_kept_float_node(b"not onnx")
