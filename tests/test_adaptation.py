@@ -310,6 +310,7 @@ def test_projection_heads_fit_models_with_a_pre_logits_layer(method: str) -> Non
     assert task(x).shape == (4, task.hparams["projection_dim"])
 
 
+@pytest.mark.slow  # an end-to-end run: the default tier keeps the by-value tests
 def test_target_bn_makes_the_kept_checkpoint_the_target_model_and_export_carries_it(
     domains: dict[str, Path], tmp_path: Path
 ) -> None:

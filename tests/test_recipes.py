@@ -107,6 +107,7 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
         assert max(mean) < 0.2  # 16-bit reflectances: far from ImageNet's 0.4-0.5
 
 
+@pytest.mark.slow  # an end-to-end run: the default tier keeps the by-value tests
 @pytest.mark.parametrize(("method", "monitor", "target_bn"), [("mcc", "target_snd", "true"),
                                                               ("cdan_e", "target_im", "false")])
 def test_new_adaptation_methods_run_through_the_recipe(method: str, monitor: str, target_bn: str, shapes_root: Path,

@@ -80,6 +80,7 @@ def test_streamed_validation_images_equal_the_folder_ones(shapes_root: Path, pre
     assert any((tmp_path / "cache").rglob("*.bin"))  # the shards came through the cache, as from a remote
 
 
+@pytest.mark.slow  # an end-to-end run: the default tier keeps the by-value tests
 @pytest.mark.parametrize("kind", ["gray16", "bands13"])
 def test_16_bit_gray_and_multiband_sources_stream_as_the_folder_reads_them(kind: str, tmp_path: Path) -> None:
     """16-bit grey PNGs (stored as 16-bit PNG) and 13-band uint16 TIFFs (stored as .npy) through
@@ -253,6 +254,7 @@ def test_a_killed_streamed_run_resumes_mid_epoch_and_ends_like_an_uninterrupted_
             assert torch.allclose(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6), key
 
 
+@pytest.mark.slow  # an end-to-end run: the default tier keeps the by-value tests
 def test_prepare_data_reads_a_csv_as_check_data_does(shapes_root: Path, tmp_path: Path) -> None:
     """An id column without extension (``--suffix``), resolved against another folder (``--root``):
     the CSV options check-data takes."""
