@@ -76,7 +76,7 @@ class TargetBatchNorm(pl.Callback):
         images = dm.feature_source("target")
         batch_size = dm.eval_batch_size(len(dm.samples("train")), len(images))
         loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=0)
-        scored = dm._loader(dm.target_split)
+        scored = dm.val_dataloader()[1]  # the target images scored each epoch (labelled ones, if given)
         before = target_scores(model, scored, channels_last, device)
         layers = reestimate_batchnorm(
             model, (channels_last_input(b["image"].to(device), channels_last) for b in loader),
