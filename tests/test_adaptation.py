@@ -196,7 +196,7 @@ def test_adaptation_refuses_fitted_heads_and_unknown_methods() -> None:
         AdaptationTask("test_resnet", num_classes=3, pretrained=False, strategy="prototype")
     with pytest.raises(ValueError, match="Unknown adaptation method 'mmdd'"):
         AdaptationTask("test_resnet", num_classes=3, pretrained=False, method="mmdd")
-    with pytest.raises(ValueError, match="target_snd .target labels never pick checkpoints"):
+    with pytest.raises(ValueError, match="target_dev .target labels never pick checkpoints"):
         AdaptationTask("test_resnet", num_classes=3, pretrained=False, monitor="target_acc")
 
 
@@ -362,3 +362,64 @@ def test_target_bn_makes_the_kept_checkpoint_the_target_model_and_export_carries
     with torch.no_grad():
         target_logits, source_logits = target_task(normalised).numpy(), source_task(normalised).numpy()
     assert np.allclose(got, target_logits, atol=1e-4) and not np.allclose(got, source_logits, atol=1e-4)
+
+
+def _adapted_run(domains: dict[str, Path], tmp_path: Path, name: str, **task_args):
+    from visiontl.api import fit_task
+
+    dm = AdaptationDataModule(str(domains["source"]), str(domains["target"]),
+                              target_val_root=str(domains["target_val"]), image_size=32, num_workers=0, batch_size=4)
+    task = AdaptationTask("test_resnet", num_classes=3, class_names=["bars", "discs", "squares"], pretrained=False,
+                          **{"method": "coral", "strategy": {"name": "full", "lr": 0.01}, **task_args})
+    result = fit_task(task, dm, steps=8, out=tmp_path / "runs", name=name,
+                      trainer_kwargs={"enable_progress_bar": False, "accelerator": "cpu"})
+    import json
+
+    return task, json.loads((result.run_dir / "metrics.json").read_text())
+
+
+def test_negative_transfer_warning_names_the_fallback(domains: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check compares the run's validator with the frozen probe's: a probe that scores higher
+    warns and names strategy logreg; one that scores lower does not; the report is in metrics.json."""
+    from visiontl.tasks import fallback
+
+    monkeypatch.setattr(fallback, "frozen_probe_scores", lambda *a: {"target_snd": 1e9, "target_im": -1e9})
+    with pytest.warns(fallback.NegativeTransferWarning, match=r"target_snd .* worse .* strategy: logreg"):
+        _, metrics = _adapted_run(domains, tmp_path, "worse", monitor="target_snd")
+    report = metrics["negative_transfer"]
+    assert report["validator"] == "target_snd" and report["warned"] is True and "logreg" in report["fallback"]
+    assert report["frozen_probe"]["target_snd"] == 1e9 and "target_snd" in report["model"]
+    _, metrics = _adapted_run(domains, tmp_path, "better")  # monitor val_acc: compared by target_im
+    assert metrics["negative_transfer"]["validator"] == "target_im" and metrics["negative_transfer"]["warned"] is False
+
+
+@pytest.mark.slow  # end-to-end: the frozen probe is built and scored for real
+def test_negative_transfer_check_scores_a_real_frozen_probe(domains: dict[str, Path], tmp_path: Path) -> None:
+    task, metrics = _adapted_run(domains, tmp_path, "real", monitor="target_dev")
+    report = metrics["negative_transfer"]
+    probe, model = report["frozen_probe"], report["model"]
+    assert {"target_im", "target_snd", "target_dev", "target_acc", "target_balanced_acc"} <= set(probe)
+    assert report["warned"] == (model["target_dev"] < probe["target_dev"])
+    # the probe is the backbone as the run started: its source accuracy is what a fitted head gives there
+    assert 0.0 <= probe["source_val_acc"] <= 1.0 and probe != model
+    _, metrics = _adapted_run(domains, tmp_path, "probe", strategy={"name": "probe", "lr": 0.01})
+    assert "does not change a pretrained backbone" in metrics["negative_transfer"]["note"]
+    _, metrics = _adapted_run(domains, tmp_path, "off", negative_transfer_check=False)
+    assert "negative_transfer" not in metrics
+
+
+def test_bluemarble_adaptation_runs_either_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from visiontl.data import BlueMarbleAdaptationDataModule
+
+    monkeypatch.setenv("VISIONTL_CACHE", str(tmp_path / "cache"))
+    forward = BlueMarbleAdaptationDataModule(train_per_class=2, val_per_class=2)
+    reverse = BlueMarbleAdaptationDataModule(train_per_class=2, val_per_class=2, source="shadedrelief", target="bmng")
+    _, _ = forward.splits, reverse.splits
+    assert "bmng" in Path(forward.root).name and "shadedrelief" in Path(forward.target_root).parent.name
+    assert "shadedrelief" in Path(reverse.root).name and "bmng" in Path(reverse.target_val_root).parent.name
+    assert Path(reverse.target_root).parent == Path(forward.root)  # the same places, the roles swapped
+    with pytest.raises(ValueError, match="adaptation needs two renderings"):
+        BlueMarbleAdaptationDataModule(source="bmng", target="bmng")
+    with pytest.raises(ValueError, match=r"target must be one of \['bmng', 'shadedrelief'\], got 'sentinel'"):
+        BlueMarbleAdaptationDataModule(target="sentinel")

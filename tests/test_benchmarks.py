@@ -86,3 +86,22 @@ def test_scale_benchmark_quick_run(tmp_path: Path) -> None:
     assert [r["stage"] for r in rows] == ["scan", "check", "extract", "logreg", "knn"]
     assert rows[2]["train"][1] == 1280 and all(0 < r["peak_rss_gb"] < 4 for r in rows)
     assert len(list((tmp_path / "cache" / "features").iterdir())) == 2  # train and val, extracted once
+
+
+def test_adaptation_benchmark_quick_run(tmp_path: Path) -> None:
+    """One pair, two methods, two seeds at smoke size: every validator's pick, the ranking, the default."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "adaptation.py"), "--quick", "--part", "pairs", "--pairs",
+                          "relief->bluemarble", "--methods", "source_only", "mcc", "--work", str(tmp_path / "work"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "default (best mean rank):" in out.stdout
+    md = (tmp_path / "out" / "adaptation.md").read_text()
+    assert "**Default (best mean rank over the pairs):" in md and "Frozen probe" in md
+    with (tmp_path / "out" / "adaptation.csv").open() as f:
+        configs = list(csv.DictReader(f))
+    # 2 methods x 2 target-BN settings x (5 validators + oracle + last)
+    assert len(configs) == 2 * 2 * 7 and {"source_only", "mcc"} == {c["method"] for c in configs}
+    assert (tmp_path / "out" / "adaptation.png").stat().st_size > 1000
+    runs = json.loads((tmp_path / "work" / "rows.json").read_text())
+    assert {(r["method"], r["seed"], r["target_bn"]) for r in runs} == {
+        (m, s, bn) for m in ("source_only", "mcc") for s in (0, 1) for bn in (False, True)}

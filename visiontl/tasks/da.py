@@ -23,6 +23,11 @@ Validators (model selection without target labels; higher is better for both):
 - :func:`soft_neighbourhood_density`: SND (Saito et al., ICCV 2021): the mean entropy of each
   target sample's softmax similarity (temperature 0.05) to the other target samples, computed on
   L2-normalised predictions: high when the target forms dense, well-populated neighbourhoods.
+- :func:`deep_embedded_validation`: DEV (You et al., ICML 2019): the source validation loss,
+  importance-weighted towards the target by a domain classifier on the features, with a control
+  variate that cancels the weights' variance; an estimate of the target risk (lower is better;
+  :class:`~visiontl.tasks.AdaptationTask` logs its negation as ``target_dev`` so that higher is
+  better for every validator). Needs a labelled source validation split.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cdan_entropy_weights", "entropy", "information_maximisation", "mcc_loss", "multilinear_map",
-           "reestimate_batchnorm", "soft_neighbourhood_density"]
+from visiontl.strategies.heads import LogisticRegression, _lbfgs, stratified_folds
+
+__all__ = ["cdan_entropy_weights", "deep_embedded_validation", "dev_risk", "entropy", "importance_weights",
+           "information_maximisation",
+           "mcc_loss", "multilinear_map", "reestimate_batchnorm", "soft_neighbourhood_density"]
 
 
 def entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -96,6 +104,73 @@ def soft_neighbourhood_density(probs: torch.Tensor, temperature: float = 0.05) -
         similarity[rows, rows + start] = float("-inf")  # a sample is not its own neighbour
         total += float(entropy(F.softmax(similarity / temperature, dim=1)).sum())
     return total / len(unit)
+
+
+def dev_risk(weights: torch.Tensor, losses: torch.Tensor) -> float:
+    """DEV's target-risk estimate from per-sample source validation ``losses`` and importance
+    ``weights`` (density ratio target / source): ``mean(w l) + eta mean(w) - eta`` with the control
+    variate ``eta = -Cov(w l, w) / Var(w)`` (unbiased, ``ddof=1``); with constant weights, the
+    weighted mean loss."""
+    w, wl = weights.double().flatten(), (weights.double() * losses.double()).flatten()
+    if len(w) < 2:
+        raise ValueError("DEV needs at least 2 source validation samples.")
+    var = float(w.var())
+    eta = -float(((wl - wl.mean()) * (w - w.mean())).sum() / (len(w) - 1)) / var if var > 1e-12 else 0.0
+    return float(wl.mean() + eta * w.mean() - eta)
+
+
+DEV_L2_GRID = (10.0, 1.0, 0.1)
+"""Penalties the domain classifier of :func:`importance_weights` chooses from (2-fold cross-validation)."""
+
+
+def importance_weights(source: torch.Tensor, target: torch.Tensor, folds: int = 2, seed: int = 0) -> torch.Tensor:
+    """Density ratios ``p_target(x) / p_source(x)`` of the ``source`` feature rows, from a
+    logistic-regression domain classifier (penalty cross-validated over :data:`DEV_L2_GRID`, features standardised as
+    :class:`~visiontl.strategies.heads.LogisticRegression` does). Cross-fitted: each source row's
+    weight comes from a classifier fitted without it (``folds`` folds of both domains), so the
+    weights are not those of rows the classifier memorised. Scaled by the source / target counts
+    it was fitted on, as in DEV."""
+    with torch.inference_mode(False):  # validation runs in inference mode; the classifier is fitted by gradient
+        return _importance_weights(torch.cat([source, target]).float().clone(), len(source), folds, seed)
+
+
+def _importance_weights(x: torch.Tensor, n_source: int, folds: int, seed: int) -> torch.Tensor:
+    source, target = x[:n_source], x[n_source:]
+    domain = torch.cat([torch.zeros(len(source), dtype=torch.long), torch.ones(len(target), dtype=torch.long)])
+    if len(source) < folds or len(target) < folds:
+        raise ValueError(f"importance weights need at least {folds} source and {folds} target samples.")
+    weights = torch.empty(len(source))
+    for rows in stratified_folds(domain, folds, seed):
+        keep = torch.ones(len(x), dtype=torch.bool)
+        keep[rows] = False
+        fit_x, fit_d = x[keep], domain[keep]
+        mean, std = fit_x.mean(0), fit_x.std().clamp(min=1e-6)
+        z = (fit_x - mean) / std
+        l2, _ = LogisticRegression(folds=2, grid=DEV_L2_GRID).choose_l2(z, fit_d, 2)
+        weight, bias = _lbfgs(z, fit_d, 2, l2, None, 200)
+        held = rows[rows < len(source)]
+        p = F.softmax(((x[held] - mean) / std) @ weight.T + bias, dim=1).double().clamp(1e-6, 1 - 1e-6)
+        ratio = float((fit_d == 0).sum()) / float((fit_d == 1).sum())
+        weights[held] = (p[:, 1] / p[:, 0] * ratio).float()
+    return weights
+
+
+def deep_embedded_validation(source_features: torch.Tensor, source_losses: torch.Tensor,
+                             target_features: torch.Tensor, normalization: str | None = "max", folds: int = 2,
+                             seed: int = 0) -> float:
+    """DEV's estimate of the target risk (lower is better): :func:`dev_risk` of the source
+    validation losses under :func:`importance_weights` from the features.
+
+    ``normalization="max"`` (the default) divides the weights by their maximum first (DEVN,
+    Musgrave et al. 2022): when the domains are far apart the raw ratios span orders of magnitude,
+    the control variate then dominates and the raw estimate can go far below zero, ranking a bad
+    model first; ``None``: the weights as estimated (You et al.)."""
+    weights = importance_weights(source_features, target_features, folds, seed)
+    if normalization == "max":
+        weights = weights / weights.max().clamp_min(1e-12)
+    elif normalization is not None:
+        raise ValueError(f"normalization must be 'max' or None, got {normalization!r}.")
+    return dev_risk(weights, source_losses)
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ Models without BatchNorm (ViTs) are left as they are, and the report says so.
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -25,34 +24,12 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl import _io
-from visiontl.features import classify_features, pooled_features
+from visiontl.features import pooled_features
 from visiontl.speed import channels_last_input
-from visiontl.tasks.da import information_maximisation, reestimate_batchnorm, soft_neighbourhood_density
+from visiontl.tasks.da import reestimate_batchnorm
+from visiontl.tasks.validators import kept_model, target_scores
 
-__all__ = ["TargetBatchNorm", "target_scores"]
-
-
-@torch.no_grad()
-def target_scores(model: torch.nn.Module, loader: Any, channels_last: bool, device: torch.device) -> dict[str, float]:
-    """Label-free signals (``target_im``, ``target_snd``) and, where the images carry labels,
-    ``target_acc`` / ``target_balanced_acc`` of ``model`` (eval mode) on ``loader``."""
-    model.eval()
-    probs, labels = [], []
-    for batch in loader:
-        x = channels_last_input(batch["image"].to(device), channels_last)
-        probs.append(classify_features(model, pooled_features(model, x)).float().softmax(dim=1).cpu())
-        labels.append(batch["label"])
-    p, y = torch.cat(probs), torch.cat(labels)
-    out = {"target_im": round(information_maximisation(p), 6)}
-    if len(p) >= 2:
-        out["target_snd"] = round(soft_neighbourhood_density(p), 6)
-    known = y >= 0
-    if known.any():
-        hit = (p.argmax(1) == y)[known].float()
-        out["target_acc"] = round(float(hit.mean()), 6)
-        per_class = [float(hit[y[known] == c].mean()) for c in torch.unique(y[known])]
-        out["target_balanced_acc"] = round(sum(per_class) / len(per_class), 6)
-    return out
+__all__ = ["TargetBatchNorm"]
 
 
 class TargetBatchNorm(pl.Callback):
@@ -64,20 +41,14 @@ class TargetBatchNorm(pl.Callback):
         if (not pl_module.hparams.get("target_bn") or not trainer.is_global_zero or dm is None
                 or "target" not in getattr(dm, "datasets", {})):
             return
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
-        model = copy.deepcopy(pl_module.model)
-        ckpt = None
-        if best and Path(best).is_file():
-            ckpt = torch.load(best, map_location="cpu", weights_only=True)
-            model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items()
-                                   if k.startswith("model.")})
+        model, ckpt, best = kept_model(trainer, pl_module)
         device = next(model.parameters()).device
         channels_last = bool(getattr(pl_module, "channels_last", False))
         images = dm.feature_source("target")
         batch_size = dm.eval_batch_size(len(dm.samples("train")), len(images))
         loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=0)
-        scored = dm.val_dataloader()[1]  # the target images scored each epoch (labelled ones, if given)
-        before = target_scores(model, scored, channels_last, device)
+        source_val, scored = dm.val_dataloader()  # the images scored each epoch (target: labelled, if given)
+        before = target_scores(model, scored, channels_last, device, source_val)
         layers = reestimate_batchnorm(
             model, (channels_last_input(b["image"].to(device), channels_last) for b in loader),
             forward=lambda x: pooled_features(model, x))
@@ -86,7 +57,7 @@ class TargetBatchNorm(pl.Callback):
             report["note"] = "the model has no BatchNorm layer: nothing to re-estimate"
             pl_module.target_bn_report = report
             return
-        report["after"] = target_scores(model, scored, channels_last, device)
+        report["after"] = target_scores(model, scored, channels_last, device, source_val)
         if ckpt is not None:  # the kept checkpoint becomes the target model; the trained one stays beside it
             source = Path(best).with_name("best_source_bn.ckpt")
             _io.write_bytes(source, Path(best).read_bytes())

@@ -1,0 +1,109 @@
+"""The negative-transfer check of adaptation runs: is the adapted model worse than not adapting at all?
+
+Fine-tuning on a labelled source can make a pretrained backbone *worse* on a shifted target than
+the backbone as it was (negative transfer): a frozen ImageNet probe fitted on the same source
+images may predict the target better. Without target labels this cannot be measured exactly, but
+the label-free validator that picks checkpoints can be compared. At the end of an
+:class:`~visiontl.tasks.AdaptationTask` fit (``negative_transfer_check: true``, the default),
+:class:`NegativeTransferCheck`:
+
+1. scores the model the run keeps (the best checkpoint, with target BatchNorm if that ran) on the
+   target images with :func:`visiontl.tasks.validators.target_scores`;
+2. builds the frozen probe: the backbone as the run started (pretrained weights, before any step)
+   with a logistic-regression head fitted on the source training images' features
+   (:class:`~visiontl.strategies.heads.LogisticRegression`, what ``strategy: logreg`` fits), and
+   scores it the same way;
+3. compares the two on the run's label-free validator (its ``monitor``; ``target_im`` when the
+   run monitors source accuracy). If the probe scores higher, the run warns, naming the fallback
+   (``strategy: logreg``), and ``metrics.json`` records ``negative_transfer`` with both scores
+   (and both target accuracies when labelled target images were given, for evaluation).
+
+Runs whose backbone does not change (``probe``) or that keep no starting weights are not checked;
+the report says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from visiontl.strategies.heads import LogisticRegression
+from visiontl.tasks.validators import kept_model, predict_loader, scores_from_outputs, target_scores
+
+__all__ = ["FALLBACK", "NegativeTransferCheck", "NegativeTransferWarning", "frozen_probe_scores"]
+
+FALLBACK = "strategy: logreg (a frozen-backbone probe fitted on the source images)"
+
+
+class NegativeTransferWarning(UserWarning):
+    """The adapted model scores worse on the target than a frozen probe (label-free validator)."""
+
+
+@torch.no_grad()
+def frozen_probe_scores(pl_module: Any, dm: Any, device: torch.device) -> dict[str, float] | None:
+    """:func:`~visiontl.tasks.validators.target_scores` of the frozen probe (see the module
+    docstring), or ``None`` when the run kept no starting weights that load back into its model."""
+    start = getattr(pl_module, "start_state", None)
+    if not start:
+        return None
+    probe = copy.deepcopy(pl_module.model)
+    loaded = probe.load_state_dict(start, strict=False)  # the backbone as it started; the head is refitted below
+    if loaded.unexpected_keys:  # a model that changed shape (PEFT modules wrap the layers): no clean start
+        return None
+    channels_last = bool(getattr(pl_module, "channels_last", False))
+    train = dm.feature_source("train")
+    loader = torch.utils.data.DataLoader(train, batch_size=dm.eval_batch_size(len(train), len(train)), num_workers=0)
+    feats, _, labels = predict_loader(probe, loader, channels_last, device)
+    k = int(pl_module.hparams["num_classes"])
+    head = torch.nn.Linear(feats.shape[1], k)
+    LogisticRegression().fit(head, feats, labels, k)
+    source_val, target = dm.val_dataloader()
+
+    def outputs(loader: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f, _, y = predict_loader(probe, loader, channels_last, device)
+        return f, head(f), y
+
+    return scores_from_outputs(outputs(target), outputs(source_val))
+
+
+class NegativeTransferCheck(pl.Callback):
+    """See the module docstring; its report goes to ``pl_module.negative_transfer_report``."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm: Any = trainer.datamodule
+        if (not pl_module.hparams.get("negative_transfer_check", True) or not trainer.is_global_zero or dm is None
+                or "target" not in getattr(dm, "datasets", {})):
+            return
+        monitor = getattr(pl_module, "monitor", "val_acc")
+        validator = monitor if monitor.startswith("target_") else "target_im"
+        report: dict[str, Any] = {"validator": validator}
+        strategy = pl_module.strategy
+        if not strategy.sgd or not strategy.uses_pretrained or strategy.name == "probe":
+            report["note"] = f"strategy {strategy.name!r} does not change a pretrained backbone: nothing to compare"
+            pl_module.negative_transfer_report = report
+            return
+        model, _, _ = kept_model(trainer, pl_module)
+        device = next(model.parameters()).device
+        probe = frozen_probe_scores(pl_module, dm, device)
+        if probe is None:
+            report["note"] = ("the run kept no starting weights it can load back (measure_drift: false, or a PEFT "
+                              "strategy): no frozen probe to compare")
+            pl_module.negative_transfer_report = report
+            return
+        source_val, target = dm.val_dataloader()
+        adapted = target_scores(model, target, bool(getattr(pl_module, "channels_last", False)), device, source_val)
+        worse = validator in adapted and validator in probe and adapted[validator] < probe[validator]
+        report.update(model=adapted, frozen_probe=probe, warned=bool(worse))
+        if worse:
+            report["fallback"] = FALLBACK
+            warnings.warn(
+                f"Possible negative transfer: the adapted model's {validator} on the target images "
+                f"({adapted[validator]:.4f}) is worse than a frozen pretrained backbone's with a head fitted on the "
+                f"source ({probe[validator]:.4f}). The fine-tuning may have hurt on this target; try the fallback "
+                f"{FALLBACK}, and compare both on a few labelled target images if you can.",
+                NegativeTransferWarning, stacklevel=1)
+        pl_module.negative_transfer_report = report
