@@ -105,11 +105,14 @@ class AdaptationTask(ClassificationTask):
     """A :class:`~visiontl.tasks.ClassificationTask` trained on a source and a target domain.
 
     Needs an :class:`~visiontl.data.AdaptationDataModule` (batches ``{"source", "target"}``).
-    Checkpoints are picked by source validation accuracy (``monitor``): target labels, when
-    given, are for evaluation only. Exports and predicts like any classification run.
+    The defaults (``method``, ``monitor``, ``target_bn``) are the configuration with the best mean
+    rank over the three pairs of ``benchmarks/adaptation.py`` (``benchmarks/results/adaptation.md``):
+    checkpoints are picked by a label-free validator and the kept model gets the target's BatchNorm
+    statistics. Target labels, when given, are for evaluation only. Exports and predicts like any
+    classification run.
 
     Args:
-        method: ``source_only``, ``dann``, ``coral``, ``mcc`` or ``cdan_e``.
+        method: ``mcc`` (default), ``dann``, ``coral``, ``cdan_e`` or ``source_only``.
         adaptation_weight: weight of the adversarial / CORAL / MCC loss beside the source cross-entropy.
         discriminator_hidden: width of the DANN / CDAN discriminator.
         gamma: steepness of the DANN / CDAN coefficient schedule.
@@ -117,7 +120,8 @@ class AdaptationTask(ClassificationTask):
         target_bn: at the end of the fit, re-estimate the kept model's BatchNorm statistics on the
             target training images (AdaBN, :mod:`visiontl.tasks.targetbn`): ``best.ckpt`` (and what
             export deploys) becomes the model for the target; the trained one stays as
-            ``best_source_bn.ckpt``; ``metrics.json`` records ``target_bn``.
+            ``best_source_bn.ckpt``; ``metrics.json`` records ``target_bn``. Default ``True``; a
+            model without BatchNorm (ViTs) is left as it is.
         domain_bn: forward the source and the target batch separately, so that in training each
             is normalised by its own BatchNorm batch statistics and the low-level look of a domain
             (brightness, contrast, colour) is taken out before alignment (as in AdaBN / DSBN).
@@ -125,8 +129,9 @@ class AdaptationTask(ClassificationTask):
             Transfer-Learning-Library does). On Blue Marble -> shaded relief this decided whether
             DANN beat source-only (``benchmarks/results/adaptation_single_pair.md``). No effect on models
             without BatchNorm (ViTs use LayerNorm).
-        monitor: the validation metric that picks the best checkpoint: ``val_acc`` (source,
-            default) or a label-free one: ``target_im``, ``target_snd``, ``target_dev``.
+        monitor: the validation metric that picks the best checkpoint: a label-free target
+            validator, ``target_im`` (default), ``target_snd`` or ``target_dev``, or the source
+            validation accuracy ``val_acc``.
         negative_transfer_check: at the end of the fit, compare the kept model with a frozen
             pretrained probe on the target by the label-free validator and warn when the probe
             scores higher (:mod:`visiontl.tasks.fallback`); ``metrics.json`` records
@@ -135,11 +140,11 @@ class AdaptationTask(ClassificationTask):
         **kwargs: see :class:`~visiontl.tasks.ClassificationTask`.
     """
 
-    def __init__(self, *args: Any, method: Literal["source_only", "dann", "coral", "mcc", "cdan_e"] = "dann",
+    def __init__(self, *args: Any, method: Literal["source_only", "dann", "coral", "mcc", "cdan_e"] = "mcc",
                  adaptation_weight: float = 1.0, discriminator_hidden: int = 256, gamma: float = 10.0,
                  domain_bn: bool = True,
-                 monitor: Literal["val_acc", "target_im", "target_snd", "target_dev"] = "val_acc",
-                 mcc_temperature: float = 2.5, target_bn: bool = False, negative_transfer_check: bool = True,
+                 monitor: Literal["val_acc", "target_im", "target_snd", "target_dev"] = "target_im",
+                 mcc_temperature: float = 2.5, target_bn: bool = True, negative_transfer_check: bool = True,
                  **kwargs: Any) -> None:
         if method not in METHODS:
             raise ValueError(f"Unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}.")
