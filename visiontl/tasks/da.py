@@ -43,7 +43,7 @@ from visiontl.strategies.heads import LogisticRegression, _lbfgs, stratified_fol
 
 __all__ = ["cdan_entropy_weights", "deep_embedded_validation", "dev_risk", "entropy", "importance_weights",
            "information_maximisation",
-           "mcc_loss", "multilinear_map", "reestimate_batchnorm", "soft_neighbourhood_density"]
+           "mcc_loss", "multilinear_map", "reestimate_batchnorm", "soft_neighbourhood_density", "weighted_dev_risk"]
 
 
 def entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -165,12 +165,18 @@ def deep_embedded_validation(source_features: torch.Tensor, source_losses: torch
     Musgrave et al. 2022): when the domains are far apart the raw ratios span orders of magnitude,
     the control variate then dominates and the raw estimate can go far below zero, ranking a bad
     model first; ``None``: the weights as estimated (You et al.)."""
-    weights = importance_weights(source_features, target_features, folds, seed)
+    return weighted_dev_risk(importance_weights(source_features, target_features, folds, seed), source_losses,
+                             normalization)
+
+
+def weighted_dev_risk(weights: torch.Tensor, losses: torch.Tensor, normalization: str | None = "max") -> float:
+    """:func:`dev_risk` after normalising the importance ``weights`` (``"max"``: divided by their
+    maximum; ``None``: as they are)."""
     if normalization == "max":
         weights = weights / weights.max().clamp_min(1e-12)
     elif normalization is not None:
         raise ValueError(f"normalization must be 'max' or None, got {normalization!r}.")
-    return dev_risk(weights, source_losses)
+    return dev_risk(weights, losses)
 
 
 @torch.no_grad()

@@ -86,16 +86,18 @@ class NegativeTransferCheck(pl.Callback):
             report["note"] = f"strategy {strategy.name!r} does not change a pretrained backbone: nothing to compare"
             pl_module.negative_transfer_report = report
             return
-        model, _, _ = kept_model(trainer, pl_module)
-        device = next(model.parameters()).device
+        device = next(pl_module.model.parameters()).device
         probe = frozen_probe_scores(pl_module, dm, device)
         if probe is None:
             report["note"] = ("the run kept no starting weights it can load back (measure_drift: false, or a PEFT "
                               "strategy): no frozen probe to compare")
             pl_module.negative_transfer_report = report
             return
-        source_val, target = dm.val_dataloader()
-        adapted = target_scores(model, target, bool(getattr(pl_module, "channels_last", False)), device, source_val)
+        adapted = (getattr(pl_module, "target_bn_report", None) or {}).get("after")  # target BN scored the kept model
+        if adapted is None:
+            source_val, target = dm.val_dataloader()
+            adapted = target_scores(kept_model(trainer, pl_module)[0], target,
+                                    bool(getattr(pl_module, "channels_last", False)), device, source_val)
         worse = validator in adapted and validator in probe and adapted[validator] < probe[validator]
         report.update(model=adapted, frozen_probe=probe, warned=bool(worse))
         if worse:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from visiontl.features import classify_features, pooled_features
 from visiontl.speed import channels_last_input
-from visiontl.tasks.da import dev_risk, importance_weights, information_maximisation, soft_neighbourhood_density
+from visiontl.tasks.da import importance_weights, information_maximisation, soft_neighbourhood_density, weighted_dev_risk
 
 __all__ = ["balanced_accuracy", "kept_model", "predict_loader", "scores_from_outputs", "target_scores"]
 
@@ -73,9 +73,9 @@ def scores_from_outputs(target: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         s_feats, s_logits, s_labels = source
         losses = F.cross_entropy(s_logits, s_labels, reduction="none")
         weights = importance_weights(s_feats, feats)
-        out["target_dev"] = round(-dev_risk(weights / weights.max().clamp_min(1e-12), losses), 6)
+        out["target_dev"] = round(-weighted_dev_risk(weights, losses), 6)
         if raw_dev:
-            out["target_dev_raw"] = round(-dev_risk(weights, losses), 6)
+            out["target_dev_raw"] = round(-weighted_dev_risk(weights, losses, normalization=None), 6)
         out["source_val_acc"] = round(float((s_logits.argmax(1) == s_labels).float().mean()), 6)
     known = labels >= 0
     if known.any():
