@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from fixtures import load_fixture
+from hostile import assert_one_line_failure, run_cli
 from visiontl.cli import main
 
 RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").rglob("*.yaml") if p.parent.name != "bench")
@@ -214,8 +215,8 @@ def test_bad_strategy_in_recipe_is_a_clear_error(shapes_root: Path, tmp_path: Pa
     recipe = Path(__file__).parents[1] / "recipes" / "folder.yaml"
     args = ["fit", "--config", str(recipe), *_common(yaml.safe_load(recipe.read_text()), tmp_path),
             "--data.init_args.root", str(shapes_root), "--model.init_args.strategy", "partail"]
-    with pytest.raises(ValueError, match="Unknown strategy 'partail'. Did you mean partial"):
-        main(args)
+    result = run_cli(*args)
+    assert_one_line_failure(result, "Unknown strategy 'partail'. Did you mean partial", rc=2)
     assert not list(tmp_path.glob("*/version_*/checkpoints/*.ckpt"))
 
 

@@ -21,26 +21,35 @@ import pytorch_lightning as pl
 from visiontl import fine_tune
 
 root, out, name, kill_at, resume = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
-strategy = json.loads(sys.argv[6])
+strategy, when, every = json.loads(sys.argv[6]), sys.argv[7], int(sys.argv[8])
+
+def kill(trainer, hook):
+    if hook == when and trainer.global_step == kill_at and not trainer.sanity_checking:
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind
 
 class Kill(pl.Callback):
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind
+        kill(trainer, "batch_end")
+
+    def on_before_backward(self, trainer, *args):  # the step after a batch's start, where last.ckpt is written
+        kill(trainer, "after_save")
+
+    def on_validation_batch_end(self, trainer, *args):
+        kill(trainer, "validation")
 
 fine_tune(root, backbone="test_resnet", strategy=strategy, pretrained=False, image_size=32, steps=24, out=out,
           name=name, seed=3, data_kwargs={"num_workers": 0, "batch_size": 8},
-          task_kwargs={"last_every_n_steps": 5},
-          trainer_kwargs={"enable_progress_bar": False, "precision": "32-true",
+          task_kwargs={"last_every_n_steps": every},
+          trainer_kwargs={"enable_progress_bar": False, "precision": "32-true", "log_every_n_steps": 1,
                           "callbacks": [Kill()] if kill_at >= 0 else []},
           ckpt_path="last" if resume else None)
 """
 
 
 def _fit(script: Path, root: Path, out: Path, name: str, kill_at: int = -1, resume: bool = False,
-         strategy: object = "full") -> int:
+         strategy: object = "full", when: str = "batch_end", every: int = 5) -> int:
     done = subprocess.run([sys.executable, str(script), str(root), str(out), name, str(kill_at), str(int(resume)),
-                           json.dumps(strategy)], capture_output=True, text=True, check=False)
+                           json.dumps(strategy), when, str(every)], capture_output=True, text=True, check=False)
     if kill_at < 0:
         assert done.returncode == 0, done.stderr[-3000:]
     return done.returncode
@@ -89,6 +98,42 @@ def test_a_killed_run_resumes_where_it_was_and_ends_like_an_uninterrupted_one(
     val = [float(r["val_acc"]) for r in _rows(out / "killed" / "version_0") if r.get("val_acc")]
     val_whole = [float(r["val_acc"]) for r in _rows(out / "whole" / "version_0") if r.get("val_acc")]
     assert val == pytest.approx(val_whole)  # every epoch logged once, no gap and no duplicate
+
+
+def _logged(run: Path) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Every row of ``metrics.csv``: its epoch, step and which columns it filled, in order."""
+    return [(r["epoch"], r["step"], tuple(sorted(k for k, v in r.items() if v and k not in ("epoch", "step"))))
+            for r in _rows(run)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("when", "kill_at", "saved_at"), [
+    ("after_save", 12, 12),  # just after last.ckpt was written at the end of epoch 2 (4 batches an epoch)
+    ("batch_end", 14, 12),  # in the middle of epoch 3
+    ("validation", 12, 8),  # during epoch 2's validation, before last.ckpt of step 12
+], ids=["epoch-boundary", "mid-epoch", "during-validation"])
+def test_a_resumed_runs_metrics_have_no_gaps(shapes_root: Path, tmp_path: Path, when: str, kill_at: int,
+                                             saved_at: int) -> None:
+    """A resumed run's ``metrics.csv`` has the rows of an uninterrupted run, in the same order:
+    every step's training loss, every epoch's validation and epoch-level rows, the learning rates
+    (issue 31: a kill just after an epoch-end ``last.ckpt`` lost step 59's loss and the epoch's
+    validation). last.ckpt is decided at a batch's end and written at the next batch's start."""
+    script = tmp_path / "fit.py"
+    script.write_text(_FIT)
+    out = tmp_path / "runs"
+    _fit(script, shapes_root, out, "whole", every=4)
+    assert _fit(script, shapes_root, out, "killed", kill_at=kill_at, when=when, every=4) == -9
+    killed_ckpt, _ = resolve_last(out / "killed")
+    assert torch.load(killed_ckpt, weights_only=True)["global_step"] == saved_at
+    _fit(script, shapes_root, out, "killed", resume=True, every=4)
+    whole, resumed = _logged(out / "whole" / "version_0"), _logged(out / "killed" / "version_0")
+    assert any("val_acc" in cols for _, _, cols in whole) and len(whole) > 40
+    assert resumed == whole
+    end = torch.load(out / "whole" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    end_resumed = torch.load(out / "killed" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    for key, value in end.items():
+        if value.is_floating_point():
+            assert torch.allclose(end_resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6), key
 
 
 def test_last_checkpoint_is_the_latest_state(shapes_root: Path, tmp_path: Path) -> None:

@@ -8,15 +8,21 @@ write replaces.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_path", "current_umask", "default_cache_dir", "read_manifest", "remove_stale_temps", "write_bytes", "write_json", "write_text"]
+from visiontl.errors import WriteError, describe_os_error
+
+__all__ = ["CSV_FORMULA_PREFIXES", "atomic_dir", "atomic_path", "cache_dir_problem", "csv_dict_rows", "csv_dict_writer",
+           "csv_safe", "csv_unescape", "csv_writer", "current_umask", "default_cache_dir", "fsync_dir", "fsync_file",
+           "read_manifest", "remove_stale_temps", "write_bytes", "write_json", "write_text"]
 
 
 @contextlib.contextmanager
@@ -39,11 +45,43 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp's 0600 would stay on the final file
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            fsync_file(tmp_path)  # the bytes are on the disk before the name points at them
+            os.replace(tmp_path, path)
+        except OSError as err:
+            if WriteError.wraps(err):
+                raise WriteError(err.errno, f"could not write {path}: {describe_os_error(err)}; "
+                                 f"{'the previous file is kept as it was' if path.exists() else 'nothing was written'}"
+                                 f"; free space or choose another folder") from err
+            raise
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a written file's data to the disk (a full disk shows here, not after the rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename in ``path`` durable; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -156,7 +194,151 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def default_cache_dir() -> Path:
-    """visiontl's cache (built datasets, features): ``$VISIONTL_CACHE`` or ``~/.cache/visiontl``."""
+def default_cache_dir(check: bool = True) -> Path:
+    """visiontl's cache (built datasets, features): ``$VISIONTL_CACHE`` or ``~/.cache/visiontl``.
+
+    With ``check`` (what every writer of the cache gets) the folder is created if needed and
+    checked once per process: a file there, or a folder this process cannot write to, is one
+    :class:`~visiontl.errors.WriteError` naming it (``VISIONTL_CACHE=PATH is a file: point it at a
+    writable folder``), never a ``PermissionError`` traceback from deep inside a cache."""
     env = os.environ.get("VISIONTL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "visiontl"
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "visiontl"
+    return _usable_cache_dir(path, env) if check else path
+
+
+_CACHE_CHECKED: set[str] = set()
+
+
+def _cache_name(path: Path, env: str | None) -> tuple[str, str]:
+    """How a cache problem names the folder, and what to do about it."""
+    if env:
+        return f"VISIONTL_CACHE={env}", "point it at a writable folder"
+    return f"the cache folder {path}", "set VISIONTL_CACHE to a writable folder"
+
+
+def cache_dir_problem(path: str | os.PathLike[str], env: str | None = None) -> str | None:
+    """Why ``path`` cannot be visiontl's cache, in one line (None when it can, as far as can be
+    told without writing: :func:`default_cache_dir` also writes a probe). Creates nothing."""
+    path = Path(path)
+    name, fix = _cache_name(path, env)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            what = "a dangling symlink" if not path.exists() else "a file"
+            return f"{name} is {what}, not a folder: {fix}"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{name} is not writable (permission denied): {fix}"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{name} cannot be created ({parent} is a file): {fix}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{name} cannot be created ({parent} is not writable): {fix}"
+    return None
+
+
+def _usable_cache_dir(path: Path, env: str | None) -> Path:
+    import errno
+
+    if str(path) in _CACHE_CHECKED:
+        return path
+    problem = cache_dir_problem(path, env)
+    if problem is not None:
+        code = errno.ENOTDIR if " a file" in problem or "symlink" in problem else errno.EACCES
+        raise WriteError(code, problem)
+    name, fix = _cache_name(path, env)
+    try:  # what os.access cannot tell (a read-only mount seen as root, a full disk, ACLs): try it
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise WriteError(err.errno or errno.EACCES, f"{name} is not writable ({describe_os_error(err)}): {fix}") \
+            from err
+    _CACHE_CHECKED.add(str(path))
+    return path
+
+
+# -- CSV files that are safe to open in a spreadsheet ---------------------------------------------
+# Every CSV visiontl writes goes through csv_writer / csv_dict_writer: a text cell that a spreadsheet
+# would run as a formula (CSV injection: a class or file named "=cmd|' /C calc'!A0") is written with
+# a leading single quote, as OWASP advises; numbers, and text that reads as a plain number ("-0.5"),
+# are written as they are. The escape is reversible (csv_unescape), and visiontl unescapes the CSVs it
+# reads back itself (splits.csv through visiontl.data.layout.read_csv_rows, a bench's results.csv).
+
+CSV_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make a spreadsheet read a text cell as a formula."""
+
+_CSV_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _csv_needs_quote(text: str) -> bool:
+    # the quotes already in front count for nothing, so that escaping is one-to-one: "'=x" is
+    # written "''=x" and reads back as "'=x"
+    body = text.lstrip("'")
+    return body[:1] != "" and body[:1] in CSV_FORMULA_PREFIXES and _CSV_NUMBER.fullmatch(body) is None
+
+
+def csv_safe(value: Any) -> Any:
+    """``value`` as a CSV cell that a spreadsheet shows as text, never runs as a formula.
+
+    Text (a ``str`` or a path) that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
+    return gets a leading ``'``; numbers and numeric text (``-0.5``, ``+1e-3``) are left as they
+    are, and so is any other value. :func:`csv_unescape` reverses it exactly.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, str) and _csv_needs_quote(value):
+        return "'" + value
+    return value
+
+
+def csv_unescape(value: Any) -> Any:
+    """The value :func:`csv_safe` was given, from the cell it wrote (other values unchanged)."""
+    if isinstance(value, str) and value.startswith("'") and _csv_needs_quote(value):
+        return value[1:]
+    return value
+
+
+class _SafeCsvWriter:
+    """``csv.writer`` whose cells go through :func:`csv_safe`."""
+
+    def __init__(self, f: Any, dialect: Any = "excel", **fmtparams: Any) -> None:
+        self._writer = csv.writer(f, dialect, **fmtparams)
+        self.dialect = self._writer.dialect
+
+    def writerow(self, row: Any) -> Any:
+        return self._writer.writerow([csv_safe(v) for v in row])
+
+    def writerows(self, rows: Any) -> None:
+        for row in rows:
+            self.writerow(row)
+
+
+class _SafeDictWriter(csv.DictWriter):
+    """``csv.DictWriter`` whose cells (header included) go through :func:`csv_safe`."""
+
+    def writerow(self, rowdict: Any) -> Any:
+        return super().writerow({k: csv_safe(v) for k, v in rowdict.items()})
+
+    def writerows(self, rowdicts: Any) -> None:
+        for row in rowdicts:
+            self.writerow(row)
+
+
+def csv_writer(f: Any, dialect: Any = "excel", **fmtparams: Any) -> Any:
+    """``csv.writer(f, ...)`` that escapes formula-like text cells (:func:`csv_safe`)."""
+    return _SafeCsvWriter(f, dialect, **fmtparams)
+
+
+def csv_dict_writer(f: Any, fieldnames: Any, **kwargs: Any) -> csv.DictWriter:
+    """``csv.DictWriter(f, fieldnames, ...)`` that escapes formula-like text cells (:func:`csv_safe`)."""
+    return _SafeDictWriter(f, fieldnames, **kwargs)
+
+
+def csv_dict_rows(f: Any, **kwargs: Any) -> list[dict[Any, Any]]:
+    """``list(csv.DictReader(f, ...))`` with the cells (and column names) :func:`csv_safe` escaped
+    read back as they were given."""
+    return [{csv_unescape(k): csv_unescape(v) for k, v in row.items()} for row in csv.DictReader(f, **kwargs)]
+

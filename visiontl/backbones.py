@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from visiontl.errors import UserError
 from visiontl.weights import classifier_names
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """A backbone name, pretrained source or layer grouping that cannot be used."""
 
 
@@ -101,7 +102,8 @@ def _check_pretrained_available(name: str) -> None:
             f"Pretrained weights for {name!r} are not cached and the Hugging Face hub cannot be "
             f"reached{' (HF_HUB_OFFLINE is set)' if offline else ''}. Pass a local checkpoint "
             f"instead: weights='path/to/{name}.safetensors' (Python) or `--model.init_args.weights "
-            f"path/to/file` (CLI), or pretrained=False to start from random weights."
+            f"path/to/file` (CLI), or pretrained=False to start from random weights; `visiontl doctor` lists "
+            f"the weights this machine has offline."
         )
 
 

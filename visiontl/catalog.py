@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from visiontl.errors import UserError
+
 __all__ = ["PREFIX", "Recipe", "RecipeError", "find_recipe", "recipes", "recipes_dir", "resolve_config"]
 
 PREFIX = "recipe:"
@@ -28,7 +30,7 @@ _SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)[.?!](?=\s|$)")
 _DESCRIPTION_CHARS = 110
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A ``recipe:NAME`` that names no bundled recipe."""
 
 

@@ -6,6 +6,8 @@ The source is a class-per-folder tree (``PATH/<class>/**``), a tree with split f
 (training on the data as it is gives wrong or misleading results) or a ``warning`` (worth a look):
 
 * ``unreadable`` (error): missing, truncated or corrupt files, each with its reason;
+* ``not_taken`` (warning): entries of a dataset folder named like images that its layout leaves
+  out (a dangling symlink, a folder or FIFO named ``x.png``, an image outside the class folders);
 * ``mixed_channels`` / ``mixed_dtypes`` (warning): several channel counts or several dtypes / bit
   depths (``uint8`` next to ``uint16``), with the number of images of each;
 * ``tiny_images`` (warning): images whose shorter side is below ``min_size``;
@@ -43,7 +45,8 @@ from tqdm.auto import tqdm
 
 from visiontl.data.formats import TIFF_EXTENSIONS, Frame, is_dicom
 from visiontl.data.images import DataError, ImageReadError, check_pixels, read_raw, scan_frame
-from visiontl.data.layout import folder_splits, read_csv_rows
+from visiontl.data.layout import folder_splits, not_taken, read_csv_rows
+from visiontl.data.streamcodec import named_bomb
 from visiontl.neardup import near_duplicate_clusters, near_duplicate_pairs
 
 __all__ = [
@@ -375,8 +378,8 @@ def _inspect(paths: Mapping[str, Path], deep: bool, progress: bool, max_pixels: 
         try:
             infos[key] = (_describe(read_raw(path, max_pixels, frame), deep=True) if deep
                           else _header(path, max_pixels, frame))
-        except ImageReadError as err:
-            failed[key] = err.reason
+        except ImageReadError as err:  # a bomb by its size against the pixel limit, as prepare-data names it
+            failed[key] = named_bomb(err, max_pixels).reason
     return infos, failed
 
 
@@ -416,8 +419,21 @@ def _check_unreadable(failed: Mapping[str, str], files: Mapping[str, Path], name
     if deep:
         return [Finding(ERROR, "unreadable", f"{len(items)} file(s) cannot be read; replace or delete them "
                         f"(or train with on_bad_image='skip').", items)]
-    return [Finding(WARNING, "unreadable_header", f"{len(items)} file(s) have no readable image header; training "
-                    f"decodes every file and stops or skips them (on_bad_image).", items)]
+    return [Finding(WARNING, "unreadable_header", f"{len(items)} file(s) fail the header check (first: {items[0]}); "
+                    f"training decodes every file and stops or skips them (on_bad_image).", items)]
+
+
+def _check_not_taken(source: Source, entries: Sequence[_Entry], name: _Namer) -> list[Finding]:
+    """Entries of a dataset folder named like images that its layout leaves out (the same scan as
+    ``prepare-data``'s: :func:`visiontl.data.layout.not_taken`)."""
+    if isinstance(source, Mapping) or not Path(source).expanduser().is_dir():
+        return []
+    items = [f"{name(p)}: {why}" for p, why in not_taken(source, (e.path for e in entries))]
+    if not items:
+        return []
+    return [Finding(WARNING, "not_taken", f"{len(items)} entry(ies) named like images are not part of the data "
+                    f"set (dangling symlinks, folders or FIFOs named *.png, images outside the class folders); "
+                    f"training leaves them out: fix or remove them.", items)]
 
 
 def _check_modes(infos: Mapping[str, _Info], files: Mapping[str, Path], name: _Namer) -> list[Finding]:
@@ -650,7 +666,7 @@ def check_data(
     findings: list[Finding] = []
     if bad_rows:
         findings.append(Finding(ERROR, "bad_rows", f"{len(bad_rows)} CSV row(s) have no path or no label.", bad_rows))
-    findings += _check_unreadable(failed, files, name, deep)
+    findings += _check_unreadable(failed, files, name, deep) + _check_not_taken(source, entries, name)
     findings += _check_modes(infos, files, name) + _check_tiny(infos, files, name, min_size)
     class_findings, ratio = _check_classes(counts, max_imbalance)
     findings += class_findings

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import argparse
@@ -28,9 +28,9 @@ def _demo(argv: Sequence[str]) -> int:
 
 
 def _export(argv: Sequence[str]) -> int:
-    import argparse
+    from visiontl.errors import CommandParser
 
-    parser = argparse.ArgumentParser(prog="visiontl export", description="Export a run to a verified ONNX model.")
+    parser = CommandParser(prog="visiontl export", description="Export a run to a verified ONNX model.")
     parser.add_argument("source", help="a run directory, a .ckpt checkpoint or a PEFT checkpoint (.peft.safetensors)")
     parser.add_argument("--out", required=True, help="target .onnx file (written only once verified)")
     parser.add_argument("--opset", type=int, default=17)
@@ -47,19 +47,12 @@ def _export(argv: Sequence[str]) -> int:
     parser.add_argument("--weights", help="base weights of a PEFT checkpoint, when not where it was trained "
                                           "(checked by SHA-256)")
     args = parser.parse_args(argv)
-    from visiontl.data.images import DataError
-    from visiontl.export import ExportError, export_onnx
-    from visiontl.quantize import QuantizeError
-    from visiontl.weights import WeightsError
+    from visiontl.export import export_onnx
 
-    try:
-        report = export_onnx(args.source, args.out, opset=args.opset, images=args.images, atol=args.atol,
-                             rtol=args.rtol, prob_atol=args.prob_atol,
-                             quantize=args.quantize, calibration_images=args.calibration_images,
-                             min_agreement=args.min_agreement, weights=args.weights, int8_exclude=args.int8_exclude)
-    except (ExportError, QuantizeError, WeightsError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = export_onnx(args.source, args.out, opset=args.opset, images=args.images, atol=args.atol,
+                         rtol=args.rtol, prob_atol=args.prob_atol,
+                         quantize=args.quantize, calibration_images=args.calibration_images,
+                         min_agreement=args.min_agreement, weights=args.weights, int8_exclude=args.int8_exclude)
     print(f"wrote {report['path']} ({report['size_bytes'] / 1e6:.1f} MB, opset {report['opset']}); verified on "
           f"{report['verified_on']}: max |logit diff| {report['max_abs_logit_diff']:.2e} (allowed "
           f"{report['logit_tolerance']:.2e} at logit scale {report['logit_scale']:.3g}), max |prob diff| "
@@ -90,9 +83,9 @@ def _csv_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_data(argv: Sequence[str]) -> int:
-    import argparse
+    from visiontl.errors import CommandParser
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="visiontl check-data",
         description="Check a dataset before training: unreadable files, mixed modes, tiny images, class "
                     "imbalance, exact / near duplicates and train/val/test leakage. Exit code 0: no errors, "
@@ -114,17 +107,12 @@ def _check_data(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     from visiontl._io import write_json
     from visiontl.checkdata import check_data, default_report_path
-    from visiontl.data.images import DataError
 
-    try:
-        report = check_data(args.path, path_column=args.path_column, label_column=args.label_column,
-                            min_size=args.min_size, max_imbalance=args.max_imbalance,
-                            near_threshold=args.near_threshold, deep=not args.fast, progress=not args.no_progress,
-                            max_pixels=args.max_pixels, frames=args.frames, suffix=args.suffix,
-                            image_dirs=args.image_dirs, root=args.root)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = check_data(args.path, path_column=args.path_column, label_column=args.label_column,
+                        min_size=args.min_size, max_imbalance=args.max_imbalance,
+                        near_threshold=args.near_threshold, deep=not args.fast, progress=not args.no_progress,
+                        max_pixels=args.max_pixels, frames=args.frames, suffix=args.suffix,
+                        image_dirs=args.image_dirs, root=args.root)
     print(report.summary())
     out = args.json or default_report_path(args.path)
     try:
@@ -137,9 +125,9 @@ def _check_data(argv: Sequence[str]) -> int:
 
 
 def _prepare_data(argv: Sequence[str]) -> int:
-    import argparse
+    from visiontl.errors import CommandParser
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="visiontl prepare-data",
         description="Write a labelled folder or CSV in LitData's streaming format (one data set per split and "
                     "OUT/visiontl.json), to train from with StreamingDataModule: data on object storage or a shared "
@@ -211,11 +199,10 @@ def _predict_onnx(argv: Sequence[str]) -> int:
 
 
 def _recipes(argv: Sequence[str]) -> int:
-    import argparse
+    from visiontl.catalog import find_recipe, recipes, recipes_dir
+    from visiontl.errors import CommandParser
 
-    from visiontl.catalog import RecipeError, find_recipe, recipes, recipes_dir
-
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="visiontl recipes",
         description="The recipes bundled with visiontl. `visiontl recipes` lists them; `visiontl recipes show NAME` "
                     "prints one (redirect it to a file to edit it). Use one with --config recipe:NAME.")
@@ -232,11 +219,7 @@ def _recipes(argv: Sequence[str]) -> int:
         return 0
     if not args.name:
         parser.error(f"`visiontl recipes {args.action}` needs a recipe NAME (see `visiontl recipes`).")
-    try:
-        recipe = find_recipe(args.name)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    recipe = find_recipe(args.name)
     print(recipe.path if args.action == "path" else recipe.path.read_text(encoding="utf-8"), end="\n" if
           args.action == "path" else "")
     return 0
@@ -306,6 +289,8 @@ def _with_recipes(args: list[str]) -> list[str]:
 
 
 def _cli_class():
+    from argparse import ArgumentError
+
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
     from visiontl.resume import ResumeError as ResumeErrorType
@@ -313,18 +298,65 @@ def _cli_class():
     class VisionTLCLI(LightningCLI):
         """LightningCLI that links the datamodule's classes into the task."""
 
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            """A key or option the command does not take: one line with the closest one."""
+            from visiontl.cli_config import (
+                ConfigError,
+                command_keys,
+                explain_parse_error,
+            )
+
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:
+                subcommand = next((a for a in (args or []) if a in LIGHTNING_COMMANDS), None)
+                raise ConfigError(explain_parse_error(err, command_keys(subcommand),
+                                                      f"visiontl {subcommand or 'fit'}")) from err
+
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
             parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+        def _parse_ckpt_path(self) -> None:
+            """A checkpoint is data, never configuration.
+
+            Lightning's ``LightningCLI._parse_ckpt_path`` merges a ``--ckpt_path`` checkpoint's
+            ``hyper_parameters`` into the parsed configuration: the class paths they name are
+            imported, and their values override the user's (``weights: /etc/passwd``). Here the
+            checkpoint is only read, through visiontl's one reader (weights only, one-line errors),
+            and compared with the configuration once the classes exist
+            (:func:`visiontl.cli_checkpoint.check_matches`). ``tests/test_hostile_cli.py`` names
+            this internal and fails when Lightning stops calling it.
+            """
+            from visiontl.cli_checkpoint import read_cli_checkpoint
+
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            self._visiontl_ckpt = read_cli_checkpoint(ckpt_path)
+
         def before_instantiate_classes(self) -> None:
-            """Unset precision: the device's mixed precision on a GPU (``visiontl.devices``)."""
+            """Unset precision: the device's mixed precision on a GPU (``visiontl.devices``); a
+            checkpoint being evaluated brings its own weights (no pretrained weights are loaded)."""
+            from visiontl.cli_checkpoint import check_config, no_pretrained_weights
             from visiontl.devices import resolve_precision
 
             config = self.config[self.subcommand] if self.subcommand else self.config
             trainer = config.get("trainer")
             if trainer is not None:
                 trainer.precision = resolve_precision(trainer.get("precision"), trainer.get("accelerator", "auto"))
+            ckpt = getattr(self, "_visiontl_ckpt", None)
+            if ckpt is not None:
+                check_config(ckpt, config)
+                if self.subcommand in ("validate", "test", "predict"):
+                    no_pretrained_weights(config)
+
+        def after_instantiate_classes(self) -> None:
+            super().after_instantiate_classes()
+            ckpt = getattr(self, "_visiontl_ckpt", None)
+            if ckpt is not None:
+                from visiontl.cli_checkpoint import check_model
+
+                check_model(ckpt, self.model)
 
         def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
             """``--ckpt_path last`` resumes the newest version of this run name, in that directory."""
@@ -339,6 +371,14 @@ def _cli_class():
                                           "know where the run lives; give the checkpoint's path instead.")
                 kwargs["ckpt_path"], version = resolve_last(root)
                 logger._version = version  # continue in that directory, not a new version_N
+                from visiontl.cli_checkpoint import check_model, read_cli_checkpoint
+
+                self._visiontl_ckpt = read_cli_checkpoint(kwargs["ckpt_path"])
+                check_model(self._visiontl_ckpt, self.model)
+            if kwargs.get("ckpt_path") is not None:
+                from visiontl.cli_checkpoint import weights_only_kwargs
+
+                kwargs.update(weights_only_kwargs(getattr(self.trainer, subcommand)))
             return kwargs
 
         def _run_subcommand(self, subcommand: str) -> None:
@@ -370,15 +410,60 @@ def cli(argv: Sequence[str] | None = None):
             "logger": {"class_path": "visiontl.resume.RunLogger", "init_args": {"save_dir": "runs"}},
             "log_every_n_steps": 5,
         },
-        parser_kwargs={"description": f"visiontl: transfer learning on images.\n\nMore commands:\n{extra}"},
+        # a bad option or configuration key raises (one line, ``visiontl.cli_config``) instead of a usage dump
+        parser_kwargs={"description": f"visiontl: transfer learning on images.\n\nMore commands:\n{extra}",
+                       "exit_on_error": False},
         save_config_kwargs={"overwrite": True},
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``visiontl`` console script."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    """Entry point of the ``visiontl`` console script.
+
+    A failure ends with one line on stderr (what failed, the file, field or value, what to do) and
+    a non-zero exit: 2 for bad input (:class:`~visiontl.errors.UserError`, a file that could not be
+    written), 1 for anything unexpected. ``--debug`` or ``VISIONTL_DEBUG=1`` shows the traceback.
+    """
+    from visiontl.errors import debug_enabled
+
     args = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(args)
+    args = [a for a in args if a != "--debug"]
+    try:
+        return _dispatch(args)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted (files are written atomically: nothing half-written is left at its final name).",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place every failure becomes one line
+        if debug:
+            raise
+        code, text = failure_message(err)
+        print(text, file=sys.stderr)
+        return code
+
+
+def failure_message(err: BaseException) -> tuple[int, str]:
+    """The exit code and the one line (two for an unexpected error) a failure prints."""
+    from visiontl.errors import UserError, describe_os_error, known_cause, one_line
+
+    cause = known_cause(err)
+    if isinstance(cause, UserError):
+        return 2, f"error: {one_line(cause)}"
+    if isinstance(cause, OSError):  # a destination that is full, read-only or not ours
+        where = f" {cause.filename}" if getattr(cause, "filename", None) else ""
+        return 2, f"error: could not write{where}: {describe_os_error(cause)}; free space or choose another folder."
+    return 1, (f"error: {type(err).__name__}: {one_line(err, 300)}\n"
+               f"This is not a known input problem: run again with --debug for the traceback and report it "
+               f"with the output of `visiontl doctor`.")
+
+
+def _dispatch(args: list[str]) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if not args or args[0] in ("-h", "--help", "help"):
         print(overview())
         return 0
@@ -387,13 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"visiontl {__version__}")
         return 0
-    from visiontl.catalog import RecipeError
-
-    try:
-        args = _with_recipes(args)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    args = _with_recipes(args)
     if not args[0].startswith("-") and args[0] not in (*LIGHTNING_COMMANDS, *EXTRA_COMMANDS):
         import difflib
 
@@ -406,24 +485,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from visiontl.quiet import quiet
 
     with quiet(verbose=True):  # Lightning's tips, dependencies' deprecations: never; data warnings: always
-        return _run(args)
-
-
-def _run(args: list[str]) -> int:
-    if args[0] in EXTRA_COMMANDS:
-        return EXTRA_COMMANDS[args[0]][0](args[1:])
-    from visiontl.data.images import DataError
-    from visiontl.export import ExportError
-    from visiontl.features import FeatureCacheError
-    from visiontl.resume import ResumeError
-    from visiontl.strategies import StrategyError
-    from visiontl.weights import WeightsError
-
-    try:
+        if args[0] in EXTRA_COMMANDS:
+            return EXTRA_COMMANDS[args[0]][0](args[1:])
         cli(args)
-    except (DataError, StrategyError, WeightsError, ExportError, ResumeError, FeatureCacheError) as err:  # bad input: one line
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
     return 0
 
 

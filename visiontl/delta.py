@@ -107,26 +107,42 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-def read_delta_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The metadata of a PEFT checkpoint (no tensor is read); a clear error for other files."""
-    from safetensors import SafetensorError, safe_open
+def _read_delta(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], dict[str, Any]]:
+    """The tensor entries, metadata and hyper-parameters of a PEFT checkpoint, every part checked
+    (:func:`visiontl.checkpoints.read_safetensors_header`) before safetensors reads the file."""
+    from visiontl.checkpoints import CheckpointError, read_safetensors_header
 
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"PEFT checkpoint {path} does not exist.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as err:
-        raise WeightsError(f"{path} is not a readable safetensors file ({err}).") from err
+    header, meta = read_safetensors_header(path)
     if meta.get("format") != FORMAT:
-        raise WeightsError(f"{path} is not a visiontl PEFT checkpoint (its metadata has format "
-                           f"{meta.get('format')!r}, expected {FORMAT!r}).")
-    return meta
+        raise CheckpointError(f"{path} is not a visiontl PEFT checkpoint (its metadata has format "
+                              f"{meta.get('format')!r}, expected {FORMAT!r}).")
+    for key in ("base_sha256", "base_source", "hyper_parameters"):
+        if not meta.get(key):
+            raise CheckpointError(f"PEFT checkpoint {path} has no {key} in its metadata: damaged or not written by "
+                                  f"visiontl; write it again from its run (visiontl writes it at the end of a fit).")
+    decoded = {}
+    for key in ("hyper_parameters", "extra"):
+        if key not in meta:
+            continue
+        try:
+            decoded[key] = json.loads(meta[key])
+        except ValueError as err:
+            raise CheckpointError(f"PEFT checkpoint {path}: its metadata {key} is not JSON ({err}); damaged or "
+                                  f"edited.") from err
+        if not isinstance(decoded[key], dict):
+            raise CheckpointError(f"PEFT checkpoint {path}: its metadata {key} is a JSON "
+                                  f"{type(decoded[key]).__name__}, not an object; damaged or edited.")
+    return header, meta, decoded["hyper_parameters"]
+
+
+def read_delta_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata of a PEFT checkpoint (no tensor is read), its header checked; a one-line
+    :class:`~visiontl.checkpoints.CheckpointError` for other and damaged files."""
+    return _read_delta(Path(path))[1]
 
 
 def is_delta(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a visiontl PEFT checkpoint."""
+    """Whether ``path`` is a readable visiontl PEFT checkpoint."""
     try:
         read_delta_metadata(path)
     except WeightsError:
@@ -146,17 +162,23 @@ def load_delta(path: str | os.PathLike[str], weights: str | os.PathLike[str] | N
         The task in eval mode, as trained.
 
     Raises:
+        CheckpointError: a damaged file (truncated, a header that is not JSON or points outside the
+            file, metadata that are not JSON, no ``hyper_parameters``), a backbone or strategy that is
+            not a plain timm name or a registered strategy, tensors that are not finite or that
+            make a LoRA update overflow when merged.
         WeightsMismatchError: the base weights found are not the ones it was trained on (both
-            hashes named).
+            hashes named), or its tensors' names or shapes do not fit the model (both shapes named).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from visiontl.strategies import StrategyError, get_strategy
+    from visiontl.checkpoints import CheckpointError, task_spec
+    from visiontl.errors import UserError, one_line
     from visiontl.tasks.classification import _INIT_ARGS, ClassificationTask
 
     path = Path(path)
-    meta = read_delta_metadata(path)
-    hp = json.loads(meta["hyper_parameters"])
+    header, meta, hp = _read_delta(path)
+    hp, strategy = task_spec(hp, f"PEFT checkpoint {path}")
     source = str(weights) if weights is not None else meta["base_source"]
     if source.startswith("timm:"):
         hp.update(pretrained=True, weights=None)
@@ -164,33 +186,78 @@ def load_delta(path: str | os.PathLike[str], weights: str | os.PathLike[str] | N
         hp.update(pretrained=False, weights=None)
     else:
         hp.update(pretrained=True, weights=source)
-    try:  # registered strategies only: a checkpoint never makes visiontl import anything
-        strategy = get_strategy(dict(hp.pop("strategy", None) or {"name": "probe"}), trusted=False)
-    except StrategyError as err:
-        raise WeightsError(f"{path}: {err}") from err
     try:
         task = ClassificationTask(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
+        task.preprocessing  # noqa: B018 - the recorded preprocessing, checked now rather than at export
     except WeightsError as err:
         raise WeightsError(f"{path} was trained on base weights {meta['base_source']!r} (sha256 "
                            f"{meta['base_sha256']}), which cannot be loaded here: {err} Give weights=... (CLI: "
                            f"--weights) pointing to the same weights.") from err
+    except UserError as err:
+        raise CheckpointError(f"PEFT checkpoint {path}: {one_line(err)}") from err
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"PEFT checkpoint {path}: its hyper_parameters do not rebuild a model "
+                              f"({type(err).__name__}: {one_line(err, 200)}); damaged or edited.") from err
     found = task.base_weights["sha256"]
     if found != meta["base_sha256"]:
         raise WeightsMismatchError(
             f"{path} was trained on base weights with sha256 {meta['base_sha256']} ({meta['base_source']}), but the "
             f"base weights loaded here ({task.base_weights['source']}) have sha256 {found}. Its trained tensors only "
             f"make sense on the weights they were trained on: give weights=... (CLI: --weights) pointing to those.")
-    tensors = load_file(str(path))
-    result = task.model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
+    model_state = task.model.state_dict()
+    unexpected = [n for n in header if n not in model_state]
+    if unexpected:
         raise WeightsMismatchError(f"{path} has tensors this model has no place for: "
-                                   f"{', '.join(result.unexpected_keys[:10])}.")
+                                   f"{', '.join(unexpected[:10])}.")
+    for name, entry in header.items():
+        if list(model_state[name].shape) != entry["shape"]:
+            raise WeightsMismatchError(f"{path}: tensor {name} has shape {entry['shape']} but the model built from its "
+                                       f"hyper_parameters has {list(model_state[name].shape)} there; damaged or "
+                                       f"edited.")
     expected = set(delta_names(task))
-    absent = sorted(expected - set(tensors))
+    absent = sorted(expected - set(header))
     if absent:
         raise WeightsMismatchError(f"{path} lacks trained tensors the model needs: {', '.join(absent[:10])}.")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"PEFT checkpoint {path} cannot be read ({one_line(err, 200)}); damaged.") from err
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"PEFT checkpoint {path}: tensor {name} holds NaN or infinite values; the model "
+                                  f"would compute NaN. Use a checkpoint from before the run diverged.")
+    try:
+        task.model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:
+        raise WeightsMismatchError(f"{path}: its tensors do not load into the model ({one_line(err, 300)}).") from err
+    _check_merge(task, path)
     task.base_weights = {"sha256": meta["base_sha256"], "source": meta["base_source"]}
     return task.eval()
+
+
+def _check_merge(task: ClassificationTask, path: Path) -> None:
+    """Refuse a LoRA checkpoint whose update, folded into its base weight, is not finite (as export
+    folds it); one layer at a time, without copying the model."""
+    from visiontl.checkpoints import CheckpointError
+
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return
+    with torch.no_grad():
+        for name, module in task.model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            base = getattr(module.get_base_layer(), "weight", None)
+            for adapter in getattr(module, "active_adapters", []):
+                try:
+                    delta = module.get_delta_weight(adapter)
+                except (AttributeError, KeyError, NotImplementedError):
+                    continue
+                merged = delta if base is None else base + delta.to(base.dtype)
+                if not bool(torch.isfinite(merged).all()):
+                    raise CheckpointError(f"PEFT checkpoint {path}: its LoRA update of {name} merges to NaN or "
+                                          f"infinite weights; the checkpoint is damaged or its run diverged.")
 
 
 class DeltaCheckpoint(Callback):

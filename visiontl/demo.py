@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from visiontl.errors import CommandParser
 from visiontl.api import fine_tune
 from visiontl.data.bluemarble import BlueMarbleDataModule
 from visiontl.report import format_console_table, save_comparison
@@ -107,7 +108,7 @@ def _fmt(value: Any) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``visiontl demo``: build the tiles, train, print the comparison table."""
-    parser = argparse.ArgumentParser(prog="visiontl demo", description=__doc__,
+    parser = CommandParser(prog="visiontl demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--strategies", default=",".join(DEFAULTS["strategies"]),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,30 @@ def _teacher_data(teacher: str | os.PathLike[str], data_kwargs: dict[str, Any]) 
         if isinstance(augment, str):
             data_kwargs = {**data_kwargs, "augment": augment}
     return CsvDataModule(str(listing), split_column="split", **data_kwargs)
+
+
+def _check_teacher(path: Path) -> None:
+    """The teacher's checkpoint or PEFT checkpoint, checked as data (:mod:`visiontl.checkpoints`;
+    memory-mapped, header only) before anything else is read; it is loaded when the task is built."""
+    from visiontl.checkpoints import looks_like_safetensors, read_checkpoint, task_spec
+    from visiontl.delta import read_delta_metadata
+
+    if path.suffix == ".safetensors" or looks_like_safetensors(path):
+        read_delta_metadata(path)
+        return
+    task_spec(read_checkpoint(path, mmap=True, what="teacher checkpoint")["hyper_parameters"], str(path))
+
+
+def _check_resume(ckpt_path: str | os.PathLike[str], student: str) -> None:
+    """A checkpoint to resume the student from: a readable visiontl checkpoint (as data, nothing
+    unpickled) of the same student backbone, checked before Lightning loads it."""
+    from visiontl.checkpoints import CheckpointError, read_checkpoint
+
+    ckpt = read_checkpoint(ckpt_path, mmap=True, what="--ckpt-path")
+    recorded = ckpt["hyper_parameters"].get("backbone")
+    if recorded != student:
+        raise CheckpointError(f"--ckpt-path {ckpt_path} is a checkpoint of backbone {str(recorded)[:80]!r}, not of the "
+                              f"student {student!r}; give the student run's checkpoints/last.ckpt, or 'last'.")
 
 
 def distill(
@@ -110,7 +133,9 @@ def distill(
     from visiontl.export import run_checkpoint
     from visiontl.tasks.distill import DistillationTask
 
-    run_checkpoint(teacher)  # a clear error for a wrong teacher path before any data is read
+    _check_teacher(run_checkpoint(teacher))  # a clear error for a wrong teacher before any data is read
+    if ckpt_path is not None and str(ckpt_path) != "last":
+        _check_resume(ckpt_path, student)
     pl.seed_everything(seed, workers=True, verbose=False)
     kwargs = {"seed": seed, **(data_kwargs or {})}
     if unlabelled is not None:
@@ -135,9 +160,9 @@ def distill(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``visiontl distill TEACHER_RUN --student BACKBONE --out DIR ...``"""
-    import argparse
+    from visiontl.errors import CommandParser
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="visiontl distill",
         description="Train a small student to match a fine-tuned teacher (Hinton et al. 2015: KL on temperature-"
                     "softened logits, T^2-scaled, plus cross-entropy on the labels). The teacher runs online on "
@@ -165,22 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ckpt-path", help="resume: 'last' (this run's latest checkpoint, after a kill) or a .ckpt")
     args = parser.parse_args(argv)
-    from visiontl.data.images import DataError
-    from visiontl.export import ExportError
-    from visiontl.strategies import StrategyError
-    from visiontl.weights import WeightsError
 
     data_kwargs = {k: v for k, v in (("augment", args.augment), ("batch_size", args.batch_size)) if v is not None}
-    try:
-        result = distill(args.teacher, args.student, data=args.data, unlabelled=args.unlabelled,
-                         temperature=args.temperature, alpha=args.alpha, strategy=args.strategy,
-                         pretrained=not args.no_pretrained, student_weights=args.student_weights,
-                         teacher_weights=args.teacher_weights, image_size=args.image_size, steps=args.steps,
-                         out=args.out, name=args.name, seed=args.seed, data_kwargs=data_kwargs,
-                         ckpt_path=args.ckpt_path)
-    except (DataError, StrategyError, WeightsError, ExportError, ValueError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    result = distill(args.teacher, args.student, data=args.data, unlabelled=args.unlabelled,
+                     temperature=args.temperature, alpha=args.alpha, strategy=args.strategy,
+                     pretrained=not args.no_pretrained, student_weights=args.student_weights,
+                     teacher_weights=args.teacher_weights, image_size=args.image_size, steps=args.steps,
+                     out=args.out, name=args.name, seed=args.seed, data_kwargs=data_kwargs,
+                     ckpt_path=args.ckpt_path)  # bad input: a UserError, one line (visiontl.cli.main)
     m = result.metrics
     print(f"student {args.student}: val_acc {m.get('val_acc', float('nan')):.3f}, agreement with the teacher "
           f"{m.get('val_teacher_agreement', float('nan')):.3f} (teacher on the student's input: val_acc "

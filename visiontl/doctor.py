@@ -102,9 +102,11 @@ def _folder_size(root: Path) -> str:
 
 
 def _cache() -> object:
-    from visiontl._io import default_cache_dir
+    from visiontl._io import cache_dir_problem, default_cache_dir
 
-    return _folder_size(default_cache_dir())
+    root = default_cache_dir(check=False)  # the doctor reports: it creates nothing
+    problem = cache_dir_problem(root, os.environ.get("VISIONTL_CACHE"))
+    return _folder_size(root) if problem is None else f"unusable: {problem}"
 
 
 def _offline_weights() -> dict[str, object]:
@@ -155,9 +157,9 @@ def _lines(value: object, indent: int = 0) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``visiontl doctor [--json FILE]``: print the report (and write it as JSON). Always exits 0."""
-    import argparse
+    from visiontl.errors import CommandParser
 
-    parser = argparse.ArgumentParser(prog="visiontl doctor", description="Print versions, CPU features, "
+    parser = CommandParser(prog="visiontl doctor", description="Print versions, CPU features, "
                                      "accelerators, the cache and offline weights: paste it into a bug report.")
     parser.add_argument("--json", help="also write the report to this JSON file")
     args = parser.parse_args(argv)

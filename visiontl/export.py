@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontl.errors import UserError
 from visiontl import __version__
 from visiontl._io import atomic_path
 from visiontl.features import weights_fingerprint
@@ -45,7 +46,7 @@ INPUT_CONVENTION = ("float32 NCHW in [0,1], at input_size by visiontl.data.geome
                     "crop for images not smaller than the input); normalisation inside the graph")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be produced or did not verify."""
 
 
@@ -134,7 +135,7 @@ def run_checkpoint(source: str | os.PathLike[str]) -> Path:
     path = Path(source)
     if path.is_dir():
         candidates = [path / "checkpoints" / "best.ckpt", path / "checkpoints" / "last.ckpt"]
-        found = next((c for c in candidates if c.exists()), None)
+        found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             raise ExportError(
                 f"{path} has no checkpoints/best.ckpt or last.ckpt; give a run directory or a .ckpt file."
@@ -149,11 +150,13 @@ def load_task(source: str | os.PathLike[str], weights: str | os.PathLike[str] | 
     """A trained :class:`~visiontl.tasks.ClassificationTask` from a run directory, a checkpoint or
     a PEFT checkpoint (``.peft.safetensors``, loaded onto its base weights, or onto ``weights``:
     :func:`visiontl.delta.load_delta`)."""
-    from visiontl.delta import is_delta, load_delta
+    from visiontl.checkpoints import looks_like_safetensors
+    from visiontl.delta import load_delta
     from visiontl.tasks import ClassificationTask
 
     path = run_checkpoint(source)
-    if path.suffix == ".safetensors" and is_delta(path):
+    # by name or by content: a damaged PEFT checkpoint is named as one, never read as a pickle
+    if path.suffix == ".safetensors" or looks_like_safetensors(path):
         return load_delta(path, weights=weights)
     if weights is not None:
         raise ExportError(f"weights= is for PEFT checkpoints (.peft.safetensors); {path} holds all its weights.")
@@ -194,7 +197,9 @@ def _run_metrics(source: str | os.PathLike[str] | None) -> dict[str, Any]:
     run = path if path.is_dir() else path.parent.parent
     try:
         final = json.loads((run / "metrics.json").read_text()).get("final", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: no metrics
+        return {}
+    if not isinstance(final, dict):
         return {}
     return {k: v for k, v in final.items() if k.startswith("val_") and isinstance(v, (int, float))}
 
@@ -250,7 +255,18 @@ def export_onnx(
     crop_pct = pre.crop_pct
     # a copy: the caller's task keeps its mode (train / eval) and memory format; a strategy that
     # changed the model (LoRA) folds it back into a plain one
-    network = task.strategy.merge(copy.deepcopy(task.model) if task is source else task.model)
+    try:
+        network = task.strategy.merge(copy.deepcopy(task.model) if task is source else task.model)
+    except ValueError as err:  # peft's safe merge: NaN in the merged weights
+        raise ExportError(f"{source if not isinstance(source, nn.Module) else 'the model'}: folding its "
+                          f"{task.strategy.name} update into the weights fails ({' '.join(str(err).split())[:200]}); "
+                          f"nothing was written to {out}.") from err
+    with torch.no_grad():
+        bad = next((k for k, v in network.named_parameters() if v.is_floating_point() and not torch.isfinite(v).all()),
+                   None)
+    if bad is not None:
+        raise ExportError(f"{source if not isinstance(source, nn.Module) else 'the model'}: weight {bad} holds NaN or "
+                          f"infinite values (a diverged run or a damaged checkpoint); nothing was written to {out}.")
     network = static_same_padding(network, (channels, height, width))
     model = _Deployable(network.to(memory_format=torch.contiguous_format), list(cfg["mean"]),
                         list(cfg["std"])).eval()

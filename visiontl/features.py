@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from visiontl.errors import UserError
 from visiontl._io import default_cache_dir
 from visiontl.cache import ArrayCache, data_fingerprint
 from visiontl.weights import classifier_names
@@ -238,7 +239,7 @@ def extract_features(
     return feats[:row], labels[:row]
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(UserError, RuntimeError):
     """A distributed run whose ranks do not see one feature cache."""
 
 

@@ -11,24 +11,33 @@ resized as the model's metadata says and batched. Unreadable files are reported 
 
 from __future__ import annotations
 
-import argparse
-import csv
 import importlib.util
 import io
 import json
 import os
+import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from visiontl.data.geometry import eval_resize
 from visiontl.data.formats import Frame
-from visiontl.data.preprocessing import Preprocessing
-from visiontl.data.images import DataError, ImageReadError, check_frames, expand_frames, read_image, to_channels
+from visiontl.data.geometry import eval_resize
+from visiontl.data.images import (
+    DataError,
+    ImageReadError,
+    check_frames,
+    expand_frames,
+    pixel_limit,
+    read_image,
+    to_channels,
+)
+from visiontl.data.preprocessing import INTERPOLATIONS, Preprocessing
+from visiontl.errors import CommandParser, UserError
 
 __all__ = ["ENGINES", "OpenVINOSession", "Prediction", "Predictor", "PredictorError", "compare_outputs", "main",
            "ort_session", "preprocess"]
@@ -36,8 +45,55 @@ __all__ = ["ENGINES", "OpenVINOSession", "Prediction", "Predictor", "PredictorEr
 ENGINES = ("auto", "onnxruntime", "openvino")
 
 
-class PredictorError(ValueError):
+class PredictorError(UserError):
     """A model file the predictor cannot use."""
+
+
+MAX_CHANNELS = 1024
+"""The most input channels a model's metadata may state (multiband and hyperspectral included)."""
+DEFAULT_MAX_INPUT_PIXELS = 2 * 89_478_485
+"""The input-size bound where Pillow's limit is switched off: Pillow's default, as for images."""
+BATCH_BYTES = 1 << 30
+"""The most input bytes one batch holds: large inputs run in smaller batches."""
+EXPORT_INTERPOLATION = "area (shrink) / bilinear (enlarge)"
+"""The ``interpolation`` description ``visiontl export`` writes (the resize is :func:`eval_resize`'s)."""
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A metadata value for a one-line message: text quoted, anything else as JSON; cut."""
+    text = " ".join((value if isinstance(value, str) else json.dumps(value, default=str)).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return repr(text) if isinstance(value, str) else text
+
+
+def _open_model(path: Path, providers: Sequence[str] | None) -> Any:
+    """An ONNX Runtime session on ``path``, or a one-line refusal naming it (a folder, a missing or
+    unreadable file, a training checkpoint, anything that is not ONNX)."""
+    if path.is_dir():
+        raise PredictorError(f"Model file {path} is a folder; give the .onnx file `visiontl export` wrote.")
+    if not path.is_file():
+        raise PredictorError(f"Model file {path} does not exist.")
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError as err:
+        raise PredictorError(f"Cannot read model file {path}: {err.strerror or err}.") from err
+    # a zip (torch.save, Lightning) or a pickle (older torch.save) never starts an ONNX protobuf
+    checkpoint = head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                                         b"\x05"))
+    if not checkpoint:
+        try:
+            return ort_session(path, providers)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+            if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+                reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : (?:[A-Z_]+ : )?", "", " ".join(str(err).split()))
+                reason = reason.replace(f"Load model from {path} failed:", "").strip().rstrip(".")
+                detail = "it is empty" if not head else f"{reason[:200]}: damaged, truncated or another kind of file"
+                raise PredictorError(f"{path} is not an ONNX model ONNX Runtime can load ({detail}); give the .onnx "
+                                     f"file `visiontl export` wrote.") from err
+    raise PredictorError(f"{path} is a training checkpoint, not an ONNX model: run `visiontl export {path} --out "
+                         f"model.onnx` first, then predict with model.onnx.")
 
 
 @dataclass
@@ -190,12 +246,8 @@ class Predictor:
         except DataError as err:
             raise PredictorError(str(err)) from err
         path = Path(model_path)
-        if not path.is_file():
-            raise PredictorError(f"Model file {path} does not exist.")
-        try:
-            self.session = ort_session(path, providers)
-        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise PredictorError(f"{path} is not a model ONNX Runtime can load: {err}") from err
+        self.path = path
+        self.session = _open_model(path, providers)
         meta = self.session.get_modelmeta().custom_metadata_map
         missing = [k for k in ("class_names", "input_size", "channels") if k not in meta]
         if missing:
@@ -203,35 +255,8 @@ class Predictor:
                 f"{path} has no visiontl metadata ({', '.join(missing)} missing); export it with `visiontl export`."
             )
         self.metadata = dict(meta)
-        try:
-            self.class_names: list[str] = [str(n) for n in json.loads(meta["class_names"])]
-            self.size = tuple(int(v) for v in json.loads(meta["input_size"]))
-            self.channels = int(meta["channels"])
-            self.crop_pct = float(meta.get("crop_pct", 1.0))  # models exported before crop_pct was recorded: none
-            self.preprocessing: Preprocessing | None = (  # the training-time object (exports since 0.1)
-                Preprocessing.from_dict(json.loads(meta["preprocessing"])) if "preprocessing" in meta else None)
-        except (TypeError, ValueError) as err:
-            raise PredictorError(f"{path} has unreadable visiontl metadata ({err}); re-export it with "
-                                 f"`visiontl export`.") from err
-        inputs = {i.name: i.shape for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        problems = []
-        if len(self.size) != 2 or min(self.size) < 1 or self.channels < 1 or not 0 < self.crop_pct <= 1:
-            problems.append(f"input_size {list(self.size)}, channels {self.channels}, crop_pct {self.crop_pct}")
-        if not self.class_names:
-            problems.append("no class names")
-        pre = self.preprocessing
-        if pre is not None and (pre.in_chans != self.channels or (pre.size, pre.size) != tuple(self.size)
-                                or abs(pre.crop_pct - self.crop_pct) > 1e-9):
-            problems.append(f"its preprocessing record {pre.to_dict()} disagrees with input_size / channels / crop_pct")
-        if "input" not in inputs or len(inputs["input"]) != 4 or "probabilities" not in outputs:
-            problems.append(f"graph inputs {sorted(inputs)} / outputs {sorted(outputs)} (expected 'input' NCHW and "
-                            f"'probabilities')")
-        elif isinstance(inputs["input"][1], int) and inputs["input"][1] != self.channels:
-            problems.append(f"the graph takes {inputs['input'][1]} channels, the metadata says {self.channels}")
-        if problems:
-            raise PredictorError(f"{path} does not match its visiontl metadata: {'; '.join(problems)}. Re-export "
-                                 f"it with `visiontl export`.")
+        self._read_metadata(path, meta)
+        self._check_graph(path)
         self.runner: Any = self.session
         self.engine_check: dict[str, Any] | None = None
         if engine == "auto":  # OpenVINO where it was measured faster (int8: docs/how-to/export-deploy.md), when installed
@@ -245,6 +270,98 @@ class Predictor:
         elif engine == "openvino":
             self.runner = OpenVINOSession(path)
             self.engine_check = self._check_engine(path)
+
+    def _read_metadata(self, path: Path, meta: Any) -> None:
+        """Parse and bound the metadata: it is the model file's, someone else's data. Nothing is
+        allocated from it before it passed (``input_size [100000, 100000]`` is refused here)."""
+        def refuse(problem: str) -> NoReturn:
+            raise PredictorError(f"{path} has invalid visiontl metadata: {problem}. Re-export it with `visiontl "
+                                 f"export` (was the file edited or damaged?).")
+
+        try:
+            names, size = json.loads(meta["class_names"]), json.loads(meta["input_size"])
+            preprocessing = json.loads(meta["preprocessing"]) if "preprocessing" in meta else None
+        except ValueError as err:
+            raise PredictorError(f"{path} has unreadable visiontl metadata ({err}); re-export it with "
+                                 f"`visiontl export`.") from err
+        if (not isinstance(names, list) or not names
+                or not all(isinstance(n, (str, int, float)) and not isinstance(n, bool) for n in names)):
+            refuse(f"class_names {_short(meta['class_names'])} must be a non-empty JSON list of names")
+        self.class_names: list[str] = [str(n) for n in names]
+        twice = sorted(n for n, count in Counter(self.class_names).items() if count > 1)
+        if twice:
+            refuse(f"class_names lists {_short(twice)} more than once")
+        if (not isinstance(size, list) or len(size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+            refuse(f"input_size {_short(meta['input_size'])} must be [height, width], two whole numbers >= 1")
+        self.size = (size[0], size[1])
+        channels = str(meta["channels"]).strip()
+        if not channels.isdigit() or not 1 <= int(channels) <= MAX_CHANNELS:
+            refuse(f"channels {_short(meta['channels'])} must be a whole number from 1 to {MAX_CHANNELS}")
+        self.channels = int(channels)
+        try:  # models exported before crop_pct was recorded: none
+            self.crop_pct = float(meta.get("crop_pct", 1.0))
+        except ValueError:
+            self.crop_pct = float("nan")
+        if not 0 < self.crop_pct <= 1:
+            refuse(f"crop_pct {_short(meta.get('crop_pct'))} must be a number in (0, 1]")
+        try:
+            limit = pixel_limit(self.max_pixels) or DEFAULT_MAX_INPUT_PIXELS
+        except DataError as err:
+            raise PredictorError(str(err)) from err
+        height, width = self.size
+        if height * width > limit:
+            refuse(f"input_size {list(self.size)} is {height * width / 1e6:,.0f} Mpx per image, above the "
+                   f"{limit / 1e6:,.0f} Mpx pixel limit (--max-pixels / VISIONTL_MAX_PIXELS raise it for a model "
+                   f"that really takes such inputs)")
+        interpolation = meta.get("interpolation")  # a description for people; the resize is eval_resize's
+        if interpolation is not None and interpolation not in (*INTERPOLATIONS, EXPORT_INTERPOLATION):
+            refuse(f"interpolation {_short(interpolation)} is none of {', '.join(INTERPOLATIONS)} "
+                   f"(or {EXPORT_INTERPOLATION!r})")
+        self.preprocessing: Preprocessing | None = None  # the training-time object (exports since 0.1)
+        if preprocessing is not None:
+            if not isinstance(preprocessing, dict):
+                refuse(f"preprocessing {_short(meta['preprocessing'])} must be a JSON object")
+            try:
+                self.preprocessing = Preprocessing.from_dict(preprocessing)
+            except (TypeError, ValueError, OverflowError) as err:
+                refuse(f"preprocessing {str(err).removeprefix('Invalid preprocessing: ').rstrip('.')}")
+        pre = self.preprocessing
+        if pre is not None and (pre.in_chans != self.channels or (pre.size, pre.size) != tuple(self.size)
+                                or abs(pre.crop_pct - self.crop_pct) > 1e-9):
+            refuse(f"its preprocessing record (in_chans {pre.in_chans}, size {pre.size}, crop_pct {pre.crop_pct}) "
+                   f"disagrees with channels {self.channels}, input_size {list(self.size)}, crop_pct {self.crop_pct}")
+
+    def _check_graph(self, path: Path) -> None:
+        """The metadata must describe the graph: its input (float NCHW, the channels and, where the
+        graph fixes them, the height and width) and its scores (one per class name)."""
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        problems = []
+        graph_in = inputs.get("input")
+        graph_out = outputs.get("probabilities")
+        if graph_in is None or len(graph_in.shape) != 4 or graph_out is None:
+            problems.append(f"graph inputs {sorted(inputs)} / outputs {sorted(outputs)} (expected 'input' NCHW and "
+                            f"'probabilities')")
+        else:
+            _, chans, height, width = graph_in.shape
+            if graph_in.type != "tensor(float)":
+                problems.append(f"the graph's input is {graph_in.type}, not float32")
+            if isinstance(chans, int) and chans != self.channels:
+                problems.append(f"the graph takes {chans} channels, the metadata says {self.channels}")
+            fixed = [(v, want) for v, want in zip((height, width), self.size) if isinstance(v, int)]
+            if any(v != want for v, want in fixed):
+                problems.append(f"the graph takes {height} x {width} inputs, the metadata's input_size is "
+                                f"{list(self.size)}")
+            scores = graph_out.shape
+            if len(scores) != 2:
+                problems.append(f"its 'probabilities' output has shape {scores}, not (batch, classes)")
+            elif isinstance(scores[1], int) and scores[1] != len(self.class_names):
+                problems.append(f"the graph outputs {scores[1]} class scores, the metadata names "
+                                f"{len(self.class_names)} classes ({_short(self.class_names)})")
+        if problems:
+            raise PredictorError(f"{path} does not match its visiontl metadata: {'; '.join(problems)}. Re-export "
+                                 f"it with `visiontl export`.")
 
     def _check_engine(self, path: Path) -> dict[str, Any]:
         """The engine must reproduce ONNX Runtime on fixed inputs (8 seeded images in [0, 1]): within
@@ -269,6 +386,8 @@ class Predictor:
         results: list[Prediction] = []  # in input order; filled in place batch by batch
         batch: list[np.ndarray] = []
         pending: list[Prediction] = []
+        height, width = self.size  # bounded by the pixel limit; a batch of large inputs is smaller
+        batch_size = max(1, min(batch_size, BATCH_BYTES // (4 * self.channels * height * width)))
         for path, name, frame in expand_frames([(Path(p), str(p)) for p in paths], self.frames):
             result = Prediction(name, frame=frame if isinstance(frame, int) else None)
             results.append(result)
@@ -286,7 +405,16 @@ class Predictor:
         return results
 
     def _run(self, batch: list[np.ndarray], pending: list[Prediction]) -> None:
-        probs = self.runner.run(["probabilities"], {"input": np.stack(batch)})[0]
+        try:
+            probs = self.runner.run(["probabilities"], {"input": np.stack(batch)})[0]
+        except Exception as err:  # noqa: BLE001 - the runtime's own exception types; the model is the input
+            raise PredictorError(f"{self.engine} cannot run {self.path} on a batch of shape "
+                                 f"{[len(batch), *batch[0].shape]}: {' '.join(str(err).split())[:300]}. Re-export it "
+                                 f"with `visiontl export`.") from err
+        if probs.ndim != 2 or probs.shape != (len(pending), len(self.class_names)):
+            raise PredictorError(f"{self.path} outputs scores of shape {list(probs.shape)} for {len(pending)} images, "
+                                 f"its metadata names {len(self.class_names)} classes "
+                                 f"({_short(self.class_names)}); re-export it with `visiontl export`.")
         for pred, row in zip(pending, probs):
             best = int(row.argmax())
             pred.label, pred.probability = self.class_names[best], float(row[best])
@@ -295,7 +423,7 @@ class Predictor:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``visiontl predict-onnx model.onnx IMAGES... [--out preds.csv]``; exit 1 if any file failed."""
-    parser = argparse.ArgumentParser(prog="visiontl predict-onnx",
+    parser = CommandParser(prog="visiontl predict-onnx",
                                      description="Predict images with an exported model (ONNX Runtime only).")
     parser.add_argument("model", help="an .onnx file written by `visiontl export`")
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
@@ -327,14 +455,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no image files in {', '.join(args.images)} (searched recursively; extensions: "
               f"png, jpg, tif, dcm...).", file=sys.stderr)
         return 2
-    try:
-        predictor = Predictor(args.model, max_pixels=args.max_pixels, frames=args.frames, engine=args.engine)
-    except PredictorError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    predictor = Predictor(args.model, max_pixels=args.max_pixels, frames=args.frames, engine=args.engine)
     results = predictor.predict(files, batch_size=args.batch_size)
+    from visiontl._io import csv_writer
+
     buf = io.StringIO()
-    writer = csv.writer(buf)
+    writer = csv_writer(buf)  # names and paths that a spreadsheet would run as formulas are escaped
     framed = args.frames == "all"
     writer.writerow(["path", *(["frame"] if framed else []), "label", "probability", "error"])
     for r in results:
@@ -344,11 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         from visiontl._io import write_text
 
-        try:
-            write_text(args.out, buf.getvalue())
-        except OSError as err:
-            print(f"error: cannot write {args.out}: {err.strerror or err}; choose another --out.", file=sys.stderr)
-            return 2
+        write_text(args.out, buf.getvalue())  # a full or read-only destination: one line, the old file kept
     else:
         print(buf.getvalue(), end="")
     failed = [r for r in results if r.error]

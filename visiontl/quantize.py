@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from visiontl.errors import UserError
+
 __all__ = ["QUANTIZABLE", "QuantizeError", "quantize_int8", "sensitivity"]
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul")  # the nodes whose weights int8 changes, ranked and excluded
@@ -48,7 +50,7 @@ CALIBRATION_BATCH = 8
 BIAS_CORRECTION = ("layers", "logits", "none")
 
 
-class QuantizeError(ValueError):
+class QuantizeError(UserError):
     """Quantisation that cannot run (no calibration images, unsupported model)."""
 
 

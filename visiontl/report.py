@@ -8,7 +8,6 @@ a failure while drawing or saving leaves no file at the target path.
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import numbers
@@ -21,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from visiontl._io import atomic_path, write_text
+from visiontl._io import atomic_path, csv_dict_writer, csv_writer, write_text
 
 __all__ = ["save_confusion_matrix", "save_learning_curves", "save_drift", "comparison_table",
            "format_console_table", "save_comparison", "thumbnail_png"]
@@ -119,7 +118,7 @@ def save_confusion_matrix(cm: Any, class_names: list[str], path_png: PathLike,
     out = {"png": _save_figure(fig, path_png, dpi=150 if n > 25 else 120)}
     if path_csv is not None:
         buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
+        writer = csv_writer(buf, lineterminator="\n")
         writer.writerow(["true\\pred", *class_names])
         writer.writerows([name, *row] for name, row in zip(class_names, counts.tolist()))
         out["csv"] = write_text(path_csv, buf.getvalue())
@@ -310,7 +309,7 @@ def save_comparison(rows: list[dict[str, Any]], out_dir: PathLike, name: str = "
         cols.insert(cols.index(metric) + 1 if metric in cols else len(cols), ratio_col)
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, cols, restval="", extrasaction="ignore", lineterminator="\n")
+    writer = csv_dict_writer(buf, cols, restval="", extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows_out)
     out = {"csv": write_text(out_dir / f"{name}.csv", buf.getvalue())}

@@ -19,7 +19,6 @@ CLI leave the same files in ``trainer.log_dir``:
 
 from __future__ import annotations
 
-import csv
 import io
 import time
 from pathlib import Path
@@ -51,15 +50,20 @@ def run_dir(trainer: pl.Trainer) -> Path:
 
 def checkpoint_record(path: str | Path | None, state_dict: bool = False) -> dict[str, Any] | None:
     """What a checkpoint saved by a visiontl task records: ``val_metrics`` and ``val_confusion``
-    at the time it was saved (plus ``state_dict`` when asked), or None for other checkpoints.
+    at the time it was saved (plus ``state_dict`` when asked), or None for other checkpoints
+    (and for a record that is not shaped as visiontl writes it).
 
-    Read with ``weights_only=True`` and memory-mapped, so a large checkpoint costs little.
+    Read by :func:`visiontl.checkpoints.read_checkpoint` (``weights_only``, memory-mapped, so a
+    large checkpoint costs little): a file that is not a readable checkpoint is a one-line
+    :class:`~visiontl.checkpoints.CheckpointError`.
     """
+    from visiontl.checkpoints import read_checkpoint
+
     if not path or not Path(path).is_file():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    record = ckpt.get("visiontl") if isinstance(ckpt, dict) else None
-    if not isinstance(record, dict) or not record.get("val_metrics"):
+    ckpt = read_checkpoint(path, mmap=True)
+    record = ckpt.get("visiontl")
+    if not isinstance(record, dict) or not isinstance(record.get("val_metrics"), dict) or not record["val_metrics"]:
         return None
     return {**record, "state_dict": ckpt["state_dict"]} if state_dict else dict(record)
 
@@ -120,7 +124,7 @@ class RunReport(Callback):
         splits = getattr(dm, "splits", None) if dm is not None else None
         if isinstance(splits, dict) and "train" in splits:  # labelled: what wise-ft fits and scores on
             buf = io.StringIO()
-            writer = csv.writer(buf)
+            writer = _io.csv_writer(buf)
             writer.writerow(["split", "path", "label"])
             for split in ("train", "val", "test"):
                 writer.writerows((split, str(Path(p).absolute()), label) for p, label in splits.get(split, []))
@@ -218,7 +222,7 @@ class RunReport(Callback):
         framed = frames is not None and any(f is not None for f in frames)  # frames='all': a column for them
         names = pl_module.class_names
         buf = io.StringIO()
-        writer = csv.writer(buf)
+        writer = _io.csv_writer(buf)
         writer.writerow(["path", *(["frame"] if framed else []), "label", "probability", *[f"p_{n}" for n in names]])
         for out in self._predictions:
             for i, probs, label in zip(out["index"].tolist(), out["probs"], out["label"].tolist()):

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from visiontl.errors import UserError
+
 __all__ = [
     "WeightsError", "WeightsMismatchError", "WeightSource", "load_state_dict_file",
     "register_converter", "list_converters", "convert_state_dict",
@@ -39,7 +41,7 @@ _AUTO_PREFIXES = ("module.", "model.")
 _MAX_LISTED = 10
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weight file or weight spec cannot be used."""
 
 

@@ -25,7 +25,6 @@ it recorded (or ``weights``).
 from __future__ import annotations
 
 import copy
-import csv
 import io
 import os
 from collections.abc import Callable, Sequence
@@ -37,23 +36,41 @@ import torch
 from torch import nn
 
 from visiontl import _io
+from visiontl.errors import UserError, one_line
 
 __all__ = ["WiseFTError", "interpolate", "main", "parse_alphas", "wise_ft"]
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
-class WiseFTError(ValueError):
+class WiseFTError(UserError):
     """A run WiSE-FT cannot interpolate, or bad options."""
 
 
 def parse_alphas(text: str | Sequence[float]) -> list[float]:
-    """``"0,0.1,...,1"`` (or a list) -> sorted unique alphas in [0, 1]."""
-    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text) if str(v).strip()]
-    bad = [v for v in values if not 0.0 <= v <= 1.0]
-    if not values or bad:
-        raise WiseFTError(f"alphas must be numbers in [0, 1] (0: the pretrained model with its linear head, 1: the "
-                          f"fine-tuned one), got {text!r}.")
+    """``"0,0.1,...,1"`` (or a list) -> sorted unique alphas in [0, 1]; :class:`WiseFTError` naming
+    every entry that is not a number in [0, 1]."""
+    import math
+
+    items = text.split(",") if isinstance(text, str) else list(text)
+    values, bad = [], []
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            continue
+        try:
+            value = float(item.strip() if isinstance(item, str) else item)
+        except (TypeError, ValueError):
+            bad.append(f"{str(item).strip()!r} is not a number")
+            continue
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            bad.append(f"{str(item).strip()} is outside [0, 1]")
+        else:
+            values.append(value)
+    if bad or not values:
+        detail = "; ".join(bad) if bad else "no alpha given"
+        raise WiseFTError(f"--alphas {one_line(text if isinstance(text, str) else ','.join(map(str, items)), 120)}: "
+                          f"{one_line(detail, 300)}; alphas must be numbers in [0, 1], comma-separated (0: the "
+                          f"pretrained model with its linear head, 1: the fine-tuned one), e.g. 0,0.5,1.")
     return sorted(set(values))
 
 
@@ -76,6 +93,8 @@ def _run_checkpoint(run: Path) -> Path:
     """A run's ``best.ckpt``, else its ``last.ckpt`` (a run that ended before its first validation)."""
     if run.is_file():
         return run
+    if not run.exists():
+        raise WiseFTError(f"{run} does not exist; give a run directory or a .ckpt file.")
     found = next((p for p in (run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt") if p.is_file()),
                  None)
     if found is None:
@@ -237,15 +256,16 @@ def _save_checkpoint(ckpt: Path, tuned: Any, model: nn.Module, scores: dict[str,
                      path: Path) -> Path:
     """A checkpoint ``ClassificationTask.from_checkpoint`` (and ``visiontl export``) loads: the run's
     hyper-parameters (a merged LoRA model is a plain one: strategy ``full``) and the mixed weights."""
+    from visiontl.checkpoints import read_checkpoint
     from visiontl.strategies import get_strategy
 
-    original = torch.load(ckpt, map_location="cpu", weights_only=True)
+    original = read_checkpoint(ckpt)
     hp = dict(original["hyper_parameters"])
     if set(model.state_dict()) != set(tuned.model.state_dict()):
         hp["strategy"] = get_strategy("full").to_config()
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state.update({k: v for k, v in original["state_dict"].items() if k == "class_weight"})
-    record = dict(original.get("visiontl") or {})
+    record = dict(original["visiontl"]) if isinstance(original.get("visiontl"), dict) else {}
     record.update(val_metrics={k: v for k, v in scores.items() if k.startswith("val_")}, val_confusion=None,
                   wise_ft={"alpha": alpha, "bn": bn, "from": str(ckpt)})
     with _io.atomic_path(path) as tmp:
@@ -255,7 +275,7 @@ def _save_checkpoint(ckpt: Path, tuned: Any, model: nn.Module, scores: dict[str,
 
 def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = _io.csv_dict_writer(buf, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     _io.write_text(path, buf.getvalue())
@@ -281,10 +301,9 @@ def _plot(rows: list[dict[str, Any]], chosen: float, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``visiontl wise-ft RUN --out DIR [--alphas 0,0.1,...,1] [--retain PATH] [--bn ...]``."""
-    import argparse
-    import sys
+    from visiontl.errors import CommandParser
 
-    parser = argparse.ArgumentParser(prog="visiontl wise-ft", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="visiontl wise-ft", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a run directory (its checkpoints/best.ckpt) or a checkpoint in one")
     parser.add_argument("--out", required=True, help="folder for wise_ft.csv/.json/.png and wise-ft.ckpt")
     parser.add_argument("--alphas", default=",".join(str(a) for a in DEFAULT_ALPHAS),
@@ -297,13 +316,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="choose the smallest alpha within this of the best validation accuracy")
     args = parser.parse_args(argv)
-    from visiontl.data.images import DataError
-    from visiontl.weights import WeightsError
-
-    try:
-        wise_ft(args.run, args.out, parse_alphas(args.alphas), retain=args.retain, bn=args.bn, weights=args.weights,
-                alpha=args.alpha, tolerance=args.tolerance)
-    except (WiseFTError, WeightsError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    wise_ft(args.run, args.out, parse_alphas(args.alphas), retain=args.retain, bn=args.bn, weights=args.weights,
+            alpha=args.alpha, tolerance=args.tolerance)  # bad input: a UserError, one line (visiontl.cli.main)
     return 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+
+from visiontl.errors import CommandParser
 
 __all__ = ["bench_main", "rank_main"]
 
@@ -27,7 +29,7 @@ def bench_main(argv: Sequence[str]) -> int:
     args = list(argv)
     if args and args[0] == "report":
         return _report_main(args[1:])
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="visiontl bench", description="Benchmark strategies x backbones x label budgets x seeds on your data; "
         "`visiontl bench report DIR [DIR ...]` merges shards and writes the report.")
     parser.add_argument("--config", help="bench.yaml (data, backbones, strategies, shots, seeds, image_size, steps)")
@@ -46,52 +48,80 @@ def bench_main(argv: Sequence[str]) -> int:
                         help="devices (processes) per cell: above 1, each cell trains under DDP (ddp_spawn) with "
                              "its batch split over the devices (the global batch and steps stay the cell's)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator of the cells: auto, cpu, gpu")
-    parser.add_argument("--dry-run", action="store_true", help="show the grid and its estimate, run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the grid (data, weights, budgets), show it and its estimate, run nothing")
+    parser.add_argument("--max-cells", type=int, default=None,
+                        help="cells (of this shard) above which the run asks for --yes (default: 10000)")
+    parser.add_argument("--max-hours", type=float, default=None,
+                        help="estimated hours (of this shard, on this machine) above which the run asks for --yes "
+                             "(default: 24)")
+    parser.add_argument("--yes", action="store_true", help="run a grid above --max-cells or --max-hours")
     parser.add_argument("--verbose", action="store_true",
                         help="Lightning's information lines for every cell (default: one line per cell)")
     ns = parser.parse_args(args)
     from visiontl.bench.config import BenchError, load_config
-    from visiontl.bench.grid import check_budgets, expand_grid, parse_shard, shard_cells, step_budget
+    from visiontl.bench.grid import (
+        MAX_CELLS,
+        MAX_HOURS,
+        check_budgets,
+        check_weights,
+        expand_grid,
+        grid_size,
+        over_limit,
+        parse_shard,
+        shard_cells,
+        step_budget,
+    )
     from visiontl.bench.runner import estimate_seconds, run_bench
-    from visiontl.data.images import DataError
-    from visiontl.strategies import StrategyError
-    from visiontl.weights import WeightsError
 
-    try:
-        config = load_config(ns.config, data=ns.data, backbones=ns.backbones, strategies=ns.strategies,
-                             shots=ns.shots, seeds=ns.seeds, image_size=ns.image_size, steps=ns.steps,
-                             batch_size=ns.batch_size)
-        shard = parse_shard(ns.shard)
-        check_budgets(config)
+    max_cells = MAX_CELLS if ns.max_cells is None else ns.max_cells
+    max_hours = MAX_HOURS if ns.max_hours is None else ns.max_hours
+    if max_cells < 1 or not max_hours > 0:
+        raise BenchError(f"--max-cells must be >= 1 and --max-hours > 0 (got {max_cells}, {max_hours:g}).")
+    config = load_config(ns.config, data=ns.data, backbones=ns.backbones, strategies=ns.strategies,
+                         shots=ns.shots, seeds=ns.seeds, image_size=ns.image_size, steps=ns.steps,
+                         batch_size=ns.batch_size)
+    shard = parse_shard(ns.shard)
+    check_weights(config)  # a weights file that does not load fails here, not at its first cell
+    check_budgets(config)
+    n_cells = grid_size(config, shard)
+    if n_cells > max_cells and not ns.yes:  # not built cell by cell: estimated from one seed of it
+        one_seed = expand_grid(replace(config, seeds=1))
+        total = sum(estimate_seconds(one_seed).values()) * n_cells / max(1, len(one_seed))
+    else:
         cells = shard_cells(expand_grid(config), shard)
         estimate = estimate_seconds(cells)
         print(_grid_table(cells, estimate))
         total = sum(estimate.values())
-        print(f"{len(cells)} cells in shard {shard[0]}/{shard[1]}; step budget: {step_budget(config)}; estimated "
-              f"{total / 60:.0f} min on this machine (finished cells are skipped)")
-        if ns.dry_run:
-            return 0
-        from visiontl.quiet import quiet
+    print(f"{n_cells:,} cells in shard {shard[0]}/{shard[1]}; step budget: {step_budget(config)}; estimated "
+          f"{total / 60:.0f} min on this machine (finished cells are skipped)")
+    too_big = over_limit(n_cells, total, max_cells, max_hours)
+    if too_big and ns.dry_run:
+        print(f"warning: this grid has {too_big}; a run asks for --yes (or shard it with --shard i/n, or give "
+              f"fewer shots, seeds, strategies or backbones)", file=sys.stderr)
+    if ns.dry_run:
+        return 0
+    if too_big and not ns.yes:
+        raise BenchError(f"this grid has {too_big}; nothing was run. Pass --yes to run it anyway, or shard it "
+                         f"with --shard i/n, or give fewer shots, seeds, strategies or backbones.")
+    from visiontl.quiet import quiet
 
-        with quiet(verbose=ns.verbose):  # one line per cell; warnings about the data still show
-            rows = run_bench(config, ns.out, shard=shard, launcher=ns.launcher, devices=ns.devices,
-                             accelerator=ns.accelerator)
-        if shard[1] == 1:
-            from visiontl.bench.report import write_report
-            from visiontl.bench.store import BenchStore
+    with quiet(verbose=ns.verbose):  # one line per cell; warnings about the data still show
+        rows = run_bench(config, ns.out, shard=shard, launcher=ns.launcher, devices=ns.devices,
+                         accelerator=ns.accelerator)
+    if shard[1] == 1:
+        from visiontl.bench.report import write_report
+        from visiontl.bench.store import BenchStore
 
-            paths = write_report(rows, ns.out, BenchStore(ns.out).scores())
-            print(f"report: {paths['report']}")
-        else:
-            print(f"shard done; when every shard is: visiontl bench report {ns.out}")
-    except (BenchError, DataError, StrategyError, WeightsError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        paths = write_report(rows, ns.out, BenchStore(ns.out).scores())
+        print(f"report: {paths['report']}")
+    else:
+        print(f"shard done; when every shard is: visiontl bench report {ns.out}")
     return 0
 
 
 def _report_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="visiontl bench report",
+    parser = CommandParser(prog="visiontl bench report",
                                      description="Merge the results of bench directories (shards of one grid) and "
                                                  "write summary.csv, report.md and the plots.")
     parser.add_argument("dirs", nargs="+", help="bench directories of one grid")
@@ -102,22 +132,18 @@ def _report_main(argv: Sequence[str]) -> int:
     from visiontl.bench.merge import merge_shards
     from visiontl.bench.report import write_report
 
-    try:
-        rows, scores, missing = merge_shards([Path(d) for d in ns.dirs])
-        if missing and not ns.partial:
-            raise BenchError(f"{len(missing)} cell(s) of the grid have no result yet (e.g. {missing[0]}); run the "
-                             f"missing shards, or pass --partial to report on what is there.")
-        paths = write_report(rows, ns.out or ns.dirs[0], scores)
-    except (BenchError, ValueError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    rows, scores, missing = merge_shards([Path(d) for d in ns.dirs])
+    if missing and not ns.partial:
+        raise BenchError(f"{len(missing)} cell(s) of the grid have no result yet (e.g. {missing[0]}); run the "
+                         f"missing shards, or pass --partial to report on what is there.")
+    paths = write_report(rows, ns.out or ns.dirs[0], scores)
     print(f"{len(rows)} runs; report: {paths['report']}")
     return 0
 
 
 def rank_main(argv: Sequence[str]) -> int:
     """Rank backbones by the transferability of their frozen features to the labels of ``DATA``."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="visiontl rank", description="Rank backbones for your data before any fine-tuning: LogME (and a "
         "shrinkage H-score) of each one's frozen features on your training labels.")
     parser.add_argument("data", help="a class-per-folder directory or a CSV")
@@ -125,17 +151,10 @@ def rank_main(argv: Sequence[str]) -> int:
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--out", default="runs/rank", help="folder for rank.csv and the feature runs")
     ns = parser.parse_args(list(argv))
-    from visiontl.bench.config import BenchError
     from visiontl.bench.rank import rank_backbones
-    from visiontl.data.images import DataError
     from visiontl.report import format_console_table
-    from visiontl.weights import WeightsError
 
-    try:
-        rows, path = rank_backbones(ns.data, ns.backbone, image_size=ns.image_size, out=ns.out)
-    except (BenchError, DataError, WeightsError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    rows, path = rank_backbones(ns.data, ns.backbone, image_size=ns.image_size, out=ns.out)
     print(format_console_table(rows, ["rank", "backbone", "logme", "hscore", "images"]))
     print(f"wrote {path}")
     return 0

@@ -15,7 +15,10 @@
 
 Everything is checked before anything trains: unknown strategies and backbones (with
 suggestions), weights that do not resolve, datamodule classes that are not visiontl's (nothing is
-imported from a bench file: ``class_path`` must name one of :mod:`visiontl.data`'s datamodules).
+imported from a bench file: ``class_path`` must name one of :mod:`visiontl.data`'s datamodules),
+``init_args`` keys the datamodule does not take (or that repeat ``path:``); then, in
+:func:`~visiontl.bench.grid.check_weights` and :func:`~visiontl.bench.grid.build_datamodule`
+(a dry run included), weights that do not load and data sets that cannot be built.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from visiontl.errors import UserError
 from visiontl.data.shots import Shots, parse_shots
 
 __all__ = ["BackboneSpec", "BenchConfig", "BenchError", "DataSpec", "load_config"]
 
 
-class BenchError(ValueError):
+class BenchError(UserError):
     """A bench that cannot run as configured (raised before any training)."""
 
 
@@ -90,16 +94,73 @@ def _data_spec(entry: Any, index: int) -> DataSpec:
         return DataSpec(name=path.stem if path.suffix else path.name, path=str(path))
     if not isinstance(entry, dict):
         raise BenchError(f"data[{index}] must be a path or a mapping, got {type(entry).__name__}.")
+    unknown = sorted(set(entry) - {"name", "path", "class_path", "init_args"})
+    if unknown:
+        raise BenchError(f"data[{index}]: unknown key(s) {', '.join(map(str, unknown))}; a data entry has name, path or "
+                         f"class_path, and init_args.")
+    init_args = entry.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise BenchError(f"data[{index}]: init_args must be a mapping of the datamodule's arguments, got "
+                         f"{type(init_args).__name__}.")
     if entry.get("path"):
+        if entry.get("class_path"):
+            raise BenchError(f"data[{index}]: give a path (a folder or CSV) or a class_path with its init_args, not "
+                             f"both.")
         spec = _data_spec(entry["path"], index)
-        return DataSpec(name=str(entry.get("name", spec.name)), path=spec.path, init_args=dict(entry.get("init_args") or {}))
+        name = str(entry.get("name", spec.name))
+        assert spec.path is not None
+        csv = Path(spec.path).suffix.lower() == ".csv"
+        from visiontl.data import CsvDataModule, FolderDataModule
+
+        _check_init_args(CsvDataModule if csv else FolderDataModule, init_args, index, name,
+                         given_by_path="train_csv" if csv else "root")
+        return DataSpec(name=name, path=spec.path, init_args=dict(init_args))
     class_path = entry.get("class_path")
     if not class_path:
         raise BenchError(f"data[{index}] needs a path or a class_path (a visiontl datamodule).")
-    _datamodule_class(str(class_path), index)
+    cls = _datamodule_class(str(class_path), index)
     short = str(class_path).rsplit(".", 1)[-1]
-    return DataSpec(name=str(entry.get("name", short)), class_path=str(class_path),
-                    init_args=dict(entry.get("init_args") or {}))
+    name = str(entry.get("name", short))
+    _check_init_args(cls, init_args, index, name)
+    return DataSpec(name=name, class_path=str(class_path), init_args=dict(init_args))
+
+
+_SET_BY_GRID = {"shots": "the shots: of the bench", "shots_seed": "each cell's seed"}
+
+
+def _init_arguments(cls: type) -> set[str] | None:
+    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` up its bases (None: any)."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters
+        names |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return names
+        if klass.__module__.startswith(("pytorch_lightning", "lightning")):
+            return names  # Lightning's own bases take nothing a data set is made of
+    return None
+
+
+def _check_init_args(cls: type, init_args: dict[str, Any], index: int, name: str,
+                     given_by_path: str | None = None) -> None:
+    """Every ``init_args`` key is an argument of ``cls`` that the bench does not set itself."""
+    where = f"data[{index}] ({name})"
+    known = _init_arguments(cls)
+    for key in init_args:
+        if key == given_by_path:
+            raise BenchError(f"{where}: init_args.{key} gives the data a second time (path: already does); give "
+                             f"either path: or class_path: visiontl.data.{cls.__name__} with init_args.{key}.")
+        if key in _SET_BY_GRID:
+            raise BenchError(f"{where}: init_args.{key} is set for each cell by {_SET_BY_GRID[key]}; remove it.")
+        if known is not None and key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise BenchError(f"{where}: init_args.{key} is not an argument of {cls.__name__}{hint}; it takes "
+                             f"{', '.join(sorted(known - set(_SET_BY_GRID) - {given_by_path}))}.")
 
 
 def _datamodule_class(class_path: str, index: int | None = None) -> type:

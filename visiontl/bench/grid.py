@@ -19,8 +19,9 @@ from typing import Any
 from visiontl.bench.config import BackboneSpec, BenchConfig, BenchError, DataSpec
 from visiontl.data.shots import Shots
 
-__all__ = ["STEP_RULE", "Cell", "build_datamodule", "cell_steps", "check_budgets", "step_budget", "data_fingerprint", "expand_grid", "parse_shard",
-           "shard_cells", "weights_hash"]
+__all__ = ["MAX_CELLS", "MAX_HOURS", "STEP_RULE", "Cell", "build_datamodule", "cell_steps", "check_budgets",
+           "check_weights", "data_fingerprint", "expand_grid", "grid_size", "over_limit", "parse_shard", "shard_cells",
+           "step_budget", "weights_hash"]
 
 STEP_RULE = ("steps = max(200, min(20 epochs, max(3000, 3 epochs))) of the cell's own training images "
              "(visiontl.api.auto_steps), unless steps: is set")
@@ -151,14 +152,94 @@ def _file_sha256(path: str, mtime_ns: int) -> str:
 
 
 def build_datamodule(spec: DataSpec, **kwargs: Any) -> Any:
-    """The labelled datamodule of a data spec (``kwargs``: shots, seeds, image settings)."""
+    """The labelled datamodule of a data spec (``kwargs``: shots, seeds, image settings), its
+    splits read: a data set that cannot be built (a ``root`` that is no data set, an argument of
+    the wrong type) is a :class:`BenchError` naming the data set and the ``init_args`` concerned."""
     from visiontl.api import make_datamodule
     from visiontl.bench.config import _datamodule_class
 
     args = {**spec.init_args, **kwargs}
-    if spec.path is not None:
-        return make_datamodule(spec.path, **args)
-    return _datamodule_class(str(spec.class_path))(**args)
+    try:
+        dm = make_datamodule(spec.path, **args) if spec.path is not None \
+            else _datamodule_class(str(spec.class_path))(**args)
+        dm.splits  # noqa: B018 - read now, so that a bad data set fails here, named
+    except BenchError:
+        raise
+    except (TypeError, ValueError) as err:  # DataError included
+        text = " ".join(str(err).split())
+        named = [f"init_args.{k}: {v}" for k, v in spec.init_args.items()
+                 if isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v) and str(v) in text]
+        if not named and spec.init_args:  # the value is not in the message: name every key given
+            named = [f"init_args {', '.join(map(str, spec.init_args))}"]
+        source = spec.path or spec.class_path
+        raise BenchError(f"data set {spec.name!r} ({source}{'; ' + ', '.join(named) if named else ''}) cannot be "
+                         f"used: {text}") from err
+    return dm
+
+
+def check_weights(config: BenchConfig) -> None:
+    """Before anything trains (and in a dry run): every backbone's weights load into its
+    architecture. A file must be a weights file that fits (``/etc/passwd`` is refused here, not in
+    the middle of the grid); ``hub`` weights must be cached or downloadable.
+
+    Raises:
+        BenchError: naming the backbone entry, its weights and why.
+    """
+    for index, backbone in enumerate(config.backbones):
+        if backbone.weights == "random":
+            continue
+        try:
+            _check_backbone_weights(backbone.name, backbone.weights, *_weights_stamp(backbone.weights))
+        except BenchError:
+            raise
+        except (ValueError, OSError) as err:  # WeightsError, BackboneError, an unreadable file: the user's to fix
+            fix = f" In a bench: {backbone.name}=FILE (or a named source) or {backbone.name}=random." \
+                if backbone.weights == "hub" else ""
+            raise BenchError(f"backbones[{index}] ({backbone.label}): {' '.join(str(err).split())}{fix}") from err
+
+
+def _weights_stamp(weights: str) -> tuple[str, int]:
+    if weights == "hub":
+        return "", 0
+    from visiontl.weights import resolve_weights
+
+    path, _ = resolve_weights(weights)
+    return str(Path(path).resolve()), Path(path).stat().st_mtime_ns
+
+
+@cache
+def _check_backbone_weights(name: str, weights: str, path: str, mtime_ns: int) -> None:
+    """Load ``weights`` into a fresh ``name`` once per file version (the dry run and the run share it)."""
+    from visiontl.backbones import _check_pretrained_available, create_backbone
+
+    if weights == "hub":
+        _check_pretrained_available(name)
+        return
+    create_backbone(name, num_classes=2, weights=weights)
+
+
+MAX_CELLS = 10_000
+"""Cells above which ``visiontl bench`` asks for ``--yes`` (``--max-cells``)."""
+MAX_HOURS = 24.0
+"""Estimated hours above which ``visiontl bench`` asks for ``--yes`` (``--max-hours``)."""
+
+
+def grid_size(config: BenchConfig, shard: tuple[int, int] = (0, 1)) -> int:
+    """Cells of ``shard``, counted without building the grid."""
+    total = len(config.data) * len(config.backbones) * len(config.strategies) * len(config.shots) * config.seeds
+    i, n = shard
+    return len(range(i, total, n))
+
+
+def over_limit(cells: int, seconds: float | None, max_cells: int = MAX_CELLS,
+               max_hours: float = MAX_HOURS) -> str | None:
+    """Why a grid of ``cells`` cells and ``seconds`` of estimated time needs confirming (None: it does not)."""
+    reasons = []
+    if cells > max_cells:
+        reasons.append(f"{cells:,} cells, above --max-cells {max_cells:,}")
+    if seconds is not None and seconds > max_hours * 3600:
+        reasons.append(f"an estimated {seconds / 3600:,.1f} h on this machine, above --max-hours {max_hours:g}")
+    return " and ".join(reasons) or None
 
 
 @cache

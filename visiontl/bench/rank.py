@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 from pathlib import Path
@@ -38,7 +37,7 @@ def rank_backbones(data: str | os.PathLike[str], backbones: list[str], image_siz
     for i, row in enumerate(rows, 1):
         row["rank"] = i
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, ["rank", "backbone", "weights", "data", "images", "logme", "hscore"],
+    writer = _io.csv_dict_writer(buf, ["rank", "backbone", "weights", "data", "images", "logme", "hscore"],
                             extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)

@@ -273,7 +273,6 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 def write_report(rows: list[dict[str, Any]], out: str | os.PathLike[str],
                  transferability: list[dict[str, Any]] | None = None) -> dict[str, Path]:
     """Write ``summary.csv``, ``report.md`` and the PNGs into ``out``; return their paths."""
-    import csv
     import io
 
     out = Path(out)
@@ -282,7 +281,7 @@ def write_report(rows: list[dict[str, Any]], out: str | os.PathLike[str],
         raise ValueError("no finished cells to report on")
     columns = list(summary[0])
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer = _io.csv_dict_writer(buf, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: "" if v is None else v for k, v in line.items()} for line in summary)
     paths = {"summary": _io.write_text(out / "summary.csv", buf.getvalue())}

@@ -25,6 +25,7 @@ from visiontl.bench.grid import (
     build_datamodule,
     cell_steps,
     check_budgets,
+    check_weights,
     expand_grid,
     shard_cells,
     step_budget,
@@ -244,6 +245,7 @@ def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int
     if devices < 1 or (devices > 1 and launcher != "local"):
         raise BenchError(f"devices must be >= 1 and, above 1, run with the local launcher (got {devices} with "
                          f"{launcher!r}): each cell then spawns its own DDP processes.")
+    check_weights(config)
     check_budgets(config)
     store = BenchStore(out)
     store.claim(config.to_dict())

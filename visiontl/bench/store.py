@@ -11,7 +11,6 @@ add rows to the directory and says which settings differ.
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import os
@@ -80,7 +79,7 @@ class BenchStore:
         lines = text.splitlines(keepends=True)
         if lines and not lines[-1].endswith("\n"):
             lines = lines[:-1]
-        return [row for row in csv.DictReader(io.StringIO("".join(lines))) if row.get("key")]
+        return [row for row in _io.csv_dict_rows(io.StringIO("".join(lines))) if row.get("key")]
 
     def done(self) -> set[str]:
         """Keys of the finished cells."""
@@ -93,7 +92,7 @@ class BenchStore:
             if row["key"] in self.done():
                 return False
             buf = io.StringIO()
-            writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer = _io.csv_dict_writer(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
             new = not self.results.exists() or self.results.stat().st_size == 0
             if new:
                 writer.writeheader()
@@ -115,7 +114,7 @@ class BenchStore:
         """LogME / H-score per (data, backbone) measured by this bench."""
         if not self.scores_path.exists():
             return []
-        return list(csv.DictReader(io.StringIO(self.scores_path.read_text(encoding="utf-8"))))
+        return _io.csv_dict_rows(io.StringIO(self.scores_path.read_text(encoding="utf-8")))
 
     def add_score(self, row: dict[str, Any]) -> None:
         """Record one (data, backbone) score, replacing an earlier one of the same pair."""
@@ -123,7 +122,7 @@ class BenchStore:
             rows = [r for r in self.scores() if (r["data"], r["backbone"]) != (row["data"], row["backbone"])]
             rows.append({k: row.get(k) for k in SCORE_COLUMNS})
             buf = io.StringIO()
-            writer = csv.DictWriter(buf, SCORE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer = _io.csv_dict_writer(buf, SCORE_COLUMNS, extrasaction="ignore", lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
             _io.write_text(self.scores_path, buf.getvalue())

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from visiontl.errors import UserError
+
 __all__ = ["DICOM_EXTENSIONS", "FRAMES", "TIFF_EXTENSIONS", "Frame", "FormatError", "dicom_frames", "dicom_to_float",
            "is_dicom", "read_dicom", "read_dicom_raw", "read_tiff_raw"]
 
@@ -37,7 +39,7 @@ DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
 TIFF_EXTENSIONS = frozenset({".tif", ".tiff"})
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     """A file in a supported format whose content cannot be used; the message says why."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from visiontl.errors import UserError
 from visiontl.data.formats import (
     DICOM_EXTENSIONS,
     FRAMES,
@@ -56,7 +57,7 @@ T = TypeVar("T")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset that cannot be used as given; the message names the path and the fix."""
 
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from visiontl.data.images import DataError, is_image_file
+from visiontl._io import csv_unescape
+from visiontl.data.images import IMAGE_EXTENSIONS, DataError, is_image_file
 
 __all__ = ["SPLIT_DIRS", "CsvRow", "Sample", "canonical_split", "folder_splits", "index_folder", "list_images",
-           "read_csv_rows", "split_folders"]
+           "not_taken", "read_csv_rows", "split_folders"]
 
 Sample = tuple[Path, str]
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -131,7 +132,8 @@ def read_csv_rows(
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             columns = list(reader.fieldnames or [])
-            rows = list(reader)
+            # cells visiontl escaped against spreadsheet formulas (a run's splits.csv) read back as written
+            rows = [{k: csv_unescape(v) for k, v in row.items()} for row in reader]
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path} is not a readable CSV file ({err}).") from err
     required = (path_column, label_column, group_column, None if split_column == "split" else split_column)
@@ -160,3 +162,59 @@ def _locate(base: Path, name: str, image_dirs: Sequence[str]) -> Path:
         if candidate.is_file():
             return candidate
     return base / (image_dirs[0] if image_dirs else "") / name
+
+
+def _odd_entry(path: Path) -> str | None:
+    """Why an entry named like an image is not a file a data set can take (None: a regular file)."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"a dangling symlink (to {os.readlink(path)}, which does not exist)"
+        return "vanished while the folder was listed"
+    except OSError as err:  # a symlink loop, a permission denied on the way
+        return f"cannot be opened ({err.strerror or type(err).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file")
+    return f"{kind}, not an image file"
+
+
+def not_taken(root: str | os.PathLike[str], taken: Iterable[str | os.PathLike[str]]) -> list[tuple[Path, str]]:
+    """Entries under the folder data set ``root`` named like images that are not among ``taken``
+    (the files its splits list), each with why: a dangling symlink, a folder, a FIFO, a socket or
+    device named ``*.png``, an image directly in ``root`` or a split folder (not in a class folder),
+    or one in a folder the layout ignores. Hidden names (``.x.png``, ``.cache/``) are ignored, as
+    the layout ignores them. What ``check-data`` (warning ``not_taken``) and ``prepare-data``
+    (``skipped``) name, so no file is dropped silently."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return []
+    kept = {os.path.abspath(p) for p in taken}
+    splits = {p for p in split_folders(root).values() if p is not None}
+    parents = splits or {root}  # the folders whose sub-folders are classes
+    out: list[tuple[Path, str]] = []
+    for folder, dirs, files in os.walk(root):  # a symlinked folder is not walked into: nothing in it is named
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        here = Path(folder)
+        odd_dirs = [] if here in parents else [d for d in dirs if Path(d).suffix.lower() in IMAGE_EXTENSIONS]
+        for name in sorted([*files, *odd_dirs]):
+            path = here / name
+            if name.startswith(".") or os.path.abspath(path) in kept:
+                continue
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                odd = _odd_entry(path)
+                if odd is not None:
+                    out.append((path, odd))
+                    continue
+            elif not is_image_file(path):  # extension-less: a DICOM only (never opened unless a regular file)
+                continue
+            if here in parents:
+                out.append((path, f"not in a class folder: move it to {here}/<class>/"))
+            else:
+                out.append((path, "outside train/, val/ and test/ (the only folders read when train/ exists)"))
+    return out

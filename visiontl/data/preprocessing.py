@@ -24,16 +24,22 @@ nothing but the standard library, so the predictor can use it without torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "Preprocessing"]
+__all__ = ["BIT_DEPTHS", "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "NORMALIZATIONS", "Preprocessing"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = ("backbone", "dataset", "given")
 """Where ``mean`` / ``std`` come from: the backbone's pretraining, the training images, the user."""
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area", "box", "hamming", "lanczos")
+"""Resize interpolations a preprocessing record may name (timm's, plus OpenCV's ``area``)."""
+BIT_DEPTHS = (8, 16, 32, 64)
+"""Bits per stored sample a preprocessing record may name (8- and 16-bit integers, 32 for floats
+and 32-bit integers, 64 for 64-bit integer images)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,14 @@ class Preprocessing:
             problems.append(f"crop_pct {self.crop_pct} must be in (0, 1]")
         if self.normalization not in NORMALIZATIONS:
             problems.append(f"normalization {self.normalization!r} must be one of {', '.join(NORMALIZATIONS)}")
+        # bounded here, where a checkpoint's or an ONNX file's record is read back (from_dict):
+        # a record is someone else's data
+        if not all(math.isfinite(v) for v in (*mean, *std)):
+            problems.append(f"mean {list(mean)} and std {list(std)} must be finite")
+        if self.interpolation not in INTERPOLATIONS:
+            problems.append(f"interpolation {self.interpolation!r} must be one of {', '.join(INTERPOLATIONS)}")
+        if isinstance(self.bit_depth, bool) or self.bit_depth not in BIT_DEPTHS:
+            problems.append(f"bit_depth {self.bit_depth!r} must be one of {', '.join(map(str, BIT_DEPTHS))}")
         if problems:
             raise ValueError(f"Invalid preprocessing: {'; '.join(problems)}.")
         object.__setattr__(self, "in_chans", int(self.in_chans))

@@ -15,7 +15,7 @@ import numpy as np
 
 from visiontl.data.images import DataError, ImageReadError, read_image
 
-__all__ = ["decode_image", "encode_image", "encode_sample", "read_log"]
+__all__ = ["decode_image", "encode_image", "encode_sample", "named_bomb", "read_log"]
 
 
 # -- the stored image -------------------------------------------------------------------------
@@ -72,26 +72,65 @@ def _resize(image: np.ndarray, short_side: int | None) -> np.ndarray:
     return cv2_resize(image, size[1], size[0], cv2.INTER_AREA)
 
 
+def _stop_flag(log_dir: str) -> Path:
+    return Path(log_dir) / "stop"
+
+
+def named_bomb(err: ImageReadError, max_pixels: int | None) -> ImageReadError:
+    """``err`` in :func:`~visiontl.data.images.check_pixels`' words (the size and the pixel limit)
+    when Pillow refused the file as a decompression bomb; ``err`` itself otherwise. The header is
+    read with Pillow's own limit lifted for that one ``open`` (nothing is decoded)."""
+    from PIL import Image
+
+    from visiontl.data.images import check_pixels, pixel_limit
+
+    if not isinstance(err.__cause__, Image.DecompressionBombError):
+        return err
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(err.path) as im:
+            width, height = im.size
+    except Exception:  # noqa: BLE001 - the original reason stands
+        return err
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+    try:
+        check_pixels(err.path, height, width, pixel_limit(max_pixels))
+    except ImageReadError as named:
+        return named
+    return err  # allowed by max_pixels, refused by Pillow's own limit: its reason says so
+
+
 def encode_sample(item: tuple[int, str, int, Any], short_side: int | None, max_pixels: int | None, log_dir: str,
                    skip_bad: bool) -> dict[str, Any] | None:
     """LitData's ``fn``: one listing entry ``(index, path, label, frame)`` -> a stored sample; the
-    per-channel sums and anything left out go to this process's log (``log_dir/<pid>.jsonl``)."""
+    per-channel sums and anything left out go to this process's log (``log_dir/<pid>.jsonl``).
+
+    It never raises (LitData would print its worker's traceback chain and stop with all of it as
+    the message): an unreadable image is logged as ``bad``, any other failure as ``error``, and
+    :func:`~visiontl.data.streaming.prepare_data` decides. Without ``skip_bad`` the first of either
+    also leaves a stop flag in ``log_dir``, so the remaining entries of every worker pass without
+    being decoded (an ``error`` stops it in either mode)."""
     index, path, label, frame = item
     record: dict[str, Any] = {"index": index}
+    sample = None
+    if _stop_flag(log_dir).exists():
+        return None  # the preparation already failed: no work left to do
     try:
         image = read_image(path, max_pixels, frame)
-    except ImageReadError as err:
-        if not skip_bad:
-            raise
-        record["bad"] = str(err)
-        sample = None
-    else:
         image = _resize(image if image.ndim == 3 else image[:, :, None], short_side)
         data, codec, bits = encode_image(image)
         pixels = image.reshape(-1, image.shape[-1]).astype(np.float64)
         record.update(channels=int(image.shape[-1]), bits=bits, sum=pixels.sum(0).tolist(),
                       sumsq=(pixels**2).sum(0).tolist(), pixels=len(pixels))
         sample = {"image": data, "codec": codec, "label": int(label), "index": int(index)}
+    except ImageReadError as err:
+        record["bad"] = named_bomb(err, max_pixels).reason
+    except Exception as err:  # noqa: BLE001 - reported by the main process as one line
+        record["error"] = f"{path}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    if "error" in record or ("bad" in record and not skip_bad):
+        _stop_flag(log_dir).touch()
     with open(Path(log_dir) / f"{os.getpid()}.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
     return sample

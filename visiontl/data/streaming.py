@@ -43,6 +43,7 @@ META = "visiontl.json"
 FORMAT = 1
 SPLITS = ("train", "val", "test")
 _REMOTE = ("s3://", "gs://", "r2://", "azure://", "hf://")
+_LISTED = 20  # files left out that prepare-data prints (all are in visiontl.json)
 
 
 def _litdata() -> Any:
@@ -118,16 +119,57 @@ def _check_out(out: str, overwrite: bool) -> None:
     local = _local(out)
     if local is None:
         return  # object storage: LitData's optimize refuses a non-empty prefix itself unless overwriting
+    from visiontl._io import remove_stale_temps
+
+    remove_stale_temps(local)  # the staging folder of a killed preparation
     if local.exists() and not local.is_dir():
         raise DataError(f"{out} is a file; give prepare-data a folder to write the data set to.")
-    if local.is_dir() and any(local.iterdir()):
-        if not overwrite:
-            what = "a prepared data set" if (local / META).exists() else "files"
-            raise DataError(f"{out} already holds {what}; nothing was changed. Give another OUT, or pass --overwrite "
-                            f"to replace it.")
-        (local / META).unlink(missing_ok=True)  # unfinished from now until the new one is written
-        for split in SPLITS:
-            shutil.rmtree(local / split, ignore_errors=True)
+    if local.is_dir() and any(local.iterdir()) and not overwrite:
+        what = "a prepared data set" if (local / META).exists() else "files"
+        raise DataError(f"{out} already holds {what}; nothing was changed. Give another OUT, or pass --overwrite "
+                        f"to replace it.")
+
+
+def _stage(out: str) -> Path | None:
+    """A new folder beside a local ``out`` that the splits are written to (None for object storage):
+    ``out`` changes only once every split is written, so a failed or killed preparation leaves it as
+    it was (a killed one's folder is removed by the next preparation of ``out``)."""
+    local = _local(out)
+    if local is None:
+        return None
+    local = local.absolute()
+    local.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{local.name}.tmp-{os.getpid()}-", dir=local.parent))
+    from visiontl._io import current_umask
+
+    os.chmod(stage, 0o777 & ~current_umask())
+    return stage
+
+
+def _publish(stage: Path, out: str, written: list[str]) -> None:
+    """Move the staged splits into ``out``, replacing the data set there (``visiontl.json`` comes
+    after, written last); files of ``out`` other than a data set's are kept."""
+    local = _local(out)
+    assert local is not None
+    local.mkdir(parents=True, exist_ok=True)
+    (local / META).unlink(missing_ok=True)  # unfinished from now until the new one is written
+    for split in SPLITS:
+        shutil.rmtree(local / split, ignore_errors=True)
+    for split in written:
+        os.replace(stage / split, local / split)
+
+
+def _worker_error(err: BaseException) -> str:
+    """The first exception's ``Type: message`` line of LitData's flattened worker traceback(s),
+    or the error's own text when it holds none."""
+    import re
+
+    text = str(err)
+    for line in text.splitlines():
+        found = re.match(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.+)$", line.strip())
+        if found and "Traceback" not in line:
+            return f"{found.group(1).rsplit('.', 1)[-1]}: {found.group(2)}"
+    return f"{type(err).__name__}: {' '.join(text.split())[:300]}"
 
 
 # -- prepare ----------------------------------------------------------------------------------
@@ -176,15 +218,19 @@ def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float =
         image_size: store images resized once (shorter side ``ceil(1.15 * image_size)``, aspect
             kept); ``None`` keeps full resolution.
         on_bad_image: ``error`` stops at an unreadable file, naming it; ``skip`` leaves it out and
-            lists it in ``visiontl.json`` (``skipped``).
+            lists it in ``visiontl.json`` (``skipped``). Entries a folder's layout does not take
+            (dangling symlinks, folders or FIFOs named like images, images outside the class
+            folders: :func:`visiontl.data.layout.not_taken`) are listed there in either case, and
+            printed by :func:`describe`.
         chunk_bytes: size of LitData's shards (``"64MB"``: a few hundred to a few thousand images each).
         num_workers: processes decoding images (default: the machine's cores).
         overwrite: replace a data set (or other files) already in ``out``; without it they are kept
-            and nothing is written.
+            and nothing is written. A local ``out`` is written to a folder beside it and changes only
+            once every split is written: a failure leaves it as it was.
         csv_options: more :class:`~visiontl.data.CsvDataModule` arguments for a CSV source
             (``path_column``, ``label_column``, ``root``, ``split_column``...).
     """
-    litdata = _litdata()
+    _litdata()  # the extra is there, before anything is read
     if on_bad_image not in ("error", "skip"):
         raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
     if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
@@ -193,15 +239,56 @@ def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float =
                  max_pixels=max_pixels, **(csv_options or {}))
     dm._check_layout()  # headers, counts, leakage: stops before anything is written
     _check_out(out, overwrite)
+    stage = _stage(out)
+    try:
+        meta = _prepare(dm, src, out, stage, image_size=image_size, on_bad_image=on_bad_image, max_pixels=max_pixels,
+                        chunk_bytes=chunk_bytes, num_workers=num_workers, storage_options=storage_options)
+        if stage is not None:
+            _publish(stage, out, list(meta["splits"]))
+        _write_meta(out, meta, storage_options)  # last: its presence means "finished"
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+    return meta
+
+
+def _left_out(dm: Any, src: str | os.PathLike[str]) -> list[list[str]]:
+    """``[path, why]`` of the files the source lists or holds that are not prepared before any is
+    decoded: CSV rows whose file is missing (under ``skip``), and for a folder, every entry named
+    like an image that its layout does not take (:func:`visiontl.data.layout.not_taken`: dangling
+    symlinks, folders or FIFOs named ``*.png``, images outside the class folders)."""
+    from visiontl.data.layout import not_taken
+
+    out = [[str(p), str(why)] for p, why in getattr(dm, "skipped", [])]
+    path = Path(src).expanduser()
+    if path.is_dir():
+        taken = [p for items in dm.splits.values() for p, _ in items]
+        out += [[str(p), why] for p, why in not_taken(path, taken)]
+    return out
+
+
+def _stopped(src: Any, out: str, split: str, what: str) -> DataError:
+    left = f"nothing was written to {out}" if _local(out) is not None else f"{out} holds no finished data set"
+    return DataError(f"prepare-data stopped at the {split} split of {src}: {what.rstrip('.')}. {left[0].upper()}"
+                     f"{left[1:]}.")
+
+
+def _prepare(dm: Any, src: str | os.PathLike[str], out: str, stage: Path | None, *, image_size: int | None,
+             on_bad_image: str, max_pixels: int | None, chunk_bytes: str | int, num_workers: int | None,
+             storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """Write every split to ``stage`` (``out`` itself for object storage) and return the metadata."""
+    from visiontl.data.images import bad_image_line
     from visiontl.data.presize import presized_side
 
+    litdata = _litdata()
+    target = str(stage) if stage is not None else out
     short_side = presized_side(int(image_size)) if image_size is not None else None
     classes = dm.class_names
     label_of = {c: i for i, c in enumerate(classes)}
     base = Path(src).expanduser()
     base = base.parent if base.is_file() else base
     meta: dict[str, Any] = {"format": FORMAT, "source": str(src), "classes": classes, "image_size": image_size,
-                            "stored_short_side": short_side, "splits": {}, "skipped": []}
+                            "stored_short_side": short_side, "splits": {}, "skipped": _left_out(dm, src)}
     stats: dict[int, np.ndarray] = {}
     depth = 8
     workers = int(num_workers) if num_workers is not None else max(1, os.cpu_count() or 1)
@@ -214,30 +301,39 @@ def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float =
             fn = functools.partial(encode_sample, short_side=short_side, max_pixels=max_pixels, log_dir=log_dir,
                                    skip_bad=on_bad_image == "skip")
             method = multiprocessing.get_start_method(allow_none=True)
+            crashed: Exception | None = None
             try:
-                litdata.optimize(fn=fn, inputs=inputs, output_dir=_join(out, split), chunk_bytes=chunk_bytes,
+                litdata.optimize(fn=fn, inputs=inputs, output_dir=_join(target, split), chunk_bytes=chunk_bytes,
                                  num_workers=min(workers, len(inputs)), reorder_files=False, mode="overwrite",
                                  storage_options=storage_options or {}, verbose=len(inputs) >= 300)
-            except Exception as err:
-                raise DataError(f"prepare-data stopped while writing the {split} split of {src} to {out} ({err}); "
-                                f"{out} holds no finished data set. Fix the file(s) named above, or pass "
-                                f"--on-bad-image skip to leave unreadable images out.") from err
+            except Exception as err:  # LitData's own failure (the workers log the images'): said after theirs
+                crashed = err
             finally:  # LitData sets the process-wide start method (spawn): the caller's comes back
                 multiprocessing.set_start_method(method, force=True)
             records = read_log(Path(log_dir))
-        if not records:
-            raise DataError(f"prepare-data: LitData's worker processes wrote none of the {len(inputs)} {split} images "
-                            f"to {out}; their errors are printed above. They are started with spawn, which imports "
-                            f"the calling script again: call prepare_data under `if __name__ == \"__main__\":` "
-                            f"(or use `visiontl prepare-data`). {out} holds no finished data set.")
-        kept = [i for i in range(len(inputs)) if "bad" not in records.get(i, {"bad": ""})]
-        kept_set = set(kept)
-        bad = [(str(refs[i][0]), records.get(i, {}).get("bad") or _why_missing(refs[i][0], refs[i][2], max_pixels))
-               for i in range(len(inputs)) if i not in kept_set]
+        failed = [r["error"] for _, r in sorted(records.items()) if "error" in r]
+        if failed:
+            raise _stopped(src, out, split, failed[0]) from crashed
+        bad = [(str(refs[i][0]), records[i]["bad"]) for i in sorted(records) if "bad" in records[i]]
         if bad and on_bad_image == "error":
-            raise DataError(f"{len(bad)} image(s) of the {split} split were not written: "
-                            + "; ".join(f"{p} ({r})" for p, r in bad[:10]))
-        meta["skipped"] += [[p, r] for p, r in bad]
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise _stopped(src, out, split, "; ".join(bad_image_line(p, r) for p, r in bad[:3]) + more
+                           + ". Replace or delete the file(s), or pass --on-bad-image skip (on_bad_image='skip') to "
+                           "leave unreadable images out, listed") from crashed
+        if not records:
+            said = f" ({_worker_error(crashed)})" if crashed is not None else ""
+            raise DataError(f"prepare-data: LitData's worker processes wrote none of the {len(inputs)} {split} images "
+                            f"to {out}{said}. They are started with spawn, which imports the calling script again: "
+                            f"call prepare_data under `if __name__ == \"__main__\":` (or use `visiontl prepare-data`). "
+                            f"{out} holds no finished data set.") from crashed
+        if crashed is not None:
+            raise _stopped(src, out, split, _worker_error(crashed)) from crashed
+        kept = [i for i in range(len(inputs)) if i in records and "bad" not in records[i]]
+        lost = [(str(refs[i][0]), _why_missing(refs[i][0], refs[i][2], max_pixels))
+                for i in range(len(inputs)) if i not in records]
+        if lost and on_bad_image == "error":
+            raise _stopped(src, out, split, "; ".join(bad_image_line(p, r) for p, r in lost[:3]))
+        meta["skipped"] += [[p, r] for p, r in bad + lost]
         counts = [0] * len(classes)
         for i in kept:
             counts[inputs[i][2]] += 1
@@ -248,7 +344,7 @@ def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float =
                 sums += np.concatenate([record["sum"], record["sumsq"],
                                         [record["pixels"]] * int(record["channels"])])
         if split == "train" and not kept:
-            raise DataError(f"Every training image of {src} was unreadable; nothing to prepare.")
+            raise _stopped(src, out, split, "every training image was unreadable, nothing to prepare")
         meta["splits"][split] = {
             "n": len(kept), "class_counts": counts,
             "names": [_name(Path(p), base) for p, _, _ in refs],  # by the samples' ``index``
@@ -266,7 +362,6 @@ def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float =
                                      "std": np.where(std > 1e-6, std, 1.0).round(6).tolist(),
                                      "pixels": int(pixels[0])}
     meta["channels"] = max((int(c) for c in meta["stats"]), default=3)
-    _write_meta(out, meta, storage_options)
     return meta
 
 
@@ -433,6 +528,10 @@ def describe(meta: dict[str, Any]) -> str:
         lines.append(f"{split}: {info['n']} images")
     lines.append(f"channels {meta['channels']}, {meta['bit_depth']}-bit"
                  + (f", stored at shorter side {meta['stored_short_side']} px" if meta.get("stored_short_side") else ""))
-    if meta["skipped"]:
-        lines.append(f"{len(meta['skipped'])} unreadable image(s) left out (listed in {META}: skipped)")
+    skipped = meta["skipped"]
+    if skipped:
+        lines.append(f"{len(skipped)} file(s) left out (listed in {META}: skipped):")
+        lines += [f"  {path}: {why}" for path, why in skipped[:_LISTED]]
+        if len(skipped) > _LISTED:
+            lines.append(f"  ... and {len(skipped) - _LISTED} more")
     return "\n".join(lines)

@@ -25,13 +25,14 @@ from typing import Any, ClassVar
 from pytorch_lightning import Callback
 from torch import nn
 
+from visiontl.errors import UserError
 from visiontl.backbones import LayerGroup
 
 __all__ = ["Discriminative", "GroupPlan", "Strategy", "StrategyError", "decays", "discriminative_lrs",
            "no_weight_decay_names", "set_trainable"]
 
 
-class StrategyError(ValueError):
+class StrategyError(UserError):
     """A strategy that cannot be applied as configured."""
 
 

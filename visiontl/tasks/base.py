@@ -7,6 +7,7 @@ Subclasses fill the torchgeo-style hooks ``configure_models``, ``configure_losse
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Any
 
@@ -61,6 +62,35 @@ class BaseTask(pl.LightningModule):
         self.set_trainable_groups(self.strategy.initial_trainable(self.groups))
         self.configure_losses()
         self.configure_metrics()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, with the checkpoint read as data.
+
+        The file is read by :func:`visiontl.checkpoints.read_checkpoint` first (``weights_only``;
+        a pickle or a damaged file is one line naming it). Its recorded strategy is rebuilt from the
+        registered strategies only (Lightning would hand the recorded ``class_path`` to the task,
+        which imports it), and the model is built without pretrained weights (the checkpoint
+        brings its own; a recorded ``weights`` path is never read). Keyword arguments still
+        override the recorded hyper-parameters, as in Lightning.
+        """
+        import inspect
+
+        from visiontl.checkpoints import read_checkpoint, task_spec
+        from visiontl.cli_checkpoint import weights_only_kwargs
+
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            hp = read_checkpoint(checkpoint_path, mmap=True)["hyper_parameters"]
+            if "strategy" not in kwargs and "backbone" in hp:
+                _, kwargs["strategy"] = task_spec(hp, str(checkpoint_path))
+        params = inspect.signature(cls.__init__).parameters
+        for name, value in (("pretrained", False), ("weights", None)):
+            if name in params:
+                kwargs.setdefault(name, value)
+        load = super().load_from_checkpoint
+        return load(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
+                    **weights_only_kwargs(load), **kwargs)
 
     # -- hooks for subclasses -----------------------------------------------------------------
     def configure_models(self) -> None:

@@ -24,13 +24,14 @@ from torchmetrics.classification import (
 from visiontl.backbones import create_backbone, layer_groups
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.delta import DeltaCheckpoint, base_record
+from visiontl.errors import one_line
 from visiontl.features import (
     classify_features,
     feature_width,
     supports_features,
 )
 from visiontl.speed import channels_last_input, is_cnn
-from visiontl.strategies import Strategy, StrategyError, get_strategy, replace_classifier
+from visiontl.strategies import Strategy, replace_classifier
 from visiontl.strategies.regularizers import l2sp_penalty
 from visiontl.weights import classifier_names
 from visiontl.tasks.base import BaseTask
@@ -347,7 +348,8 @@ class ClassificationTask(BaseTask):
                                   "base_weights": self.base_weights}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        recorded = (checkpoint.get("visiontl") or {}).get("base_weights")
+        record = checkpoint.get("visiontl")
+        recorded = record.get("base_weights") if isinstance(record, dict) else None
         if isinstance(recorded, dict) and {"sha256", "source"} <= set(recorded):
             self.base_weights = {"sha256": str(recorded["sha256"]), "source": str(recorded["source"])}
 
@@ -372,15 +374,27 @@ class ClassificationTask(BaseTask):
     def from_checkpoint(cls, path: str | os.PathLike[str], map_location: str = "cpu") -> ClassificationTask:
         """Load a trained task from a Lightning checkpoint without unpickling anything.
 
-        The checkpoint is read with ``torch.load(weights_only=True)``; the backbone is rebuilt
-        from the saved hyper-parameters with no download and no weights file.
+        The checkpoint is read by :func:`visiontl.checkpoints.read_checkpoint`
+        (``torch.load(weights_only=True)``); the backbone is rebuilt from the saved
+        hyper-parameters with no download and no weights file.
+
+        Raises:
+            CheckpointError: the file is missing, not a torch checkpoint, pickles objects, is not
+                a visiontl task's checkpoint, or its tensors do not fit the model it describes
+                (one line naming the file, and the field or tensor).
         """
+        from visiontl.checkpoints import CheckpointError
+
         ckpt, hp, strategy = _read_checkpoint(path, map_location)
         hp.update(pretrained=False, weights=None)
-        task = cls(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
+        task = _build_task(cls, path, hp, strategy)
         # the classifier network only: training-time modules (a domain discriminator...) stay behind
-        task.load_state_dict({k: v for k, v in ckpt["state_dict"].items()
-                              if k.startswith("model.") or k == "class_weight"})
+        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.") or k == "class_weight"}
+        try:
+            task.load_state_dict(state)
+        except RuntimeError as err:  # keys or shapes that do not fit: one line naming the first
+            raise CheckpointError(f"{path}: {_misfit(state, task.state_dict()) or one_line(err, 300)}; its state_dict "
+                                  f"does not fit the model its hyper_parameters describe (damaged or edited).") from err
         task.on_load_checkpoint(ckpt)  # the base weights it was trained on, not the random ones rebuilt here
         return task.eval()
 
@@ -413,23 +427,41 @@ class ClassificationTask(BaseTask):
 def _read_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu"
                      ) -> tuple[dict[str, Any], dict[str, Any], Strategy]:
     """A visiontl checkpoint's contents, hyper-parameters and strategy (registered strategies only:
-    a checkpoint never makes visiontl import anything), read with ``weights_only=True``."""
-    from visiontl.weights import WeightsError
+    a checkpoint never makes visiontl import anything), read by :mod:`visiontl.checkpoints`."""
+    from visiontl.checkpoints import read_checkpoint, task_spec
+
+    ckpt = read_checkpoint(path, map_location)
+    hp, strategy = task_spec(ckpt["hyper_parameters"], str(path))
+    return ckpt, hp, strategy
+
+
+def _misfit(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor of ``state`` whose shape differs from ``expected`` (both shapes), or the names
+    missing or left over; None when the names and shapes agree."""
+    for name, value in state.items():
+        if name in expected and tuple(value.shape) != tuple(expected[name].shape):
+            return f"tensor {name} has shape {list(value.shape)} but the model has {list(expected[name].shape)}"
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    parts = ([f"it lacks {', '.join(missing[:5])}"] if missing else []) + (
+        [f"it has tensors the model has no place for ({', '.join(unexpected[:5])})"] if unexpected else [])
+    return " and ".join(parts) or None
+
+
+def _build_task(cls: type, path: str | os.PathLike[str], hp: dict[str, Any], strategy: Strategy) -> Any:
+    """``cls`` rebuilt from recorded hyper-parameters; a value it refuses is a
+    :class:`~visiontl.checkpoints.CheckpointError` naming ``path``."""
+    from visiontl.checkpoints import CheckpointError
+    from visiontl.errors import UserError
 
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError as err:
-        raise WeightsError(f"Checkpoint {path} does not exist.") from err
-    hp = dict(ckpt.get("hyper_parameters") or {})
-    if "state_dict" not in ckpt or "backbone" not in hp:
-        raise WeightsError(
-            f"{path} is not a visiontl ClassificationTask checkpoint (no hyper_parameters / state_dict)."
-        )
-    try:
-        strategy = get_strategy(dict(hp.pop("strategy", None) or {"name": "probe"}), trusted=False)
-    except StrategyError as err:
-        raise WeightsError(f"{path}: {err}") from err
-    return ckpt, hp, strategy
+        task = cls(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
+        task.preprocessing  # noqa: B018 - the recorded preprocessing, checked now rather than at export
+    except UserError as err:
+        raise CheckpointError(f"{path}: {one_line(err)}") from err
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, IndexError) as err:
+        raise CheckpointError(f"{path}: its hyper_parameters do not rebuild a model ({type(err).__name__}: "
+                              f"{one_line(err, 200)}); the checkpoint is damaged or was edited.") from err
+    return task
 
 
 def _init_args(cls: type) -> frozenset[str]:
