@@ -264,6 +264,10 @@ def test_a_failed_report_write_keeps_the_old_file(tmp_path: Path, monkeypatch: p
     (["--model.init_args.strategy", "gradul"], ["gradul", "gradual"]),
     (["--model.init_args.backbone", "test_resnett"], ["test_resnett", "test_resnet"]),
     (["--trainer.max_stps", "3"], ["--trainer.max_stps", "trainer.max_steps"]),
+    (["--trainer.max_steps", "abc"], ["trainer.max_steps", "'abc'", "int"]),
+    (["--data.init_args.image_size", "abc"], ["data.init_args.image_size", "'abc'", "int or None"]),
+    (["--data.init_args.root", "/nonexistent-visiontl"], ["/nonexistent-visiontl"]),
+    (["--trainer.logger.init_args.name", "never_ran", "--ckpt_path", "last"], ["Nothing to resume", "never_ran"]),
 ])
 def test_fit_typos_are_one_line_with_the_closest_name(extra: list[str], named: list[str], shapes_root: Path,
                                                       tmp_path: Path) -> None:
@@ -319,6 +323,14 @@ def test_an_unexpected_error_is_two_lines_pointing_to_debug(monkeypatch: pytest.
     result = run_cli("doctor")
     message = assert_one_line_failure(result, "RuntimeError", "boom", rc=1)
     assert "--debug" in message
+
+
+def test_an_unwritable_output_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    target = blocker / "report.json"  # a folder that cannot exist: its parent is a file
+    assert_one_line_failure(run_cli("doctor", "--json", target), target, rc=2)
+    assert blocker.read_text() == "x"
 
 
 def test_a_bad_option_of_an_argparse_command_is_one_line() -> None:

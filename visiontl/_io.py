@@ -35,12 +35,16 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
             which pick a format from the extension, like matplotlib, still work).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix if suffix is not None else path.suffix,
-        dir=path.parent,
-    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix if suffix is not None else path.suffix,
+            dir=path.parent,
+        )
+    except OSError as err:  # no folder can be made there, or no file created in it
+        raise WriteError(err.errno, f"could not write {path}: cannot create a file in {path.parent} "
+                                    f"({describe_os_error(err)}); choose another folder") from err
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp's 0600 would stay on the final file

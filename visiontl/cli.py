@@ -149,8 +149,8 @@ def _prepare_data(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
     _csv_arguments(parser)
     args = parser.parse_args(argv)
-    from visiontl.data.images import DataError
     from visiontl.data.streaming import describe, prepare_data
+    from visiontl.errors import UserError
 
     csv = {"path_column": args.path_column, "label_column": args.label_column, "suffix": args.suffix,
            "image_dirs": args.image_dirs or None, "root": args.root} if args.src.lower().endswith(".csv") else None
@@ -159,9 +159,8 @@ def _prepare_data(argv: Sequence[str]) -> int:
                             image_size=args.image_size, on_bad_image=args.on_bad_image, frames=args.frames,
                             chunk_bytes=args.chunk_bytes, num_workers=args.workers, overwrite=args.overwrite,
                             csv_options=csv)
-    except (DataError, ImportError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    except ImportError as err:  # the stream extra is not installed: the message says what to install
+        raise UserError(str(err)) from err
     print(describe(meta))
     print(f"prepared: {args.out} (train with --data visiontl.data.StreamingDataModule "
           f"--data.init_args.input_dir {args.out})")

@@ -24,6 +24,8 @@ _BAD_IMPORT = re.compile(r"Problem with given class_path '([\w.]+)':\s*(?:No mod
 _NOT_OPTION = re.compile(r"does not accept option '([\w.]+)'")
 _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.+)")
 _PARSER_KEY = re.compile(r'Parser key "([\w.]+)"')
+_EXPECTED = re.compile(r"Expected a <class '(\w+)'>")
+_GOT = re.compile(r"(?:Got value|Given value): (.+)")
 _PROBLEM = re.compile(r"Problem with given class_path '([\w.]+)':\s*\n?\s*(.+)")
 
 
@@ -85,6 +87,15 @@ def explain_parse_error(err: BaseException, known_keys: Iterable[str] = (), comm
         flag = next((f for f in flags if f.startswith("--")), flags[0])
         key = flag.lstrip("-").split("=", 1)[0]
         return f"unknown option {flag}.{_close(key, known_keys)} ({help_hint})"
+    if types := list(dict.fromkeys(_EXPECTED.findall(text))):  # a value of the wrong type
+        keys = _PARSER_KEY.findall(text)
+        key = f"{keys[0]}.init_args.{keys[-1]}" if len(keys) > 1 and keys[0] in ("model", "data") else keys[-1] \
+            if keys else "a value"
+        tail = text[text.rfind(f'Parser key "{keys[-1]}"'):] if keys else text
+        value = _GOT.search(tail)
+        given = f" {one_line(value.group(1), 80)!r}" if value else ""
+        wanted = " or ".join("None" if t == "NoneType" else t for t in types)
+        return f"{key}: the value{given} is not valid; it takes {wanted} ({help_hint})"
     if m := _PROBLEM.search(text):
         return f"{section}: {m.group(1)}: {one_line(m.group(2), 300)} ({help_hint})"
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)

@@ -109,7 +109,7 @@ def _fmt(value: Any) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``visiontl demo``: build the tiles, train, print the comparison table."""
     parser = CommandParser(prog="visiontl demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--strategies", default=",".join(DEFAULTS["strategies"]),
                         help="comma-separated strategies (default: %(default)s)")

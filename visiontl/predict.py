@@ -424,7 +424,7 @@ class Predictor:
 def main(argv: Sequence[str] | None = None) -> int:
     """``visiontl predict-onnx model.onnx IMAGES... [--out preds.csv]``; exit 1 if any file failed."""
     parser = CommandParser(prog="visiontl predict-onnx",
-                                     description="Predict images with an exported model (ONNX Runtime only).")
+                           description="Predict images with an exported model (ONNX Runtime only).")
     parser.add_argument("model", help="an .onnx file written by `visiontl export`")
     parser.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--out", help="write a CSV here instead of printing")

@@ -2,7 +2,8 @@
 
 :func:`quiet` is a context manager (nothing changes outside it, and what it changed is put back):
 
-- always: Lightning's advertising tips (``💡 Tip: ... litlogger``), deprecation warnings raised
+- always: Lightning's advertising tips (``💡 Tip: ... litlogger``) and its device lines (``GPU
+  available: False``: ``visiontl doctor`` reports the devices), deprecation warnings raised
   by dependencies (``DeprecationWarning`` / ``PendingDeprecationWarning`` / ``FutureWarning`` from
   any module outside visiontl) and Lightning's warnings about choices visiontl makes on purpose
   (loader workers, logging interval, a run directory reused on resume) are dropped;
@@ -43,9 +44,15 @@ NOISE = (  # Lightning's warnings about settings visiontl chooses deliberately
 _LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 
 
+_DROPPED_PREFIXES = (
+    "\N{ELECTRIC LIGHT BULB} Tip:",  # advertising
+    "GPU available:", "TPU available:", "HPU available:", "IPU available:",  # `visiontl doctor` reports devices
+)
+
+
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+        return not str(record.msg).startswith(_DROPPED_PREFIXES)
 
 
 @contextmanager

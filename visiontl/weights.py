@@ -104,8 +104,11 @@ def _read(path: Path) -> Any:
             "pickles. To convert it, load it yourself in a trusted environment and save only the "
             "weights, e.g. `safetensors.torch.save_file(model.state_dict(), 'model.safetensors')`."
         ) from e
-    except Exception as e:
-        raise WeightsError(f"cannot read {path} as a torch or safetensors weight file: {e}") from e
+    except Exception as e:  # torch's zip / legacy readers fail on other files with IndexError, RuntimeError...
+        raise WeightsError(
+            f"{path} is not a torch or safetensors weight file ({type(e).__name__}: {' '.join(str(e).split())[:160]}). "
+            f"Give a .safetensors file or a state dict saved with torch.save."
+        ) from e
 
 
 def _tensors(obj: Any) -> StateDict:

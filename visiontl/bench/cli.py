@@ -122,8 +122,8 @@ def bench_main(argv: Sequence[str]) -> int:
 
 def _report_main(argv: Sequence[str]) -> int:
     parser = CommandParser(prog="visiontl bench report",
-                                     description="Merge the results of bench directories (shards of one grid) and "
-                                                 "write summary.csv, report.md and the plots.")
+                           description="Merge the results of bench directories (shards of one grid) and "
+                                       "write summary.csv, report.md and the plots.")
     parser.add_argument("dirs", nargs="+", help="bench directories of one grid")
     parser.add_argument("--out", help="where the report goes (default: the first directory)")
     parser.add_argument("--partial", action="store_true", help="report even when cells of the grid are missing")
