@@ -20,7 +20,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataModule, auto_batch_size
 from visiontl.quiet import StepProgress, quiet
 from visiontl.resume import RunLogger, resolve_last
-from visiontl.run import checkpoint_record, discard_if_empty
+from visiontl.checkpoints import checkpoint_record
+from visiontl.run import discard_if_empty
 from visiontl.speed import auto_precision
 from visiontl.strategies import Strategy
 from visiontl.tasks import ClassificationTask

@@ -33,6 +33,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from visiontl.checkpoints import kept_model
+
 __all__ = ["Forgetting", "imagenet_classifier", "linear_cka", "linear_probe_accuracy", "retain_datamodule",
            "weight_drift"]
 
@@ -167,7 +169,7 @@ class Forgetting(pl.Callback):
             return
         from visiontl.features import split_features, supports_features
 
-        tuned = _kept_model(trainer, pl_module)
+        tuned = kept_model(trainer, pl_module, merge=True)[0]
         pretrained = copy.deepcopy(tuned)
         own = pretrained.state_dict()
         kept = {k: v for k, v in start.items() if k in own and own[k].shape == v.shape}
@@ -210,16 +212,3 @@ def _is_head(key: str, model: nn.Module) -> bool:
     return any(key.startswith(f"{name}.") for name in classifier_names(model))
 
 
-def _kept_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
-    """A plain copy of the model the run keeps: the best checkpoint's weights (the last ones without
-    one), with a parameter-efficient strategy's changes merged in."""
-    from visiontl.run import checkpoint_record
-
-    model = copy.deepcopy(pl_module.model)
-    ckpt = trainer.checkpoint_callback
-    record = checkpoint_record(getattr(ckpt, "best_model_path", None), state_dict=True)
-    if record is not None:
-        state = {k[len("model."):]: v for k, v in record["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(state)
-    model.eval()
-    return pl_module.strategy.merge(model)

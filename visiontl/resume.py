@@ -135,9 +135,9 @@ class LastCheckpoint(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Every checkpoint of the run (``best.ckpt`` too) is written atomically where it lands."""
-        from visiontl.checkpoint_io import install
+        from visiontl.checkpoints import install_atomic_writer
 
-        self._atomic = install(trainer)
+        self._atomic = install_atomic_writer(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_time = time.monotonic()

@@ -32,7 +32,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from visiontl import _io
 from visiontl.report import save_confusion_matrix, save_drift, save_learning_curves
 
-__all__ = ["RunReport", "checkpoint_record", "discard_if_empty", "run_dir"]
+__all__ = ["RunReport", "discard_if_empty", "run_dir"]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -46,26 +46,6 @@ def run_dir(trainer: pl.Trainer) -> Path:
     if path is None and logger is not None:
         path = logger.save_dir
     return Path(path or trainer.default_root_dir)
-
-
-def checkpoint_record(path: str | Path | None, state_dict: bool = False) -> dict[str, Any] | None:
-    """What a checkpoint saved by a visiontl task records: ``val_metrics`` and ``val_confusion``
-    at the time it was saved (plus ``state_dict`` when asked), or None for other checkpoints
-    (and for a record that is not shaped as visiontl writes it).
-
-    Read by :func:`visiontl.checkpoints.read_checkpoint` (``weights_only``, memory-mapped, so a
-    large checkpoint costs little): a file that is not a readable checkpoint is a one-line
-    :class:`~visiontl.checkpoints.CheckpointError`.
-    """
-    from visiontl.checkpoints import read_checkpoint
-
-    if not path or not Path(path).is_file():
-        return None
-    ckpt = read_checkpoint(path, mmap=True)
-    record = ckpt.get("visiontl")
-    if not isinstance(record, dict) or not isinstance(record.get("val_metrics"), dict) or not record["val_metrics"]:
-        return None
-    return {**record, "state_dict": ckpt["state_dict"]} if state_dict else dict(record)
 
 
 _SETUP_FILES = {"hparams.yaml", "config.yaml", "data_check.json", "data.json", "strategy.json", "train_images.txt",
@@ -173,6 +153,8 @@ class RunReport(Callback):
             "monitor": getattr(ckpt, "monitor", None),
             "final": {k: _scalar(v) for k, v in trainer.callback_metrics.items()},
         }
+        from visiontl.checkpoints import checkpoint_record
+
         best = checkpoint_record(summary["best_checkpoint"])
         if best is not None:  # the reports describe the model the run keeps: the best checkpoint
             summary["best"] = best["val_metrics"]

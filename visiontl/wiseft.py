@@ -38,7 +38,7 @@ from torch import nn
 from visiontl import _io
 from visiontl.errors import UserError, one_line
 
-__all__ = ["WiseFTError", "interpolate", "main", "parse_alphas", "wise_ft"]
+__all__ = ["DEFAULT_ALPHAS", "WiseFTError", "interpolate", "parse_alphas", "wise_ft"]
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -256,21 +256,19 @@ def _save_checkpoint(ckpt: Path, tuned: Any, model: nn.Module, scores: dict[str,
                      path: Path) -> Path:
     """A checkpoint ``ClassificationTask.from_checkpoint`` (and ``visiontl export``) loads: the run's
     hyper-parameters (a merged LoRA model is a plain one: strategy ``full``) and the mixed weights."""
-    from visiontl.checkpoints import read_checkpoint
+    from visiontl.checkpoints import read_checkpoint, save_checkpoint, with_model_state
     from visiontl.strategies import get_strategy
 
     original = read_checkpoint(ckpt)
     hp = dict(original["hyper_parameters"])
     if set(model.state_dict()) != set(tuned.model.state_dict()):
         hp["strategy"] = get_strategy("full").to_config()
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    state.update({k: v for k, v in original["state_dict"].items() if k == "class_weight"})
+    state = with_model_state({k: v for k, v in original["state_dict"].items() if k == "class_weight"},
+                             model.state_dict())
     record = dict(original["visiontl"]) if isinstance(original.get("visiontl"), dict) else {}
     record.update(val_metrics={k: v for k, v in scores.items() if k.startswith("val_")}, val_confusion=None,
                   wise_ft={"alpha": alpha, "bn": bn, "from": str(ckpt)})
-    with _io.atomic_path(path) as tmp:
-        torch.save({"hyper_parameters": hp, "state_dict": state, "visiontl": record}, tmp)
-    return path
+    return save_checkpoint({"hyper_parameters": hp, "state_dict": state, "visiontl": record}, path)
 
 
 def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
@@ -297,25 +295,3 @@ def _plot(rows: list[dict[str, Any]], chosen: float, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save_figure(fig, path)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``visiontl wise-ft RUN --out DIR [--alphas 0,0.1,...,1] [--retain PATH] [--bn ...]``."""
-    from visiontl.errors import CommandParser
-
-    parser = CommandParser(prog="visiontl wise-ft", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a run directory (its checkpoints/best.ckpt) or a checkpoint in one")
-    parser.add_argument("--out", required=True, help="folder for wise_ft.csv/.json/.png and wise-ft.ckpt")
-    parser.add_argument("--alphas", default=",".join(str(a) for a in DEFAULT_ALPHAS),
-                        help="mixing weights to score, comma-separated (0: pretrained + linear head, 1: fine-tuned)")
-    parser.add_argument("--retain", help="a labelled folder or CSV of a task to keep: scored at every alpha")
-    parser.add_argument("--bn", choices=["interpolate", "recompute"], default="interpolate",
-                        help="BatchNorm running statistics: interpolated, or re-estimated on the training images")
-    parser.add_argument("--weights", help="the pretrained weights, when the ones the run recorded are not here")
-    parser.add_argument("--alpha", type=float, help="write this alpha instead of the chosen one")
-    parser.add_argument("--tolerance", type=float, default=0.01,
-                        help="choose the smallest alpha within this of the best validation accuracy")
-    args = parser.parse_args(argv)
-    wise_ft(args.run, args.out, parse_alphas(args.alphas), retain=args.retain, bn=args.bn, weights=args.weights,
-            alpha=args.alpha, tolerance=args.tolerance)  # bad input: a UserError, one line (visiontl.cli.main)
-    return 0

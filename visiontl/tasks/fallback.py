@@ -32,7 +32,8 @@ import pytorch_lightning as pl
 import torch
 
 from visiontl.strategies.heads import LogisticRegression
-from visiontl.tasks.validators import kept_model, predict_loader, scores_from_outputs, target_scores
+from visiontl.checkpoints import kept_model
+from visiontl.tasks.validators import predict_loader, scores_from_outputs, target_scores
 
 __all__ = ["FALLBACK", "NegativeTransferCheck", "NegativeTransferWarning", "frozen_probe_scores"]
 

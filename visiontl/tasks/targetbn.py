@@ -27,7 +27,8 @@ from visiontl import _io
 from visiontl.features import pooled_features
 from visiontl.speed import channels_last_input
 from visiontl.tasks.da import reestimate_batchnorm
-from visiontl.tasks.validators import kept_model, target_scores
+from visiontl.checkpoints import kept_model, save_checkpoint, with_model_state
+from visiontl.tasks.validators import target_scores
 
 __all__ = ["TargetBatchNorm"]
 
@@ -61,11 +62,9 @@ class TargetBatchNorm(pl.Callback):
         if ckpt is not None:  # the kept checkpoint becomes the target model; the trained one stays beside it
             source = Path(best).with_name("best_source_bn.ckpt")
             _io.write_bytes(source, Path(best).read_bytes())
-            state = model.state_dict()
-            ckpt["state_dict"] = {**ckpt["state_dict"], **{f"model.{k}": v.detach().cpu() for k, v in state.items()}}
+            ckpt["state_dict"] = with_model_state(ckpt["state_dict"], model.state_dict())
             ckpt.setdefault("visiontl", {})["target_bn"] = {"layers": layers, "images": len(images)}
-            with _io.atomic_path(best) as tmp:
-                torch.save(ckpt, tmp)
+            save_checkpoint(ckpt, best)
             report.update(checkpoint=str(best), source_bn_checkpoint=str(source))
         pl_module.model.load_state_dict(model.state_dict())  # what fit_task hands back is the target model too
         pl_module.target_bn_report = report
