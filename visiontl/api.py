@@ -21,8 +21,8 @@ from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataMod
 from visiontl.quiet import StepProgress, quiet
 from visiontl.resume import RunLogger, resolve_last
 from visiontl.checkpoints import checkpoint_record
-from visiontl.run import discard_if_empty
-from visiontl.speed import auto_precision
+from visiontl.devices import resolve_precision
+from visiontl.run import discard_if_empty, log_interval
 from visiontl.strategies import Strategy
 from visiontl.tasks import ClassificationTask
 
@@ -187,7 +187,7 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
         "max_steps": steps,
         "max_epochs": -1,
         "logger": RunLogger(str(out), name=name, version=version),
-        "log_every_n_steps": max(1, min(50, batches)),
+        "log_every_n_steps": log_interval(batches),
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
     }
@@ -195,8 +195,8 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
     # the run directory is decided here, once: processes started for the fit (ddp_spawn) take this one,
     # and this process reads the same one afterwards (left unpinned, it would count theirs and pick the next)
     getattr(kwargs.get("logger"), "version", None)
-    if kwargs.get("precision", "auto") == "auto":
-        kwargs["precision"] = _precision(task, dm, image_size, kwargs.get("accelerator", "auto"))
+    # by rule, as the command line: float32 on a CPU, the device's mixed precision on a GPU (never a timing)
+    kwargs["precision"] = resolve_precision(kwargs.get("precision"), kwargs.get("accelerator", "auto"))
     trainer = pl.Trainer(**kwargs)
     try:
         trainer.fit(task, dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
@@ -245,24 +245,6 @@ def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **k
                       f"(visiontl rank), a gentler strategy (gradual, lora) or more steps for scratch.", stacklevel=3)
     else:
         rank_zero_info(f"[visiontl] pretrained - scratch: {gap:+.3f} val_acc (scratch {mean:.3f}{spread})")
-
-
-def _precision(task: ClassificationTask, dm: ClassificationDataModule, image_size: int | None,
-               accelerator: Any = "auto") -> str:
-    """The device's mixed precision on a GPU; on a CPU bf16 is measured only where the backbone
-    backpropagates (head-only training is tiny)."""
-    from visiontl.devices import default_precision, device_kind
-
-    gpu = default_precision(device_kind(accelerator))
-    if gpu is not None:
-        return gpu
-    if not task._trains_backbone():
-        return "32-true"
-    chans, height, width = task.data_config["input_size"]
-    size = image_size or dm.image_size
-    batch = dm.batch_size or auto_batch_size(dm.train_size)
-    shape = (batch, chans, size or height, size or width)
-    return auto_precision(task.model, shape, channels_last=task.channels_last, accelerator="cpu")
 
 
 def _wall_time(trainer: pl.Trainer) -> float:

@@ -426,7 +426,7 @@ def cli(argv: Sequence[str] | None = None):
         args=list(argv) if argv is not None else None,
         trainer_defaults={
             "logger": {"class_path": "visiontl.resume.RunLogger", "init_args": {"save_dir": "runs"}},
-            "log_every_n_steps": 5,
+            "num_sanity_val_steps": 0,  # as fine_tune: every door resolves a run the same way (settings.json)
         },
         # a bad option or configuration key raises (one line, ``visiontl.cli_config``) instead of a usage dump
         parser_kwargs={"description": f"visiontl: transfer learning on images.\n\nMore commands:\n{extra}",
