@@ -1,11 +1,11 @@
 """What fine-tuning kept of the pretrained model: forgetting and drift, measured on every run.
 
 - **Retention on a task to keep** (``retain``: a labelled folder or CSV of an earlier task or
-  domain): a logistic-regression head (:class:`~visiontl.strategies.LogisticRegression`, penalty by
-  cross-validation) is fitted on the backbone's features of the retained set's training split and
-  scored on its validation split, once with the pretrained backbone (``retain_acc_before``, its
-  features cached) and once with the fine-tuned one (``retain_acc_after``); ``forgetting`` is the
-  drop. This is linear-probe retention: what the features still know, whatever head a later user
+  domain): the linear probe (:func:`visiontl.features.fit_probe`, logistic regression with the
+  penalty by cross-validation) is fitted on the backbone's features of the retained set's training
+  split and scored on its validation split, once with the pretrained backbone
+  (``retain_acc_before``, its features cached) and once with the fine-tuned one
+  (``retain_acc_after``, :func:`retention_accuracy`); ``forgetting`` is the drop. This is linear-probe retention: what the features still know, whatever head a later user
   puts on them.
 - **Drift, with no extra data:** linear CKA (Kornblith et al., ICML 2019) between the pretrained
   and the fine-tuned pooled features of the validation images; the L2 distance of every layer
@@ -35,7 +35,7 @@ from torch import nn
 
 from visiontl.checkpoints import kept_model
 
-__all__ = ["Forgetting", "imagenet_classifier", "linear_cka", "linear_probe_accuracy", "retain_datamodule",
+__all__ = ["Forgetting", "imagenet_classifier", "linear_cka", "retain_datamodule", "retention_accuracy",
            "weight_drift"]
 
 log = logging.getLogger(__name__)
@@ -87,18 +87,6 @@ def weight_drift(start: Mapping[str, torch.Tensor], model: nn.Module) -> list[di
     return out
 
 
-def linear_probe_accuracy(train: tuple[Any, Any], val: tuple[Any, Any], num_classes: int) -> float:
-    """Accuracy on ``val`` (features, labels) of a logistic-regression head fitted on ``train``."""
-    from visiontl.strategies.heads import LogisticRegression
-
-    features = torch.as_tensor(np.array(train[0], dtype=np.float32))
-    head = nn.Linear(features.shape[1], num_classes)
-    LogisticRegression().fit(head, features, torch.as_tensor(np.array(train[1], dtype=np.int64)), num_classes)
-    with torch.no_grad():
-        predicted = head(torch.as_tensor(np.array(val[0], dtype=np.float32))).argmax(1).numpy()
-    return float((predicted == np.asarray(val[1])).mean())
-
-
 def retain_datamodule(path: str | Path, like: Any) -> Any:
     """The retained task's datamodule (a class-per-folder directory or a CSV) with the preprocessing
     of ``like`` (the run's datamodule): the same size, channels and normalisation, a validation
@@ -146,11 +134,20 @@ def imagenet_classifier(hparams: Mapping[str, Any]) -> nn.Module | None:
     return model.get_classifier()
 
 
-@torch.no_grad()
-def _features(model: nn.Module, dataset: Any) -> np.ndarray:
+def _features(model: nn.Module, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     from visiontl.features import extract_features
 
-    return extract_features(model, dataset, engine="torch", desc="Features for the drift report")[0]
+    return extract_features(model, dataset, engine="torch", desc="Features for the drift report")
+
+
+def retention_accuracy(model: nn.Module, retained: Any) -> float:
+    """Linear-probe retention of ``model`` (a timm model with pooled features) on the retained task's
+    datamodule (:func:`retain_datamodule`): :func:`~visiontl.features.linear_probe_accuracy` of its
+    features of the training split (fit) and of the validation split (score)."""
+    from visiontl.features import linear_probe_accuracy
+
+    train, val = (_features(model, retained.feature_source(split)) for split in ("train", "val"))
+    return linear_probe_accuracy(train, val, retained.num_classes)
 
 
 class Forgetting(pl.Callback):
@@ -167,7 +164,7 @@ class Forgetting(pl.Callback):
         dm: Any = trainer.datamodule
         if not trainer.is_global_zero or start is None or dm is None or not hasattr(dm, "feature_source"):
             return
-        from visiontl.features import split_features, supports_features
+        from visiontl.features import linear_probe_accuracy, split_features, supports_features
 
         tuned = kept_model(trainer, pl_module, merge=True)[0]
         pretrained = copy.deepcopy(tuned)
@@ -183,7 +180,7 @@ class Forgetting(pl.Callback):
         backbone = pl_module.hparams["backbone"]
         if supports_features(tuned) and "val" in getattr(dm, "splits", {}):
             before = split_features(pretrained, backbone, dm, "val")[0]
-            after = _features(tuned, dm.feature_source("val"))
+            after = _features(tuned, dm.feature_source("val"))[0]
             report["drift"]["cka_val"] = round(linear_cka(before, after), 6)
             head = imagenet_classifier(pl_module.hparams)
             if head is not None:
@@ -194,11 +191,8 @@ class Forgetting(pl.Callback):
         retain = getattr(dm, "retain", None)
         if retain and supports_features(tuned):
             rdm = retain_datamodule(retain, dm)
-            k = rdm.num_classes
-            old = [split_features(pretrained, backbone, rdm, s) for s in ("train", "val")]
-            new = [(_features(tuned, rdm.feature_source(s)), np.asarray(old[i][1])) for i, s in
-                   enumerate(("train", "val"))]
-            before_acc, after_acc = linear_probe_accuracy(*old, k), linear_probe_accuracy(*new, k)
+            known = [split_features(pretrained, backbone, rdm, s) for s in ("train", "val")]  # cached: never trained
+            before_acc, after_acc = linear_probe_accuracy(*known, rdm.num_classes), retention_accuracy(tuned, rdm)
             report.update(retain=str(retain), retain_acc_before=round(before_acc, 6),
                           retain_acc_after=round(after_acc, 6), forgetting=round(before_acc - after_acc, 6))
             rank_zero_info(f"[visiontl] retained task {retain}: linear-probe accuracy {before_acc:.3f} before, "

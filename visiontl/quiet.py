@@ -13,6 +13,10 @@
 
 Warnings about the user's data (visiontl's data check, class imbalance, bad images, negative
 transfer...) are never filtered: they are visiontl's own warnings and log records at WARNING.
+
+This is the package's one quieting rule: the commands, ``fine_tune(verbose=False)``, the bench's
+cells and feature passes (:func:`visiontl.bench.run_bench`) and ``visiontl rank`` all run under
+it, so a quiet bench hides exactly what a quiet command hides.
 """
 
 from __future__ import annotations

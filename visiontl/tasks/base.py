@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,8 +21,6 @@ from visiontl.strategies import Strategy, StrategyError, get_strategy, no_weight
 
 __all__ = ["BaseTask", "warmup_cosine"]
 
-# Frozen groups keep their normalisation layers in eval mode on purpose (statistics frozen).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def warmup_cosine(total_steps: int, warmup: float = 0.05, floor: float = 0.01):

@@ -11,8 +11,7 @@ the label-free validator that picks checkpoints can be compared. At the end of a
    target images with :func:`visiontl.tasks.validators.target_scores`;
 2. builds the frozen probe: the backbone as the run started (pretrained weights, before any step)
    with a logistic-regression head fitted on the source training images' features
-   (:class:`~visiontl.strategies.heads.LogisticRegression`, what ``strategy: logreg`` fits), and
-   scores it the same way;
+   (:func:`visiontl.features.fit_probe`, what ``strategy: logreg`` fits), and scores it the same way;
 3. compares the two on the run's label-free validator (its ``monitor``; ``target_im`` when the
    run monitors source accuracy). If the probe scores higher, the run warns, naming the fallback
    (``strategy: logreg``), and ``metrics.json`` records ``negative_transfer`` with both scores
@@ -31,8 +30,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from visiontl.strategies.heads import LogisticRegression
 from visiontl.checkpoints import kept_model
+from visiontl.features import fit_probe
 from visiontl.tasks.validators import predict_loader, scores_from_outputs, target_scores
 
 __all__ = ["FALLBACK", "NegativeTransferCheck", "NegativeTransferWarning", "frozen_probe_scores"]
@@ -59,9 +58,7 @@ def frozen_probe_scores(pl_module: Any, dm: Any, device: torch.device) -> dict[s
     train = dm.feature_source("train")
     loader = torch.utils.data.DataLoader(train, batch_size=dm.eval_batch_size(len(train), len(train)), num_workers=0)
     feats, _, labels = predict_loader(probe, loader, channels_last, device)
-    k = int(pl_module.hparams["num_classes"])
-    head = torch.nn.Linear(feats.shape[1], k)
-    LogisticRegression().fit(head, feats, labels, k)
+    head = fit_probe(feats, labels, int(pl_module.hparams["num_classes"]))
     source_val, target = dm.val_dataloader()
 
     def outputs(loader: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
