@@ -17,7 +17,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
-from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataModule, auto_batch_size
+from visiontl.data import ClassificationDataModule, auto_batch_size
+from visiontl.data.datamodules import labelled_datamodule
 from visiontl.quiet import StepProgress, quiet
 from visiontl.resume import RunLogger, resolve_last
 from visiontl.checkpoints import checkpoint_record
@@ -61,13 +62,11 @@ def auto_steps(n_train: int, batch_size: int) -> int:
 
 
 def make_datamodule(data: str | os.PathLike[str] | ClassificationDataModule, **kwargs: Any) -> ClassificationDataModule:
-    """A datamodule from a folder path, a CSV path or an existing datamodule."""
+    """A datamodule from a folder path, a CSV path or an existing datamodule
+    (:func:`visiontl.data.datamodules.labelled_datamodule`)."""
     if isinstance(data, ClassificationDataModule):
         return data
-    path = Path(data)
-    if path.suffix.lower() == ".csv":
-        return CsvDataModule(str(path), **kwargs)
-    return FolderDataModule(str(path), **kwargs)
+    return labelled_datamodule(data, **kwargs)
 
 
 def fine_tune(
@@ -217,11 +216,10 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
 def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **kwargs: Any) -> None:
     """Train ``scratch`` ``seeds`` times at the run's budget and record the pretrained - scratch
     gap in ``result.metrics`` and the run's ``metrics.json`` (``scratch``)."""
-    import json
     import statistics
     import warnings
 
-    from visiontl import _io
+    from visiontl.run import add_to_metrics
 
     runs = []
     for i in range(seeds):
@@ -235,9 +233,7 @@ def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **k
               else None, "gap": round(gap, 6), "seeds": [seed + i for i in range(seeds)],
               "runs": [str(r.run_dir) for r in runs]}
     result.metrics.update(scratch_val_acc=mean, transfer_gap=gap)
-    path = result.run_dir / "metrics.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    _io.write_json(path, {**summary, "scratch": record})
+    add_to_metrics(result.run_dir, "scratch", record)
     spread = f" ± {std:.3f} over {seeds} seeds" if std is not None else ""
     if gap <= 0:
         warnings.warn(f"[visiontl] negative transfer: the pretrained run's val_acc {result.metrics['val_acc']:.3f} is "

@@ -24,18 +24,21 @@ import copy
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from visiontl.checkpoints import kept_model
 
-__all__ = ["Forgetting", "imagenet_classifier", "linear_cka", "retain_datamodule", "retention_accuracy",
+if TYPE_CHECKING:
+    from visiontl.after_fit import FitContext
+
+__all__ = ["Forgetting", "ForgettingRecord", "imagenet_classifier", "linear_cka", "retain_datamodule", "retention_accuracy",
            "weight_drift"]
 
 log = logging.getLogger(__name__)
@@ -150,20 +153,40 @@ def retention_accuracy(model: nn.Module, retained: Any) -> float:
     return linear_probe_accuracy(train, val, retained.num_classes)
 
 
-class Forgetting(pl.Callback):
-    """Measures forgetting and drift at the end of a fit (see the module docstring) into
-    ``pl_module.forgetting_report``, which :class:`~visiontl.run.RunReport` writes.
+@dataclass(frozen=True)
+class ForgettingRecord:
+    """Forgetting and drift of a fit: ``metrics.json``'s ``drift`` and, with a retained task,
+    ``retain``, ``retain_acc_before``, ``retain_acc_after`` and ``forgetting`` (top level)."""
+
+    key: ClassVar[str | None] = None
+    drift: dict[str, Any]
+    retain: str | None = None
+    retain_acc_before: float | None = None
+    retain_acc_after: float | None = None
+    forgetting: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from visiontl.after_fit import record_dict
+
+        return record_dict(self)
+
+
+class Forgetting:
+    """Measures forgetting and drift after a fit (see the module docstring): a step of
+    :mod:`visiontl.after_fit`, returning a :class:`ForgettingRecord`.
 
     Runs for strategies that change a pretrained backbone (``sgd`` and ``uses_pretrained``, not the
     frozen-backbone ones); needs the task's pretrained snapshot (``start_state``) and a visiontl
     datamodule. ``retain`` comes from the datamodule's ``retain``.
     """
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    name = "forgetting"
+
+    def run(self, ctx: FitContext) -> ForgettingRecord | None:
+        trainer, pl_module, dm = ctx.trainer, ctx.task, ctx.datamodule
         start = getattr(pl_module, "start_state", None)
-        dm: Any = trainer.datamodule
-        if not trainer.is_global_zero or start is None or dm is None or not hasattr(dm, "feature_source"):
-            return
+        if start is None or dm is None or not hasattr(dm, "feature_source"):
+            return None
         from visiontl.features import linear_probe_accuracy, split_features, supports_features
 
         tuned = kept_model(trainer, pl_module, merge=True)[0]
@@ -175,7 +198,7 @@ class Forgetting(pl.Callback):
         if added:  # adapters and prompts: modules the pretrained model never had
             rank_zero_info(f"[visiontl] no drift report: the fine-tuned model has {len(added)} tensors ({added[0]}...) "
                            f"the pretrained one has no values for ({pl_module.strategy.name})")
-            return
+            return None
         report: dict[str, Any] = {"drift": {"groups": weight_drift(start, tuned)}}
         backbone = pl_module.hparams["backbone"]
         if supports_features(tuned) and "val" in getattr(dm, "splits", {}):
@@ -197,7 +220,7 @@ class Forgetting(pl.Callback):
                           retain_acc_after=round(after_acc, 6), forgetting=round(before_acc - after_acc, 6))
             rank_zero_info(f"[visiontl] retained task {retain}: linear-probe accuracy {before_acc:.3f} before, "
                            f"{after_acc:.3f} after fine-tuning (forgetting {before_acc - after_acc:+.3f})")
-        pl_module.forgetting_report = report
+        return ForgettingRecord(**report)
 
 
 def _is_head(key: str, model: nn.Module) -> bool:

@@ -44,6 +44,7 @@ NOISE = (  # Lightning's warnings about settings visiontl chooses deliberately
     r".*IProgress not found.*",
     r".*`LightningModule.configure_optimizers` returned `None`.*",  # fitted heads: no optimiser on purpose
     r".*`training_step` returned `None`.*",
+    r".*resuming from a checkpoint that ended before the epoch ended.*",  # visiontl's samplers resume exactly
 )
 _LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 

@@ -35,7 +35,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from visiontl import _io
 from visiontl.report import save_confusion_matrix, save_drift, save_learning_curves
 
-__all__ = ["LIGHTNING_LOG_EVERY", "RunReport", "discard_if_empty", "log_interval", "run_dir", "run_settings"]
+__all__ = ["LIGHTNING_LOG_EVERY", "RunReport", "add_to_metrics", "discard_if_empty", "log_interval", "run_dir",
+           "run_settings"]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -118,6 +119,22 @@ def run_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str
     }
 
 
+def add_to_metrics(run: str | Path, key: str, record: Any) -> dict[str, Any]:
+    """Add ``record`` as ``key`` to a finished run's ``metrics.json`` (atomically; what follows the
+    fit rather than ending it, such as :func:`visiontl.fine_tune`'s scratch comparison). Returns
+    the file's new content."""
+    import json
+
+    path = Path(run) / "metrics.json"
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        summary = {}
+    summary = {**(summary if isinstance(summary, dict) else {}), key: record}
+    _io.write_json(path, summary)
+    return summary
+
+
 def _scalar(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
@@ -127,7 +144,8 @@ def _scalar(value: Any) -> Any:
 class RunReport(Callback):
     """Writes the run directory's reports and plots."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_fit: list[Any] | None = None) -> None:
+        self.after_fit = list(after_fit or [])  # visiontl.after_fit steps, run in this order at the fit's end
         self._start: float | None = None
         self._predictions: list[dict[str, torch.Tensor]] = []
 
@@ -192,8 +210,13 @@ class RunReport(Callback):
             _io.write_json(run_dir(trainer) / "test_metrics.json", metrics)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The analyses that follow the fit, in the task's order (:mod:`visiontl.after_fit`), then
+        ``metrics.json`` with every record, the plots and ``strategy.json``."""
         if not trainer.is_global_zero:
             return
+        from visiontl.after_fit import FitContext, run_steps
+
+        records = run_steps(self.after_fit, FitContext(trainer, pl_module, trainer.datamodule))
         out = run_dir(trainer)
         for logger in trainer.loggers:
             logger.save()
@@ -217,24 +240,22 @@ class RunReport(Callback):
         if hasattr(pl_module, "strategy_report"):
             summary["strategy"] = pl_module.strategy_report()
             _io.write_json(out / "strategy.json", summary["strategy"])  # now with the fitted head's numbers
-        forgetting = getattr(pl_module, "forgetting_report", None)  # visiontl.forgetting.Forgetting's
-        if forgetting:
-            summary.update(forgetting)
+        for record in records.values():  # in the order the steps ran
+            if record.key is None:
+                summary.update(record.to_dict())
+            else:
+                summary[record.key] = record.to_dict()
+        forgetting = records.get("forgetting")
+        if forgetting is not None:
             if "strategy" in summary:
-                moved = {g["group"]: g for g in forgetting["drift"]["groups"]}
+                moved = {g["group"]: g for g in forgetting.drift["groups"]}
                 for group in summary["strategy"]["groups"]:
                     if group["name"] in moved:
                         group["l2_from_pretrained"] = moved[group["name"]]["l2"]
                         group["relative_l2_from_pretrained"] = moved[group["name"]]["relative"]
                 _io.write_json(out / "strategy.json", summary["strategy"])
-            save_drift({**forgetting["drift"], "retain_acc_after": forgetting.get("retain_acc_after")},
-                       out / "drift.png")
-        extra = getattr(pl_module, "run_summary", None)  # a task's own record (DistillationTask: its teacher)
-        if callable(extra):
-            summary.update(extra())
-        guard = next((c for c in trainer.callbacks if hasattr(c, "report") and hasattr(c, "gave_up")), None)
-        if guard is not None:
-            summary["divergence_guard"] = guard.report()
+            save_drift({**forgetting.drift, "retain_acc_after": forgetting.retain_acc_after}, out / "drift.png")
+        summary.update(pl_module.run_summary())  # the task's own record (DistillationTask: its teacher)
         _io.write_json(out / "metrics.json", summary)
         self._confusion(trainer, pl_module, "val")
         if (out / "metrics.csv").exists():
