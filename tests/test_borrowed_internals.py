@@ -63,8 +63,17 @@ def test_the_loop_state_last_ckpt_relies_on() -> None:
         "_TrainingEpochLoop.reset's logging-step increment", "visiontl/resume.py", "resumed rows would shift")
     assert '"_batches_that_stepped"' in inspect.getsource(_TrainingEpochLoop.on_save_checkpoint), _moved(
         "the epoch loop's _batches_that_stepped state", "visiontl/resume.py", "resumed rows would shift")
-    assert hasattr(_BatchProgress().current, "processed"), _moved(
-        "batch_progress.current.processed", "visiontl/data/datamodules.py", "a resumed epoch skips trained batches")
+    progress = _BatchProgress()
+    assert hasattr(progress.current, "processed") and hasattr(progress.current, "completed"), _moved(
+        "batch_progress.current.processed / completed", "visiontl/data/base.py, visiontl/resume.py",
+        "a resumed epoch skips trained batches; a loader's state is taken as of the batches trained")
+    assert hasattr(progress, "is_last_batch"), _moved("batch_progress.is_last_batch", "visiontl/resume.py",
+                                                      "last.ckpt at an epoch's end with a stateful loader")
+    from pytorch_lightning.loops.fit_loop import _FitLoop
+
+    assert 'state_dict["combined_loader"]' in inspect.getsource(_FitLoop.on_save_checkpoint), _moved(
+        "the fit loop's combined_loader checkpoint state", "visiontl/resume.py",
+        "a streamed run resumes with the first batch it had not trained")
 
 
 def test_strategy_layer_sync() -> None:

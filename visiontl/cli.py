@@ -149,11 +149,12 @@ def _prepare_data(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
     _csv_arguments(parser)
     args = parser.parse_args(argv)
+    from visiontl.data.layout import source_kind
     from visiontl.data.streaming import describe, prepare_data
     from visiontl.errors import UserError
 
     csv = {"path_column": args.path_column, "label_column": args.label_column, "suffix": args.suffix,
-           "image_dirs": args.image_dirs or None, "root": args.root} if args.src.lower().endswith(".csv") else None
+           "image_dirs": args.image_dirs or None, "root": args.root} if source_kind(args.src) == "csv" else None
     try:
         meta = prepare_data(args.src, args.out, val_fraction=args.val_fraction, seed=args.seed,
                             image_size=args.image_size, on_bad_image=args.on_bad_image, frames=args.frames,

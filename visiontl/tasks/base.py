@@ -86,8 +86,9 @@ class BaseTask(pl.LightningModule):
             if name in params:
                 kwargs.setdefault(name, value)
         load = super().load_from_checkpoint
-        return load(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
-                    **weights_only_kwargs(load), **kwargs)
+        for name, value in weights_only_kwargs(load).items():  # the caller's own choice stands
+            kwargs.setdefault(name, value)
+        return load(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
 
     # -- hooks for subclasses -----------------------------------------------------------------
     def configure_models(self) -> None:
