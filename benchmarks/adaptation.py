@@ -153,8 +153,7 @@ def frozen_probe(pair: str, args: argparse.Namespace) -> dict[str, Any]:
     accuracy and validators."""
     import torch
 
-    from visiontl.features import feature_width
-    from visiontl.strategies.heads import LogisticRegression
+    from visiontl.features import fit_probe
     from visiontl.tasks import ClassificationTask
     from visiontl.tasks.validators import predict_loader, scores_from_outputs
 
@@ -167,8 +166,7 @@ def frozen_probe(pair: str, args: argparse.Namespace) -> dict[str, Any]:
     train = dm.feature_source("train")
     loader = torch.utils.data.DataLoader(train, batch_size=64)
     feats, _, labels = predict_loader(model, loader, task.channels_last, torch.device("cpu"))
-    head = torch.nn.Linear(feature_width(model), k)
-    LogisticRegression().fit(head, feats, labels, k)
+    head = fit_probe(feats, labels, k)
     source_val, target = dm.val_dataloader()
 
     def outputs(loader):

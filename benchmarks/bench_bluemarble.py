@@ -39,7 +39,8 @@ def cold_frozen_cells(cells: list[Any], work: Path) -> float:
     import dataclasses
 
     from visiontl.bench.grid import build_datamodule
-    from visiontl.bench.runner import _quiet, run_cell
+    from visiontl.bench.runner import run_cell
+    from visiontl.quiet import quiet
     from visiontl.strategies import get_strategy
 
     roots: dict[str, str] = {}  # the tiles stay where they are: only the features are computed again
@@ -57,7 +58,7 @@ def cold_frozen_cells(cells: list[Any], work: Path) -> float:
             with tempfile.TemporaryDirectory(dir=work) as cache:
                 os.environ["VISIONTL_CACHE"] = cache
                 start = time.perf_counter()
-                with _quiet():
+                with quiet(verbose=False):
                     run_cell(dataclasses.replace(cell, data=data), work / "cold")
                 total += time.perf_counter() - start
     finally:

@@ -191,3 +191,30 @@ def test_the_wheel_ships_the_recipes_and_its_install_lists_them(tmp_path: Path) 
     from visiontl import __version__
 
     assert version.stdout.strip() == f"visiontl {__version__}"
+
+
+def test_every_command_prints_its_help_without_importing_torch() -> None:
+    """``visiontl <command> --help`` answers at once: neither torch nor Lightning is imported for it
+    (LightningCLI's own commands, fit / validate / test / predict, read the classes' signatures)."""
+    import subprocess
+    import sys
+
+    from visiontl.cli import EXTRA_COMMANDS
+
+    script = (
+        "import contextlib, io, sys\n"
+        "from visiontl.cli import main\n"
+        f"for command in {sorted(EXTRA_COMMANDS)!r}:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        try:\n"
+        "            main([command, '--help'])\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "    heavy = sorted(m for m in ('torch', 'pytorch_lightning', 'timm') if m in sys.modules)\n"
+        "    print(command, 'usage:' in out.getvalue(), ','.join(heavy) or '-')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert len(rows) == len(EXTRA_COMMANDS)
+    assert [r for r in rows if r[1] != "True" or r[2] != "-"] == [], proc.stdout

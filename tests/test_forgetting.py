@@ -142,8 +142,10 @@ def test_wise_ft_ends_are_the_pretrained_and_the_fine_tuned_model(shapes_root: P
                                                                    base_weights: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI end to end: alpha 0 is the pretrained backbone (with the fitted linear head), alpha 1
-    the fine-tuned model, tensor for tensor; the chosen alpha's checkpoint exports. A ``full`` run
-    (head from a random start) is mixed with a warning that names ``gradual``."""
+    the fine-tuned model, tensor for tensor, its retention the run's ``retain_acc_after`` (one
+    probe); the chosen alpha's checkpoint exports. A ``full`` run (head from a random start) is
+    mixed with a warning that names ``gradual``. ``--bn recompute`` gives the statistics of
+    :func:`~visiontl.tasks.da.reestimate_batchnorm` (AdaBN's rule) on the training images."""
     from visiontl.cli import main
     from visiontl.export import export_onnx
     from visiontl.tasks import ClassificationTask
@@ -151,7 +153,8 @@ def test_wise_ft_ends_are_the_pretrained_and_the_fine_tuned_model(shapes_root: P
 
     run = fine_tune(shapes_root, backbone="test_resnet", strategy="full", pretrained=False, weights=str(base_weights),
                     image_size=32, steps=8, out=tmp_path / "runs", data_kwargs={"num_workers": 0, "batch_size": 8},
-                    trainer_kwargs=QUIET)
+                    retain=shapes_splits, trainer_kwargs=QUIET)
+    retain_after = json.loads((run.run_dir / "metrics.json").read_text())["retain_acc_after"]
     tuned = ClassificationTask.from_checkpoint(run.run_dir / "checkpoints" / "best.ckpt").model.state_dict()
     from safetensors.torch import load_file
 
@@ -170,11 +173,35 @@ def test_wise_ft_ends_are_the_pretrained_and_the_fine_tuned_model(shapes_root: P
         assert "use strategy 'gradual'" in capsys.readouterr().out
         rows = json.loads((out / "wise_ft.json").read_text())["alphas"]
         assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0] and all(0 <= r["retain_acc"] <= 1 for r in rows)
+        assert rows[-1]["retain_acc"] == pytest.approx(retain_after, abs=1e-6)
         assert (out / "wise_ft.png").stat().st_size > 0 and (out / "wise_ft.csv").read_text().count("\n") == 4
+    _check_bn_recompute(run.run_dir, tmp_path / "recompute")
     half = interpolate({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)["w"]
     assert torch.allclose(half, torch.full((2,), 0.25))
     report = export_onnx(tmp_path / "alpha1" / "wise-ft.ckpt", tmp_path / "model.onnx")
     assert report["top1_agreement"] == 1.0
+
+
+def _check_bn_recompute(run_dir: Path, out: Path) -> None:
+    """Alpha 0.5 with ``--bn recompute``: every BatchNorm's running statistics are what
+    reestimate_batchnorm gives on the run's training images in batches of 32 (not the
+    interpolated ones), every other tensor is the mixture's."""
+    from visiontl.cli import main
+    from visiontl.tasks import ClassificationTask
+    from visiontl.tasks.da import reestimate_batchnorm
+    from visiontl.wiseft import _run_data
+
+    assert main(["wise-ft", str(run_dir), "--out", str(out), "--alphas", "0.5", "--bn", "recompute"]) == 0
+    interpolated = ClassificationTask.from_checkpoint(run_dir / "checkpoints" / "best.ckpt")  # the run's task
+    mixed = ClassificationTask.from_checkpoint(out / "wise-ft.ckpt").model.eval()
+    stats = {k: v.clone() for k, v in mixed.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    train = _run_data(run_dir / "checkpoints" / "best.ckpt", interpolated).feature_source("train")
+    loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=False)
+    assert reestimate_batchnorm(mixed, (batch["image"] for batch in loader)) > 0
+    again = mixed.state_dict()
+    assert stats and all(torch.equal(again[k], v) for k, v in stats.items())
+    tuned = interpolated.model.state_dict()
+    assert not all(torch.allclose(tuned[k], v) for k, v in stats.items())  # re-estimated, not carried over
 
 
 def test_wise_ft_refuses_what_it_cannot_mix(shapes_root: Path, base_weights: Path, tmp_path: Path,

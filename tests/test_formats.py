@@ -20,7 +20,7 @@ from visiontl.data.images import (
     read_raw,
     scan_images,
 )
-from visiontl.data.stats import channel_stats, needs_dataset_stats
+from visiontl.data.stats import channel_stats, needs_dataset_stats, stored_bit_depth
 
 
 def _dicom(path: Path, pixels: np.ndarray, **attrs: object) -> Path:
@@ -110,10 +110,10 @@ def test_dataset_statistics_by_value_and_when_they_apply(tmp_path: Path) -> None
         paths.append(tmp_path / f"{i}.png")
     mean, std = channel_stats(paths, 1, cache=False)
     assert np.isclose(mean[0], 2000 / 65535) and np.isclose(std[0], 1000 / 65535)
-    assert needs_dataset_stats(paths, 1)  # 16-bit
+    assert stored_bit_depth(paths) == 16 and needs_dataset_stats(1, stored_bit_depth(paths))  # 16-bit
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
-    assert not needs_dataset_stats([tmp_path / "rgb.png"], 3)
-    assert needs_dataset_stats([tmp_path / "rgb.png"], 13)
+    assert stored_bit_depth([tmp_path / "rgb.png"]) == 8 and not needs_dataset_stats(3, 8)
+    assert needs_dataset_stats(13, 8) and needs_dataset_stats(1, 32)  # multiband; floats or 32-bit integers
     flat = tmp_path / "flat.png"
     Image.fromarray(np.full((4, 4), 7, np.uint8)).save(flat)
     assert channel_stats([flat], 1, cache=False)[1] == [1.0]  # no spread: never divide by zero

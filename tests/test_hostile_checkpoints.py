@@ -204,7 +204,7 @@ def test_wise_ft_alphas_name_the_bad_values(run, tmp_path: Path) -> None:  # noq
 
 def test_a_good_checkpoint_still_loads_and_its_record_is_read(run) -> None:  # noqa: F811
     from visiontl.checkpoints import read_checkpoint
-    from visiontl.run import checkpoint_record
+    from visiontl.checkpoints import checkpoint_record
 
     best = run.run_dir / "checkpoints" / "best.ckpt"
     task = ClassificationTask.from_checkpoint(best)
@@ -214,7 +214,7 @@ def test_a_good_checkpoint_still_loads_and_its_record_is_read(run) -> None:  # n
 
 
 def test_checkpoint_record_reads_as_data(bad_checkpoints, tmp_path: Path) -> None:
-    from visiontl.run import checkpoint_record
+    from visiontl.checkpoints import checkpoint_record
 
     cases, sentinel = bad_checkpoints
     with pytest.raises(CheckpointError, match="pickled Python objects"):

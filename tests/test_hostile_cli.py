@@ -159,34 +159,6 @@ def test_a_pickled_checkpoint_is_one_line_and_runs_nothing(shapes_splits: Path, 
     assert not sentinel.exists()
 
 
-def test_the_overridden_lightning_internal_is_still_called() -> None:
-    """``VisionTLCLI._parse_ckpt_path`` replaces Lightning's merge of a checkpoint's hyper-parameters
-    into the configuration. It is a private method of ``LightningCLI``: when Lightning renames it
-    or stops calling it from ``__init__``, this test fails (and the import payloads above would run)."""
-    import inspect
-
-    from pytorch_lightning.cli import LightningCLI
-
-    from visiontl.cli import _cli_class
-
-    assert callable(getattr(LightningCLI, "_parse_ckpt_path", None))
-    assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI.__init__)
-    assert "_parse_ckpt_path" in vars(_cli_class())
-
-
-def test_the_checkpoint_layout_last_ckpt_adjusts_is_lightnings(trained: Path) -> None:
-    """``LastCheckpoint`` writes at a batch's start and records one logging step less, because
-    Lightning's ``_TrainingEpochLoop.reset`` adds one on such a resume. Both are Lightning's
-    internals: this names them, and fails when they move (a resumed run's rows would shift)."""
-    import inspect
-
-    from pytorch_lightning.loops.training_epoch_loop import _TrainingEpochLoop
-
-    state = torch.load(trained, weights_only=True)["loops"]["fit_loop"]["epoch_loop.state_dict"]
-    assert isinstance(state["_batches_that_stepped"], int)
-    assert "self._batches_that_stepped += 1" in inspect.getsource(_TrainingEpochLoop.reset)
-
-
 # -- 2. a full disk leaves the last good checkpoint intact -----------------------------------
 def _mount_small(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)

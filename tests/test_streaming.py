@@ -218,8 +218,8 @@ fit_task(task, dm, steps=20, out=out, name=name, ckpt_path="last" if resume else
 @pytest.mark.slow
 def test_a_killed_streamed_run_resumes_mid_epoch_and_ends_like_an_uninterrupted_one(prepared: Path,
                                                                                       tmp_path: Path) -> None:
-    """30 streamed training images, batch 8 (3 full batches an epoch): SIGKILL at step 7, in epoch 3,
-    resumes from the step-5 last.ckpt (mid-epoch 2), which carries the stream loader's position (LitData's
+    """30 streamed training images, batch 8 (4 batches an epoch, the last of 6): SIGKILL at step 7, in
+    epoch 2, resumes from the step-5 last.ckpt (mid-epoch 2), which carries the stream loader's position (LitData's
     state through Lightning's fit loop), with the shards fetched into another cache; the weights end as
     in a run that was never stopped (LitData alone served the resumed epoch's rest twice and refused
     the other cache)."""

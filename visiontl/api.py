@@ -17,11 +17,13 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
-from visiontl.data import ClassificationDataModule, CsvDataModule, FolderDataModule, auto_batch_size
+from visiontl.data import ClassificationDataModule, auto_batch_size
+from visiontl.data.datamodules import labelled_datamodule
 from visiontl.quiet import StepProgress, quiet
 from visiontl.resume import RunLogger, resolve_last
-from visiontl.run import checkpoint_record, discard_if_empty
-from visiontl.speed import auto_precision
+from visiontl.checkpoints import checkpoint_record
+from visiontl.devices import resolve_precision
+from visiontl.run import discard_if_empty, log_interval
 from visiontl.strategies import Strategy
 from visiontl.tasks import ClassificationTask
 
@@ -60,13 +62,11 @@ def auto_steps(n_train: int, batch_size: int) -> int:
 
 
 def make_datamodule(data: str | os.PathLike[str] | ClassificationDataModule, **kwargs: Any) -> ClassificationDataModule:
-    """A datamodule from a folder path, a CSV path or an existing datamodule."""
+    """A datamodule from a folder path, a CSV path or an existing datamodule
+    (:func:`visiontl.data.datamodules.labelled_datamodule`)."""
     if isinstance(data, ClassificationDataModule):
         return data
-    path = Path(data)
-    if path.suffix.lower() == ".csv":
-        return CsvDataModule(str(path), **kwargs)
-    return FolderDataModule(str(path), **kwargs)
+    return labelled_datamodule(data, **kwargs)
 
 
 def fine_tune(
@@ -186,7 +186,7 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
         "max_steps": steps,
         "max_epochs": -1,
         "logger": RunLogger(str(out), name=name, version=version),
-        "log_every_n_steps": max(1, min(50, batches)),
+        "log_every_n_steps": log_interval(batches),
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
     }
@@ -194,8 +194,8 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
     # the run directory is decided here, once: processes started for the fit (ddp_spawn) take this one,
     # and this process reads the same one afterwards (left unpinned, it would count theirs and pick the next)
     getattr(kwargs.get("logger"), "version", None)
-    if kwargs.get("precision", "auto") == "auto":
-        kwargs["precision"] = _precision(task, dm, image_size, kwargs.get("accelerator", "auto"))
+    # by rule, as the command line: float32 on a CPU, the device's mixed precision on a GPU (never a timing)
+    kwargs["precision"] = resolve_precision(kwargs.get("precision"), kwargs.get("accelerator", "auto"))
     trainer = pl.Trainer(**kwargs)
     try:
         trainer.fit(task, dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
@@ -216,11 +216,10 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
 def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **kwargs: Any) -> None:
     """Train ``scratch`` ``seeds`` times at the run's budget and record the pretrained - scratch
     gap in ``result.metrics`` and the run's ``metrics.json`` (``scratch``)."""
-    import json
     import statistics
     import warnings
 
-    from visiontl import _io
+    from visiontl.run import add_to_metrics
 
     runs = []
     for i in range(seeds):
@@ -234,9 +233,7 @@ def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **k
               else None, "gap": round(gap, 6), "seeds": [seed + i for i in range(seeds)],
               "runs": [str(r.run_dir) for r in runs]}
     result.metrics.update(scratch_val_acc=mean, transfer_gap=gap)
-    path = result.run_dir / "metrics.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    _io.write_json(path, {**summary, "scratch": record})
+    add_to_metrics(result.run_dir, "scratch", record)
     spread = f" ± {std:.3f} over {seeds} seeds" if std is not None else ""
     if gap <= 0:
         warnings.warn(f"[visiontl] negative transfer: the pretrained run's val_acc {result.metrics['val_acc']:.3f} is "
@@ -244,24 +241,6 @@ def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **k
                       f"(visiontl rank), a gentler strategy (gradual, lora) or more steps for scratch.", stacklevel=3)
     else:
         rank_zero_info(f"[visiontl] pretrained - scratch: {gap:+.3f} val_acc (scratch {mean:.3f}{spread})")
-
-
-def _precision(task: ClassificationTask, dm: ClassificationDataModule, image_size: int | None,
-               accelerator: Any = "auto") -> str:
-    """The device's mixed precision on a GPU; on a CPU bf16 is measured only where the backbone
-    backpropagates (head-only training is tiny)."""
-    from visiontl.devices import default_precision, device_kind
-
-    gpu = default_precision(device_kind(accelerator))
-    if gpu is not None:
-        return gpu
-    if not task._trains_backbone():
-        return "32-true"
-    chans, height, width = task.data_config["input_size"]
-    size = image_size or dm.image_size
-    batch = dm.batch_size or auto_batch_size(dm.train_size)
-    shape = (batch, chans, size or height, size or width)
-    return auto_precision(task.model, shape, channels_last=task.channels_last, accelerator="cpu")
 
 
 def _wall_time(trainer: pl.Trainer) -> float:

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from visiontl.data.formats import TIFF_EXTENSIONS, Frame, is_dicom
 from visiontl.data.images import DataError, ImageReadError, check_pixels, read_raw, scan_frame
-from visiontl.data.layout import folder_splits, not_taken, read_csv_rows
+from visiontl.data.layout import folder_splits, not_taken, read_csv_rows, source_kind
+from visiontl.data.pixels import to_unit
 from visiontl.data.streamcodec import named_bomb
 from visiontl.neardup import near_duplicate_clusters, near_duplicate_pairs
 
@@ -232,18 +233,11 @@ def _load(source: Source, path_column: str, label_column: str, suffix: str = "",
         root = _common_folder(p for items in splits.values() for p, _ in items)
     else:
         path = Path(source).expanduser()
-        if not path.exists():
-            raise DataError(
-                f"{path} does not exist. Give a class-per-folder dataset (PATH/<class>/*.png), a folder with "
-                f"train/ val/ test/ sub-folders of that form, or a CSV file of image paths and labels."
-            )
-        if path.is_dir():
+        if source_kind(path) == "folder":
             splits, root = folder_splits(path), path
-        elif path.suffix.lower() == ".csv":
+        else:
             (splits, bad) = _load_csv(path, path_column, label_column, suffix, image_dirs, root)
             root = Path(root).expanduser() if root else path.parent
-        else:
-            raise DataError(f"{path} is a file but not a CSV; give a dataset folder or a CSV of paths and labels.")
     entries = [_Entry(split, p, label, _file_key(p)) for split, items in splits.items() for p, label in items]
     if not entries:
         raise DataError("The dataset lists no images; nothing to check.")
@@ -302,13 +296,17 @@ def image_digest(image: np.ndarray) -> str:
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
-    """Float 2-D grey image in ``[0, 1]`` from any HWC array (alpha dropped, bands averaged)."""
-    arr = np.nan_to_num(image.astype(np.float32))
-    if image.dtype == np.uint8 and arr.shape[2] in (2, 4):
-        arr = arr[:, :, :-1]
-    gray = arr @ _LUMA if arr.shape[2] == 3 else arr.mean(axis=2)
+    """Float 2-D grey image in ``[0, 1]`` from any HWC array (alpha dropped, bands averaged).
+
+    8 and 16-bit images are scaled by their type's range, as a model sees them
+    (:func:`visiontl.data.pixels.to_unit`), so a flat one stays flat; others are stretched to their
+    own range: a hash compares neighbours, and 32-bit or float data (a few thousand levels in a
+    32-bit type) would otherwise all look flat."""
     if image.dtype in (np.uint8, np.uint16):
-        return gray / float(np.iinfo(image.dtype).max)
+        unit = to_unit(image)
+        return unit @ _LUMA if unit.shape[2] == 3 else unit.mean(axis=2)
+    arr = np.nan_to_num(image.astype(np.float32))
+    gray = arr @ _LUMA if arr.shape[2] == 3 else arr.mean(axis=2)
     low, high = float(gray.min()), float(gray.max())
     return (gray - low) / (high - low) if high > low else np.zeros_like(gray)
 

@@ -15,11 +15,24 @@ before safetensors sees it. A file that cannot be used is refused with one
 - :func:`read_safetensors_header`: the 8-byte header length bounded by the file and
   :data:`MAX_HEADER_BYTES`, a JSON header, known dtypes, non-negative shapes whose byte counts
   match their ``data_offsets``, and those inside the file.
+- :func:`checkpoint_record`: what a visiontl task recorded in its checkpoint (validation metrics,
+  confusion, base weights), with the state dict when asked.
+- :func:`model_state` / :func:`with_model_state`: the network's weights inside a task's state
+  dict (the ``model.`` prefix is written here and nowhere else).
+- :func:`kept_model`: a copy of the network a run keeps (its best checkpoint's weights), with a
+  parameter-efficient strategy's changes merged in when asked.
+
+And the one writer: :func:`save_checkpoint` (serialised, then written to a temporary file in the
+destination folder, fsynced and renamed) and :class:`AtomicCheckpointIO`, Lightning's checkpoint
+writer made atomic in the destination folder (every visiontl task installs it): a full disk leaves
+the previous file as it was and stops with one line naming the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
+import io
 import json
 import math
 import os
@@ -29,12 +42,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from visiontl.errors import one_line
+from visiontl import _io
+from visiontl.errors import WriteError, describe_os_error, one_line
 from visiontl.weights import WeightsError
 
-__all__ = ["CheckpointError", "MAX_HEADER_BYTES", "check_backbone_name", "looks_like_safetensors", "read_checkpoint",
-           "read_safetensors_header", "task_spec"]
+__all__ = ["MAX_HEADER_BYTES", "MODEL_PREFIX", "AtomicCheckpointIO", "CheckpointError", "CheckpointWriteError",
+           "check_backbone_name", "checkpoint_record", "install_atomic_writer", "kept_model", "last_good_checkpoint",
+           "looks_like_safetensors", "model_state", "read_checkpoint", "read_safetensors_header", "save_checkpoint",
+           "task_spec", "with_model_state"]
+
+MODEL_PREFIX = "model."
+"""The network's weights in a task's state dict are ``model.<name>`` (the task holds it as ``self.model``)."""
 
 MAX_HEADER_BYTES = 100_000_000
 """The largest safetensors header read (safetensors' own limit)."""
@@ -276,3 +296,120 @@ def read_safetensors_header(path: str | os.PathLike[str], what: str = "PEFT chec
             raise CheckpointError(f"{what} {path}: tensor {name!r} has shape {shape} ({dtype}, {needed} bytes) but "
                                   f"{offsets[1] - offsets[0]} bytes of data: an impossible shape; corrupt.")
     return header, meta
+
+
+# --------------------------------------------------------------------------- records and weights
+def checkpoint_record(path: str | os.PathLike[str] | None, state_dict: bool = False) -> dict[str, Any] | None:
+    """What a checkpoint saved by a visiontl task records: ``val_metrics`` and ``val_confusion``
+    at the time it was saved (plus ``state_dict`` when asked), or None for no file, other
+    checkpoints and a record not shaped as visiontl writes it.
+
+    Read by :func:`read_checkpoint` (memory-mapped, so a large checkpoint costs little): a file that
+    is not a readable checkpoint is a one-line :class:`CheckpointError`.
+    """
+    if not path or not Path(path).is_file():
+        return None
+    ckpt = read_checkpoint(path, mmap=True)
+    record = ckpt.get("visiontl")
+    if not isinstance(record, dict) or not isinstance(record.get("val_metrics"), dict) or not record["val_metrics"]:
+        return None
+    return {**record, "state_dict": ckpt["state_dict"]} if state_dict else dict(record)
+
+
+def model_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The network's weights of a task's state dict, without the :data:`MODEL_PREFIX`."""
+    return {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
+
+
+def with_model_state(state_dict: dict[str, torch.Tensor], network: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A task's state dict with the network's weights replaced by ``network`` (kept on the CPU)."""
+    return {**state_dict, **{f"{MODEL_PREFIX}{k}": v.detach().cpu() for k, v in network.items()}}
+
+
+def kept_model(trainer: Any, pl_module: Any, merge: bool = False) -> tuple[torch.nn.Module, dict[str, Any] | None, str]:
+    """A copy of the network a run keeps: its best checkpoint's weights where there is one, else the
+    network as it is; with that checkpoint (None without one) and its path (``""``). ``merge``
+    folds a parameter-efficient strategy's changes in (a plain network, as export deploys)."""
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+    model = copy.deepcopy(pl_module.model)
+    ckpt = None
+    if best and Path(best).is_file():
+        ckpt = read_checkpoint(best)
+        try:
+            model.load_state_dict(model_state(ckpt["state_dict"]))
+        except RuntimeError as err:
+            raise CheckpointError(f"checkpoint {best} does not fit the model being trained "
+                                  f"({one_line(err, 200)}).") from err
+    if merge:
+        model = pl_module.strategy.merge(model.eval())
+    return model, ckpt, best
+
+
+# --------------------------------------------------------------------------- writing
+class CheckpointWriteError(WriteError):
+    """A checkpoint that could not be written; the previous file at that path is intact."""
+
+
+def last_good_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in ``folder``: writes are atomic, so every ``*.ckpt`` there
+    is whole (temporaries start with a dot), the previous version of a failed one included."""
+    found = [p for p in folder.glob("*.ckpt") if p.is_file() and not p.name.startswith(".")]
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``checkpoint`` to ``path``: serialised first (torch's zip writer reports a full disk as a
+    ``RuntimeError``), then a temporary file in the destination folder, fsynced, renamed.
+
+    Raises:
+        CheckpointWriteError: the disk is full, read-only or not ours; the previous file is kept,
+            and the message names the last good checkpoint beside it.
+    """
+    target = Path(path)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    try:
+        _io.write_bytes(target, buffer.getbuffer())
+    except OSError as err:
+        if not WriteError.wraps(err) and not isinstance(err, WriteError):
+            raise
+        kept = last_good_checkpoint(target.parent)
+        previous = "the previous one is kept as it was" if target.exists() else "nothing was left half-written"
+        if kept is not None:
+            last = f"the last good checkpoint is {kept}. Free space and resume with --ckpt_path {kept}"
+        else:
+            last = "no checkpoint of this run was written. Free space (or choose another run directory) and run again"
+        raise CheckpointWriteError(
+            err.errno, f"could not write the checkpoint {target}: {describe_os_error(err)}; {previous}; {last}."
+        ) from err
+    return target
+
+
+def _is_local(path: Any) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` whose local writes go through :func:`save_checkpoint`.
+
+    Lightning's writer puts its temporary file in ``/tmp`` and moves it onto the run directory:
+    across filesystems that move is a copy, and a full disk left ``best.ckpt`` truncated under its
+    final name. Remote paths (``s3://``...) keep Lightning's object-storage writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_checkpoint(checkpoint, str(path).removeprefix("file://"))
+        return None
+
+
+def install_atomic_writer(trainer: Any) -> bool:
+    """Use :class:`AtomicCheckpointIO` on ``trainer`` where it writes with Lightning's default
+    ``TorchCheckpointIO``; returns whether it writes atomically now (a writer of the user's own is kept)."""
+    strategy = getattr(trainer, "strategy", None)
+    current = getattr(strategy, "checkpoint_io", None)
+    if strategy is None or type(current) is not TorchCheckpointIO:
+        return isinstance(current, AtomicCheckpointIO)
+    strategy.checkpoint_io = AtomicCheckpointIO()
+    return True

@@ -149,11 +149,12 @@ def _prepare_data(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace what OUT already holds")
     _csv_arguments(parser)
     args = parser.parse_args(argv)
+    from visiontl.data.layout import source_kind
     from visiontl.data.streaming import describe, prepare_data
     from visiontl.errors import UserError
 
     csv = {"path_column": args.path_column, "label_column": args.label_column, "suffix": args.suffix,
-           "image_dirs": args.image_dirs or None, "root": args.root} if args.src.lower().endswith(".csv") else None
+           "image_dirs": args.image_dirs or None, "root": args.root} if source_kind(args.src) == "csv" else None
     try:
         meta = prepare_data(args.src, args.out, val_fraction=args.val_fraction, seed=args.seed,
                             image_size=args.image_size, on_bad_image=args.on_bad_image, frames=args.frames,
@@ -180,9 +181,28 @@ def _rank(argv: Sequence[str]) -> int:
 
 
 def _wise_ft(argv: Sequence[str]) -> int:
-    from visiontl.wiseft import main as wise_ft_main
+    """``visiontl wise-ft RUN --out DIR [--alphas 0,0.1,...,1] [--retain PATH] [--bn ...]``."""
+    from visiontl.errors import CommandParser
 
-    return wise_ft_main(argv)
+    parser = CommandParser(prog="visiontl wise-ft",
+                           description="WiSE-FT: mix a run's pretrained and fine-tuned weights, score each mix, keep one.")
+    parser.add_argument("run", help="a run directory (its checkpoints/best.ckpt) or a checkpoint in one")
+    parser.add_argument("--out", required=True, help="folder for wise_ft.csv/.json/.png and wise-ft.ckpt")
+    parser.add_argument("--alphas", help="mixing weights to score, comma-separated (0: pretrained + linear head, "
+                                         "1: fine-tuned; default 0,0.1,...,1)")
+    parser.add_argument("--retain", help="a labelled folder or CSV of a task to keep: scored at every alpha")
+    parser.add_argument("--bn", choices=["interpolate", "recompute"], default="interpolate",
+                        help="BatchNorm running statistics: interpolated, or re-estimated on the training images")
+    parser.add_argument("--weights", help="the pretrained weights, when the ones the run recorded are not here")
+    parser.add_argument("--alpha", type=float, help="write this alpha instead of the chosen one")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="choose the smallest alpha within this of the best validation accuracy")
+    args = parser.parse_args(argv)
+    from visiontl.wiseft import DEFAULT_ALPHAS, parse_alphas, wise_ft
+
+    wise_ft(args.run, args.out, parse_alphas(args.alphas) if args.alphas is not None else DEFAULT_ALPHAS,
+            retain=args.retain, bn=args.bn, weights=args.weights, alpha=args.alpha, tolerance=args.tolerance)
+    return 0
 
 
 def _distill(argv: Sequence[str]) -> int:
@@ -407,7 +427,7 @@ def cli(argv: Sequence[str] | None = None):
         args=list(argv) if argv is not None else None,
         trainer_defaults={
             "logger": {"class_path": "visiontl.resume.RunLogger", "init_args": {"save_dir": "runs"}},
-            "log_every_n_steps": 5,
+            "num_sanity_val_steps": 0,  # as fine_tune: every door resolves a run the same way (settings.json)
         },
         # a bad option or configuration key raises (one line, ``visiontl.cli_config``) instead of a usage dump
         parser_kwargs={"description": f"visiontl: transfer learning on images.\n\nMore commands:\n{extra}",
@@ -479,8 +499,8 @@ def _dispatch(args: list[str]) -> int:
         hint = f" Did you mean `visiontl {close[0]}`?" if close else ""
         print(f"error: unknown command {args[0]!r}.{hint} `visiontl --help` lists the commands.", file=sys.stderr)
         return 2
-    if args[0] in _LIGHT_COMMANDS:
-        return EXTRA_COMMANDS[args[0]][0](args[1:])
+    if args[0] in _LIGHT_COMMANDS or (args[0] in EXTRA_COMMANDS and {"-h", "--help"} & set(args[1:])):
+        return EXTRA_COMMANDS[args[0]][0](args[1:])  # help needs neither Lightning nor its quieting
     from visiontl.quiet import quiet
 
     with quiet(verbose=True):  # Lightning's tips, dependencies' deprecations: never; data warnings: always

@@ -266,7 +266,8 @@ class DeltaCheckpoint(Callback):
     weights (``checkpoints/last.peft.safetensors``)."""
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from visiontl.run import checkpoint_record, run_dir
+        from visiontl.checkpoints import checkpoint_record, model_state
+        from visiontl.run import run_dir
 
         if not trainer.is_global_zero or getattr(pl_module, "base_weights", None) is None:
             return
@@ -274,7 +275,7 @@ class DeltaCheckpoint(Callback):
         best = getattr(callback, "best_model_path", None) or None
         record = checkpoint_record(best, state_dict=True)
         if record is not None:
-            state = {k[len("model."):]: v for k, v in record["state_dict"].items() if k.startswith("model.")}
+            state = model_state(record["state_dict"])
             save_delta(pl_module, Path(best).with_suffix(".peft.safetensors"), state,
                        {"val_metrics": record["val_metrics"]})
         else:

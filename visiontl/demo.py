@@ -17,9 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from visiontl.errors import CommandParser
-from visiontl.api import fine_tune
-from visiontl.data.bluemarble import BlueMarbleDataModule
-from visiontl.report import format_console_table, save_comparison
 
 __all__ = ["DEFAULTS", "main", "run_demo"]
 
@@ -59,6 +56,10 @@ def run_demo(
         One row per strategy: ``strategy``, ``val_acc``, ``val_f1``, ``val_auroc``,
         ``trainable_params``, ``total_params``, ``wall_s``, ``run_dir``.
     """
+    from visiontl.api import fine_tune
+    from visiontl.data.bluemarble import BlueMarbleDataModule
+    from visiontl.report import save_comparison
+
     out = Path(out)
     rows = []
     print(f"[visiontl demo] {len(strategies)} strategies on {backbone}, {train_per_class} tiles per class, "
@@ -135,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print()
     columns = ["strategy", "val_acc", "val_f1", "val_auroc", "trainable_params", "wall_s"]
+    from visiontl.report import format_console_table
+
     print(format_console_table([{**r, "wall_s": f"{r['wall_s']:.1f}"} for r in rows], columns))
     print(f"\nPlot: {Path(args.out) / 'comparison.png'}  (table: comparison.md, .csv)")
     print("Runs: " + "  ".join(r["run_dir"] for r in rows))

@@ -5,9 +5,9 @@ device supports, so it is tested with the device faked; the callers pass what Li
 for (``--trainer.accelerator``), never assume the machine they were written on.
 
 - **precision**: on CUDA ``bf16-mixed`` where the GPU has bf16 (Ampere and later), else
-  ``16-mixed`` (Lightning adds the gradient scaler float16 needs); on a CPU it is measured per
-  model (:func:`visiontl.speed.auto_precision`); on Apple's MPS float32 (its mixed precision
-  support varies by PyTorch release).
+  ``16-mixed`` (Lightning adds the gradient scaler float16 needs); on a CPU float32 (bf16 only when
+  asked for: :func:`visiontl.speed.auto_precision` measures whether it pays for a model); on
+  Apple's MPS float32 (its mixed precision support varies by PyTorch release).
 - **loaders**: pinned host memory only where batches are copied to a CUDA device; workers: one
   fewer than the cores, at most 4 on a CPU (the training process needs the rest) and at most 8
   feeding a GPU.

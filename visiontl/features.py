@@ -7,6 +7,9 @@ depend on: the backbone and a hash of its weights, the transform (image size, no
 augmentation), the number of augmented views, the seed, the frames read and the data (each file's
 path, size and modification time). :class:`CachedFeatures` is the callback that does this for a
 run (and fits heads on the features), so the task never knows where its batches came from.
+
+The linear probe on such features (:func:`fit_probe`, :func:`probe_accuracy`) lives here too: every
+module that fits a logistic-regression probe and scores it calls these.
 """
 
 from __future__ import annotations
@@ -40,9 +43,12 @@ __all__ = [
     "extract_features",
     "FeatureCacheError",
     "feature_width",
+    "fit_probe",
+    "linear_probe_accuracy",
     "split_features",
     "onnx_features",
     "pooled_features",
+    "probe_accuracy",
     "supports_features",
     "weights_fingerprint",
 ]
@@ -65,6 +71,57 @@ def feature_width(model: nn.Module) -> int:
 def classify_features(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """Apply the model's classifier to pooled features: ``model(x) == classify(pooled(x))``."""
     return model.get_classifier()(features)
+
+
+def _rows(values: Any, dtype: type) -> torch.Tensor:
+    """``values`` (an array, a list, a tensor on any device) as a CPU tensor of ``dtype``, copied."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return torch.from_numpy(np.array(values, dtype=dtype))
+
+
+def fit_probe(features: Any, labels: Any, num_classes: int, head: nn.Module | None = None,
+              **options: Any) -> nn.Module:
+    """The linear probe: a logistic-regression head fitted on frozen features.
+
+    :class:`~visiontl.strategies.LogisticRegression` (what ``strategy: logreg`` fits: features
+    centred and scaled by one spread, penalty by cross-validation, L-BFGS to convergence, the
+    standardisation folded into the head). Every probe of the package is this one: forgetting's
+    retention, WiSE-FT's alpha 0, the negative-transfer check's frozen probe, DEV's domain
+    classifier. Uses no global random state.
+
+    Args:
+        features: ``(n, width)`` rows (array, list or tensor).
+        labels: ``n`` class indices in ``[0, num_classes)``, every class present.
+        num_classes: output width.
+        head: the ``nn.Linear`` to fit in place (a model's classifier); ``None``: a new one.
+        **options: :class:`~visiontl.strategies.LogisticRegression` arguments (``l2``, ``max_iter``,
+            ``folds``, ``grid``).
+
+    Returns:
+        The fitted head (on the CPU when new).
+    """
+    from visiontl.strategies.heads import LogisticRegression
+
+    x = _rows(features, np.float32)
+    if head is None:  # every weight is overwritten by the fit: no initialisation, no draw from the global RNG
+        head = torch.nn.utils.skip_init(nn.Linear, x.shape[1], num_classes)
+    LogisticRegression(**options).fit(head, x, _rows(labels, np.int64), num_classes)
+    return head
+
+
+def probe_accuracy(head: nn.Module, features: Any, labels: Any) -> float:
+    """Top-1 accuracy of ``head`` on feature rows (computed on the head's device)."""
+    held = [*head.parameters(), *head.buffers()]
+    device = held[0].device if held else torch.device("cpu")
+    with torch.no_grad():
+        predicted = head(_rows(features, np.float32).to(device)).argmax(1).cpu().numpy()
+    return float((predicted == _rows(labels, np.int64).numpy()).mean())
+
+
+def linear_probe_accuracy(train: tuple[Any, Any], val: tuple[Any, Any], num_classes: int) -> float:
+    """:func:`probe_accuracy` on ``val`` (features, labels) of the :func:`fit_probe` head fitted on ``train``."""
+    return probe_accuracy(fit_probe(*train, num_classes), *val)
 
 
 def supports_features(model: nn.Module) -> bool:
@@ -354,9 +411,7 @@ class CachedFeatures(pl.Callback):
         if strategy.sgd and "val" in getattr(dm, "splits", {}):
             val_features, val_labels = _rank_zero_first(trainer, lambda compute: split_features(
                 model, backbone, dm, "val", compute=compute))
-            with torch.no_grad():
-                predicted = head(torch.from_numpy(np.array(val_features, dtype=np.float32))).argmax(1).numpy()
-            val_acc = float((predicted == np.asarray(val_labels)).mean())
+            val_acc = probe_accuracy(head, val_features, val_labels)
             strategy.fit_report["val_acc"] = round(val_acc, 4)
             message += f" (val_acc {val_acc:.3f}); fine-tuning starts from it"
         rank_zero_info(message)

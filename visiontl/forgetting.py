@@ -1,11 +1,11 @@
 """What fine-tuning kept of the pretrained model: forgetting and drift, measured on every run.
 
 - **Retention on a task to keep** (``retain``: a labelled folder or CSV of an earlier task or
-  domain): a logistic-regression head (:class:`~visiontl.strategies.LogisticRegression`, penalty by
-  cross-validation) is fitted on the backbone's features of the retained set's training split and
-  scored on its validation split, once with the pretrained backbone (``retain_acc_before``, its
-  features cached) and once with the fine-tuned one (``retain_acc_after``); ``forgetting`` is the
-  drop. This is linear-probe retention: what the features still know, whatever head a later user
+  domain): the linear probe (:func:`visiontl.features.fit_probe`, logistic regression with the
+  penalty by cross-validation) is fitted on the backbone's features of the retained set's training
+  split and scored on its validation split, once with the pretrained backbone
+  (``retain_acc_before``, its features cached) and once with the fine-tuned one
+  (``retain_acc_after``, :func:`retention_accuracy`); ``forgetting`` is the drop. This is linear-probe retention: what the features still know, whatever head a later user
   puts on them.
 - **Drift, with no extra data:** linear CKA (Kornblith et al., ICML 2019) between the pretrained
   and the fine-tuned pooled features of the validation images; the L2 distance of every layer
@@ -24,16 +24,21 @@ import copy
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-__all__ = ["Forgetting", "imagenet_classifier", "linear_cka", "linear_probe_accuracy", "retain_datamodule",
+from visiontl.checkpoints import kept_model
+
+if TYPE_CHECKING:
+    from visiontl.after_fit import FitContext
+
+__all__ = ["Forgetting", "ForgettingRecord", "imagenet_classifier", "linear_cka", "retain_datamodule", "retention_accuracy",
            "weight_drift"]
 
 log = logging.getLogger(__name__)
@@ -85,18 +90,6 @@ def weight_drift(start: Mapping[str, torch.Tensor], model: nn.Module) -> list[di
     return out
 
 
-def linear_probe_accuracy(train: tuple[Any, Any], val: tuple[Any, Any], num_classes: int) -> float:
-    """Accuracy on ``val`` (features, labels) of a logistic-regression head fitted on ``train``."""
-    from visiontl.strategies.heads import LogisticRegression
-
-    features = torch.as_tensor(np.array(train[0], dtype=np.float32))
-    head = nn.Linear(features.shape[1], num_classes)
-    LogisticRegression().fit(head, features, torch.as_tensor(np.array(train[1], dtype=np.int64)), num_classes)
-    with torch.no_grad():
-        predicted = head(torch.as_tensor(np.array(val[0], dtype=np.float32))).argmax(1).numpy()
-    return float((predicted == np.asarray(val[1])).mean())
-
-
 def retain_datamodule(path: str | Path, like: Any) -> Any:
     """The retained task's datamodule (a class-per-folder directory or a CSV) with the preprocessing
     of ``like`` (the run's datamodule): the same size, channels and normalisation, a validation
@@ -144,30 +137,59 @@ def imagenet_classifier(hparams: Mapping[str, Any]) -> nn.Module | None:
     return model.get_classifier()
 
 
-@torch.no_grad()
-def _features(model: nn.Module, dataset: Any) -> np.ndarray:
+def _features(model: nn.Module, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
     from visiontl.features import extract_features
 
-    return extract_features(model, dataset, engine="torch", desc="Features for the drift report")[0]
+    return extract_features(model, dataset, engine="torch", desc="Features for the drift report")
 
 
-class Forgetting(pl.Callback):
-    """Measures forgetting and drift at the end of a fit (see the module docstring) into
-    ``pl_module.forgetting_report``, which :class:`~visiontl.run.RunReport` writes.
+def retention_accuracy(model: nn.Module, retained: Any) -> float:
+    """Linear-probe retention of ``model`` (a timm model with pooled features) on the retained task's
+    datamodule (:func:`retain_datamodule`): :func:`~visiontl.features.linear_probe_accuracy` of its
+    features of the training split (fit) and of the validation split (score)."""
+    from visiontl.features import linear_probe_accuracy
+
+    train, val = (_features(model, retained.feature_source(split)) for split in ("train", "val"))
+    return linear_probe_accuracy(train, val, retained.num_classes)
+
+
+@dataclass(frozen=True)
+class ForgettingRecord:
+    """Forgetting and drift of a fit: ``metrics.json``'s ``drift`` and, with a retained task,
+    ``retain``, ``retain_acc_before``, ``retain_acc_after`` and ``forgetting`` (top level)."""
+
+    key: ClassVar[str | None] = None
+    drift: dict[str, Any]
+    retain: str | None = None
+    retain_acc_before: float | None = None
+    retain_acc_after: float | None = None
+    forgetting: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from visiontl.after_fit import record_dict
+
+        return record_dict(self)
+
+
+class Forgetting:
+    """Measures forgetting and drift after a fit (see the module docstring): a step of
+    :mod:`visiontl.after_fit`, returning a :class:`ForgettingRecord`.
 
     Runs for strategies that change a pretrained backbone (``sgd`` and ``uses_pretrained``, not the
     frozen-backbone ones); needs the task's pretrained snapshot (``start_state``) and a visiontl
     datamodule. ``retain`` comes from the datamodule's ``retain``.
     """
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        start = getattr(pl_module, "start_state", None)
-        dm: Any = trainer.datamodule
-        if not trainer.is_global_zero or start is None or dm is None or not hasattr(dm, "feature_source"):
-            return
-        from visiontl.features import split_features, supports_features
+    name = "forgetting"
 
-        tuned = _kept_model(trainer, pl_module)
+    def run(self, ctx: FitContext) -> ForgettingRecord | None:
+        trainer, pl_module, dm = ctx.trainer, ctx.task, ctx.datamodule
+        start = getattr(pl_module, "start_state", None)
+        if start is None or dm is None or not hasattr(dm, "feature_source"):
+            return None
+        from visiontl.features import linear_probe_accuracy, split_features, supports_features
+
+        tuned = kept_model(trainer, pl_module, merge=True)[0]
         pretrained = copy.deepcopy(tuned)
         own = pretrained.state_dict()
         kept = {k: v for k, v in start.items() if k in own and own[k].shape == v.shape}
@@ -176,12 +198,12 @@ class Forgetting(pl.Callback):
         if added:  # adapters and prompts: modules the pretrained model never had
             rank_zero_info(f"[visiontl] no drift report: the fine-tuned model has {len(added)} tensors ({added[0]}...) "
                            f"the pretrained one has no values for ({pl_module.strategy.name})")
-            return
+            return None
         report: dict[str, Any] = {"drift": {"groups": weight_drift(start, tuned)}}
         backbone = pl_module.hparams["backbone"]
         if supports_features(tuned) and "val" in getattr(dm, "splits", {}):
             before = split_features(pretrained, backbone, dm, "val")[0]
-            after = _features(tuned, dm.feature_source("val"))
+            after = _features(tuned, dm.feature_source("val"))[0]
             report["drift"]["cka_val"] = round(linear_cka(before, after), 6)
             head = imagenet_classifier(pl_module.hparams)
             if head is not None:
@@ -192,16 +214,13 @@ class Forgetting(pl.Callback):
         retain = getattr(dm, "retain", None)
         if retain and supports_features(tuned):
             rdm = retain_datamodule(retain, dm)
-            k = rdm.num_classes
-            old = [split_features(pretrained, backbone, rdm, s) for s in ("train", "val")]
-            new = [(_features(tuned, rdm.feature_source(s)), np.asarray(old[i][1])) for i, s in
-                   enumerate(("train", "val"))]
-            before_acc, after_acc = linear_probe_accuracy(*old, k), linear_probe_accuracy(*new, k)
+            known = [split_features(pretrained, backbone, rdm, s) for s in ("train", "val")]  # cached: never trained
+            before_acc, after_acc = linear_probe_accuracy(*known, rdm.num_classes), retention_accuracy(tuned, rdm)
             report.update(retain=str(retain), retain_acc_before=round(before_acc, 6),
                           retain_acc_after=round(after_acc, 6), forgetting=round(before_acc - after_acc, 6))
             rank_zero_info(f"[visiontl] retained task {retain}: linear-probe accuracy {before_acc:.3f} before, "
                            f"{after_acc:.3f} after fine-tuning (forgetting {before_acc - after_acc:+.3f})")
-        pl_module.forgetting_report = report
+        return ForgettingRecord(**report)
 
 
 def _is_head(key: str, model: nn.Module) -> bool:
@@ -210,16 +229,3 @@ def _is_head(key: str, model: nn.Module) -> bool:
     return any(key.startswith(f"{name}.") for name in classifier_names(model))
 
 
-def _kept_model(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
-    """A plain copy of the model the run keeps: the best checkpoint's weights (the last ones without
-    one), with a parameter-efficient strategy's changes merged in."""
-    from visiontl.run import checkpoint_record
-
-    model = copy.deepcopy(pl_module.model)
-    ckpt = trainer.checkpoint_callback
-    record = checkpoint_record(getattr(ckpt, "best_model_path", None), state_dict=True)
-    if record is not None:
-        state = {k[len("model."):]: v for k, v in record["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(state)
-    model.eval()
-    return pl_module.strategy.merge(model)

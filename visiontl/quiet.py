@@ -13,6 +13,10 @@
 
 Warnings about the user's data (visiontl's data check, class imbalance, bad images, negative
 transfer...) are never filtered: they are visiontl's own warnings and log records at WARNING.
+
+This is the package's one quieting rule: the commands, ``fine_tune(verbose=False)``, the bench's
+cells and feature passes (:func:`visiontl.bench.run_bench`) and ``visiontl rank`` all run under
+it, so a quiet bench hides exactly what a quiet command hides.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ NOISE = (  # Lightning's warnings about settings visiontl chooses deliberately
     r".*IProgress not found.*",
     r".*`LightningModule.configure_optimizers` returned `None`.*",  # fitted heads: no optimiser on purpose
     r".*`training_step` returned `None`.*",
+    r".*resuming from a checkpoint that ended before the epoch ended.*",  # visiontl's samplers resume exactly
 )
 _LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 

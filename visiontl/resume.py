@@ -135,9 +135,9 @@ class LastCheckpoint(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Every checkpoint of the run (``best.ckpt`` too) is written atomically where it lands."""
-        from visiontl.checkpoint_io import install
+        from visiontl.checkpoints import install_atomic_writer
 
-        self._atomic = install(trainer)
+        self._atomic = install_atomic_writer(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_time = time.monotonic()
@@ -185,6 +185,11 @@ class LastCheckpoint(Callback):
         time_due = (self.every_minutes is not None
                     and time.monotonic() - self._last_time >= 60 * self.every_minutes)
         self._due = self._due or steps_due or time_due
+        if self._due and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and _loader_states(trainer, 0) is None:
+            # the next batch starts an epoch, and a stateful loader (LitData's) cannot say where that
+            # epoch began: write now, at this batch's end, where Lightning's own resume is exact
+            self._due = False
+            self.save(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -206,12 +211,32 @@ class LastCheckpoint(Callback):
         ``fit_loop`` / ``epoch_loop.state_dict``) is named by ``tests/test_hostile_cli.py``."""
         if not getattr(self, "_at_batch_start", False):
             return
-        state = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict")
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        state = fit_loop.get("epoch_loop.state_dict")
         if isinstance(state, dict) and "_batches_that_stepped" in state:
             state["_batches_that_stepped"] -= 1
+        loaders = (fit_loop.get("state_dict") or {}).get("combined_loader")
+        trained = int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)  # batches of this epoch
+        kept = _loader_states(trainer, trained)
+        if isinstance(loaders, list) and kept is not None and len(kept) == len(loaders):
+            fit_loop["state_dict"]["combined_loader"] = kept  # the loaders as they were before this batch
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
+
+
+def _loader_states(trainer: pl.Trainer, trained: int) -> list[dict[str, Any]] | None:
+    """The states of the training loaders that keep one (LitData's) as they were when ``trained``
+    batches of the epoch had been served, or None where a loader does not remember that far
+    (Lightning's own state is kept then)."""
+    from pytorch_lightning.utilities import CombinedLoader
+
+    loader = trainer.train_dataloader
+    loaders = loader.flattened if isinstance(loader, CombinedLoader) else [loader]
+    stateful = [l for l in loaders if callable(getattr(l, "state_dict", None))
+                and callable(getattr(l, "load_state_dict", None))]
+    states = [l.state_before(trained) if callable(getattr(l, "state_before", None)) else None for l in stateful]
+    return None if any(s is None for s in states) else states
 
 
 _VERSION = re.compile(r"^version_(\d+)$")

@@ -5,6 +5,8 @@ CLI leave the same files in ``trainer.log_dir``:
 
 - ``config.yaml`` (CLI) or ``hparams.yaml``: the configuration as resolved;
 - ``metrics.csv`` (per step / epoch, from the CSV logger) and ``metrics.json`` (summary);
+- ``settings.json``: what the fit was resolved to (steps, precision, batch size, seed, logging...),
+  the same whichever door started it;
 - ``strategy.json``: trainable / total parameters and every group's learning rate;
 - ``checkpoints/best.ckpt`` and ``checkpoints/last.ckpt`` (resume with ``--ckpt_path last``);
 - ``confusion_matrix.png`` / ``.csv``, ``learning_curves.png``, ``skipped_files.txt``;
@@ -20,6 +22,7 @@ CLI leave the same files in ``trainer.log_dir``:
 from __future__ import annotations
 
 import io
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from visiontl import _io
 from visiontl.report import save_confusion_matrix, save_drift, save_learning_curves
 
-__all__ = ["RunReport", "checkpoint_record", "discard_if_empty", "run_dir"]
+__all__ = ["LIGHTNING_LOG_EVERY", "RunReport", "add_to_metrics", "discard_if_empty", "log_interval", "run_dir",
+           "run_settings"]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -46,26 +50,6 @@ def run_dir(trainer: pl.Trainer) -> Path:
     if path is None and logger is not None:
         path = logger.save_dir
     return Path(path or trainer.default_root_dir)
-
-
-def checkpoint_record(path: str | Path | None, state_dict: bool = False) -> dict[str, Any] | None:
-    """What a checkpoint saved by a visiontl task records: ``val_metrics`` and ``val_confusion``
-    at the time it was saved (plus ``state_dict`` when asked), or None for other checkpoints
-    (and for a record that is not shaped as visiontl writes it).
-
-    Read by :func:`visiontl.checkpoints.read_checkpoint` (``weights_only``, memory-mapped, so a
-    large checkpoint costs little): a file that is not a readable checkpoint is a one-line
-    :class:`~visiontl.checkpoints.CheckpointError`.
-    """
-    from visiontl.checkpoints import read_checkpoint
-
-    if not path or not Path(path).is_file():
-        return None
-    ckpt = read_checkpoint(path, mmap=True)
-    record = ckpt.get("visiontl")
-    if not isinstance(record, dict) or not isinstance(record.get("val_metrics"), dict) or not record["val_metrics"]:
-        return None
-    return {**record, "state_dict": ckpt["state_dict"]} if state_dict else dict(record)
 
 
 _SETUP_FILES = {"hparams.yaml", "config.yaml", "data_check.json", "data.json", "strategy.json", "train_images.txt",
@@ -92,6 +76,65 @@ def discard_if_empty(trainer: pl.Trainer | None) -> bool:
     return True
 
 
+LIGHTNING_LOG_EVERY = 50
+"""Lightning's own ``log_every_n_steps``: left at it, a run logs by :func:`log_interval` instead."""
+
+
+def log_interval(batches_per_epoch: int | float) -> int:
+    """Log every this many steps: every epoch on a tiny set (where an epoch is a few steps), at most
+    every 50 steps on a large one. One rule for every door (``visiontl fit``, ``fine_tune``)."""
+    if not math.isfinite(float(batches_per_epoch)):
+        return LIGHTNING_LOG_EVERY
+    return int(max(1, min(LIGHTNING_LOG_EVERY, int(batches_per_epoch))))
+
+
+def run_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    """What a fit was resolved to, whichever door started it: written to ``settings.json`` so two
+    runs can be compared (the same inputs give the same settings, decided by rule, never by a
+    timing)."""
+    import os
+
+    dm = trainer.datamodule
+    hp = {k: v for k, v in dict(getattr(pl_module, "hparams", {}) or {}).items() if not k.startswith("_")}
+    loader = trainer.train_dataloader
+    batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None),
+                                                                "batch_size", None)
+    return {
+        "task": type(pl_module).__name__,
+        "hyper_parameters": hp,
+        "seed": int(os.environ["PL_GLOBAL_SEED"]) if os.environ.get("PL_GLOBAL_SEED", "").isdigit() else None,
+        "datamodule": type(dm).__name__ if dm is not None else None,
+        "augment": getattr(dm, "augment", None),
+        "train_images": getattr(dm, "train_size", None),
+        "batch_size": batch_size,
+        "batches_per_epoch": trainer.num_training_batches,
+        "max_steps": trainer.max_steps,
+        "precision": str(trainer.precision),
+        "accelerator": type(trainer.accelerator).__name__,
+        "world_size": trainer.world_size,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "gradient_clip_val": trainer.gradient_clip_val,
+        "num_sanity_val_steps": trainer.num_sanity_val_steps,
+        "log_every_n_steps": trainer.log_every_n_steps,
+    }
+
+
+def add_to_metrics(run: str | Path, key: str, record: Any) -> dict[str, Any]:
+    """Add ``record`` as ``key`` to a finished run's ``metrics.json`` (atomically; what follows the
+    fit rather than ending it, such as :func:`visiontl.fine_tune`'s scratch comparison). Returns
+    the file's new content."""
+    import json
+
+    path = Path(run) / "metrics.json"
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        summary = {}
+    summary = {**(summary if isinstance(summary, dict) else {}), key: record}
+    _io.write_json(path, summary)
+    return summary
+
+
 def _scalar(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
@@ -101,12 +144,21 @@ def _scalar(value: Any) -> Any:
 class RunReport(Callback):
     """Writes the run directory's reports and plots."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_fit: list[Any] | None = None) -> None:
+        self.after_fit = list(after_fit or [])  # visiontl.after_fit steps, run in this order at the fit's end
         self._start: float | None = None
         self._predictions: list[dict[str, torch.Tensor]] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The logging interval by :func:`log_interval` where none was asked for (Lightning's
+        default), then the resolved settings to ``settings.json``: the loaders exist now."""
+        if trainer.log_every_n_steps == LIGHTNING_LOG_EVERY:
+            trainer.log_every_n_steps = log_interval(trainer.num_training_batches)
+        if trainer.is_global_zero:
+            _io.write_json(run_dir(trainer) / "settings.json", run_settings(trainer, pl_module))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -158,8 +210,13 @@ class RunReport(Callback):
             _io.write_json(run_dir(trainer) / "test_metrics.json", metrics)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The analyses that follow the fit, in the task's order (:mod:`visiontl.after_fit`), then
+        ``metrics.json`` with every record, the plots and ``strategy.json``."""
         if not trainer.is_global_zero:
             return
+        from visiontl.after_fit import FitContext, run_steps
+
+        records = run_steps(self.after_fit, FitContext(trainer, pl_module, trainer.datamodule))
         out = run_dir(trainer)
         for logger in trainer.loggers:
             logger.save()
@@ -173,6 +230,8 @@ class RunReport(Callback):
             "monitor": getattr(ckpt, "monitor", None),
             "final": {k: _scalar(v) for k, v in trainer.callback_metrics.items()},
         }
+        from visiontl.checkpoints import checkpoint_record
+
         best = checkpoint_record(summary["best_checkpoint"])
         if best is not None:  # the reports describe the model the run keeps: the best checkpoint
             summary["best"] = best["val_metrics"]
@@ -181,24 +240,22 @@ class RunReport(Callback):
         if hasattr(pl_module, "strategy_report"):
             summary["strategy"] = pl_module.strategy_report()
             _io.write_json(out / "strategy.json", summary["strategy"])  # now with the fitted head's numbers
-        forgetting = getattr(pl_module, "forgetting_report", None)  # visiontl.forgetting.Forgetting's
-        if forgetting:
-            summary.update(forgetting)
+        for record in records.values():  # in the order the steps ran
+            if record.key is None:
+                summary.update(record.to_dict())
+            else:
+                summary[record.key] = record.to_dict()
+        forgetting = records.get("forgetting")
+        if forgetting is not None:
             if "strategy" in summary:
-                moved = {g["group"]: g for g in forgetting["drift"]["groups"]}
+                moved = {g["group"]: g for g in forgetting.drift["groups"]}
                 for group in summary["strategy"]["groups"]:
                     if group["name"] in moved:
                         group["l2_from_pretrained"] = moved[group["name"]]["l2"]
                         group["relative_l2_from_pretrained"] = moved[group["name"]]["relative"]
                 _io.write_json(out / "strategy.json", summary["strategy"])
-            save_drift({**forgetting["drift"], "retain_acc_after": forgetting.get("retain_acc_after")},
-                       out / "drift.png")
-        extra = getattr(pl_module, "run_summary", None)  # a task's own record (DistillationTask: its teacher)
-        if callable(extra):
-            summary.update(extra())
-        guard = next((c for c in trainer.callbacks if hasattr(c, "report") and hasattr(c, "gave_up")), None)
-        if guard is not None:
-            summary["divergence_guard"] = guard.report()
+            save_drift({**forgetting.drift, "retain_acc_after": forgetting.retain_acc_after}, out / "drift.png")
+        summary.update(pl_module.run_summary())  # the task's own record (DistillationTask: its teacher)
         _io.write_json(out / "metrics.json", summary)
         self._confusion(trainer, pl_module, "val")
         if (out / "metrics.csv").exists():

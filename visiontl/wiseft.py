@@ -4,17 +4,19 @@
 ``theta(alpha) = (1 - alpha) * theta_0 + alpha * theta_1`` where ``theta_1`` is the fine-tuned model
 and ``theta_0`` the pretrained backbone with a linear head fitted on its frozen features of the run's
 training images (the paper's recipe for models without a zero-shot head: the linear classifier,
-:class:`~visiontl.strategies.LogisticRegression` here, penalty by cross-validation). ``alpha = 0`` is
-that linear probe, ``alpha = 1`` the fine-tuned model; the ensemble costs no training.
+:func:`visiontl.features.fit_probe` here, penalty by cross-validation). ``alpha = 0`` is that
+linear probe, ``alpha = 1`` the fine-tuned model; the ensemble costs no training.
 
 BatchNorm running statistics are interpolated like every other tensor (``bn="interpolate"``, the
 default: ``benchmarks/forgetting.py`` measured it against re-estimating them), or re-estimated on
-the training images (``bn="recompute"``: a cumulative average over one pass, as SWA does).
+the training images (``bn="recompute"``: :func:`visiontl.tasks.da.reestimate_batchnorm`, AdaBN's
+rule: a cumulative average over one pass, every other module in eval mode).
 
 Every alpha is scored on the run's validation images (and, with ``retain``, by linear-probe
-retention on a task to keep, :mod:`visiontl.forgetting`); the chosen alpha is the smallest within
-``tolerance`` of the best validation accuracy (the most of the pretrained model kept for at most
-that much of the new task), unless ``alpha`` is given. Its weights are written as a normal
+retention on a task to keep: :func:`visiontl.forgetting.retention_accuracy`, what a run's
+``retain_acc_after`` is); the chosen alpha is the smallest within ``tolerance`` of the best
+validation accuracy (the most of the pretrained model kept for at most that much of the new
+task), unless ``alpha`` is given. Its weights are written as a normal
 checkpoint (``wise-ft.ckpt``) that ``visiontl export`` takes.
 
 A run directory is data: nothing in it is imported or executed. The run's images and labels come
@@ -38,7 +40,7 @@ from torch import nn
 from visiontl import _io
 from visiontl.errors import UserError, one_line
 
-__all__ = ["WiseFTError", "interpolate", "main", "parse_alphas", "wise_ft"]
+__all__ = ["DEFAULT_ALPHAS", "WiseFTError", "interpolate", "parse_alphas", "wise_ft"]
 
 DEFAULT_ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -122,23 +124,13 @@ def _run_data(ckpt: Path, task: Any) -> Any:
     return dm
 
 
-@torch.no_grad()
-def _recompute_bn(model: nn.Module, dataset: Any, batch_size: int = 32) -> None:
-    """Re-estimate every BatchNorm's running statistics on ``dataset`` (one pass, cumulative average)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    for batch in loader:
-        model(batch["image"])
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.eval()
+def _recompute_bn(model: nn.Module, dm: Any) -> None:
+    """``bn="recompute"``: :func:`~visiontl.tasks.da.reestimate_batchnorm` on the run's training
+    images (evaluation transform, batches of 32, in order)."""
+    from visiontl.tasks.da import reestimate_batchnorm
+
+    loader = torch.utils.data.DataLoader(dm.feature_source("train"), batch_size=32, shuffle=False, num_workers=0)
+    reestimate_batchnorm(model, (batch["image"] for batch in loader))
 
 
 @torch.no_grad()
@@ -175,9 +167,8 @@ def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Se
     Returns:
         ``{"alphas": [rows], "chosen": alpha, "checkpoint": path, ...}`` (also ``wise_ft.json``).
     """
-    from visiontl.features import pooled_features, split_features, supports_features
-    from visiontl.forgetting import linear_probe_accuracy, retain_datamodule
-    from visiontl.strategies.heads import LogisticRegression
+    from visiontl.features import fit_probe, split_features, supports_features
+    from visiontl.forgetting import retain_datamodule, retention_accuracy
     from visiontl.tasks import ClassificationTask
 
     if bn not in ("interpolate", "recompute"):
@@ -206,10 +197,7 @@ def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Se
     k = tuned.hparams["num_classes"]
 
     # theta_0's head: the linear probe on the pretrained features of the run's training images
-    features, labels = split_features(start_model, backbone, dm, "train")
-    probe = start_model.get_classifier()
-    LogisticRegression().fit(probe, torch.from_numpy(np.array(features, dtype=np.float32)),
-                             torch.from_numpy(np.array(labels, dtype=np.int64)), k)
+    fit_probe(*split_features(start_model, backbone, dm, "train"), k, head=start_model.get_classifier())
     start_state, end_state = start_model.state_dict(), end_model.state_dict()
     rdm = retain_datamodule(retain, dm) if retain else None
 
@@ -218,17 +206,10 @@ def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Se
     for a in grid:
         model.load_state_dict(interpolate(start_state, end_state, a))
         if bn == "recompute" and 0.0 < a < 1.0:
-            _recompute_bn(model, dm.feature_source("train"))
+            _recompute_bn(model, dm)
         row: dict[str, Any] = {"alpha": a, **_scores(model, dm)}
         if rdm is not None:
-            with torch.no_grad():
-                pairs = []
-                for split in ("train", "val"):
-                    source = rdm.feature_source(split)
-                    loader = torch.utils.data.DataLoader(source, batch_size=32, num_workers=0)
-                    pooled = [pooled_features(model, b["image"]).numpy() for b in loader]
-                    pairs.append((np.concatenate(pooled), np.array([label for _, label in source.items])))
-            row["retain_acc"] = linear_probe_accuracy(pairs[0], pairs[1], rdm.num_classes)
+            row["retain_acc"] = retention_accuracy(model, rdm)
         rows.append(row)
         log(f"[visiontl wise-ft] alpha {a:.2f}: val_acc {row['val_acc']:.3f}"
             + (f", retain_acc {row['retain_acc']:.3f}" if "retain_acc" in row else ""))
@@ -237,7 +218,7 @@ def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Se
     chosen = alpha if alpha is not None else min(r["alpha"] for r in rows if r["val_acc"] >= best - tolerance - 1e-12)
     model.load_state_dict(interpolate(start_state, end_state, chosen))
     if bn == "recompute" and 0.0 < chosen < 1.0:
-        _recompute_bn(model, dm.feature_source("train"))
+        _recompute_bn(model, dm)
     picked = next(r for r in rows if r["alpha"] == chosen)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,21 +237,19 @@ def _save_checkpoint(ckpt: Path, tuned: Any, model: nn.Module, scores: dict[str,
                      path: Path) -> Path:
     """A checkpoint ``ClassificationTask.from_checkpoint`` (and ``visiontl export``) loads: the run's
     hyper-parameters (a merged LoRA model is a plain one: strategy ``full``) and the mixed weights."""
-    from visiontl.checkpoints import read_checkpoint
+    from visiontl.checkpoints import read_checkpoint, save_checkpoint, with_model_state
     from visiontl.strategies import get_strategy
 
     original = read_checkpoint(ckpt)
     hp = dict(original["hyper_parameters"])
     if set(model.state_dict()) != set(tuned.model.state_dict()):
         hp["strategy"] = get_strategy("full").to_config()
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    state.update({k: v for k, v in original["state_dict"].items() if k == "class_weight"})
+    state = with_model_state({k: v for k, v in original["state_dict"].items() if k == "class_weight"},
+                             model.state_dict())
     record = dict(original["visiontl"]) if isinstance(original.get("visiontl"), dict) else {}
     record.update(val_metrics={k: v for k, v in scores.items() if k.startswith("val_")}, val_confusion=None,
                   wise_ft={"alpha": alpha, "bn": bn, "from": str(ckpt)})
-    with _io.atomic_path(path) as tmp:
-        torch.save({"hyper_parameters": hp, "state_dict": state, "visiontl": record}, tmp)
-    return path
+    return save_checkpoint({"hyper_parameters": hp, "state_dict": state, "visiontl": record}, path)
 
 
 def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
@@ -297,25 +276,3 @@ def _plot(rows: list[dict[str, Any]], chosen: float, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save_figure(fig, path)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``visiontl wise-ft RUN --out DIR [--alphas 0,0.1,...,1] [--retain PATH] [--bn ...]``."""
-    from visiontl.errors import CommandParser
-
-    parser = CommandParser(prog="visiontl wise-ft", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a run directory (its checkpoints/best.ckpt) or a checkpoint in one")
-    parser.add_argument("--out", required=True, help="folder for wise_ft.csv/.json/.png and wise-ft.ckpt")
-    parser.add_argument("--alphas", default=",".join(str(a) for a in DEFAULT_ALPHAS),
-                        help="mixing weights to score, comma-separated (0: pretrained + linear head, 1: fine-tuned)")
-    parser.add_argument("--retain", help="a labelled folder or CSV of a task to keep: scored at every alpha")
-    parser.add_argument("--bn", choices=["interpolate", "recompute"], default="interpolate",
-                        help="BatchNorm running statistics: interpolated, or re-estimated on the training images")
-    parser.add_argument("--weights", help="the pretrained weights, when the ones the run recorded are not here")
-    parser.add_argument("--alpha", type=float, help="write this alpha instead of the chosen one")
-    parser.add_argument("--tolerance", type=float, default=0.01,
-                        help="choose the smallest alpha within this of the best validation accuracy")
-    args = parser.parse_args(argv)
-    wise_ft(args.run, args.out, parse_alphas(args.alphas), retain=args.retain, bn=args.bn, weights=args.weights,
-            alpha=args.alpha, tolerance=args.tolerance)  # bad input: a UserError, one line (visiontl.cli.main)
-    return 0

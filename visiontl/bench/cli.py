@@ -104,11 +104,8 @@ def bench_main(argv: Sequence[str]) -> int:
     if too_big and not ns.yes:
         raise BenchError(f"this grid has {too_big}; nothing was run. Pass --yes to run it anyway, or shard it "
                          f"with --shard i/n, or give fewer shots, seeds, strategies or backbones.")
-    from visiontl.quiet import quiet
-
-    with quiet(verbose=ns.verbose):  # one line per cell; warnings about the data still show
-        rows = run_bench(config, ns.out, shard=shard, launcher=ns.launcher, devices=ns.devices,
-                         accelerator=ns.accelerator)
+    rows = run_bench(config, ns.out, shard=shard, launcher=ns.launcher, devices=ns.devices,
+                     accelerator=ns.accelerator, verbose=ns.verbose)  # one line per cell; data warnings still show
     if shard[1] == 1:
         from visiontl.bench.report import write_report
         from visiontl.bench.store import BenchStore

@@ -109,8 +109,10 @@ def _data_spec(entry: Any, index: int) -> DataSpec:
         spec = _data_spec(entry["path"], index)
         name = str(entry.get("name", spec.name))
         assert spec.path is not None
-        csv = Path(spec.path).suffix.lower() == ".csv"
         from visiontl.data import CsvDataModule, FolderDataModule
+        from visiontl.data.layout import source_kind
+
+        csv = source_kind(spec.path) == "csv"
 
         _check_init_args(CsvDataModule if csv else FolderDataModule, init_args, index, name,
                          given_by_path="train_csv" if csv else "root")

@@ -10,7 +10,8 @@ from typing import Any
 from visiontl import _io
 from visiontl.bench.config import load_config
 from visiontl.bench.grid import Cell
-from visiontl.bench.runner import _quiet, score_transferability
+from visiontl.bench.runner import score_transferability
+from visiontl.quiet import quiet
 
 __all__ = ["rank_backbones"]
 
@@ -31,7 +32,7 @@ def rank_backbones(data: str | os.PathLike[str], backbones: list[str], image_siz
     rows = []
     for backbone in config.backbones:
         cell = Cell(config.data[0], backbone, "logreg", None, 0, image_size, None, None)
-        with _quiet():
+        with quiet(verbose=False):
             rows.append(score_transferability(cell, out))
     rows.sort(key=lambda r: -r["logme"])
     for i, row in enumerate(rows, 1):

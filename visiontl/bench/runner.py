@@ -15,7 +15,6 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,27 +207,9 @@ def score_transferability(cell: Cell, out: str | os.PathLike[str]) -> dict[str, 
             "images": len(labels), **scores, "seconds": round(time.perf_counter() - start, 2)}
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    import logging
-    import warnings
-
-    loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning.pytorch", "visiontl")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-
 def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int, int] = (0, 1),
               launcher: str = "local", log: Any = print, devices: int = 1,
-              accelerator: str = "auto") -> list[dict[str, Any]]:
+              accelerator: str = "auto", verbose: bool = False) -> list[dict[str, Any]]:
     """Run every unfinished cell of ``config``'s grid in ``shard`` and return all rows of ``out``.
 
     Args:
@@ -240,7 +221,12 @@ def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int
         log: where progress lines go.
         devices: processes (devices) per cell, under DDP when more than one (see :func:`run_cell`).
         accelerator: Lightning's accelerator for the cells (``auto``, ``cpu``, ``gpu``).
+        verbose: Lightning's information lines for every cell; by default the cells (and the
+            feature passes) run under :func:`visiontl.quiet.quiet` with ``verbose=False``, which
+            filters what every quiet command filters: warnings about the data still show.
     """
+    from visiontl.quiet import quiet  # here: the bench's --help imports this module, and must not import Lightning
+
     out = Path(out)
     if devices < 1 or (devices > 1 and launcher != "local"):
         raise BenchError(f"devices must be >= 1 and, above 1, run with the local launcher (got {devices} with "
@@ -264,7 +250,7 @@ def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int
         if pair not in scored:
             log(f"[visiontl bench] one feature pass for {pair[0]} / {pair[1]}: transferability scores, and the "
                 f"features every frozen-backbone cell reads")
-            with _quiet():
+            with quiet(verbose):
                 store.add_score(score_transferability(cell, out))
             scored.add(pair)
 
@@ -276,18 +262,18 @@ def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int
     if launcher == "ray" and todo:
         for cell in todo:  # here, before any task starts: the tasks then read the cached features
             feature_pass(cell)
-        _run_ray(todo, out, done)
+        _run_ray(todo, out, done, verbose)
         return store.rows()
     for n, cell in enumerate(todo, 1):
         feature_pass(cell)
-        with _quiet():
+        with quiet(verbose):
             row = run_cell(cell, out, devices=devices, accelerator=accelerator)
         store.append(row)
         done(n, row)
     return store.rows()
 
 
-def _run_ray(cells: list[Cell], out: Path, done: Any) -> None:
+def _run_ray(cells: list[Cell], out: Path, done: Any, verbose: bool = False) -> None:
     """Run ``cells`` as Ray tasks, one CPU each (Ray then gives each task one OpenMP thread), on the
     cluster ``ray.init()`` finds (``RAY_ADDRESS``) or on a local one. Each task appends its own row,
     so ``out`` (and, to share the feature pass, ``VISIONTL_CACHE``) must be on a file system every
@@ -302,7 +288,9 @@ def _run_ray(cells: list[Cell], out: Path, done: Any) -> None:
 
     @ray.remote(num_cpus=1)
     def remote(cell: Cell) -> dict[str, Any]:
-        with _quiet():
+        from visiontl.quiet import quiet
+
+        with quiet(verbose):
             row = run_cell(cell, out)
         BenchStore(out).append(row)
         return row

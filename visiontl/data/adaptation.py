@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader
 
 from visiontl.data.bluemarble import build_tiles
-from visiontl.data.datamodules import FolderDataModule, ImageDataset
+from visiontl.data.datamodules import FolderDataModule
 from visiontl.data.images import DataError
 from visiontl.data.layout import Sample, index_folder, list_images
-from visiontl.data.preprocessing import Preprocessing
 
 __all__ = ["AdaptationDataModule", "BlueMarbleAdaptationDataModule"]
 
@@ -70,31 +68,16 @@ class AdaptationDataModule(FolderDataModule):
             splits["target_eval"] = target[::step][: self.target_eval_size]
         return splits
 
-    def build_datasets(self, pre: Preprocessing) -> None:
-        super().build_datasets(pre)
-        train = self.datasets["train"]
-        target = self.datasets["target"]
-        # target images are augmented like the source: the adaptation sees the same distortions
-        self.datasets["target"] = ImageDataset(target.items, train.transform, target.in_chans, target.presized,
-                                               target.max_pixels, frames=target.frames)
-
-    def feature_source(self, split: str, augmented: bool = False) -> ImageDataset:
-        """As for any split; the ``target`` images (augmented for training) with the evaluation
-        transform unless ``augmented`` (what target BatchNorm statistics are estimated on)."""
-        if split != "target" or augmented:
-            return super().feature_source(split, augmented)
-        target = self.datasets["target"]
-        return ImageDataset(target.items, self._transform(self.preprocessing, False), target.in_chans, target.presized,
-                            target.max_pixels, frames=target.frames)
+    @property
+    def paired_split(self) -> str:
+        """The unlabelled target images: augmented like the source (the adaptation sees the same
+        distortions) and paired with it in every training batch."""
+        return "target"
 
     @property
     def target_split(self) -> str:
         """The split the target validation loader reads: labelled if given, else unlabelled."""
         return "target_val" if "target_val" in self.splits else "target_eval"
-
-    def train_dataloader(self) -> CombinedLoader:
-        return CombinedLoader({"source": self._loader("train", train=True), "target": self._loader("target", True)},
-                              mode="max_size_cycle")
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self._loader("val"), self._loader(self.target_split)]

@@ -1,5 +1,11 @@
-"""What every visiontl datamodule shares: image settings, the image check, preprocessing and loader
-sizing (:class:`ImageDataModule`); the labelled and unlabelled datamodules build on it.
+"""What every visiontl datamodule shares: image settings, the image check, preprocessing, loader
+sizing and the training loader (:class:`ImageDataModule`); the labelled, unlabelled and streamed
+datamodules build on it.
+
+Three rules live here and nowhere else: the last training batch is never a lone image
+(:func:`drop_last_batch`), the training order is a function of (seed, epoch)
+(:meth:`ImageDataModule.train_loader`), and a fit resumed mid-epoch skips the batches it already
+trained on (:meth:`ImageDataModule.skip_resumed`).
 
 Preprocessing is resolved here and nowhere else (:meth:`ImageDataModule.resolve_preprocessing`):
 from the backbone's convention it is given, refined by the data (see
@@ -17,12 +23,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
 
 from visiontl.data.images import DataError, bad_image_line, check_frames, scan_frame, scan_images
 from visiontl.data.preprocessing import Preprocessing
-from visiontl.data.stats import channel_stats, stored_bit_depth
+from visiontl.data.sampling import DistributedEpochSampler, EpochSampler
+from visiontl.data.stats import channel_stats, needs_dataset_stats, stored_bit_depth
 
-__all__ = ["ImageDataModule", "auto_batch_size", "auto_workers"]
+__all__ = ["ImageDataModule", "auto_batch_size", "auto_workers", "drop_last_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,16 @@ def auto_batch_size(n_train: int, cap: int = 32) -> int:
         return 1
     size = 2 ** max(3, math.floor(math.log2(max(n_train / 8, 1))))
     return int(max(1, min(cap, size, n_train)))
+
+
+def drop_last_batch(n: int, batch_size: int, shares: int = 1) -> bool:
+    """Whether a training loader of ``n`` items drops its last batch: only when it would be one lone
+    image (BatchNorm cannot train on a batch of one) and not the only batch (a loader never has
+    zero batches). Under DDP each of ``shares`` ranks batches its equal, padded share ``ceil(n / shares)``.
+
+    Every datamodule's training loader follows it; shorter last batches of two or more are kept."""
+    share = -(-int(n) // max(1, int(shares)))
+    return share > batch_size and share % batch_size == 1
 
 
 EVAL_BATCH = 32
@@ -79,6 +97,9 @@ class ImageDataModule(pl.LightningDataModule):
         frames: multi-frame DICOMs (cine loops, enhanced CT / MR): ``error`` names them as bad
             images, ``middle`` reads each one's middle frame, ``all`` makes every frame a sample.
     """
+
+    seed: int = 0
+    """Seed of the training order and augmentation (subclasses take it as an argument)."""
 
     def __init__(
         self,
@@ -191,7 +212,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.normalize != "auto":
             return self.normalize == "dataset"
         if chans not in self._needs_stats:
-            self._needs_stats[chans] = chans > 3 or self.bit_depth(frame) > 8
+            self._needs_stats[chans] = needs_dataset_stats(chans, self.bit_depth(frame))
         return self._needs_stats[chans]
 
     def bit_depth(self, frame: Any = "error") -> int:
@@ -250,3 +271,58 @@ class ImageDataModule(pl.LightningDataModule):
     def pin_memory(self) -> bool:
         """Page-locked batches where they are copied to a CUDA device (faster, asynchronous copies)."""
         return self.device_kind() == "cuda"
+
+    # -- the training loader and exact resume -------------------------------------------------
+    def _world_size(self) -> int:
+        return 1 if self.trainer is None else int(self.trainer.world_size)
+
+    def _rank(self) -> int:
+        return 0 if self._world_size() == 1 else int(self.trainer.global_rank)
+
+    def _current_epoch(self) -> int | None:
+        trainer = self.trainer
+        return None if trainer is None else int(trainer.current_epoch)
+
+    def train_loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+        """A training loader over ``dataset`` (which decodes ``epoch * len + index``, see
+        :class:`~visiontl.data.sampling.EpochSampler`): shuffled by (``seed``, epoch), so a resumed
+        run repeats the order; under DDP each rank takes its share of the one-process order (Lightning
+        keeps a ``DistributedSampler`` as it is: its own would reshuffle); never a lone last image
+        (:func:`drop_last_batch`)."""
+        world = self._world_size()
+        epochs = (EpochSampler if world == 1 else DistributedEpochSampler)(
+            len(dataset), self.seed, shuffle=True, encode_epoch=True, epoch_fn=self._current_epoch,
+            rank=self._rank(), world_size=world)
+        workers = self.loader_workers()
+        return DataLoader(dataset, batch_size=batch_size, sampler=epochs,
+                          drop_last=drop_last_batch(len(dataset), batch_size, world), num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=self.pin_memory())
+
+    def skip_resumed(self, *loaders: DataLoader) -> None:
+        """Leave out of each training loader what a fit resumed mid-epoch already trained on.
+
+        One loader skips the epoch's first ``done`` batches. Loaders paired by Lightning's
+        ``CombinedLoader`` (``max_size_cycle``: the epoch runs over the longest, the shorter cycle
+        through the same order again) each skip what they served (``done`` modulo their length), and
+        serve no more than the epoch has left: ``max_size_cycle`` ends the epoch only once every
+        loader ran out."""
+        longest = max(len(loader) for loader in loaders)
+        done = self._batches_done_in_resumed_epoch(longest)
+        if not done:
+            return
+        for loader in loaders:
+            sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+            epochs = getattr(sampler, "sampler", None)
+            if isinstance(epochs, EpochSampler):
+                size = sampler.batch_size * self._world_size()  # every rank's share of the order
+                epochs.skip_next(done % len(loader) * size, (longest - done) * size)
+
+    def _batches_done_in_resumed_epoch(self, per_epoch: int) -> int:
+        """Batches of the current epoch a resumed fit already trained on (0 for a fresh fit or a
+        checkpoint written at an epoch's end): Lightning restores its loop counters
+        (``fit_loop.epoch_loop.batch_progress.current.processed``) before it asks for the training loader."""
+        trainer = self.trainer
+        if trainer is None or not getattr(trainer, "ckpt_path", None):
+            return 0
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return done if 0 < done < per_epoch else 0

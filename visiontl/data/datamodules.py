@@ -1,13 +1,15 @@
 """Lightning datamodules for labelled images: a class-per-folder tree or a CSV of (path, label).
 
 Sizes are chosen from the data: the batch size follows the number of training images, the last
-batch is never a lone image (BatchNorm cannot train on one), and a loader never has zero batches.
+batch is never a lone image and a loader never has zero batches (:func:`visiontl.data.base.drop_last_batch`).
 Preprocessing comes from the backbone (``task.data_config``) unless given here.
+:func:`labelled_datamodule` picks the datamodule of a folder or a CSV.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -19,7 +21,7 @@ import torch
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from visiontl.data.base import ImageDataModule, auto_batch_size, auto_workers
+from visiontl.data.base import ImageDataModule, auto_batch_size, auto_workers, drop_last_batch
 from visiontl.data.formats import Frame
 from visiontl.data.images import (
     DataError,
@@ -27,7 +29,7 @@ from visiontl.data.images import (
     read_image,
     to_channels,
 )
-from visiontl.data.layout import Sample, folder_splits, index_folder, list_images, read_csv_rows
+from visiontl.data.layout import Sample, folder_splits, index_folder, list_images, read_csv_rows, source_kind
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.presize import presize
 from visiontl.data.sampling import (
@@ -49,6 +51,7 @@ __all__ = [
     "auto_batch_size",
     "auto_workers",
     "index_folder",
+    "labelled_datamodule",
     "stratified_split",
 ]
 
@@ -387,14 +390,14 @@ class ClassificationDataModule(ImageDataModule):
         datasets: dict[str, Dataset] = {}
         index = {c: i for i, c in enumerate(self.class_names)}
         for split in self.splits:
-            train = split in ("train", "unlabelled")  # unlabelled images are augmented like the labelled ones
+            train = split in ("train", self.paired_split)  # unlabelled images are augmented like the labelled ones
             refs = self.samples(split)
             labelled = [(p, index.get(c, -1)) for p, c, _ in refs]
             frames = [f for _, _, f in refs]
             arrays = presize([p for p, _, _ in refs], pre.size, pre.in_chans, frames) if self.presize else None
             # augmentation is seeded per (seed, epoch, index): another seed for the unlabelled images, so
             # image i of each side does not get the same crop
-            seed = (self.seed + (split == "unlabelled")) if train else None
+            seed = (self.seed + (split == self.paired_split)) if train else None
             datasets[split] = ImageDataset(labelled, self._transform(pre, train), pre.in_chans, arrays,
                                            self.max_pixels, seed=seed, frames=frames)
         self._datasets = datasets
@@ -415,11 +418,12 @@ class ClassificationDataModule(ImageDataModule):
         return self._datasets
 
     def feature_source(self, split: str, augmented: bool = False) -> ImageDataset:
-        """The images of ``split`` with the evaluation transform (or the training one)."""
+        """The images of ``split`` with the evaluation transform (or, for the augmented training and
+        paired splits, the training one)."""
         source = self.datasets[split]
         if not isinstance(source, ImageDataset):
             source = self._image_datasets[split]
-        if augmented or split != "train":
+        if augmented or split not in ("train", self.paired_split):
             return source
         return ImageDataset(source.items, self._transform(self.preprocessing, False), source.in_chans,
                             source.presized, source.max_pixels, seed=None, frames=source.frames)
@@ -448,68 +452,35 @@ class ClassificationDataModule(ImageDataModule):
             raise DataError(f"{type(self).__name__} has no {split!r} split; give one to use it.")
         dataset = self.datasets[split]
         batch_size = self.loader_batch_size(len(self.samples("train")), len(dataset))
-        # drop only a lone last image: BatchNorm cannot train on a batch of one, and a
-        # loader never ends up with zero batches (under DDP: of each rank's equal share)
-        share = -(-len(dataset) // self._world_size())
-        drop_last = train and share % batch_size == 1 and share > batch_size
         if isinstance(dataset, FeatureDataset):  # evaluation needs no small batches on features
             world = self._world_size()
+            drop_last = train and drop_last_batch(len(dataset), batch_size, world)
             return dataset.loader(batch_size if train else max(batch_size, 1024), train, self.seed, drop_last,
-                                  rank=0 if world == 1 else int(self.trainer.global_rank), world_size=world)
+                                  rank=self._rank(), world_size=world)
+        if train:
+            return self.train_loader(dataset, batch_size)
         workers = self.loader_workers()
-        if not train:
-            batch_size = self.eval_batch_size(len(self.samples("train")), len(dataset))
-            return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                              persistent_workers=workers > 0, pin_memory=self.pin_memory())
-        # under DDP each rank takes its share of the one-process order (Lightning keeps a
-        # DistributedSampler as it is: its own would reshuffle, and replaces a batch sampler's)
-        world = self._world_size()
-        epochs = (EpochSampler if world == 1 else DistributedEpochSampler)(
-            len(dataset), self.seed, shuffle=True, encode_epoch=True, epoch_fn=self._current_epoch,
-            rank=0 if world == 1 else int(self.trainer.global_rank), world_size=world)
-        return DataLoader(dataset, batch_size=batch_size, sampler=epochs, drop_last=drop_last, num_workers=workers,
+        batch_size = self.eval_batch_size(len(self.samples("train")), len(dataset))
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=self.pin_memory())
+
+    @property
+    def paired_split(self) -> str | None:
+        """The split of unlabelled images training batches pair with the labelled ones (see
+        ``unlabelled``), or None: ``unlabelled`` when given (domain adaptation pairs its target)."""
+        return "unlabelled" if "unlabelled" in self.splits else None
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         loader = self._loader("train", train=True)
-        if "unlabelled" not in self.splits:
-            self._skip_done(loader, self._batches_done_in_resumed_epoch(len(loader)))
+        paired = self.paired_split
+        if paired is None:
+            self.skip_resumed(loader)
             return loader
-        # paired with the unlabelled images (see ``unlabelled``): the epoch runs over the longer one,
-        # the shorter cycles (the same order again: orders depend on the epoch only). Resumed mid-epoch,
-        # each skips what it served, and the shorter serves no more than the epoch has left: Lightning's
-        # max_size_cycle ends the epoch only once every loader ran out
-        target = self._loader("unlabelled", train=True)
-        longest = max(len(loader), len(target))
-        done = self._batches_done_in_resumed_epoch(longest)
-        for part in (loader, target) if done else ():
-            self._skip_done(part, done % len(part), keep=longest - done)
+        # paired with the unlabelled images: the epoch runs over the longer one, the shorter cycles
+        # (the same order again: orders depend on the epoch only)
+        target = self._loader(paired, train=True)
+        self.skip_resumed(loader, target)
         return CombinedLoader({"source": loader, "target": target}, mode="max_size_cycle")
-
-    def _skip_done(self, loader: DataLoader, done: int, keep: int | None = None) -> None:
-        """Leave out the ``done`` batches a resumed, half-done epoch already trained on (and serve at
-        most ``keep`` after them)."""
-        batch_sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-        if (done or keep is not None) and isinstance(getattr(batch_sampler, "sampler", None), EpochSampler):
-            size = batch_sampler.batch_size * self._world_size()  # every rank's share of the order
-            batch_sampler.sampler.skip_next(done * size, None if keep is None else keep * size)
-
-    def _world_size(self) -> int:
-        return 1 if self.trainer is None else int(self.trainer.world_size)
-
-    def _current_epoch(self) -> int | None:
-        trainer = self.trainer
-        return None if trainer is None else int(trainer.current_epoch)
-
-    def _batches_done_in_resumed_epoch(self, per_epoch: int) -> int:
-        """Batches of the current epoch a resumed fit already trained on (0 for a fresh fit or a
-        checkpoint written at an epoch's end): Lightning restores its loop counters before it asks
-        for the training loader."""
-        trainer = self.trainer
-        if trainer is None or not getattr(trainer, "ckpt_path", None):
-            return 0
-        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        return done if 0 < done < per_epoch else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -660,3 +631,11 @@ class CsvDataModule(ClassificationDataModule):
             splits["test"] = self._read(self.test_csv)
         return splits
 
+
+def labelled_datamodule(source: str | os.PathLike[str], **kwargs: Any) -> ClassificationDataModule:
+    """The datamodule of a labelled data set on disk: :class:`FolderDataModule` for a folder,
+    :class:`CsvDataModule` for a CSV (:func:`visiontl.data.layout.source_kind` decides, and names
+    what to give for anything else); ``kwargs`` go to it."""
+    path = Path(source).expanduser()
+    kind = CsvDataModule if source_kind(path) == "csv" else FolderDataModule
+    return kind(str(path), **kwargs)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from visiontl.data.pixels import to_unit
 from visiontl.errors import UserError
 
 __all__ = ["DICOM_EXTENSIONS", "FRAMES", "TIFF_EXTENSIONS", "Frame", "FormatError", "dicom_frames", "dicom_to_float",
@@ -318,7 +319,7 @@ def dicom_to_float(ds: Any, arr: np.ndarray, index: int | None = None) -> np.nda
         from pydicom.pixels import apply_color_lut
 
         rgb = apply_color_lut(arr, ds)
-        return np.clip(rgb.astype(np.float32) / float(np.iinfo(rgb.dtype).max), 0.0, 1.0)
+        return to_unit(rgb)  # the colour table's 8 or 16-bit values, by their type
     if not photometric.startswith("MONOCHROME"):  # colour: stored 8 / 16-bit RGB (YBR converted)
         bits = int(ds.get("BitsStored", 8) or 8)
         return np.clip(arr.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)

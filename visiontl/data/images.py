@@ -2,8 +2,10 @@
 
 Every image becomes ``float32`` HWC whatever its format and bit depth, then is converted to the
 channel count the model wants. Integer pixels are scaled by their type's range (8-bit / 255,
-16-bit / 65535) into ``[0, 1]``; DICOM goes through its rescale and window (see
-:mod:`visiontl.data.formats`); multiband (Geo)TIFFs keep every band, and float TIFFs (e.g.
+16-bit / 65535, 32-bit / 2**31 - 1) into ``[0, 1]`` by :func:`visiontl.data.pixels.to_unit`, the
+one scaling rule: :func:`read_image` is :func:`read_raw` scaled by it (Pillow's colour modes
+converted to RGB or grey first); DICOM goes through its rescale and window (see
+:mod:`visiontl.data.formats`); multiband (Geo)TIFFs keep every band, and float images (e.g.
 reflectances) keep their values, for the dataset statistics to normalise.
 """
 
@@ -31,6 +33,7 @@ from visiontl.data.formats import (
     read_dicom_raw,
     read_tiff_raw,
 )
+from visiontl.data.pixels import to_unit
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -167,16 +170,6 @@ def _decoded(path: str | os.PathLike[str], read, max_pixels: int | None = None, 
         raise ImageReadError(path, f"corrupt or truncated ({type(err).__name__}: {err})") from err
 
 
-def _scaled(arr: np.ndarray) -> np.ndarray:
-    """Integer pixels to ``[0, 1]`` by their type's range; floats unchanged; 8-bit alpha dropped."""
-    out = arr.astype(np.float32)
-    if arr.dtype.kind in "ui":
-        out = np.clip(out / float(np.iinfo(arr.dtype).max), 0.0, 1.0)
-    if arr.dtype == np.uint8 and out.shape[2] in (2, 4):  # gray + alpha, RGBA
-        out = out[:, :, : out.shape[2] - 1]
-    return np.ascontiguousarray(out)
-
-
 def read_raw(path: str | os.PathLike[str], max_pixels: int | None = None, frame: Frame = "error") -> np.ndarray:
     """Decode an image to its native dtype (``uint8``, ``uint16``, ``int32``, ``float32``...) as HWC,
     with every channel it has (alpha included): what :func:`visiontl.checkdata` inspects.
@@ -190,8 +183,7 @@ def read_raw(path: str | os.PathLike[str], max_pixels: int | None = None, frame:
         return _decoded(path, _tiff, max_pixels)
     if is_dicom(path):
         return _decoded(path, _dicom_raw, max_pixels, frame)
-    arr = _decoded(path, _pil_raw, max_pixels)
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    return _decoded(path, _pil_raw, max_pixels)
 
 
 def _tiff(path: str | os.PathLike[str], max_pixels: int | None, frame: Frame = "error") -> np.ndarray:
@@ -206,14 +198,28 @@ def _dicom(path: str | os.PathLike[str], max_pixels: int | None, frame: Frame = 
     return read_dicom(path, on_shape=lambda h, w: check_pixels(path, h, w, max_pixels), frame=frame)
 
 
+_SIXTEEN_BIT = frozenset({"PNG", "PPM"})
+"""Pillow formats whose integer samples have at most 16 bits (PNG; Netpbm, whose ``maxval`` is
+below 65536 and which Pillow scales to 65535), though Pillow may hold them in 32-bit mode ``I``."""
+
+
 def _pil_raw(path: str | os.PathLike[str], max_pixels: int | None = None, frame: Frame = "error") -> np.ndarray:
     with Image.open(path) as im:
         check_pixels(path, im.height, im.width, max_pixels)
         im.load()
         if im.mode in ("P", "1"):
             im = im.convert("RGBA" if "transparency" in im.info else "L")
-        arr = np.asarray(im)
-        return arr.astype(np.uint16) if im.mode.startswith("I;16") else arr
+        return _stored(im)
+
+
+def _stored(im: Image.Image) -> np.ndarray:
+    """The samples of a decoded Pillow image as HWC in their stored type: 16-bit samples held in
+    mode ``I`` (Netpbm files above 8 bits; PNG on older Pillow) are ``uint16`` again, so they are
+    scaled as 16-bit, not 32-bit, integers."""
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format in _SIXTEEN_BIT):
+        arr = arr.astype(np.uint16)
+    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def read_image(path: str | os.PathLike[str], max_pixels: int | None = None, frame: Frame = "error") -> np.ndarray:
@@ -225,7 +231,7 @@ def read_image(path: str | os.PathLike[str], max_pixels: int | None = None, fram
             :func:`pixel_limit` (checked from the header, before decoding).
     """
     if Path(path).suffix.lower() in TIFF_EXTENSIONS:
-        return _scaled(_decoded(path, _tiff, max_pixels))
+        return to_unit(_decoded(path, _tiff, max_pixels))
     if is_dicom(path):
         return _decoded(path, _dicom, max_pixels, frame)
     return _decoded(path, _pil_float, max_pixels)
@@ -235,26 +241,10 @@ def _pil_float(path: str | os.PathLike[str], max_pixels: int | None = None, fram
     with Image.open(path) as im:
         check_pixels(path, im.height, im.width, max_pixels)
         im.load()  # full decode: truncated files fail here, not later in a worker
-        return _to_array(im)
-
-
-def _to_array(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(im, dtype=np.float32) / 65535.0
-    elif im.mode == "I":
-        raw = np.asarray(im)
-        arr = raw.astype(np.float32) / (65535.0 if raw.max() > 255 else 255.0)
-    elif im.mode == "F":
-        arr = np.asarray(im, dtype=np.float32)
-        top = float(arr.max()) if arr.size else 1.0
-        arr = arr / top if top > 1.0 else arr
-    elif im.mode in ("L", "1"):
-        arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    else:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return np.ascontiguousarray(np.clip(arr, 0.0, 1.0))
+        if im.mode.startswith("I") or im.mode == "F":  # one band deeper than 8 bits: scaled by its type
+            return to_unit(_stored(im))
+        # 8-bit modes through Pillow's own conversions (palette, CMYK, YCbCr; alpha dropped)
+        return to_unit(_stored(im.convert("L" if im.mode in ("L", "1") else "RGB")))
 
 
 def to_channels(image: np.ndarray, channels: int, path: str | os.PathLike[str] = "") -> np.ndarray:

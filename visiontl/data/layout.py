@@ -11,12 +11,13 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from visiontl._io import csv_unescape
 from visiontl.data.images import IMAGE_EXTENSIONS, DataError, is_image_file
 
 __all__ = ["SPLIT_DIRS", "CsvRow", "Sample", "canonical_split", "folder_splits", "index_folder", "list_images",
-           "not_taken", "read_csv_rows", "split_folders"]
+           "not_taken", "read_csv_rows", "source_kind", "split_folders"]
 
 Sample = tuple[Path, str]
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -88,6 +89,27 @@ def folder_splits(root: str | os.PathLike[str]) -> dict[str, list[Sample]]:
             )
         return {"train": index_folder(root)}
     return {split: index_folder(folder) for split, folder in found.items() if folder is not None}
+
+
+def source_kind(source: str | os.PathLike[str]) -> Literal["folder", "csv"]:
+    """Which layout a labelled data set path has: ``folder`` (a class-per-folder tree, or one with
+    split folders) or ``csv`` (a CSV of path, label rows): the one switch behind the datamodules,
+    ``prepare-data`` and ``check-data``. A folder is a folder whatever its name.
+
+    Raises:
+        DataError: the path does not exist, or is a file but not a ``.csv``.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "folder"
+    if not path.exists():
+        raise DataError(
+            f"{path} does not exist. Give a class-per-folder dataset (PATH/<class>/*.png), a folder with "
+            f"train/ val/ test/ sub-folders of that form, or a CSV file of image paths and labels."
+        )
+    if path.suffix.lower() != ".csv":
+        raise DataError(f"{path} is a file but not a CSV; give a dataset folder or a CSV of image paths and labels.")
+    return "csv"
 
 
 @dataclass(frozen=True)

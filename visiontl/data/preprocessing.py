@@ -54,8 +54,11 @@ class Preprocessing:
         crop_pct: evaluation centre-crop fraction (1 = no crop; images smaller than the input are
             never cropped, see :mod:`visiontl.data.geometry`).
         interpolation: resize interpolation (``bilinear``, ``bicubic``...).
-        bit_depth: bits per stored sample of the training images (8, 16, or 32 for floats):
-            the scale integer pixels were divided by to reach ``[0, 1]``.
+        bit_depth: bits per stored sample of the training images
+            (:func:`visiontl.data.pixels.bit_depth`): an integer width, whose type's maximum the
+            pixels were divided by to reach ``[0, 1]`` (8: 255, 16: 65535, 32: 2**31 - 1), or 32 for
+            floats, kept as they are. Training, export and the predictor read images through the
+            same rule (:func:`visiontl.data.pixels.to_unit`); it decides ``normalize='auto'``.
         normalization: where ``mean`` / ``std`` come from (:data:`NORMALIZATIONS`).
     """
 

@@ -22,28 +22,45 @@ from tqdm.auto import tqdm
 from visiontl._io import default_cache_dir, write_json
 from visiontl.data.formats import Frame
 from visiontl.data.images import DataError, ImageReadError, read_image, read_raw, to_channels
+from visiontl.data.pixels import bit_depth
 
-__all__ = ["channel_stats", "needs_dataset_stats", "stored_bit_depth"]
+__all__ = ["channel_stats", "needs_dataset_stats", "stats_from_sums", "stored_bit_depth"]
 
 
 def stored_bit_depth(paths: Sequence[Path], probe: int = 4, frame: Frame = "error") -> int:
-    """Bits per stored sample of the first ``probe`` readable images: 8, the integer width above
-    that (16 for 16-bit PNG / TIFF and DICOM), or 32 for floating-point images."""
+    """Bits per stored sample of the first ``probe`` readable images (:func:`visiontl.data.pixels.bit_depth`):
+    8, the integer width above that (16 for 16-bit PNG / TIFF and DICOM), or 32 for floating-point images."""
     depth = 8
     for path in list(paths)[:probe]:
         try:
             raw = read_raw(path, frame=frame)
         except ImageReadError:
             continue  # reported by the image check
-        depth = max(depth, 32 if raw.dtype.kind == "f" else 8 * raw.dtype.itemsize)
+        depth = max(depth, bit_depth(raw.dtype))
     return depth
 
 
-def needs_dataset_stats(paths: Sequence[Path], channels: int, probe: int = 4, frame: Frame = "error") -> bool:
-    """Whether ImageNet-style statistics do not apply: more than 3 channels, or images stored with
-    more than 8 bits (16-bit PNG / TIFF, DICOM) or as floats (checked on the first ``probe`` files;
-    ``frame``: which frame of a multi-frame DICOM)."""
-    return channels > 3 or stored_bit_depth(paths, probe, frame) > 8
+def needs_dataset_stats(channels: int, depth: int) -> bool:
+    """Whether ImageNet-style statistics do not apply to images of ``channels`` channels stored with
+    ``depth`` bits (:func:`stored_bit_depth`): more than 3 channels, or more than 8 bits (16-bit PNG /
+    TIFF, DICOM, 32-bit integers) or floats. What ``normalize='auto'`` decides by, for every datamodule."""
+    return channels > 3 or depth > 8
+
+
+def stats_from_sums(total: Sequence[float], squares: Sequence[float],
+                    count: float | Sequence[float]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation from the sums of values and of squared values over
+    ``count`` pixels (per channel, or one count for all).
+
+    A channel without spread gets std 1, so normalising never divides by zero: one whose std is at
+    most a millionth of its mean's magnitude (the rounding left by ``E[x^2] - E[x]^2`` on a constant
+    channel is far below that). The test is relative, not absolute: 32-bit integer images scaled by
+    their type's range hold values near 1e-5 and keep their real spread."""
+    count = np.asarray(count, dtype=np.float64)
+    mean = np.asarray(total, dtype=np.float64) / count
+    std = np.sqrt(np.maximum(np.asarray(squares, dtype=np.float64) / count - np.square(mean), 0.0))
+    std = np.where(std > 1e-6 * np.abs(mean), std, 1.0)
+    return [float(v) for v in mean], [float(v) for v in std]
 
 
 def _key(paths: Sequence[Path], channels: int, max_images: int, frame: Frame) -> str:
@@ -92,10 +109,7 @@ def channel_stats(
     if count == 0:
         raise DataError(f"No training image could be measured for normalisation statistics; the last one "
                         f"failed with: {last_error}")
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
-    std = np.where(std > 1e-8, std, 1.0)
-    result = ([float(v) for v in mean], [float(v) for v in std])
+    result = stats_from_sums(total, squares, count)
     if target is not None:
         write_json(target, {"mean": result[0], "std": result[1], "images": len(paths), "channels": channels})
     return result

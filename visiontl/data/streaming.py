@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from visiontl.data.base import ImageDataModule
-from visiontl.data.images import DataError
+from visiontl.data.base import ImageDataModule, drop_last_batch
+from visiontl.data.images import DataError, scan_frame
+from visiontl.data.stats import stats_from_sums
 from visiontl.data.streamcodec import encode_sample, read_log
 
 __all__ = ["META", "StreamingDataModule", "describe", "prepare_data", "read_meta"]
@@ -173,17 +174,6 @@ def _worker_error(err: BaseException) -> str:
 
 
 # -- prepare ----------------------------------------------------------------------------------
-def _source(src: str | os.PathLike[str], **kwargs: Any) -> Any:
-    from visiontl.data.datamodules import CsvDataModule, FolderDataModule
-
-    path = Path(src).expanduser()
-    if not path.exists():
-        raise DataError(f"{src} does not exist; give prepare-data a class-per-folder tree or a CSV of path,label.")
-    if path.suffix.lower() == ".csv":
-        return CsvDataModule(str(path), **kwargs)
-    return FolderDataModule(str(path), **kwargs)
-
-
 def _name(path: Path, base: Path) -> str:
     try:
         return path.resolve().relative_to(base.resolve()).as_posix()
@@ -235,8 +225,10 @@ def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float =
         raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
     if image_size is not None and (isinstance(image_size, bool) or int(image_size) < 1):
         raise DataError(f"image_size must be a whole number >= 1 (or None to keep full resolution), got {image_size!r}.")
-    dm = _source(src, val_fraction=val_fraction, seed=seed, on_bad_image=on_bad_image, frames=frames,
-                 max_pixels=max_pixels, **(csv_options or {}))
+    from visiontl.data.datamodules import labelled_datamodule
+
+    dm = labelled_datamodule(src, val_fraction=val_fraction, seed=seed, on_bad_image=on_bad_image, frames=frames,
+                             max_pixels=max_pixels, **(csv_options or {}))
     dm._check_layout()  # headers, counts, leakage: stops before anything is written
     _check_out(out, overwrite)
     stage = _stage(out)
@@ -290,7 +282,6 @@ def _prepare(dm: Any, src: str | os.PathLike[str], out: str, stage: Path | None,
     meta: dict[str, Any] = {"format": FORMAT, "source": str(src), "classes": classes, "image_size": image_size,
                             "stored_short_side": short_side, "splits": {}, "skipped": _left_out(dm, src)}
     stats: dict[int, np.ndarray] = {}
-    depth = 8
     workers = int(num_workers) if num_workers is not None else max(1, os.cpu_count() or 1)
     for split in SPLITS:
         refs = dm.samples(split) if split in dm.splits else []
@@ -339,7 +330,6 @@ def _prepare(dm: Any, src: str | os.PathLike[str], out: str, stage: Path | None,
             counts[inputs[i][2]] += 1
             if split == "train":
                 record = records[i]
-                depth = max(depth, int(record["bits"]))
                 sums = stats.setdefault(int(record["channels"]), np.zeros(3 * int(record["channels"])))
                 sums += np.concatenate([record["sum"], record["sumsq"],
                                         [record["pixels"]] * int(record["channels"])])
@@ -352,15 +342,11 @@ def _prepare(dm: Any, src: str | os.PathLike[str], out: str, stage: Path | None,
         }
     report = getattr(dm, "data_report", None)  # the data check's findings travel with the data set
     meta["data_check"] = report.to_dict() if report is not None else None
-    meta["bit_depth"] = depth
+    meta["bit_depth"] = dm.bit_depth(scan_frame(dm.frames))  # of the files, as a folder run records it
     meta["stats"] = {}
     for chans, sums in sorted(stats.items()):
-        total, square, pixels = sums[:chans], sums[chans:2 * chans], sums[2 * chans:]
-        mean = total / pixels
-        std = np.sqrt(np.maximum(square / pixels - mean**2, 0))
-        meta["stats"][str(chans)] = {"mean": mean.round(6).tolist(),
-                                     "std": np.where(std > 1e-6, std, 1.0).round(6).tolist(),
-                                     "pixels": int(pixels[0])}
+        mean, std = stats_from_sums(sums[:chans], sums[chans:2 * chans], sums[2 * chans:])
+        meta["stats"][str(chans)] = {"mean": mean, "std": std, "pixels": int(sums[2 * chans])}
     meta["channels"] = max((int(c) for c in meta["stats"]), default=3)
     return meta
 
@@ -450,11 +436,6 @@ class StreamingDataModule(ImageDataModule):
     def bit_depth(self, frame: Any = "error") -> int:
         return int(self.meta.get("bit_depth", 8))
 
-    def _use_dataset_stats(self, chans: int, frame: Any) -> bool:
-        if self.normalize != "auto":
-            return self.normalize == "dataset"
-        return chans > 3 or self.bit_depth() > 8
-
     def dataset_stats(self, chans: int) -> tuple[list[float], list[float]]:
         """Per-channel mean / std measured by ``prepare-data`` on the training images as they are read
         with ``chans`` channels (gray images count once per channel); other conversions are an error."""
@@ -465,47 +446,44 @@ class StreamingDataModule(ImageDataModule):
         if not parts or set(stats) - {str(chans), "1"}:
             raise DataError(f"{self.input_dir} holds images with {', '.join(sorted(stats))} channel(s); statistics for "
                             f"{chans} channels cannot be derived from them. Set mean and std, or normalize: backbone.")
-        pixels = sum(p["pixels"] for p, _ in parts)
-        mean = sum(np.resize(p["mean"], chans) * p["pixels"] for p, _ in parts) / pixels
-        second = sum((np.resize(p["std"], chans) ** 2 + np.resize(p["mean"], chans) ** 2) * p["pixels"]
-                     for p, _ in parts) / pixels
-        std = np.sqrt(np.maximum(second - mean**2, 0))
-        return mean.tolist(), np.where(std > 1e-6, std, 1.0).tolist()
+        total = sum(np.resize(p["mean"], chans) * p["pixels"] for p, _ in parts)
+        squares = sum((np.resize(p["std"], chans) ** 2 + np.resize(p["mean"], chans) ** 2) * p["pixels"]
+                      for p, _ in parts)
+        return stats_from_sums(total, squares, sum(p["pixels"] for p, _ in parts))
 
     def drop_bad(self, bad: set[Path]) -> None:  # pragma: no cover - images are checked by prepare-data
         raise DataError("Streamed images were checked when they were prepared.")
 
     # -- loaders ------------------------------------------------------------------------------
-    def _dataset(self, split: str, train: bool) -> Any:
+    def _dataset(self, split: str, train: bool, drop_last: bool) -> Any:
         from visiontl.data.streamset import StreamingImages
         from visiontl.data.transforms import build_transforms
 
-        if split not in self.meta["splits"]:
-            raise DataError(f"{self.input_dir} has no {split!r} split (it has {', '.join(self.split_names)}).")
         pre = self.preprocessing
         transform = build_transforms(self.augment, train, pre.size, list(pre.mean), list(pre.std), pre.crop_pct,
                                      pre.interpolation)
         cache_dir = None if self.cache_dir is None else str(Path(self.cache_dir).expanduser() / split)
         return StreamingImages(_join(self.input_dir, split), transform=transform, in_chans=pre.in_chans,
                                aug_seed=self.seed if train else None, shuffle=train, seed=self.seed,
-                               drop_last=train, cache_dir=cache_dir, max_cache_size=self.max_cache_size,
+                               drop_last=drop_last, cache_dir=cache_dir, max_cache_size=self.max_cache_size,
                                storage_options=self.storage_options or {})
 
     def _loader(self, split: str, train: bool = False) -> Any:
         from visiontl.data.streamset import StreamingLoader
 
-        dataset = self._dataset(split, train)
+        if split not in self.meta["splits"]:
+            raise DataError(f"{self.input_dir} has no {split!r} split (it has {', '.join(self.split_names)}).")
         n = int(self.meta["splits"][split]["n"])
         batch = self.loader_batch_size(self.train_size, n) if train else self.eval_batch_size(self.train_size, n)
-        workers = self.loader_workers()
-        world = 1 if self.trainer is None else int(self.trainer.world_size)
+        world = self._world_size()
         if not train:  # LitData hands ranks whole batches: one per rank at least, or a rank has none
             batch = max(1, min(batch, n // world))
-        # each rank and worker batches its own share: drop a short last batch (it may be a lone image,
-        # which BatchNorm cannot train on) only where every share still fills a whole one
-        drop_last = train and n // (max(1, workers) * world) >= batch
-        return StreamingLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=self.pin_memory(),
-                               drop_last=drop_last)
+        # the datamodules' rule (drop_last_batch): LitData deals each worker whole batches and the rest
+        # (n % batch) to one of them, so only that last batch can be a lone image. Under DDP every short
+        # batch goes, as LitData cannot pad the ranks' shares to equal ones
+        drop_last = train and (world > 1 or drop_last_batch(n, batch))
+        return StreamingLoader(self._dataset(split, train, drop_last), batch_size=batch,
+                               num_workers=self.loader_workers(), pin_memory=self.pin_memory(), drop_last=drop_last)
 
     def train_dataloader(self) -> Any:
         return self._loader("train", train=True)

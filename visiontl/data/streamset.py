@@ -52,12 +52,30 @@ class StreamingLoader(StreamingDataLoader):
     """
 
     _resumed_iteration_started = False
+    _states_before: dict[int, dict[str, Any]] | None = None
 
     def __iter__(self) -> Any:
         if self.restore and self._resumed_iteration_started:
             self.restore = False  # the resumed epoch was served: this is a new one
         self._resumed_iteration_started = bool(self.restore)
-        return super().__iter__()
+        return self._remembering(super().__iter__())
+
+    def _remembering(self, batches: Any) -> Any:
+        """Yield ``batches``, keeping the loader's state after each of the last few was served: the
+        loader counts a batch as served once Lightning has fetched it, before it trains on it, and a
+        checkpoint written between two batches must resume with the first one not trained
+        (:meth:`state_before`)."""
+        self._states_before = {}
+        for served, batch in enumerate(batches, start=1):
+            self._states_before[served] = self.state_dict()  # LitData counted this batch before yielding it
+            self._states_before.pop(served - 4, None)
+            yield batch
+
+    def state_before(self, batches: int) -> dict[str, Any] | None:
+        """The state as it was when ``batches`` (>= 1) batches of this epoch had been served; None
+        when not remembered (an epoch's start: :class:`visiontl.resume.LastCheckpoint` then writes at
+        the previous batch's end, where Lightning's own state is right)."""
+        return (self._states_before or {}).get(batches) if batches > 0 else None
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         state = obj.get("dataset")

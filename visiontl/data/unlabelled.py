@@ -28,6 +28,7 @@ from visiontl.data.images import (
 )
 from visiontl.data.layout import list_images
 from visiontl.data.preprocessing import Preprocessing
+from visiontl.data.sampling import sample_seed
 
 __all__ = ["UnlabelledDataModule", "ViewsDataset", "ssl_transform"]
 
@@ -52,17 +53,24 @@ def ssl_transform(preset: str, size: int, mean: Sequence[float], std: Sequence[f
 
 class ViewsDataset(Dataset):
     """Items ``{"view1", "view2", "index"}``: two independent random views of each image (``frames``:
-    each path's frame of a multi-frame DICOM, see :func:`visiontl.data.images.expand_frames`)."""
+    each path's frame of a multi-frame DICOM, see :func:`visiontl.data.images.expand_frames`).
+
+    Indices may carry the epoch (``epoch * len + index``, as the training loader's
+    :class:`~visiontl.data.sampling.EpochSampler` sends them); with ``seed``, the views are drawn
+    from a generator seeded per (seed, epoch, image), so a resumed run draws the same views."""
 
     def __init__(self, paths: Sequence[Path], transform: Any, in_chans: int,
-                 frames: Sequence[Frame] | None = None) -> None:
-        self.paths, self.transform, self.in_chans = list(paths), transform, in_chans
+                 frames: Sequence[Frame] | None = None, seed: int | None = None) -> None:
+        self.paths, self.transform, self.in_chans, self.seed = list(paths), transform, in_chans, seed
         self.frames: list[Frame] = list(frames) if frames is not None else ["error"] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, index = divmod(int(index), len(self.paths))
+        if self.seed is not None:
+            self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         path = self.paths[index]
         image = to_channels(read_image(path, frame=self.frames[index]), self.in_chans, path)
         if image.dtype != np.float32:
@@ -85,16 +93,19 @@ class UnlabelledDataModule(ImageDataModule):
         normalize: ``auto`` / ``backbone`` / ``dataset``, as for the labelled datamodules.
         on_bad_image: ``error`` or ``skip`` unreadable files (listed in ``skipped``).
         frames: multi-frame DICOMs: ``error``, their ``middle`` frame, or ``all`` frames as images.
+        seed: seed of the order (per epoch: a run resumed mid-epoch goes on with the rest of it) and
+            of the views.
     """
 
     def __init__(self, root: str, image_size: int | None = None, augment: str = "natural",
                  batch_size: int | None = None, num_workers: int | None = None, in_chans: int | None = None,
                  normalize: Literal["auto", "backbone", "dataset"] = "auto",
                  on_bad_image: Literal["error", "skip"] = "error",
-                 frames: Literal["error", "middle", "all"] = "error") -> None:
+                 frames: Literal["error", "middle", "all"] = "error", seed: int = 0) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, augment=augment,
                          on_bad_image=on_bad_image, normalize=normalize, in_chans=in_chans, frames=frames)
         self.root = root
+        self.seed = seed
         self._files: list[Path] | None = None
         self.dataset: ViewsDataset | None = None
 
@@ -118,7 +129,7 @@ class UnlabelledDataModule(ImageDataModule):
     def build_datasets(self, pre: Preprocessing) -> None:
         refs = expand_frames([(p, None) for p in self.train_paths()], self.frames)
         self.dataset = ViewsDataset([p for p, _, _ in refs], ssl_transform(self.augment, pre.size, pre.mean, pre.std),
-                                    pre.in_chans, frames=[f for _, _, f in refs])
+                                    pre.in_chans, frames=[f for _, _, f in refs], seed=self.seed)
 
     def setup(self, stage: str | None = None) -> None:
         """List the images (a missing or empty folder fails here); called on its own (no Trainer),
@@ -134,11 +145,9 @@ class UnlabelledDataModule(ImageDataModule):
             if self.dataset is None:
                 self.build_datasets(pre)
         assert self.dataset is not None
-        batch = self.loader_batch_size(len(self.dataset), len(self.dataset), cap=64)
-        workers = self.loader_workers()
-        return DataLoader(self.dataset, batch_size=batch, shuffle=True, num_workers=workers,
-                          persistent_workers=workers > 0, drop_last=len(self.dataset) > batch,
-                          pin_memory=self.pin_memory())
+        loader = self.train_loader(self.dataset, self.loader_batch_size(len(self.dataset), len(self.dataset), cap=64))
+        self.skip_resumed(loader)
+        return loader
 
 
 class BlueMarbleUnlabelledDataModule(UnlabelledDataModule):

@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -162,24 +161,15 @@ class AdaptationTask(ClassificationTask):
     def uses_feature_cache(self) -> bool:
         return False  # every step sees both domains through the backbone
 
-    def configure_callbacks(self) -> list[pl.Callback]:
-        """The classification task's, with :class:`~visiontl.tasks.targetbn.TargetBatchNorm` just
-        before the run report (which records what it did)."""
-        from visiontl.run import RunReport
+    def after_fit_steps(self) -> list[Any]:
+        """The classification task's, with target BatchNorm and then the negative-transfer check
+        (which scores the model target BatchNorm left) after forgetting: ``metrics.json``'s
+        ``target_bn`` and ``negative_transfer``."""
         from visiontl.tasks.fallback import NegativeTransferCheck
         from visiontl.tasks.targetbn import TargetBatchNorm
 
-        callbacks = super().configure_callbacks()
-        at = next((i for i, c in enumerate(callbacks) if isinstance(c, RunReport)), len(callbacks))
-        callbacks[at:at] = [TargetBatchNorm(), NegativeTransferCheck()]  # target BN first: the check scores its model
-        return callbacks
-
-    def run_summary(self) -> dict[str, Any]:
-        """What ``metrics.json`` records besides the classification run's: ``target_bn``,
-        ``negative_transfer``."""
-        reports = {"target_bn": getattr(self, "target_bn_report", None),
-                   "negative_transfer": getattr(self, "negative_transfer_report", None)}
-        return {k: v for k, v in reports.items() if v}
+        forgetting, *rest = super().after_fit_steps()
+        return [forgetting, TargetBatchNorm(), NegativeTransferCheck(), *rest]
 
     def configure_models(self) -> None:
         super().configure_models()

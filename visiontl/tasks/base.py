@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,8 +21,6 @@ from visiontl.strategies import Strategy, StrategyError, get_strategy, no_weight
 
 __all__ = ["BaseTask", "warmup_cosine"]
 
-# Frozen groups keep their normalisation layers in eval mode on purpose (statistics frozen).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def warmup_cosine(total_steps: int, warmup: float = 0.05, floor: float = 0.01):
@@ -89,8 +86,9 @@ class BaseTask(pl.LightningModule):
             if name in params:
                 kwargs.setdefault(name, value)
         load = super().load_from_checkpoint
-        return load(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict,
-                    **weights_only_kwargs(load), **kwargs)
+        for name, value in weights_only_kwargs(load).items():  # the caller's own choice stands
+            kwargs.setdefault(name, value)
+        return load(checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
 
     # -- hooks for subclasses -----------------------------------------------------------------
     def configure_models(self) -> None:
@@ -114,20 +112,31 @@ class BaseTask(pl.LightningModule):
         """Further callbacks of the task and its strategy."""
         return list(self.strategy.callbacks())
 
+    def after_fit_steps(self) -> list[Any]:
+        """The analyses that follow a fit, in order (:mod:`visiontl.after_fit`): forgetting and
+        drift, then the divergence guard's report. Subclasses add theirs where they belong."""
+        from visiontl.after_fit import DivergenceReport
+        from visiontl.forgetting import Forgetting
+
+        return [Forgetting(), DivergenceReport()]
+
+    def run_summary(self) -> dict[str, Any]:
+        """The task's own entries of ``metrics.json`` (none here)."""
+        return {}
+
     def configure_callbacks(self) -> list[pl.Callback]:
         """In this order: the set-up link with the datamodule (:class:`~visiontl.tasks.link.DataLink`),
-        feature caching and head fitting (:class:`~visiontl.features.CachedFeatures`), forgetting
-        and drift (:class:`~visiontl.forgetting.Forgetting`), the run report, the task's callbacks,
-        checkpoints (when the Trainer checkpoints) and the learning-rate monitor (when it logs)."""
+        feature caching and head fitting (:class:`~visiontl.features.CachedFeatures`), the run
+        report (which runs :meth:`after_fit_steps` in order when the fit ends), the task's
+        callbacks, checkpoints (when the Trainer checkpoints) and the learning-rate monitor (when
+        it logs)."""
         from pytorch_lightning.callbacks import LearningRateMonitor
 
         from visiontl.features import CachedFeatures
-        from visiontl.forgetting import Forgetting
         from visiontl.run import RunReport
         from visiontl.tasks.link import DataLink
 
-        # Forgetting before RunReport: its measures go into the report RunReport writes at fit end
-        callbacks: list[pl.Callback] = [DataLink(), CachedFeatures(), Forgetting(), RunReport(),
+        callbacks: list[pl.Callback] = [DataLink(), CachedFeatures(), RunReport(self.after_fit_steps()),
                                         *self.task_callbacks()]
         trainer = self._trainer
         if trainer is None or trainer.checkpoint_callback is not None:

@@ -339,7 +339,7 @@ class ClassificationTask(BaseTask):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints carry the validation metrics and confusion matrix they were saved with,
-        so the best checkpoint's numbers need no second validation pass (see :func:`visiontl.run.checkpoint_record`)."""
+        so the best checkpoint's numbers need no second validation pass (see :func:`visiontl.checkpoints.checkpoint_record`)."""
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
                    if k.startswith(("val_", "target_")) and isinstance(v, torch.Tensor) and v.numel() == 1}
         confusion = self.last_confusion.get("val")
@@ -383,13 +383,13 @@ class ClassificationTask(BaseTask):
                 a visiontl task's checkpoint, or its tensors do not fit the model it describes
                 (one line naming the file, and the field or tensor).
         """
-        from visiontl.checkpoints import CheckpointError
+        from visiontl.checkpoints import MODEL_PREFIX, CheckpointError
 
         ckpt, hp, strategy = _read_checkpoint(path, map_location)
         hp.update(pretrained=False, weights=None)
         task = _build_task(cls, path, hp, strategy)
         # the classifier network only: training-time modules (a domain discriminator...) stay behind
-        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.") or k == "class_weight"}
+        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX) or k == "class_weight"}
         try:
             task.load_state_dict(state)
         except RuntimeError as err:  # keys or shapes that do not fit: one line naming the first

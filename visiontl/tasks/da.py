@@ -15,7 +15,8 @@ Objectives (what :class:`~visiontl.tasks.AdaptationTask` adds to the source cros
   uncertain (hard to transfer) samples count less.
 
 Target BatchNorm: :func:`reestimate_batchnorm` (AdaBN) replaces the running statistics by the
-target images'.
+target images'; it is the package's one rule for re-estimating BatchNorm statistics (WiSE-FT's
+``--bn recompute`` uses it on the training images).
 
 Validators (model selection without target labels; higher is better for both):
 
@@ -39,7 +40,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from visiontl.strategies.heads import LogisticRegression, _lbfgs, stratified_folds
+from visiontl.features import fit_probe
+from visiontl.strategies.heads import stratified_folds
 
 __all__ = ["cdan_entropy_weights", "deep_embedded_validation", "dev_risk", "entropy", "importance_weights",
            "information_maximisation",
@@ -125,11 +127,11 @@ DEV_L2_GRID = (10.0, 1.0, 0.1)
 
 def importance_weights(source: torch.Tensor, target: torch.Tensor, folds: int = 2, seed: int = 0) -> torch.Tensor:
     """Density ratios ``p_target(x) / p_source(x)`` of the ``source`` feature rows, from a
-    logistic-regression domain classifier (penalty cross-validated over :data:`DEV_L2_GRID`, features standardised as
-    :class:`~visiontl.strategies.heads.LogisticRegression` does). Cross-fitted: each source row's
-    weight comes from a classifier fitted without it (``folds`` folds of both domains), so the
-    weights are not those of rows the classifier memorised. Scaled by the source / target counts
-    it was fitted on, as in DEV."""
+    logistic-regression domain classifier (the linear probe, :func:`visiontl.features.fit_probe`,
+    its penalty by 2-fold cross-validation over :data:`DEV_L2_GRID`, 200 L-BFGS iterations).
+    Cross-fitted: each source row's weight comes from a classifier fitted without it (``folds``
+    folds of both domains), so the weights are not those of rows the classifier memorised. Scaled
+    by the source / target counts it was fitted on, as in DEV."""
     with torch.inference_mode(False):  # validation runs in inference mode; the classifier is fitted by gradient
         return _importance_weights(torch.cat([source, target]).float().clone(), len(source), folds, seed)
 
@@ -143,13 +145,11 @@ def _importance_weights(x: torch.Tensor, n_source: int, folds: int, seed: int) -
     for rows in stratified_folds(domain, folds, seed):
         keep = torch.ones(len(x), dtype=torch.bool)
         keep[rows] = False
-        fit_x, fit_d = x[keep], domain[keep]
-        mean, std = fit_x.mean(0), fit_x.std().clamp(min=1e-6)
-        z = (fit_x - mean) / std
-        l2, _ = LogisticRegression(folds=2, grid=DEV_L2_GRID).choose_l2(z, fit_d, 2)
-        weight, bias = _lbfgs(z, fit_d, 2, l2, None, 200)
+        fit_d = domain[keep]
+        classifier = fit_probe(x[keep], fit_d, 2, folds=2, grid=DEV_L2_GRID, max_iter=200)
         held = rows[rows < len(source)]
-        p = F.softmax(((x[held] - mean) / std) @ weight.T + bias, dim=1).double().clamp(1e-6, 1 - 1e-6)
+        with torch.no_grad():
+            p = F.softmax(classifier(x[held]), dim=1).double().clamp(1e-6, 1 - 1e-6)
         ratio = float((fit_d == 0).sum()) / float((fit_d == 1).sum())
         weights[held] = (p[:, 1] / p[:, 0] * ratio).float()
     return weights

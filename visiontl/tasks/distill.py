@@ -241,7 +241,7 @@ def load_teacher(source: str | os.PathLike[str], weights: str | os.PathLike[str]
     """A teacher run (directory, ``.ckpt`` or PEFT checkpoint), loaded weights-only, frozen, in eval mode.
     ``recorded_val_acc`` is the validation accuracy its checkpoint was saved with (or None)."""
     from visiontl.export import load_task, run_checkpoint
-    from visiontl.run import checkpoint_record
+    from visiontl.checkpoints import checkpoint_record
 
     task = load_task(source, weights=weights)
     task.requires_grad_(False)

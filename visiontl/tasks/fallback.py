@@ -11,8 +11,7 @@ the label-free validator that picks checkpoints can be compared. At the end of a
    target images with :func:`visiontl.tasks.validators.target_scores`;
 2. builds the frozen probe: the backbone as the run started (pretrained weights, before any step)
    with a logistic-regression head fitted on the source training images' features
-   (:class:`~visiontl.strategies.heads.LogisticRegression`, what ``strategy: logreg`` fits), and
-   scores it the same way;
+   (:func:`visiontl.features.fit_probe`, what ``strategy: logreg`` fits), and scores it the same way;
 3. compares the two on the run's label-free validator (its ``monitor``; ``target_im`` when the
    run monitors source accuracy). If the probe scores higher, the run warns, naming the fallback
    (``strategy: logreg``), and ``metrics.json`` records ``negative_transfer`` with both scores
@@ -26,15 +25,19 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import pytorch_lightning as pl
 import torch
 
-from visiontl.strategies.heads import LogisticRegression
-from visiontl.tasks.validators import kept_model, predict_loader, scores_from_outputs, target_scores
+from visiontl.checkpoints import kept_model
+from visiontl.features import fit_probe
+from visiontl.tasks.validators import predict_loader, scores_from_outputs, target_scores
 
-__all__ = ["FALLBACK", "NegativeTransferCheck", "NegativeTransferWarning", "frozen_probe_scores"]
+if TYPE_CHECKING:
+    from visiontl.after_fit import FitContext
+
+__all__ = ["FALLBACK", "NegativeTransferCheck", "NegativeTransferRecord", "NegativeTransferWarning", "frozen_probe_scores"]
 
 FALLBACK = "strategy: logreg (a frozen-backbone probe fitted on the source images)"
 
@@ -58,9 +61,7 @@ def frozen_probe_scores(pl_module: Any, dm: Any, device: torch.device) -> dict[s
     train = dm.feature_source("train")
     loader = torch.utils.data.DataLoader(train, batch_size=dm.eval_batch_size(len(train), len(train)), num_workers=0)
     feats, _, labels = predict_loader(probe, loader, channels_last, device)
-    k = int(pl_module.hparams["num_classes"])
-    head = torch.nn.Linear(feats.shape[1], k)
-    LogisticRegression().fit(head, feats, labels, k)
+    head = fit_probe(feats, labels, int(pl_module.hparams["num_classes"]))
     source_val, target = dm.val_dataloader()
 
     def outputs(loader: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,30 +71,51 @@ def frozen_probe_scores(pl_module: Any, dm: Any, device: torch.device) -> dict[s
     return scores_from_outputs(outputs(target), outputs(source_val))
 
 
-class NegativeTransferCheck(pl.Callback):
-    """See the module docstring; its report goes to ``pl_module.negative_transfer_report``."""
+@dataclass(frozen=True)
+class NegativeTransferRecord:
+    """The negative-transfer check: ``metrics.json``'s ``negative_transfer``."""
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dm: Any = trainer.datamodule
-        if (not pl_module.hparams.get("negative_transfer_check", True) or not trainer.is_global_zero or dm is None
-                or "target" not in getattr(dm, "datasets", {})):
-            return
+    key: ClassVar[str | None] = "negative_transfer"
+    validator: str
+    note: str | None = None
+    model: dict[str, float] | None = None
+    frozen_probe: dict[str, float] | None = None
+    warned: bool | None = None
+    fallback: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from visiontl.after_fit import record_dict
+
+        return record_dict(self)
+
+
+class NegativeTransferCheck:
+    """See the module docstring: a step of :mod:`visiontl.after_fit` that follows target BatchNorm
+    (it scores the model target BatchNorm left, from that step's record) and returns a
+    :class:`NegativeTransferRecord`."""
+
+    name = "negative_transfer"
+
+    def run(self, ctx: FitContext) -> NegativeTransferRecord | None:
+        trainer, pl_module, dm = ctx.trainer, ctx.task, ctx.datamodule
+        if not pl_module.hparams.get("negative_transfer_check", True) or dm is None or "target" not in getattr(
+                dm, "datasets", {}):
+            return None
         monitor = getattr(pl_module, "monitor", "val_acc")
         validator = monitor if monitor.startswith("target_") else "target_im"
         report: dict[str, Any] = {"validator": validator}
         strategy = pl_module.strategy
         if not strategy.sgd or not strategy.uses_pretrained or strategy.name == "probe":
             report["note"] = f"strategy {strategy.name!r} does not change a pretrained backbone: nothing to compare"
-            pl_module.negative_transfer_report = report
-            return
+            return NegativeTransferRecord(**report)
         device = next(pl_module.model.parameters()).device
         probe = frozen_probe_scores(pl_module, dm, device)
         if probe is None:
             report["note"] = ("the run kept no starting weights it can load back (measure_drift: false, or a PEFT "
                               "strategy): no frozen probe to compare")
-            pl_module.negative_transfer_report = report
-            return
-        adapted = (getattr(pl_module, "target_bn_report", None) or {}).get("after")  # target BN scored the kept model
+            return NegativeTransferRecord(**report)
+        target_bn = ctx.records.get("target_bn")
+        adapted = getattr(target_bn, "after", None)  # target BatchNorm scored the kept model
         if adapted is None:
             source_val, target = dm.val_dataloader()
             adapted = target_scores(kept_model(trainer, pl_module)[0], target,
@@ -108,4 +130,4 @@ class NegativeTransferCheck(pl.Callback):
                 f"source ({probe[validator]:.4f}). The fine-tuning may have hurt on this target; try the fallback "
                 f"{FALLBACK}, and compare both on a few labelled target images if you can.",
                 NegativeTransferWarning, stacklevel=1)
-        pl_module.negative_transfer_report = report
+        return NegativeTransferRecord(**report)

@@ -16,10 +16,10 @@ Models without BatchNorm (ViTs) are left as they are, and the report says so.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -27,20 +27,45 @@ from visiontl import _io
 from visiontl.features import pooled_features
 from visiontl.speed import channels_last_input
 from visiontl.tasks.da import reestimate_batchnorm
-from visiontl.tasks.validators import kept_model, target_scores
+from visiontl.checkpoints import kept_model, save_checkpoint, with_model_state
+from visiontl.tasks.validators import target_scores
 
-__all__ = ["TargetBatchNorm"]
+if TYPE_CHECKING:
+    from visiontl.after_fit import FitContext
+
+__all__ = ["TargetBatchNorm", "TargetBNRecord"]
 
 
-class TargetBatchNorm(pl.Callback):
-    """AdaBN at the end of the fit (see the module docstring); its report goes to
-    ``pl_module.target_bn_report`` for :class:`~visiontl.run.RunReport`."""
+@dataclass(frozen=True)
+class TargetBNRecord:
+    """What target BatchNorm did: ``metrics.json``'s ``target_bn``."""
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dm: Any = trainer.datamodule
-        if (not pl_module.hparams.get("target_bn") or not trainer.is_global_zero or dm is None
-                or "target" not in getattr(dm, "datasets", {})):
-            return
+    key: ClassVar[str | None] = "target_bn"
+    layers: int
+    images: int
+    batch_size: int
+    before: dict[str, float]
+    after: dict[str, float] | None = None
+    note: str | None = None
+    checkpoint: str | None = None
+    source_bn_checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from visiontl.after_fit import record_dict
+
+        return record_dict(self)
+
+
+class TargetBatchNorm:
+    """AdaBN after the fit (see the module docstring): a step of :mod:`visiontl.after_fit`,
+    returning a :class:`TargetBNRecord`."""
+
+    name = "target_bn"
+
+    def run(self, ctx: FitContext) -> TargetBNRecord | None:
+        trainer, pl_module, dm = ctx.trainer, ctx.task, ctx.datamodule
+        if not pl_module.hparams.get("target_bn") or dm is None or "target" not in getattr(dm, "datasets", {}):
+            return None
         model, ckpt, best = kept_model(trainer, pl_module)
         device = next(model.parameters()).device
         channels_last = bool(getattr(pl_module, "channels_last", False))
@@ -55,21 +80,18 @@ class TargetBatchNorm(pl.Callback):
         report: dict[str, Any] = {"layers": layers, "images": len(images), "batch_size": batch_size, "before": before}
         if not layers:
             report["note"] = "the model has no BatchNorm layer: nothing to re-estimate"
-            pl_module.target_bn_report = report
-            return
+            return TargetBNRecord(**report)
         report["after"] = target_scores(model, scored, channels_last, device, source_val)
         if ckpt is not None:  # the kept checkpoint becomes the target model; the trained one stays beside it
             source = Path(best).with_name("best_source_bn.ckpt")
             _io.write_bytes(source, Path(best).read_bytes())
-            state = model.state_dict()
-            ckpt["state_dict"] = {**ckpt["state_dict"], **{f"model.{k}": v.detach().cpu() for k, v in state.items()}}
+            ckpt["state_dict"] = with_model_state(ckpt["state_dict"], model.state_dict())
             ckpt.setdefault("visiontl", {})["target_bn"] = {"layers": layers, "images": len(images)}
-            with _io.atomic_path(best) as tmp:
-                torch.save(ckpt, tmp)
+            save_checkpoint(ckpt, best)
             report.update(checkpoint=str(best), source_bn_checkpoint=str(source))
         pl_module.model.load_state_dict(model.state_dict())  # what fit_task hands back is the target model too
-        pl_module.target_bn_report = report
         rank_zero_info(f"[visiontl] target BatchNorm: {layers} layers re-estimated on {len(images)} target images; "
                        f"target_im {before['target_im']:.3f} -> {report['after']['target_im']:.3f}"
                        + (f", target_acc {before['target_acc']:.3f} -> {report['after']['target_acc']:.3f}"
                           if "target_acc" in before else "") + f" ({os.path.basename(str(best)) or 'no checkpoint'})")
+        return TargetBNRecord(**report)

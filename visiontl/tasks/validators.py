@@ -11,39 +11,16 @@ and ``benchmarks/adaptation.py`` score models with it, so all three compare the 
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from visiontl.errors import one_line
 from visiontl.features import classify_features, pooled_features
 from visiontl.speed import channels_last_input
 from visiontl.tasks.da import importance_weights, information_maximisation, soft_neighbourhood_density, weighted_dev_risk
 
-__all__ = ["balanced_accuracy", "kept_model", "predict_loader", "scores_from_outputs", "target_scores"]
-
-
-def kept_model(trainer: Any, pl_module: Any) -> tuple[torch.nn.Module, dict[str, Any] | None, str]:
-    """A copy of the model the run keeps: the best checkpoint's weights (loaded with
-    ``weights_only=True`` by :func:`visiontl.checkpoints.read_checkpoint`) where there is one, else the
-    model as it is; with that checkpoint and its path."""
-    from visiontl.checkpoints import CheckpointError, read_checkpoint
-
-    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
-    model = copy.deepcopy(pl_module.model)
-    ckpt = None
-    if best and Path(best).is_file():
-        ckpt = read_checkpoint(best)
-        try:
-            model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items()
-                                   if k.startswith("model.")})
-        except RuntimeError as err:
-            raise CheckpointError(f"checkpoint {best} does not fit the model being trained "
-                                  f"({one_line(err, 200)}).") from err
-    return model, ckpt, best
+__all__ = ["balanced_accuracy", "predict_loader", "scores_from_outputs", "target_scores"]
 
 
 @torch.no_grad()
