@@ -2,7 +2,9 @@
 
 Sizes are chosen from the data: the batch size follows the number of training images, the last
 batch is never a lone image and a loader never has zero batches (:func:`visiontl.data.base.drop_last_batch`).
-Preprocessing comes from the backbone (``task.data_config``) unless given here.
+Preprocessing starts from the backbone's convention, handed over once at set-up
+(:class:`visiontl.tasks.link.DataLink`), and is refined here from the data and the settings given
+(:class:`visiontl.data.Preprocessing`).
 :func:`labelled_datamodule` picks the datamodule of a folder or a CSV.
 """
 

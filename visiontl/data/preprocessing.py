@@ -1,7 +1,7 @@
 """What a model sees, resolved once: one frozen :class:`Preprocessing` that training, the
 checkpoint, export and the ONNX predictor all read.
 
-The direction of flow (``shared/DESIGN.md``, "Data flows one way")::
+The direction of flow (``docs/concepts/architecture.md``)::
 
     backbone (timm's pretrained config: input size, mean / std, crop_pct, interpolation)
         |  Preprocessing.from_timm(...)                      task.backbone_preprocessing()
