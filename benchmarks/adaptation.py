@@ -84,8 +84,8 @@ def _score(model, dm, channels_last: bool, target_bn: bool) -> dict[str, float]:
     """Every validator and the target's balanced accuracy of ``model`` (a copy gets target BN)."""
     import torch
 
-    from visiontl.features import pooled_features
-    from visiontl.speed import channels_last_input
+    from visiontl.models.features import pooled_features
+    from visiontl.core.speed import channels_last_input
     from visiontl.tasks.da import reestimate_batchnorm
     from visiontl.tasks.validators import predict_loader, scores_from_outputs
 
@@ -153,7 +153,7 @@ def frozen_probe(pair: str, args: argparse.Namespace) -> dict[str, Any]:
     accuracy and validators."""
     import torch
 
-    from visiontl.features import fit_probe
+    from visiontl.strategies.linear_probe import fit_probe
     from visiontl.tasks import ClassificationTask
     from visiontl.tasks.validators import predict_loader, scores_from_outputs
 
@@ -262,8 +262,8 @@ def _plot(preferred: list[dict[str, Any]], path: Path) -> None:
 
 
 def _run_pairs(args: argparse.Namespace) -> None:
-    from visiontl._io import write_json, write_text
-    from visiontl.report import comparison_table, format_console_table, save_comparison
+    from visiontl.core.files import write_json, write_text
+    from visiontl.analyse.plots import comparison_table, format_console_table, save_comparison
 
     pairs = [p for p in PAIRS if p in args.pairs]
     if "source_only" not in args.methods:
@@ -397,8 +397,8 @@ def summarise(rows: list[dict[str, Any]], order: list[str], baseline: str) -> li
 
 
 def _run_few(args: argparse.Namespace) -> None:
-    from visiontl._io import write_text
-    from visiontl.report import comparison_table, format_console_table, save_comparison
+    from visiontl.core.files import write_text
+    from visiontl.analyse.plots import comparison_table, format_console_table, save_comparison
 
     rows = []
     print("continued pretraining (BYOL) ...", flush=True)

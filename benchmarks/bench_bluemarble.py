@@ -28,7 +28,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from visiontl.catalog import find_recipe  # noqa: E402 - after the offline switch
+from visiontl.core.recipes import find_recipe  # noqa: E402 - after the offline switch
 
 RECIPE = find_recipe("bench/bluemarble").path
 RESULTS = Path(__file__).parent / "results"
@@ -38,9 +38,9 @@ def cold_frozen_cells(cells: list[Any], work: Path) -> float:
     """Seconds to run the frozen-backbone ``cells`` one by one, each with an empty feature cache."""
     import dataclasses
 
-    from visiontl.bench.grid import build_datamodule
-    from visiontl.bench.runner import run_cell
-    from visiontl.quiet import quiet
+    from visiontl.benchmark.grid import build_datamodule
+    from visiontl.benchmark.runner import run_cell
+    from visiontl.core.quiet import quiet
     from visiontl.strategies import get_strategy
 
     roots: dict[str, str] = {}  # the tiles stay where they are: only the features are computed again
@@ -72,7 +72,7 @@ def cold_frozen_cells(cells: list[Any], work: Path) -> float:
 def plot(summary: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    from visiontl.report import _save_figure
+    from visiontl.analyse.plots import save_figure
 
     sets = sorted({r["data"] for r in summary})
     fig = Figure(figsize=(5.2 * len(sets), 4.2), layout="constrained")
@@ -93,7 +93,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy (mean ± std, 3 seeds)")
     axes[-1].legend(fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def yaml_data() -> list[dict[str, Any]]:
@@ -112,9 +112,9 @@ def main() -> None:
                         help="also time the frozen-backbone cells of one data set at this image size, shared pass "
                              "against one by one (0: skip; skipped with --quick)")
     args = parser.parse_args()
-    from visiontl.bench import BenchStore, expand_grid, load_config, run_bench
-    from visiontl.bench.report import summarise, write_report
-    from visiontl.report import format_console_table, save_comparison
+    from visiontl.benchmark import BenchStore, expand_grid, load_config, run_bench
+    from visiontl.benchmark.report import summarise, write_report
+    from visiontl.analyse.plots import format_console_table, save_comparison
 
     overrides: dict[str, Any] = {}
     if args.quick:

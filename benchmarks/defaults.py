@@ -116,7 +116,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     from visiontl.data.lowres import FASHION_MNIST_DIR
-    from visiontl.report import format_console_table, save_comparison
+    from visiontl.analyse.plots import format_console_table, save_comparison
 
     sets = [s for s in args.sets if s != "fashion-12px" or FASHION_MNIST_DIR.is_dir()]
     args.work.mkdir(parents=True, exist_ok=True)

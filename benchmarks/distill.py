@@ -77,7 +77,7 @@ def teacher(work: Path, root: Path, size: int, steps: int) -> Path:
 
 
 def student(work: Path, teacher_dir: Path, root: Path, name: str, mode: str, seed: int, steps: int) -> dict[str, Any]:
-    from visiontl.distill import distill
+    from visiontl.train.distill import distill
 
     spec, how = STUDENTS[name], MODES[mode]
     result = distill(teacher_dir, spec["backbone"], pretrained=False, student_weights=spec["weights"],
@@ -95,8 +95,9 @@ def deploy_numbers(run_dir: Path, out: Path, size: int, repeats: int) -> dict[st
     """Parameters, ONNX size and ONNX Runtime batch-1 latency (ms, median) of a run's model."""
     import numpy as np
 
-    from visiontl.export import export_onnx, load_task
-    from visiontl.predict import ort_session
+    from visiontl.deploy.export import export_onnx
+    from visiontl.tasks.trained import load_task
+    from visiontl.deploy.predict import ort_session
 
     task = load_task(run_dir)
     report = export_onnx(run_dir, out)
@@ -159,7 +160,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from visiontl.report import _save_figure
+    from visiontl.analyse.plots import save_figure
 
     fig = Figure(figsize=(7.5, 4.4), layout="constrained")
     ax = fig.subplots()
@@ -172,7 +173,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
            title="Distillation on Blue Marble: accuracy against speed")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -190,9 +191,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    from visiontl import _io
-    from visiontl.report import format_console_table, save_comparison
-    from visiontl.speed import tune_allocator
+    from visiontl.core import files
+    from visiontl.analyse.plots import format_console_table, save_comparison
+    from visiontl.core.speed import tune_allocator
 
     tune_allocator()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -230,7 +231,7 @@ def main() -> None:
     paths = save_comparison([{k: r.get(k) for k in columns} for r in rows], args.out, name="distill",
                             label_key="model")
     lines = targets(rows)
-    _io.write_text(paths["md"], paths["md"].read_text() + "\n## Target\n\n" + "\n".join(lines) + "\n")
+    files.write_text(paths["md"], paths["md"].read_text() + "\n## Target\n\n" + "\n".join(lines) + "\n")
     plot(rows, paths["png"])
     print("\n".join(lines))
     print("wrote", ", ".join(str(p) for p in paths.values()))

@@ -1,8 +1,8 @@
 """Deployment speed: eager PyTorch vs ONNX Runtime float32 vs ONNX Runtime int8, in one run.
 
 A real CNN: EfficientNet-Lite0 with its ImageNet weights and a logistic-regression head fitted on
-Blue Marble tiles (224 px), exported with ``visiontl.export`` (verified) and quantised with
-``visiontl.quantize`` (static QDQ, calibrated on the training tiles), with each bias correction
+Blue Marble tiles (224 px), exported with ``visiontl.deploy.export`` (verified) and quantised with
+``visiontl.deploy.quantize`` (static QDQ, calibrated on the training tiles), with each bias correction
 step on and off. Latency at batch 1 and throughput at batch 32 (median of repeats), file size,
 top-1 agreement with the float model and accuracy on 600 held-out tiles; plus a ViT (vit_tiny_patch16_224, random weights: latency only).
 Ratios are against plain eager PyTorch of the same architecture (float32 NCHW) measured in the same
@@ -46,8 +46,8 @@ def _vit_rows(work: Path, size: int, repeats: int) -> list[dict]:
     import numpy as np
     import torch
 
-    from visiontl.export import export_onnx
-    from visiontl.predict import ort_session
+    from visiontl.deploy.export import export_onnx
+    from visiontl.deploy.predict import ort_session
     from visiontl.tasks import ClassificationTask
 
     task = ClassificationTask("vit_tiny_patch16_224", num_classes=3, pretrained=False, input_size=size).eval()
@@ -130,10 +130,10 @@ def main() -> None:
 
     from visiontl import fine_tune
     from visiontl.data import build_tiles
-    from visiontl.export import export_onnx, preprocess_for_export
-    from visiontl.predict import ort_session
-    from visiontl.report import comparison_table, format_console_table
-    from visiontl.speed import tune_allocator
+    from visiontl.deploy.export import export_onnx, preprocess_for_export
+    from visiontl.deploy.predict import ort_session
+    from visiontl.analyse.plots import comparison_table, format_console_table
+    from visiontl.core.speed import tune_allocator
 
     tune_allocator()
     work = Path(tempfile.mkdtemp())
@@ -151,7 +151,7 @@ def main() -> None:
     x_val = preprocess_for_export(val, size, 3)
     # the search at the real bar (bias correction, then the most sensitive nodes float), and the
     # mixed-precision model it ended with, measured even when refused
-    from visiontl.quantize import quantize_int8
+    from visiontl.deploy.quantize import quantize_int8
 
     x_train = preprocess_for_export(train, size, 3)
     search = quantize_int8(model_path, work / "search.int8.onnx", x_train, x_val,
@@ -190,7 +190,7 @@ def main() -> None:
                 "ort_int8_no_correction": ort_session(ablation["none"])}
     if mixed_path.exists():
         sessions[f"ort_int8_{len(search['excluded_nodes'])}_float"] = ort_session(mixed_path)
-    from visiontl.predict import Predictor, PredictorError
+    from visiontl.deploy.predict import Predictor, PredictorError
 
     try:  # the same files in OpenVINO (the openvino extra), checked against ONNX Runtime on load
         sessions["openvino_fp32"] = Predictor(model_path, engine="openvino").runner
@@ -229,8 +229,8 @@ def main() -> None:
           f"int8: {report['int8']['method']}, agreement {report['int8']['top1_agreement']:.3f}")
     if args.quick:
         return
-    from visiontl._io import write_text
-    from visiontl.report import save_comparison
+    from visiontl.core.files import write_text
+    from visiontl.analyse.plots import save_comparison
 
     save_comparison(rows, args.out, name="export", metric="throughput_vs_eager", label_key="engine")
     setup = (f"EfficientNet-Lite0 (ImageNet weights) + logistic-regression head on Blue Marble tiles, "

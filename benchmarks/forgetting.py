@@ -86,7 +86,7 @@ def train(direction: str, method: str, seed: int, steps: int, work: Path) -> dic
 
 def wise(direction: str, method: str, seed: int, runs: list[dict[str, Any]], work: Path,
          alphas: list[float]) -> dict[str, Any]:
-    from visiontl.wiseft import wise_ft
+    from visiontl.train.wiseft import wise_ft
 
     source, bn = WISE[method]
     tuned = next(r for r in runs if r["direction"] == direction and r["method"] == source and r["seed"] == seed)
@@ -118,7 +118,7 @@ def curves(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from visiontl.report import _save_figure
+    from visiontl.analyse.plots import save_figure
 
     fig = Figure(figsize=(5.4 * len(DIRECTIONS), 4.2), layout="constrained")
     axes = fig.subplots(1, len(DIRECTIONS), squeeze=False)[0]
@@ -135,7 +135,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
                title=direction)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -187,7 +187,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    from visiontl.report import _save_figure
+    from visiontl.analyse.plots import save_figure
 
     fig = Figure(figsize=(5.4 * len(DIRECTIONS), 4.4), layout="constrained")
     axes = fig.subplots(1, len(DIRECTIONS), squeeze=False)[0]
@@ -201,7 +201,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set(xlabel="new task: validation accuracy", ylabel="kept task: linear-probe accuracy", title=direction)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -216,9 +216,9 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    from visiontl import _io
-    from visiontl.report import format_console_table, save_comparison
-    from visiontl.wiseft import parse_alphas
+    from visiontl.core import files
+    from visiontl.analyse.plots import format_console_table, save_comparison
+    from visiontl.train.wiseft import parse_alphas
 
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "runs.jsonl"
@@ -245,7 +245,7 @@ def main() -> None:
     paths = save_comparison([{k: r.get(k) for k in columns} for r in rows], args.out, name="forgetting",
                             label_key="method")
     lines = targets(rows)
-    _io.write_text(paths["md"], paths["md"].read_text() + "\n## Target\n\n" + "\n".join(lines) + "\n")
+    files.write_text(paths["md"], paths["md"].read_text() + "\n## Target\n\n" + "\n".join(lines) + "\n")
     plot(rows, paths["png"])
     alpha_rows = curves(runs)
     if alpha_rows:

@@ -183,7 +183,7 @@ def main() -> None:
         name, strategy, seed = args.cell
         print(json.dumps(cell(name, strategy, int(seed), args.steps, args.work)), flush=True)
         return
-    from visiontl.report import format_console_table, save_comparison
+    from visiontl.analyse.plots import format_console_table, save_comparison
 
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "cells.jsonl"

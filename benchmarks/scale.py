@@ -74,7 +74,7 @@ def _datamodule(root: Path):
 
 
 def _features(root: Path, split: str):
-    from visiontl.features import split_features
+    from visiontl.models.features import split_features
     from visiontl.tasks import ClassificationTask
 
     task = ClassificationTask("tf_efficientnet_lite0", num_classes=CLASSES, pretrained=False,
@@ -89,9 +89,9 @@ def run_stage(stage: str, root: Path) -> dict:
     import numpy as np
     import torch
 
-    import visiontl.checkdata  # noqa: F401 - imports before the clock starts
+    import visiontl.data.check  # noqa: F401 - imports before the clock starts
     import visiontl.data  # noqa: F401
-    import visiontl.features  # noqa: F401
+    import visiontl.models.features  # noqa: F401
     import visiontl.strategies  # noqa: F401
     import visiontl.tasks  # noqa: F401
 
@@ -102,7 +102,7 @@ def run_stage(stage: str, root: Path) -> dict:
         splits = _datamodule(root).splits
         info = {"train": len(splits["train"]), "val": len(splits["val"])}
     elif stage == "check":
-        from visiontl.checkdata import check_data
+        from visiontl.data.check import check_data
 
         report = check_data(str(root), progress=False)
         info = {"errors": len(report.errors), "warnings": len(report.warnings)}
@@ -178,14 +178,14 @@ def main() -> None:
     for row in rows:  # time per image against the smallest N, same stage: 1.0 = linear in N
         first = next(r for r in rows if r["stage"] == row["stage"])
         row["per_image_vs_smallest"] = round(row["s_per_1k_images"] / max(first["s_per_1k_images"], 1e-9), 2)
-    from visiontl.report import comparison_table, format_console_table
+    from visiontl.analyse.plots import comparison_table, format_console_table
 
     columns = ["images", "stage", "wall_s", "s_per_1k_images", "per_image_vs_smallest", "peak_rss_gb"]
     print(format_console_table(rows, columns))
     if args.quick:
         return
-    from visiontl._io import write_text
-    from visiontl.report import save_comparison
+    from visiontl.core.files import write_text
+    from visiontl.analyse.plots import save_comparison
 
     for row in rows:
         row["run"] = f"{row['stage']} @ {row['images']:,}"

@@ -40,7 +40,7 @@ RESULTS = Path(__file__).parent / "results"
 def _plain_model(num_classes: int):
     import timm
 
-    from visiontl.weights import load_weights
+    from visiontl.models.weights import load_weights
 
     model = timm.create_model(BACKBONE, num_classes=num_classes)
     load_weights(model, WEIGHTS)
@@ -133,7 +133,7 @@ def floor(root: Path, size: int) -> dict:
     """One no-grad forward over train + val images with the fastest eager path (channels_last)."""
     import torch
 
-    from visiontl.speed import tune_allocator
+    from visiontl.core.speed import tune_allocator
 
     tune_allocator()
     start = time.perf_counter()  # like visiontl's runs: model creation and weight loading included
@@ -172,9 +172,9 @@ def heads_timing(n: int = 5000, dim: int = 1280, classes: int = 10) -> list[dict
     return rows
 
 
-PLAIN_IMPORTS = ("timm", "torchvision", "visiontl.weights", "visiontl.speed")
+PLAIN_IMPORTS = ("timm", "torchvision", "visiontl.models.weights", "visiontl.core.speed")
 IMPORTS = (*PLAIN_IMPORTS, "pytorch_lightning", "torchmetrics", "albumentations", "matplotlib.pyplot",
-           "visiontl.api", "visiontl.run", "visiontl.report", "visiontl.checkdata", "visiontl.features")
+           "visiontl.train.finetune", "visiontl.train.run", "visiontl.analyse.plots", "visiontl.data.check", "visiontl.models.features")
 """Imported before the clock starts: what each side needs (the plain loop and floor: the first four)."""
 REPEATED = ("probe/visiontl", "probe/floor", "probe-large/visiontl", "probe-large/floor")
 """Short runs whose ratio is the target: run ``--repeats`` times, alternating, median wall time."""
@@ -243,7 +243,7 @@ def main() -> None:
         args.image_size, args.train_per_class, args.val_per_class, args.epochs, args.ft_epochs = 64, 6, 4, 2, 1
         args.large_per_class, args.repeats = 12, 1
     from visiontl.data import build_tiles
-    from visiontl.report import comparison_table, format_console_table
+    from visiontl.analyse.plots import comparison_table, format_console_table
 
     args.root = build_tiles(Path(tempfile.mkdtemp()) / "tiles",
                             splits={"train": args.train_per_class, "val": args.val_per_class})
@@ -289,8 +289,8 @@ def main() -> None:
              f"probe and floor rows: median of {args.repeats} alternating runs (wall_s_spread: max - min). "
              "Every run is a fresh process with a cold feature cache; wall times exclude library imports "
              "(imports_s, a per-process constant).")
-    from visiontl._io import write_text
-    from visiontl.report import save_comparison
+    from visiontl.core.files import write_text
+    from visiontl.analyse.plots import save_comparison
 
     save_comparison(rows, args.out, name="speed", metric="speedup_vs_plain", label_key="run")
     write_text(args.out / "speed.md", f"# Speed: visiontl vs a plain PyTorch loop\n\n{setup}\n\n"

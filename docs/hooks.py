@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _help(args: list[str]) -> str:
-    from visiontl.cli import main
+    from visiontl.cli.commands import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
@@ -33,7 +33,7 @@ def _help(args: list[str]) -> str:
 
 
 def _cli_page() -> str:
-    from visiontl.cli import EXTRA_COMMANDS, LIGHTNING_COMMANDS
+    from visiontl.cli.commands import EXTRA_COMMANDS, LIGHTNING_COMMANDS
 
     os.environ["COLUMNS"] = "110"  # argparse wraps to this width
     parts = ["# Command line", "", "Generated from the command-line parsers when this site is built.", "",
@@ -79,7 +79,7 @@ def _results_page() -> str:
 
 
 def on_files(files, config):  # noqa: ANN001, ANN201 - mkdocs' hook signature
-    from visiontl.catalog import recipes
+    from visiontl.core.recipes import recipes
 
     found = recipes()
     groups = {

@@ -1,7 +1,7 @@
 """Helpers of the hostile suite (``tests/test_hostile_*.py``): drive the real ``visiontl`` command
 and check that a failure is short, names what failed, and exits non-zero.
 
-``run_cli`` calls :func:`visiontl.cli.main` in this process (the same dispatch, error handling and
+``run_cli`` calls :func:`visiontl.cli.commands.main` in this process (the same dispatch, error handling and
 messages as the console script, without a new interpreter per case); ``run_cli_subprocess`` runs
 ``python -m visiontl`` for the cases that must be seen from outside (tracebacks, exit codes).
 """
@@ -34,7 +34,7 @@ class Result:
 
 def run_cli(*argv: str | os.PathLike[str]) -> Result:
     """``visiontl ARGV`` in this process: exit code, stdout and stderr."""
-    from visiontl.cli import main
+    from visiontl.cli.commands import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

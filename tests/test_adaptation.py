@@ -225,7 +225,7 @@ def test_continued_pretraining_lowers_its_loss_and_saves_a_loadable_backbone(
 def test_mae_continues_a_vit_from_its_weights_lowers_its_loss_and_saves_a_loadable_backbone(
     domains: dict[str, Path], tmp_path: Path
 ) -> None:
-    from visiontl.backbones import create_backbone
+    from visiontl.models.backbones import create_backbone
     from visiontl.tasks.pretrain import save_backbone
 
     pl.seed_everything(0, verbose=False)  # the start weights too: unseeded, they depended on what earlier
@@ -319,17 +319,17 @@ def test_target_bn_makes_the_kept_checkpoint_the_target_model_and_export_carries
     beside it, metrics.json says so, and the exported ONNX model computes the target model."""
     import json
 
-    from visiontl.export import export_onnx
-    from visiontl.predict import ort_session
-    from visiontl.speed import channels_last_input
+    from visiontl.deploy.export import export_onnx
+    from visiontl.deploy.predict import ort_session
+    from visiontl.core.speed import channels_last_input
     from visiontl.tasks.da import reestimate_batchnorm
-    from visiontl.features import pooled_features
+    from visiontl.models.features import pooled_features
 
     dm = AdaptationDataModule(str(domains["source"]), str(domains["target"]),
                               target_val_root=str(domains["target_val"]), image_size=32, num_workers=0, batch_size=4)
     task = AdaptationTask("test_resnet", num_classes=3, class_names=["bars", "discs", "squares"], pretrained=False,
                           method="coral", target_bn=True, strategy={"name": "full", "lr": 0.01})
-    from visiontl.api import fit_task
+    from visiontl.train.finetune import fit_task
 
     result = fit_task(task, dm, steps=16, out=tmp_path / "runs", name="tbn",
                       trainer_kwargs={"enable_progress_bar": False, "accelerator": "cpu"})
@@ -365,7 +365,7 @@ def test_target_bn_makes_the_kept_checkpoint_the_target_model_and_export_carries
 
 
 def _adapted_run(domains: dict[str, Path], tmp_path: Path, name: str, **task_args):
-    from visiontl.api import fit_task
+    from visiontl.train.finetune import fit_task
 
     dm = AdaptationDataModule(str(domains["source"]), str(domains["target"]),
                               target_val_root=str(domains["target_val"]), image_size=32, num_workers=0, batch_size=4)
@@ -382,7 +382,7 @@ def test_negative_transfer_warning_names_the_fallback(domains: dict[str, Path], 
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The check compares the run's validator with the frozen probe's: a probe that scores higher
     warns and names strategy logreg; one that scores lower does not; the report is in metrics.json."""
-    from visiontl.tasks import fallback
+    from visiontl.analyse import negative_transfer as fallback
 
     monkeypatch.setattr(fallback, "frozen_probe_scores", lambda *a: {"target_snd": 1e9, "target_im": -1e9})
     with pytest.warns(fallback.NegativeTransferWarning, match=r"target_snd .* worse .* strategy: logreg"):

@@ -10,7 +10,7 @@ import torch
 
 from training import changed_after_training
 from visiontl import fine_tune
-from visiontl.export import export_onnx
+from visiontl.deploy.export import export_onnx
 from visiontl.strategies import StrategyError
 from visiontl.tasks import ClassificationTask
 

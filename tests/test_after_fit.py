@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from visiontl.after_fit import AfterFitStep, FitContext, Record, run_steps
+from visiontl.analyse.after_fit import AfterFitStep, FitContext, Record, run_steps
+from visiontl.analyse.sequence import after_fit_steps
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,15 @@ def test_steps_run_in_order_and_each_sees_the_records_before_it() -> None:
     assert all(isinstance(r, Record) for r in records.values())
 
 
-def test_each_task_states_its_sequence() -> None:
+def test_the_sequence_follows_the_task() -> None:
     from visiontl.tasks import AdaptationTask, ClassificationTask
 
     plain = ClassificationTask("test_resnet", num_classes=3, pretrained=False)
-    assert [s.name for s in plain.after_fit_steps()] == ["forgetting", "divergence_guard"]
+    assert [s.name for s in after_fit_steps(plain)] == ["forgetting", "divergence_guard"]
     adapted = AdaptationTask("test_resnet", num_classes=3, pretrained=False)
-    names = [s.name for s in adapted.after_fit_steps()]
+    names = [s.name for s in after_fit_steps(adapted)]
     assert names == ["forgetting", "target_bn", "negative_transfer", "divergence_guard"]  # target BN first
-    assert all(isinstance(s, AfterFitStep) for s in adapted.after_fit_steps())
+    assert all(isinstance(s, AfterFitStep) for s in after_fit_steps(adapted))
 
 
 def test_no_result_is_passed_through_an_attribute_on_the_module() -> None:

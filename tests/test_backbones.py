@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from visiontl.backbones import BackboneError, create_backbone, data_config, layer_groups
+from visiontl.models.backbones import BackboneError, create_backbone, data_config, layer_groups
 
 FAMILIES = [
     # name, expected number of groups (stem + stages + [neck] + head), has a neck

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from visiontl.bench import BenchError, BenchStore, expand_grid, load_config, parse_shard, run_bench, shard_cells
-from visiontl.bench.report import flags, kendall_tau, pareto_front, summarise, t_quantile
+from visiontl.benchmark import BenchError, BenchStore, expand_grid, load_config, parse_shard, run_bench, shard_cells
+from visiontl.benchmark.report import flags, kendall_tau, pareto_front, summarise, t_quantile
 from visiontl.data.images import DataError
 
 TINY = {"backbones": ["test_resnet=random"], "image_size": 32, "steps": 2}
@@ -105,7 +105,7 @@ def test_two_shards_give_the_unsharded_rows(shapes_root: Path, tmp_path: Path) -
     whole = {r["key"]: r for r in run_bench(config, tmp_path / "whole", log=lambda *_: None)}
     for i in range(2):
         run_bench(config, tmp_path / "shards", shard=(i, 2), log=lambda *_: None)
-    from visiontl.bench.merge import merge_shards
+    from visiontl.benchmark.merge import merge_shards
 
     merged, _, missing = merge_shards([tmp_path / "shards"])
     assert not missing and sorted(r["key"] for r in merged) == sorted(whole)
@@ -149,7 +149,7 @@ def test_pareto_front_and_kendall_tau() -> None:
 
 
 def test_bench_and_rank_command_lines(shapes_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from visiontl.cli import main
+    from visiontl.cli.commands import main
 
     out = tmp_path / "cli"
     args = ["bench", "--out", str(out), "--data", str(shapes_root), "--backbones", "test_resnet=random",
@@ -239,8 +239,8 @@ def test_the_ray_launcher_gives_the_local_rows(shapes_root: Path, tmp_path: Path
 def test_seeds_vary_training_not_the_validation_split(shapes_root: Path) -> None:
     """A cell's seed drives data order, augmentation and the label subset; every seed validates on
     the same images (shapes_root has no val folder: the split is drawn, with the spec's seed 0)."""
-    from visiontl.bench.grid import build_datamodule
-    from visiontl.bench.runner import _data_args
+    from visiontl.benchmark.grid import build_datamodule
+    from visiontl.benchmark.runner import _data_args
 
     cells = [c for c in expand_grid(_config(shapes_root, strategies=["full"], shots="2")) if c.strategy == "full"]
     dms = [build_datamodule(c.data, **_data_args(c)) for c in cells]

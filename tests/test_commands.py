@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visiontl.catalog import RecipeError, find_recipe, recipes, resolve_config
-from visiontl.cli import EXTRA_COMMANDS, LIGHTNING_COMMANDS, main
+from visiontl.core.recipes import RecipeError, find_recipe, recipes, resolve_config
+from visiontl.cli.commands import EXTRA_COMMANDS, LIGHTNING_COMMANDS, main
 
 CHECKOUT_RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -88,7 +88,7 @@ def test_fit_takes_a_bundled_recipe_by_name(shapes_root: Path, tmp_path: Path) -
 
 def test_doctor_reports_and_never_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from visiontl import doctor
+    from visiontl.cli import doctor
 
     monkeypatch.setenv("VISIONTL_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache" / "features").mkdir(parents=True)
@@ -113,7 +113,7 @@ def test_doctor_reports_and_never_fails(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_quiet_filters_noise_keeps_data_warnings_and_puts_everything_back() -> None:
-    from visiontl.quiet import quiet
+    from visiontl.core.quiet import quiet
 
     lightning = logging.getLogger("pytorch_lightning")
     before_level, before_filters = lightning.level, list(warnings.filters)
@@ -199,11 +199,11 @@ def test_every_command_prints_its_help_without_importing_torch() -> None:
     import subprocess
     import sys
 
-    from visiontl.cli import EXTRA_COMMANDS
+    from visiontl.cli.commands import EXTRA_COMMANDS
 
     script = (
         "import contextlib, io, sys\n"
-        "from visiontl.cli import main\n"
+        "from visiontl.cli.commands import main\n"
         f"for command in {sorted(EXTRA_COMMANDS)!r}:\n"
         "    out = io.StringIO()\n"
         "    with contextlib.redirect_stdout(out):\n"

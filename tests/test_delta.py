@@ -18,11 +18,12 @@ pytest.importorskip("peft")  # the peft extra (in dev)
 
 from visiontl import fine_tune  # noqa: E402
 from visiontl.data import FolderDataModule  # noqa: E402
-from visiontl.delta import load_delta, read_delta_metadata, save_delta  # noqa: E402
-from visiontl.export import export_onnx  # noqa: E402
+from visiontl.tasks.delta import read_delta_metadata, save_delta
+from visiontl.tasks.trained import load_delta  # noqa: E402
+from visiontl.deploy.export import export_onnx  # noqa: E402
 from visiontl.strategies import StrategyError  # noqa: E402
 from visiontl.tasks import ClassificationTask  # noqa: E402
-from visiontl.weights import WeightsError, WeightsMismatchError  # noqa: E402
+from visiontl.models.weights import WeightsError, WeightsMismatchError  # noqa: E402
 
 
 def _weights_file(path: Path, backbone: str = "test_resnet", seed: int = 0) -> Path:
@@ -77,7 +78,7 @@ def test_peft_checkpoint_is_refused_on_other_base_weights(lora_run, tmp_path: Pa
         load_delta(delta, weights=str(other))
     hashes = re.findall(r"sha256 ([0-9a-f]{64})", str(err.value))
     assert len(set(hashes)) == 2 and recorded in hashes and str(other) in str(err.value)
-    from visiontl.cli import main
+    from visiontl.cli.commands import main
 
     assert main(["export", str(delta), "--out", str(tmp_path / "m.onnx"), "--weights", str(other)]) == 2
     assert recorded in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()

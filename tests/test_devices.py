@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from visiontl.devices import default_precision, device_kind, loader_defaults, resolve_precision
+from visiontl.core.devices import default_precision, device_kind, resolve_precision
+from visiontl.data.base import loader_defaults
 
 
 class CUDAAccelerator:  # what Lightning passes when an Accelerator object was given: only its name counts
@@ -42,7 +43,7 @@ def test_unset_precision_resolves_on_a_faked_gpu(monkeypatch: pytest.MonkeyPatch
     assert resolve_precision("32-true") == "32-true"  # given: kept
     assert resolve_precision(None, "cpu") is None  # a CPU run on a GPU machine stays float32
 
-    from visiontl.speed import auto_precision
+    from visiontl.core.speed import auto_precision
 
     assert auto_precision(accelerator="auto") == "16-mixed"
     assert auto_precision(accelerator="cpu") == "32-true"  # was bf16/16-mixed whenever CUDA existed
@@ -61,12 +62,16 @@ def test_loader_defaults_per_device(kind: str, cpus: int, expected: dict) -> Non
 
 def test_loaders_pin_memory_only_for_a_cuda_trainer(shapes_root: Path) -> None:
     from visiontl.data import FolderDataModule
+    from visiontl.tasks.link import DataLink
 
     dm = FolderDataModule(str(shapes_root), image_size=32, batch_size=4)
     dm.setup("fit")
     assert dm.train_dataloader().pin_memory is False and dm.val_dataloader().pin_memory is False
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), world_size=1,
-                                 current_epoch=0, ckpt_path=None, global_rank=0)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)), world_size=1,
+                              current_epoch=0, ckpt_path=None, global_rank=0, datamodule=dm)
+    dm.trainer = trainer
+    DataLink().setup(trainer, SimpleNamespace(set_preprocessing=lambda pre: None, backbone_preprocessing=lambda: None),
+                     "fit")  # the task's link tells the datamodule its device
     train, val = dm.train_dataloader(), dm.val_dataloader()
     assert train.pin_memory is True and val.pin_memory is True
     assert train.num_workers == loader_defaults("cuda")["num_workers"]

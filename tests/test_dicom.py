@@ -29,7 +29,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from visiontl.checkdata import check_data
+from visiontl.data.check import check_data
 from visiontl.data import FolderDataModule
 from visiontl.data.formats import dicom_frames
 from visiontl.data.images import DataError, ImageReadError, read_image, read_raw

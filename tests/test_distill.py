@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 from data import make_folder
 from visiontl import fine_tune
-from visiontl.cli import main
+from visiontl.cli.commands import main
 from visiontl.data import FolderDataModule
 from visiontl.data.images import DataError
 from visiontl.data.preprocessing import Preprocessing
-from visiontl.distill import distill
+from visiontl.train.distill import distill
 from visiontl.strategies import StrategyError
 from visiontl.tasks import ClassificationTask, DistillationTask
 from visiontl.tasks.distill import distillation_loss, teacher_view
@@ -195,7 +195,7 @@ def test_a_resumed_half_epoch_skips_the_pairs_it_trained_on(shapes_root: Path, u
 
 def test_student_run_exports_and_records_its_teacher(teacher_run: Path, unlabelled_root: Path,
                                                       tmp_path: Path) -> None:
-    from visiontl.export import export_onnx
+    from visiontl.deploy.export import export_onnx
 
     result = distill(teacher_run, "test_efficientnet", pretrained=False, image_size=32, steps=4,
                      unlabelled=unlabelled_root, strategy="full", out=tmp_path, trainer_kwargs=QUIET)
@@ -266,7 +266,7 @@ def test_closed_form_strategies_and_a_missing_teacher_are_refused(teacher_run: P
                          pretrained=False, teacher=str(teacher_run))
     with pytest.raises(ValueError, match="needs teacher"):
         DistillationTask(backbone="test_efficientnet", num_classes=3, pretrained=False)
-    from visiontl.export import ExportError
+    from visiontl.deploy.export import ExportError
 
     with pytest.raises(ExportError, match="no checkpoints"):
         distill(tmp_path, "test_efficientnet", pretrained=False, out=tmp_path)

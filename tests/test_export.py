@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from visiontl import fine_tune
-from visiontl.cli import main
-from visiontl.export import ExportError, export_onnx
-from visiontl.predict import Predictor, PredictorError
+from visiontl.cli.commands import main
+from visiontl.deploy.export import ExportError, export_onnx
+from visiontl.deploy.predict import Predictor, PredictorError
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_cli_export_verifies_on_the_runs_images_and_predictor_agrees(run, shapes
     preds = predictor.predict(files)
     assert [p.path for p in preds] == [str(f) for f in files]
     task = run.task.eval()
-    from visiontl.export import preprocess_for_export
+    from visiontl.deploy.export import preprocess_for_export
 
     cfg = task.data_config
     assert predictor.crop_pct == cfg["crop_pct"]  # the geometry it was trained with
@@ -125,7 +125,7 @@ def test_predictor_does_not_import_torch(run, shapes_root: Path, tmp_path: Path)
                 if name == "torch" or name.startswith("torch.") or name.startswith("pytorch_lightning"):
                     raise ImportError("torch is blocked in this test")
         sys.meta_path.insert(0, Block())
-        from visiontl.predict import Predictor
+        from visiontl.deploy.predict import Predictor
         preds = Predictor({str(model)!r}).predict([{str(image)!r}])
         assert preds[0].label is not None
         assert "torch" not in sys.modules
@@ -241,7 +241,7 @@ def test_export_refuses_a_wrong_graph(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_compare_outputs_counts_top1_flips_only_outside_ties() -> None:
-    from visiontl.export import compare_outputs
+    from visiontl.deploy.export import compare_outputs
 
     ref = np.array([[5.0, 1.0, 0.0], [2.0, 2.0 + 1e-6, 0.0]])
     tie_flip = ref + np.array([[0.0, 0.0, 0.0], [2e-6, 0.0, 0.0]])  # the near tie flips: rounding
@@ -276,7 +276,7 @@ def test_export_never_executes_what_a_run_directory_names(run, tmp_path: Path) -
 def test_a_checkpoint_naming_a_foreign_strategy_class_imports_nothing(run, tmp_path: Path) -> None:
     """from_checkpoint reads the strategy's class_path as data: only registered strategies load."""
     from visiontl.tasks import ClassificationTask
-    from visiontl.weights import WeightsError
+    from visiontl.models.weights import WeightsError
 
     ckpt = torch.load(run.run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     module = tmp_path / "evil_strategy_module.py"

@@ -12,8 +12,8 @@ import torch
 
 from data import make_folder
 from visiontl.data import FolderDataModule
-from visiontl.cache import ArrayCache
-from visiontl.features import classify_features, pooled_features, supports_features
+from visiontl.core.cache import ArrayCache
+from visiontl.models.features import classify_features, pooled_features, supports_features
 from visiontl.strategies import Probe
 from visiontl.tasks import ClassificationTask
 
@@ -55,7 +55,7 @@ def _entries(root: Path) -> list[Path]:
 
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
 def test_pooled_features_then_classifier_equal_the_model(backbone: str) -> None:
-    from visiontl.backbones import create_backbone
+    from visiontl.models.backbones import create_backbone
 
     model = create_backbone(backbone, num_classes=3).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -132,7 +132,7 @@ def test_augmented_views_multiply_the_training_rows(shapes_root: Path, tmp_path:
 
 
 def test_onnxruntime_extraction_matches_pytorch(shapes_root: Path) -> None:
-    from visiontl.features import choose_engine, extract_features
+    from visiontl.models.features import choose_engine, extract_features
 
     dm = FolderDataModule(str(shapes_root), image_size=32, num_workers=0, augment="none")
     task = ClassificationTask("test_resnet", num_classes=3, pretrained=False)
@@ -148,7 +148,7 @@ def test_onnxruntime_extraction_matches_pytorch(shapes_root: Path) -> None:
 
 
 def test_onnxruntime_is_refused_when_features_differ(monkeypatch: pytest.MonkeyPatch) -> None:
-    from visiontl import features
+    from visiontl.models import features
 
     task = ClassificationTask("test_resnet", num_classes=3, pretrained=False)
     monkeypatch.setattr(features, "onnx_features",
@@ -160,7 +160,7 @@ def test_onnxruntime_is_refused_when_features_differ(monkeypatch: pytest.MonkeyP
 def test_an_unknown_engine_is_refused_on_any_device() -> None:
     """Checked before the non-CPU shortcut (a model on a GPU, faked by the meta device, once took
     the PyTorch path with any engine name)."""
-    from visiontl import features
+    from visiontl.models import features
 
     model = ClassificationTask("test_resnet", num_classes=3, pretrained=False).model
     for device in ("cpu", "meta"):
@@ -172,7 +172,7 @@ def test_an_unknown_engine_is_refused_on_any_device() -> None:
 def test_onnxruntime_tolerance_is_absolute_plus_relative(monkeypatch: pytest.MonkeyPatch) -> None:
     """Features of scale 1e-3: an absolute difference of 5e-5 is within atol=1e-4 (an atol scaled
     by the features, 1e-7 here, refused it); 5e-4 is not."""
-    from visiontl import features
+    from visiontl.models import features
 
     task = ClassificationTask("test_resnet", num_classes=3, pretrained=False).eval()
     tiny = lambda model, x: torch.tanh(model.forward_head(model.forward_features(x), pre_logits=True)) * 1e-3  # noqa: E731
@@ -187,7 +187,7 @@ def test_onnxruntime_tolerance_is_absolute_plus_relative(monkeypatch: pytest.Mon
 _RACE = """
 import sys, time, random
 import numpy as np
-from visiontl.cache import ArrayCache
+from visiontl.core.cache import ArrayCache
 cache = ArrayCache(sys.argv[1])
 random.seed(int(sys.argv[2]))
 for i in range(int(sys.argv[3])):

@@ -1,4 +1,4 @@
-"""Forgetting and drift (visiontl.forgetting), L2-SP, the scratch comparison: by value."""
+"""Forgetting and drift (visiontl.analyse.forgetting), L2-SP, the scratch comparison: by value."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import timm
 import torch
 
 from visiontl import fine_tune
-from visiontl.forgetting import linear_cka, weight_drift
+from visiontl.analyse.forgetting import linear_cka, weight_drift
 from visiontl.strategies import get_strategy
 from visiontl.strategies.base import StrategyError
 from visiontl.strategies.regularizers import l2sp_penalty
@@ -70,7 +70,7 @@ def test_l2sp_options_and_errors() -> None:
     assert (full.regularizer, full.alpha, full.beta) == ("l2sp", 0.2, 0.01)
     assert get_strategy(full.to_config()).alpha == 0.2  # recorded in checkpoints, restored
     model = timm.create_model("test_resnet", num_classes=3)
-    from visiontl.backbones import layer_groups
+    from visiontl.models.backbones import layer_groups
 
     groups = full.param_groups(layer_groups(model), weight_decay=0.05)
     assert {g["weight_decay"] for g in groups} == {0.0}  # L2-SP replaces decay towards zero
@@ -146,10 +146,10 @@ def test_wise_ft_ends_are_the_pretrained_and_the_fine_tuned_model(shapes_root: P
     probe); the chosen alpha's checkpoint exports. A ``full`` run (head from a random start) is
     mixed with a warning that names ``gradual``. ``--bn recompute`` gives the statistics of
     :func:`~visiontl.tasks.da.reestimate_batchnorm` (AdaBN's rule) on the training images."""
-    from visiontl.cli import main
-    from visiontl.export import export_onnx
+    from visiontl.cli.commands import main
+    from visiontl.deploy.export import export_onnx
     from visiontl.tasks import ClassificationTask
-    from visiontl.wiseft import interpolate
+    from visiontl.train.wiseft import interpolate
 
     run = fine_tune(shapes_root, backbone="test_resnet", strategy="full", pretrained=False, weights=str(base_weights),
                     image_size=32, steps=8, out=tmp_path / "runs", data_kwargs={"num_workers": 0, "batch_size": 8},
@@ -186,10 +186,10 @@ def _check_bn_recompute(run_dir: Path, out: Path) -> None:
     """Alpha 0.5 with ``--bn recompute``: every BatchNorm's running statistics are what
     reestimate_batchnorm gives on the run's training images in batches of 32 (not the
     interpolated ones), every other tensor is the mixture's."""
-    from visiontl.cli import main
+    from visiontl.cli.commands import main
     from visiontl.tasks import ClassificationTask
     from visiontl.tasks.da import reestimate_batchnorm
-    from visiontl.wiseft import _run_data
+    from visiontl.train.wiseft import _run_data
 
     assert main(["wise-ft", str(run_dir), "--out", str(out), "--alphas", "0.5", "--bn", "recompute"]) == 0
     interpolated = ClassificationTask.from_checkpoint(run_dir / "checkpoints" / "best.ckpt")  # the run's task
@@ -206,7 +206,7 @@ def _check_bn_recompute(run_dir: Path, out: Path) -> None:
 
 def test_wise_ft_refuses_what_it_cannot_mix(shapes_root: Path, base_weights: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from visiontl.cli import main
+    from visiontl.cli.commands import main
 
     run = fine_tune(shapes_root, backbone="test_resnet", strategy="logreg", pretrained=False,
                     weights=str(base_weights), image_size=32, out=tmp_path, data_kwargs={"num_workers": 0},

@@ -224,8 +224,8 @@ def test_setup_runs_the_cheap_data_check_and_stops_on_leakage(tmp_path: Path) ->
 def test_check_data_reads_a_csv_and_a_folder_exactly_as_the_datamodules_do(tmp_path: Path) -> None:
     """One reader: check-data resolves HAM10000's id column (suffix, several image folders) like
     CsvDataModule, and a root with val/ but no train/ is the same error for both."""
-    from visiontl.checkdata import check_data
-    from visiontl.cli import main
+    from visiontl.data.check import check_data
+    from visiontl.cli.commands import main
 
     csv_path = _ham(tmp_path, missing=2)
     kwargs = {"path_column": "image_id", "label_column": "dx", "suffix": ".jpg", "image_dirs": ["part_1", "part_2"]}

@@ -11,7 +11,7 @@ from PIL import Image
 
 from visiontl.data.geometry import eval_resize
 from visiontl.data.transforms import build_transforms
-from visiontl.predict import preprocess
+from visiontl.deploy.predict import preprocess
 
 
 def test_small_images_are_upsampled_whole_never_cropped() -> None:

@@ -1,7 +1,7 @@
 """Hostile checkpoints and PEFT checkpoints (issue 31, section 6): every bad file given to ``export``,
 ``wise-ft`` or ``distill`` is one line naming it, exit 2, nothing written, nothing in it run; and
-``ClassificationTask.from_checkpoint`` / ``load_delta`` raise a :class:`~visiontl.errors.UserError`.
-One reader, :mod:`visiontl.checkpoints`, holds all of it."""
+``ClassificationTask.from_checkpoint`` / ``load_delta`` raise a :class:`~visiontl.core.errors.UserError`.
+One reader, :mod:`visiontl.tasks.checkpoints`, holds all of it."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from hostile import assert_one_line_failure, run_cli
 from test_export import run  # noqa: F401 - the module-scoped trained run (test_resnet, 32 px, strategy full)
 
-from visiontl.checkpoints import CheckpointError
-from visiontl.errors import UserError
+from visiontl.tasks.checkpoints import CheckpointError
+from visiontl.core.errors import UserError
 from visiontl.tasks import ClassificationTask
 
 
@@ -189,7 +189,7 @@ def test_distill_ckpt_path_of_another_backbone_is_named(run, tmp_path: Path) -> 
 
 
 def test_wise_ft_alphas_name_the_bad_values(run, tmp_path: Path) -> None:  # noqa: F811
-    from visiontl.wiseft import WiseFTError, parse_alphas
+    from visiontl.train.wiseft import WiseFTError, parse_alphas
 
     result = run_cli("wise-ft", run.run_dir, "--out", tmp_path / "wf", "--alphas", "0,abc,2")
     assert_one_line_failure(result, "'abc' is not a number", "2 is outside [0, 1]", rc=2)
@@ -203,8 +203,8 @@ def test_wise_ft_alphas_name_the_bad_values(run, tmp_path: Path) -> None:  # noq
 
 
 def test_a_good_checkpoint_still_loads_and_its_record_is_read(run) -> None:  # noqa: F811
-    from visiontl.checkpoints import read_checkpoint
-    from visiontl.checkpoints import checkpoint_record
+    from visiontl.tasks.checkpoints import read_checkpoint
+    from visiontl.tasks.checkpoints import checkpoint_record
 
     best = run.run_dir / "checkpoints" / "best.ckpt"
     task = ClassificationTask.from_checkpoint(best)
@@ -214,7 +214,7 @@ def test_a_good_checkpoint_still_loads_and_its_record_is_read(run) -> None:  # n
 
 
 def test_checkpoint_record_reads_as_data(bad_checkpoints, tmp_path: Path) -> None:
-    from visiontl.checkpoints import checkpoint_record
+    from visiontl.tasks.checkpoints import checkpoint_record
 
     cases, sentinel = bad_checkpoints
     with pytest.raises(CheckpointError, match="pickled Python objects"):
@@ -243,7 +243,7 @@ def delta(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Classificatio
     pytest.importorskip("peft")
     from test_delta import _weights_file
 
-    from visiontl.delta import save_delta
+    from visiontl.tasks.delta import save_delta
 
     work = tmp_path_factory.mktemp("bad_delta")
     weights = _weights_file(work / "base.safetensors")
@@ -338,7 +338,7 @@ DELTA_CASES = ["truncated", "tiny", "huge_header", "header_not_json", "impossibl
 
 
 def test_load_delta_refuses_each_bad_peft_checkpoint_with_a_user_error(bad_deltas) -> None:
-    from visiontl.delta import load_delta
+    from visiontl.tasks.trained import load_delta
 
     for name in DELTA_CASES:
         path, words = bad_deltas[name]
@@ -361,8 +361,8 @@ def test_export_of_a_bad_peft_checkpoint_is_one_line_and_writes_nothing(bad_delt
 
 
 def test_the_wrong_tensor_shape_names_both_shapes(bad_deltas, delta) -> None:
-    from visiontl.weights import WeightsMismatchError
-    from visiontl.delta import load_delta
+    from visiontl.models.weights import WeightsMismatchError
+    from visiontl.tasks.trained import load_delta
 
     _, task = delta
     width = task.model.state_dict()["fc.weight"].shape[1]
@@ -381,7 +381,7 @@ def test_distill_of_a_bad_peft_teacher_is_one_line(bad_deltas, tmp_path: Path) -
 def test_a_peft_checkpoint_under_another_name_is_read_as_one(delta, tmp_path: Path) -> None:
     """Content decides too: a good delta renamed .ckpt still loads as a delta; a .ckpt command that
     takes only full checkpoints says what the file is."""
-    from visiontl.export import load_task
+    from visiontl.tasks.trained import load_task
 
     good, task = delta
     renamed = tmp_path / "delta.ckpt"

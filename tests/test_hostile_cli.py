@@ -81,7 +81,7 @@ def test_nothing_a_checkpoint_names_is_imported(command: str, payload: dict, tra
 def test_load_from_checkpoint_imports_nothing_and_reads_no_weights(trained: Path, tmp_path: Path,
                                                                    evil_module: Path) -> None:
     """The Python door: Lightning's ``load_from_checkpoint`` on a visiontl task."""
-    from visiontl.checkpoints import CheckpointError
+    from visiontl.tasks.checkpoints import CheckpointError
     from visiontl.tasks import ClassificationTask
 
     evil = _with_hparams(trained, tmp_path / "evil.ckpt", strategy={"class_path": "visiontl_evil.Foo", "init_args": {}})
@@ -99,11 +99,11 @@ def test_load_from_checkpoint_imports_nothing_and_reads_no_weights(trained: Path
 
 def test_a_checkpoint_never_overrides_the_configuration(trained: Path, shapes_splits: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import visiontl.weights
+    import visiontl.models.weights
 
     read: list[str] = []
-    original = visiontl.weights.load_state_dict_file
-    monkeypatch.setattr(visiontl.weights, "load_state_dict_file",
+    original = visiontl.models.weights.load_state_dict_file
+    monkeypatch.setattr(visiontl.models.weights, "load_state_dict_file",
                         lambda path, *a, **k: read.append(str(path)) or original(path, *a, **k))
     ckpt = _with_hparams(trained, tmp_path / "passwd.ckpt", weights="/etc/passwd", pretrained=True)
     result = run_cli(*_eval_args("validate", shapes_splits, tmp_path / "runs", ckpt))
@@ -195,9 +195,9 @@ def test_an_injected_enospc_keeps_the_previous_checkpoint(shapes_root: Path, tmp
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Where no filesystem can be mounted: the disk fills while ``last.ckpt`` is rewritten at the
     end of training; the one written at step 2 stays whole and is named as the last good one."""
-    from visiontl import _io
+    from visiontl.core import files
 
-    real = _io.fsync_file
+    real = files.fsync_file
     writes: list[str] = []
 
     def fsync_file(path: str | os.PathLike[str]) -> None:
@@ -219,14 +219,14 @@ def test_an_injected_enospc_keeps_the_previous_checkpoint(shapes_root: Path, tmp
 
 
 def test_a_failed_report_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from visiontl import _io
-    from visiontl.errors import WriteError
+    from visiontl.core import files
+    from visiontl.core.errors import WriteError
 
     target = tmp_path / "metrics.json"
-    _io.write_json(target, {"old": 1})
+    files.write_json(target, {"old": 1})
     monkeypatch.setattr(_io, "fsync_file", lambda p: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full", str(p))))
     with pytest.raises(WriteError, match="no space left on the device; the previous file is kept"):
-        _io.write_json(target, {"new": 2})
+        files.write_json(target, {"new": 2})
     assert target.read_text() == '{\n  "old": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
@@ -273,7 +273,7 @@ def test_no_hub_access_says_to_pass_local_weights(shapes_root: Path, tmp_path: P
 
 
 def test_debug_shows_the_traceback(shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from visiontl.cli import main
+    from visiontl.cli.commands import main
     from visiontl.strategies import StrategyError
 
     args = [*_fit_args(shapes_root, tmp_path), "--model.init_args.strategy", "gradul"]
@@ -286,7 +286,7 @@ def test_debug_shows_the_traceback(shapes_root: Path, tmp_path: Path, monkeypatc
 
 
 def test_an_unexpected_error_is_two_lines_pointing_to_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    from visiontl import cli
+    from visiontl.cli import commands as cli
 
     def broken(argv: list[str]) -> int:
         raise RuntimeError("boom in a place nobody expected")

@@ -131,8 +131,8 @@ def test_a_cache_whose_writes_fail_is_one_line(tmp_path: Path, monkeypatch: pyte
     """What os.access cannot tell (a read-only mount seen as root): the first write says it."""
     import tempfile
 
-    from visiontl._io import default_cache_dir
-    from visiontl.errors import UserError
+    from visiontl.core.files import default_cache_dir
+    from visiontl.core.errors import UserError
 
     cache = tmp_path / "cache-rofs"
     real_mkstemp = tempfile.mkstemp

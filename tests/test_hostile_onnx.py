@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from hostile import assert_one_line_failure, run_cli, run_cli_subprocess
-from visiontl._io import csv_dict_rows, csv_dict_writer, csv_safe, csv_unescape, csv_writer
+from visiontl.core.files import csv_dict_rows, csv_dict_writer, csv_safe, csv_unescape, csv_writer
 
 EVIL = "=cmd|/C calc!A0"
 EXPORT_INTERPOLATION = "area (shrink) / bilinear (enlarge)"
@@ -93,12 +93,12 @@ def predict(model: Path, images: Path, tmp_path: Path, *extra: str):
 
 def test_a_huge_input_size_is_refused_before_anything_is_allocated(images: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import visiontl.predict
+    import visiontl.deploy.predict
 
     def no_image_may_be_read(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("an image was read for a model whose input_size is refused")
 
-    monkeypatch.setattr(visiontl.predict, "preprocess", no_image_may_be_read)
+    monkeypatch.setattr(visiontl.deploy.predict, "preprocess", no_image_may_be_read)
     model = tiny_model(tmp_path / "huge.onnx", size=(100000, 100000), preprocessing={"size": 100000})
     result, out = predict(model, images, tmp_path)
     message = assert_one_line_failure(result, "huge.onnx", "input_size", "[100000, 100000]", rc=2)
@@ -209,7 +209,7 @@ def test_the_real_command_prints_one_line_for_garbage(images: Path, tmp_path: Pa
 # -- a good model predicts as before ----------------------------------------------------------------
 
 def test_a_good_model_still_predicts_every_image(images: Path, tmp_path: Path) -> None:
-    from visiontl.predict import Predictor, preprocess
+    from visiontl.deploy.predict import Predictor, preprocess
 
     model = tiny_model(tmp_path / "good.onnx", ["cat", "dog", "-1"])
     result, out = predict(model, images, tmp_path)
@@ -302,7 +302,7 @@ def test_a_runs_splits_csv_reads_back_the_same_labels_and_paths(tmp_path: Path) 
 
 
 def test_a_bench_results_csv_round_trips_formula_names(tmp_path: Path) -> None:
-    from visiontl.bench.store import BenchStore
+    from visiontl.benchmark.store import BenchStore
 
     store = BenchStore(tmp_path / "bench")
     assert store.append({"key": "k1", "data": "-data", "backbone": EVIL, "val_acc": 0.5})
@@ -314,7 +314,7 @@ def test_a_bench_results_csv_round_trips_formula_names(tmp_path: Path) -> None:
 
 
 def test_the_confusion_matrix_csv_is_escaped(tmp_path: Path) -> None:
-    from visiontl.report import save_confusion_matrix
+    from visiontl.analyse.plots import save_confusion_matrix
 
     out = save_confusion_matrix(np.array([[2, 1], [0, 3]]), [EVIL, "b"], tmp_path / "cm.png", tmp_path / "cm.csv")
     rows = list(csv.reader(io.StringIO(Path(out["csv"]).read_text())))

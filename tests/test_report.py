@@ -1,4 +1,4 @@
-"""Tests for visiontl.report: files are valid, numbers round-trip, failures leave nothing behind."""
+"""Tests for visiontl.analyse.plots: files are valid, numbers round-trip, failures leave nothing behind."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from visiontl import report
+from visiontl.analyse import plots as report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAN = float("nan")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from visiontl import fine_tune
-from visiontl.resume import ResumeError, resolve_last
+from visiontl.train.resume import ResumeError, resolve_last
 
 _FIT = """
 import json, os, signal, sys
@@ -148,7 +148,7 @@ def test_resume_last_without_a_run_is_an_error(shapes_root: Path, tmp_path: Path
     with pytest.raises(ResumeError, match="Nothing to resume"):
         fine_tune(shapes_root, backbone="test_resnet", pretrained=False, out=tmp_path, name="nothing",
                   ckpt_path="last")
-    from visiontl.cli import main
+    from visiontl.cli.commands import main
 
     recipe = Path(__file__).parents[1] / "recipes" / "folder.yaml"
     code = main(["fit", "--config", str(recipe), "--data.init_args.root", str(shapes_root),

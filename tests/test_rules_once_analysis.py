@@ -16,7 +16,7 @@ from torch import nn
 
 import visiontl
 from data import make_folder
-from visiontl.features import fit_probe, linear_probe_accuracy, probe_accuracy
+from visiontl.strategies.linear_probe import fit_probe, linear_probe_accuracy, probe_accuracy
 from visiontl.strategies import LogisticRegression
 
 
@@ -55,7 +55,7 @@ def test_the_negative_transfer_probe_is_the_features_probe(tmp_path: Path) -> No
 
     from visiontl.data import AdaptationDataModule
     from visiontl.tasks import AdaptationTask
-    from visiontl.tasks.fallback import frozen_probe_scores
+    from visiontl.analyse.negative_transfer import frozen_probe_scores
     from visiontl.tasks.validators import predict_loader
 
     source = make_folder(tmp_path / "source", per_class=6)
@@ -99,7 +99,7 @@ def test_each_rule_has_one_home() -> None:
     assert homes("_quiet") == []
 
 
-LOGGERS = ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "visiontl.features")
+LOGGERS = ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "visiontl.models.features")
 HEARD = ("pytorch_lightning", "visiontl")  # what reaches these (children propagate) gets through
 
 
@@ -113,7 +113,7 @@ def _emit() -> None:
     logging.getLogger("pytorch_lightning").info("\N{ELECTRIC LIGHT BULB} Tip: try litlogger")
     logging.getLogger("pytorch_lightning").info("  | Name  | Type")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").info("[visiontl] train features cached in x")
-    logging.getLogger("visiontl.features").warning("ONNX Runtime features differ from PyTorch")
+    logging.getLogger("visiontl.models.features").warning("ONNX Runtime features differ from PyTorch")
 
 
 def _shown(run: Callable[[], Any]) -> list[str]:
@@ -144,8 +144,8 @@ def test_a_quiet_bench_filters_exactly_what_quiet_filters(verbose: bool, shapes_
     """The bench's feature pass and cells run under quiet(): the same lines get through as from a
     quiet command (the data warning, a dependency's own warning, visiontl's log warnings; with
     verbose, Lightning's information lines too), and the log levels are put back."""
-    from visiontl.bench import load_config, run_bench, runner
-    from visiontl.quiet import quiet
+    from visiontl.benchmark import load_config, run_bench, runner
+    from visiontl.core.quiet import quiet
 
     def cell(cell: Any, out: Any, **_: Any) -> dict[str, Any]:
         _emit()

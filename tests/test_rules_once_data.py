@@ -14,8 +14,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from visiontl.api import make_datamodule
-from visiontl.checkdata import check_data
+from visiontl.train.finetune import make_datamodule
+from visiontl.data.check import check_data
 from visiontl.data import (
     AdaptationDataModule,
     CsvDataModule,
@@ -208,7 +208,7 @@ def test_read_image_is_read_raw_scaled_for_every_kind_of_file(tmp_path: Path) ->
             np.testing.assert_allclose(image, raw.astype(np.float64) / top, rtol=1e-6)
     assert read_raw(tmp_path / "dark.pgm").dtype == np.uint16 and stored_bit_depth([tmp_path / "dark.pgm"]) == 16
     assert stored_bit_depth([tmp_path / "dark32.tif"]) == 32
-    from visiontl import predict
+    from visiontl.deploy import predict
 
     assert predict.read_image is read_image  # the predictor reads pixels as training does
 

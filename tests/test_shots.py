@@ -64,7 +64,7 @@ def test_every_budget_reads_the_whole_splits_cached_features(shapes_root: Path, 
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import timm
 
-    from visiontl.features import split_features
+    from visiontl.models.features import split_features
 
     monkeypatch.setenv("VISIONTL_CACHE", str(tmp_path / "cache"))
     model = timm.create_model("test_resnet", num_classes=3).eval()

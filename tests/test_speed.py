@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from visiontl import speed
+from visiontl.core import speed
 from visiontl.tasks import ClassificationTask
 
 

@@ -272,7 +272,7 @@ def test_bitfit_trains_only_biases_norm_affine_and_the_head(backbone: str, shape
 
 def test_bitfit_by_name_through_fine_tune_and_export(shapes_root, tmp_path) -> None:
     from visiontl import fine_tune
-    from visiontl.export import export_onnx
+    from visiontl.deploy.export import export_onnx
 
     run = fine_tune(shapes_root, backbone="test_resnet", strategy={"name": "bitfit", "lr": 0.01}, pretrained=False,
                     image_size=32, steps=6, out=tmp_path, data_kwargs={"num_workers": 0},

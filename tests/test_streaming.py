@@ -170,8 +170,8 @@ def test_prepare_refuses_to_overwrite_and_stops_on_bad_images(shapes_root: Path,
 def test_fit_from_a_stream_and_the_cli(prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import warnings
 
-    from visiontl.api import fit_task
-    from visiontl.cli import main
+    from visiontl.train.finetune import fit_task
+    from visiontl.cli.commands import main
     from visiontl.tasks import ClassificationTask
 
     dm = StreamingDataModule(f"local:{prepared}", cache_dir=str(tmp_path / "cache"), num_workers=0, image_size=32)
@@ -194,7 +194,7 @@ _STREAM_FIT = """
 import os, signal, sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 import pytorch_lightning as pl
-from visiontl.api import fit_task
+from visiontl.train.finetune import fit_task
 from visiontl.data import StreamingDataModule
 from visiontl.tasks import ClassificationTask
 
@@ -226,7 +226,7 @@ def test_a_killed_streamed_run_resumes_mid_epoch_and_ends_like_an_uninterrupted_
     import subprocess
     import sys
 
-    from visiontl.resume import resolve_last
+    from visiontl.train.resume import resolve_last
 
     script = tmp_path / "fit.py"
     script.write_text(_STREAM_FIT)
@@ -258,7 +258,7 @@ def test_a_killed_streamed_run_resumes_mid_epoch_and_ends_like_an_uninterrupted_
 def test_prepare_data_reads_a_csv_as_check_data_does(shapes_root: Path, tmp_path: Path) -> None:
     """An id column without extension (``--suffix``), resolved against another folder (``--root``):
     the CSV options check-data takes."""
-    from visiontl.cli import main
+    from visiontl.cli.commands import main
 
     rows = ["id,diagnosis"] + [f"{p.parent.name}/{p.stem},{p.parent.name}" for p in sorted(shapes_root.rglob("*.png"))]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")

@@ -12,7 +12,7 @@ from data import make_folder
 from visiontl import fine_tune
 from visiontl.data import FolderDataModule
 from visiontl.tasks import ClassificationTask
-from visiontl.weights import WeightsError
+from visiontl.models.weights import WeightsError
 
 QUIET = {"enable_progress_bar": False}
 

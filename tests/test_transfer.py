@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from visiontl import fine_tune
-from visiontl.cli import main
+from visiontl.cli.commands import main
 from visiontl.data import BlueMarbleDataModule
 
 LITE0 = {"backbone": "tf_efficientnet_lite0", "pretrained": False}

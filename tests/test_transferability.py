@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from visiontl.transferability import ledoit_wolf, logme, shrinkage_hscore
+from visiontl.analyse.transferability import ledoit_wolf, logme, shrinkage_hscore
 
 # (N, D, classes, seed) -> (LogME, shrinkage H-score), computed with the reference code: thuml/LogME's
 # LogME.py (fixed-point solver, commit 56551ca) and thuml/Transfer-Learning-Library's

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from visiontl import fine_tune
-from visiontl.cli import main
+from visiontl.cli.commands import main
 from visiontl.data.images import DataError, ImageReadError, read_image
 
 
@@ -78,7 +78,7 @@ def test_export_bad_targets_are_one_line_errors_and_leave_nothing(shapes_root: P
     import subprocess
     import sys
 
-    from visiontl._io import remove_stale_temps, write_text
+    from visiontl.core.files import remove_stale_temps, write_text
 
     run = fine_tune(shapes_root, backbone="test_resnet", strategy="probe", pretrained=False, image_size=32, steps=4,
                     out=tmp_path / "runs", data_kwargs={"num_workers": 0},
@@ -140,7 +140,7 @@ def test_data_channels_that_do_not_fit_the_model_name_both_numbers(shapes_root: 
 
 
 def test_random_bytes_are_not_called_a_pickle(tmp_path: Path) -> None:
-    from visiontl.weights import WeightsError, load_state_dict_file
+    from visiontl.models.weights import WeightsError, load_state_dict_file
 
     junk = tmp_path / "junk.pth"
     junk.write_bytes(bytes(range(256)) * 3)

@@ -12,7 +12,7 @@ import torch
 
 from visiontl import fine_tune
 from visiontl.data import FolderDataModule
-from visiontl.export import export_onnx
+from visiontl.deploy.export import export_onnx
 from visiontl.strategies import StrategyError
 from visiontl.strategies.vpt import PROMPT
 from visiontl.tasks import ClassificationTask

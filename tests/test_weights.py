@@ -1,4 +1,4 @@
-"""Tests for visiontl.weights: safe loading, unwrapping, converters, sources, real Lite0 weights."""
+"""Tests for visiontl.models.weights: safe loading, unwrapping, converters, sources, real Lite0 weights."""
 
 import os
 
@@ -10,8 +10,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from visiontl import weights as W
-from visiontl.weights import (
+from visiontl.models import weights as W
+from visiontl.models.weights import (
     WeightsError, WeightsMismatchError, convert_state_dict, list_converters, list_sources,
     load_state_dict_file, load_weights, register_converter, resolve_weights,
 )

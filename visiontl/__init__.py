@@ -4,23 +4,23 @@ Start from an ImageNet backbone (any timm model), pick a strategy on the fine-tu
 (``probe`` -> ``partial`` -> ``gradual`` / ``full``, with ``scratch`` as the baseline) and train with
 PyTorch Lightning. See README.md and the documentation site (docs/).
 
-Names are imported lazily, so that light modules (``visiontl.predict``: ONNX Runtime only) do not
+Names are imported lazily, so that light modules (``visiontl.deploy.predict``: ONNX Runtime only) do not
 pull in torch and Lightning.
 """
 
 from __future__ import annotations
 
-from visiontl._lazy import lazy_exports
+from visiontl.core.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "FitResult": "visiontl.api",
-    "fine_tune": "visiontl.api",
-    "LayerGroup": "visiontl.backbones",
-    "create_backbone": "visiontl.backbones",
-    "data_config": "visiontl.backbones",
-    "layer_groups": "visiontl.backbones",
+    "FitResult": "visiontl.train.finetune",
+    "fine_tune": "visiontl.train.finetune",
+    "LayerGroup": "visiontl.models.backbones",
+    "create_backbone": "visiontl.models.backbones",
+    "data_config": "visiontl.models.backbones",
+    "layer_groups": "visiontl.models.backbones",
     "BlueMarbleDataModule": "visiontl.data",
     "CsvDataModule": "visiontl.data",
     "FolderDataModule": "visiontl.data",
@@ -33,7 +33,7 @@ _EXPORTS = {
     "get_strategy": "visiontl.strategies",
     "ClassificationTask": "visiontl.tasks",
     "DistillationTask": "visiontl.tasks",
-    "load_weights": "visiontl.weights",
+    "load_weights": "visiontl.models.weights",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])

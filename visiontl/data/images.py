@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from visiontl.errors import UserError
+from visiontl.core.errors import UserError
 from visiontl.data.formats import (
     DICOM_EXTENSIONS,
     FRAMES,
@@ -172,7 +172,7 @@ def _decoded(path: str | os.PathLike[str], read, max_pixels: int | None = None, 
 
 def read_raw(path: str | os.PathLike[str], max_pixels: int | None = None, frame: Frame = "error") -> np.ndarray:
     """Decode an image to its native dtype (``uint8``, ``uint16``, ``int32``, ``float32``...) as HWC,
-    with every channel it has (alpha included): what :func:`visiontl.checkdata` inspects.
+    with every channel it has (alpha included): what :func:`visiontl.data.check` inspects.
     ``frame`` picks a multi-frame DICOM's frame (an index, ``"middle"``; ``"error"`` refuses one).
 
     Raises:

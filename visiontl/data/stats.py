@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from visiontl._io import default_cache_dir, write_json
+from visiontl.core.files import default_cache_dir, write_json
 from visiontl.data.formats import Frame
 from visiontl.data.images import DataError, ImageReadError, read_image, read_raw, to_channels
 from visiontl.data.pixels import bit_depth

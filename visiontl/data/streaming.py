@@ -104,7 +104,7 @@ def read_meta(input_dir: str, storage_options: dict[str, Any] | None = None) -> 
 def _write_meta(out: str, meta: dict[str, Any], storage_options: dict[str, Any] | None) -> None:
     local = _local(out)
     if local is not None:
-        from visiontl._io import write_json
+        from visiontl.core.files import write_json
 
         write_json(local / META, meta)  # atomic: the last thing written, so its presence means "finished"
         return
@@ -120,7 +120,7 @@ def _check_out(out: str, overwrite: bool) -> None:
     local = _local(out)
     if local is None:
         return  # object storage: LitData's optimize refuses a non-empty prefix itself unless overwriting
-    from visiontl._io import remove_stale_temps
+    from visiontl.core.files import remove_stale_temps
 
     remove_stale_temps(local)  # the staging folder of a killed preparation
     if local.exists() and not local.is_dir():
@@ -141,7 +141,7 @@ def _stage(out: str) -> Path | None:
     local = local.absolute()
     local.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{local.name}.tmp-{os.getpid()}-", dir=local.parent))
-    from visiontl._io import current_umask
+    from visiontl.core.files import current_umask
 
     os.chmod(stage, 0o777 & ~current_umask())
     return stage

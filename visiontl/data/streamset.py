@@ -73,7 +73,7 @@ class StreamingLoader(StreamingDataLoader):
 
     def state_before(self, batches: int) -> dict[str, Any] | None:
         """The state as it was when ``batches`` (>= 1) batches of this epoch had been served; None
-        when not remembered (an epoch's start: :class:`visiontl.resume.LastCheckpoint` then writes at
+        when not remembered (an epoch's start: :class:`visiontl.train.resume.LastCheckpoint` then writes at
         the previous batch's end, where Lightning's own state is right)."""
         return (self._states_before or {}).get(batches) if batches > 0 else None
 

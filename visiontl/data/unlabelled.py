@@ -169,7 +169,7 @@ class BlueMarbleUnlabelledDataModule(UnlabelledDataModule):
         self.per_class, self.source, self.tile_px, self.seed = per_class, source, tile_px, seed
 
     def paths(self) -> list[Path]:
-        from visiontl._io import default_cache_dir
+        from visiontl.core.files import default_cache_dir
         from visiontl.data.bluemarble import build_tiles
 
         name = f"bluemarble-unlabelled-{self.source}-{self.tile_px}px-{self.per_class}-{self.seed}"

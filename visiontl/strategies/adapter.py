@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visiontl.backbones import LayerGroup
+from visiontl.models.backbones import LayerGroup
 from visiontl.strategies.base import StrategyError
 from visiontl.strategies.full import Full
 

@@ -1,7 +1,7 @@
 """The strategy contract: which layer groups train, at which learning rate, and BatchNorm policy.
 
 A strategy never names an architecture's layers: it sees the ordered :class:`LayerGroup` list
-(stem -> head) from :func:`visiontl.backbones.layer_groups` and decides, per group, a learning
+(stem -> head) from :func:`visiontl.models.backbones.layer_groups` and decides, per group, a learning
 rate (0 = never trains in this run) and whether the group trains from the first step.
 
 What a strategy needs from the rest is declared, never asked for with ``isinstance``:
@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 from pytorch_lightning import Callback
 from torch import nn
 
-from visiontl.errors import UserError
-from visiontl.backbones import LayerGroup
+from visiontl.core.errors import UserError
+from visiontl.models.backbones import LayerGroup
 
 __all__ = ["Discriminative", "GroupPlan", "Strategy", "StrategyError", "decays", "discriminative_lrs",
            "no_weight_decay_names", "set_trainable"]
@@ -113,7 +113,7 @@ class Strategy:
     """Augmented views per training image in the feature cache."""
     peft: ClassVar[bool] = False
     """Whether it trains a small part of a frozen pretrained model (bitfit, lora, adapter, vpt):
-    runs then also write a PEFT checkpoint of the trained tensors alone (:mod:`visiontl.delta`)."""
+    runs then also write a PEFT checkpoint of the trained tensors alone (:mod:`visiontl.tasks.delta`)."""
     regularizer: str | None = None
     """A loss term the task adds (``l2sp``; :class:`Discriminative` strategies), or ``None``."""
     bn_stats: str = "update"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from visiontl.backbones import LayerGroup
+from visiontl.models.backbones import LayerGroup
 from visiontl.strategies.full import Full
 
 __all__ = ["BitFit", "norm_affine_names"]

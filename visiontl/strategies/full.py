@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from visiontl.backbones import LayerGroup
+from visiontl.models.backbones import LayerGroup
 from visiontl.strategies.base import Discriminative, GroupPlan
 
 __all__ = ["Full"]

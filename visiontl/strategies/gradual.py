@@ -18,7 +18,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from visiontl.backbones import LayerGroup
+from visiontl.models.backbones import LayerGroup
 from visiontl.strategies.base import Discriminative, GroupPlan, StrategyError
 from visiontl.strategies.heads import LogisticRegression
 

@@ -1,6 +1,6 @@
 """Training-free and near-free heads fitted on cached features: prototypes, kNN, logistic regression.
 
-The backbone stays frozen (its features come from :mod:`visiontl.features`) and the head is
+The backbone stays frozen (its features come from :mod:`visiontl.models.features`) and the head is
 fitted in closed form or to convergence in one go at the start of ``fit``; no SGD step runs.
 Prototypes and logistic regression are plain linear heads (they export like any model); kNN
 keeps the training features in a small module that replaces the classifier.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visiontl.backbones import LayerGroup, classifier_names
+from visiontl.models.backbones import LayerGroup, classifier_names
 from visiontl.strategies.base import GroupPlan, Strategy, StrategyError
 
 __all__ = ["L2_GRID", "FittedHead", "KNN", "KNNHead", "LogisticRegression", "Prototype", "replace_classifier",

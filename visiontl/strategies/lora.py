@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visiontl.backbones import LayerGroup
+from visiontl.models.backbones import LayerGroup
 from visiontl.strategies.base import StrategyError
 from visiontl.strategies.full import Full
 
@@ -36,7 +36,7 @@ _PEFT_HINT = "LoRA needs HF peft: pip install 'visiontl[peft]' (or pip install p
 
 
 def _classifier_prefixes(model: nn.Module) -> list[str]:
-    from visiontl.weights import classifier_names
+    from visiontl.models.weights import classifier_names
 
     return classifier_names(model)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from visiontl.backbones import LayerGroup
+from visiontl.models.backbones import LayerGroup
 from visiontl.strategies.base import GroupPlan, Strategy, StrategyError
 
 __all__ = ["Probe"]
@@ -12,7 +12,7 @@ class Probe(Strategy):
     """Linear probe / feature extraction.
 
     With ``cache_features`` (default) the frozen backbone runs once over the data, its pooled
-    features are cached on disk (:mod:`visiontl.features`) and the head trains on them: every
+    features are cached on disk (:mod:`visiontl.models.features`) and the head trains on them: every
     epoch after the first costs a few milliseconds instead of a backbone pass.
 
     Args:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from visiontl.weights import classifier_names
+from visiontl.models.weights import classifier_names
 
 __all__ = ["l2sp_penalty"]
 

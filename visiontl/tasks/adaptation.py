@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from visiontl.features import classify_features, feature_width, pooled_features
-from visiontl.speed import channels_last_input
+from visiontl.models.features import classify_features, feature_width, pooled_features
+from visiontl.core.speed import channels_last_input
 from visiontl.tasks.classification import ClassificationTask
 from visiontl.tasks.da import (cdan_entropy_weights, deep_embedded_validation, information_maximisation, mcc_loss,
                                multilinear_map, soft_neighbourhood_density)
@@ -117,7 +117,7 @@ class AdaptationTask(ClassificationTask):
         gamma: steepness of the DANN / CDAN coefficient schedule.
         mcc_temperature: MCC's softmax temperature (2.5, the paper's).
         target_bn: at the end of the fit, re-estimate the kept model's BatchNorm statistics on the
-            target training images (AdaBN, :mod:`visiontl.tasks.targetbn`): ``best.ckpt`` (and what
+            target training images (AdaBN, :mod:`visiontl.analyse.targetbn`): ``best.ckpt`` (and what
             export deploys) becomes the model for the target; the trained one stays as
             ``best_source_bn.ckpt``; ``metrics.json`` records ``target_bn``. Default ``True``; a
             model without BatchNorm (ViTs) is left as it is.
@@ -133,7 +133,7 @@ class AdaptationTask(ClassificationTask):
             validation accuracy ``val_acc``.
         negative_transfer_check: at the end of the fit, compare the kept model with a frozen
             pretrained probe on the target by the label-free validator and warn when the probe
-            scores higher (:mod:`visiontl.tasks.fallback`); ``metrics.json`` records
+            scores higher (:mod:`visiontl.analyse.negative_transfer`); ``metrics.json`` records
             ``negative_transfer``.
         *args: see :class:`~visiontl.tasks.ClassificationTask` (strategy default ``full``).
         **kwargs: see :class:`~visiontl.tasks.ClassificationTask`.
@@ -160,16 +160,6 @@ class AdaptationTask(ClassificationTask):
     @property
     def uses_feature_cache(self) -> bool:
         return False  # every step sees both domains through the backbone
-
-    def after_fit_steps(self) -> list[Any]:
-        """The classification task's, with target BatchNorm and then the negative-transfer check
-        (which scores the model target BatchNorm left) after forgetting: ``metrics.json``'s
-        ``target_bn`` and ``negative_transfer``."""
-        from visiontl.tasks.fallback import NegativeTransferCheck
-        from visiontl.tasks.targetbn import TargetBatchNorm
-
-        forgetting, *rest = super().after_fit_steps()
-        return [forgetting, TargetBatchNorm(), NegativeTransferCheck(), *rest]
 
     def configure_models(self) -> None:
         super().configure_models()

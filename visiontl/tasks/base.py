@@ -14,9 +14,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from visiontl.backbones import LayerGroup, data_config, layer_groups
+from visiontl.models.backbones import LayerGroup, data_config, layer_groups
 from visiontl.data.preprocessing import Preprocessing
-from visiontl.speed import tune_allocator
 from visiontl.strategies import Strategy, StrategyError, get_strategy, no_weight_decay_names, set_trainable
 
 __all__ = ["BaseTask", "warmup_cosine"]
@@ -65,7 +64,7 @@ class BaseTask(pl.LightningModule):
                              strict: bool | None = None, **kwargs: Any) -> Any:
         """Lightning's ``load_from_checkpoint``, with the checkpoint read as data.
 
-        The file is read by :func:`visiontl.checkpoints.read_checkpoint` first (``weights_only``;
+        The file is read by :func:`visiontl.tasks.checkpoints.read_checkpoint` first (``weights_only``;
         a pickle or a damaged file is one line naming it). Its recorded strategy is rebuilt from the
         registered strategies only (Lightning would hand the recorded ``class_path`` to the task,
         which imports it), and the model is built without pretrained weights (the checkpoint
@@ -74,8 +73,7 @@ class BaseTask(pl.LightningModule):
         """
         import inspect
 
-        from visiontl.checkpoints import read_checkpoint, task_spec
-        from visiontl.cli_checkpoint import weights_only_kwargs
+        from visiontl.tasks.checkpoints import read_checkpoint, task_spec, weights_only_kwargs
 
         if isinstance(checkpoint_path, (str, os.PathLike)):
             hp = read_checkpoint(checkpoint_path, mmap=True)["hyper_parameters"]
@@ -102,47 +100,32 @@ class BaseTask(pl.LightningModule):
         """Create metric collections."""
 
     def checkpoint_callbacks(self) -> list[pl.Callback]:
-        """Callbacks that write checkpoints (skipped when the Trainer has checkpointing off):
-        ``last.ckpt``, always the latest state (:class:`~visiontl.resume.LastCheckpoint`)."""
-        from visiontl.resume import LastCheckpoint
-
-        return [LastCheckpoint(self.hparams.get("last_every_n_steps", 50), self.hparams.get("last_every_minutes", 5.0))]
+        """Callbacks that write the task's checkpoints (skipped when the Trainer has checkpointing
+        off); none here. ``last.ckpt`` is the run's (:func:`visiontl.train.run.attach_run_callbacks`)."""
+        return []
 
     def task_callbacks(self) -> list[pl.Callback]:
         """Further callbacks of the task and its strategy."""
         return list(self.strategy.callbacks())
-
-    def after_fit_steps(self) -> list[Any]:
-        """The analyses that follow a fit, in order (:mod:`visiontl.after_fit`): forgetting and
-        drift, then the divergence guard's report. Subclasses add theirs where they belong."""
-        from visiontl.after_fit import DivergenceReport
-        from visiontl.forgetting import Forgetting
-
-        return [Forgetting(), DivergenceReport()]
 
     def run_summary(self) -> dict[str, Any]:
         """The task's own entries of ``metrics.json`` (none here)."""
         return {}
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """In this order: the set-up link with the datamodule (:class:`~visiontl.tasks.link.DataLink`),
-        feature caching and head fitting (:class:`~visiontl.features.CachedFeatures`), the run
-        report (which runs :meth:`after_fit_steps` in order when the fit ends), the task's
-        callbacks, checkpoints (when the Trainer checkpoints) and the learning-rate monitor (when
-        it logs)."""
-        from pytorch_lightning.callbacks import LearningRateMonitor
-
-        from visiontl.features import CachedFeatures
-        from visiontl.run import RunReport
+        """What the task needs to train, in this order: its checkpoints (when the Trainer
+        checkpoints), the set-up link with the datamodule (:class:`~visiontl.tasks.link.DataLink`),
+        feature caching and head fitting (:class:`~visiontl.tasks.cached_features.CachedFeatures`)
+        and the task's and strategy's callbacks. What the run leaves behind (run report, after-fit
+        analyses, ``last.ckpt``, learning rates) is the run driver's:
+        :func:`visiontl.train.run.attach_run_callbacks`."""
+        from visiontl.tasks.cached_features import CachedFeatures
         from visiontl.tasks.link import DataLink
 
-        callbacks: list[pl.Callback] = [DataLink(), CachedFeatures(), RunReport(self.after_fit_steps()),
-                                        *self.task_callbacks()]
+        callbacks: list[pl.Callback] = [DataLink(), CachedFeatures(), *self.task_callbacks()]
         trainer = self._trainer
         if trainer is None or trainer.checkpoint_callback is not None:
             callbacks[:0] = self.checkpoint_callbacks()
-        if trainer is None or trainer.loggers:
-            callbacks.append(LearningRateMonitor("step"))
         return callbacks
 
     # -- freezing -------------------------------------------------------------------------------
@@ -253,9 +236,6 @@ class BaseTask(pl.LightningModule):
                 "GPUs.")
 
     def on_fit_start(self) -> None:
-        # in the process that trains (each rank), not whenever a task is built (from_checkpoint in a
-        # service): the allocator setting is process-wide
-        tune_allocator()
         report = self.strategy_report()
         lines = [f"[visiontl] strategy {self.strategy!r}: {report['trainable_now']:,} of "
                  f"{report['total_params']:,} parameters train now, {report['trainable_params']:,} during the run"]

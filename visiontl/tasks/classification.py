@@ -21,19 +21,19 @@ from torchmetrics.classification import (
     MulticlassSpecificity,
 )
 
-from visiontl.backbones import create_backbone, layer_groups
+from visiontl.models.backbones import create_backbone, layer_groups
 from visiontl.data.preprocessing import Preprocessing
-from visiontl.delta import DeltaCheckpoint, base_record
-from visiontl.errors import one_line
-from visiontl.features import (
+from visiontl.tasks.delta import DeltaCheckpoint, base_record
+from visiontl.core.errors import one_line
+from visiontl.models.features import (
     classify_features,
     feature_width,
     supports_features,
 )
-from visiontl.speed import channels_last_input, is_cnn
+from visiontl.core.speed import channels_last_input, is_cnn
 from visiontl.strategies import Strategy, replace_classifier
 from visiontl.strategies.regularizers import l2sp_penalty
-from visiontl.weights import classifier_names
+from visiontl.models.weights import classifier_names
 from visiontl.tasks.base import BaseTask
 from visiontl.tasks.guard import DivergenceGuard
 
@@ -76,10 +76,10 @@ class ClassificationTask(BaseTask):
         divergence_guard: watch for divergence and collapse and repair them
             (:class:`~visiontl.tasks.guard.DivergenceGuard`); any SGD strategy.
         last_every_n_steps: write ``checkpoints/last.ckpt`` every this many steps (``None``: not by
-            steps); it is also written when training ends (:class:`~visiontl.resume.LastCheckpoint`).
+            steps); it is also written when training ends (:class:`~visiontl.train.resume.LastCheckpoint`).
         last_every_minutes: and whenever this many minutes have passed (``None``: not by time).
         measure_drift: at the end of a fit that changed a pretrained backbone, report how far it
-            moved and what it forgot (:mod:`visiontl.forgetting`: CKA, per-group weight distance,
+            moved and what it forgot (:mod:`visiontl.analyse.forgetting`: CKA, per-group weight distance,
             ImageNet agreement, retention on the datamodule's ``retain`` set) in ``metrics.json``.
     """
 
@@ -164,7 +164,7 @@ class ClassificationTask(BaseTask):
 
     def _snapshot_start(self, prepared: bool = False) -> None:
         """Keep the pretrained backbone as it starts (resized, before any step or resumed checkpoint):
-        what L2-SP pulls towards and what the drift report (:mod:`visiontl.forgetting`) compares
+        what L2-SP pulls towards and what the drift report (:mod:`visiontl.analyse.forgetting`) compares
         with; out of the state dict. Only for strategies that change a pretrained backbone."""
         strategy = self.strategy
         changes_backbone = strategy.sgd and strategy.uses_pretrained and not strategy.cache_features
@@ -243,7 +243,7 @@ class ClassificationTask(BaseTask):
         return bool(self.strategy.cache_features) and supports_features(self.model)
 
     def checkpoint_callbacks(self) -> list[Callback]:
-        # best.ckpt by the monitored metric; last.ckpt, always the latest state, by LastCheckpoint
+        # best.ckpt by the monitored metric (last.ckpt, always the latest state, is the run's)
         best = ModelCheckpoint(filename="best", monitor=self.monitor, mode="max", save_last=False,
                                auto_insert_metric_name=False)
         delta = [DeltaCheckpoint()] if self.strategy.peft else []
@@ -339,7 +339,7 @@ class ClassificationTask(BaseTask):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Checkpoints carry the validation metrics and confusion matrix they were saved with,
-        so the best checkpoint's numbers need no second validation pass (see :func:`visiontl.checkpoints.checkpoint_record`)."""
+        so the best checkpoint's numbers need no second validation pass (see :func:`visiontl.tasks.checkpoints.checkpoint_record`)."""
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
                    if k.startswith(("val_", "target_")) and isinstance(v, torch.Tensor) and v.numel() == 1}
         confusion = self.last_confusion.get("val")
@@ -374,7 +374,7 @@ class ClassificationTask(BaseTask):
     def from_checkpoint(cls, path: str | os.PathLike[str], map_location: str = "cpu") -> ClassificationTask:
         """Load a trained task from a Lightning checkpoint without unpickling anything.
 
-        The checkpoint is read by :func:`visiontl.checkpoints.read_checkpoint`
+        The checkpoint is read by :func:`visiontl.tasks.checkpoints.read_checkpoint`
         (``torch.load(weights_only=True)``); the backbone is rebuilt from the saved
         hyper-parameters with no download and no weights file.
 
@@ -383,7 +383,7 @@ class ClassificationTask(BaseTask):
                 a visiontl task's checkpoint, or its tensors do not fit the model it describes
                 (one line naming the file, and the field or tensor).
         """
-        from visiontl.checkpoints import MODEL_PREFIX, CheckpointError
+        from visiontl.tasks.checkpoints import MODEL_PREFIX, CheckpointError
 
         ckpt, hp, strategy = _read_checkpoint(path, map_location)
         hp.update(pretrained=False, weights=None)
@@ -399,6 +399,14 @@ class ClassificationTask(BaseTask):
         return task.eval()
 
     @classmethod
+    def from_hparams(cls, hparams: dict[str, Any], strategy: Strategy) -> ClassificationTask:
+        """The task that recorded hyper-parameters describe, with ``strategy`` (rebuilt by the
+        caller from registered strategies only); entries that are not ``__init__`` arguments of
+        ``cls`` are left out."""
+        names = _init_args(cls)
+        return cls(strategy=strategy, **{k: v for k, v in hparams.items() if k in names})
+
+    @classmethod
     def start_of(cls, path: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None
                  ) -> ClassificationTask:
         """The task a checkpoint's run started from: the same configuration on the pretrained weights
@@ -408,7 +416,7 @@ class ClassificationTask(BaseTask):
         Raises:
             WeightsError: the recorded weights cannot be had here (give ``weights``).
         """
-        from visiontl.weights import WeightsError
+        from visiontl.models.weights import WeightsError
 
         _, hp, strategy = _read_checkpoint(path)
         if weights is not None:
@@ -417,7 +425,7 @@ class ClassificationTask(BaseTask):
             raise WeightsError(f"{path}: its run started from random weights; there is no pretrained model to go back "
                                f"to (give weights= to use some).")
         try:
-            task = cls(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
+            task = cls.from_hparams(hp, strategy)
         except (OSError, RuntimeError) as err:  # no hub access, a weights file gone
             raise WeightsError(f"{path}: the pretrained weights it started from ({hp.get('weights') or 'timm hub'}) "
                                f"cannot be loaded here ({err}); give the weights file.") from err
@@ -427,8 +435,8 @@ class ClassificationTask(BaseTask):
 def _read_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu"
                      ) -> tuple[dict[str, Any], dict[str, Any], Strategy]:
     """A visiontl checkpoint's contents, hyper-parameters and strategy (registered strategies only:
-    a checkpoint never makes visiontl import anything), read by :mod:`visiontl.checkpoints`."""
-    from visiontl.checkpoints import read_checkpoint, task_spec
+    a checkpoint never makes visiontl import anything), read by :mod:`visiontl.tasks.checkpoints`."""
+    from visiontl.tasks.checkpoints import read_checkpoint, task_spec
 
     ckpt = read_checkpoint(path, map_location)
     hp, strategy = task_spec(ckpt["hyper_parameters"], str(path))
@@ -449,12 +457,12 @@ def _misfit(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -
 
 def _build_task(cls: type, path: str | os.PathLike[str], hp: dict[str, Any], strategy: Strategy) -> Any:
     """``cls`` rebuilt from recorded hyper-parameters; a value it refuses is a
-    :class:`~visiontl.checkpoints.CheckpointError` naming ``path``."""
-    from visiontl.checkpoints import CheckpointError
-    from visiontl.errors import UserError
+    :class:`~visiontl.tasks.checkpoints.CheckpointError` naming ``path``."""
+    from visiontl.tasks.checkpoints import CheckpointError
+    from visiontl.core.errors import UserError
 
     try:
-        task = cls(strategy=strategy, **{k: v for k, v in hp.items() if k in _INIT_ARGS})
+        task = cls.from_hparams(hp, strategy)
         task.preprocessing  # noqa: B018 - the recorded preprocessing, checked now rather than at export
     except UserError as err:
         raise CheckpointError(f"{path}: {one_line(err)}") from err
@@ -471,5 +479,3 @@ def _init_args(cls: type) -> frozenset[str]:
     params = inspect.signature(cls.__init__).parameters.values()
     return frozenset(p.name for p in params if p.kind in kinds) - {"self", "strategy"}
 
-
-_INIT_ARGS = _init_args(ClassificationTask)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from visiontl.features import fit_probe
+from visiontl.strategies.linear_probe import fit_probe
 from visiontl.strategies.heads import stratified_folds
 
 __all__ = ["cdan_entropy_weights", "deep_embedded_validation", "dev_risk", "entropy", "importance_weights",
@@ -127,7 +127,7 @@ DEV_L2_GRID = (10.0, 1.0, 0.1)
 
 def importance_weights(source: torch.Tensor, target: torch.Tensor, folds: int = 2, seed: int = 0) -> torch.Tensor:
     """Density ratios ``p_target(x) / p_source(x)`` of the ``source`` feature rows, from a
-    logistic-regression domain classifier (the linear probe, :func:`visiontl.features.fit_probe`,
+    logistic-regression domain classifier (the linear probe, :func:`visiontl.strategies.linear_probe.fit_probe`,
     its penalty by 2-fold cross-validation over :data:`DEV_L2_GRID`, 200 L-BFGS iterations).
     Cross-fitted: each source row's weight comes from a classifier fitted without it (``folds``
     folds of both domains), so the weights are not those of rows the classifier memorised. Scaled

@@ -36,7 +36,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from visiontl.data.images import DataError
 from visiontl.data.preprocessing import Preprocessing
-from visiontl.speed import channels_last_input
+from visiontl.core.speed import channels_last_input
 from visiontl.strategies import StrategyError
 from visiontl.tasks.classification import ClassificationTask
 
@@ -229,7 +229,7 @@ class DistillationTask(ClassificationTask):
             getattr(self, name).reset()
 
     def run_summary(self) -> dict[str, Any]:
-        """What ``metrics.json`` records of the distillation (:class:`~visiontl.run.RunReport`)."""
+        """What ``metrics.json`` records of the distillation (:class:`~visiontl.train.run.RunReport`)."""
         hp = self.hparams
         return {"distillation": {"teacher": str(hp["teacher"]), "temperature": float(hp["temperature"]),
                                  "alpha": float(hp["alpha"]), "teacher_backbone": self._teacher_task.hparams["backbone"],
@@ -240,8 +240,8 @@ class DistillationTask(ClassificationTask):
 def load_teacher(source: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None) -> ClassificationTask:
     """A teacher run (directory, ``.ckpt`` or PEFT checkpoint), loaded weights-only, frozen, in eval mode.
     ``recorded_val_acc`` is the validation accuracy its checkpoint was saved with (or None)."""
-    from visiontl.export import load_task, run_checkpoint
-    from visiontl.checkpoints import checkpoint_record
+    from visiontl.tasks.trained import load_task, run_checkpoint
+    from visiontl.tasks.checkpoints import checkpoint_record
 
     task = load_task(source, weights=weights)
     task.requires_grad_(False)

@@ -4,7 +4,7 @@ Lightning calls the datamodule's ``setup``, then the callbacks' ``setup``, then 
 between, :class:`DataLink` hands the backbone's :class:`~visiontl.data.Preprocessing` to the
 datamodule, which refines it from the data (:mod:`visiontl.data.preprocessing` draws the flow), and
 gives the resolved one and the training class counts to the task. Then, for strategies that read
-cached features or fit a head on them, :class:`CachedFeatures` (:mod:`visiontl.features`) does its
+cached features or fit a head on them, :class:`~visiontl.tasks.cached_features.CachedFeatures` does its
 work. Neither side imports or inspects the other: a datamodule only needs ``resolve_preprocessing``
 (and ``class_counts`` for balanced class weights); a task only ``backbone_preprocessing`` and
 ``set_preprocessing``.
@@ -16,6 +16,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from visiontl.core.devices import trainer_device_kind
+
 __all__ = ["DataLink"]
 
 
@@ -26,6 +28,7 @@ class DataLink(pl.Callback):
         dm: Any = trainer.datamodule
         if dm is None or not hasattr(dm, "resolve_preprocessing"):
             return  # plain dataloaders: the task keeps the backbone's preprocessing
+        dm.feeds = trainer_device_kind(trainer)  # pinned memory and workers follow the device
         pl_module.set_preprocessing(dm.resolve_preprocessing(pl_module.backbone_preprocessing()))
         counts = getattr(dm, "class_counts", None)
         if counts is not None and hasattr(pl_module, "set_class_counts"):

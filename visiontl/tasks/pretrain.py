@@ -33,10 +33,10 @@ import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from visiontl import _io
-from visiontl.backbones import create_backbone
+from visiontl.core import files
+from visiontl.models.backbones import create_backbone
 from visiontl.data.preprocessing import Preprocessing
-from visiontl.features import feature_width, pooled_features
+from visiontl.models.features import feature_width, pooled_features
 from visiontl.tasks.base import BaseTask
 
 __all__ = ["BACKBONE_FILE", "ContinuedPretraining", "save_backbone"]
@@ -50,7 +50,7 @@ def save_backbone(model: torch.nn.Module, path: str | Path, metadata: dict[str, 
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = Path(path)
-    with _io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata or {})
     return path
 
@@ -80,7 +80,7 @@ class ContinuedPretraining(BaseTask):
         decoder_depth: MAE: transformer blocks in the decoder.
         weight_decay: AdamW weight decay.
         warmup: fraction of the steps for linear warm-up.
-        converter: weights converter (see :func:`visiontl.weights.load_weights`).
+        converter: weights converter (see :func:`visiontl.models.weights.load_weights`).
         num_classes: ignored (the command line links it from any datamodule).
         class_names: ignored.
     """
@@ -246,7 +246,7 @@ class _SaveBackbone(Callback):
     def _save(trainer: Any, module: ContinuedPretraining) -> Path | None:
         if not trainer.is_global_zero:
             return None
-        from visiontl.run import run_dir
+        from visiontl.core.rundir import run_dir
 
         return module.save_backbone(run_dir(trainer) / BACKBONE_FILE)
 

@@ -5,7 +5,7 @@ labelled source validation images, and returns every label-free signal that
 :class:`~visiontl.tasks.AdaptationTask` can select checkpoints by (``target_im``, ``target_snd``,
 ``target_dev``; higher is better for each), with the source validation accuracy and, where the
 target images carry labels, the target accuracy (for evaluation only). Target BatchNorm
-(:mod:`visiontl.tasks.targetbn`), the negative-transfer check (:mod:`visiontl.tasks.fallback`)
+(:mod:`visiontl.analyse.targetbn`), the negative-transfer check (:mod:`visiontl.analyse.negative_transfer`)
 and ``benchmarks/adaptation.py`` score models with it, so all three compare the same numbers.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from visiontl.features import classify_features, pooled_features
-from visiontl.speed import channels_last_input
+from visiontl.models.features import classify_features, pooled_features
+from visiontl.core.speed import channels_last_input
 from visiontl.tasks.da import importance_weights, information_maximisation, soft_neighbourhood_density, weighted_dev_risk
 
 __all__ = ["balanced_accuracy", "predict_loader", "scores_from_outputs", "target_scores"]

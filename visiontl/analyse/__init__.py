@@ -1,0 +1,1 @@
+"""What visiontl measures about data and runs: data checks, forgetting, transferability, the after-fit analyses, plots."""

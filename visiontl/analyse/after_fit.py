@@ -1,0 +1,98 @@
+"""What follows a fit: an explicit, ordered sequence of analyses whose results are typed records.
+
+A task states its sequence (:meth:`visiontl.tasks.BaseTask.after_fit_steps`); at the end of the
+fit the run report (:class:`visiontl.train.run.RunReport`) runs the steps in that order on rank 0,
+hands each the records of the steps before it (:class:`FitContext`), and writes every record to
+``metrics.json``: nothing is passed by setting attributes on the LightningModule.
+
+The steps, in the order a task lists them:
+
+1. forgetting and drift (:class:`visiontl.analyse.forgetting.Forgetting` -> ``ForgettingRecord``, at the
+   top level of ``metrics.json``: ``drift``, ``retain_acc_before`` / ``after``, ``forgetting``);
+2. for adaptation runs, target BatchNorm (:class:`visiontl.analyse.targetbn.TargetBatchNorm` ->
+   ``target_bn``), then the negative-transfer check, which scores the model target BatchNorm
+   left (:class:`visiontl.analyse.negative_transfer.NegativeTransferCheck` -> ``negative_transfer``);
+3. the divergence guard's report (:class:`DivergenceReport` -> ``divergence_guard``).
+
+The scratch comparison of :func:`visiontl.fine_tune` trains further runs, so it follows the fit
+rather than ending it, and adds its record with :func:`visiontl.train.run.add_to_metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+__all__ = ["AfterFitStep", "DivergenceRecord", "DivergenceReport", "FitContext", "Record", "run_steps"]
+
+
+@runtime_checkable
+class Record(Protocol):
+    """A step's result: ``key`` is its ``metrics.json`` entry (None: its fields go to the top level)."""
+
+    key: ClassVar[str | None]
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class FitContext:
+    """What a step sees: the finished fit, and the records of the steps before it, by step name."""
+
+    trainer: Any
+    task: Any
+    datamodule: Any
+    records: dict[str, Record] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        from visiontl.core.rundir import run_dir
+
+        return run_dir(self.trainer)
+
+
+@runtime_checkable
+class AfterFitStep(Protocol):
+    """One analysis after a fit: ``run`` returns its record, or None when it does not apply."""
+
+    name: str
+
+    def run(self, ctx: FitContext) -> Record | None: ...
+
+
+def record_dict(record: Any) -> dict[str, Any]:
+    """A dataclass record's fields as ``metrics.json`` writes them (fields left None are omitted)."""
+    return {k: v for k, v in asdict(record).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class DivergenceRecord:
+    """What the divergence guard did (:class:`visiontl.tasks.guard.DivergenceGuard`)."""
+
+    key: ClassVar[str | None] = "divergence_guard"
+    report: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.report)
+
+
+class DivergenceReport:
+    """The divergence guard's report, where the run had one."""
+
+    name = "divergence_guard"
+
+    def run(self, ctx: FitContext) -> DivergenceRecord | None:
+        from visiontl.tasks.guard import DivergenceGuard
+
+        guard = next((c for c in ctx.trainer.callbacks if isinstance(c, DivergenceGuard)), None)
+        return DivergenceRecord(guard.report()) if guard is not None else None
+
+
+def run_steps(steps: list[AfterFitStep], ctx: FitContext) -> dict[str, Record]:
+    """Run ``steps`` in order; each sees the records of the ones before it. Returns all records."""
+    for step in steps:
+        record = step.run(ctx)
+        if record is not None:
+            ctx.records[step.name] = record
+    return ctx.records

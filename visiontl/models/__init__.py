@@ -1,0 +1,1 @@
+"""Backbones, their pretrained weights and their cached features."""

@@ -1,0 +1,253 @@
+"""One-call fine-tuning in the spirit of fastai's ``fine_tune``.
+
+>>> from visiontl import fine_tune
+>>> result = fine_tune("data/xrays", backbone="resnet18", strategy="gradual")  # doctest: +SKIP
+>>> result.metrics["val_acc"], result.run_dir  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
+
+from visiontl.data import ClassificationDataModule, auto_batch_size
+from visiontl.data.datamodules import labelled_datamodule
+from visiontl.core.quiet import StepProgress, quiet
+from visiontl.train.resume import RunLogger, resolve_last
+from visiontl.tasks.checkpoints import checkpoint_record
+from visiontl.core.devices import resolve_precision
+from visiontl.train.run import attach_run_callbacks, discard_if_empty, log_interval
+from visiontl.strategies import Strategy
+from visiontl.tasks import ClassificationTask
+
+__all__ = ["FitResult", "auto_steps", "fine_tune", "fit_task", "make_datamodule"]
+
+
+@dataclass
+class FitResult:
+    """What :func:`fine_tune` returns.
+
+    Attributes:
+        metrics: validation metrics of the best checkpoint (``val_acc``, ``val_f1``...).
+        run_dir: the run directory (checkpoints, metrics, plots).
+        task: the trained task, with the best checkpoint's weights loaded.
+        trainer: the Lightning trainer.
+        datamodule: the datamodule.
+        wall_s: training wall time in seconds.
+    """
+
+    metrics: dict[str, float]
+    run_dir: Path
+    task: ClassificationTask = field(repr=False)
+    trainer: pl.Trainer = field(repr=False)
+    datamodule: ClassificationDataModule = field(repr=False)
+    wall_s: float = 0.0
+
+
+def auto_steps(n_train: int, batch_size: int) -> int:
+    """Optimisation steps for a dataset size: enough to converge on 100 images, a few epochs on 100k.
+
+    About 20 epochs on small sets with a floor of 200 steps, never fewer than 3 epochs, and
+    capped near 3,000 steps unless 3 epochs need more.
+    """
+    per_epoch = max(1, math.ceil(n_train / max(1, batch_size)))
+    return int(max(200, min(20 * per_epoch, max(3000, 3 * per_epoch))))
+
+
+def make_datamodule(data: str | os.PathLike[str] | ClassificationDataModule, **kwargs: Any) -> ClassificationDataModule:
+    """A datamodule from a folder path, a CSV path or an existing datamodule
+    (:func:`visiontl.data.datamodules.labelled_datamodule`)."""
+    if isinstance(data, ClassificationDataModule):
+        return data
+    return labelled_datamodule(data, **kwargs)
+
+
+def fine_tune(
+    data: str | os.PathLike[str] | ClassificationDataModule,
+    backbone: str = "resnet18",
+    strategy: Strategy | str | dict[str, Any] = "gradual",
+    *,
+    pretrained: bool = True,
+    weights: str | None = None,
+    image_size: int | None = None,
+    steps: int | None = None,
+    out: str | os.PathLike[str] = "runs",
+    name: str | None = None,
+    seed: int = 0,
+    data_kwargs: dict[str, Any] | None = None,
+    task_kwargs: dict[str, Any] | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    ckpt_path: str | os.PathLike[str] | None = None,
+    retain: str | os.PathLike[str] | None = None,
+    compare_scratch: bool | int = False,
+    verbose: bool = True,
+) -> FitResult:
+    """Fine-tune ``backbone`` on ``data`` with ``strategy`` and return the best checkpoint's metrics.
+
+    Training is budgeted in optimisation steps (:func:`auto_steps` when ``steps`` is None), so
+    defaults are sound on 100 images and on 100,000.
+
+    Args:
+        data: a class-per-folder directory, a CSV (path,label) file or a datamodule.
+        backbone: timm model name.
+        strategy: ``probe``, ``partial``, ``full``, ``gradual``, ``scratch`` or a strategy.
+        pretrained: use timm's pretrained weights (hub or cache) when ``weights`` is None.
+        weights: a local weights file or named source (offline).
+        image_size: input size (default: the backbone's).
+        steps: optimisation steps (default: chosen from the dataset size).
+        out: parent folder of the run directory.
+        name: run name (default ``<backbone>-<strategy>``).
+        seed: seed for weights of the new head, data order and the validation split.
+        data_kwargs: more :class:`~visiontl.data.ClassificationDataModule` arguments.
+        task_kwargs: more :class:`~visiontl.tasks.ClassificationTask` arguments.
+        trainer_kwargs: more ``pytorch_lightning.Trainer`` arguments.
+        ckpt_path: resume: ``"last"`` continues the newest ``version_N`` of ``out/name`` from its
+            ``last.ckpt``, in that same directory (an error if there is none); or a checkpoint path.
+        retain: a labelled folder or CSV of a task to keep: ``metrics.json`` gets
+            ``retain_acc_before``, ``retain_acc_after`` and ``forgetting`` (:mod:`visiontl.analyse.forgetting`).
+        compare_scratch: also train ``scratch`` on the same data, budget and preprocessing (``True``:
+            one run with ``seed``; a number n: n seeds from ``seed``) and report the gap
+            (``metrics.json``'s ``scratch``; a warning when pretraining did not help).
+        verbose: Lightning's progress bars and information lines; ``False`` shows one progress bar
+            over the run's steps instead (:mod:`visiontl.core.quiet`). Warnings about the data are
+            shown either way; Lightning's tips and dependencies' deprecation warnings never are.
+    """
+    for arg, value in (("steps", steps), ("image_size", image_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"fine_tune: {arg} must be a whole number >= 1 (or None for automatic), got {value!r}.")
+    if isinstance(compare_scratch, bool):
+        scratch_seeds = int(compare_scratch)
+    elif isinstance(compare_scratch, int) and compare_scratch >= 1:
+        scratch_seeds = compare_scratch
+    else:
+        raise ValueError(f"fine_tune: compare_scratch must be True, False or a number of seeds >= 1, got "
+                         f"{compare_scratch!r}.")
+    pristine = copy.deepcopy(data) if scratch_seeds and isinstance(data, ClassificationDataModule) else data
+    pl.seed_everything(seed, workers=True, verbose=False)
+    dm = make_datamodule(data, seed=seed, **(data_kwargs or {}))
+    if retain is not None:
+        dm.retain = str(retain)
+    if image_size is not None:
+        dm.image_size = image_size
+    task = ClassificationTask(
+        backbone=backbone,
+        num_classes=dm.num_classes,
+        class_names=dm.class_names,
+        strategy=strategy,
+        pretrained=pretrained,
+        weights=weights,
+        **(task_kwargs or {}),
+    )
+    run_name = name or f"{backbone}-{task.strategy.name}"
+    with quiet(verbose):
+        result = fit_task(task, dm, steps=steps, out=out, name=run_name, ckpt_path=ckpt_path,
+                          trainer_kwargs=_progress_kwargs(trainer_kwargs, verbose, run_name), image_size=image_size)
+        steps = result.trainer.max_steps
+        if scratch_seeds:
+            _compare_scratch(result, pristine, scratch_seeds, backbone=backbone, image_size=image_size, steps=steps,
+                             out=out, name=f"{run_name}-scratch", seed=seed, data_kwargs=data_kwargs,
+                             task_kwargs=task_kwargs, trainer_kwargs=trainer_kwargs, verbose=verbose)
+    return result
+
+
+def _progress_kwargs(trainer_kwargs: dict[str, Any] | None, verbose: bool, desc: str) -> dict[str, Any]:
+    """Trainer arguments with Lightning's bars (verbose) or one :class:`~visiontl.core.quiet.StepProgress` bar."""
+    kwargs = dict(trainer_kwargs or {})
+    if verbose:
+        return kwargs
+    kwargs.setdefault("enable_model_summary", False)
+    if kwargs.get("enable_progress_bar", True):  # the caller's False means no bar at all
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), StepProgress(desc)]
+    kwargs["enable_progress_bar"] = False
+    return kwargs
+
+
+def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: int | None = None,
+             out: str | os.PathLike[str] = "runs", name: str, ckpt_path: str | os.PathLike[str] | None = None,
+             trainer_kwargs: dict[str, Any] | None = None, image_size: int | None = None) -> FitResult:
+    """Train a built task on a datamodule the way :func:`fine_tune` does (step budget, run
+    directory ``out/name/version_N``, precision, resume with ``ckpt_path="last"``) and return the
+    best checkpoint's metrics, with its weights loaded into ``task``."""
+    n_train = dm.train_size
+    batch_size = dm.batch_size or auto_batch_size(n_train)
+    batches = math.ceil(n_train / batch_size)
+    steps = steps if steps is not None else auto_steps(n_train, batch_size)
+    version = None
+    if ckpt_path is not None and str(ckpt_path) == "last":
+        ckpt_path, version = resolve_last(Path(out) / name)
+    kwargs: dict[str, Any] = {
+        "max_steps": steps,
+        "max_epochs": -1,
+        "logger": RunLogger(str(out), name=name, version=version),
+        "log_every_n_steps": log_interval(batches),
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    kwargs.update(trainer_kwargs or {})
+    # the run directory is decided here, once: processes started for the fit (ddp_spawn) take this one,
+    # and this process reads the same one afterwards (left unpinned, it would count theirs and pick the next)
+    getattr(kwargs.get("logger"), "version", None)
+    # by rule, as the command line: float32 on a CPU, the device's mixed precision on a GPU (never a timing)
+    kwargs["precision"] = resolve_precision(kwargs.get("precision"), kwargs.get("accelerator", "auto"))
+    trainer = attach_run_callbacks(pl.Trainer(**kwargs))
+    try:
+        trainer.fit(task, dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
+    except BaseException:
+        discard_if_empty(trainer)  # bad input found in set-up: no empty version_N left behind
+        raise
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    record = checkpoint_record(best, state_dict=True)
+    if record is not None:  # the best checkpoint's weights and the metrics it was saved with
+        task.load_state_dict(record["state_dict"])
+        metrics = dict(record["val_metrics"])
+    else:
+        results = trainer.validate(task, dm, ckpt_path=best or None, verbose=False)
+        metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    return FitResult(metrics, Path(trainer.log_dir), task, trainer, dm, _wall_time(trainer))
+
+
+def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **kwargs: Any) -> None:
+    """Train ``scratch`` ``seeds`` times at the run's budget and record the pretrained - scratch
+    gap in ``result.metrics`` and the run's ``metrics.json`` (``scratch``)."""
+    import statistics
+    import warnings
+
+    from visiontl.train.run import add_to_metrics
+
+    runs = []
+    for i in range(seeds):
+        source = copy.deepcopy(data) if isinstance(data, ClassificationDataModule) else data
+        runs.append(fine_tune(source, strategy="scratch", pretrained=False, seed=seed + i, **kwargs))
+    accs = [float(r.metrics["val_acc"]) for r in runs]
+    mean = statistics.fmean(accs)
+    std = statistics.stdev(accs) if len(accs) > 1 else None
+    gap = float(result.metrics["val_acc"]) - mean
+    record = {"val_acc": accs, "val_acc_mean": round(mean, 6), "val_acc_std": round(std, 6) if std is not None
+              else None, "gap": round(gap, 6), "seeds": [seed + i for i in range(seeds)],
+              "runs": [str(r.run_dir) for r in runs]}
+    result.metrics.update(scratch_val_acc=mean, transfer_gap=gap)
+    add_to_metrics(result.run_dir, "scratch", record)
+    spread = f" ± {std:.3f} over {seeds} seeds" if std is not None else ""
+    if gap <= 0:
+        warnings.warn(f"[visiontl] negative transfer: the pretrained run's val_acc {result.metrics['val_acc']:.3f} is "
+                      f"not above scratch's {mean:.3f}{spread} at the same budget. Try another backbone "
+                      f"(visiontl rank), a gentler strategy (gradual, lora) or more steps for scratch.", stacklevel=3)
+    else:
+        rank_zero_info(f"[visiontl] pretrained - scratch: {gap:+.3f} val_acc (scratch {mean:.3f}{spread})")
+
+
+def _wall_time(trainer: pl.Trainer) -> float:
+    import json
+
+    path = Path(trainer.log_dir) / "metrics.json"
+    try:
+        return float(json.loads(path.read_text())["wall_s"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return 0.0
