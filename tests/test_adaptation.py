@@ -23,6 +23,7 @@ from visiontl.tasks.adaptation import (
     gradient_reversal,
     target_signals,
 )
+from visiontl.train.run import attach_run_callbacks
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
 
@@ -134,7 +135,7 @@ def test_adaptation_errors_name_the_problem(domains: dict[str, Path], tmp_path: 
 
 
 def _fit(task: pl.LightningModule, dm: pl.LightningDataModule, tmp_path: Path, steps: int) -> pl.Trainer:
-    trainer = pl.Trainer(max_steps=steps, logger=pl.loggers.CSVLogger(str(tmp_path)), **QUIET)
+    trainer = attach_run_callbacks(pl.Trainer(max_steps=steps, logger=pl.loggers.CSVLogger(str(tmp_path)), **QUIET))
     trainer.fit(task, dm)
     return trainer
 

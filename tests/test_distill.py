@@ -266,7 +266,7 @@ def test_closed_form_strategies_and_a_missing_teacher_are_refused(teacher_run: P
                          pretrained=False, teacher=str(teacher_run))
     with pytest.raises(ValueError, match="needs teacher"):
         DistillationTask(backbone="test_efficientnet", num_classes=3, pretrained=False)
-    from visiontl.deploy.export import ExportError
+    from visiontl.tasks.checkpoints import CheckpointError
 
-    with pytest.raises(ExportError, match="no checkpoints"):
+    with pytest.raises(CheckpointError, match="no checkpoints"):
         distill(tmp_path, "test_efficientnet", pretrained=False, out=tmp_path)

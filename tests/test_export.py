@@ -16,6 +16,7 @@ import torch
 from visiontl import fine_tune
 from visiontl.cli.commands import main
 from visiontl.deploy.export import ExportError, export_onnx
+from visiontl.tasks.checkpoints import CheckpointError
 from visiontl.deploy.predict import Predictor, PredictorError
 
 
@@ -86,7 +87,7 @@ def test_failed_verification_leaves_nothing_at_the_target(run, tmp_path: Path) -
 def test_export_errors(tmp_path: Path) -> None:
     assert main(["export", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "m.onnx")]) == 2
     (tmp_path / "empty_run").mkdir()
-    with pytest.raises(ExportError, match="no checkpoints"):
+    with pytest.raises(CheckpointError, match="no checkpoints"):
         export_onnx(tmp_path / "empty_run", tmp_path / "m.onnx")
     from visiontl.tasks import ClassificationTask
 

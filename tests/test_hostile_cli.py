@@ -208,7 +208,7 @@ def test_an_injected_enospc_keeps_the_previous_checkpoint(shapes_root: Path, tmp
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path)
 
-    monkeypatch.setattr(_io, "fsync_file", fsync_file)
+    monkeypatch.setattr(files, "fsync_file", fsync_file)
     args = _fit_args(shapes_root, tmp_path, steps=4) + ["--model.init_args.last_every_n_steps", "2"]
     result = run_cli(*args)
     checkpoints = tmp_path / "folder" / "version_0" / "checkpoints"
@@ -224,7 +224,7 @@ def test_a_failed_report_write_keeps_the_old_file(tmp_path: Path, monkeypatch: p
 
     target = tmp_path / "metrics.json"
     files.write_json(target, {"old": 1})
-    monkeypatch.setattr(_io, "fsync_file", lambda p: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full", str(p))))
+    monkeypatch.setattr(files, "fsync_file", lambda p: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full", str(p))))
     with pytest.raises(WriteError, match="no space left on the device; the previous file is kept"):
         files.write_json(target, {"new": 2})
     assert target.read_text() == '{\n  "old": 1\n}\n'

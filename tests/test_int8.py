@@ -300,7 +300,7 @@ def test_openvino_engine_reads_the_same_file_and_agrees(same_model, tmp_path: Pa
 def test_sessions_of_int8_models_with_a_kept_float_node_run_without_the_qdq_fusion(same_model, tmp_path: Path) -> None:
     """ONNX Runtime 1.32's QDQ fusion computes DQ -> Conv with float weights -> Q wrongly; visiontl's
     session turns that fusion off only where such a node exists (detected from the graph)."""
-    from visiontl.deploy.predict import _has_kept_float_node
+    from visiontl.core.ort import _has_kept_float_node
 
     model, calibration, validation = same_model
     keep = sorted(_float_weight_nodes(model))[:1]

@@ -84,7 +84,7 @@ def test_the_negative_transfer_probe_is_the_features_probe(tmp_path: Path) -> No
 
 def test_each_rule_has_one_home() -> None:
     """No second copy in the package: BatchNorm re-estimation in tasks/da.py, the L-BFGS logistic
-    regression in strategies/heads.py (built for a probe only by features.fit_probe; the gradual
+    regression in strategies/heads.py (built for a probe only by linear_probe.fit_probe; the gradual
     strategy's LP head is the strategy itself), Lightning's log levels in quiet.py."""
     package = Path(visiontl.__file__).parent
     sources = {p.relative_to(package).as_posix(): p.read_text(encoding="utf-8") for p in package.rglob("*.py")}
@@ -94,8 +94,8 @@ def test_each_rule_has_one_home() -> None:
 
     assert homes("reset_running_stats(") == ["tasks/da.py"]
     assert homes("_lbfgs(") == ["strategies/heads.py"]
-    assert homes("LogisticRegression(") == ["features.py", "strategies/gradual.py", "strategies/heads.py"]
-    assert homes(".setLevel(") == ["quiet.py"]
+    assert homes("LogisticRegression(") == ["strategies/gradual.py", "strategies/heads.py", "strategies/linear_probe.py"]
+    assert homes(".setLevel(") == ["core/quiet.py"]
     assert homes("_quiet") == []
 
 

@@ -53,10 +53,10 @@ def test_building_a_task_leaves_the_process_alone(shapes_root, tmp_path, monkeyp
     """The allocator is a process-wide setting: a task built (a checkpoint loaded in a service)
     must not change it; only training does, in the process that trains."""
     from visiontl import fine_tune
-    from visiontl.tasks import base
+    from visiontl.train import run
 
     calls = []
-    monkeypatch.setattr(base, "tune_allocator", lambda: calls.append(1))
+    monkeypatch.setattr(run, "tune_allocator", lambda: calls.append(1))
     ClassificationTask("test_resnet", num_classes=2, pretrained=False)
     assert calls == []
     fine_tune(shapes_root, backbone="test_resnet", strategy="probe", pretrained=False, image_size=32, steps=2,

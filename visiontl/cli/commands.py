@@ -272,6 +272,17 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 }
 
 
+COMMAND_MODULES = {
+    "fit": "visiontl.cli.commands", "validate": "visiontl.cli.commands", "test": "visiontl.cli.commands",
+    "predict": "visiontl.cli.commands", "demo": "visiontl.cli.demo", "export": "visiontl.deploy.export",
+    "predict-onnx": "visiontl.deploy.predict", "check-data": "visiontl.data.check",
+    "prepare-data": "visiontl.data.streaming", "bench": "visiontl.benchmark.cli", "rank": "visiontl.benchmark.rank",
+    "distill": "visiontl.train.distill", "wise-ft": "visiontl.train.wiseft", "recipes": "visiontl.core.recipes",
+    "doctor": "visiontl.cli.doctor",
+}
+"""Where each command's work is done (the Lightning subcommands: the ``VisionTLCLI`` here, which
+trains through :mod:`visiontl.train`); ``docs/concepts/architecture.md`` lists the same."""
+
 _LIGHT_COMMANDS = ("predict-onnx", "recipes", "doctor")  # torch-free or light: Lightning is not imported for them
 
 
