@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -12,12 +11,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 
-TESTS = Path(__file__).parent
-sys.path.insert(0, str(TESTS / "data" / "shapes"))
-sys.path.insert(0, str(TESTS / "data"))  # fixtures.load_fixture
-sys.path.insert(0, str(TESTS))  # helpers shared between test modules (test_trust.write_bomb)
-
-from data import make_folder, make_splits  # noqa: E402
+from helpers.shapes import make_folder, make_splits  # noqa: E402 - tests/helpers: pytest puts this folder on the path
+from visiontl import fine_tune  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
@@ -45,3 +40,11 @@ def shapes_splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: notebooks, real weights, recipe runs, benchmark smoke runs "
                                        "(the second tier: pytest -m slow; .ci/run runs both tiers)")
+
+
+@pytest.fixture(scope="module")
+def run(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A trained run (test_resnet, 32 px, strategy full), one per test module."""
+    return fine_tune(shapes_root, backbone="test_resnet", strategy="full", pretrained=False, image_size=32,
+                     steps=30, out=tmp_path_factory.mktemp("runs"), data_kwargs={"num_workers": 0},
+                     trainer_kwargs={"enable_progress_bar": False})

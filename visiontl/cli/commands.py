@@ -355,7 +355,7 @@ def _cli_class():
             imported, and their values override the user's (``weights: /etc/passwd``). Here the
             checkpoint is only read, through visiontl's one reader (weights only, one-line errors),
             and compared with the configuration once the classes exist
-            (:func:`visiontl.cli.checkpoint.check_matches`). ``tests/test_hostile_cli.py`` names
+            (:func:`visiontl.cli.checkpoint.check_matches`). ``tests/hostile/test_hostile_cli.py`` names
             this internal and fails when Lightning stops calling it.
             """
             from visiontl.cli.checkpoint import read_cli_checkpoint

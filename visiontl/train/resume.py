@@ -215,7 +215,7 @@ class LastCheckpoint(Callback):
         """Written at a batch's start, the logging step already counts the previous batch; Lightning
         adds one on every resume that is not from a batch's end or the end of training (its loop
         ``reset``), so the checkpoint records one less. Lightning's checkpoint layout (``loops`` /
-        ``fit_loop`` / ``epoch_loop.state_dict``) is named by ``tests/test_hostile_cli.py``."""
+        ``fit_loop`` / ``epoch_loop.state_dict``) is named by ``tests/hostile/test_hostile_cli.py``."""
         if not getattr(self, "_at_batch_start", False):
             return
         fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: synthetic image sets, the bundled fixtures, the hostile-input driver."""
