@@ -50,7 +50,7 @@ def _vit_rows(work: Path, size: int, repeats: int) -> list[dict]:
     from visiontl.deploy.predict import ort_session
     from visiontl.tasks import ClassificationTask
 
-    task = ClassificationTask("vit_tiny_patch16_224", num_classes=3, pretrained=False, input_size=size).eval()
+    task = ClassificationTask("vit_tiny_patch16_224", num_classes=3, pretrained=False, preprocessing={"size": size}).eval()
     path = work / "vit.onnx"
     export_onnx(task, path)
     session = ort_session(path)

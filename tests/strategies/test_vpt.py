@@ -19,7 +19,7 @@ from visiontl.tasks import ClassificationTask
 
 
 def _task(backbone: str = "test_vit", **vpt: object) -> ClassificationTask:
-    return ClassificationTask(backbone, num_classes=3, pretrained=False, input_size=32,
+    return ClassificationTask(backbone, num_classes=3, pretrained=False, preprocessing={"size": 32},
                               strategy={"name": "vpt", **vpt}).eval()
 
 
@@ -47,7 +47,7 @@ def test_prompts_join_after_the_prefix_tokens_and_leave_before_pooling(backbone:
 
 
 def test_only_the_prompts_and_the_head_train(shapes_root: Path, tmp_path: Path) -> None:
-    task = ClassificationTask("test_vit", num_classes=3, pretrained=False, input_size=32,
+    task = ClassificationTask("test_vit", num_classes=3, pretrained=False, preprocessing={"size": 32},
                               strategy={"name": "vpt", "depth": "deep", "tokens": 4})
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     dm = FolderDataModule(str(shapes_root), image_size=32, num_workers=0, batch_size=8)

@@ -118,9 +118,9 @@ def test_what_is_not_a_peft_checkpoint_is_named(tmp_path: Path) -> None:
 
 
 def test_lora_on_query_and_value_only(shapes_root: Path, tmp_path: Path) -> None:
-    task = ClassificationTask("test_vit", num_classes=3, pretrained=False, input_size=32,
+    task = ClassificationTask("test_vit", num_classes=3, pretrained=False, preprocessing={"size": 32},
                               strategy={"name": "lora", "r": 4, "qkv": "qv", "lr": 0.05})
-    full = ClassificationTask("test_vit", num_classes=3, pretrained=False, input_size=32,
+    full = ClassificationTask("test_vit", num_classes=3, pretrained=False, preprocessing={"size": 32},
                               strategy={"name": "lora", "r": 4})
     dim = task.model.embed_dim
     blocks = len(task.model.blocks)

@@ -158,8 +158,6 @@ def run_cell(cell: Cell, out: str | os.PathLike[str], devices: int = 1, accelera
                            trainer_kwargs=trainer_kwargs,
                            task_kwargs={"measure_drift": False},  # the grid compares accuracy; drift costs passes
                            **_weights_args(cell))
-        if devices > 1:  # the spawned ranks resolved the preprocessing; this process's copy of the data did not
-            result.datamodule.resolve_preprocessing(result.task.backbone_preprocessing())
         train_acc = _train_accuracy(result.task, result.datamodule)
     wall = time.perf_counter() - start
     report = result.task.strategy_report()

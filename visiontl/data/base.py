@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from visiontl.core.machine import cpu_count
 from visiontl.data.images import DataError, bad_image_line, check_frames, scan_frame, scan_images
-from visiontl.data.preprocessing import Preprocessing
+from visiontl.data.preprocessing import INTERPOLATIONS, Preprocessing
 from visiontl.data.sampling import DistributedEpochSampler, EpochSampler
 from visiontl.data.stats import channel_stats, needs_dataset_stats, stored_bit_depth
 
@@ -92,6 +92,10 @@ class ImageDataModule(pl.LightningDataModule):
             leaves such files out and lists them (also in the run directory).
         mean: normalisation mean override (``[0, 1]`` scale).
         std: normalisation std override.
+        crop_pct: evaluation centre-crop fraction override; ``None``: the backbone's for the
+            ``natural`` preset, 1 (no crop: tiles, scans and slides keep their borders) for the others.
+            Images smaller than the input are never cropped (:mod:`visiontl.data.geometry`).
+        interpolation: resize interpolation override; ``None``: the backbone's.
         normalize: where mean / std come from when not given: ``backbone`` (its pretraining
             statistics), ``dataset`` (measured on the training images, :mod:`visiontl.data.stats`)
             or ``auto``: the dataset's for more than 3 channels or images deeper than 8 bits
@@ -116,6 +120,8 @@ class ImageDataModule(pl.LightningDataModule):
         on_bad_image: Literal["error", "skip"] = "error",
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
         normalize: Literal["auto", "backbone", "dataset"] = "auto",
         in_chans: int | None = None,
         check_images: bool = True,
@@ -131,11 +137,16 @@ class ImageDataModule(pl.LightningDataModule):
             raise DataError(f"num_workers must be >= 0 (or None for automatic), got {num_workers!r}.")
         if on_bad_image not in ("error", "skip"):
             raise DataError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
+        if crop_pct is not None and not 0 < crop_pct <= 1:
+            raise DataError(f"crop_pct must be in (0, 1] (1: no crop), got {crop_pct!r}.")
+        if interpolation is not None and interpolation not in INTERPOLATIONS:
+            raise DataError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}.")
         if normalize not in ("auto", "backbone", "dataset"):
             raise DataError(f"normalize must be 'auto', 'backbone' or 'dataset', got {normalize!r}.")
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
         self.augment, self.on_bad_image, self.normalize = augment, on_bad_image, normalize
         self.mean, self.std, self.in_chans = mean, std, in_chans
+        self.crop_pct, self.interpolation = crop_pct, interpolation
         self.check_images, self.max_pixels = check_images, max_pixels
         self.frames = check_frames(frames)
         self.skipped: list[tuple[Path, str]] = []
@@ -205,7 +216,8 @@ class ImageDataModule(pl.LightningDataModule):
             mean, std, normalization = list(base.mean), list(base.std), "backbone"
         resolved = base.replace(
             size=self.image_size or base.size, mean=tuple(mean), std=tuple(std), normalization=normalization,
-            crop_pct=base.crop_pct if self.augment == "natural" else 1.0,
+            crop_pct=self.crop_pct if self.crop_pct is not None else (base.crop_pct if self.augment == "natural" else 1.0),
+            interpolation=self.interpolation or base.interpolation,
             bit_depth=self.bit_depth(frame),
         )
         self._scan(chans)

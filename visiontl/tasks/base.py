@@ -151,19 +151,8 @@ class BaseTask(pl.LightningModule):
     # -- preprocessing (see visiontl.data.preprocessing for the direction of flow) ---------------
     def backbone_preprocessing(self) -> Preprocessing:
         """The backbone's own input convention (timm's pretrained config of the model as built:
-        its input channels and size), with the overrides given to the task (``input_size``,
-        ``mean``, ``std``, ``crop_pct``, ``interpolation``) on top."""
-        pre = Preprocessing.from_timm(data_config(self.model))
-        hp = self.hparams
-        changes: dict[str, Any] = {}
-        if hp.get("input_size"):
-            changes["size"] = int(hp["input_size"])
-        if hp.get("mean") and hp.get("std"):
-            changes.update(mean=tuple(hp["mean"]), std=tuple(hp["std"]), normalization="given")
-        for key in ("crop_pct", "interpolation"):
-            if hp.get(key) is not None:
-                changes[key] = hp[key]
-        return pre.replace(**changes) if changes else pre
+        its input channels and size); the datamodule refines it (:class:`~visiontl.tasks.link.DataLink`)."""
+        return Preprocessing.from_timm(data_config(self.model))
 
     @property
     def preprocessing(self) -> Preprocessing:

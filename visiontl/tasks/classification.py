@@ -62,15 +62,12 @@ class ClassificationTask(BaseTask):
         channels_last: NHWC memory format (``None``: on for CNNs, where it trains faster on CPU;
             off for transformers).
         compile: run the model through ``torch.compile`` (pays off after ~100 steps here).
-        input_size: input size, when not the backbone's (a datamodule's ``image_size`` refines it).
-        mean: normalisation mean, when not the backbone's (with ``std``).
-        std: normalisation std, when not the backbone's (with ``mean``).
-        crop_pct: evaluation centre-crop fraction, when not the backbone's (images smaller than
-            the input are never cropped, see :mod:`visiontl.data.geometry`).
-        interpolation: resize interpolation, when not the backbone's.
-        preprocessing: the resolved :class:`~visiontl.data.Preprocessing` as a dict: recorded at
-            set-up from the datamodule (:class:`~visiontl.tasks.link.DataLink`) and given back by
-            checkpoints; export and predict read it.
+        preprocessing: the resolved :class:`~visiontl.data.preprocessing.Preprocessing` as a dict:
+            recorded at set-up from the datamodule (:class:`~visiontl.tasks.link.DataLink`) and
+            given back by checkpoints; export and predict read it. For a task used without a
+            datamodule, some of its fields (``{"size": 32}``) are laid over the backbone's. With a
+            datamodule, the datamodule is the one place to change the input (``image_size``,
+            ``mean`` / ``std``, ``crop_pct``, ``interpolation``).
         grad_clip: largest gradient norm for strategies that train the backbone (``None``: no
             clipping; a Trainer's own ``gradient_clip_val`` takes precedence).
         divergence_guard: watch for divergence and collapse and repair them
@@ -100,11 +97,6 @@ class ClassificationTask(BaseTask):
         converter: str | None = "auto",
         channels_last: bool | None = None,
         compile: bool = False,
-        input_size: int | None = None,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-        crop_pct: float | None = None,
-        interpolation: str | None = None,
         preprocessing: dict[str, Any] | None = None,
         grad_clip: float | None = 1.0,
         divergence_guard: bool = True,
@@ -147,10 +139,11 @@ class ClassificationTask(BaseTask):
         # any resizing or training)
         self.base_weights = (base_record(self.model, hp["backbone"], weights, pretrained)
                              if self.strategy.peft else None)
-        recorded = hp.get("preprocessing")
-        size = (recorded.get("size") if isinstance(recorded, dict) else None) or hp["input_size"]
-        if size:
-            self._fit_input_size(int(size))
+        given = hp.get("preprocessing")
+        if given:  # recorded, or some fields laid over the backbone's: completed and recorded whole
+            pre = Preprocessing.from_dict({**self.backbone_preprocessing().to_dict(), **dict(given)})
+            hp["preprocessing"] = pre.to_dict()
+            self._fit_input_size(pre.size)
         self.channels_last = is_cnn(self.model) if hp["channels_last"] is None else bool(hp["channels_last"])
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)

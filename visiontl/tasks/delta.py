@@ -23,7 +23,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from torch import nn
 
 from visiontl.core import files
-from visiontl.models.weights import WeightsError, WeightsMismatchError, classifier_names
+from visiontl.models.weights import WeightsError, classifier_names
 
 if TYPE_CHECKING:
     from visiontl.tasks import ClassificationTask

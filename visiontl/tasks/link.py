@@ -18,18 +18,25 @@ import pytorch_lightning as pl
 
 from visiontl.core.devices import trainer_device_kind
 
-__all__ = ["DataLink"]
+__all__ = ["DataLink", "link"]
+
+
+def link(dm: Any, task: Any, device: str = "cpu") -> None:
+    """The hand-over, in one place: the datamodule learns the device its loaders feed, refines the
+    backbone's preprocessing from its data and gives the result, and its training class counts,
+    to the task. Plain Lightning datamodules (no ``resolve_preprocessing``) are left alone: the
+    task keeps the backbone's preprocessing."""
+    if dm is None or not hasattr(dm, "resolve_preprocessing"):
+        return
+    dm.feeds = device  # pinned memory and workers follow the device
+    task.set_preprocessing(dm.resolve_preprocessing(task.backbone_preprocessing()))
+    counts = getattr(dm, "class_counts", None)
+    if counts is not None and hasattr(task, "set_class_counts"):
+        task.set_class_counts(counts)
 
 
 class DataLink(pl.Callback):
-    """Resolve preprocessing once per set-up: backbone -> datamodule -> task."""
+    """Resolve preprocessing once per set-up: backbone -> datamodule -> task (:func:`link`)."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        dm: Any = trainer.datamodule
-        if dm is None or not hasattr(dm, "resolve_preprocessing"):
-            return  # plain dataloaders: the task keeps the backbone's preprocessing
-        dm.feeds = trainer_device_kind(trainer)  # pinned memory and workers follow the device
-        pl_module.set_preprocessing(dm.resolve_preprocessing(pl_module.backbone_preprocessing()))
-        counts = getattr(dm, "class_counts", None)
-        if counts is not None and hasattr(pl_module, "set_class_counts"):
-            pl_module.set_class_counts(counts)
+        link(trainer.datamodule, pl_module, trainer_device_kind(trainer))

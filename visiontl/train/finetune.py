@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from visiontl.core.quiet import StepProgress, quiet
 from visiontl.train.resume import RunLogger, resolve_last
 from visiontl.tasks.checkpoints import checkpoint_record
 from visiontl.core.devices import resolve_precision
-from visiontl.train.run import attach_run_callbacks, discard_if_empty, log_interval
+from visiontl.train.run import RunReport, attach_run_callbacks, discard_if_empty, log_interval
 from visiontl.strategies import Strategy
 from visiontl.tasks import ClassificationTask
+from visiontl.tasks.link import link
 
 __all__ = ["FitResult", "auto_steps", "fine_tune", "fit_task", "make_datamodule"]
 
@@ -146,14 +148,14 @@ def fine_tune(
         **(task_kwargs or {}),
     )
     run_name = name or f"{backbone}-{task.strategy.name}"
-    with quiet(verbose):
-        result = fit_task(task, dm, steps=steps, out=out, name=run_name, ckpt_path=ckpt_path,
-                          trainer_kwargs=_progress_kwargs(trainer_kwargs, verbose, run_name), image_size=image_size)
-        steps = result.trainer.max_steps
-        if scratch_seeds:
-            _compare_scratch(result, pristine, scratch_seeds, backbone=backbone, image_size=image_size, steps=steps,
-                             out=out, name=f"{run_name}-scratch", seed=seed, data_kwargs=data_kwargs,
-                             task_kwargs=task_kwargs, trainer_kwargs=trainer_kwargs, verbose=verbose)
+    result = fit_task(task, dm, steps=steps, out=out, name=run_name, ckpt_path=ckpt_path, trainer_kwargs=trainer_kwargs,
+                      verbose=verbose)
+    if scratch_seeds:
+        with quiet(verbose):
+            _compare_scratch(result, pristine, scratch_seeds, backbone=backbone, image_size=image_size,
+                             steps=result.trainer.max_steps, out=out, name=f"{run_name}-scratch", seed=seed,
+                             data_kwargs=data_kwargs, task_kwargs=task_kwargs, trainer_kwargs=trainer_kwargs,
+                             verbose=verbose)
     return result
 
 
@@ -171,10 +173,12 @@ def _progress_kwargs(trainer_kwargs: dict[str, Any] | None, verbose: bool, desc:
 
 def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: int | None = None,
              out: str | os.PathLike[str] = "runs", name: str, ckpt_path: str | os.PathLike[str] | None = None,
-             trainer_kwargs: dict[str, Any] | None = None, image_size: int | None = None) -> FitResult:
-    """Train a built task on a datamodule the way :func:`fine_tune` does (step budget, run
-    directory ``out/name/version_N``, precision, resume with ``ckpt_path="last"``) and return the
-    best checkpoint's metrics, with its weights loaded into ``task``."""
+             trainer_kwargs: dict[str, Any] | None = None, verbose: bool = True) -> FitResult:
+    """The run driver of the Python doors (:func:`fine_tune`, :func:`~visiontl.train.distill.distill`,
+    a bench cell): train a built task on a datamodule (step budget, run directory
+    ``out/name/version_N``, precision by rule, the run's callbacks, resume with ``ckpt_path="last"``,
+    what is shown by ``verbose``) and return the best checkpoint's metrics, with its weights loaded
+    into ``task``. Its settings are those of ``visiontl fit`` given the same inputs (``settings.json``)."""
     n_train = dm.train_size
     batch_size = dm.batch_size or auto_batch_size(n_train)
     batches = math.ceil(n_train / batch_size)
@@ -196,21 +200,31 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
     getattr(kwargs.get("logger"), "version", None)
     # by rule, as the command line: float32 on a CPU, the device's mixed precision on a GPU (never a timing)
     kwargs["precision"] = resolve_precision(kwargs.get("precision"), kwargs.get("accelerator", "auto"))
-    trainer = attach_run_callbacks(pl.Trainer(**kwargs))
-    try:
-        trainer.fit(task, dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
-    except BaseException:
-        discard_if_empty(trainer)  # bad input found in set-up: no empty version_N left behind
-        raise
+    kwargs = _progress_kwargs(kwargs, verbose, name)
+    started = time.perf_counter()
+    with quiet(verbose):
+        trainer = attach_run_callbacks(pl.Trainer(**kwargs))
+        try:
+            trainer.fit(task, dm, ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
+        except BaseException:
+            discard_if_empty(trainer)  # bad input found in set-up: no empty version_N left behind
+            raise
+    if str(kwargs.get("strategy", "")).endswith("_spawn"):  # set up in the spawned ranks: link this copy too
+        link(dm, task)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     record = checkpoint_record(best, state_dict=True)
     if record is not None:  # the best checkpoint's weights and the metrics it was saved with
         task.load_state_dict(record["state_dict"])
         metrics = dict(record["val_metrics"])
     else:
-        results = trainer.validate(task, dm, ckpt_path=best or None, verbose=False)
+        with quiet(verbose):
+            results = trainer.validate(task, dm, ckpt_path=best or None, verbose=False)
         metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    return FitResult(metrics, Path(trainer.log_dir), task, trainer, dm, _wall_time(trainer))
+    # the fit's own wall time, from its run report; a fit in spawned processes (ddp_spawn) reports
+    # there, so the caller's clock stands in
+    report = next(c for c in trainer.callbacks if isinstance(c, RunReport))
+    wall = report.summary.get("wall_s") or round(time.perf_counter() - started, 2)
+    return FitResult(metrics, Path(trainer.log_dir), task, trainer, dm, float(wall))
 
 
 def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **kwargs: Any) -> None:
@@ -241,13 +255,3 @@ def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **k
                       f"(visiontl rank), a gentler strategy (gradual, lora) or more steps for scratch.", stacklevel=3)
     else:
         rank_zero_info(f"[visiontl] pretrained - scratch: {gap:+.3f} val_acc (scratch {mean:.3f}{spread})")
-
-
-def _wall_time(trainer: pl.Trainer) -> float:
-    import json
-
-    path = Path(trainer.log_dir) / "metrics.json"
-    try:
-        return float(json.loads(path.read_text())["wall_s"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return 0.0

@@ -165,6 +165,8 @@ class RunReport(Callback):
     def __init__(self, after_fit: list[Any] | None = None) -> None:
         self.after_fit = None if after_fit is None else list(after_fit)
         self._start: float | None = None
+        self.summary: dict[str, Any] = {}
+        """What the fit wrote to ``metrics.json`` (empty until the fit ends), for the run driver."""
         self._predictions: list[dict[str, torch.Tensor]] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -280,6 +282,7 @@ class RunReport(Callback):
             save_drift({**forgetting.drift, "retain_acc_after": forgetting.retain_acc_after}, out / "drift.png")
         summary.update(pl_module.run_summary())  # the task's own record (DistillationTask: its teacher)
         files.write_json(out / "metrics.json", summary)
+        self.summary = summary
         self._confusion(trainer, pl_module, "val")
         if (out / "metrics.csv").exists():
             save_learning_curves(out / "metrics.csv", out / "learning_curves.png")
