@@ -37,6 +37,10 @@ def test_codec_round_trip_by_value() -> None:
     data, codec, bits = encode_image(deep)
     assert (codec, bits) == ("png", 16)
     assert np.abs(decode_image(data, codec) - deep).max() <= 0.5 / 65535 + 1e-7
+    dark = (rng.integers(0, 4096, (5, 5, 1)) / (2**31 - 1)).astype(np.float32)  # int32 holding 12-bit values
+    data, codec, bits = encode_image(dark)
+    assert (codec, bits) == ("npy", 32)  # 16 bits would round every value to 0 or 1 / 65535
+    np.testing.assert_array_equal(decode_image(data, codec), dark)
     bands = rng.random((4, 4, 13)).astype(np.float32)  # multispectral: .npy
     data, codec, bits = encode_image(bands)
     assert codec == "npy" and decode_image(data, codec).shape == (4, 4, 13)

@@ -33,7 +33,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from visiontl.data.protocols import LabelledSplits, ServesFeatures
 from visiontl.tasks.checkpoints import kept_model
+from visiontl.tasks.protocols import StartsFromPretrained
 
 if TYPE_CHECKING:
     from visiontl.analyse.after_fit import FitContext
@@ -102,8 +104,8 @@ def retain_datamodule(path: str | Path, like: Any) -> Any:
         raise DataError(f"retain: {source} does not exist; give a labelled folder (one sub-folder per class) or a "
                         f"CSV of the task whose knowledge you want to keep.")
     pre = like.preprocessing
-    dm = labelled_datamodule(source, seed=getattr(like, "seed", 0), image_size=pre.size, num_workers=0,
-                         augment=getattr(like, "augment", "natural"), mean=list(pre.mean), std=list(pre.std),
+    dm = labelled_datamodule(source, seed=like.seed, image_size=pre.size, num_workers=0,
+                         augment=like.augment, mean=list(pre.mean), std=list(pre.std),
                          in_chans=pre.in_chans)
     dm.setup("fit")
     dm.resolve_preprocessing(pre)
@@ -184,8 +186,8 @@ class Forgetting:
 
     def run(self, ctx: FitContext) -> ForgettingRecord | None:
         trainer, pl_module, dm = ctx.trainer, ctx.task, ctx.datamodule
-        start = getattr(pl_module, "start_state", None)
-        if start is None or dm is None or not hasattr(dm, "feature_source"):
+        start = pl_module.start_state if isinstance(pl_module, StartsFromPretrained) else None
+        if start is None or not isinstance(dm, ServesFeatures) or not isinstance(dm, LabelledSplits):
             return None
         from visiontl.models.features import split_features, supports_features
         from visiontl.strategies.linear_probe import linear_probe_accuracy
@@ -202,7 +204,7 @@ class Forgetting:
             return None
         report: dict[str, Any] = {"drift": {"groups": weight_drift(start, tuned)}}
         backbone = pl_module.hparams["backbone"]
-        if supports_features(tuned) and "val" in getattr(dm, "splits", {}):
+        if supports_features(tuned) and "val" in dm.splits:
             before = split_features(pretrained, backbone, dm, "val")[0]
             after = _features(tuned, dm.feature_source("val"))[0]
             report["drift"]["cka_val"] = round(linear_cka(before, after), 6)
@@ -212,7 +214,7 @@ class Forgetting:
                     a = head(torch.from_numpy(np.array(before))).argmax(1)
                     b = head(torch.from_numpy(after)).argmax(1)
                 report["drift"]["imagenet_agreement"] = round(float((a == b).double().mean()), 6)
-        retain = getattr(dm, "retain", None)
+        retain = dm.retain
         if retain and supports_features(tuned):
             rdm = retain_datamodule(retain, dm)
             known = [split_features(pretrained, backbone, rdm, s) for s in ("train", "val")]  # cached: never trained

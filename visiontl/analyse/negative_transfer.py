@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from visiontl.analyse.targetbn import TargetBNRecord
+from visiontl.data.adaptation import AdaptationDataModule
 from visiontl.tasks.checkpoints import kept_model
 from visiontl.strategies.linear_probe import fit_probe
 from visiontl.tasks.validators import predict_loader, scores_from_outputs, target_scores
@@ -50,14 +52,14 @@ class NegativeTransferWarning(UserWarning):
 def frozen_probe_scores(pl_module: Any, dm: Any, device: torch.device) -> dict[str, float] | None:
     """:func:`~visiontl.tasks.validators.target_scores` of the frozen probe (see the module
     docstring), or ``None`` when the run kept no starting weights that load back into its model."""
-    start = getattr(pl_module, "start_state", None)
+    start = pl_module.start_state
     if not start:
         return None
     probe = copy.deepcopy(pl_module.model)
     loaded = probe.load_state_dict(start, strict=False)  # the backbone as it started; the head is refitted below
     if loaded.unexpected_keys:  # a model that changed shape (PEFT modules wrap the layers): no clean start
         return None
-    channels_last = bool(getattr(pl_module, "channels_last", False))
+    channels_last = bool(pl_module.channels_last)
     train = dm.feature_source("train")
     loader = torch.utils.data.DataLoader(train, batch_size=dm.eval_batch_size(len(train), len(train)), num_workers=0)
     feats, _, labels = predict_loader(probe, loader, channels_last, device)
@@ -98,10 +100,10 @@ class NegativeTransferCheck:
 
     def run(self, ctx: FitContext) -> NegativeTransferRecord | None:
         trainer, pl_module, dm = ctx.trainer, ctx.task, ctx.datamodule
-        if not pl_module.hparams.get("negative_transfer_check", True) or dm is None or "target" not in getattr(
-                dm, "datasets", {}):
+        if (not pl_module.hparams.get("negative_transfer_check", True) or not isinstance(dm, AdaptationDataModule)
+                or "target" not in dm.datasets):
             return None
-        monitor = getattr(pl_module, "monitor", "val_acc")
+        monitor = pl_module.monitor
         validator = monitor if monitor.startswith("target_") else "target_im"
         report: dict[str, Any] = {"validator": validator}
         strategy = pl_module.strategy
@@ -115,11 +117,11 @@ class NegativeTransferCheck:
                               "strategy): no frozen probe to compare")
             return NegativeTransferRecord(**report)
         target_bn = ctx.records.get("target_bn")
-        adapted = getattr(target_bn, "after", None)  # target BatchNorm scored the kept model
+        adapted = target_bn.after if isinstance(target_bn, TargetBNRecord) else None  # it scored the kept model
         if adapted is None:
             source_val, target = dm.val_dataloader()
             adapted = target_scores(kept_model(trainer, pl_module)[0], target,
-                                    bool(getattr(pl_module, "channels_last", False)), device, source_val)
+                                    bool(pl_module.channels_last), device, source_val)
         worse = validator in adapted and validator in probe and adapted[validator] < probe[validator]
         report.update(model=adapted, frozen_probe=probe, warned=bool(worse))
         if worse:

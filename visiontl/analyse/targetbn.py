@@ -24,6 +24,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl.core import files
+from visiontl.data.adaptation import AdaptationDataModule
 from visiontl.models.features import pooled_features
 from visiontl.core.speed import channels_last_input
 from visiontl.tasks.da import reestimate_batchnorm
@@ -64,11 +65,11 @@ class TargetBatchNorm:
 
     def run(self, ctx: FitContext) -> TargetBNRecord | None:
         trainer, pl_module, dm = ctx.trainer, ctx.task, ctx.datamodule
-        if not pl_module.hparams.get("target_bn") or dm is None or "target" not in getattr(dm, "datasets", {}):
+        if not pl_module.hparams.get("target_bn") or not isinstance(dm, AdaptationDataModule) or "target" not in dm.datasets:
             return None
         model, ckpt, best = kept_model(trainer, pl_module)
         device = next(model.parameters()).device
-        channels_last = bool(getattr(pl_module, "channels_last", False))
+        channels_last = bool(pl_module.channels_last)
         images = dm.feature_source("target")
         batch_size = dm.eval_batch_size(len(dm.samples("train")), len(images))
         loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=0)

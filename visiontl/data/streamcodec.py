@@ -22,16 +22,24 @@ __all__ = ["decode_image", "encode_image", "encode_sample", "named_bomb", "read_
 def encode_image(image: np.ndarray) -> tuple[bytes, str, int]:
     """A decoded ``float32`` HWC image in [0, 1] as ``(bytes, codec, bits)``: PNG of 8 bits when
     every value is a multiple of 1/255 (8-bit sources: exact), else 16 bits (the value rounded to
-    1/65535); 1, 3 or 4 channels as PNG, other band counts as ``.npy``."""
+    1/65535); 1, 3 or 4 channels as PNG, other band counts as ``.npy``. An image too dark for 16
+    bits to hold (its brightest value under 256/65535: a 32-bit integer image holding 16-bit
+    values, scaled by its type's range, :mod:`visiontl.data.pixels`) is kept as ``float32``
+    ``.npy`` (``bits`` 32), so a streamed set reads what a folder run reads."""
     import cv2
 
     image = np.asarray(image, dtype=np.float32)
     if image.ndim == 2:
         image = image[:, :, None]
     eight = np.round(np.clip(image, 0, 1) * 255)
-    bits = 8 if np.abs(eight / 255 - image).max(initial=0) < 1e-6 else 16
-    stored = eight.astype(np.uint8) if bits == 8 else np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
-    if stored.shape[2] in (1, 3, 4):
+    brightest = float(image.max(initial=0))
+    if np.abs(eight / 255 - image).max(initial=0) < 1e-6:
+        bits, stored = 8, eight.astype(np.uint8)
+    elif 0 < brightest < 256 / 65535:
+        bits, stored = 32, np.clip(image, 0, 1)
+    else:
+        bits, stored = 16, np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
+    if bits != 32 and stored.shape[2] in (1, 3, 4):
         ok, data = cv2.imencode(".png", stored)  # channel order in = channel order out (no BGR swap either way)
         if ok:
             return data.tobytes(), "png", bits
@@ -55,6 +63,8 @@ def decode_image(data: bytes, codec: str) -> np.ndarray:
                         f"again with this version.")
     if stored.ndim == 2:
         stored = stored[:, :, None]
+    if stored.dtype == np.float32:
+        return stored
     scale = 255.0 if stored.dtype == np.uint8 else 65535.0
     return stored.astype(np.float32) / scale
 

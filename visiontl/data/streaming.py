@@ -251,7 +251,7 @@ def _left_out(dm: Any, src: str | os.PathLike[str]) -> list[list[str]]:
     symlinks, folders or FIFOs named ``*.png``, images outside the class folders)."""
     from visiontl.data.layout import not_taken
 
-    out = [[str(p), str(why)] for p, why in getattr(dm, "skipped", [])]
+    out = [[str(p), str(why)] for p, why in dm.skipped]
     path = Path(src).expanduser()
     if path.is_dir():
         taken = [p for items in dm.splits.values() for p, _ in items]
@@ -340,7 +340,7 @@ def _prepare(dm: Any, src: str | os.PathLike[str], out: str, stage: Path | None,
             "names": [_name(Path(p), base) for p, _, _ in refs],  # by the samples' ``index``
             "labels": [label_of[c] for _, c, _ in refs],
         }
-    report = getattr(dm, "data_report", None)  # the data check's findings travel with the data set
+    report = dm.data_report  # the data check's findings travel with the data set
     meta["data_check"] = report.to_dict() if report is not None else None
     meta["bit_depth"] = dm.bit_depth(scan_frame(dm.frames))  # of the files, as a folder run records it
     meta["stats"] = {}

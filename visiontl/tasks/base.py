@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl.models.backbones import LayerGroup, data_config, layer_groups
 from visiontl.data.preprocessing import Preprocessing
+from visiontl.data.protocols import Preprocessed
 from visiontl.strategies import Strategy, StrategyError, get_strategy, no_weight_decay_names, set_trainable
 
 __all__ = ["BaseTask", "warmup_cosine"]
@@ -42,6 +43,9 @@ class BaseTask(pl.LightningModule):
     computed, the strategy freezes what it must, and frozen normalisation layers are held in
     eval mode across every ``train()`` call, so their running statistics never move.
     """
+
+    uses_feature_cache: bool = False
+    """Whether training reads cached backbone features instead of images (classification tasks decide)."""
 
     strategy: Strategy
 
@@ -208,9 +212,9 @@ class BaseTask(pl.LightningModule):
         return any(plan.lr > 0 for plan in self.strategy.plan(self.groups)[:-1])
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
+        dm = self.trainer.datamodule
         norms = (torch.nn.modules.batchnorm._BatchNorm,)
-        if (stage == "fit" and self.trainer.world_size > 1 and getattr(dm, "batch_size", None) == 1
+        if (stage == "fit" and self.trainer.world_size > 1 and isinstance(dm, Preprocessed) and dm.batch_size == 1
                 and self.strategy.bn_stats == "update" and any(isinstance(m, norms) for m in self.model.modules())):
             raise StrategyError(
                 f"batch_size 1 per device across {self.trainer.world_size} processes: BatchNorm would normalise "

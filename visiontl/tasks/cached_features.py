@@ -15,6 +15,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from visiontl.data.datamodules import FeatureDataset
+from visiontl.data.protocols import LabelledSplits, ServesFeatures
 from visiontl.models.features import split_features, supports_features
 from visiontl.strategies.linear_probe import probe_accuracy
 
@@ -49,9 +51,9 @@ class CachedFeatures(pl.Callback):
       fine-tuning then adds, LP-FT).
     """
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        dm: Any = trainer.datamodule
-        if not getattr(pl_module, "uses_feature_cache", False) or not hasattr(dm, "set_features"):
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        dm = trainer.datamodule
+        if not pl_module.uses_feature_cache or not isinstance(dm, ServesFeatures):
             return
         views = int(pl_module.strategy.views)
         pl_module.to(trainer.strategy.root_device)  # extract on the run's device (Lightning moves it there next)
@@ -60,16 +62,16 @@ class CachedFeatures(pl.Callback):
                 dm.set_features(split, *_rank_zero_first(trainer, lambda compute, split=split: split_features(
                     pl_module.model, pl_module.hparams["backbone"], dm, split, views, compute=compute)))
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         strategy = pl_module.strategy
         if not strategy.fits_head or trainer.ckpt_path:
             return
-        dm: Any = trainer.datamodule
+        dm = trainer.datamodule
         model, backbone = pl_module.model, pl_module.hparams["backbone"]
-        train = getattr(dm, "datasets", {}).get("train") if dm is not None else None
-        if isinstance(getattr(train, "features", None), np.ndarray):
+        train = dm.datasets.get("train") if isinstance(dm, ServesFeatures) else None
+        if isinstance(train, FeatureDataset):
             features, labels = train.features, train.labels
-        elif hasattr(dm, "feature_source") and supports_features(model):
+        elif isinstance(dm, ServesFeatures) and supports_features(model):
             features, labels = _rank_zero_first(trainer, lambda compute: split_features(model, backbone, dm, "train",
                                                                                         compute=compute))
         else:
@@ -77,7 +79,7 @@ class CachedFeatures(pl.Callback):
                                           distributed=trainer.world_size > 1)
             return
         head = model.get_classifier()
-        weight = getattr(pl_module, "class_weight", None) if pl_module.hparams.get("class_weights") else None
+        weight = pl_module.class_weight if pl_module.hparams.get("class_weights") else None
         strategy.fit_head(head, torch.from_numpy(np.array(features, dtype=np.float32)),  # a writable copy
                           torch.from_numpy(np.array(labels, dtype=np.int64)), int(pl_module.hparams["num_classes"]),
                           class_weight=weight)
@@ -85,7 +87,7 @@ class CachedFeatures(pl.Callback):
             state = trainer.strategy.broadcast({k: v.detach().cpu() for k, v in head.state_dict().items()}, src=0)
             head.load_state_dict(state)
         message = f"[visiontl] {strategy.name} head fitted on {len(labels)} training features"
-        if strategy.sgd and "val" in getattr(dm, "splits", {}):
+        if strategy.sgd and isinstance(dm, LabelledSplits) and "val" in dm.splits:
             val_features, val_labels = _rank_zero_first(trainer, lambda compute: split_features(
                 model, backbone, dm, "val", compute=compute))
             val_acc = probe_accuracy(head, val_features, val_labels)

@@ -79,7 +79,7 @@ def save_delta(task: ClassificationTask, path: str | os.PathLike[str],
     """
     from safetensors.torch import save_file
 
-    base = getattr(task, "base_weights", None)
+    base = task.base_weights
     if not base:
         raise WeightsError(f"{type(task).__name__} has no record of its base weights; only a task built with "
                            f"a parameter-efficient strategy ('bitfit', 'lora', 'adapter', 'vpt') writes a PEFT "
@@ -159,7 +159,7 @@ class DeltaCheckpoint(Callback):
         from visiontl.tasks.checkpoints import checkpoint_record, model_state
         from visiontl.core.rundir import run_dir
 
-        if not trainer.is_global_zero or getattr(pl_module, "base_weights", None) is None:
+        if not trainer.is_global_zero or pl_module.base_weights is None:
             return
         callback = trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", None) or None

@@ -37,6 +37,9 @@ import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 
+from visiontl.tasks.base import BaseTask
+from visiontl.tasks.protocols import ReportsConfusion
+
 __all__ = ["DivergenceGuard"]
 
 
@@ -78,7 +81,7 @@ class DivergenceGuard(Callback):
         if self.warmup_steps is not None:
             return int(self.warmup_steps)
         total = trainer.estimated_stepping_batches
-        warm = pl_module.hparams.get("warmup", 0.05) if hasattr(pl_module, "hparams") else 0.05
+        warm = pl_module.hparams.get("warmup", 0.05)
         return max(5, round(total * warm)) if math.isfinite(total) else 5
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, healthy: bool) -> None:
@@ -105,7 +108,7 @@ class DivergenceGuard(Callback):
 
     # -- hooks --------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fitted = bool(getattr(getattr(pl_module, "strategy", None), "fits_head", False))
+        fitted = bool(pl_module.strategy.fits_head) if isinstance(pl_module, BaseTask) else False
         self._snapshot(trainer, pl_module, healthy=fitted)  # after a fitted head (LP-FT): known good
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -144,7 +147,7 @@ class DivergenceGuard(Callback):
             self._label_counts = y if self._label_counts is None else self._label_counts + y
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        confusion = getattr(pl_module, "last_confusion", {}).get("val")
+        confusion = pl_module.last_confusion.get("val") if isinstance(pl_module, ReportsConfusion) else None
         loss = trainer.callback_metrics.get("val_loss")
         if trainer.sanity_checking or confusion is None or loss is None or trainer.global_step == 0:
             return

@@ -17,22 +17,23 @@ from typing import Any
 import pytorch_lightning as pl
 
 from visiontl.core.devices import trainer_device_kind
+from visiontl.data.protocols import LabelledData, Preprocessed
+from visiontl.tasks.protocols import TakesClassCounts, TakesPreprocessing
 
 __all__ = ["DataLink", "link"]
 
 
-def link(dm: Any, task: Any, device: str = "cpu") -> None:
+def link(dm: Preprocessed | Any, task: TakesPreprocessing | Any, device: str = "cpu") -> None:
     """The hand-over, in one place: the datamodule learns the device its loaders feed, refines the
     backbone's preprocessing from its data and gives the result, and its training class counts,
     to the task. Plain Lightning datamodules (no ``resolve_preprocessing``) are left alone: the
     task keeps the backbone's preprocessing."""
-    if dm is None or not hasattr(dm, "resolve_preprocessing"):
+    if not isinstance(dm, Preprocessed) or not isinstance(task, TakesPreprocessing):
         return
     dm.feeds = device  # pinned memory and workers follow the device
     task.set_preprocessing(dm.resolve_preprocessing(task.backbone_preprocessing()))
-    counts = getattr(dm, "class_counts", None)
-    if counts is not None and hasattr(task, "set_class_counts"):
-        task.set_class_counts(counts)
+    if isinstance(dm, LabelledData) and isinstance(task, TakesClassCounts):
+        task.set_class_counts(dm.class_counts)
 
 
 class DataLink(pl.Callback):

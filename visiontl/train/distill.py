@@ -132,6 +132,7 @@ def distill(
 
     from visiontl.train.finetune import fit_task, make_datamodule
     from visiontl.data.images import DataError
+    from visiontl.data.protocols import LabelledSplits
     from visiontl.tasks.trained import run_checkpoint
     from visiontl.tasks.distill import DistillationTask
 
@@ -143,8 +144,8 @@ def distill(
     if unlabelled is not None:
         kwargs["unlabelled"] = str(unlabelled)
     dm = make_datamodule(data, **kwargs) if data is not None else _teacher_data(teacher, kwargs)
-    if unlabelled is not None and not getattr(dm, "unlabelled", None):  # a datamodule given as such
-        if not hasattr(dm, "unlabelled"):
+    if unlabelled is not None and not (isinstance(dm, LabelledSplits) and dm.unlabelled):  # a datamodule given as such
+        if not isinstance(dm, LabelledSplits):
             raise DataError(f"{type(dm).__name__} cannot pair unlabelled images with its batches; give data as a "
                             f"folder or CSV, or a visiontl ClassificationDataModule.")
         dm.unlabelled = str(unlabelled)

@@ -141,7 +141,7 @@ class LastCheckpoint(Callback):
         every checkpoint of the run (``best.ckpt`` too) is written atomically where it lands."""
         from visiontl.tasks.checkpoints import install_atomic_writer
 
-        hp = getattr(pl_module, "hparams", {})
+        hp = pl_module.hparams
         self._set_every(hp.get("last_every_n_steps", self.every_n_steps), hp.get("last_every_minutes", self.every_minutes))
 
         self._atomic = install_atomic_writer(trainer)

@@ -36,6 +36,8 @@ from pytorch_lightning.trainer.states import TrainerFn
 from visiontl.core import files
 from visiontl.core.rundir import run_dir
 from visiontl.core.speed import tune_allocator
+from visiontl.data.protocols import LabelledData, LabelledSplits, Preprocessed
+from visiontl.tasks.protocols import ReportsConfusion, ReportsStrategy
 from visiontl.analyse.plots import save_confusion_matrix, save_drift, save_learning_curves
 
 __all__ = ["LIGHTNING_LOG_EVERY", "add_to_metrics", "attach_run_callbacks", "discard_if_empty", "log_interval",
@@ -85,7 +87,7 @@ def run_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str
     import os
 
     dm = trainer.datamodule
-    hp = {k: v for k, v in dict(getattr(pl_module, "hparams", {}) or {}).items() if not k.startswith("_")}
+    hp = {k: v for k, v in dict(pl_module.hparams).items() if not k.startswith("_")}
     loader = trainer.train_dataloader
     batch_size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None),
                                                                 "batch_size", None)
@@ -94,8 +96,8 @@ def run_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str
         "hyper_parameters": hp,
         "seed": int(os.environ["PL_GLOBAL_SEED"]) if os.environ.get("PL_GLOBAL_SEED", "").isdigit() else None,
         "datamodule": type(dm).__name__ if dm is not None else None,
-        "augment": getattr(dm, "augment", None),
-        "train_images": getattr(dm, "train_size", None),
+        "augment": dm.augment if isinstance(dm, Preprocessed) else None,
+        "train_images": dm.train_size if isinstance(dm, LabelledData) else None,
         "batch_size": batch_size,
         "batches_per_epoch": trainer.num_training_batches,
         "max_steps": trainer.max_steps,
@@ -188,33 +190,33 @@ class RunReport(Callback):
         if not trainer.is_global_zero:
             return
         out = run_dir(trainer)
-        if hasattr(pl_module, "strategy_report"):
+        if isinstance(pl_module, ReportsStrategy):
             files.write_json(out / "strategy.json", pl_module.strategy_report())
         dm = trainer.datamodule
+        splits = dm.splits if isinstance(dm, LabelledSplits) else {}
         for split in ("train", "val"):  # export verifies / calibrates on these real images later
-            if dm is not None and hasattr(dm, "paths") and split in getattr(dm, "splits", {}):
+            if split in splits:
                 # absolute: the listings are read later from elsewhere (export, wise-ft, distill)
                 listed = dict.fromkeys(Path(p).absolute() for p in dm.paths(split))  # each file once (frames='all')
                 files.write_text(out / f"{split}_images.txt", "".join(f"{p}\n" for p in listed))
-        splits = getattr(dm, "splits", None) if dm is not None else None
-        if isinstance(splits, dict) and "train" in splits:  # labelled: what wise-ft fits and scores on
+        if "train" in splits:  # labelled: what wise-ft fits and scores on
             buf = io.StringIO()
             writer = files.csv_writer(buf)
             writer.writerow(["split", "path", "label"])
             for split in ("train", "val", "test"):
                 writer.writerows((split, str(Path(p).absolute()), label) for p, label in splits.get(split, []))
             files.write_text(out / "splits.csv", buf.getvalue())
-        if dm is not None and hasattr(dm, "augment"):
+        if isinstance(dm, Preprocessed):
             files.write_json(out / "data.json", {"datamodule": type(dm).__name__, "augment": dm.augment})
-        report = getattr(dm, "data_report", None) if dm is not None else None
+        report = dm.data_report if isinstance(dm, LabelledData) else None
         if report is not None:
             files.write_json(out / "data_check.json", report.to_dict())
-        skipped = getattr(trainer.datamodule, "skipped", None) if trainer.datamodule else None
+        skipped = dm.skipped if isinstance(dm, Preprocessed) else None
         if skipped:
             files.write_text(out / "skipped_files.txt", "".join(f"{p}\t{r}\n" for p, r in skipped))
 
     def _confusion(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
-        cm = getattr(pl_module, "last_confusion", {}).get(split)
+        cm = pl_module.last_confusion.get(split) if isinstance(pl_module, ReportsConfusion) else None
         if cm is None or not trainer.is_global_zero:
             return
         suffix = "" if split == "val" else f"_{split}"
@@ -262,7 +264,7 @@ class RunReport(Callback):
             summary["best"] = best["val_metrics"]
             if best.get("val_confusion") is not None:
                 pl_module.last_confusion["val"] = torch.tensor(best["val_confusion"])
-        if hasattr(pl_module, "strategy_report"):
+        if isinstance(pl_module, ReportsStrategy):
             summary["strategy"] = pl_module.strategy_report()
             files.write_json(out / "strategy.json", summary["strategy"])  # now with the fitted head's numbers
         for record in records.values():  # in the order the steps ran
@@ -299,9 +301,10 @@ class RunReport(Callback):
         if not self._predictions or not trainer.is_global_zero:
             return
         dm = trainer.datamodule
-        split = "predict" if dm is not None and "predict" in getattr(dm, "splits", {}) else "test"
-        paths = dm.paths(split) if dm is not None and hasattr(dm, "paths") else None
-        frames = dm.frame_indices(split) if dm is not None and hasattr(dm, "frame_indices") else None
+        labelled = isinstance(dm, LabelledSplits)
+        split = "predict" if labelled and "predict" in dm.splits else "test"
+        paths = dm.paths(split) if labelled else None
+        frames = dm.frame_indices(split) if labelled else None
         framed = frames is not None and any(f is not None for f in frames)  # frames='all': a column for them
         names = pl_module.class_names
         buf = io.StringIO()

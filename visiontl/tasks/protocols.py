@@ -1,0 +1,53 @@
+"""What a task offers its data link, the run report and the after-fit analyses, as Protocols.
+
+The datamodule's side is :mod:`visiontl.data.protocols`. Checked with ``isinstance`` (runtime-checkable),
+never attribute by attribute.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from visiontl.data.preprocessing import Preprocessing
+
+__all__ = ["ReportsConfusion", "ReportsStrategy", "StartsFromPretrained", "TakesClassCounts", "TakesPreprocessing"]
+
+
+@runtime_checkable
+class TakesPreprocessing(Protocol):
+    """Gives its backbone's input convention and records the one its data resolved (every task)."""
+
+    def backbone_preprocessing(self) -> Preprocessing: ...
+
+    def set_preprocessing(self, pre: Preprocessing) -> None: ...
+
+
+@runtime_checkable
+class TakesClassCounts(Protocol):
+    """Weighs its loss by the training class counts (classification tasks)."""
+
+    def set_class_counts(self, counts: list[int]) -> None: ...
+
+
+@runtime_checkable
+class ReportsStrategy(Protocol):
+    """Reports its strategy's plan: trainable and total parameters, each group's learning rate (every task)."""
+
+    def strategy_report(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ReportsConfusion(Protocol):
+    """Keeps the last confusion matrix of each split it scored, with the class names (classification)."""
+
+    class_names: list[str]
+    last_confusion: dict[str, Any]
+
+
+@runtime_checkable
+class StartsFromPretrained(Protocol):
+    """Keeps the pretrained weights it started from (forgetting, drift and the negative-transfer
+    check compare with them), in the memory format it trains in."""
+
+    start_state: dict[str, Any] | None
+    channels_last: bool
