@@ -174,6 +174,9 @@ def test_wise_ft_ends_are_the_pretrained_and_the_fine_tuned_model(shapes_root: P
         rows = json.loads((out / "wise_ft.json").read_text())["alphas"]
         assert [r["alpha"] for r in rows] == [0.0, 0.5, 1.0] and all(0 <= r["retain_acc"] <= 1 for r in rows)
         assert rows[-1]["retain_acc"] == pytest.approx(retain_after, abs=1e-6)
+        # alpha 1 is scored as the run's validation scored its best checkpoint: the same door
+        assert rows[-1]["val_acc"] == pytest.approx(run.metrics["val_acc"], abs=1e-6)
+        assert rows[-1]["val_balanced_acc"] == pytest.approx(run.metrics["val_balanced_acc"], abs=1e-6)
         assert (out / "wise_ft.png").stat().st_size > 0 and (out / "wise_ft.csv").read_text().count("\n") == 4
     _check_bn_recompute(run.run_dir, tmp_path / "recompute")
     half = interpolate({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)["w"]

@@ -168,18 +168,6 @@ def _prepare_data(argv: Sequence[str]) -> int:
     return 0
 
 
-def _bench(argv: Sequence[str]) -> int:
-    from visiontl.benchmark.cli import bench_main
-
-    return bench_main(argv)
-
-
-def _rank(argv: Sequence[str]) -> int:
-    from visiontl.benchmark.cli import rank_main
-
-    return rank_main(argv)
-
-
 def _wise_ft(argv: Sequence[str]) -> int:
     """``visiontl wise-ft RUN --out DIR [--alphas 0,0.1,...,1] [--retain PATH] [--bn ...]``."""
     from visiontl.core.errors import CommandParser
@@ -203,18 +191,6 @@ def _wise_ft(argv: Sequence[str]) -> int:
     wise_ft(args.run, args.out, parse_alphas(args.alphas) if args.alphas is not None else DEFAULT_ALPHAS,
             retain=args.retain, bn=args.bn, weights=args.weights, alpha=args.alpha, tolerance=args.tolerance)
     return 0
-
-
-def _distill(argv: Sequence[str]) -> int:
-    from visiontl.train.distill import main as distill_main
-
-    return distill_main(argv)
-
-
-def _predict_onnx(argv: Sequence[str]) -> int:
-    from visiontl.deploy.predict import main as predict_main
-
-    return predict_main(argv)
 
 
 def _recipes(argv: Sequence[str]) -> int:
@@ -244,10 +220,16 @@ def _recipes(argv: Sequence[str]) -> int:
     return 0
 
 
-def _doctor(argv: Sequence[str]) -> int:
-    from visiontl.cli.doctor import main as doctor_main
+def _elsewhere(spec: str) -> Callable[[Sequence[str]], int]:
+    """A command whose code lives in another module (``module:function``), imported when it runs."""
+    module, _, name = spec.partition(":")
 
-    return doctor_main(list(argv))
+    def run(argv: Sequence[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(list(argv))
+
+    return run
 
 
 LIGHTNING_COMMANDS = {
@@ -260,15 +242,20 @@ LIGHTNING_COMMANDS = {
 EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "demo": (_demo, "offline demo: Blue Marble tiles, real ImageNet weights, strategies compared"),
     "export": (_export, "export a run to ONNX (normalisation + labels inside, verified against PyTorch)"),
-    "predict-onnx": (_predict_onnx, "predict images with an exported model (ONNX Runtime only, no torch)"),
+    "predict-onnx": (_elsewhere("visiontl.deploy.predict:main"),
+                     "predict images with an exported model (ONNX Runtime only, no torch)"),
     "check-data": (_check_data, "check a dataset: unreadable files, imbalance, duplicates, train/val/test leakage"),
     "prepare-data": (_prepare_data, "write a dataset in LitData's streaming format, for StreamingDataModule"),
-    "bench": (_bench, "benchmark strategies x backbones x label budgets x seeds on your data, with a report"),
-    "rank": (_rank, "rank backbones for your data before fine-tuning (LogME, shrinkage H-score)"),
-    "distill": (_distill, "train a small student to match a fine-tuned teacher run (knowledge distillation)"),
+    "bench": (_elsewhere("visiontl.benchmark.cli:bench_main"),
+              "benchmark strategies x backbones x label budgets x seeds on your data, with a report"),
+    "rank": (_elsewhere("visiontl.benchmark.cli:rank_main"),
+             "rank backbones for your data before fine-tuning (LogME, shrinkage H-score)"),
+    "distill": (_elsewhere("visiontl.train.distill:main"),
+                "train a small student to match a fine-tuned teacher run (knowledge distillation)"),
     "wise-ft": (_wise_ft, "mix a run's pretrained and fine-tuned weights (WiSE-FT): score each alpha, keep one"),
     "recipes": (_recipes, "list the bundled recipes, or show one: visiontl recipes [show NAME]"),
-    "doctor": (_doctor, "print versions, CPU features, GPUs, the cache and offline weights, for a bug report"),
+    "doctor": (_elsewhere("visiontl.cli.doctor:main"),
+               "print versions, CPU features, GPUs, the cache and offline weights, for a bug report"),
 }
 
 
