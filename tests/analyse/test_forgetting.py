@@ -138,6 +138,7 @@ def test_compare_scratch_records_the_gap(shapes_root: Path, tmp_path: Path) -> N
         fine_tune(shapes_root, backbone="test_resnet", compare_scratch=0.5, out=tmp_path)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # three wise-ft commands end to end, an export (about 45 s here)
 def test_wise_ft_ends_are_the_pretrained_and_the_fine_tuned_model(shapes_root: Path, shapes_splits: Path,
                                                                    base_weights: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:

@@ -74,6 +74,7 @@ def _bench_cmd(shapes_root: Path, out: Path, *extra: str) -> list[str]:
             "--image-size", "32", "--steps", "2", *extra]
 
 
+@pytest.mark.slow  # a bench killed and resumed end to end through the command (about 40 s here)
 def test_a_killed_bench_finishes_with_one_row_per_cell_and_a_rerun_is_a_no_op(shapes_root: Path,
                                                                              tmp_path: Path) -> None:
     out = tmp_path / "bench"

@@ -100,11 +100,12 @@ def test_distributed_epoch_sampler_shares_the_one_process_order() -> None:
 
 
 def test_a_batch_of_one_per_device_is_refused_where_batchnorm_trains() -> None:
+    from visiontl.data import FolderDataModule
     from visiontl.strategies import StrategyError
     from visiontl.tasks import ClassificationTask
 
     def trainer(world: int, batch: int | None) -> SimpleNamespace:
-        return SimpleNamespace(world_size=world, datamodule=SimpleNamespace(batch_size=batch),
+        return SimpleNamespace(world_size=world, datamodule=FolderDataModule("unread", batch_size=batch),
                                strategy=SimpleNamespace(_layer_sync=None, root_device=torch.device("cpu")))
 
     task = ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy="full")
