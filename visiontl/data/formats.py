@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from visiontl.data.pixels import to_unit
+from visiontl.core.extras import MissingExtraError, require
 from visiontl.core.errors import UserError
 
 __all__ = ["DICOM_EXTENSIONS", "FRAMES", "TIFF_EXTENSIONS", "Frame", "FormatError", "dicom_frames", "dicom_to_float",
@@ -66,8 +67,7 @@ def read_tiff_raw(path: str | os.PathLike[str], on_shape: Callable[[int, int], N
     transposed to HWC; an RGB(A) file's alpha band is kept (the caller drops it). ``on_shape``
     is called with (height, width) from the header before any pixel is decoded (a size check).
     """
-    import tifffile
-
+    tifffile = require("tifffile", "tiff", f"Reading the TIFF {path}")
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         axes = str(getattr(page, "axes", ""))  # e.g. "YXS" (interleaved) or "SYX" (band-sequential)
@@ -113,7 +113,7 @@ class _Dicom:
     frames: int
 
 
-_PASS_THROUGH = (FormatError, OSError, KeyboardInterrupt, SystemExit, GeneratorExit)
+_PASS_THROUGH = (FormatError, MissingExtraError, OSError, KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 @contextmanager
@@ -136,6 +136,7 @@ def _open(path: str | os.PathLike[str]) -> _Dicom:
     Raises FormatError for anything pydicom cannot parse, for objects without pixel data and for
     images whose pixel description (Rows, Bits Allocated...) is incomplete.
     """
+    require("pydicom", "dicom", f"Reading the DICOM {path}")
     import pydicom
     from pydicom.errors import InvalidDicomError
 

@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from visiontl.core.errors import UserError
+from visiontl.core.extras import MissingExtraError
 from visiontl.data.formats import (
     DICOM_EXTENSIONS,
     FRAMES,
@@ -156,7 +157,7 @@ def _decoded(path: str | os.PathLike[str], read, max_pixels: int | None = None, 
     """Run ``read(path, max_pixels, frame)``, turning every decoding failure into an :class:`ImageReadError`."""
     try:
         return read(path, max_pixels, frame)
-    except ImageReadError:
+    except (ImageReadError, MissingExtraError):  # a missing library is not a bad image: it names the extra
         raise
     except Image.DecompressionBombError as err:
         raise ImageReadError(path, f"refused by Pillow as a decompression bomb ({err})") from err

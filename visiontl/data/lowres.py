@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from visiontl.core.files import atomic_dir, read_manifest, write_json
+from visiontl.core.extras import require
 
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "blend_over_patches", "build_digits", "build_fashion_mnist",
            "build_fashion_mnist_m", "load_fashion_mnist"]
@@ -73,12 +74,10 @@ def build_digits(root: str | os.PathLike[str], train_per_class: int = 15, val_pe
         seed: draw seed.
 
     Raises:
-        ImportError: scikit-learn is not installed (``pip install scikit-learn``).
+        MissingExtraError: scikit-learn is not installed (``pip install 'visiontl[lowres]'``).
         ValueError: more images per class requested than exist.
     """
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    data = require("sklearn.datasets", "lowres", "The 8 px digits set (build_digits)").load_digits()
     images = np.clip(data.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
     labels = data.target.astype(np.int64)
     rng = np.random.default_rng(seed)

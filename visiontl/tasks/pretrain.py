@@ -34,6 +34,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl.core import files
+from visiontl.core.extras import require
 from visiontl.models.backbones import create_backbone
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.models.features import feature_width, pooled_features
@@ -116,6 +117,7 @@ class ContinuedPretraining(BaseTask):
         super().__init__()
 
     def configure_models(self) -> None:
+        require("lightly", "ssl", "Continued self-supervised pretraining (ContinuedPretraining)")
         from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, SimCLRProjectionHead
 
         hp = self.hparams
