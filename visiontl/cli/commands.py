@@ -193,6 +193,38 @@ def _wise_ft(argv: Sequence[str]) -> int:
     return 0
 
 
+def _lr_find(argv: Sequence[str]) -> int:
+    """``visiontl lr-find --config RECIPE [--section.field value ...] [--steps N] [--min-lr X] [--max-lr Y]``."""
+    from visiontl.core.errors import CommandParser
+
+    parser = CommandParser(prog="visiontl lr-find", add_help=False,
+                           description="Find a learning rate for a recipe's task and data (Lightning's finder): "
+                                       "a plot and a suggestion for the strategy's lr. Takes fit's configuration "
+                                       "options (--config, --model..., --data..., --trainer...).")
+    parser.add_argument("--steps", type=int, default=100, help="steps of the sweep (default: 100)")
+    parser.add_argument("--min-lr", type=float, default=1e-6, help="lowest learning rate tried (default: 1e-6)")
+    parser.add_argument("--max-lr", type=float, default=1.0, help="highest learning rate tried (default: 1)")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and fit's options")
+    args, rest = parser.parse_known_args(list(argv))
+    if args.help:
+        parser.print_help()
+        print("\nConfiguration options: as `visiontl fit --help` lists them.")
+        return 0
+    from visiontl.train.lrfinder import find_lr
+
+    task, dm, out, name = build_from_config(rest)
+    found = find_lr(task, dm, out=out, name=f"{name}-lr-find", steps=args.steps, min_lr=args.min_lr,
+                    max_lr=args.max_lr)
+    if found.suggestion is None:
+        print(f"lr-find: the loss never fell over {args.min_lr:g} to {args.max_lr:g}; widen the range or add steps. "
+              f"Plot: {found.plot}")
+        return 1
+    print(f"suggested learning rate: {found.suggestion:.3g} (the strategy's lr, e.g. --model.init_args.strategy "
+          f"'{{name: {task.strategy.name}, lr: {found.suggestion:.3g}}}')")
+    print(f"plot: {found.plot}  record: {found.record}")
+    return 0
+
+
 def _recipes(argv: Sequence[str]) -> int:
     from visiontl.core.recipes import find_recipe, recipes, recipes_dir
     from visiontl.core.errors import CommandParser
@@ -250,6 +282,8 @@ EXTRA_COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
               "benchmark strategies x backbones x label budgets x seeds on your data, with a report"),
     "rank": (_elsewhere("visiontl.benchmark.cli:rank_main"),
              "rank backbones for your data before fine-tuning (LogME, shrinkage H-score)"),
+    "lr-find": (_lr_find,
+                "find a learning rate for a recipe (Lightning's finder): a plot and a suggestion"),
     "distill": (_elsewhere("visiontl.train.distill:main"),
                 "train a small student to match a fine-tuned teacher run (knowledge distillation)"),
     "wise-ft": (_wise_ft, "mix a run's pretrained and fine-tuned weights (WiSE-FT): score each alpha, keep one"),
@@ -264,8 +298,8 @@ COMMAND_MODULES = {
     "predict": "visiontl.cli.commands", "demo": "visiontl.cli.demo", "export": "visiontl.deploy.export",
     "predict-onnx": "visiontl.deploy.predict", "check-data": "visiontl.data.check",
     "prepare-data": "visiontl.data.streaming", "bench": "visiontl.benchmark.cli", "rank": "visiontl.benchmark.rank",
-    "distill": "visiontl.train.distill", "wise-ft": "visiontl.train.wiseft", "recipes": "visiontl.core.recipes",
-    "doctor": "visiontl.cli.doctor",
+    "distill": "visiontl.train.distill", "lr-find": "visiontl.train.lrfinder", "wise-ft": "visiontl.train.wiseft",
+    "recipes": "visiontl.core.recipes", "doctor": "visiontl.cli.doctor",
 }
 """Where each command's work is done (the Lightning subcommands: the ``VisionTLCLI`` here, which
 trains through :mod:`visiontl.train`); ``docs/concepts/architecture.md`` lists the same."""
@@ -282,7 +316,7 @@ def overview() -> str:
              "usage: visiontl COMMAND [options]     (visiontl COMMAND --help for a command's options)", "",
              "Train and evaluate (LightningCLI: a recipe YAML, any field overridable on the command line):"]
     lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
-    groups = {"Data": ("check-data", "prepare-data"), "Compare and choose": ("demo", "bench", "rank"),
+    groups = {"Data": ("check-data", "prepare-data"), "Compare and choose": ("demo", "bench", "rank", "lr-find"),
               "After training": ("export", "predict-onnx", "distill", "wise-ft"), "Help": ("recipes", "doctor")}
     for title, names in groups.items():
         lines += ["", f"{title}:"] + [f"  {name:<{width}}  {EXTRA_COMMANDS[name][1]}" for name in names]
@@ -417,8 +451,9 @@ def _cli_class():
     return VisionTLCLI
 
 
-def cli(argv: Sequence[str] | None = None):
-    """Run the Lightning subcommands (fit, validate, test, predict)."""
+def cli(argv: Sequence[str] | None = None, run: bool = True):
+    """Run the Lightning subcommands (fit, validate, test, predict); ``run=False``: parse a fit
+    configuration (no subcommand) and build its task, datamodule and Trainer without running."""
     from pytorch_lightning import LightningDataModule
 
     from visiontl.tasks import BaseTask
@@ -430,6 +465,7 @@ def cli(argv: Sequence[str] | None = None):
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=list(argv) if argv is not None else None,
+        run=run,
         trainer_defaults={
             "logger": {"class_path": "visiontl.train.resume.RunLogger", "init_args": {"save_dir": "runs"}},
             "num_sanity_val_steps": 0,  # as fine_tune: every door resolves a run the same way (settings.json)
@@ -439,6 +475,16 @@ def cli(argv: Sequence[str] | None = None):
                        "exit_on_error": False},
         save_config_kwargs={"overwrite": True},
     )
+
+
+def build_from_config(argv: Sequence[str]) -> tuple[Any, Any, str, str]:
+    """The task and datamodule a fit configuration (``--config recipe:NAME``, ``--model...``) describes,
+    built as ``visiontl fit`` builds them but not trained, with where the run would write
+    (the logger's ``save_dir`` and ``name``): for commands that probe a configuration (``lr-find``)."""
+    built = cli(argv, run=False)
+    logger = built.trainer.logger
+    return built.model, built.datamodule, str(getattr(logger, "save_dir", None) or "runs"), str(
+        getattr(logger, "name", None) or "run")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -463,6 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted (files are written atomically: nothing half-written is left at its final name).",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`visiontl --help | head`): nothing to report, as git does
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 141
     except Exception as err:  # noqa: BLE001 - the one place every failure becomes one line
         if debug:
             raise

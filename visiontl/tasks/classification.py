@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pytorch_lightning import Callback
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -78,6 +78,10 @@ class ClassificationTask(BaseTask):
         measure_drift: at the end of a fit that changed a pretrained backbone, report how far it
             moved and what it forgot (:mod:`visiontl.analyse.forgetting`: CKA, per-group weight distance,
             ImageNet agreement, retention on the datamodule's ``retain`` set) in ``metrics.json``.
+        early_stopping: stop training when the monitored validation score (:attr:`monitor`) has not
+            improved for this many validations (Lightning's ``EarlyStopping``); ``None``: train the
+            whole budget. The best checkpoint is what the run keeps either way. Strategies that fit
+            their head in closed form have nothing to stop.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class ClassificationTask(BaseTask):
         last_every_n_steps: int | None = 50,
         last_every_minutes: float | None = 5.0,
         measure_drift: bool = True,
+        early_stopping: int | None = None,
     ) -> None:
         if num_classes is None and class_names:
             num_classes = len(class_names)
@@ -111,6 +116,9 @@ class ClassificationTask(BaseTask):
                 "ClassificationTask needs num_classes or class_names (recipes link them from the "
                 "datamodule; in Python pass num_classes=datamodule.num_classes)."
             )
+        if early_stopping is not None and (isinstance(early_stopping, bool) or int(early_stopping) < 1):
+            raise ValueError(f"early_stopping is a patience in validations (a whole number >= 1) or None, got "
+                             f"{early_stopping!r}.")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}.")
         super().__init__()
@@ -244,7 +252,10 @@ class ClassificationTask(BaseTask):
 
     def task_callbacks(self) -> list[Callback]:
         guard = [DivergenceGuard()] if self.strategy.sgd and self.hparams.get("divergence_guard", True) else []
-        return [*super().task_callbacks(), *guard]
+        patience = self.hparams.get("early_stopping")
+        stop = ([EarlyStopping(monitor=self.monitor, mode="max", patience=int(patience), check_on_train_epoch_end=False)]
+                if patience is not None and self.strategy.sgd else [])
+        return [*super().task_callbacks(), *guard, *stop]
 
     monitor = "val_acc"
     """The validation metric (higher is better) that picks the best checkpoint."""

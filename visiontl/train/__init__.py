@@ -15,6 +15,8 @@ _EXPORTS = {
     "fit_task": "visiontl.train.finetune",
     "attach_run_callbacks": "visiontl.train.run",
     "distill": "visiontl.train.distill",
+    "lr_find": "visiontl.train.lrfinder",
+    "LRFinding": "visiontl.train.lrfinder",
 }
 
 __all__ = sorted(_EXPORTS)

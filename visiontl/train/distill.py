@@ -99,6 +99,7 @@ def distill(
     task_kwargs: dict[str, Any] | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
     ckpt_path: str | os.PathLike[str] | None = None,
+    also_log_to: Sequence[str] = (),
     verbose: bool = True,
 ):
     """Distil ``teacher`` (a run directory or checkpoint) into a ``student`` timm backbone.
@@ -120,7 +121,7 @@ def distill(
         student_weights: a local weights file or named source for the student (offline).
         teacher_weights: base weights of a PEFT teacher, when not where it was trained.
         image_size: the student's input size (default: its backbone's); the teacher keeps its own.
-        steps, out, seed, data_kwargs, task_kwargs, trainer_kwargs, ckpt_path, verbose: as in
+        steps, out, seed, data_kwargs, task_kwargs, trainer_kwargs, ckpt_path, also_log_to, verbose: as in
             :func:`~visiontl.fine_tune` (the same run driver,
             :func:`~visiontl.train.finetune.fit_task`).
         name: run name (default ``<student>-distilled``).
@@ -158,7 +159,7 @@ def distill(
                             temperature=temperature, alpha=alpha, teacher_weights=teacher_weights,
                             **(task_kwargs or {}))
     return fit_task(task, dm, steps=steps, out=out, name=name or f"{student}-distilled", ckpt_path=ckpt_path,
-                    trainer_kwargs=trainer_kwargs, verbose=verbose)
+                    trainer_kwargs=trainer_kwargs, also_log_to=also_log_to, verbose=verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from visiontl.strategies import Strategy
 from visiontl.tasks import ClassificationTask
 from visiontl.tasks.link import link
 
-__all__ = ["FitResult", "auto_steps", "fine_tune", "fit_task", "make_datamodule"]
+__all__ = ["FitResult", "auto_steps", "fine_tune", "fit_task", "make_datamodule", "prepare_task"]
 
 
 @dataclass
@@ -71,6 +72,23 @@ def make_datamodule(data: str | os.PathLike[str] | ClassificationDataModule, **k
     return labelled_datamodule(data, **kwargs)
 
 
+def prepare_task(data: str | os.PathLike[str] | ClassificationDataModule, backbone: str = "resnet18",
+                 strategy: Strategy | str | dict[str, Any] = "gradual", *, pretrained: bool = True,
+                 weights: str | None = None, image_size: int | None = None, seed: int = 0,
+                 data_kwargs: dict[str, Any] | None = None, task_kwargs: dict[str, Any] | None = None,
+                 ) -> tuple[ClassificationDataModule, ClassificationTask]:
+    """The datamodule and the task of a run, built as :func:`fine_tune` builds them (everything
+    seeded with ``seed`` first, the datamodule at ``image_size``, the task with its classes), for
+    the doors that train or probe them: :func:`fine_tune`, :func:`visiontl.train.lrfinder.lr_find`."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    dm = make_datamodule(data, seed=seed, **(data_kwargs or {}))
+    if image_size is not None:
+        dm.image_size = image_size
+    task = ClassificationTask(backbone=backbone, num_classes=dm.num_classes, class_names=dm.class_names,
+                              strategy=strategy, pretrained=pretrained, weights=weights, **(task_kwargs or {}))
+    return dm, task
+
+
 def fine_tune(
     data: str | os.PathLike[str] | ClassificationDataModule,
     backbone: str = "resnet18",
@@ -89,6 +107,8 @@ def fine_tune(
     ckpt_path: str | os.PathLike[str] | None = None,
     retain: str | os.PathLike[str] | None = None,
     compare_scratch: bool | int = False,
+    early_stopping: int | None = None,
+    also_log_to: Sequence[str] = (),
     verbose: bool = True,
 ) -> FitResult:
     """Fine-tune ``backbone`` on ``data`` with ``strategy`` and return the best checkpoint's metrics.
@@ -117,6 +137,11 @@ def fine_tune(
         compare_scratch: also train ``scratch`` on the same data, budget and preprocessing (``True``:
             one run with ``seed``; a number n: n seeds from ``seed``) and report the gap
             (``metrics.json``'s ``scratch``; a warning when pretraining did not help).
+        early_stopping: stop when the monitored validation score (``val_acc``) has not improved for
+            this many validations (``None``: train the whole budget); the best checkpoint is kept
+            either way. Shorthand for ``task_kwargs={"early_stopping": n}``.
+        also_log_to: trackers beside ``metrics.csv``: ``"tensorboard"``, ``"mlflow"``
+            (:mod:`visiontl.train.loggers`; the ``tracking`` extra).
         verbose: Lightning's progress bars and information lines; ``False`` shows one progress bar
             over the run's steps instead (:mod:`visiontl.core.quiet`). Warnings about the data are
             shown either way; Lightning's tips and dependencies' deprecation warnings never are.
@@ -132,24 +157,15 @@ def fine_tune(
         raise ValueError(f"fine_tune: compare_scratch must be True, False or a number of seeds >= 1, got "
                          f"{compare_scratch!r}.")
     pristine = copy.deepcopy(data) if scratch_seeds and isinstance(data, ClassificationDataModule) else data
-    pl.seed_everything(seed, workers=True, verbose=False)
-    dm = make_datamodule(data, seed=seed, **(data_kwargs or {}))
+    dm, task = prepare_task(data, backbone, strategy, pretrained=pretrained, weights=weights, image_size=image_size,
+                            seed=seed, data_kwargs=data_kwargs,
+                            task_kwargs={**({"early_stopping": early_stopping} if early_stopping is not None else {}),
+                                         **(task_kwargs or {})})
     if retain is not None:
         dm.retain = str(retain)
-    if image_size is not None:
-        dm.image_size = image_size
-    task = ClassificationTask(
-        backbone=backbone,
-        num_classes=dm.num_classes,
-        class_names=dm.class_names,
-        strategy=strategy,
-        pretrained=pretrained,
-        weights=weights,
-        **(task_kwargs or {}),
-    )
     run_name = name or f"{backbone}-{task.strategy.name}"
     result = fit_task(task, dm, steps=steps, out=out, name=run_name, ckpt_path=ckpt_path, trainer_kwargs=trainer_kwargs,
-                      verbose=verbose)
+                      also_log_to=also_log_to, verbose=verbose)
     if scratch_seeds:
         with quiet(verbose):
             _compare_scratch(result, pristine, scratch_seeds, backbone=backbone, image_size=image_size,
@@ -173,7 +189,8 @@ def _progress_kwargs(trainer_kwargs: dict[str, Any] | None, verbose: bool, desc:
 
 def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: int | None = None,
              out: str | os.PathLike[str] = "runs", name: str, ckpt_path: str | os.PathLike[str] | None = None,
-             trainer_kwargs: dict[str, Any] | None = None, verbose: bool = True) -> FitResult:
+             trainer_kwargs: dict[str, Any] | None = None, also_log_to: Sequence[str] = (),
+             verbose: bool = True) -> FitResult:
     """The run driver of the Python doors (:func:`fine_tune`, :func:`~visiontl.train.distill.distill`,
     a bench cell): train a built task on a datamodule (step budget, run directory
     ``out/name/version_N``, precision by rule, the run's callbacks, resume with ``ckpt_path="last"``,
@@ -189,7 +206,7 @@ def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: i
     kwargs: dict[str, Any] = {
         "max_steps": steps,
         "max_epochs": -1,
-        "logger": RunLogger(str(out), name=name, version=version),
+        "logger": RunLogger(str(out), name=name, version=version, also_log_to=list(also_log_to)),
         "log_every_n_steps": log_interval(batches),
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,

@@ -86,7 +86,25 @@ def _write_rows(path: Path, fieldnames: list[str], rows: list[dict[str, Any]]) -
 
 
 class RunLogger(CSVLogger):
-    """``CSVLogger`` that a resumed run continues (same arguments as ``CSVLogger``)."""
+    """``CSVLogger`` that a resumed run continues: ``metrics.csv`` in the run directory
+    ``save_dir/name/version_N``.
+
+    Args:
+        save_dir, name, version, prefix, flush_logs_every_n_steps: as Lightning's ``CSVLogger``.
+        also_log_to: trackers that log the same run too: ``tensorboard`` (event files in the run
+            directory) and ``mlflow`` (``save_dir/mlflow.db``, or ``MLFLOW_TRACKING_URI``);
+            :mod:`visiontl.train.loggers`. The run driver adds them
+            (:func:`visiontl.train.run.attach_run_callbacks`).
+    """
+
+    def __init__(self, save_dir: str, name: str | None = "lightning_logs", version: int | str | None = None,
+                 prefix: str = "", flush_logs_every_n_steps: int = 100,
+                 also_log_to: list[str] | None = None) -> None:
+        from visiontl.train.loggers import check_trackers
+
+        super().__init__(save_dir, name=name, version=version, prefix=prefix,
+                         flush_logs_every_n_steps=flush_logs_every_n_steps)
+        self.also_log_to = check_trackers(also_log_to)
 
     @property
     def experiment(self) -> _ExperimentWriter:

@@ -38,6 +38,7 @@ from visiontl.core.rundir import run_dir
 from visiontl.core.speed import tune_allocator
 from visiontl.data.protocols import LabelledData, LabelledSplits, Preprocessed
 from visiontl.tasks.protocols import ReportsConfusion, ReportsStrategy
+from visiontl.train.resume import RunLogger
 from visiontl.analyse.plots import save_confusion_matrix, save_drift, save_learning_curves
 
 __all__ = ["LIGHTNING_LOG_EVERY", "add_to_metrics", "attach_run_callbacks", "discard_if_empty", "log_interval",
@@ -136,9 +137,10 @@ def _scalar(value: Any) -> Any:
 def attach_run_callbacks(trainer: pl.Trainer) -> pl.Trainer:
     """Give ``trainer`` what a visiontl run leaves behind, and return it: ``last.ckpt``, always the
     latest state (:class:`~visiontl.train.resume.LastCheckpoint`, when the Trainer checkpoints), the
-    run report with the after-fit analyses (:class:`RunReport`) and the learning rates per step
-    (Lightning's ``LearningRateMonitor``, when it logs). The one place every door adds them; a
-    Trainer built by hand gets them the same way::
+    run report with the after-fit analyses (:class:`RunReport`), the learning rates per step
+    (Lightning's ``LearningRateMonitor``, when it logs) and the trackers the run's
+    :class:`~visiontl.train.resume.RunLogger` asks for (``also_log_to``: TensorBoard, MLflow). The
+    one place every door adds them; a Trainer built by hand gets them the same way::
 
         trainer = attach_run_callbacks(pl.Trainer(max_steps=100))
     """
@@ -153,6 +155,12 @@ def attach_run_callbacks(trainer: pl.Trainer) -> pl.Trainer:
         added.append(LearningRateMonitor("step"))
     kinds = {type(c) for c in trainer.callbacks}
     trainer.callbacks.extend(c for c in added if type(c) not in kinds)  # attached once, whoever calls twice
+    first = trainer.loggers[0] if trainer.loggers else None
+    if isinstance(first, RunLogger) and first.also_log_to and len(trainer.loggers) == 1:
+        from visiontl.train.loggers import tracker_loggers
+
+        trainer.loggers = [first, *tracker_loggers(first.also_log_to, Path(first.log_dir), Path(first.save_dir),
+                                                   first.name or "visiontl")]
     return trainer
 
 
