@@ -1,6 +1,7 @@
 """mkdocs hooks: the pages generated from the code when the site is built, so they cannot drift.
 
-- ``reference/cli.md``: ``visiontl --help`` and every command's ``--help``, as the parsers print them;
+- ``reference/cli.md``: ``visiontl --help`` and every command's ``--help``, as the parsers print them at
+  ``WIDTH`` columns (a longer line is wrapped; reST markup in the help texts is shown as plain code);
 - ``how-to/recipes-medical.md``, ``recipes-satellite.md``, ``recipes-general.md``: every bundled
   recipe's header comment, run line and YAML, from the recipe files;
 - ``results-overview.md``: the committed benchmark results (``benchmarks/results/*.md``, linked
@@ -10,32 +11,58 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import io
 import os
+import re
+import textwrap
 from pathlib import Path
+from types import ModuleType
+from unittest import mock
 
 from mkdocs.structure.files import File
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
+WIDTH = 88  # columns of the command-line reference's help texts: they read without scrolling
+
+
+@functools.cache
+def _docs_module(name: str) -> ModuleType:
+    """A tool module beside this file (``docs/`` is not a package: mkdocs and Griffe load its files by path)."""
+    spec = importlib.util.spec_from_file_location(f"docs_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _wrap(line: str) -> list[str]:
+    """``line`` in lines of at most ``WIDTH`` columns, continued under its text (after an option's name)."""
+    if len(line) <= WIDTH:
+        return [line]
+    column = re.match(r" *(?:\S.*?  +)?", line).end()
+    indent = column if column <= WIDTH // 2 else len(line) - len(line.lstrip())
+    return textwrap.wrap(line, WIDTH, subsequent_indent=" " * indent, break_on_hyphens=False)
 
 
 def _help(args: list[str]) -> str:
     from visiontl.cli.commands import main
 
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), \
+            mock.patch.dict(os.environ, {"COLUMNS": str(WIDTH + 2)}):  # argparse wraps to COLUMNS - 2
         try:
             main(args)
         except SystemExit:
             pass
-    return out.getvalue().rstrip()
+    text = _docs_module("griffe_rst").rst_inline(out.getvalue().rstrip())
+    return "\n".join(wrapped for line in text.splitlines() for wrapped in _wrap(line))
 
 
 def _cli_page() -> str:
     from visiontl.cli.commands import EXTRA_COMMANDS, LIGHTNING_COMMANDS
 
-    os.environ["COLUMNS"] = "110"  # argparse wraps to this width
     parts = ["# Command line", "", "Generated from the command-line parsers when this site is built.", "",
              "```text", _help(["--help"]), "```", ""]
     for name in EXTRA_COMMANDS:
