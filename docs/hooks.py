@@ -6,6 +6,9 @@
   recipe's header comment, run line and YAML, from the recipe files;
 - ``results-overview.md``: the committed benchmark results (``benchmarks/results/*.md``, linked
   into the site as ``results/``), one link and summary line each.
+
+A notebook page's table of contents is rebuilt from its rendered headings: mkdocs-jupyter's drops
+their inline code (and with it the words and the anchors of "One call: ``fine_tune``").
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from types import ModuleType
 from unittest import mock
 
 from mkdocs.structure.files import File
+from mkdocs.structure.toc import get_toc
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 88  # columns of the command-line reference's help texts: they read without scrolling
+_HEADING = re.compile(r'<h(?P<level>[1-6]) id="(?P<id>[^"]+)"[^>]*>(?P<html>.*?)</h(?P=level)>', re.DOTALL)
 
 
 @functools.cache
@@ -103,6 +108,27 @@ def _results_page() -> str:
         if png.is_file():
             parts += [f"![{title}](results/{png.name})", ""]
     return "\n".join(parts)
+
+
+def _toc_tokens(html: str) -> list[dict]:
+    """The headings of a rendered page as nested table-of-contents tokens (``get_toc``'s input)."""
+    root: dict = {"level": 0, "children": []}
+    open_ = [root]
+    for heading in _HEADING.finditer(html):
+        text = re.sub(r'<a class="anchor-link".*?</a>', "", heading["html"], flags=re.DOTALL)
+        token = {"level": int(heading["level"]), "id": heading["id"], "children": [],
+                 "name": re.sub(r"<[^>]+>", "", text).strip()}  # text as HTML: entities stay escaped
+        while open_[-1]["level"] >= token["level"]:
+            open_.pop()
+        open_[-1]["children"].append(token)
+        open_.append(token)
+    return root["children"]
+
+
+def on_page_content(html, page, config, files):  # noqa: ANN001, ANN201 - mkdocs' hook signature
+    if page.file.src_uri.endswith(".ipynb"):
+        page.toc = get_toc(_toc_tokens(html))
+    return html
 
 
 def on_files(files, config):  # noqa: ANN001, ANN201 - mkdocs' hook signature
