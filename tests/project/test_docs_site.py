@@ -23,7 +23,7 @@ from visiontl.cli.commands import EXTRA_COMMANDS
 
 REPO = Path(__file__).parents[2]
 PUBLIC = ["visiontl", "visiontl.data", "visiontl.tasks", "visiontl.strategies", "visiontl.train"]
-ROLES = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj|paramref):")
+ROLES = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj|paramref):(?:`|<code>)")  # a role and its target
 
 
 def _docs_module(name: str) -> ModuleType:
