@@ -5,14 +5,12 @@ after-fit analyses ask a datamodule for these and for nothing else. They test wh
 ``isinstance`` (the Protocols are runtime-checkable; a check reads the members, so it is made once a
 datamodule is set up), never attribute by attribute.
 
-===================  ==========================================================================
-Protocol             offered by
-===================  ==========================================================================
-``Preprocessed``     every visiontl datamodule (:class:`~visiontl.data.base.ImageDataModule`)
-``LabelledSplits``   the classification datamodules (folder, CSV, adaptation)
-``LabelledData``     the classification datamodules and the streamed one
-``ServesFeatures``   the classification datamodules: cached features in place of images
-===================  ==========================================================================
+The Protocols, and who offers them:
+
+- ``Preprocessed``: every visiontl datamodule (:class:`~visiontl.data.base.ImageDataModule`);
+- ``LabelledSplits``: the classification datamodules (folder, CSV, adaptation);
+- ``LabelledData``: the classification datamodules and the streamed one;
+- ``ServesFeatures``: the classification datamodules: cached features in place of images.
 """
 
 from __future__ import annotations

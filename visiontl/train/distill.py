@@ -20,7 +20,10 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from visiontl.train.finetune import FitResult
 
 __all__ = ["distill", "main"]
 
@@ -101,8 +104,12 @@ def distill(
     ckpt_path: str | os.PathLike[str] | None = None,
     also_log_to: Sequence[str] = (),
     verbose: bool = True,
-):
+) -> FitResult:
     """Distil ``teacher`` (a run directory or checkpoint) into a ``student`` timm backbone.
+
+    ``steps``, ``out``, ``seed``, ``data_kwargs``, ``task_kwargs``, ``trainer_kwargs``, ``ckpt_path``,
+    ``also_log_to`` and ``verbose`` are as in :func:`~visiontl.fine_tune` (the same run driver,
+    :func:`~visiontl.train.finetune.fit_task`).
 
     Args:
         teacher: the teacher's run directory, ``.ckpt`` or PEFT checkpoint.
@@ -121,9 +128,6 @@ def distill(
         student_weights: a local weights file or named source for the student (offline).
         teacher_weights: base weights of a PEFT teacher, when not where it was trained.
         image_size: the student's input size (default: its backbone's); the teacher keeps its own.
-        steps, out, seed, data_kwargs, task_kwargs, trainer_kwargs, ckpt_path, also_log_to, verbose: as in
-            :func:`~visiontl.fine_tune` (the same run driver,
-            :func:`~visiontl.train.finetune.fit_task`).
         name: run name (default ``<student>-distilled``).
 
     Returns:
