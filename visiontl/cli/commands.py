@@ -321,7 +321,7 @@ def overview() -> str:
     for title, names in groups.items():
         lines += ["", f"{title}:"] + [f"  {name:<{width}}  {EXTRA_COMMANDS[name][1]}" for name in names]
     lines += ["", "  --version  print the version", "",
-              "Start: visiontl demo (offline, a few minutes); then visiontl fit --config recipe:folder "
+              "Start: visiontl demo (offline); then visiontl fit --config recipe:folder "
               "--data.init_args.root path/to/images"]
     return "\n".join(lines)
 

