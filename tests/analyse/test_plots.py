@@ -350,3 +350,12 @@ def test_save_comparison_page_starts_with_title_and_sentence(tmp_path):
     out = report.save_comparison(rows, tmp_path, baseline="scratch", title="Demo", intro="What was measured.")
     lines = out["md"].read_text().splitlines()
     assert lines[:4] == ["# Demo", "", "What was measured.", ""] and lines[4].startswith("| strategy |")
+
+
+def test_wise_ft_figure_follows_the_conventions():
+    from helpers.figures import figure_problems
+
+    from visiontl.train.wiseft import _figure
+
+    rows = [{"alpha": a, "val_acc": 0.6 + 0.3 * a, "retain_acc": 0.95 - 0.1 * a} for a in (0.0, 0.5, 1.0)]
+    assert figure_problems(_figure(rows, 0.5)) == []
