@@ -483,9 +483,10 @@ def _ratio(key: str) -> bool:
     return "_vs_" in key or key.endswith("/baseline")
 
 
-def comparison_figure(rows: list[dict[str, Any]], metric: str = "val_acc", baseline: str | Collection[str] | None = None,
-                      label_key: str = "strategy", *, keys: list[str] | None = None, group_key: str | None = None,
-                      title: str | None = None, axis_labels: dict[str, str] | None = None,
+def comparison_figure(rows: list[dict[str, Any]], metric: str = "val_acc",
+                      baseline: str | Collection[str] | None = None, label_key: str = "strategy", *,
+                      keys: list[str] | None = None, group_key: str | None = None, title: str | None = None,
+                      axis_labels: dict[str, str] | None = None,
                       value_label: Callable[[dict[str, Any], str], str] | None = None,
                       ncols: int | None = None) -> Figure:
     """Horizontal bars comparing runs: one panel per column in ``keys``, and per group.
@@ -497,9 +498,10 @@ def comparison_figure(rows: list[dict[str, Any]], metric: str = "val_acc", basel
             the legend. A ratio column (``*_vs_*``, ``*/baseline``) gets a dashed line at 1.
         label_key: the key naming each bar.
         keys: the columns to draw, one panel each.
-        group_key: rows with the same value of this key share a panel (titled with it), so long
-            lists read as small multiples: with one key the groups wrap into up to three columns;
-            with several, each group is a row of panels.
+        group_key: rows with the same value of this key share a panel, so long lists read as
+            small multiples: with one key the groups wrap into up to three columns, each panel titled
+            with its group; with several, each group is a row of panels (one column per key) and
+            names its row.
         title: the figure's title (default: ``<metric> by <label_key>``).
         axis_labels: axis labels with units per key (default :func:`axis_label`).
         value_label: the text beside a bar, ``f(row, key)`` (default: the value, 3 digits).
@@ -523,13 +525,16 @@ def comparison_figure(rows: list[dict[str, Any]], metric: str = "val_acc", basel
         cells = [(g, k, i, j) for i, g in enumerate(groups) for j, k in enumerate(keys)]
     nrows = max(c[2] for c in cells) + 1
     bars = [max(len(members[c[0]]) for c in cells if c[2] == row) for row in range(nrows)]
+    title = title or f"{_short(labels[keys[0]])} by {label_key.replace('_', ' ')}"
     longest = max((len(str(r.get(label_key, ""))) for r in rows), default=8)
-    width = min(12.0, ncols * (2.6 + 0.065 * longest) + 0.6)
+    heading = max(len(str(g)) for g in groups) if group_key and len(keys) == 1 else 0
+    width = min(12.0, max(ncols * (max(2.6, 0.075 * heading) + 0.065 * longest) + 0.6, 0.1 * len(title)))
     fig = Figure(figsize=(width, 1.3 + sum(0.27 * n + 0.85 for n in bars)), layout="constrained")
-    fig.suptitle(title or f"{_short(labels[keys[0]])} by {label_key.replace('_', ' ')}")
+    fig.suptitle(title)
     grid = fig.add_gridspec(nrows, ncols, height_ratios=[n + 3 for n in bars])
     first: dict[str, Any] = {}
     spread_drawn = ratio_drawn = False
+    scores = {k for k in keys if all(0 <= float(r[k]) <= 1 for r in rows if _is_num(r.get(k)))}
     for group, key, i, j in cells:
         ax = fig.add_subplot(grid[i, j], sharex=first.get(key))
         first.setdefault(key, ax)
@@ -547,7 +552,8 @@ def comparison_figure(rows: list[dict[str, Any]], metric: str = "val_acc", basel
                 ax.annotate("n/a", (0, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7,
                             color="grey")
                 continue
-            text = value_label(row, key) if value_label else f"{v:.3g}"
+            text = (value_label(row, key) if value_label else f"{v:.3g}x" if _ratio(key) else
+                    f"{v:.3f}" if key in scores else f"{v:.3g}")
             end, sign = (v + s, 1) if v >= 0 else (v - s, -1)
             ax.annotate(text, (end, yi), xytext=(3 * sign, 0), textcoords="offset points", va="center",
                         ha="left" if sign > 0 else "right", fontsize=7)
@@ -557,12 +563,14 @@ def comparison_figure(rows: list[dict[str, Any]], metric: str = "val_acc", basel
         ax.set_yticks(y, names, fontsize=8)
         ax.set_ylim(len(mine) - 0.5, -0.5)
         ax.set_xlabel(labels[key], fontsize=9)
-        if j == 0:
-            ax.set_ylabel(label_key.replace("_", " "), fontsize=9)
+        if j == 0:  # groups in rows of several keys: the row's group names them
+            ax.set_ylabel(str(group) if group_key and len(keys) > 1 else label_key.replace("_", " "), fontsize=9)
         elif len(keys) > 1:  # the same bars as the row's first panel: their names once
             ax.tick_params(labelleft=False)
-        ax.set_title(_short(labels[key]) if group is None else
-                     str(group) if len(keys) == 1 else f"{group}: {_short(labels[key])}", fontsize=10)
+        if group is None or len(keys) > 1:  # columns of keys: titled once, at the top
+            ax.set_title(_short(labels[key]) if i == 0 else "", fontsize=10)
+        else:
+            ax.set_title(str(group), fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     for key, ax in first.items():  # room for the value texts right of the longest bar
         ends = [float(r[key]) + (float(r[f"{key}_std"]) if _is_num(r.get(f"{key}_std")) else 0.0)
@@ -575,7 +583,7 @@ def comparison_figure(rows: list[dict[str, Any]], metric: str = "val_acc", basel
     shown = [b for b in dict.fromkeys(str(r.get(label_key)) for r in rows) if b in baselines]
     if shown:
         handles += [Patch(color="tab:orange", label="baseline: " + ", ".join(shown)),
-                    Patch(color="tab:blue", label="compared with it")]
+                    Patch(color="tab:blue", label="compared runs")]
     if ratio_drawn:
         handles.append(Line2D([], [], color="grey", ls="--", lw=1, label="1 = the baseline, measured in the same run"))
     if spread_drawn:
