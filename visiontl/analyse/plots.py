@@ -460,7 +460,8 @@ _UNITS = (("_ms_bs1", "batch-1 latency", "ms"), ("_ms", "", "ms"), ("_s", "", "s
 def axis_label(key: str) -> str:
     """A column's axis label with its unit: :data:`AXIS_LABELS`, else read from the name
     (``wall_s`` -> ``wall (s)``, ``size_mb`` -> ``size (MB)``, ``throughput_vs_eager`` ->
-    ``throughput / eager (x; 1 = eager)``, ``val_acc/baseline`` -> ``val acc / baseline (x)``)."""
+    ``throughput / eager (x; 1 = eager)``, ``val_acc/baseline`` -> ``val acc / baseline (x; 1 =
+    baseline)``)."""
     if key in AXIS_LABELS:
         return AXIS_LABELS[key]
     if key.endswith("/baseline"):
@@ -504,7 +505,8 @@ def comparison_figure(rows: list[dict[str, Any]], metric: str = "val_acc",
             names its row.
         title: the figure's title (default: ``<metric> by <label_key>``).
         axis_labels: axis labels with units per key (default :func:`axis_label`).
-        value_label: the text beside a bar, ``f(row, key)`` (default: the value, 3 digits).
+        value_label: the text beside a bar, ``f(row, key)`` (default: three decimals for scores
+            between 0 and 1, ``2.49x`` for ratios, else three significant digits).
         ncols: the columns of the wrapped groups.
         A ``<key>_std`` value draws an error bar (± 1 std); the value's text sits past its end.
     """
