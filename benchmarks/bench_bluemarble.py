@@ -75,8 +75,9 @@ def plot(summary: list[dict[str, Any]], path: Path) -> Path:
     from visiontl.benchmark.report import labels_figure
 
     seeds = max(int(r["seeds"]) for r in summary)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
     return save_figure(labels_figure(summary, title=f"recipe:bench/bluemarble: validation accuracy against labels "
-                                                    f"per class (mean ± std of {seeds} seeds)"), path)
+                                                    f"per class (mean ± std of {n_seeds})"), path)
 
 
 def replot(results: Path, out: Path) -> list[Path]:

@@ -151,7 +151,8 @@ def publish(rows: list[dict[str, Any]], out: Path, *, machine: str) -> list[Path
     rows = [{**r, "set": r["cell"].split(" / ")[0], "strategy": r["cell"].split(" / ")[1]} for r in rows]
     sets = list(dict.fromkeys(r["set"] for r in rows))
     seeds = max(r["seeds"] for r in rows)
-    intro = (f"Best validation accuracy (mean and std over {seeds} seeds, and the worst seed) of each strategy as "
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    intro = (f"Best validation accuracy (mean and std over {n_seeds}, and the worst seed) of each strategy as "
              "`fine_tune` runs it with its default steps, batch size and preprocessing on the real ImageNet "
              f"EfficientNet-Lite0 weights at 64 px, on {len(sets)} small offline sets ({', '.join(sets)}); `vs_logreg` "
              "is the ratio to the logistic-regression probe (`logreg`) measured in the same run on the same data, "
@@ -161,8 +162,8 @@ def publish(rows: list[dict[str, Any]], out: Path, *, machine: str) -> list[Path
     md = markdown_page("Defaults on small data: default `fine_tune` against the ladder", intro,
                        "![defaults](defaults.png)", comparison_table(rows, COLUMNS))
     fig = comparison_figure(rows, "val_acc", baseline="logreg", keys=["val_acc"], group_key="set",
-                            title=f"Default fine_tune on {len(sets)} small sets: validation accuracy per strategy "
-                                  f"(mean of {seeds} seeds)")
+                            title=f"Default fine_tune on {len(sets)} small set{'s' * (len(sets) != 1)}: validation "
+                                  f"accuracy per strategy (mean of {n_seeds})")
     return [write_text(out / "defaults.md", md), save_figure(fig, out / "defaults.png")]
 
 

@@ -182,10 +182,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
             # speed: ONNX Runtime latency at batch 1, the teacher's over the student's
             bars.append({**r, "panel": f"{key['student']}, {key['steps']} steps{speed}", "mode": key["mode"]})
     seeds = max(r["seeds"] for r in rows)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
     fig = comparison_figure(bars, "val_acc", baseline="labels", label_key="mode", keys=["val_acc"],
                             group_key="panel", ncols=2,
-                            title=f"Distillation on Blue Marble: student accuracy by training mode (mean of {seeds} "
-                                  "seeds)")
+                            title=f"Distillation on Blue Marble: student accuracy by training mode (mean of "
+                                  f"{n_seeds})")
     return save_figure(fig, path)
 
 
@@ -196,8 +197,9 @@ def publish(rows: list[dict[str, Any]], out: Path, *, machine: str) -> list[Path
 
     rows = [{**r, **parse_model(r["model"])} for r in rows]
     seeds = max(r["seeds"] for r in rows)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
     intro = ("Validation accuracy on Blue Marble tiles (mean and std over "
-             f"{seeds} seeds) of small students at 64 px trained on labels alone, distilled from a fine-tuned "
+             f"{n_seeds}) of small students at 64 px trained on labels alone, distilled from a fine-tuned "
              "EfficientNet-Lite0 teacher, and distilled with unlabelled tiles too, with their agreement with the "
              "teacher, parameters, ONNX size and ONNX Runtime batch-1 latency; `gain_vs_labels` is against the same "
              "student and step budget trained on labels alone, and `speedup_vs_teacher` the teacher's latency over "

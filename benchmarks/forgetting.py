@@ -124,10 +124,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     from visiontl.analyse.plots import save_figure
 
     seeds = max(r["seeds"] for r in rows)
-    fig = Figure(figsize=(11.0, 4.6), layout="constrained")
-    fig.suptitle(f"WiSE-FT: new-task and kept-task accuracy at each alpha (mean of {seeds} seeds)")
-    axes = fig.subplots(1, len(DIRECTIONS), squeeze=False, sharey=True)[0]
-    for ax, direction in zip(axes, DIRECTIONS):
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    directions = [d for d in DIRECTIONS if any(r["direction"] == d for r in rows)]
+    fig = Figure(figsize=(5.5 * len(directions), 4.6), layout="constrained")
+    fig.suptitle(f"WiSE-FT: new-task and kept-task accuracy at each alpha (mean of {n_seeds})")
+    axes = fig.subplots(1, len(directions), squeeze=False, sharey=True)[0]
+    for ax, direction in zip(axes, directions):
         for i, method in enumerate(WISE):
             mine = [r for r in rows if r["direction"] == direction and r["method"] == method]
             if not mine:
@@ -198,10 +200,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     from visiontl.analyse.plots import save_figure
 
     seeds = max(r["seeds"] for r in rows)
-    fig = Figure(figsize=(11.0, 4.8), layout="constrained")
-    fig.suptitle(f"Forgetting against new-task accuracy (mean ± std of {seeds} seeds; up and right is better)")
-    axes = fig.subplots(1, len(DIRECTIONS), squeeze=False)[0]
-    for ax, direction in zip(axes, DIRECTIONS):
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    directions = [d for d in DIRECTIONS if any(r["direction"] == d for r in rows)]
+    fig = Figure(figsize=(4.5 * len(directions) + 2.0, 4.8), layout="constrained")
+    fig.suptitle(f"Forgetting against new-task accuracy (mean ± std of {n_seeds}; up and right "
+                 "is better)")
+    axes = fig.subplots(1, len(directions), squeeze=False)[0]
+    for ax, direction in zip(axes, directions):
         mine = [r for r in rows if r["direction"] == direction]
         for r in mine:
             ax.errorbar(r["val_acc"], r["retain_acc"], xerr=r["val_acc_std"], yerr=r["retain_acc_std"],
@@ -234,7 +239,8 @@ def publish(rows: list[dict[str, Any]], curves_: list[dict[str, Any]], out: Path
     from visiontl.core.files import write_text
 
     seeds = max(r["seeds"] for r in rows)
-    intro = (f"New-task validation accuracy and kept-task linear-probe accuracy (mean and std over {seeds} seeds) "
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    intro = (f"New-task validation accuracy and kept-task linear-probe accuracy (mean and std over {n_seeds}) "
              f"of each method after {steps} steps on the real EfficientNet-Lite0 ImageNet weights at 64 px, "
              "fine-tuning on shaded-relief tiles while keeping Blue Marble, and the reverse; `forgetting` is the "
              "kept task's drop from the pretrained backbone, and `acc_minus_full` and `forgetting_vs_full` compare "

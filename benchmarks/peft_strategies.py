@@ -218,7 +218,8 @@ def publish(rows: list[dict[str, Any]], out: Path, *, steps: int, machine: str) 
     rows = [{**r, "set": r["cell"].split(" / ")[0], "strategy": r["cell"].split(" / ")[1]} for r in rows]
     panels = {"vit-mechanics": "vit-mechanics (random weights: mechanics only)"}
     seeds = max(r["seeds"] for r in rows)
-    intro = (f"Best validation accuracy (mean and std over {seeds} seeds) of each strategy after {steps} optimizer "
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    intro = (f"Best validation accuracy (mean and std over {n_seeds}) of each strategy after {steps} optimizer "
              "steps at 64 px on the real EfficientNet-Lite0 ImageNet weights, on Blue Marble and shaded-relief tiles "
              "(10 or 60 training tiles per class, 40 per class to validate), with the share of parameters trained, "
              "the checkpoint size, the wall time and the peak memory of each run; `acc_minus_full`, `ckpt_vs_full` "
@@ -233,7 +234,7 @@ def publish(rows: list[dict[str, Any]], out: Path, *, steps: int, machine: str) 
     fig = comparison_figure([{**r, "panel": panels.get(r["set"], r["set"])} for r in rows], "val_acc",
                             baseline="full", keys=["val_acc"], group_key="panel",
                             title=f"Parameter-efficient strategies against full fine-tuning: validation accuracy "
-                                  f"after {steps} steps (mean of {seeds} seeds)")
+                                  f"after {steps} steps (mean of {n_seeds})")
     return [write_text(out / "peft.md", md), save_figure(fig, out / "peft.png")]
 
 
