@@ -467,8 +467,8 @@ TARGET_GROUPS = {  # run: (its panel row, whether it is that row's baseline)
     "source_only": ("unlabelled target", True), "dann": ("unlabelled target", False),
     "coral": ("unlabelled target", False), "dann/mixed_bn": ("unlabelled target", False),
     "target_trained": ("labelled target", False),
-    "few_labels_imagenet": ("10 target labels per class", True),
-    "few_labels_byol": ("10 target labels per class", False),
+    "few_labels_imagenet": ("few target labels", True),
+    "few_labels_byol": ("few target labels", False),
 }
 
 
