@@ -25,9 +25,11 @@ option); the baseline is source-only picked by source validation accuracy withou
 user gets without adaptation). The frozen probe (ImageNet features, logistic regression fitted on the
 source) is the other reference.
 
-Writes ``benchmarks/results/adaptation.{csv,md,png}`` (configurations), ``adaptation_runs.csv``
-(every evaluation of every run) and, with ``--part few``, ``adaptation_few.{csv,md,png}``
-(few-label fine-tuning on relief tiles from ImageNet weights vs after continued BYOL pretraining).
+Writes ``benchmarks/results/adaptation.{csv,md,png}`` (configurations), ``adaptation_probes.csv`` (the frozen
+probes), ``adaptation_runs.{csv,md}`` (every evaluation of every run) and, with ``--part few``,
+``adaptation_few.{csv,md,png}`` (few-label fine-tuning on relief tiles from ImageNet weights vs after
+continued BYOL pretraining). ``python benchmarks/replot.py adaptation`` writes the plots and run pages
+again from the CSV files.
 
     python benchmarks/adaptation.py                 # the three pairs (~60 minutes on 2 cores)
     python benchmarks/adaptation.py --part few      # few labels with and without BYOL (~5 minutes)
@@ -239,31 +241,77 @@ def configurations(chosen: list[dict[str, Any]], pairs: list[str]) -> list[dict[
     return sorted(eligible, key=lambda r: r["mean_rank"]) + [r for r in rows if r not in eligible]
 
 
-def _plot(preferred: list[dict[str, Any]], path: Path) -> None:
-    """Per pair: the baseline, the frozen probe, the default, what the pair preferred, the oracle."""
-    import matplotlib
+PROBE_COLUMNS = ["pair", "target_balanced_acc", "target_acc", "val_acc", "target_im", "target_snd", "target_dev"]
+RUNS_COLUMNS = ["pair", "method", "seed", "step", "target_bn", "target_im", "target_snd", "target_dev",
+                "target_dev_raw", "target_acc", "target_balanced_acc", "val_acc", "wall_s"]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+READING = ("Balanced target accuracy of every domain-adaptation configuration (method, target BatchNorm or not, and "
+           "the validator that picks the checkpoint) on three source -> target pairs, the target's labels used only "
+           "to measure; `vs_baseline` and `gain_min` compare with source-only training picked by source validation "
+           "accuracy, measured in the same run, and the default is the label-free configuration with the best mean "
+           "rank over the pairs.")
+"""The first sentence of ``adaptation.md``: what was measured and how to read it."""
+
+
+def preferred_rows(configs: list[dict[str, Any]], probes: list[dict[str, Any]], pairs: list[str]
+                   ) -> list[dict[str, Any]]:
+    """Per pair: the baseline, the frozen probe, the default, the pair's own best configuration and the
+    oracle (from :func:`configurations`'s rows and the frozen probes, or ``adaptation.csv`` and
+    ``adaptation_probes.csv``)."""
+    default = next(r for r in configs if r["validator"] in DEFAULT_FROM)  # configs are sorted by mean rank
+    base = next(r for r in configs if (r["method"], r["target_bn"], r["validator"]) == BASELINE)
+    out = []
+    for pair in pairs:
+        best = min((r for r in configs if r.get(f"{pair} rank") is not None), key=lambda r: r[f"{pair} rank"])
+        oracle = max((r for r in configs if r["validator"] == "oracle"), key=lambda r: r[pair])
+        probe = next(p for p in probes if p["pair"] == pair)
+        out.append({"pair": pair, "preferred": best["config"], "preferred_acc": best[pair],
+                    "default_acc": default[pair], "baseline_acc": base[pair],
+                    "default_gain": default[pair] - base[pair], "frozen_probe_acc": probe["target_balanced_acc"],
+                    "oracle_acc": oracle[pair], "oracle_config": oracle["config"]})
+    return out
+
+
+def plot_pairs(preferred: list[dict[str, Any]], path: Path) -> Path:
+    """Per pair: the baseline, the frozen probe, the default, what the pair preferred, the oracle."""
+    from matplotlib.figure import Figure
+
+    from visiontl.analyse.plots import save_figure
 
     bars = [("baseline_acc", "source-only (baseline)"), ("frozen_probe_acc", "frozen probe"),
             ("default_acc", "default"), ("preferred_acc", "the pair's best configuration"),
             ("oracle_acc", "oracle (target labels: upper bound)")]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig = Figure(figsize=(9.0, 4.6), layout="constrained")
+    fig.suptitle("Domain adaptation: the default by mean rank, against source-only training on each pair")
+    ax = fig.subplots()
     width = 0.8 / len(bars)
     for i, (key, label) in enumerate(bars):
-        ax.bar([j + i * width for j in range(len(preferred))], [r[key] for r in preferred], width, label=label)
+        xs = [j + i * width for j in range(len(preferred))]
+        drawn = ax.bar(xs, [r[key] for r in preferred], width, label=label)
+        ax.bar_label(drawn, fmt="%.2f", fontsize=6, padding=1)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(preferred))], [r["pair"] for r in preferred])
-    ax.set(ylabel="balanced target accuracy", ylim=(0, 1), title="Domain adaptation: the default by mean rank")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.set(xlabel="source -> target pair", ylabel="balanced target accuracy (0 to 1)", ylim=(0, 1))
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    return save_figure(fig, path)
+
+
+def publish_runs(rows: list[dict[str, Any]], out: Path, *, machine: str) -> Path:
+    """``adaptation_runs.md``: every evaluation of every run (``adaptation_runs.csv``'s rows)."""
+    from visiontl.analyse.plots import comparison_table, markdown_page
+    from visiontl.core.files import write_text
+
+    intro = ("Every evaluation of every adaptation run behind [adaptation.md](adaptation.md): per pair, method, seed "
+             "and optimisation step, the model scored as trained (`target_bn` False) and after target BatchNorm "
+             "(True) by each label-free validator, with the target's accuracy and balanced accuracy (the labels "
+             f"only measure) and the source validation accuracy `val_acc`; `wall_s` is the run's ({machine}).")
+    return write_text(out / "adaptation_runs.md", markdown_page("Domain adaptation: every evaluation of every run",
+                                                                intro, comparison_table(rows, RUNS_COLUMNS)))
 
 
 def _run_pairs(args: argparse.Namespace) -> None:
     from visiontl.core.files import write_json, write_text
-    from visiontl.analyse.plots import comparison_table, format_console_table, save_comparison
+    from visiontl.analyse.plots import comparison_table, format_console_table, write_rows
 
     pairs = [p for p in PAIRS if p in args.pairs]
     if "source_only" not in args.methods:
@@ -295,21 +343,12 @@ def _run_pairs(args: argparse.Namespace) -> None:
     columns = ["config", "mean_rank", "mean_acc", "vs_baseline", "gain_min", *pairs]
     print(format_console_table(configs[:12], columns))
     print(f"default (best mean rank): {default['config']}")
-    save_comparison([{**r, "run": r["config"]} for r in configs], args.out, name="adaptation", metric="mean_acc",
-                    label_key="run")
-    save_comparison(rows, args.out, name="adaptation_runs", metric="target_balanced_acc", label_key="method")
-    (args.out / "adaptation_runs.png").unlink(missing_ok=True)
-    base = next(r for r in configs if (r["method"], r["target_bn"], r["validator"]) == BASELINE)
-    preferred = []
-    for pair in pairs:
-        best = min((r for r in configs if f"{pair} rank" in r), key=lambda r: r[f"{pair} rank"])
-        oracle = max((r for r in configs if r["validator"] == "oracle"), key=lambda r: r[pair])
-        probe = next(p for p in probes if p["pair"] == pair)
-        preferred.append({"pair": pair, "preferred": best["config"], "preferred_acc": best[pair],
-                          "default_acc": default[pair], "baseline_acc": base[pair],
-                          "default_gain": default[pair] - base[pair], "frozen_probe_acc": probe["target_balanced_acc"],
-                          "oracle_acc": oracle[pair], "oracle_config": oracle["config"]})
-    _plot(preferred, args.out / "adaptation.png")
+    write_rows([{**r, "run": r["config"]} for r in configs], args.out / "adaptation.csv")
+    write_rows(probes, args.out / "adaptation_probes.csv", PROBE_COLUMNS)
+    write_rows(rows, args.out / "adaptation_runs.csv", RUNS_COLUMNS)
+    publish_runs(rows, args.out, machine=f"{os.cpu_count()} CPU cores")
+    preferred = preferred_rows(configs, probes, pairs)
+    plot_pairs(preferred, args.out / "adaptation.png")
     validators = []
     for v in VALIDATORS:
         mine = [r for r in configs if r["validator"] == v]
@@ -326,7 +365,8 @@ def _run_pairs(args: argparse.Namespace) -> None:
              f"seeds). Baseline: source-only fine-tuning, checkpoint by source validation accuracy, source BatchNorm "
              f"statistics (what a user gets without adaptation); \"target BN\": AdaBN on the unlabelled target images. {os.cpu_count()} CPU cores.")
     write_text(args.out / "adaptation.md", "\n\n".join([
-        "# Domain adaptation over three pairs: the default by mean rank", setup,
+        "# Domain adaptation over three pairs: the default by mean rank", READING, setup,
+        "![adaptation](adaptation.png)",
         f"**Default (best mean rank over the pairs): {default['config']}.** The default is drawn from the "
         f"configurations whose validator is a label-free target validator AdaptationTask monitors "
         f"({', '.join(DEFAULT_FROM)}); every configuration is ranked below, source validation accuracy "
@@ -341,8 +381,7 @@ def _run_pairs(args: argparse.Namespace) -> None:
         "## The default's picks, run by run (validator value at the pick)",
         comparison_table(default_runs, runs_cols),
         "## Frozen probe (ImageNet features, logistic regression on the source)",
-        comparison_table(probes, ["pair", "target_balanced_acc", "target_acc", "val_acc", "target_im", "target_snd",
-                                  "target_dev"]),
+        comparison_table(probes, PROBE_COLUMNS),
     ]) + "\n")
 
 
@@ -398,7 +437,7 @@ def summarise(rows: list[dict[str, Any]], order: list[str], baseline: str) -> li
 
 def _run_few(args: argparse.Namespace) -> None:
     from visiontl.core.files import write_text
-    from visiontl.analyse.plots import comparison_table, format_console_table, save_comparison
+    from visiontl.analyse.plots import comparison_table, format_console_table, write_rows
 
     rows = []
     print("continued pretraining (BYOL) ...", flush=True)
@@ -410,12 +449,67 @@ def _run_few(args: argparse.Namespace) -> None:
     few = summarise(rows, ["few_labels_imagenet", "few_labels_byol"], "few_labels_imagenet")
     columns = ["run", "seeds", "target_acc", "target_acc_std", "vs_baseline", "wall_s"]
     print(format_console_table(few, columns))
-    save_comparison(few, args.out, name="adaptation_few", metric="target_acc", label_key="run")
+    write_rows(few, args.out / "adaptation_few.csv")
+    plot_target_runs(few, args.out / "adaptation_few.png", "Few target labels, with and without continued "
+                     "pretraining (BYOL)")
     write_text(args.out / "adaptation_few.md", "# Few-label fine-tuning on the target, with and without continued "
-               f"pretraining\n\n{BACKBONE}; {args.few} labelled relief tiles per class, {args.few_steps} steps, "
+               "pretraining\n\nTarget accuracy (mean and std over seeds) of fine-tuning on a few labelled relief "
+               "tiles from the ImageNet weights and from the same weights after BYOL on unlabelled relief tiles; "
+               "`vs_baseline` is the ratio to the ImageNet start measured in the same run.\n\n"
+               f"{BACKBONE}; {args.few} labelled relief tiles per class, {args.few_steps} steps, "
                f"{args.size} px, evaluated on {args.val} relief tiles per class; BYOL on {args.unlabelled} unlabelled "
                f"relief tiles per class, {args.ssl_steps} steps ({ssl_wall:.0f} s); seeds 0-{args.seeds - 1}; "
-               f"{os.cpu_count()} CPU cores.\n\n" + comparison_table(few, columns) + "\n")
+               f"{os.cpu_count()} CPU cores.\n\n![adaptation_few](adaptation_few.png)\n\n"
+               + comparison_table(few, columns) + "\n")
+
+
+TARGET_GROUPS = {  # run: (its panel row, whether it is that row's baseline)
+    "source_only": ("unlabelled target", True), "dann": ("unlabelled target", False),
+    "coral": ("unlabelled target", False), "dann/mixed_bn": ("unlabelled target", False),
+    "target_trained": ("labelled target", False),
+    "few_labels_imagenet": ("few target labels", True),
+    "few_labels_byol": ("few target labels", False),
+}
+
+
+def plot_target_runs(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Target accuracy and wall time per run (``adaptation_few``, and the one-pair results of the
+    earlier version of this script), one row of panels per kind of target data."""
+    from visiontl.analyse.plots import comparison_figure, save_figure
+
+    grouped = [{**r, "target data": TARGET_GROUPS.get(r["run"], ("other", False))[0]} for r in rows]
+    fig = comparison_figure(grouped, "target_acc", baseline=[r for r, (_, base) in TARGET_GROUPS.items() if base],
+                            label_key="run", keys=["target_acc", "wall_s"], group_key="target data", title=title)
+    return save_figure(fig, path)
+
+
+def replot(results: Path, out: Path, *, machine: str = "2 CPU cores") -> list[Path]:
+    """``adaptation.png``, ``adaptation_single_pair.png`` and the run pages (``adaptation_runs.md``,
+    ``adaptation_single_pair_runs.md``) again from the CSV files, without training (``machine``: the
+    committed runs'; ``adaptation.md`` stays as the run wrote it)."""
+    from visiontl.analyse.plots import comparison_table, markdown_page, read_rows
+    from visiontl.core.files import write_text
+
+    configs = read_rows(results / "adaptation.csv")
+    pairs = [p for p in PAIRS if p in configs[0]]
+    paths = [plot_pairs(preferred_rows(configs, read_rows(results / "adaptation_probes.csv"), pairs),
+                        out / "adaptation.png"),
+             publish_runs(read_rows(results / "adaptation_runs.csv"), out, machine=machine)]
+    single = results / "adaptation_single_pair.csv"
+    if single.is_file():  # measured by the earlier, one-pair version of this script
+        paths.append(plot_target_runs(read_rows(single), out / "adaptation_single_pair.png",
+                                      "Domain adaptation, Blue Marble -> shaded relief: target accuracy and wall "
+                                      "time per run (mean over seeds)"))
+        runs = read_rows(results / "adaptation_single_pair_runs.csv")
+        intro = ("Every run behind [adaptation_single_pair.md](adaptation_single_pair.md) (Blue Marble -> shaded "
+                 "relief, the earlier one-pair version of `benchmarks/adaptation.py`): per run and seed, the source "
+                 "validation accuracy, the target accuracy of the checkpoint picked by source validation accuracy "
+                 "and of the one picked by information maximisation (`target_acc_by_im`), the information "
+                 "maximisation score `target_im`, DANN's proxy A-distance `target_pad` and the wall time "
+                 f"({machine}).")
+        paths.append(write_text(out / "adaptation_single_pair_runs.md", markdown_page(
+            "Domain adaptation, one pair: every run", intro, comparison_table(runs))))
+    return paths
 
 
 def main() -> None:

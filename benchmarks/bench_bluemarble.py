@@ -11,7 +11,7 @@ shared feature pass saves.
 
 Writes ``benchmarks/results/bench_bluemarble.{csv,md,png}``: the bench's summary, its report
 (recommendation, flags, transferability) with the timing lines, and accuracy against labels for
-both data sets.
+both data sets (``python benchmarks/replot.py bench_bluemarble``: the plot again from the CSV).
 
     python benchmarks/bench_bluemarble.py                     # the grid (28 min on 2 cores) + ~8 min of timing runs
     python benchmarks/bench_bluemarble.py --quick --out /tmp/b  # a smoke run: one data set, one budget, one seed
@@ -70,30 +70,22 @@ def cold_frozen_cells(cells: list[Any], work: Path) -> float:
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> Path:
-    from matplotlib.figure import Figure
-
+    """Accuracy against labels per class, one panel per data set (the bench report's figure)."""
     from visiontl.analyse.plots import save_figure
+    from visiontl.benchmark.report import labels_figure
 
-    sets = sorted({r["data"] for r in summary})
-    fig = Figure(figsize=(5.2 * len(sets), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(sets), squeeze=False, sharey=True)[0]
-    for ax, data in zip(axes, sets):
-        lines = [r for r in summary if r["data"] == data and r["val_acc"] is not None]
-        shots = sorted({r["shots"] for r in lines}, key=lambda s: float("inf") if s == "all" else float(s))
-        for strategy in sorted({r["strategy"] for r in lines}):
-            pts = sorted((r for r in lines if r["strategy"] == strategy), key=lambda r: shots.index(r["shots"]))
-            xs = [shots.index(r["shots"]) for r in pts]
-            ys = [r["val_acc"] for r in pts]
-            sd = [r["val_acc_std"] or 0.0 for r in pts]
-            ax.plot(xs, ys, marker="o", label=strategy)
-            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.12)
-        ax.set_xticks(range(len(shots)), shots)
-        ax.set_xlabel("labelled tiles per class")
-        ax.set_title(data)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation accuracy (mean ± std, 3 seeds)")
-    axes[-1].legend(fontsize=8)
-    return save_figure(fig, path)
+    seeds = max(int(r["seeds"]) for r in summary)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    return save_figure(labels_figure(summary, title=f"recipe:bench/bluemarble: validation accuracy against labels "
+                                                    f"per class (mean ± std of {n_seeds})"), path)
+
+
+def replot(results: Path, out: Path) -> list[Path]:
+    """``bench_bluemarble.png`` again from ``results/bench_bluemarble.csv``, without training
+    (``bench_bluemarble.md`` stays as the run wrote it: the report and timing are not in the CSV)."""
+    from visiontl.analyse.plots import read_rows
+
+    return [plot(read_rows(results / "bench_bluemarble.csv"), out / "bench_bluemarble.png")]
 
 
 def yaml_data() -> list[dict[str, Any]]:
@@ -114,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     from visiontl.benchmark import BenchStore, expand_grid, load_config, run_bench
     from visiontl.benchmark.report import summarise, write_report
-    from visiontl.analyse.plots import format_console_table, save_comparison
+    from visiontl.analyse.plots import format_console_table, write_rows
 
     overrides: dict[str, Any] = {}
     if args.quick:
@@ -134,8 +126,8 @@ def main() -> None:
     columns = ["data", "strategy", "shots", "seeds", "val_acc", "val_acc_std", "ci95_low", "ci95_high", "train_acc",
                "trainable_params", "wall_s"]
     print(format_console_table(summary, columns))
-    paths = save_comparison([{k: r.get(k) for k in columns} for r in summary], args.out, name="bench_bluemarble",
-                            label_key="strategy")
+    paths = {"csv": write_rows(summary, args.out / "bench_bluemarble.csv", columns),
+             "md": args.out / "bench_bluemarble.md", "png": plot(summary, args.out / "bench_bluemarble.png")}
     timing = [f"- the whole grid: {len(rows)} cells in {bench_s / 60:.1f} min of wall time in this run "
               f"(cells already in {args.work} are skipped; time a fresh --work).",
               f"- frozen-backbone cells (probe, logreg, knn): {frozen_s:.0f} s in the bench (their rows read one "
@@ -157,7 +149,6 @@ def main() -> None:
     md = md.split("\n## Plots")[0].rstrip() + f"\n\n## Plot\n\n![{paths['png'].stem}]({paths['png'].name})\n"
     paths["md"].write_text(md.replace("## Recommendation", "## Timing\n\n" + "\n".join(timing) + "\n\n## Recommendation",
                                       1))
-    plot(summary, paths["png"])
     print("\n".join(timing))
     print("wrote", ", ".join(str(p) for p in paths.values()))
 

@@ -16,7 +16,8 @@ Strategies: ``gradual`` (the default: LP-FT), ``full``, ``probe``, ``logreg`` an
 training everywhere; the Blue Marble / relief tiles are the same draw for every seed). The ratio column relates
 each strategy to the logistic-regression probe measured in the same run on the same data.
 Cells are written one by one to ``<work>/cells.jsonl`` and skipped when present, so an
-interrupted run resumes. Results: ``benchmarks/results/defaults.{csv,md,png}``.
+interrupted run resumes. Results: ``benchmarks/results/defaults.{csv,md,png}``; ``python benchmarks/replot.py
+defaults`` writes the page and plot again from the CSV.
 
     python benchmarks/defaults.py                 # everything (about 40 minutes on 2 cores)
     python benchmarks/defaults.py --sets digits-8px --seeds 1 --strategies gradual logreg
@@ -41,6 +42,9 @@ STRATEGIES = ("gradual", "full", "probe", "logreg", "scratch")
 SETS = ("bluemarble-10", "bluemarble-60", "relief-30", "digits-8px", "fashion-12px")
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 RESULTS = Path(__file__).parent / "results"
+COLUMNS = ["cell", "seeds", "val_acc", "val_acc_std", "vs_logreg", "min_acc", "at_chance", "lp_head_acc",
+           "guard_events"]
+"""The published columns: wall time stays in cells.jsonl only (on a shared machine it measures the neighbours too)."""
 
 
 def dataset(name: str, seed: int, work: Path) -> Any:
@@ -116,7 +120,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     from visiontl.data.lowres import FASHION_MNIST_DIR
-    from visiontl.analyse.plots import format_console_table, save_comparison
+    from visiontl.analyse.plots import format_console_table, write_rows
 
     sets = [s for s in args.sets if s != "fashion-12px" or FASHION_MNIST_DIR.is_dir()]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -133,13 +137,42 @@ def main() -> None:
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")
     rows = summarise(cells, sets, args.strategies)
-    # wall time stays in cells.jsonl only: on a shared 2-core machine it measures the neighbours too
-    columns = ["cell", "seeds", "val_acc", "val_acc_std", "vs_logreg", "min_acc", "at_chance", "lp_head_acc",
-               "guard_events"]
-    print(format_console_table(rows, columns))
-    paths = save_comparison([{k: r.get(k) for k in columns} for r in rows], args.out, name="defaults",
-                            label_key="cell")
-    print("wrote", ", ".join(str(p) for p in paths.values()))
+    print(format_console_table(rows, COLUMNS))
+    paths = [write_rows(rows, args.out / "defaults.csv", COLUMNS),
+             *publish(rows, args.out, machine=f"{os.cpu_count()} CPU cores")]
+    print("wrote", ", ".join(str(p) for p in paths))
+
+
+def publish(rows: list[dict[str, Any]], out: Path, *, machine: str) -> list[Path]:
+    """``defaults.md`` and ``defaults.png`` from the summary rows (:func:`summarise`'s, or ``defaults.csv``'s)."""
+    from visiontl.analyse.plots import comparison_figure, comparison_table, markdown_page, save_figure
+    from visiontl.core.files import write_text
+
+    rows = [{**r, "set": r["cell"].split(" / ")[0], "strategy": r["cell"].split(" / ")[1]} for r in rows]
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    seeds = max(r["seeds"] for r in rows)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    intro = (f"Best validation accuracy (mean and std over {n_seeds}, and the worst seed) of each strategy as "
+             "`fine_tune` runs it with its default steps, batch size and preprocessing on the real ImageNet "
+             f"EfficientNet-Lite0 weights at 64 px, on {len(sets)} small offline sets ({', '.join(sets)}); `vs_logreg` "
+             "is the ratio to the logistic-regression probe (`logreg`) measured in the same run on the same data, "
+             "`at_chance` counts the seeds within 5 points of chance, `lp_head_acc` is the fitted head's accuracy "
+             "before LP-FT trains the rest and `guard_events` counts the divergence guard's interventions; "
+             f"{machine} (wall time is left out: on a shared machine it measures the neighbours too).")
+    md = markdown_page("Defaults on small data: default `fine_tune` against the ladder", intro,
+                       "![defaults](defaults.png)", comparison_table(rows, COLUMNS))
+    fig = comparison_figure(rows, "val_acc", baseline="logreg", keys=["val_acc"], group_key="set",
+                            title=f"Default fine_tune on {len(sets)} small set{'s' * (len(sets) != 1)}: validation "
+                                  f"accuracy per strategy (mean of {n_seeds})")
+    return [write_text(out / "defaults.md", md), save_figure(fig, out / "defaults.png")]
+
+
+def replot(results: Path, out: Path, *, machine: str = "2 CPU cores") -> list[Path]:
+    """``defaults.md`` and ``defaults.png`` again from ``results/defaults.csv``, without training
+    (``machine``: the committed run's)."""
+    from visiontl.analyse.plots import read_rows
+
+    return publish(read_rows(results / "defaults.csv"), out, machine=machine)
 
 
 if __name__ == "__main__":

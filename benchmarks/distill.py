@@ -21,7 +21,8 @@ labels alone by more than the seed spread, and runs at least 3x faster than the 
 at the end of the Markdown file.
 
 Runs are appended to ``<work>/runs.jsonl`` and skipped when present (an interrupted run resumes).
-Results: ``benchmarks/results/distill.{csv,md,png}``.
+Results: ``benchmarks/results/distill.{csv,md,png}``; ``python benchmarks/replot.py distill`` writes the page
+and plot again from the CSV.
 
     python benchmarks/distill.py                                  # 100 steps, both students (~20 min, 2 cores)
     python benchmarks/distill.py --students mnv3s050@64 --steps 300  # the longer budget (~17 min); tables merge
@@ -52,6 +53,8 @@ MODES = {"labels": {"alpha": 0.0, "unlabelled": False}, "distilled": {"alpha": 0
          "distilled+unlabelled": {"alpha": 0.5, "unlabelled": True}}
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 RESULTS = Path(__file__).parent / "results"
+COLUMNS = ["model", "seeds", "val_acc", "val_acc_std", "gain_vs_labels", "agreement", "params", "onnx_mb", "ort_ms_bs1",
+           "speedup_vs_teacher"]
 
 
 def tiles(work: Path, quick: bool) -> Path:
@@ -157,23 +160,62 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    from matplotlib.figure import Figure
+def parse_model(model: str) -> dict[str, Any]:
+    """``"mnv3s050@64 300 steps distilled"`` -> its student, steps and mode (the teacher: {})."""
+    parts = model.split()
+    return {"student": parts[0], "steps": int(parts[1]), "mode": parts[3]} if len(parts) == 4 else {}
 
-    from visiontl.analyse.plots import save_figure
 
-    fig = Figure(figsize=(7.5, 4.4), layout="constrained")
-    ax = fig.subplots()
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy per training mode, one panel per student and step budget (its speed-up over the
+    teacher in the title), the teacher's own accuracy in a panel of its own."""
+    from visiontl.analyse.plots import comparison_figure, save_figure
+
+    bars = []
     for r in rows:
-        if r.get("ort_ms_bs1") is None:
-            continue
-        ax.errorbar(r["ort_ms_bs1"], r["val_acc"], yerr=r.get("val_acc_std") or 0, fmt="o", capsize=3,
-                    label=r["model"])
-    ax.set(xscale="log", xlabel="ONNX Runtime latency, batch 1 (ms, log)", ylabel="validation accuracy",
-           title="Distillation on Blue Marble: accuracy against speed")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
+        key = parse_model(r["model"])
+        if not key:
+            bars.append({**r, "panel": f"teacher ({r['model'].split()[-1]}, {r['ort_ms_bs1']:.2f} ms per image)",
+                         "mode": "teacher"})
+        else:
+            speed = f", {r['speedup_vs_teacher']:.1f}x the teacher's speed" if r.get("speedup_vs_teacher") else ""
+            # speed: ONNX Runtime latency at batch 1, the teacher's over the student's
+            bars.append({**r, "panel": f"{key['student']}, {key['steps']} steps{speed}", "mode": key["mode"]})
+    seeds = max(r["seeds"] for r in rows)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    fig = comparison_figure(bars, "val_acc", baseline="labels", label_key="mode", keys=["val_acc"],
+                            group_key="panel", ncols=2,
+                            title=f"Distillation on Blue Marble: student accuracy by training mode (mean of "
+                                  f"{n_seeds})")
+    return save_figure(fig, path)
+
+
+def publish(rows: list[dict[str, Any]], out: Path, *, machine: str) -> list[Path]:
+    """``distill.md`` and ``distill.png`` from the summary rows (:func:`summarise`'s, or ``distill.csv``'s)."""
+    from visiontl.analyse.plots import comparison_table, markdown_page
+    from visiontl.core.files import write_text
+
+    rows = [{**r, **parse_model(r["model"])} for r in rows]
+    seeds = max(r["seeds"] for r in rows)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    intro = ("Validation accuracy on Blue Marble tiles (mean and std over "
+             f"{n_seeds}) of small students at 64 px trained on labels alone, distilled from a fine-tuned "
+             "EfficientNet-Lite0 teacher, and distilled with unlabelled tiles too, with their agreement with the "
+             "teacher, parameters, ONNX size and ONNX Runtime batch-1 latency; `gain_vs_labels` is against the same "
+             "student and step budget trained on labels alone, and `speedup_vs_teacher` the teacher's latency over "
+             f"the student's, both measured in the same run ({machine}).")
+    md = markdown_page("Knowledge distillation: small students taught by EfficientNet-Lite0", intro,
+                       "![distill](distill.png)", comparison_table(rows, COLUMNS),
+                       "## Target\n\n" + "\n".join(targets(rows)))
+    return [write_text(out / "distill.md", md), plot(rows, out / "distill.png")]
+
+
+def replot(results: Path, out: Path, *, machine: str = "2 CPU cores") -> list[Path]:
+    """``distill.md`` and ``distill.png`` again from ``results/distill.csv``, without training
+    (``machine``: the committed run's)."""
+    from visiontl.analyse.plots import read_rows
+
+    return publish(read_rows(results / "distill.csv"), out, machine=machine)
 
 
 def main() -> None:
@@ -191,8 +233,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    from visiontl.core import files
-    from visiontl.analyse.plots import format_console_table, save_comparison
+    from visiontl.analyse.plots import format_console_table, write_rows
     from visiontl.core.speed import tune_allocator
 
     tune_allocator()
@@ -225,16 +266,11 @@ def main() -> None:
             deploy[name] = deploy_numbers(Path(first["run_dir"]), onnx / f"{name}.onnx", STUDENTS[name]["image_size"],
                                           args.repeats)
     rows = summarise(runs, deploy, teacher_row)
-    columns = ["model", "seeds", "val_acc", "val_acc_std", "gain_vs_labels", "agreement", "params", "onnx_mb",
-               "ort_ms_bs1", "speedup_vs_teacher"]
-    print(format_console_table(rows, columns))
-    paths = save_comparison([{k: r.get(k) for k in columns} for r in rows], args.out, name="distill",
-                            label_key="model")
-    lines = targets(rows)
-    files.write_text(paths["md"], paths["md"].read_text() + "\n## Target\n\n" + "\n".join(lines) + "\n")
-    plot(rows, paths["png"])
-    print("\n".join(lines))
-    print("wrote", ", ".join(str(p) for p in paths.values()))
+    print(format_console_table(rows, COLUMNS))
+    paths = [write_rows(rows, args.out / "distill.csv", COLUMNS),
+             *publish(rows, args.out, machine=f"{os.cpu_count()} CPU cores")]
+    print("\n".join(targets(rows)))
+    print("wrote", ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":

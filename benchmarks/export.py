@@ -7,7 +7,7 @@ step on and off. Latency at batch 1 and throughput at batch 32 (median of repeat
 top-1 agreement with the float model and accuracy on 600 held-out tiles; plus a ViT (vit_tiny_patch16_224, random weights: latency only).
 Ratios are against plain eager PyTorch of the same architecture (float32 NCHW) measured in the same
 run; visiontl's own eager forward (channels_last, tuned allocator) is shown as well. Writes
-``benchmarks/results/export.{csv,md}``.
+``benchmarks/results/export.{csv,md,png}`` (``python benchmarks/replot.py export``: the plot again from the CSV).
 
     python benchmarks/export.py            # ~5 minutes on 2 cores
     python benchmarks/export.py --quick    # smoke run
@@ -107,6 +107,36 @@ def _plain_eager(ckpt: Path, size: int, repeats: int) -> dict:
     if line is None:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(line[len("RESULT "):])
+
+
+READING = ("Latency at batch 1, throughput at batch 32, file size, top-1 agreement with the float model and accuracy "
+           "of one trained model run by each engine; `latency_vs_eager` and `throughput_vs_eager` are ratios to plain "
+           "eager PyTorch of the same architecture (`eager_plain_process`, `vit_eager`) measured in the same run, so "
+           "a throughput ratio above 1 and a latency ratio below 1 are faster.")
+"""The first sentence of ``export.md``: what was measured and how to read it."""
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Each engine's throughput against plain eager PyTorch and its latency, one row of panels per model."""
+    from visiontl.analyse.plots import comparison_figure, save_figure
+
+    models = [{**r, "model": "ViT-Tiny (random weights)" if r["engine"].startswith("vit_") else
+               "EfficientNet-Lite0 + logistic regression"} for r in rows]
+    fig = comparison_figure(models, "throughput_vs_eager", baseline=["eager_plain_process", "vit_eager"],
+                            label_key="engine", keys=["throughput_vs_eager", "latency_ms_bs1"], group_key="model",
+                            title="Export: each inference engine against plain eager PyTorch of the same model",
+                            axis_labels={"throughput_vs_eager": "throughput at batch 32 / plain eager (x; higher is "
+                                                                "faster)",
+                                         "latency_ms_bs1": "latency at batch 1 (ms; lower is faster)"})
+    return save_figure(fig, path)
+
+
+def replot(results: Path, out: Path) -> list[Path]:
+    """``export.png`` again from ``results/export.csv``, without measuring (the page's setup line
+    is not in the CSV: ``export.md`` stays as the run wrote it)."""
+    from visiontl.analyse.plots import read_rows
+
+    return [plot(read_rows(results / "export.csv"), out / "export.png")]
 
 
 def main() -> None:
@@ -230,9 +260,10 @@ def main() -> None:
     if args.quick:
         return
     from visiontl.core.files import write_text
-    from visiontl.analyse.plots import save_comparison
+    from visiontl.analyse.plots import write_rows
 
-    save_comparison(rows, args.out, name="export", metric="throughput_vs_eager", label_key="engine")
+    write_rows(rows, args.out / "export.csv")
+    plot(rows, args.out / "export.png")
     setup = (f"EfficientNet-Lite0 (ImageNet weights) + logistic-regression head on Blue Marble tiles, "
              f"{args.image_size} px, {os.cpu_count()} CPU cores; agreement on {len(val)} validation tiles; "
              f"float export max |logit diff| {report['max_abs_logit_diff']:.1e}; int8 {report['int8']['method']} "
@@ -242,8 +273,9 @@ def main() -> None:
               "calibration_agreement": round(st["calibration_agreement"], 3),
               "relative_logit_error": round(st["relative_logit_error"], 4)} for st in search["steps"]]
     verdict = "accepted" if search["accepted"] else "refused"
-    write_text(args.out / "export.md", f"# Export: eager PyTorch vs ONNX Runtime\n\n{setup}\n\n"
-               + comparison_table(rows, columns) + "\n\n## int8 at the 0.99 bar: every step of the search\n\n"
+    write_text(args.out / "export.md", f"# Export: eager PyTorch vs ONNX Runtime\n\n{READING}\n\n{setup}\n\n"
+               + "![export](export.png)\n\n" + comparison_table(rows, columns)
+               + "\n\n## int8 at the 0.99 bar: every step of the search\n\n"
                + f"`quantize_int8(min_agreement=0.99)`: {verdict} after {search['quantize_s']:.0f} s; nodes kept "
                + f"float: {', '.join(search['excluded_nodes']) or 'none'}.\n\n"
                + comparison_table(steps, list(steps[0])) + "\n")

@@ -27,7 +27,8 @@ mitigation within 1 point of ``full`` on the new task, forgetting at most half a
 at the end of the Markdown file.
 
 Runs are appended to ``<work>/runs.jsonl`` and skipped when present (an interrupted run resumes).
-Results: ``benchmarks/results/forgetting.{csv,md,png}``.
+Results: ``benchmarks/results/forgetting.{csv,md,png}`` and ``forgetting_wise_ft.{csv,png}``; ``python
+benchmarks/replot.py forgetting`` writes the page and plots again from the CSV files.
 
     python benchmarks/forgetting.py                     # everything (~25 minutes on 2 cores)
     python benchmarks/forgetting.py --seeds 1 --steps 20  # a smoke run
@@ -60,6 +61,8 @@ DIRECTIONS = {"relief, keeping bluemarble": ("shadedrelief", "bmng"),
               "bluemarble, keeping relief": ("bmng", "shadedrelief")}
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 RESULTS = Path(__file__).parent / "results"
+COLUMNS = ["direction", "method", "seeds", "val_acc", "val_acc_std", "retain_acc", "retain_acc_std", "forgetting",
+           "acc_minus_full", "forgetting_vs_full", "alpha", "cka_val"]
 
 
 def data(source: str) -> Any:
@@ -115,14 +118,18 @@ def curves(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for (d, m, a), rows in sorted(points.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2]))]
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     from visiontl.analyse.plots import save_figure
 
-    fig = Figure(figsize=(5.4 * len(DIRECTIONS), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(DIRECTIONS), squeeze=False)[0]
-    for ax, direction in zip(axes, DIRECTIONS):
+    seeds = max(r["seeds"] for r in rows)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    directions = [d for d in DIRECTIONS if any(r["direction"] == d for r in rows)]
+    fig = Figure(figsize=(5.5 * len(directions), 4.6), layout="constrained")
+    fig.suptitle(f"WiSE-FT: new-task and kept-task accuracy at each alpha (mean of {n_seeds})")
+    axes = fig.subplots(1, len(directions), squeeze=False, sharey=True)[0]
+    for ax, direction in zip(axes, directions):
         for i, method in enumerate(WISE):
             mine = [r for r in rows if r["direction"] == direction and r["method"] == method]
             if not mine:
@@ -131,11 +138,11 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
             line = ax.plot(xs, [r["val_acc"] for r in mine], marker="o", label=f"{method}: new task")[0]
             ax.plot(xs, [r["retain_acc"] for r in mine], marker="s", ls="--", color=line.get_color(),
                     label=f"{method}: kept task")
-        ax.set(xlabel="alpha (0: pretrained backbone + the run's head, 1: fine-tuned)", ylabel="accuracy",
-               title=direction)
+        ax.set(xlabel="alpha (0: pretrained backbone + the run's head, 1: fine-tuned)", title=direction)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
+    axes[0].set_ylabel("accuracy (0 to 1; kept task: linear probe)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    return save_figure(fig, path)
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -184,24 +191,81 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+MARKERS = dict(zip(METHODS, "os^DvPX"))
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib.figure import Figure
 
     from visiontl.analyse.plots import save_figure
 
-    fig = Figure(figsize=(5.4 * len(DIRECTIONS), 4.4), layout="constrained")
-    axes = fig.subplots(1, len(DIRECTIONS), squeeze=False)[0]
-    for ax, direction in zip(axes, DIRECTIONS):
+    seeds = max(r["seeds"] for r in rows)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    directions = [d for d in DIRECTIONS if any(r["direction"] == d for r in rows)]
+    fig = Figure(figsize=(4.5 * len(directions) + 2.0, 4.8), layout="constrained")
+    fig.suptitle(f"Forgetting against new-task accuracy (mean ± std of {n_seeds}; up and right "
+                 "is better)")
+    axes = fig.subplots(1, len(directions), squeeze=False)[0]
+    for ax, direction in zip(axes, directions):
         mine = [r for r in rows if r["direction"] == direction]
         for r in mine:
-            ax.errorbar(r["val_acc"], r["retain_acc"], xerr=r["val_acc_std"], yerr=r["retain_acc_std"], fmt="o",
-                        capsize=3, label=r["method"])
+            ax.errorbar(r["val_acc"], r["retain_acc"], xerr=r["val_acc_std"], yerr=r["retain_acc_std"],
+                        fmt=MARKERS[r["method"]], ms=7, mfc="none" if "wise-ft" in r["method"] else None, capsize=3,
+                        color=f"C{METHODS.index(r['method'])}", label=r["method"])
+        at: dict[tuple[float, float], list[str]] = {}
+        for r in mine:
+            at.setdefault((round(r["val_acc"], 6), round(r["retain_acc"], 6)), []).append(r["method"])
+        for (x, y), methods in at.items():  # points drawn on top of each other: said in words
+            if len(methods) > 1:
+                ax.annotate(" = ".join(methods), (x, y), xytext=(0, 8), textcoords="offset points", ha="center",
+                            fontsize=7)
         if mine:
-            ax.axhline(mine[0]["retain_before"], color="grey", ls="--", lw=1, label="kept task, pretrained")
-        ax.set(xlabel="new task: validation accuracy", ylabel="kept task: linear-probe accuracy", title=direction)
+            before = mine[0].get("retain_before", mine[0]["retain_acc"] + mine[0]["forgetting"])  # CSV: derived
+            ax.axhline(before, color="grey", ls="--", lw=1, label="kept task, pretrained backbone")
+        ax.set(xlabel="new task: validation accuracy (0 to 1)", ylabel="kept task: linear-probe accuracy (0 to 1)",
+               title=direction)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    save_figure(fig, path)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False, title="method",
+               title_fontsize=8)
+    return save_figure(fig, path)
+
+
+def publish(rows: list[dict[str, Any]], curves_: list[dict[str, Any]], out: Path, *, steps: int,
+            machine: str) -> list[Path]:
+    """``forgetting.md``, ``forgetting.png`` and ``forgetting_wise_ft.png`` from the summary rows and the
+    WiSE-FT curves (:func:`summarise`'s and :func:`curves`'s, or the CSV files')."""
+    from visiontl.analyse.plots import comparison_table, markdown_page
+    from visiontl.core.files import write_text
+
+    seeds = max(r["seeds"] for r in rows)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    intro = (f"New-task validation accuracy and kept-task linear-probe accuracy (mean and std over {n_seeds}) "
+             f"of each method after {steps} steps on the real EfficientNet-Lite0 ImageNet weights at 64 px, "
+             "fine-tuning on shaded-relief tiles while keeping Blue Marble, and the reverse; `forgetting` is the "
+             "kept task's drop from the pretrained backbone, and `acc_minus_full` and `forgetting_vs_full` compare "
+             f"with `full` fine-tuning measured in the same run ({machine}).")
+    sections = ["![forgetting](forgetting.png)", comparison_table(rows, COLUMNS),
+                "## Target\n\n" + "\n".join(targets(rows))]
+    paths = []
+    if curves_:
+        sections.append("## WiSE-FT along alpha\n\nNew-task and kept-task accuracy at every alpha, mean over "
+                        "seeds (`forgetting_wise_ft.csv`): interpolated against re-estimated BatchNorm statistics "
+                        "at the same alphas.\n\n![forgetting_wise_ft](forgetting_wise_ft.png)")
+        paths.append(plot_curves(curves_, out / "forgetting_wise_ft.png"))
+    md = markdown_page("Forgetting against new-task accuracy: full fine-tuning, L2-SP, LP-FT, LoRA and WiSE-FT",
+                       intro, *sections)
+    return [write_text(out / "forgetting.md", md), plot(rows, out / "forgetting.png"), *paths]
+
+
+def replot(results: Path, out: Path, *, steps: int = 120, machine: str = "2 CPU cores") -> list[Path]:
+    """``forgetting.md`` and both plots again from ``results/forgetting.csv`` and
+    ``forgetting_wise_ft.csv``, without training (``steps`` and ``machine``: the committed run's)."""
+    from visiontl.analyse.plots import read_rows
+
+    wise = results / "forgetting_wise_ft.csv"
+    return publish(read_rows(results / "forgetting.csv"), read_rows(wise) if wise.is_file() else [], out,
+                   steps=steps, machine=machine)
 
 
 def main() -> None:
@@ -216,8 +280,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    from visiontl.core import files
-    from visiontl.analyse.plots import format_console_table, save_comparison
+    from visiontl.analyse.plots import format_console_table, write_rows
     from visiontl.train.wiseft import parse_alphas
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -239,20 +302,14 @@ def main() -> None:
                 print(f"{direction} / {method} / seed {seed}: val_acc {row['val_acc']:.3f}, retained "
                       f"{row['retain_acc_after']:.3f} (before {row['retain_acc_before']:.3f})", flush=True)
     rows = summarise(runs)
-    columns = ["direction", "method", "seeds", "val_acc", "val_acc_std", "retain_acc", "retain_acc_std", "forgetting",
-               "acc_minus_full", "forgetting_vs_full", "alpha", "cka_val"]
-    print(format_console_table(rows, columns))
-    paths = save_comparison([{k: r.get(k) for k in columns} for r in rows], args.out, name="forgetting",
-                            label_key="method")
-    lines = targets(rows)
-    files.write_text(paths["md"], paths["md"].read_text() + "\n## Target\n\n" + "\n".join(lines) + "\n")
-    plot(rows, paths["png"])
+    print(format_console_table(rows, COLUMNS))
+    paths = [write_rows(rows, args.out / "forgetting.csv", COLUMNS)]
     alpha_rows = curves(runs)
     if alpha_rows:
-        curve_paths = save_comparison(alpha_rows, args.out, name="forgetting_wise_ft", label_key="method")
-        plot_curves(alpha_rows, curve_paths["png"])
-    print("\n".join(lines))
-    print("wrote", ", ".join(str(p) for p in paths.values()))
+        paths.append(write_rows(alpha_rows, args.out / "forgetting_wise_ft.csv"))
+    paths += publish(rows, alpha_rows, args.out, steps=args.steps, machine=f"{os.cpu_count()} CPU cores")
+    print("\n".join(targets(rows)))
+    print("wrote", ", ".join(str(p) for p in paths))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ and checkpoint on a Vision Transformer; their accuracies say nothing about trans
 
 Cells go to ``<work>/cells.jsonl`` one by one and are skipped when present (an interrupted run
 resumes). Results: ``benchmarks/results/peft.{csv,md,png}``, with the issue's targets checked at the
-end of the Markdown file.
+end of the Markdown file; ``python benchmarks/replot.py peft`` writes the page and plot again from the CSV.
 
     python benchmarks/peft_strategies.py                                  # everything (~1.5 h on 2 cores)
     python benchmarks/peft_strategies.py --sets relief-10 --seeds 1 --strategies lora-r4 full
@@ -71,6 +71,8 @@ VIT_STRATEGIES: dict[str, Any] = {
 SETS = ("bluemarble-10", "bluemarble-60", "relief-10", "relief-60", "vit-mechanics")
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 RESULTS = Path(__file__).parent / "results"
+COLUMNS = ["cell", "seeds", "val_acc", "val_acc_std", "acc_minus_full", "trainable_pct", "checkpoint_mb",
+           "ckpt_vs_full", "wall_s", "wall_vs_full", "peak_rss_mb"]
 
 
 def strategies_of(name: str) -> dict[str, Any]:
@@ -183,7 +185,7 @@ def main() -> None:
         name, strategy, seed = args.cell
         print(json.dumps(cell(name, strategy, int(seed), args.steps, args.work)), flush=True)
         return
-    from visiontl.analyse.plots import format_console_table, save_comparison
+    from visiontl.analyse.plots import format_console_table, write_rows
 
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "cells.jsonl"
@@ -201,17 +203,47 @@ def main() -> None:
                 with log.open("a") as f:
                     f.write(json.dumps(row) + "\n")
     rows = summarise(cells, args.sets)
-    columns = ["cell", "seeds", "val_acc", "val_acc_std", "acc_minus_full", "trainable_pct", "checkpoint_mb",
-               "ckpt_vs_full", "wall_s", "wall_vs_full", "peak_rss_mb"]
-    print(format_console_table(rows, columns))
-    paths = save_comparison([{k: r.get(k) for k in columns} for r in rows], args.out, name="peft", label_key="cell")
+    print(format_console_table(rows, COLUMNS))
+    csv = write_rows(rows, args.out / "peft.csv", COLUMNS)
+    paths = [csv, *publish(rows, args.out, steps=args.steps, machine=f"{os.cpu_count()} CPU cores")]
+    print("\n".join(targets(rows)))
+    print("wrote", ", ".join(str(p) for p in paths))
+
+
+def publish(rows: list[dict[str, Any]], out: Path, *, steps: int, machine: str) -> list[Path]:
+    """``peft.md`` and ``peft.png`` from the summary rows (:func:`summarise`'s, or ``peft.csv``'s)."""
+    from visiontl.analyse.plots import comparison_figure, comparison_table, markdown_page, save_figure
+    from visiontl.core.files import write_text
+
+    rows = [{**r, "set": r["cell"].split(" / ")[0], "strategy": r["cell"].split(" / ")[1]} for r in rows]
+    panels = {"vit-mechanics": "vit-mechanics (random weights: mechanics only)"}
+    seeds = max(r["seeds"] for r in rows)
+    n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
+    intro = (f"Best validation accuracy (mean and std over {n_seeds}) of each strategy after {steps} optimizer "
+             "steps at 64 px on the real EfficientNet-Lite0 ImageNet weights, on Blue Marble and shaded-relief tiles "
+             "(10 or 60 training tiles per class, 40 per class to validate), with the share of parameters trained, "
+             "the checkpoint size, the wall time and the peak memory of each run; `acc_minus_full`, `ckpt_vs_full` "
+             "and `wall_vs_full` compare with `full` fine-tuning of the same set measured in the same run "
+             f"({machine}). The `vit-mechanics` rows only check that each method trains on a Vision Transformer "
+             "(random weights, 32 px): their accuracies say nothing about transfer.")
     checks = targets(rows)
-    if checks:
-        md = paths["md"].read_text() + "\n\nTargets (LoRA on the real Lite0 weights, " \
-             f"{args.steps} steps):\n\n" + "\n".join(checks) + "\n"
-        paths["md"].write_text(md)
-        print("\n".join(checks))
-    print("wrote", ", ".join(str(p) for p in paths.values()))
+    md = markdown_page("Parameter-efficient fine-tuning against the ladder", intro, "![peft](peft.png)",
+                       comparison_table(rows, COLUMNS),
+                       f"## Targets (LoRA on the real Lite0 weights, {steps} steps)\n\n" + "\n".join(checks)
+                       if checks else "")
+    fig = comparison_figure([{**r, "panel": panels.get(r["set"], r["set"])} for r in rows], "val_acc",
+                            baseline="full", keys=["val_acc"], group_key="panel",
+                            title=f"Parameter-efficient strategies against full fine-tuning: validation accuracy "
+                                  f"after {steps} steps (mean of {n_seeds})")
+    return [write_text(out / "peft.md", md), save_figure(fig, out / "peft.png")]
+
+
+def replot(results: Path, out: Path, *, steps: int = 100, machine: str = "2 CPU cores") -> list[Path]:
+    """``peft.md`` and ``peft.png`` again from ``results/peft.csv``, without training (``steps`` and
+    ``machine``: those of the committed run)."""
+    from visiontl.analyse.plots import read_rows
+
+    return publish(read_rows(results / "peft.csv"), out, steps=steps, machine=machine)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ peak resident memory (``ru_maxrss``):
 
 The targets (issue 18): peak RSS under 4 GB at 100,000 images, time linear in N. The table gives
 seconds per 1,000 images relative to the smallest N (1.0 = linear). Writes
-``benchmarks/results/scale.{csv,md,png}``.
+``benchmarks/results/scale.{csv,md,png}`` (``python benchmarks/replot.py scale``: the plot again from the CSV).
 
     python benchmarks/scale.py                 # ~20 minutes on 2 cores, ~3 GB of PNGs in --work
     python benchmarks/scale.py --quick         # smoke run (N = 300)
@@ -134,6 +134,50 @@ def run_stage(stage: str, root: Path) -> dict:
     return {"stage": stage, "wall_s": round(wall, 2), "peak_rss_gb": round(rss, 3), **info}
 
 
+READING = ("Peak memory and wall time of each stage (scan, check, extract, logreg, knn) at every number of images N, "
+           "each stage measured in a fresh process; a flat line of seconds per 1,000 images means time linear in N, "
+           "and the target is a peak under 4 GB at the largest N.")
+"""The first sentence of ``scale.md``: what was measured and how to read it."""
+TARGET_GB = 4.0
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Peak memory and seconds per 1,000 images against N, one line per stage (log N)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    from visiontl.analyse.plots import save_figure
+
+    fig = Figure(figsize=(11.0, 4.4), layout="constrained")
+    fig.suptitle("Scale: peak memory and time per image from the smallest to the largest N")
+    memory, time_ = fig.subplots(1, 2, sharex=True)
+    for i, stage in enumerate(s for s in STAGES if any(r["stage"] == s for r in rows)):
+        mine = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["images"])
+        xs = [r["images"] for r in mine]
+        memory.plot(xs, [r["peak_rss_gb"] for r in mine], marker="os^Dv"[i % 5], color=f"C{i}", label=stage)
+        time_.plot(xs, [r["s_per_1k_images"] for r in mine], marker="os^Dv"[i % 5], color=f"C{i}", label=stage)
+    memory.axhline(TARGET_GB, color="grey", ls="--", lw=1, label=f"target: under {TARGET_GB:.0f} GB")
+    memory.set(title="peak resident memory", ylabel="peak resident memory (GB)", ylim=(0, TARGET_GB * 1.1))
+    time_.set(title="time per image (flat: linear in N)", ylabel="time per 1,000 images (s, log scale)",
+             yscale="log")
+    for ax in (memory, time_):
+        ax.set(xscale="log", xlabel="images N (log scale)")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.set_xticks(sorted({r["images"] for r in rows}))
+        ax.grid(alpha=0.3)
+    fig.legend(*memory.get_legend_handles_labels(), loc="outside right upper", fontsize=8, frameon=False,
+               title="stage", title_fontsize=8)
+    return save_figure(fig, path)
+
+
+def replot(results: Path, out: Path) -> list[Path]:
+    """``scale.png`` again from ``results/scale.csv``, without measuring (``scale.md`` stays as the run
+    wrote it: its setup line is not in the CSV)."""
+    from visiontl.analyse.plots import read_rows
+
+    return [plot(read_rows(results / "scale.csv"), out / "scale.png")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
@@ -185,15 +229,17 @@ def main() -> None:
     if args.quick:
         return
     from visiontl.core.files import write_text
-    from visiontl.analyse.plots import save_comparison
+    from visiontl.analyse.plots import write_rows
 
     for row in rows:
         row["run"] = f"{row['stage']} @ {row['images']:,}"
-    save_comparison(rows, args.out, name="scale", metric="peak_rss_gb", label_key="run")
+    write_rows(rows, args.out / "scale.csv")
+    plot(rows, args.out / "scale.png")
     largest = max(sizes)
     worst = max(r["peak_rss_gb"] for r in rows if r["images"] == largest)
     write_text(args.out / "scale.md",
-               f"# Memory and time at scale\n\nSynthetic {SIZE} px PNGs in {CLASSES} classes, {os.cpu_count()} CPU "
+               f"# Memory and time at scale\n\n{READING}\n\n![scale](scale.png)\n\nSynthetic {SIZE} px PNGs in "
+               f"{CLASSES} classes, {os.cpu_count()} CPU "
                f"cores; each stage in a fresh process (peak RSS = that process's `ru_maxrss`, imports included; "
                f"wall time without imports). EfficientNet-Lite0 features (1,280) at {SIZE} px. kNN predicts "
                f"{QUERIES:,} validation images. `per_image_vs_smallest`: seconds per image against the smallest "

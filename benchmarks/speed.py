@@ -9,7 +9,8 @@
 
 Real ImageNet EfficientNet-Lite0 weights and real Blue Marble tiles (no network). Every
 measurement runs in its own process (clean allocator state, honest peak RSS). Writes
-``benchmarks/results/speed.{csv,md}``; ratios are against the plain loop of the same run.
+``benchmarks/results/speed.{csv,md,png}`` (``python benchmarks/replot.py speed``: the plot again from the CSV);
+ratios are against the plain loop of the same run.
 
     python benchmarks/speed.py                 # full run (~10 minutes on 2 cores)
     python benchmarks/speed.py --quick         # small smoke run
@@ -220,6 +221,42 @@ def _run_child(name: str, args: argparse.Namespace) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+READING = ("Wall time of the same work (a linear probe, and full fine-tuning) done by a plain PyTorch loop and by "
+           "visiontl on one model and data set; `speedup_vs_plain` is the plain loop's wall time over the row's, "
+           "measured in the same run, and `x_floor` the row's wall time over one no-grad forward pass over the same "
+           "images (the least any method can spend).")
+"""The first sentence of ``speed.md``: what was measured and how to read it."""
+TASKS = {"probe": "linear probe", "probe-large": "linear probe, larger set (no plain loop)", "full": "full fine-tuning"}
+SIDES = {"plain": "plain PyTorch loop", "visiontl": "visiontl", "floor": "floor: one forward pass"}
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Wall time per task, the plain loop marked as the baseline and each row's speed-up beside it."""
+    from visiontl.analyse.plots import comparison_figure, save_figure
+
+    def text(row: dict, key: str) -> str:
+        extra = [f"{row['speedup_vs_plain']:.1f}x faster than plain" if row.get("speedup_vs_plain")
+                 and not row["run"].endswith("/plain") else "",
+                 f"{row['x_floor']:.1f}x the floor" if row.get("x_floor") else ""]
+        return f"{row[key]:.3g} s" + "".join(f", {e}" for e in extra if e)
+
+    bars = [{**r, "task": TASKS.get(r["run"].split("/")[0], r["run"].split("/")[0]),
+             "run by": SIDES.get(r["run"].split("/")[1], r["run"].split("/")[1])} for r in rows]
+    fig = comparison_figure(bars, "wall_s", baseline=SIDES["plain"], label_key="run by", keys=["wall_s"],
+                            group_key="task", ncols=1, value_label=text,
+                            title="Speed: wall time of visiontl and of a plain PyTorch loop on the same work",
+                            axis_labels={"wall_s": "wall time (s; median of the repeated runs, imports excluded)"})
+    return save_figure(fig, path)
+
+
+def replot(results: Path, out: Path) -> list[Path]:
+    """``speed.png`` again from ``results/speed.csv``, without measuring (the page's setup line is
+    not in the CSV: ``speed.md`` stays as the run wrote it)."""
+    from visiontl.analyse.plots import read_rows
+
+    return [plot(read_rows(results / "speed.csv"), out / "speed.png")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=224)
@@ -290,11 +327,12 @@ def main() -> None:
              "Every run is a fresh process with a cold feature cache; wall times exclude library imports "
              "(imports_s, a per-process constant).")
     from visiontl.core.files import write_text
-    from visiontl.analyse.plots import save_comparison
+    from visiontl.analyse.plots import write_rows
 
-    save_comparison(rows, args.out, name="speed", metric="speedup_vs_plain", label_key="run")
-    write_text(args.out / "speed.md", f"# Speed: visiontl vs a plain PyTorch loop\n\n{setup}\n\n"
-               + comparison_table(rows, columns)
+    write_rows(rows, args.out / "speed.csv")
+    plot(rows, args.out / "speed.png")
+    write_text(args.out / "speed.md", f"# Speed: visiontl vs a plain PyTorch loop\n\n{READING}\n\n{setup}\n\n"
+               + "![speed](speed.png)\n\n" + comparison_table(rows, columns)
                + "\n\n## Fitted heads beyond feature extraction (5,000 x 1,280 features, 10 classes)\n\n"
                + comparison_table(heads) + "\n")
     return None

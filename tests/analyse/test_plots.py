@@ -192,3 +192,170 @@ def test_save_comparison_draws_error_bars_from_std_columns(tmp_path, monkeypatch
     report.save_comparison([{"run": "a", "target_acc": 0.6}], tmp_path, name="plain", metric="target_acc",
                            label_key="run")
     assert bars[-1] is None  # no spread given: no error bars
+
+
+# -- what every figure shows: titles, labelled axes, legends off the data ------------------------
+def _lr_monitor_csv(path, groups=("stem", "stage1", "stage2", "stage3", "head"), steps: int = 6,
+                    balanced_equal: bool = True) -> None:
+    """A metrics.csv as LearningRateMonitor and a layer-wise decay write it: every group twice
+    (``<group>`` and ``<group>/no_decay``, the same rate), sorted by name as CSVLogger does."""
+    rows = []
+    for step in range(steps):
+        lr = {f"lr-AdamW/{g}": 1e-3 * 0.5 ** (len(groups) - 1 - i) * (1 - step / steps) + 1e-7
+              for i, g in enumerate(groups)}
+        lr.update({f"{k}/no_decay": v for k, v in list(lr.items())})
+        rows.append({"step": step, **lr})
+        rows.append({"epoch": step, "step": step, "train_loss_epoch": 1.0 / (step + 1)})
+        acc = 0.5 + 0.05 * step
+        rows.append({"epoch": step, "step": step, "val_loss": 1.2 / (step + 1), "val_acc": acc,
+                     "val_balanced_acc": acc if balanced_equal else acc - 0.1, "val_f1": acc - 0.02,
+                     "val_auroc": acc + 0.1})
+    pd.DataFrame(rows).reindex(columns=sorted({k for r in rows for k in r})).to_csv(path, index=False)
+
+
+def _fitted_head_csv(path) -> None:
+    """What a fitted head (logreg, knn, prototype) logs: one validation row, no training."""
+    path.write_text("epoch,step,trainable_params,val_acc,val_auroc,val_balanced_acc,val_f1,val_loss\n"
+                    "0,11,,0.925,0.989,0.925,0.925,0.237\n0,11,0.0,,,,,\n")
+
+
+def _legend_texts(ax) -> list[str]:
+    legend = ax.get_legend()
+    return [] if legend is None else [t.get_text() for t in legend.get_texts()]
+
+
+def test_learning_curves_follow_the_figure_conventions(tmp_path):
+    from helpers.figures import figure_problems
+
+    _lr_monitor_csv(tmp_path / "metrics.csv")
+    _lightning_csv(tmp_path / "old.csv")
+    _fitted_head_csv(tmp_path / "fitted.csv")
+    for name in ("metrics.csv", "old.csv", "fitted.csv"):
+        fig = report.learning_curves_figure(tmp_path / name)
+        assert fig.get_suptitle(), name
+        assert figure_problems(fig) == [], name
+        for ax in fig.axes:
+            assert ax.get_ylabel() and ax.get_xlabel()
+
+
+def test_learning_rate_legend_has_one_entry_per_layer_group_in_order(tmp_path):
+    groups = ("stem", "stage1", "stage2", "stage3", "stage10", "head")
+    _lr_monitor_csv(tmp_path / "metrics.csv", groups=groups)
+    fig = report.learning_curves_figure(tmp_path / "metrics.csv")
+    lr = next(ax for ax in fig.axes if "learning rate" in ax.get_title())
+    entries = _legend_texts(lr)
+    assert entries == list(groups)  # stem to head (stage10 after stage3), no /no_decay duplicates
+    assert len({tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+                for line in lr.get_lines()}) == len(groups)  # no repeated colours
+    assert lr.get_yscale() == "log" and "learning rate" in lr.get_ylabel()
+    assert lr.get_xlabel() == "optimisation step"
+
+
+def test_learning_rate_groups_with_equal_rates_share_a_line(tmp_path):
+    df = pd.DataFrame([{"step": s, **{f"lr-AdamW/{g}": 1e-3 for g in ("stem", "stage1", "stage2", "head")},
+                        "lr-AdamW/head/no_decay": 1e-3} for s in range(3)])
+    lines = report.learning_rate_lines(df)
+    assert [label for label, _ in lines] == ["stem to head (4 groups, same rate)"]
+    df["lr-AdamW/head/no_decay"] = 5e-4  # a different rate is a curve of its own
+    assert [label for label, _ in report.learning_rate_lines(df)][-1] == "head/no_decay"
+
+
+def test_val_acc_and_balanced_acc_stay_distinguishable_when_equal(tmp_path):
+    _lr_monitor_csv(tmp_path / "metrics.csv", balanced_equal=True)
+    fig = report.learning_curves_figure(tmp_path / "metrics.csv")
+    val = next(ax for ax in fig.axes if ax.get_title() == "validation metrics")
+    lines = {line.get_label(): line for line in val.get_lines()}
+    acc, balanced = lines["accuracy"], lines["balanced accuracy"]
+    assert np.allclose(acc.get_ydata(), balanced.get_ydata())  # the same numbers...
+    assert (acc.get_linestyle(), acc.get_marker(), acc.get_color()) != (
+        balanced.get_linestyle(), balanced.get_marker(), balanced.get_color())  # ...drawn apart
+    assert acc.get_linestyle() != balanced.get_linestyle() and acc.get_marker() != balanced.get_marker()
+    assert "accuracy" in val.get_ylabel()
+
+
+def test_fitted_head_gets_its_validation_result_not_a_fake_axis(tmp_path):
+    _fitted_head_csv(tmp_path / "metrics.csv")
+    fig = report.learning_curves_figure(tmp_path / "metrics.csv")
+    assert "fitted head" in fig.get_suptitle()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        assert high - low >= 0.5  # the old figure: one point on a -0.045..0.045 epoch axis
+        assert ax.get_xlabel() not in ("epoch", "optimisation step")
+    bars = fig.axes[0]
+    assert [t.get_text() for t in bars.get_yticklabels()] == ["accuracy", "balanced accuracy", "F1", "AUROC"]
+    assert "0.237" in bars.get_title()  # the validation loss, said in words
+    assert _is_png(report.save_learning_curves(tmp_path / "metrics.csv", tmp_path / "c.png"))
+
+
+def test_confusion_matrix_and_drift_follow_the_figure_conventions():
+    from helpers.figures import figure_problems
+
+    fig = report.confusion_matrix_figure(np.array([[3, 1], [0, 4]]), ["a", "b"])
+    assert fig.axes[0].get_title() == "confusion matrix" and figure_problems(fig) == []
+    drift = {"groups": [{"group": "stem", "relative": 0.01}, {"group": "head", "relative": 0.4}], "cka_val": 0.9}
+    assert figure_problems(report.drift_figure(drift)) == []
+    assert report.drift_figure({"groups": []}) is None
+
+
+def test_comparison_figure_marks_the_baseline_and_follows_the_conventions():
+    from helpers.figures import figure_problems
+
+    rows = [{"strategy": "probe", "val_acc": 0.8, "val_acc_std": 0.05, "wall_s": 3.0},
+            {"strategy": "scratch", "val_acc": 0.6, "val_acc_std": 0.02, "wall_s": 30.0}]
+    fig = report.comparison_figure(rows, "val_acc", baseline="scratch")
+    assert figure_problems(fig) == []
+    assert fig.get_suptitle()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "baseline: scratch" in legend and any("std" in t for t in legend)
+    acc, wall = fig.axes
+    assert acc.get_xlabel() == "validation accuracy (0 to 1)" and wall.get_xlabel() == "wall time (s)"
+    assert acc.get_ylabel() == "strategy"
+    colors = [tuple(p.get_facecolor()) for p in acc.patches]
+    assert colors[0] != colors[1]  # the baseline's bar stands out
+    for text, row in zip(acc.texts, rows):  # every value's text starts past its error bar
+        assert text.xy[0] >= row["val_acc"] + row["val_acc_std"] - 1e-9
+
+
+def test_comparison_figure_of_ratios_draws_the_baseline_line():
+    rows = [{"engine": "eager", "throughput_vs_eager": 1.0}, {"engine": "ort", "throughput_vs_eager": 6.5}]
+    fig = report.comparison_figure(rows, "throughput_vs_eager", baseline="eager", label_key="engine")
+    (ax,) = fig.axes
+    assert any(list(line.get_xdata()) == [1.0, 1.0] for line in ax.get_lines())
+    assert "1 = eager" in ax.get_xlabel()
+    assert any("same run" in t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_comparison_figure_groups_long_lists_into_panels():
+    from helpers.figures import figure_problems
+
+    rows = [{"set": s, "strategy": k, "val_acc": 0.5 + 0.01 * i, "val_acc_std": 0.01}
+            for s in ("a-10", "a-60", "b-10", "b-60", "vit") for i, k in enumerate(("probe", "lora", "full"))]
+    fig = report.comparison_figure(rows, "val_acc", baseline="full", keys=["val_acc"], group_key="set")
+    assert [ax.get_title() for ax in fig.axes] == ["a-10", "a-60", "b-10", "b-60", "vit"]
+    assert all(len(ax.patches) == 3 for ax in fig.axes)
+    assert figure_problems(fig) == []
+    assert fig.get_size_inches()[0] <= 12
+
+
+def test_rows_round_trip_through_csv(tmp_path):
+    rows = [{"run": "a", "seeds": 3, "val_acc": 0.9555555555555556, "ok": True, "wall_s": 110.0, "note": None},
+            {"run": "b, c", "seeds": 1, "val_acc": None, "ok": False, "wall_s": 2.5, "note": "x"}]
+    path = report.write_rows(rows, tmp_path / "rows.csv")
+    assert report.read_rows(path) == rows
+    assert report.comparison_table(report.read_rows(path)) == report.comparison_table(rows)
+
+
+def test_save_comparison_page_starts_with_title_and_sentence(tmp_path):
+    rows = [{"strategy": "probe", "val_acc": 0.8}, {"strategy": "scratch", "val_acc": 0.6}]
+    out = report.save_comparison(rows, tmp_path, baseline="scratch", title="Demo", intro="What was measured.")
+    lines = out["md"].read_text().splitlines()
+    assert lines[:4] == ["# Demo", "", "What was measured.", ""] and lines[4].startswith("| strategy |")
+
+
+def test_wise_ft_figure_follows_the_conventions():
+    from helpers.figures import figure_problems
+
+    from visiontl.train.wiseft import _figure
+
+    rows = [{"alpha": a, "val_acc": 0.6 + 0.3 * a, "retain_acc": 0.95 - 0.1 * a} for a in (0.0, 0.5, 1.0)]
+    assert figure_problems(_figure(rows, 0.5)) == []

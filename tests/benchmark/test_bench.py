@@ -143,6 +143,22 @@ def test_negative_transfer_fires_when_scratch_is_as_good() -> None:
     assert any("near chance" in f for f in flags(summarise(rows([0.5, 0.52, 0.5], [0.51, 0.5, 0.53]))))
 
 
+def test_the_report_figures_have_titles_labels_and_legends_off_the_data() -> None:
+    from helpers.figures import figure_problems
+
+    from visiontl.benchmark.report import _figures
+
+    rows = [{"data": d, "backbone": "b", "strategy": s, "shots": shots, "seed": i, "val_acc": 0.5 + 0.1 * i + 0.01 * k,
+             "trainable_params": 10 ** (k + 2), "wall_s": 3.0 * (k + 1), "classes": 3}
+            for d in ("tiles", "relief") for k, s in enumerate(("logreg", "full", "scratch")) for shots in ("1", "10")
+            for i in range(2)]
+    figures = _figures(summarise(rows))
+    assert set(figures) == {"labels_relief", "labels_tiles", "accuracy_vs_params", "accuracy_vs_wall"}
+    for name, fig in figures.items():
+        assert fig.get_suptitle(), name
+        assert figure_problems(fig) == [], name
+
+
 def test_pareto_front_and_kendall_tau() -> None:
     assert pareto_front([(1, 0.8), (2, 0.9), (3, 0.85), (0.5, 0.5)]) == [0, 1, 3]
     assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0 and kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0

@@ -24,7 +24,8 @@ from typing import Any
 
 from visiontl.core import files
 
-__all__ = ["FLAG_THRESHOLDS", "kendall_tau", "pareto_front", "recommend", "summarise", "t_quantile", "write_report"]
+__all__ = ["FLAG_THRESHOLDS", "kendall_tau", "labels_figure", "pareto_front", "recommend", "summarise", "t_quantile",
+           "write_report"]
 
 FLAG_THRESHOLDS = {"gap": 0.25, "unstable": 0.08, "chance_margin": 0.05}
 """Overfitting: mean train - val accuracy above ``gap``; seed instability: std above ``unstable``;
@@ -214,39 +215,66 @@ def kendall_tau(x: list[float], y: list[float]) -> float | None:
     return None if denom == 0 else (concordant - discordant) / denom
 
 
-def _plots(summary: list[dict[str, Any]], out: Path) -> list[Path]:
+def labels_figure(summary: list[dict[str, Any]], data: list[str] | None = None, title: str | None = None):
+    """Accuracy against labelled images per class: one panel per data set (``data``; default every
+    set in ``summary``), one line per (backbone,) strategy with a ±1 std band, the legend outside."""
     from matplotlib.figure import Figure
 
-    from visiontl.analyse.plots import save_figure
-
-    paths = []
-    for data in sorted({r["data"] for r in summary}):
-        lines = [r for r in summary if r["data"] == data and r["val_acc"] is not None]
-        shots = sorted({r["shots"] for r in lines}, key=_shots_order)
-        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-        ax = fig.subplots()
-        for label in sorted({(r["backbone"], r["strategy"]) for r in lines}):
-            pts = sorted((r for r in lines if (r["backbone"], r["strategy"]) == label),
-                         key=lambda r: _shots_order(r["shots"]))
-            xs = [shots.index(r["shots"]) for r in pts]
+    sets = data or sorted({r["data"] for r in summary})
+    fig = Figure(figsize=(min(12.0, 4.6 * len(sets) + 1.8), 4.4), layout="constrained")
+    fig.suptitle(title or f"{', '.join(sets)}: validation accuracy against labels per class")
+    axes = fig.subplots(1, len(sets), squeeze=False, sharey=True)[0]
+    lines = [r for r in summary if r["data"] in sets and r["val_acc"] is not None]
+    several = len({r["backbone"] for r in lines if "backbone" in r}) > 1
+    labels = sorted({(r.get("backbone", ""), r["strategy"]) for r in lines})
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    for ax, name in zip(axes, sets):
+        mine = [r for r in lines if r["data"] == name]
+        shots = sorted({str(r["shots"]) for r in mine}, key=_shots_order)
+        for label in labels:
+            pts = sorted((r for r in mine if (r.get("backbone", ""), r["strategy"]) == label),
+                         key=lambda r: _shots_order(str(r["shots"])))
+            if not pts:
+                continue
+            xs = [shots.index(str(r["shots"])) for r in pts]
             ys = [r["val_acc"] for r in pts]
             sd = [r["val_acc_std"] or 0.0 for r in pts]
-            name = label[1] if len({r["backbone"] for r in lines}) == 1 else f"{label[0]} / {label[1]}"
-            ax.plot(xs, ys, marker="o", label=name)
-            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15)
+            ax.plot(xs, ys, marker="o", color=colors[label], label=f"{label[0]} / {label[1]}" if several else label[1])
+            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.12,
+                            color=colors[label])
         ax.set_xticks(range(len(shots)), shots)
         ax.set_xlabel("labelled images per class")
-        ax.set_ylabel("validation accuracy (mean ± std over seeds)")
-        ax.set_title(f"{data}: accuracy against labels")
+        if len(sets) > 1:
+            ax.set_title(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        paths.append(save_figure(fig, out / f"labels_{data}.png"))
-    for key, xlabel, name in (("trainable_params", "trainable parameters", "accuracy_vs_params"),
-                              ("wall_s", "wall time per run (s)", "accuracy_vs_wall")):
+    axes[0].set_ylabel("validation accuracy (mean ± std over seeds)")
+    handles, names = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:  # a strategy missing from the first set still gets its entry
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            if name not in names:
+                handles.append(handle)
+                names.append(name)
+    fig.legend(handles, names, loc="outside right upper", fontsize=8, title="strategy", title_fontsize=8,
+               frameon=False)
+    return fig
+
+
+def _figures(summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's figures by file stem: accuracy against labels per data set, accuracy against
+    trainable parameters and against wall time (the Pareto front of each budget joined)."""
+    from matplotlib.figure import Figure
+
+    figures = {}
+    for data in sorted({r["data"] for r in summary}):
+        figures[f"labels_{data}"] = labels_figure(summary, [data], title=f"{data}: accuracy against labels")
+    for key, xlabel, name, what in (("trainable_params", "trainable parameters", "accuracy_vs_params",
+                                     "trainable parameters"),
+                                    ("wall_s", "wall time per run (s)", "accuracy_vs_wall", "wall time")):
         points = [r for r in summary if r["val_acc"] is not None and r[key]]
         if not points:
             continue
-        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        fig = Figure(figsize=(7.6, 4.4), layout="constrained")
+        fig.suptitle(f"Accuracy against {what}: the Pareto front of each budget joined")
         ax = fig.subplots()
         for group in sorted({(r["data"], r["shots"]) for r in points}, key=lambda g: (g[0], _shots_order(g[1]))):
             members = [r for r in points if (r["data"], r["shots"]) == group]
@@ -259,11 +287,18 @@ def _plots(summary: list[dict[str, Any]], out: Path) -> list[Path]:
                 ax.annotate(members[i]["strategy"], xy[i], fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel(f"{xlabel} (log scale; lines join the Pareto front)")
-        ax.set_ylabel("validation accuracy")
+        ax.set_ylabel("validation accuracy (0 to 1)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        paths.append(save_figure(fig, out / f"{name}.png"))
-    return paths
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, title="data, budget",
+                  title_fontsize=7)
+        figures[name] = fig
+    return figures
+
+
+def _plots(summary: list[dict[str, Any]], out: Path) -> list[Path]:
+    from visiontl.analyse.plots import save_figure
+
+    return [save_figure(fig, out / f"{name}.png") for name, fig in _figures(summary).items()]
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -286,7 +321,10 @@ def write_report(rows: list[dict[str, Any]], out: str | os.PathLike[str],
     writer.writerows({k: "" if v is None else v for k, v in line.items()} for line in summary)
     paths = {"summary": files.write_text(out / "summary.csv", buf.getvalue())}
     pngs = _plots(summary, out)
-    md = [f"# Bench report\n\n{len(rows)} runs, {len(summary)} (data, backbone, strategy, shots) lines.\n",
+    md = [f"# Bench report\n\n{len(rows)} runs, {len(summary)} (data, backbone, strategy, shots) lines: validation "
+          "accuracy of every line over its seeds (mean, std and 95 % interval), all measured by one grid on "
+          f"{os.cpu_count()} CPU cores; the recommendation names the best line per data set and label budget and "
+          "the cheapest by wall time whose mean lies inside the best one's interval.\n",
           "## Recommendation\n", "| data | shots | best | mean acc [95 % CI] | cheapest within its interval | "
           "its acc | its wall s vs best's |", "|---|---|---|---|---|---|---|"]
     for rec in recommend(summary):

@@ -11,6 +11,7 @@ network is used.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,8 +99,14 @@ def run_demo(
         row = rows[-1]
         print(f"  {i}/{len(strategies)} {strategy:<{width}}  val_acc {_fmt(row['val_acc'])}  val_f1 "
               f"{_fmt(row['val_f1'])}  {row['trainable_params']:>10,} trainable  {row['wall_s']:6.1f} s", flush=True)
-    save_comparison(rows, out, name="comparison", metric="val_acc",
-                    baseline="scratch" if "scratch" in strategies else None)
+    baseline = "scratch" if "scratch" in strategies else None
+    intro = (f"Validation accuracy and wall time of each strategy on {backbone}, {train_per_class} Blue Marble tiles "
+             f"per class for training and {val_per_class} for validation, {image_size} px, "
+             f"{steps or 'automatic'} steps, seed {seed}, {os.cpu_count()} CPU cores"
+             + ("; `val_acc/baseline` is the ratio to `scratch` (the same network from random weights) trained in "
+                "the same run." if baseline else "."))
+    save_comparison(rows, out, name="comparison", metric="val_acc", baseline=baseline,
+                    title=f"Demo: {len(rows)} strategies on Blue Marble tiles", intro=intro)
     return rows
 
 

@@ -250,9 +250,13 @@ def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _plot(rows: list[dict[str, Any]], chosen: float, path: Path) -> None:
-    from matplotlib.figure import Figure
-
     from visiontl.analyse.plots import save_figure
+
+    save_figure(_figure(rows, chosen), path)
+
+
+def _figure(rows: list[dict[str, Any]], chosen: float) -> Any:
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.4, 3.8), layout="constrained")
     ax = fig.subplots()
@@ -261,7 +265,8 @@ def _plot(rows: list[dict[str, Any]], chosen: float, path: Path) -> None:
     if "retain_acc" in rows[0]:
         ax.plot(xs, [r["retain_acc"] for r in rows], marker="s", label="retained task (linear probe)")
     ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"chosen alpha {chosen:.2f}")
-    ax.set(xlabel="alpha (0: pretrained + linear head, 1: fine-tuned)", ylabel="accuracy", title="WiSE-FT")
+    ax.set(xlabel="alpha (0: pretrained + linear head, 1: fine-tuned)", ylabel="accuracy (0 to 1)",
+           title="WiSE-FT: accuracy along the weight interpolation")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    return fig

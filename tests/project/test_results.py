@@ -1,0 +1,58 @@
+"""The committed benchmark results read at a glance: every page opens with a title and a sentence, and
+``benchmarks/replot.py`` writes every plot (titled, axes labelled, legends off the data) and every page
+built from CSV alone again from the committed CSV files, as committed, without training."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from helpers.figures import figure_problems
+
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+
+
+def _replot_module():
+    spec = importlib.util.spec_from_file_location("benchmarks_replot", BENCHMARKS / "replot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_results_page_opens_with_a_title_and_a_sentence() -> None:
+    pages = sorted(RESULTS.glob("*.md"))
+    assert pages
+    for page in pages:
+        lines = page.read_text().splitlines()
+        assert lines[0].startswith("# ") and len(lines[0]) > 4, page.name
+        assert lines[1] == "", page.name
+        assert lines[2] and not lines[2].startswith(("|", "#", "!", "-")), f"{page.name}: no sentence under the title"
+        assert lines[2].rstrip().endswith("."), page.name
+
+
+@pytest.mark.parametrize("name", sorted(_replot_module().SCRIPTS))
+def test_replot_from_the_committed_csv(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from visiontl.analyse import plots
+
+    figures = []
+    save = plots.save_figure
+
+    def spy(fig, path, *args, **kwargs):
+        figures.append((Path(path).name, fig))
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "save_figure", spy)
+    written = _replot_module().replot(name, RESULTS, tmp_path)
+    assert written and all(p.parent == tmp_path for p in written)
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert pngs and len(figures) == len(pngs)
+    for png, fig in figures:
+        assert (RESULTS / png).is_file(), f"{png}: not a committed plot"
+        assert fig.get_suptitle(), png
+        assert figure_problems(fig) == [], png
+        assert fig.get_size_inches()[0] <= 12.0, png
+    for page in (p for p in written if p.suffix == ".md"):  # a page built from CSV alone is the committed one
+        assert page.read_text() == (RESULTS / page.name).read_text(), page.name
