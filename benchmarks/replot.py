@@ -25,6 +25,7 @@ SCRIPTS = {  # result name: the script that writes it
     "adaptation": "adaptation",
     "bench_bluemarble": "bench_bluemarble",
     "defaults": "defaults",
+    "demo": "demo",
     "distill": "distill",
     "export": "export",
     "forgetting": "forgetting",
