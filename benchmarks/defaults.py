@@ -64,16 +64,19 @@ def dataset(name: str, seed: int, work: Path) -> Any:
     raise ValueError(f"unknown set {name!r}; choose from {', '.join(SETS)}")
 
 
-def cell(name: str, strategy: str, seed: int, work: Path) -> dict[str, Any]:
-    """One default ``fine_tune`` run: its best validation metrics and what the guard did."""
+def cell(name: str, strategy: str, seed: int, work: Path, *, task_kwargs: dict[str, Any] | None = None,
+         label: str | None = None) -> dict[str, Any]:
+    """One default ``fine_tune`` run: its best validation metrics and what the guard did (``task_kwargs``:
+    task options added to the defaults, ``label``: their name in the run's name)."""
     from visiontl import fine_tune
 
     data = dataset(name, seed, work)
     start = time.perf_counter()
     result = fine_tune(data, backbone=BACKBONE, strategy=strategy, pretrained=False,
                        weights=None if strategy == "scratch" else WEIGHTS, image_size=64, seed=seed,
-                       out=work / "runs", name=f"{name}-{strategy}-{seed}",
-                       data_kwargs={"num_workers": 0} if isinstance(data, Path) else None, trainer_kwargs=QUIET)
+                       out=work / "runs", name=f"{name}-{strategy}-{label + '-' if label else ''}{seed}",
+                       task_kwargs=task_kwargs, data_kwargs={"num_workers": 0} if isinstance(data, Path) else None,
+                       trainer_kwargs=QUIET)
     summary = json.loads((result.run_dir / "metrics.json").read_text())
     head = summary.get("strategy", {}).get("head_fit", {})
     guard = summary.get("divergence_guard") or {}
