@@ -24,6 +24,7 @@ RESULTS = HERE / "results"
 SCRIPTS = {  # result name: the script that writes it
     "adaptation": "adaptation",
     "bench_bluemarble": "bench_bluemarble",
+    "by_hand": "by_hand",
     "defaults": "defaults",
     "demo": "demo",
     "distill": "distill",

@@ -105,3 +105,18 @@ def test_adaptation_benchmark_quick_run(tmp_path: Path) -> None:
     runs = json.loads((tmp_path / "work" / "rows.json").read_text())
     assert {(r["method"], r["seed"], r["target_bn"]) for r in runs} == {
         (m, s, bn) for m in ("source_only", "mcc") for s in (0, 1) for bn in (False, True)}
+
+
+def test_by_hand_benchmark_quick_run(tmp_path: Path) -> None:
+    """Every part at smoke size: the near-duplicate pairs scored, both logistic regressions, the figure criteria
+    and the progress bars' output; the page and plot written from the CSV."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "by_hand.py"), "--quick", "--work", str(tmp_path / "work"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with (tmp_path / "out" / "by_hand.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["part"] for r in rows} >= {"near-duplicates", "near-duplicate search", "logistic regression", "plots",
+                                         "progress"}
+    assert all(0 <= float(r["precision"]) <= 1 for r in rows if r["part"] == "near-duplicates")
+    assert {r["criteria_met"] for r in rows if r["method"] == "visiontl.analyse.plots"} == {"3"}
+    assert (tmp_path / "out" / "by_hand.md").read_text().startswith("# ")

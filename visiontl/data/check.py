@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import imagehash
 import numpy as np
 from PIL import Image, ImageMode
 from tqdm.auto import tqdm
@@ -314,17 +315,21 @@ def _gray(image: np.ndarray) -> np.ndarray:
 def dhash(image: np.ndarray) -> int | None:
     """64-bit difference hash of an HWC image, or ``None`` for a (nearly) flat one.
 
-    The image is turned grey, normalised to ``[0, 1]`` and box-resized to 9 x 8; each bit says
-    whether a pixel is brighter than its left neighbour. Brightness, contrast, compression and
-    resizing barely change it; flat images (a thumbnail range below 1/255) would all hash to
-    noise or zero, so they get no hash and are left out of the near-duplicate search (identical
-    ones are still caught as exact duplicates).
+    The image is turned grey and normalised to ``[0, 1]`` (any bit depth or band count, see
+    :func:`_gray`), quantised to 8 bits and hashed by imagehash's ``dhash`` (Lanczos-resized to
+    9 x 8; each bit says whether a pixel is brighter than its left neighbour). Brightness, contrast,
+    compression and resizing barely change it; imagehash's hash found more re-encoded and resized
+    copies than the box-filtered one visiontl used to compute, at the same precision
+    (``benchmarks/results/by_hand.md``). Flat images (a box thumbnail range below 1/255) would all
+    hash to noise or zero, so they get no hash and are left out of the near-duplicate search
+    (identical ones are still caught as exact duplicates).
     """
-    thumb = np.asarray(Image.fromarray(_gray(image).astype(np.float32)).resize((9, 8), Image.Resampling.BOX))
+    gray = _gray(image)
+    thumb = np.asarray(Image.fromarray(gray.astype(np.float32)).resize((9, 8), Image.Resampling.BOX))
     if float(thumb.max() - thumb.min()) < _FLAT:
         return None
-    bits = np.packbits((thumb[:, 1:] > thumb[:, :-1]).ravel())
-    return int.from_bytes(bits.tobytes(), "big")
+    hashed = imagehash.dhash(Image.fromarray(np.round(gray * 255.0).astype(np.uint8)))
+    return int.from_bytes(np.packbits(hashed.hash.ravel()).tobytes(), "big")
 
 
 def _header(path: Path, max_pixels: int | None = None, frame: Frame = "error") -> _Info:
