@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import venv
@@ -162,15 +163,18 @@ def test_the_wheel_ships_the_recipes_and_its_install_lists_them(tmp_path: Path) 
     assert inside == {p.relative_to(CHECKOUT_RECIPES).as_posix() for p in CHECKOUT_RECIPES.rglob("*.yaml")}
     venv.create(tmp_path / "env", with_pip=True)
     python = tmp_path / "env" / "bin" / "python"
+    outside = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of the checkout on the path
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True,
-                   capture_output=True, cwd=tmp_path)
+                   capture_output=True, cwd=tmp_path, env=outside)
     script = tmp_path / "env" / "bin" / "visiontl"
-    listed = subprocess.run([str(script), "recipes"], capture_output=True, text=True, cwd=tmp_path, check=True)
+    listed = subprocess.run([str(script), "recipes"], capture_output=True, text=True, cwd=tmp_path, check=True,
+                            env=outside)
     assert "satellite/eurosat-rgb" in listed.stdout and str(tmp_path / "env") in listed.stdout  # from the install
     shown = subprocess.run([str(script), "recipes", "show", "satellite/eurosat-rgb"], capture_output=True, text=True,
-                           cwd=tmp_path, check=True)
+                           cwd=tmp_path, check=True, env=outside)
     assert shown.stdout == (CHECKOUT_RECIPES / "satellite" / "eurosat-rgb.yaml").read_text()
-    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, cwd=tmp_path, check=True)
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, cwd=tmp_path, check=True,
+                             env=outside)
     from visiontl import __version__
 
     assert version.stdout.strip() == f"visiontl {__version__}"
