@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageMode
-from tqdm.auto import tqdm
+from visiontl.core.progress import progress_bar as tqdm  # drawn on a terminal only
 
 from visiontl.data.formats import TIFF_EXTENSIONS, Frame, is_dicom
 from visiontl.data.images import DataError, ImageReadError, check_pixels, read_raw, scan_frame
