@@ -1,4 +1,4 @@
-"""Output that leads with the answer: what visiontl's commands and ``fine_tune(verbose=False)`` show.
+"""Output that leads with the answer: what visiontl's commands and ``fine_tune()`` (quiet by default) show.
 
 :func:`quiet` is a context manager (nothing changes outside it, and what it changed is put back):
 
@@ -18,7 +18,7 @@
 Warnings about the user's data (visiontl's data check, class imbalance, bad images, negative
 transfer...) are never filtered: they are visiontl's own warnings and log records at WARNING.
 
-This is the package's one quieting rule: the commands, ``fine_tune(verbose=False)``, the bench's
+This is the package's one quieting rule: the commands, ``fine_tune()`` (``verbose=False``), the bench's
 cells and feature passes (:func:`visiontl.benchmark.run_bench`) and ``visiontl rank`` all run under
 it, so a quiet bench hides exactly what a quiet command hides.
 """
