@@ -49,6 +49,9 @@ NOISE = (  # Lightning's warnings about settings visiontl chooses deliberately
     r".*`LightningModule.configure_optimizers` returned `None`.*",  # fitted heads: no optimiser on purpose
     r".*`training_step` returned `None`.*",
     r".*resuming from a checkpoint that ended before the epoch ended.*",  # visiontl's samplers resume exactly
+    # a fit (a short or resumed one) that saves before its first validation: no val_ metric exists yet, and the
+    # best checkpoint is chosen at the next validation; a monitor that names no logged metric still warns
+    r".*could not find the monitored key in the returned metrics: \[(?:(?!'val_)[^\]])*\]",
 )
 _LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 
