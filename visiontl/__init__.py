@@ -13,9 +13,9 @@ from __future__ import annotations
 from visiontl.core.lazy import lazy_exports
 
 if "ipykernel" in __import__("sys").modules:  # a notebook: no ipywidgets advice from the first cell touching timm
-    from visiontl.core.progress import import_tqdm_auto_quietly
+    from visiontl.core.progress import preload_tqdm_auto
 
-    import_tqdm_auto_quietly()
+    preload_tqdm_auto()
 
 __version__ = "0.1.0"
 

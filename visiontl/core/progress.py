@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["import_tqdm_auto_quietly", "progress_bar", "show_progress"]
+__all__ = ["preload_tqdm_auto", "progress_bar", "show_progress"]
 
 ENV = "VISIONTL_PROGRESS"
 
@@ -55,7 +55,7 @@ def progress_bar(iterable: Any = None, *, disable: bool = False, **kwargs: Any) 
         return auto_tqdm(iterable, disable=False, **kwargs)
 
 
-def import_tqdm_auto_quietly() -> None:
+def preload_tqdm_auto() -> None:
     """Import ``tqdm.auto`` once, without its advice to install ipywidgets.
 
     Dependencies (``huggingface_hub``, which timm imports) import ``tqdm.auto``; in a Jupyter kernel
