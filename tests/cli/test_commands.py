@@ -130,8 +130,11 @@ def test_quiet_filters_noise_keeps_data_warnings_and_puts_everything_back() -> N
 
 
 def test_quiet_fine_tune_shows_one_bar_and_no_lightning_lines(shapes_root: Path, tmp_path: Path,
-                                                              capfd: pytest.CaptureFixture[str]) -> None:
+                                                              capfd: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from visiontl import fine_tune
+
+    monkeypatch.setenv("VISIONTL_PROGRESS", "1")  # as on a terminal (captured output is not one: no bar there)
 
     result = fine_tune(shapes_root, backbone="test_resnet", strategy="full", pretrained=False, image_size=32, steps=4,
                        out=tmp_path, name="quiet", data_kwargs={"num_workers": 0, "batch_size": 8}, verbose=False)

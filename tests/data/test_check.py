@@ -355,3 +355,17 @@ def test_summary_lists_ten_items_then_the_rest() -> None:
     assert "img9.png" in text and "img10.png" not in text and "... and 5 more" in text
     assert report.ok and report.warnings == [finding] and report.errors == []
     assert report.to_dict()["findings"][0]["count"] == 15
+
+
+def test_an_unreadable_file_is_named_by_its_place_in_the_set_not_its_machine_path(tmp_path: Path) -> None:
+    """The header check's reason repeats the file's path as it was read: the warning names it
+    relative to the dataset root instead (issue 33: no machine paths in what a notebook shows)."""
+    rng = np.random.default_rng(5)
+    root = tmp_path / "set"
+    for i in range(3):
+        _random_png(root / "a" / f"{i}.png", rng)
+    (root / "a" / "broken.png").write_bytes(b"not an image at all")
+    report = check_data(root, deep=False, progress=False)
+    finding = _finding(report, "unreadable_header")
+    assert "a/broken.png" in finding.message
+    assert str(tmp_path) not in finding.message + " ".join(finding.items), finding.message

@@ -157,6 +157,7 @@ def run_cell(cell: Cell, out: str | os.PathLike[str], devices: int = 1, accelera
                            out=Path(out) / "runs", name=_run_name(cell), image_size=cell.image_size,
                            trainer_kwargs=trainer_kwargs,
                            task_kwargs={"measure_drift": False},  # the grid compares accuracy; drift costs passes
+                           verbose=True,  # what shows is decided by run_bench's quiet(verbose) around the cell
                            **_weights_args(cell))
         train_acc = _train_accuracy(result.task, result.datamodule)
     wall = time.perf_counter() - start
@@ -189,6 +190,7 @@ def frozen_features(cell: Cell, out: str | os.PathLike[str]) -> tuple[Any, Any]:
     result = fine_tune(dm, backbone=cell.backbone.name, strategy="prototype", steps=1, seed=0, out=Path(out) / "runs",
                        name=f"{cell.data.name}/{cell.backbone.name}/_features", image_size=cell.image_size,
                        trainer_kwargs={**QUIET, "enable_checkpointing": False},  # a run dir under out/runs
+                       verbose=True,  # run_bench's quiet(verbose) decides what shows
                        **_weights_args(cell))
     train = result.datamodule.datasets["train"]
     return train.features, train.labels

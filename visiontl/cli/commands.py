@@ -214,7 +214,7 @@ def _lr_find(argv: Sequence[str]) -> int:
 
     task, dm, out, name = build_from_config(rest)
     found = find_lr(task, dm, out=out, name=f"{name}-lr-find", steps=args.steps, min_lr=args.min_lr,
-                    max_lr=args.max_lr)
+                    max_lr=args.max_lr, verbose=True)
     if found.suggestion is None:
         print(f"lr-find: the loss never fell over {args.min_lr:g} to {args.max_lr:g}; widen the range or add steps. "
               f"Plot: {found.plot}")

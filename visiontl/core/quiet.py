@@ -1,20 +1,24 @@
-"""Output that leads with the answer: what visiontl's commands and ``fine_tune(verbose=False)`` show.
+"""Output that leads with the answer: what visiontl's commands and ``fine_tune()`` (quiet by default) show.
 
 :func:`quiet` is a context manager (nothing changes outside it, and what it changed is put back):
 
-- always: Lightning's advertising tips (``💡 Tip: ... litlogger``) and its device lines (``GPU
-  available: False``: ``visiontl doctor`` reports the devices), deprecation warnings raised
+- always: Lightning's advertising tips (``💡 Tip: ... litlogger``), its device lines (``GPU
+  available: False``: ``visiontl doctor`` reports the devices), its notice that the task's own
+  callbacks replace the Trainer's (visiontl's tasks do that on purpose), deprecation warnings raised
   by dependencies (``DeprecationWarning`` / ``PendingDeprecationWarning`` / ``FutureWarning`` from
   any module outside visiontl) and Lightning's warnings about choices visiontl makes on purpose
   (loader workers, logging interval, a run directory reused on resume) are dropped;
-- with ``verbose=False``: Lightning's INFO lines (``GPU available``, strategy tables) are hidden
-  too, and :class:`StepProgress` stands in for Lightning's progress bars: one bar over the run's
-  optimisation steps, with the latest validation accuracy.
+- with ``verbose=False`` (the default of :func:`visiontl.fine_tune`, ``distill``, ``fit_task``,
+  ``find_lr``, the bench): Lightning's and visiontl's INFO lines (``Trainer.fit stopped``, strategy
+  tables, where features were cached) are hidden too, and :class:`StepProgress` stands in for
+  Lightning's progress bars: one bar over the run's optimisation steps, with the latest validation
+  accuracy, drawn on a terminal only (:mod:`visiontl.core.progress`: a notebook's output keeps the
+  answer and nothing else).
 
 Warnings about the user's data (visiontl's data check, class imbalance, bad images, negative
 transfer...) are never filtered: they are visiontl's own warnings and log records at WARNING.
 
-This is the package's one quieting rule: the commands, ``fine_tune(verbose=False)``, the bench's
+This is the package's one quieting rule: the commands, ``fine_tune()`` (``verbose=False``), the bench's
 cells and feature passes (:func:`visiontl.benchmark.run_bench`) and ``visiontl rank`` all run under
 it, so a quiet bench hides exactly what a quiet command hides.
 """
@@ -45,6 +49,9 @@ NOISE = (  # Lightning's warnings about settings visiontl chooses deliberately
     r".*`LightningModule.configure_optimizers` returned `None`.*",  # fitted heads: no optimiser on purpose
     r".*`training_step` returned `None`.*",
     r".*resuming from a checkpoint that ended before the epoch ended.*",  # visiontl's samplers resume exactly
+    # a fit (a short or resumed one) that saves before its first validation: no val_ metric exists yet, and the
+    # best checkpoint is chosen at the next validation; a monitor that names no logged metric still warns
+    r".*could not find the monitored key in the returned metrics: \[(?:(?!'val_)[^\]])*\]",
 )
 _LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
 
@@ -52,6 +59,7 @@ _LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabri
 _DROPPED_PREFIXES = (
     "\N{ELECTRIC LIGHT BULB} Tip:",  # advertising
     "GPU available:", "TPU available:", "HPU available:", "IPU available:",  # `visiontl doctor` reports devices
+    "The following callbacks returned in `LightningModule.configure_callbacks`",  # visiontl's own callbacks, on purpose
 )
 
 
@@ -85,7 +93,8 @@ def quiet(verbose: bool = True) -> Iterator[None]:
 
 class StepProgress(pl.Callback):
     """One tqdm bar over a fit's optimisation steps (``desc``: what is training), with the training
-    loss and the latest validation accuracy; it closes when the fit ends (``leave``: keep its line)."""
+    loss and the latest validation accuracy; it closes when the fit ends (``leave``: keep its line).
+    Drawn where :func:`visiontl.core.progress.show_progress` says (a terminal, not a notebook)."""
 
     def __init__(self, desc: str = "training", leave: bool = False) -> None:
         self.desc, self.leave = desc, leave
@@ -94,10 +103,10 @@ class StepProgress(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from tqdm.auto import tqdm
+        from visiontl.core.progress import progress_bar
 
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        self._bar = tqdm(total=total, initial=trainer.global_step, desc=self.desc, unit="step", leave=self.leave,
+        self._bar = progress_bar(total=total, initial=trainer.global_step, desc=self.desc, unit="step", leave=self.leave,
                          dynamic_ncols=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from visiontl.core.progress import progress_bar as tqdm  # drawn on a terminal only
 
 from visiontl.core.files import atomic_dir, default_cache_dir, write_json
 from visiontl.data.datamodules import FolderDataModule

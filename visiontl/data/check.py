@@ -42,7 +42,7 @@ from typing import Any
 import imagehash
 import numpy as np
 from PIL import Image, ImageMode
-from tqdm.auto import tqdm
+from visiontl.core.progress import progress_bar as tqdm  # drawn on a terminal only
 
 from visiontl.data.formats import TIFF_EXTENSIONS, Frame, is_dicom
 from visiontl.data.images import DataError, ImageReadError, check_pixels, read_raw, scan_frame
@@ -418,7 +418,9 @@ def _check_unreadable(failed: Mapping[str, str], files: Mapping[str, Path], name
                       deep: bool) -> list[Finding]:
     if not failed:
         return []
-    items = [f"{name(files[k])}: {reason}" for k, reason in sorted(failed.items())]
+    # the reason names the file again, by the path it was read from: by its name in the set here (no machine path)
+    items = [f"{name(files[k])}: {reason.replace(str(files[k]), name(files[k]))}"
+             for k, reason in sorted(failed.items())]
     if deep:
         return [Finding(ERROR, "unreadable", f"{len(items)} file(s) cannot be read; replace or delete them "
                         f"(or train with on_bad_image='skip').", items)]

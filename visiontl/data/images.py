@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
+from visiontl.core.progress import progress_bar as tqdm  # drawn on a terminal only
 
 from visiontl.core.errors import UserError
 from visiontl.core.extras import MissingExtraError

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm.auto import tqdm
+from visiontl.core.progress import progress_bar as tqdm  # drawn on a terminal only
 
 from visiontl.core.files import default_cache_dir
 from visiontl.data.formats import Frame

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+from visiontl.core.progress import progress_bar as tqdm  # drawn on a terminal only
 
 from visiontl.core.files import default_cache_dir, write_json
 from visiontl.data.formats import Frame

@@ -298,7 +298,7 @@ def sensitivity(static: _Static, nodes: list[str], images: np.ndarray, reference
                 base: list[str] | None = None, progress: bool = True) -> list[tuple[str, float]]:
     """Each node's measured sensitivity: the logits' relative error on ``images`` when that node
     (besides ``base``) stays float (lower = keeping it float helps more), most sensitive first."""
-    from tqdm.auto import tqdm
+    from visiontl.core.progress import progress_bar as tqdm  # drawn on a terminal only
 
     from visiontl.deploy.predict import ort_session
 

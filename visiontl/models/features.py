@@ -24,7 +24,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from visiontl.core.progress import progress_bar as tqdm  # drawn on a terminal only
 
 from visiontl.core.errors import UserError
 from visiontl.core.files import default_cache_dir

@@ -103,7 +103,7 @@ def distill(
     trainer_kwargs: dict[str, Any] | None = None,
     ckpt_path: str | os.PathLike[str] | None = None,
     also_log_to: Sequence[str] = (),
-    verbose: bool = True,
+    verbose: bool = False,
 ) -> FitResult:
     """Distil ``teacher`` (a run directory or checkpoint) into a ``student`` timm backbone.
 
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      pretrained=not args.no_pretrained, student_weights=args.student_weights,
                      teacher_weights=args.teacher_weights, image_size=args.image_size, steps=args.steps,
                      out=args.out, name=args.name, seed=args.seed, data_kwargs=data_kwargs,
-                     ckpt_path=args.ckpt_path)  # bad input: a UserError, one line (visiontl.cli.commands.main)
+                     ckpt_path=args.ckpt_path, verbose=True)  # a command shows Lightning's lines; bad input: a UserError, one line (visiontl.cli.commands.main)
     m = result.metrics
     print(f"student {args.student}: val_acc {m.get('val_acc', float('nan')):.3f}, agreement with the teacher "
           f"{m.get('val_teacher_agreement', float('nan')):.3f} (teacher on the student's input: val_acc "

@@ -109,7 +109,7 @@ def fine_tune(
     compare_scratch: bool | int = False,
     early_stopping: int | None = None,
     also_log_to: Sequence[str] = (),
-    verbose: bool = True,
+    verbose: bool = False,
 ) -> FitResult:
     """Fine-tune ``backbone`` on ``data`` with ``strategy`` and return the best checkpoint's metrics.
 
@@ -142,9 +142,13 @@ def fine_tune(
             either way. Shorthand for ``task_kwargs={"early_stopping": n}``.
         also_log_to: trackers beside ``metrics.csv``: ``"tensorboard"``, ``"mlflow"``
             (:mod:`visiontl.train.loggers`; the ``tracking`` extra).
-        verbose: Lightning's progress bars and information lines; ``False`` shows one progress bar
-            over the run's steps instead (:mod:`visiontl.core.quiet`). Warnings about the data are
-            shown either way; Lightning's tips and dependencies' deprecation warnings never are.
+        verbose: ``True``: Lightning's progress bars and information lines (device lines, the
+            strategy table, where features were cached). ``False`` (the default): none of them, and
+            one progress bar over the run's steps instead, drawn on a terminal only, so a notebook
+            cell shows what it prints and nothing else (:mod:`visiontl.core.quiet`,
+            :mod:`visiontl.core.progress`). Warnings the user must act on (the data check, negative
+            transfer, the divergence guard) are shown either way; Lightning's tips and
+            dependencies' deprecation warnings never are.
     """
     for arg, value in (("steps", steps), ("image_size", image_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -190,7 +194,7 @@ def _progress_kwargs(trainer_kwargs: dict[str, Any] | None, verbose: bool, desc:
 def fit_task(task: ClassificationTask, dm: ClassificationDataModule, *, steps: int | None = None,
              out: str | os.PathLike[str] = "runs", name: str, ckpt_path: str | os.PathLike[str] | None = None,
              trainer_kwargs: dict[str, Any] | None = None, also_log_to: Sequence[str] = (),
-             verbose: bool = True) -> FitResult:
+             verbose: bool = False) -> FitResult:
     """The run driver of the Python doors (:func:`fine_tune`, :func:`~visiontl.train.distill.distill`,
     a bench cell): train a built task on a datamodule (step budget, run directory
     ``out/name/version_N``, precision by rule, the run's callbacks, resume with ``ckpt_path="last"``,

@@ -55,7 +55,7 @@ class LRFinding:
 
 def find_lr(task: Any, dm: Any, *, out: str | os.PathLike[str] = "runs", name: str = "lr-find",
             steps: int = 100, min_lr: float = 1e-6, max_lr: float = 1.0,
-            trainer_kwargs: dict[str, Any] | None = None, verbose: bool = True) -> LRFinding:
+            trainer_kwargs: dict[str, Any] | None = None, verbose: bool = False) -> LRFinding:
     """Run the finder on a built task and datamodule; write the plot and the record to ``out/name``.
 
     Raises:
@@ -129,7 +129,7 @@ def lr_find(data: Any, backbone: str = "resnet18", strategy: Any = "gradual", *,
             min_lr: float = 1e-6, max_lr: float = 1.0, out: str | os.PathLike[str] = "runs",
             name: str | None = None, data_kwargs: dict[str, Any] | None = None,
             task_kwargs: dict[str, Any] | None = None, trainer_kwargs: dict[str, Any] | None = None,
-            verbose: bool = True) -> LRFinding:
+            verbose: bool = False) -> LRFinding:
     """Find a learning rate for ``strategy`` on ``data``, with the data and task built as
     :func:`visiontl.fine_tune` builds them (same arguments); writes ``out/name/lr_find.png`` and
     ``.json`` (``name`` default ``<backbone>-<strategy>-lr-find``)."""
