@@ -12,11 +12,6 @@ from __future__ import annotations
 
 from visiontl.core.lazy import lazy_exports
 
-if "ipykernel" in __import__("sys").modules:  # a notebook: no ipywidgets advice from the first cell touching timm
-    from visiontl.core.progress import preload_tqdm_auto
-
-    preload_tqdm_auto()
-
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["preload_tqdm_auto", "progress_bar", "show_progress"]
+__all__ = ["progress_bar", "show_progress"]
 
 ENV = "VISIONTL_PROGRESS"
 
@@ -53,18 +53,3 @@ def progress_bar(iterable: Any = None, *, disable: bool = False, **kwargs: Any) 
         from tqdm.auto import tqdm as auto_tqdm
 
         return auto_tqdm(iterable, disable=False, **kwargs)
-
-
-def preload_tqdm_auto() -> None:
-    """Import ``tqdm.auto`` once, without its advice to install ipywidgets.
-
-    Dependencies (``huggingface_hub``, which timm imports) import ``tqdm.auto``; in a Jupyter kernel
-    without ipywidgets that import warns ``IProgress not found`` once per process, on standard error,
-    whichever cell first touches timm. visiontl draws no widget bars there (:func:`show_progress`),
-    so the advice is noise: the import happens here first, under a filter scoped to it (the process's
-    warning filters are left as they were). Called when visiontl is imported in an IPython kernel."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*IProgress not found.*")
-        import tqdm.auto  # noqa: F401
