@@ -20,6 +20,7 @@ resumes). Results: ``benchmarks/results/regularisers.{csv,md,png}``.
 
     python benchmarks/regularisers.py                        # everything
     python benchmarks/regularisers.py --sets digits-8px --seeds 1 --options default ema
+    python benchmarks/regularisers.py --summarise-only          # the page from the cells already run
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-regularisers"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--summarise-only", action="store_true", help="tabulate the cells already in --work")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -127,7 +129,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "cells.jsonl"
     cells = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    for seed in range(args.seeds):
+    for seed in range(0 if args.summarise_only else args.seeds):
         for name in sets:
             for option in args.options:
                 if any(c["set"] == name and c["option"] == option and c["seed"] == seed for c in cells):
