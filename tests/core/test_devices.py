@@ -108,13 +108,15 @@ def test_a_batch_of_one_per_device_is_refused_where_batchnorm_trains() -> None:
         return SimpleNamespace(world_size=world, datamodule=FolderDataModule("unread", batch_size=batch),
                                strategy=SimpleNamespace(_layer_sync=None, root_device=torch.device("cpu")))
 
-    task = ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy="full")
+    task = ClassificationTask("test_resnet", num_classes=3, pretrained=False,
+                              strategy={"name": "full", "bn_stats": "update"})
     task._trainer = trainer(2, 1)
     with pytest.raises(StrategyError, match="batch_size 1 per device across 2 processes"):
         task.setup("fit")
     for world, batch in ((1, 1), (2, 2), (2, None)):  # one process, or two images per device: fine
         task._trainer = trainer(world, batch)
         task.setup("fit")
-    frozen = ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy="gradual")
-    frozen._trainer = trainer(2, 1)
-    frozen.setup("fit")  # BatchNorm statistics frozen: nothing normalises by one image
+    for name in ("gradual", "full"):  # BatchNorm statistics frozen (full's default too): nothing normalises by one image
+        frozen = ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy=name)
+        frozen._trainer = trainer(2, 1)
+        frozen.setup("fit")
