@@ -85,7 +85,8 @@ def publish(rows: list[dict[str, Any]], out: Path, *, machine: str) -> list[Path
     sets = list(dict.fromkeys(r["set"] for r in rows))
     seeds = max(r["seeds"] for r in rows)
     n_seeds = f"{seeds} seed" + "s" * (seeds != 1)
-    intro = ("Best validation accuracy (mean and std over " + n_seeds + ", and the worst seed) of the default "
+    intro = ("Best validation accuracy (mean and std over up to " + n_seeds + ", as the `seeds` column says, and "
+             "the worst seed) of the default "
              "`fine_tune` (`gradual`, its default steps and preprocessing, real ImageNet EfficientNet-Lite0 weights "
              f"at 64 px) on {len(sets)} small offline sets ({', '.join(sets)}), with one training option added: "
              "`mixup=0.2`, `cutmix=1.0` or `ema=0.99`; `vs_default` is the ratio to the run without the option "
@@ -94,7 +95,7 @@ def publish(rows: list[dict[str, Any]], out: Path, *, machine: str) -> list[Path
                        "![regularisers](regularisers.png)", comparison_table(rows, COLUMNS))
     fig = comparison_figure(rows, "val_acc", baseline="default", label_key="option", keys=["val_acc"],
                             group_key="set", title=f"Training options on the default fine_tune: validation "
-                                                   f"accuracy per set (mean of {n_seeds})")
+                                                   f"accuracy per set (mean of up to {n_seeds})")
     return [write_text(out / "regularisers.md", md), save_figure(fig, out / "regularisers.png")]
 
 
