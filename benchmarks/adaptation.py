@@ -133,7 +133,7 @@ def adaptation_run(pair: str, method: str, seed: int, args: argparse.Namespace) 
     dm = datamodule(pair, args)
     dm.setup()
     task = AdaptationTask(BACKBONE, class_names=dm.class_names, pretrained=False, weights=WEIGHTS, method=method,
-                          strategy={"name": "full", "lr": 1e-3, "decay": args.decay}, adaptation_weight=1.0,
+                          strategy={"name": "full", "lr": 1e-3, "decay": args.decay, "bn_stats": "update"}, adaptation_weight=1.0,
                           negative_transfer_check=False)
     every = max(1, args.steps // args.evaluations)  # validate every `every` steps, across epochs
     rows: list[dict[str, Any]] = []

@@ -199,6 +199,7 @@ def _scaled_task(scale: float):
                               preprocessing={"size": 32}).eval()
     with torch.no_grad():
         head = task.model.get_classifier()
+        head.reset_parameters()  # the default strategy (probe) starts its head at zero: random logits here
         head.weight.mul_(scale)
         head.bias.mul_(scale)
     return task

@@ -192,6 +192,24 @@ def test_domain_bn_normalises_each_domain_by_its_own_batch_statistics(domain_bn:
     assert torch.allclose(seen[0][:4].detach(), alone, atol=1e-5) == domain_bn
 
 
+def test_domain_bn_defaults_keep_batchnorm_training_and_a_frozen_strategy_is_named() -> None:
+    """``full`` freezes BatchNorm statistics for plain fine-tuning; adaptation (``domain_bn``) and
+    continued pretraining default to ``bn_stats="update"``; a frozen strategy with ``domain_bn``
+    would make it a silent no-op, so it is named."""
+    from visiontl.tasks import ContinuedPretraining
+
+    assert AdaptationTask("test_resnet", num_classes=3, pretrained=False).strategy.bn_stats == "update"
+    assert ContinuedPretraining("test_resnet", pretrained=False).strategy.bn_stats == "update"
+    with pytest.warns(UserWarning, match="domain_bn has no effect: strategy 'full' keeps the BatchNorm"):
+        AdaptationTask("test_resnet", num_classes=3, pretrained=False, strategy="full")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AdaptationTask("test_resnet", num_classes=3, pretrained=False, strategy="full", domain_bn=False)
+        AdaptationTask("test_vit", num_classes=3, pretrained=False, strategy="full")  # no BatchNorm: nothing to say
+
+
 def test_adaptation_refuses_fitted_heads_and_unknown_methods() -> None:
     with pytest.raises(ValueError, match="trains by gradient"):
         AdaptationTask("test_resnet", num_classes=3, pretrained=False, strategy="prototype")

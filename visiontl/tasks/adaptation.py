@@ -34,6 +34,7 @@ only when labelled target images are given (for evaluation, never for training).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -135,7 +136,8 @@ class AdaptationTask(ClassificationTask):
             pretrained probe on the target by the label-free validator and warn when the probe
             scores higher (:mod:`visiontl.analyse.negative_transfer`); ``metrics.json`` records
             ``negative_transfer``.
-        *args: see :class:`~visiontl.tasks.ClassificationTask` (strategy default ``full``).
+        *args: see :class:`~visiontl.tasks.ClassificationTask` (strategy default ``full`` with
+            ``bn_stats="update"``: ``domain_bn`` needs BatchNorm in training mode).
         **kwargs: see :class:`~visiontl.tasks.ClassificationTask`.
     """
 
@@ -150,11 +152,16 @@ class AdaptationTask(ClassificationTask):
         if monitor not in MONITORS:
             raise ValueError(f"monitor must be one of {', '.join(MONITORS)} (target labels never pick checkpoints), "
                              f"got {monitor!r}.")
-        kwargs.setdefault("strategy", "full")
+        kwargs.setdefault("strategy", {"name": "full", "bn_stats": "update"})
         super().__init__(*args, **kwargs)
         if not self.strategy.sgd:
             raise ValueError(f"Strategy {self.strategy.name!r} fits a head in closed form; domain adaptation "
                              f"trains by gradient: use probe, partial, full or gradual.")
+        if domain_bn and method != "source_only" and getattr(self.strategy, "bn_stats", "update") == "frozen" \
+                and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            warnings.warn(f"domain_bn has no effect: strategy {self.strategy.name!r} keeps the BatchNorm statistics "
+                          f"frozen (bn_stats='frozen'), so neither domain is normalised by its own batch; pass "
+                          f"bn_stats='update' to the strategy, or domain_bn=False to silence this.", stacklevel=2)
         self.monitor = monitor
 
     @property

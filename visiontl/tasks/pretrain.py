@@ -65,8 +65,9 @@ class ContinuedPretraining(BaseTask):
         backbone: timm model name.
         method: ``simclr`` or ``byol`` (any backbone), ``mae`` (timm Vision Transformers).
         strategy: what trains and at which learning rate (default: every layer at 1e-4, one
-            rate: ``{"name": "full", "lr": 1e-4, "decay": 1.0}``). Keep it low: the point is to
-            move ImageNet features towards the domain, not to learn from scratch.
+            rate, BatchNorm statistics following the domain's batches:
+            ``{"name": "full", "lr": 1e-4, "decay": 1.0, "bn_stats": "update"}``). Keep it low: the
+            point is to move ImageNet features towards the domain, not to learn from scratch.
         pretrained: start from timm's pretrained weights (hub or cache) when ``weights`` is None.
         weights: a local weights file or named source (offline).
         in_chans: input channels (the pretrained stem is adapted).
@@ -113,7 +114,7 @@ class ContinuedPretraining(BaseTask):
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be between 0 and 1 (the fraction of patches hidden), got {mask_ratio}.")
         if strategy is None:
-            strategy = {"name": "full", "lr": 1e-4, "decay": 1.0}
+            strategy = {"name": "full", "lr": 1e-4, "decay": 1.0, "bn_stats": "update"}
         super().__init__()
 
     def configure_models(self) -> None:
