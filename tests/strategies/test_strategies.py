@@ -134,6 +134,35 @@ def test_full_defaults_train_everything_on_the_pretrained_batchnorm_statistics(b
     assert running & top and _changed(before, partial) & running == running & top
 
 
+def test_full_starts_its_head_at_zero_so_no_random_gradient_reaches_the_backbone() -> None:
+    """``full`` zeroes the new classifier: the first step's gradient on every pretrained weight is
+    exactly zero (the head's is not), so a random head cannot tear the features before it has learned;
+    ``head_init="model"`` keeps the backbone's own random head, whose gradient reaches every layer.
+    The parameter-efficient strategies built on ``full`` keep their measured random head."""
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+
+    def grads(task: ClassificationTask) -> tuple[float, float]:
+        task.train()
+        torch.nn.functional.cross_entropy(task(x), y).backward()
+        head = {id(p) for p in task.model.get_classifier().parameters()}
+        body = [p.grad for p in task.model.parameters() if id(p) not in head and p.grad is not None]
+        return (max(float(g.abs().max()) for g in body),
+                max(float(p.grad.abs().max()) for p in task.model.get_classifier().parameters()))
+
+    zero = _task("full")
+    assert zero.strategy.head_init == "zero" and zero.strategy.to_config()["init_args"]["head_init"] == "zero"
+    assert all(torch.count_nonzero(p) == 0 for p in zero.model.get_classifier().parameters())
+    body, head = grads(zero)
+    assert body == 0.0 and head > 0.0
+    body, head = grads(_task({"name": "full", "head_init": "model"}))
+    assert body > 0.0 and head > 0.0
+    for peft in ("bitfit", "lora", "adapter"):
+        assert torch.count_nonzero(_task(peft).model.get_classifier().weight) > 0, peft
+    with pytest.raises(StrategyError, match="full: head_init must be one of zero, model"):
+        get_strategy({"name": "full", "head_init": "random"})
+
+
 def test_decay_one_is_a_single_learning_rate_and_lr_range_is_geometric() -> None:
     assert discriminative_lrs(4, 1e-3, 1.0) == [1e-3] * 4
     lrs = discriminative_lrs(3, 0.0, lr_range=(1e-5, 1e-3))

@@ -70,7 +70,8 @@ class Adapter(Full):
     def __init__(self, hidden: int | None = None, scale: float = 0.1, lr: float | None = None, decay: float = 1.0,
                  lr_range: tuple[float, float] | None = None, train_bn: bool = False,
                  bn_stats: str | None = None) -> None:
-        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
+        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats,
+                         head_init="model")  # its own prepare(); a zero-started head is measured for full only
         if hidden is not None and int(hidden) < 1:
             raise StrategyError(f"adapter: hidden must be >= 1, got {hidden}.")
         self.hidden = int(hidden) if hidden is not None else None

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
+import torch
 from pytorch_lightning import Callback
 from torch import nn
 
@@ -29,11 +30,39 @@ from visiontl.core.errors import UserError
 from visiontl.models.backbones import LayerGroup
 
 __all__ = ["Discriminative", "GroupPlan", "Strategy", "StrategyError", "decays", "discriminative_lrs",
-           "no_weight_decay_names", "set_trainable"]
+           "check_head_init", "init_head", "no_weight_decay_names", "set_trainable"]
+
+HEAD_INITS = ("zero", "model")
 
 
 class StrategyError(UserError):
     """A strategy that cannot be applied as configured."""
+
+
+def check_head_init(how: str, strategy: str) -> str:
+    """``how`` if it names a head initialisation, else a :class:`StrategyError` naming the choices."""
+    if how not in HEAD_INITS:
+        raise StrategyError(f"{strategy}: head_init must be one of {', '.join(HEAD_INITS)}, got {how!r}.")
+    return how
+
+
+def init_head(model: nn.Module, how: str, strategy: str) -> nn.Module:
+    """Start the backbone's new classifier as ``how`` says.
+
+    ``"zero"``: a linear classifier gets zero weights and bias, so the first steps learn a head
+    instead of undoing a random one (and, in fine-tuning, no random head's gradient reaches the
+    pretrained layers before the head has learned something); a head of several layers keeps its
+    own initialisation, since zeroing every layer would stop all gradients. ``"model"``: the
+    backbone's own initialisation. A checkpoint's weights replace either later.
+    """
+    check_head_init(how, strategy)
+    head = getattr(model, "get_classifier", lambda: None)()
+    if how == "zero" and isinstance(head, nn.Linear):
+        with torch.no_grad():
+            head.weight.zero_()
+            if head.bias is not None:
+                head.bias.zero_()
+    return model
 
 
 @dataclass

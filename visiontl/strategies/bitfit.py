@@ -48,7 +48,8 @@ class BitFit(Full):
 
     def __init__(self, lr: float | None = None, decay: float = 1.0, lr_range: tuple[float, float] | None = None,
                  train_bn: bool = False, bn_stats: str = "frozen") -> None:
-        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
+        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats,
+                         head_init="model")  # its own prepare(); a zero-started head is measured for full only
         self._norm_params: set[str] = set()
 
     def prepare(self, model: nn.Module) -> nn.Module:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from visiontl.models.backbones import LayerGroup
-from visiontl.strategies.base import Discriminative, GroupPlan
+from visiontl.strategies.base import Discriminative, GroupPlan, check_head_init, init_head
 
 __all__ = ["Full"]
 
@@ -15,8 +17,10 @@ class Full(Discriminative):
     normalisation layers stay in inference mode by default (``bn_stats="frozen"``): they keep
     normalising with the pretrained running statistics while their affine parameters train, so the
     small batches of a small data set neither replace those statistics with noisy per-batch ones
-    nor make training and evaluation see different features (the benchmark and its numbers:
-    ``benchmarks/results/defaults.md``).
+    nor make training and evaluation see different features. The new classifier starts at zero
+    (``head_init="zero"``): at the first step no gradient reaches the pretrained layers, and they
+    start moving only as the head learns, instead of being torn by a random head's errors (the
+    benchmark and its numbers: ``benchmarks/results/defaults.md``).
 
     Args:
         lr: learning rate of the head.
@@ -26,6 +30,8 @@ class Full(Discriminative):
         bn_stats: ``frozen`` (default): normalisation layers in inference mode, running statistics
             kept from pretraining; ``update``: they follow each training batch (PyTorch's default).
         regularizer: ``"l2sp"`` (with ``alpha``, ``beta``): see :class:`~visiontl.strategies.base.Discriminative`.
+        head_init: ``"zero"`` (default) or ``"model"`` (the backbone's own random initialisation of
+            its new classifier): :func:`~visiontl.strategies.base.init_head`.
     """
 
     name = "full"
@@ -41,9 +47,15 @@ class Full(Discriminative):
         regularizer: str | None = None,
         alpha: float = 0.1,
         beta: float = 0.01,
+        head_init: str = "zero",
     ) -> None:
         super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats,
                          regularizer=regularizer, alpha=alpha, beta=beta)
+        self.head_init = check_head_init(head_init, self.name)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Start the new classifier as ``head_init`` says."""
+        return init_head(model, self.head_init, self.name)
 
     def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
         return [GroupPlan(g.name, g.numel, lr, True) for g, lr in zip(groups, self.lrs(len(groups)))]

@@ -111,7 +111,8 @@ class Lora(Full):
                  qkv: str = "all", lr: float | None = None, decay: float = 1.0,
                  lr_range: tuple[float, float] | None = None, train_bn: bool = False,
                  bn_stats: str | None = None) -> None:
-        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
+        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats,
+                         head_init="model")  # its own prepare(); a zero-started head is measured for full only
         if int(r) < 1:
             raise StrategyError(f"lora: r must be >= 1, got {r}.")
         if not 0 <= float(dropout) < 1:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from visiontl.models.backbones import LayerGroup
-from visiontl.strategies.base import GroupPlan, Strategy, StrategyError
+from visiontl.strategies.base import GroupPlan, Strategy, StrategyError, check_head_init, init_head
 
 __all__ = ["Probe"]
-
-HEAD_INITS = ("zero", "model")
 
 
 class Probe(Strategy):
@@ -35,7 +32,8 @@ class Probe(Strategy):
             evaluation transform; more: that many passes with the training augmentations).
         head_init: ``"zero"``: a linear classifier starts with zero weights and bias (a head of
             several layers keeps its own initialisation: zeroing every layer would stop all
-            gradients); ``"model"``: the backbone's own initialisation of its new classifier.
+            gradients); ``"model"``: the backbone's own initialisation of its new classifier
+            (:func:`~visiontl.strategies.base.init_head`).
     """
 
     name = "probe"
@@ -46,21 +44,13 @@ class Probe(Strategy):
         super().__init__(lr=lr, train_bn=train_bn)
         if views < 1:
             raise StrategyError(f"probe: views must be >= 1, got {views}.")
-        if head_init not in HEAD_INITS:
-            raise StrategyError(f"probe: head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}.")
         self.cache_features = cache_features and not train_bn
         self.views = int(views)
-        self.head_init = head_init
+        self.head_init = check_head_init(head_init, self.name)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Zero the new linear classifier (``head_init="zero"``); a checkpoint's weights replace it later."""
-        head = getattr(model, "get_classifier", lambda: None)()
-        if self.head_init == "zero" and isinstance(head, nn.Linear):
-            with torch.no_grad():
-                head.weight.zero_()
-                if head.bias is not None:
-                    head.bias.zero_()
-        return model
+        """Start the new classifier as ``head_init`` says (:func:`~visiontl.strategies.base.init_head`)."""
+        return init_head(model, self.head_init, self.name)
 
     def plan(self, groups: list[LayerGroup]) -> list[GroupPlan]:
         last = len(groups) - 1

@@ -83,7 +83,8 @@ class Vpt(Full):
     def __init__(self, tokens: int = 10, depth: str = "shallow", init: str = "xavier", dropout: float = 0.0,
                  lr: float | None = None, decay: float = 1.0, lr_range: tuple[float, float] | None = None,
                  train_bn: bool = False, bn_stats: str | None = None) -> None:
-        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats)
+        super().__init__(lr=lr, decay=decay, lr_range=lr_range, train_bn=train_bn, bn_stats=bn_stats,
+                         head_init="model")  # its own prepare(); a zero-started head is measured for full only
         if int(tokens) < 1:
             raise StrategyError(f"vpt: tokens must be >= 1, got {tokens}.")
         if depth not in ("shallow", "deep"):
