@@ -98,6 +98,34 @@ def test_cache_hit_miss_and_invalidation(tmp_path: Path) -> None:
     assert len(set(_entries(cache_root)) - before - first) == 3
 
 
+def test_a_relabelled_csv_over_the_same_images_gets_its_own_labels(tmp_path: Path) -> None:
+    """The cache holds labels beside the features: a CSV that changes labels but not images must not
+    read the old ones back (the files' sizes and times alone would say 'same data')."""
+    from visiontl.data import CsvDataModule
+    from visiontl.models.features import split_features
+
+    root = make_folder(tmp_path / "d", per_class=4, classes=("a", "b"))
+    images = sorted(root.rglob("*.png"))
+    model = ClassificationTask("test_resnet", num_classes=2, strategy="probe", pretrained=False).model
+
+    def cached_and_true_labels(labels: list[str]) -> tuple[list[int], list[int]]:
+        csv = tmp_path / "labels.csv"
+        splits = ["train", "train", "train", "val"] * 2  # fixed: the training files stay the same
+        csv.write_text("path,label,split\n" + "".join(f"{p},{y},{s}\n" for p, y, s in zip(images, labels, splits)))
+        dm = CsvDataModule(str(csv), image_size=32, num_workers=0, augment="none", split_column="split")
+        dm.setup()
+        truth = dict(zip(images, labels))
+        _, cached = split_features(model, "test_resnet", dm, "train")
+        return cached.tolist(), [dm.class_names.index(truth[p]) for p in dm.paths("train")]
+
+    first = ["a"] * 4 + ["b"] * 4
+    cached, truth = cached_and_true_labels(first)
+    assert cached == truth
+    flipped = ["b" if y == "a" else "a" for y in first]  # the same files, every label flipped
+    cached, truth = cached_and_true_labels(flipped)
+    assert cached == truth and sorted(truth) == [0] * 3 + [1] * 3
+
+
 def test_corrupt_or_half_written_entries_are_rebuilt(tmp_path: Path) -> None:
     cache = ArrayCache(tmp_path / "cache")
     feats = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)

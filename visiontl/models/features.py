@@ -12,6 +12,7 @@ for a run (and fits heads on the features), so the task never knows where its ba
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -257,6 +258,8 @@ def split_features(model: nn.Module, backbone: str, dm: Any, split: str,
             "in_chans": source.in_chans, "transform": repr(source.transform), "pixels": source.source_tag,
             "views": views if augmented else 1, "seed": dm.seed if augmented else None,
             "data": data_fingerprint([p for p, _ in source.items]),
+            # the labels are cached with the features: a CSV relabelled over the same files is another entry
+            "labels": hashlib.sha256(json.dumps([label for _, label in source.items], default=str).encode()).hexdigest(),
             **({"frames": source.frame_key} if getattr(source, "frame_key", "") else {}),
         })
 
