@@ -56,3 +56,30 @@ def test_replot_from_the_committed_csv(name: str, tmp_path: Path, monkeypatch: p
         assert fig.get_size_inches()[0] <= 12.0, png
     for page in (p for p in written if p.suffix == ".md"):  # a page built from CSV alone is the committed one
         assert page.read_text() == (RESULTS / page.name).read_text(), page.name
+
+
+def test_the_tiny_data_table_is_the_defaults_benchmark() -> None:
+    """Every number of the table in docs/concepts/tiny-data.md is the committed defaults.csv's, rounded
+    as shown: a re-measured cell without the page (or a hand edit) fails here."""
+    import csv
+    import re
+
+    rows = {r["cell"]: r for r in csv.DictReader((RESULTS / "defaults.csv").open())}
+    sets = {"Blue Marble, 10 / class": "bluemarble-10", "Blue Marble, 60 / class": "bluemarble-60",
+            "shaded relief, 30 / class": "relief-30", "digits 8 px, 15 / class": "digits-8px",
+            "Fashion-MNIST 12 px, 15 / class": "fashion-12px"}
+    page = (Path(__file__).parents[2] / "docs" / "concepts" / "tiny-data.md").read_text()
+    lines = [line for line in page.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in sets]
+    assert len(lines) == len(sets)
+    columns = ["gradual", "head", "full", "partial", "probe", "logreg", "scratch"]
+    for line in lines:
+        cells = [c.strip().replace("**", "") for c in line.strip("|").split("|")]
+        name = sets[cells[0]]
+        for column, shown in zip(columns, cells[1:]):
+            row = rows[f"{name} / {'gradual' if column == 'head' else column}"]
+            value = float(row["lp_head_acc" if column == "head" else "val_acc"])
+            number = re.match(r"([0-9.]+)(?: \(x([0-9.]+)\))?$", shown)
+            assert number, (name, column, shown)
+            assert number.group(1) == f"{value:.3f}", (name, column, shown, value)
+            if number.group(2):
+                assert number.group(2) == f"{float(row['vs_logreg']):.2f}", (name, column, shown)

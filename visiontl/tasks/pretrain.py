@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,11 +151,15 @@ class ContinuedPretraining(BaseTask):
         masked = MaskedVisionTransformerTIMM(vit=vit, weight_initialization="skip", pos_embed_initialization="skip")
         self.__dict__["_masked"] = masked  # not a submodule: the state dict keeps the model's own names
         patch = vit.patch_embed.patch_size
-        self.decoder = MAEDecoderTIMM(
-            num_patches=vit.patch_embed.num_patches, patch_size=patch[0], in_chans=hp["in_chans"],
-            embed_dim=vit.embed_dim, decoder_embed_dim=hp["decoder_dim"], decoder_depth=hp["decoder_depth"],
-            decoder_num_heads=math.gcd(hp["decoder_dim"], 4), num_prefix_tokens=vit.num_prefix_tokens,
-        )
+        with warnings.catch_warnings():
+            # lightly 1.6 deprecates MAEDecoderTIMM for MaskedVisionTransformerDecoderTIMM, which lightly 1.5 (our
+            # floor) lacks; pyproject keeps lightly below 1.7, where it is removed
+            warnings.filterwarnings("ignore", message=r".*MAEDecoderTIMM.*", category=FutureWarning)
+            self.decoder = MAEDecoderTIMM(
+                num_patches=vit.patch_embed.num_patches, patch_size=patch[0], in_chans=hp["in_chans"],
+                embed_dim=vit.embed_dim, decoder_embed_dim=hp["decoder_dim"], decoder_depth=hp["decoder_depth"],
+                decoder_num_heads=math.gcd(hp["decoder_dim"], 4), num_prefix_tokens=vit.num_prefix_tokens,
+            )
         self.projection = None
 
     def configure_losses(self) -> None:
