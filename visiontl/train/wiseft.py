@@ -138,7 +138,7 @@ def _scores(model: nn.Module, dm: Any) -> dict[str, float]:
 def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Sequence[float] = DEFAULT_ALPHAS,
             retain: str | os.PathLike[str] | None = None, bn: str = "interpolate",
             weights: str | os.PathLike[str] | None = None, alpha: float | None = None, tolerance: float = 0.01,
-            log: Callable[[str], Any] = print) -> dict[str, Any]:
+            log: Callable[[str], Any] = print, verbose: bool = False) -> dict[str, Any]:
     """Interpolate a run's pretrained and fine-tuned weights, score every alpha, write the chosen one.
 
     Args:
@@ -151,10 +151,22 @@ def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Se
         alpha: write this alpha instead of the chosen one (it is scored too).
         tolerance: the chosen alpha is the smallest whose validation accuracy is within this of the best.
         log: where progress lines go.
+        verbose: show Lightning's and visiontl's INFO lines (where features were cached...); quiet
+            by default, as :func:`visiontl.fine_tune` is (:mod:`visiontl.core.quiet`).
 
     Returns:
         ``{"alphas": [rows], "chosen": alpha, "checkpoint": path, ...}`` (also ``wise_ft.json``).
     """
+    from visiontl.core.quiet import quiet
+
+    with quiet(verbose):
+        return _wise_ft(run, out, alphas, retain, bn, weights, alpha, tolerance, log)
+
+
+def _wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Sequence[float],
+             retain: str | os.PathLike[str] | None, bn: str, weights: str | os.PathLike[str] | None,
+             alpha: float | None, tolerance: float, log: Callable[[str], Any]) -> dict[str, Any]:
+    """:func:`wise_ft`'s work, under its quieting."""
     from visiontl.models.features import split_features, supports_features
     from visiontl.strategies.linear_probe import fit_probe
     from visiontl.analyse.forgetting import retain_datamodule, retention_accuracy
@@ -172,7 +184,7 @@ def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Se
         raise WiseFTError(f"{ckpt}: strategy {strategy.name!r} does not fine-tune a pretrained backbone; there is "
                           f"nothing to interpolate.")
     if not strategy.fits_head:
-        log(f"[visiontl wise-ft] warning: {strategy.name!r} trained its head from a random start, so the run did not "
+        log(f"[visiontl wise-ft] warning: {strategy.name!r} did not start from a fitted head, so the run did not "
             f"start where alpha 0 is (pretrained backbone + linear probe) and the mixtures in between can be worse "
             f"than both ends (benchmarks/results/forgetting_wise_ft.png). WiSE-FT assumes fine-tuning from theta_0: "
             f"use strategy 'gradual' (LP-FT) for the run to mix.")
