@@ -275,6 +275,9 @@ def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inpu
         with warnings.catch_warnings():  # the exporter's notes on its own graph passes, not the user's to act on:
             # the file is verified against PyTorch below, on real images
             warnings.filterwarnings("ignore", message=EXPORTER_NOTES, category=UserWarning)
+            # the tracer's notes on Python values in the forward (timm's ViT size checks): taken as constants at
+            # this input size, which is the size the file is verified (and deployed) at
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(model, torch.from_numpy(inputs[:2]), str(tmp), input_names=["input"],
                               output_names=["logits", "probabilities"], opset_version=opset, dynamo=False,
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"},
