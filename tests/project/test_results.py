@@ -83,3 +83,25 @@ def test_the_tiny_data_table_is_the_defaults_benchmark() -> None:
             assert number.group(1) == f"{value:.3f}", (name, column, shown, value)
             if number.group(2):
                 assert number.group(2) == f"{float(row['vs_logreg']):.2f}", (name, column, shown)
+
+
+def test_the_speed_page_quotes_the_committed_speed_run() -> None:
+    """docs/concepts/speed.md's numbers are benchmarks/results/speed.csv's, as rounded there."""
+    import csv
+
+    rows = {r["run"]: r for r in csv.DictReader((RESULTS / "speed.csv").open())}
+    page = " ".join((Path(__file__).parents[2] / "docs" / "concepts" / "speed.md").read_text().split())
+
+    def num(run: str, key: str) -> float:
+        return float(rows[run][key])
+
+    quoted = [
+        f"10-epoch probe ran x{num('probe/visiontl', 'speedup_vs_plain'):.0f} faster than the plain loop (val acc "
+        f"{num('probe/visiontl', 'val_acc'):.3f} vs {num('probe/plain', 'val_acc'):.3f})",
+        f"full fine-tuning x{num('full/visiontl', 'speedup_vs_plain'):.1f} faster ({num('full/visiontl', 'val_acc'):.3f} "
+        f"vs {num('full/plain', 'val_acc'):.3f} after 3 epochs)",
+        f"the probe takes x{num('probe-large/visiontl', 'x_floor'):.2f} on 1,800 images and "
+        f"x{num('probe/visiontl', 'x_floor'):.1f} on 210 images",
+    ]
+    for text in quoted:
+        assert text in page, text
