@@ -43,6 +43,26 @@ def test_untrained_lora_is_exactly_the_base_model(backbone: str, size: int) -> N
         assert report["left_out"] and all("depthwise" in why for why in report["left_out"])
 
 
+def test_tf_same_convolutions_take_lora_and_merge_back_to_the_plain_layer() -> None:
+    """timm's TF ports pad "SAME" dynamically (``Conv2dSame``, the stem of tf_efficientnet_lite0); peft >= 0.22
+    builds ``lora_A`` with the base layer's class and a ``padding_mode`` keyword that class does not take."""
+    from timm.layers import Conv2dSame
+
+    base, task = _pair("tf_efficientnet_lite0", r=4)
+    assert type(base.model.conv_stem) is Conv2dSame and "conv_stem" in task.strategy_report()["lora"]["wrapped_modules"]
+    x = torch.randn(2, 3, 37, 45)  # odd sizes: the padding differs per side
+    with torch.no_grad():
+        assert torch.equal(base(x), task(x))
+        for name, p in task.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        tuned = task(x)
+        merged = task.strategy.merge(task.model).eval()
+        assert (tuned - base(x)).abs().max() > 1e-2  # the updates act, stem included
+        assert (merged(x) - tuned).abs().max() <= 1e-4 * tuned.abs().max()
+    assert type(merged.conv_stem) is Conv2dSame  # the plain timm class again, as export expects
+
+
 def test_only_the_updates_and_the_head_train_and_batchnorm_stays(shapes_root: Path, tmp_path: Path) -> None:
     task = ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy={"name": "lora", "r": 4,
                                                                                         "lr": 0.01})

@@ -23,6 +23,7 @@ import re
 from typing import Any
 
 import torch
+from timm.layers import Conv2dSame
 from torch import nn
 
 from visiontl.models.backbones import LayerGroup
@@ -33,6 +34,19 @@ __all__ = ["Lora", "lora_targets"]
 
 _TRANSFORMER_NAMES = ("qkv", "proj", "fc1", "fc2")
 _PEFT_HINT = "LoRA needs HF peft: pip install 'visiontl[peft]' (or pip install peft)"
+
+
+class _PeftConv2dSame(Conv2dSame):
+    """timm's TensorFlow-"SAME" convolution, accepting the ``padding_mode`` keyword that peft >= 0.22
+    passes when it builds ``lora_A`` with the base layer's own class (timm's constructor has no such
+    keyword: its padding is always zeros). A wrapped ``Conv2dSame`` takes this class for the time it
+    carries LoRA, so ``lora_A`` keeps the base layer's dynamic padding; :meth:`Lora.merge` gives the
+    plain class back."""
+
+    def __init__(self, *args: Any, padding_mode: str = "zeros", **kwargs: Any) -> None:
+        if padding_mode != "zeros":
+            raise ValueError(f"Conv2dSame pads with zeros, not {padding_mode!r}.")
+        super().__init__(*args, **kwargs)
 
 
 def _classifier_prefixes(model: nn.Module) -> list[str]:
@@ -138,6 +152,9 @@ class Lora(Full):
             raise StrategyError(f"lora: r={self.r} is larger than what these layers can hold: "
                                 f"{', '.join(too_small[:10])}; use r <= {min(_layer_rank(modules[n]) for n in chosen)} "
                                 f"or other targets.")
+        for name in chosen:
+            if type(modules[name]) is Conv2dSame:
+                modules[name].__class__ = _PeftConv2dSame
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=chosen,
                             bias="none")
         model = inject_adapter_in_model(config, model)
@@ -186,7 +203,10 @@ class Lora(Full):
             module.merge(safe_merge=True)
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, module.get_base_layer())
+            base = module.get_base_layer()
+            if type(base) is _PeftConv2dSame:
+                base.__class__ = Conv2dSame
+            setattr(parent, attr, base)
         return model
 
 
