@@ -80,6 +80,13 @@ def _csv_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-dirs", nargs="*", default=[],
                         help="folders (relative to --root) searched in order for each CSV image")
     parser.add_argument("--root", help="folder CSV paths resolve against (default: the CSV's folder)")
+    parser.add_argument("--task", choices=("auto", "multiclass", "multilabel"), default="auto",
+                        help="one class per image, or several tags (auto: multi-label when --tag-columns is given "
+                             "or a label cell holds --tag-sep)")
+    parser.add_argument("--tag-columns", nargs="+", help="multi-label CSV with one 0/1/-1 column per tag: their names")
+    parser.add_argument("--tag-sep", default="|", help="multi-label CSV in one column: the separator of the tags")
+    parser.add_argument("--uncertain", choices=("ignore", "positive", "negative"), default="ignore",
+                        help="what -1 in a tag column means (ignore: left out of loss and metrics)")
 
 
 def _check_data(argv: Sequence[str]) -> int:
@@ -112,7 +119,8 @@ def _check_data(argv: Sequence[str]) -> int:
                         min_size=args.min_size, max_imbalance=args.max_imbalance,
                         near_threshold=args.near_threshold, deep=not args.fast, progress=not args.no_progress,
                         max_pixels=args.max_pixels, frames=args.frames, suffix=args.suffix,
-                        image_dirs=args.image_dirs, root=args.root)
+                        image_dirs=args.image_dirs, root=args.root, task=args.task, tag_columns=args.tag_columns,
+                        tag_sep=args.tag_sep, uncertain=args.uncertain)
     print(report.summary())
     out = args.json or default_report_path(args.path)
     try:
@@ -154,7 +162,9 @@ def _prepare_data(argv: Sequence[str]) -> int:
     from visiontl.core.errors import UserError
 
     csv = {"path_column": args.path_column, "label_column": args.label_column, "suffix": args.suffix,
-           "image_dirs": args.image_dirs or None, "root": args.root} if source_kind(args.src) == "csv" else None
+           "image_dirs": args.image_dirs or None, "root": args.root, "task": args.task,
+           "tag_columns": args.tag_columns, "tag_sep": args.tag_sep,
+           "uncertain": args.uncertain} if source_kind(args.src) == "csv" else None
     try:
         meta = prepare_data(args.src, args.out, val_fraction=args.val_fraction, seed=args.seed,
                             image_size=args.image_size, on_bad_image=args.on_bad_image, frames=args.frames,

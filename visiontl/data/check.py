@@ -14,6 +14,12 @@ The source is a class-per-folder tree (``PATH/<class>/**``), a tree with split f
 * class counts per split; ``imbalance`` (warning): largest / smallest training class above
   ``max_imbalance``; ``missing_in_train`` (error): classes in val / test without training images;
   ``few_images`` (warning): classes with fewer than 2 training images;
+* for multi-label data (several tags per image, :mod:`visiontl.data.multilabel`) the same per tag:
+  images with each tag per split, plus ``(no tag)``; ``missing_in_train``, ``few_images``,
+  ``imbalance`` (the most common over the rarest tag); ``absent_in_split`` (warning): a tag with
+  training images but none in validation or test, where it cannot be scored; ``rare_tags``
+  (warning): tags on under 5 % of the training images; and the strongest co-occurrences
+  (``cooccurrence``: pairs of tags by how often they appear together, with their Jaccard index);
 * ``exact_duplicates`` (warning): identical decoded pixels (BLAKE2b of the array bytes, shape and
   dtype), or one file listed twice;
 * ``near_duplicates`` (warning): difference hashes (dHash) within ``near_threshold`` bits, see
@@ -35,7 +41,7 @@ import hashlib
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,7 @@ from visiontl.core.progress import progress_bar as tqdm  # drawn on a terminal o
 from visiontl.data.formats import TIFF_EXTENSIONS, Frame, is_dicom
 from visiontl.data.images import DataError, ImageReadError, check_pixels, read_raw, scan_frame
 from visiontl.data.layout import folder_splits, not_taken, read_csv_rows, source_kind
+from visiontl.data.multilabel import TAG_SEP, decode_tags, row_tags
 from visiontl.data.pixels import to_unit
 from visiontl.data.streamcodec import named_bomb
 from visiontl.data.neardup import near_duplicate_clusters, near_duplicate_pairs
@@ -110,6 +117,9 @@ class DataReport:
         max_side: longest image side seen.
         imbalance: largest / smallest training class (``None`` without training images).
         settings: the thresholds used.
+        task: ``multiclass`` or ``multilabel`` (``counts`` are then images per tag).
+        cooccurrence: multi-label: the tag pairs seen together most often in training, each
+            ``{"tags": [a, b], "images": n, "jaccard": j}``.
     """
 
     counts: dict[str, dict[str, int]]
@@ -123,6 +133,8 @@ class DataReport:
     max_side: int | None = None
     imbalance: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    task: str = "multiclass"
+    cooccurrence: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Finding]:
@@ -147,15 +159,21 @@ class DataReport:
             "counts": self.counts, "imbalance": self.imbalance,
             "channels": self.channels, "dtypes": self.dtypes, "min_side": self.min_side, "max_side": self.max_side,
             "settings": self.settings, "findings": [f.to_dict() for f in self.findings],
+            "task": self.task, "cooccurrence": self.cooccurrence,
         }
 
     def summary(self, max_items: int = 10, max_classes: int = 30) -> str:
         """Readable text: counts per split and class, then the findings grouped by severity."""
         mode = "decoded pixels" if self.deep else "headers only"
         lines = [f"Checked {self.n_files} file(s) in {self.root or 'the given lists'} ({mode})"]
-        lines += _count_table(self.counts, max_classes)
+        lines += _count_table(self.counts, max_classes, "tags" if self.task == "multilabel" else "classes")
         if self.imbalance is not None:
-            lines.append(f"train imbalance (largest / smallest class): {self.imbalance:.1f}")
+            what = "most common / rarest tag" if self.task == "multilabel" else "largest / smallest class"
+            lines.append(f"train imbalance ({what}): {self.imbalance:.1f}")
+        if self.cooccurrence:
+            pairs = ", ".join(f"{a} + {b}: {c['images']} (Jaccard {c['jaccard']:.2f})"
+                              for c in self.cooccurrence for a, b in [c["tags"]])
+            lines.append(f"tags most often together in train: {pairs}")
         if self.channels:
             chans = ", ".join(f"{k} channel(s): {v}" for k, v in self.channels.items())
             dtypes = ", ".join(f"{k}: {v}" for k, v in self.dtypes.items())
@@ -172,7 +190,7 @@ class DataReport:
         return "\n".join(lines)
 
 
-def _count_table(counts: Mapping[str, Mapping[str, int]], max_classes: int) -> list[str]:
+def _count_table(counts: Mapping[str, Mapping[str, int]], max_classes: int, what: str = "classes") -> list[str]:
     splits = [s for s in counts if counts[s]]
     classes = sorted({c for s in splits for c in counts[s]})
     if not classes:
@@ -183,8 +201,9 @@ def _count_table(counts: Mapping[str, Mapping[str, int]], max_classes: int) -> l
     for name in classes[:max_classes]:
         lines.append(f"  {name:<{width}}" + "".join(f"  {counts[s].get(name, 0):>{w}}" for s, w in zip(splits, cols)))
     if len(classes) > max_classes:
-        lines.append(f"  ... and {len(classes) - max_classes} more classes (see the JSON report)")
-    lines.append(f"  {'total':<{width}}" + "".join(f"  {sum(counts[s].values()):>{w}}" for s, w in zip(splits, cols)))
+        lines.append(f"  ... and {len(classes) - max_classes} more {what} (see the JSON report)")
+    if what == "classes":  # images carry several tags: a column's tags do not add up to its images
+        lines.append(f"  {'total':<{width}}" + "".join(f"  {sum(counts[s].values()):>{w}}" for s, w in zip(splits, cols)))
     return lines
 
 
@@ -210,11 +229,19 @@ class _Entry:
 
 
 def _load_csv(path: Path, path_column: str, label_column: str, suffix: str = "",
-              image_dirs: Sequence[str] = (), root: str | os.PathLike[str] | None = None,
-              ) -> tuple[dict[str, list[tuple[Path, str]]], list[str]]:
-    """Rows of a CSV as splits (``split`` column, else all ``train``), plus the unusable rows."""
+              image_dirs: Sequence[str] = (), root: str | os.PathLike[str] | None = None, tags: TagSettings | None = None,
+              ) -> tuple[dict[str, list[tuple[Path, str]]], list[str], bool]:
+    """Rows of a CSV as splits (``split`` column, else all ``train``), the unusable rows, and whether
+    the labels are tag sets (multi-label: ``tags`` says how they are given, as the datamodule's
+    ``task`` / ``tag_columns`` / ``tag_sep`` / ``uncertain`` do)."""
+    tags = tags or TagSettings()
     rows = read_csv_rows(path, path_column, label_column, root, suffix, image_dirs,
-                         columns_hint="name the columns with --path-column / --label-column")
+                         columns_hint="name the columns with --path-column / --label-column / --tag-columns",
+                         tag_columns=tags.columns, uncertain=tags.uncertain)
+    multilabel = tags.multilabel(row.label for row in rows)
+    if multilabel and not tags.columns:  # one column of joined tags: in canonical form (empty: no tag)
+        rows = [replace(row, label=row_tags({"label": row.label}, f"{path}, line {row.line}", tag_sep=tags.sep))
+                for row in rows]
     splits: dict[str, list[tuple[Path, str]]] = {}
     bad: list[str] = []
     for row in rows:
@@ -222,13 +249,32 @@ def _load_csv(path: Path, path_column: str, label_column: str, suffix: str = "",
             bad.append(f"line {row.line}: empty {path_column if row.path is None else label_column!r} value")
             continue
         splits.setdefault(row.split, []).append((row.path, row.label))
-    return splits, bad
+    return splits, bad, multilabel
+
+
+@dataclass(frozen=True)
+class TagSettings:
+    """How a CSV gives multi-label data (the datamodule's settings of the same names)."""
+
+    task: str = "auto"
+    columns: Sequence[str] | None = None
+    sep: str = TAG_SEP
+    uncertain: str = "ignore"
+
+    def multilabel(self, labels: Iterable[str]) -> bool:
+        """Whether labels read as given are tag sets: said so, tag columns, or (``auto``) a separator in a cell."""
+        if self.task != "auto" or self.columns:
+            return self.task == "multilabel" or bool(self.columns)
+        return any(self.sep in label for label in labels)
 
 
 def _load(source: Source, path_column: str, label_column: str, suffix: str = "", image_dirs: Sequence[str] = (),
-          root: str | os.PathLike[str] | None = None) -> tuple[list[_Entry], Path | None, list[str]]:
-    """Entries of ``source``, the folder to show paths relative to, and unusable CSV rows."""
+          root: str | os.PathLike[str] | None = None, tags: TagSettings | None = None,
+          ) -> tuple[list[_Entry], Path | None, list[str], bool]:
+    """Entries of ``source``, the folder to show paths relative to, unusable CSV rows, and whether the
+    labels are tag sets (a datamodule's splits say it through ``tags.task``)."""
     bad: list[str] = []
+    multilabel = bool(tags and tags.task == "multilabel")
     if isinstance(source, Mapping):
         splits = {str(k): [(Path(p), str(c)) for p, c in v] for k, v in source.items()}
         root = _common_folder(p for items in splits.values() for p, _ in items)
@@ -237,12 +283,12 @@ def _load(source: Source, path_column: str, label_column: str, suffix: str = "",
         if source_kind(path) == "folder":
             splits, root = folder_splits(path), path
         else:
-            (splits, bad) = _load_csv(path, path_column, label_column, suffix, image_dirs, root)
+            (splits, bad, multilabel) = _load_csv(path, path_column, label_column, suffix, image_dirs, root, tags)
             root = Path(root).expanduser() if root else path.parent
     entries = [_Entry(split, p, label, _file_key(p)) for split, items in splits.items() for p, label in items]
     if not entries:
         raise DataError("The dataset lists no images; nothing to check.")
-    return entries, root, bad
+    return entries, root, bad, multilabel
 
 
 def _file_key(path: Path) -> str:
@@ -412,6 +458,71 @@ def _counts(entries: Sequence[_Entry]) -> dict[str, dict[str, int]]:
         per_class = Counter(e.label for e in entries if e.split == split and e.label)
         counts[split] = dict(sorted(per_class.items()))
     return counts
+
+
+NO_TAG_ROW = "(no tag)"
+RARE_TAG = 0.05  # a tag on fewer training images than this share is rare
+
+
+def _tag_counts(entries: Sequence[_Entry]) -> dict[str, dict[str, int]]:
+    """Multi-label: images with each tag present per split, and ``(no tag)`` images."""
+    counts: dict[str, dict[str, int]] = {}
+    for split in sorted({e.split for e in entries}, key=_split_rank):
+        per_tag: Counter[str] = Counter()
+        for e in entries:
+            if e.split == split and e.label:
+                present = decode_tags(e.label)[0]
+                per_tag.update(present or {NO_TAG_ROW})
+        counts[split] = dict(sorted(per_tag.items()))
+    return counts
+
+
+def _check_tags(counts: Mapping[str, Mapping[str, int]], entries: Sequence[_Entry], max_imbalance: float
+                ) -> tuple[list[Finding], float | None, list[dict[str, Any]]]:
+    """Multi-label counterpart of :func:`_check_classes`: per-tag findings, the imbalance ratio and the
+    strongest co-occurrences in training."""
+    train = {t: n for t, n in counts.get("train", {}).items() if n > 0 and t != NO_TAG_ROW}
+    others = {s: c for s, c in counts.items() if s != "train" and s not in _UNLABELLED}
+    findings: list[Finding] = []
+    absent = sorted({t for per in others.values() for t in per if t != NO_TAG_ROW} - set(train))
+    if absent:
+        items = [f"{t}: 0 in train, " + ", ".join(f"{others[s][t]} in {s}" for s in others if others[s].get(t))
+                 for t in absent]
+        findings.append(Finding(ERROR, "missing_in_train", f"{len(absent)} tag(s) have images in val/test but none "
+                                f"in train; the model cannot learn them.", items))
+    n_train = sum(1 for e in entries if e.split == "train" and e.label)
+    if not train:
+        findings.append(Finding(ERROR, "no_training_images", "No training image has a tag; there is nothing to learn."))
+        return findings, None, []
+    few = sorted(t for t, n in train.items() if n < 2)
+    if few:
+        findings.append(Finding(WARNING, "few_images", f"{len(few)} tag(s) are on fewer than 2 training images; "
+                                f"add images or drop the tag.", [f"{t}: {train[t]}" for t in few]))
+    gaps = [f"{t}: {train[t]} in train, 0 in {s}" for s in others for t in sorted(train) if not others[s].get(t)]
+    if gaps:
+        findings.append(Finding(WARNING, "absent_in_split", f"{len(gaps)} tag/split pair(s) have no image: those tags "
+                                f"cannot be scored there (their thresholds stay at 0.5 when it is validation).", gaps))
+    rare = sorted((t for t, n in train.items() if n < RARE_TAG * n_train), key=lambda t: (train[t], t))
+    if rare:
+        findings.append(Finding(WARNING, "rare_tags", f"{len(rare)} tag(s) are on under {RARE_TAG:.0%} of the "
+                                f"training images; consider class_weights='balanced' (a positive weight per tag) "
+                                f"and read their per-tag AP, not only the mean.",
+                                [f"{t}: {train[t]} of {n_train} ({train[t] / n_train:.1%})" for t in rare]))
+    common, rarest = max(train, key=lambda t: (train[t], t)), min(train, key=lambda t: (train[t], t))
+    ratio = train[common] / train[rarest]
+    if ratio > max_imbalance:
+        findings.append(Finding(WARNING, "imbalance", f"Training tags are imbalanced: {common!r} is on {train[common]} "
+                                f"images, {rarest!r} on {train[rarest]} (ratio {ratio:.1f} > {max_imbalance:g}); "
+                                f"consider class_weights='balanced' or more images of the rare tags.",
+                                [f"{t}: {n}" for t, n in sorted(train.items(), key=lambda kv: (kv[1], kv[0]))]))
+    together: Counter[tuple[str, str]] = Counter()
+    for e in entries:
+        if e.split == "train" and e.label:
+            present = sorted(decode_tags(e.label)[0])
+            together.update((a, b) for i, a in enumerate(present) for b in present[i + 1:])
+    top = sorted(together.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    pairs = [{"tags": [a, b], "images": n, "jaccard": round(n / (train[a] + train[b] - n), 3)} for (a, b), n in top]
+    return findings, ratio, pairs
 
 
 def _check_unreadable(failed: Mapping[str, str], files: Mapping[str, Path], name: _Namer,
@@ -632,6 +743,10 @@ def check_data(
     suffix: str = "",
     image_dirs: Sequence[str] = (),
     root: str | os.PathLike[str] | None = None,
+    task: str = "auto",
+    tag_columns: Sequence[str] | None = None,
+    tag_sep: str = TAG_SEP,
+    uncertain: str = "ignore",
 ) -> DataReport:
     """Check a dataset for unreadable files, mixed modes, tiny images, imbalance, duplicates and
     train / val / test leakage (see the module docstring).
@@ -656,6 +771,9 @@ def check_data(
         root: folder CSV paths resolve against (default: the CSV's folder). The CSV is read by the
             same code as :class:`~visiontl.data.CsvDataModule` (:func:`visiontl.data.layout.read_csv_rows`),
             a folder laid out as :class:`~visiontl.data.FolderDataModule` expects.
+        task, tag_columns, tag_sep, uncertain: multi-label data, as
+            :class:`~visiontl.data.CsvDataModule` takes them (``auto``: tag columns, or a cell holding
+            ``tag_sep``, make a CSV multi-label); a datamodule's splits pass its ``task``.
 
     Returns:
         The report; ``report.errors`` is empty when the data is fit to train on.
@@ -663,17 +781,22 @@ def check_data(
     Raises:
         DataError: the source does not exist or is not a dataset (the message says what to give).
     """
-    entries, root, bad_rows = _load(source, path_column, label_column, suffix, image_dirs, root)
+    tags = TagSettings(task, tag_columns, tag_sep, uncertain)
+    entries, root, bad_rows, multilabel = _load(source, path_column, label_column, suffix, image_dirs, root, tags)
     name = _Namer(root)
     files = {e.key: e.path for e in entries}
     infos, failed = _inspect(files, deep, progress, max_pixels, frames)
-    counts = _counts(entries)
+    counts = _tag_counts(entries) if multilabel else _counts(entries)
     findings: list[Finding] = []
     if bad_rows:
         findings.append(Finding(ERROR, "bad_rows", f"{len(bad_rows)} CSV row(s) have no path or no label.", bad_rows))
     findings += _check_unreadable(failed, files, name, deep) + _check_not_taken(source, entries, name)
     findings += _check_modes(infos, files, name) + _check_tiny(infos, files, name, min_size)
-    class_findings, ratio = _check_classes(counts, max_imbalance)
+    pairs: list[dict[str, Any]] = []
+    if multilabel:
+        class_findings, ratio, pairs = _check_tags(counts, entries, max_imbalance)
+    else:
+        class_findings, ratio = _check_classes(counts, max_imbalance)
     findings += class_findings
     content = {k: i.digest for k, i in infos.items() if i.digest is not None}
     groups = _groups(entries, content)
@@ -695,6 +818,7 @@ def check_data(
         max_side=max(sides, default=None), imbalance=ratio,
         settings={"min_size": min_size, "max_imbalance": max_imbalance, "near_threshold": near_threshold,
                   "near_method": "dHash 64-bit, multi-index (pigeonhole) search"},
+        task="multilabel" if multilabel else "multiclass", cooccurrence=pairs,
     )
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 from collections import Counter
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,18 @@ from visiontl.data.images import (
     to_channels,
 )
 from visiontl.data.layout import Sample, folder_splits, index_folder, list_images, read_csv_rows, source_kind
+from visiontl.data.multilabel import (
+    TAG_SEP,
+    UNCERTAIN_POLICIES,
+    check_tag,
+    decode_tags,
+    iterative_split,
+    row_tags,
+    split_gaps,
+    tag_counts,
+    tag_targets,
+    tag_vocabulary,
+)
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.data.presize import presize
 from visiontl.data.sampling import (
@@ -54,6 +67,7 @@ __all__ = [
     "auto_workers",
     "index_folder",
     "labelled_datamodule",
+    "multilabel_split",
     "stratified_split",
 ]
 
@@ -62,14 +76,16 @@ SPLITS = ("train", "val", "test", "predict")
 
 
 class ImageDataset(Dataset):
-    """``(path, label index)`` pairs read with :func:`read_image` and an albumentations transform.
+    """``(path, label)`` pairs read with :func:`read_image` and an albumentations transform.
 
-    Items are dicts: ``image`` (CHW float tensor), ``label`` (int, -1 when unknown), ``index``.
+    Items are dicts: ``image`` (CHW float tensor), ``label`` (the class index, -1 when unknown; for
+    multi-label data a ``float32`` vector of 1 / 0 / -1 per tag, :func:`~visiontl.data.multilabel.tag_targets`),
+    ``index``.
     ``frames`` gives each item's frame of a multi-frame DICOM (an index or ``"middle"``; see
     :func:`visiontl.data.images.expand_frames`); without it a multi-frame file is an error.
     """
 
-    def __init__(self, items: Sequence[tuple[Path, int]], transform: Any, in_chans: int,
+    def __init__(self, items: Sequence[tuple[Path, Any]], transform: Any, in_chans: int,
                  presized: np.ndarray | None = None, max_pixels: int | None = None, seed: int | None = None,
                  frames: Sequence[Frame] | None = None) -> None:
         self.items = list(items)
@@ -135,14 +151,20 @@ class FeatureDataset(Dataset):
             rows = np.asarray(index, dtype=np.int64)
             return {
                 "features": torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32)),
-                "label": torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64)),
+                "label": torch.from_numpy(np.asarray(self.labels[rows], dtype=self._label_dtype)),
                 "index": torch.from_numpy(rows % self.n_images),
             }
+        label = self.labels[index]
         return {
             "features": torch.from_numpy(np.array(self.features[index], dtype=np.float32)),
-            "label": int(self.labels[index]),
+            "label": int(label) if self.labels.ndim == 1 else torch.from_numpy(np.array(label, dtype=np.float32)),
             "index": index % self.n_images,
         }
+
+    @property
+    def _label_dtype(self) -> type:
+        """Class indices (one column) or per-tag targets (a row of floats each)."""
+        return np.int64 if self.labels.ndim == 1 else np.float32
 
     def loader(self, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False, rank: int = 0,
                world_size: int = 1) -> DataLoader:
@@ -191,6 +213,22 @@ def stratified_split(
             else:
                 train.extend(unit)
     return train, val
+
+
+def multilabel_split(
+    samples: Sequence[Sample], fraction: float, seed: int, groups: Mapping[Path, str] | None = None
+) -> tuple[list[Sample], list[Sample]]:
+    """Split multi-label samples (canonical tag strings) so that about ``fraction`` of the images and of
+    each tag's positives go to validation: iterative stratification
+    (:func:`visiontl.data.multilabel.iterative_split`); with ``groups`` whole groups move together,
+    a group carrying the union of its images' tags."""
+    units: dict[str, list[Sample]] = {}
+    for s in sorted(samples):
+        units.setdefault(groups.get(s[0], f"\0{s[0]}") if groups else f"\0{s[0]}", []).append(s)
+    described = [(uid, frozenset().union(*(decode_tags(s[1])[0] for s in items)), len(items))
+                 for uid, items in sorted(units.items())]
+    train_ids, val_ids = iterative_split(described, fraction, seed)
+    return ([s for uid in sorted(train_ids) for s in units[uid]], [s for uid in sorted(val_ids) for s in units[uid]])
 
 
 class ClassificationDataModule(ImageDataModule):
@@ -251,6 +289,8 @@ class ClassificationDataModule(ImageDataModule):
         self._layout_checked = False
         self._datasets: dict[str, Dataset] | None = None
         self._image_datasets: dict[str, ImageDataset] = {}
+        self._multilabel = False  # set by a datamodule that reads tag sets (CsvDataModule)
+        self._tags: list[str] | None = None  # a fixed tag order (tag_columns), else sorted from the data
 
     @property
     def data_seed(self) -> int:
@@ -275,23 +315,13 @@ class ClassificationDataModule(ImageDataModule):
             if not splits.get("train"):
                 raise DataError(f"{type(self).__name__}: the training split is empty.")
             if not splits.get("val"):
-                splits["train"], splits["val"] = stratified_split(
-                    splits["train"], self.val_fraction, self.data_seed, groups=self.groups()
-                )
-            known = set(s[1] for s in splits["train"])
-            if len(known) < 2:
-                raise DataError(
-                    f"{type(self).__name__}: the training split has only one class ({', '.join(sorted(known))}); a "
-                    f"classifier needs at least two. Check the folder layout (one sub-folder per class) or the CSV's "
-                    f"label column."
-                )
-            for split in ("val", "test"):
-                unknown = sorted({s[1] for s in splits.get(split, [])} - known)
-                if unknown:
-                    raise DataError(
-                        f"The {split} split has classes the training split lacks: {', '.join(unknown)}. "
-                        f"Every class needs training images."
-                    )
+                draw = multilabel_split if self._multilabel else stratified_split
+                splits["train"], splits["val"] = draw(splits["train"], self.val_fraction, self.data_seed,
+                                                      groups=self.groups())
+            (self._check_tags if self._multilabel else self._check_classes)(splits)
+            if self.shots is not None and self._multilabel:
+                raise DataError(f"{type(self).__name__}: shots counts training images per class, which multi-label "
+                                f"images do not have; list fewer images in the CSV instead (shots: null).")
             if self.shots is not None:
                 self._full_train = splits["train"]
                 seed = self.seed if self.shots_seed is None else self.shots_seed
@@ -309,9 +339,65 @@ class ClassificationDataModule(ImageDataModule):
             self._splits["unlabelled"] = unlabelled
         return self._splits
 
+    def _check_classes(self, splits: dict[str, list[Sample]]) -> None:
+        """Single-label: two classes at least, and none outside training in the other splits."""
+        known = set(s[1] for s in splits["train"])
+        if len(known) < 2:
+            raise DataError(
+                f"{type(self).__name__}: the training split has only one class ({', '.join(sorted(known))}); a "
+                f"classifier needs at least two. Check the folder layout (one sub-folder per class) or the CSV's "
+                f"label column."
+            )
+        for split in ("val", "test"):
+            unknown = sorted({s[1] for s in splits.get(split, [])} - known)
+            if unknown:
+                raise DataError(
+                    f"The {split} split has classes the training split lacks: {', '.join(unknown)}. "
+                    f"Every class needs training images."
+                )
+
+    def _check_tags(self, splits: dict[str, list[Sample]]) -> None:
+        """Multi-label: every tag has training images, and validation lacking a tag is said once."""
+        tags = list(self._tags) if self._tags is not None else tag_vocabulary(
+            s[1] for items in splits.values() for s in items)
+        gaps = split_gaps([s[1] for s in splits["train"]], [s[1] for s in splits["val"]], tags)
+        if gaps["train"]:
+            raise DataError(f"{type(self).__name__}: no training image has the tag(s) {', '.join(gaps['train'])}; every "
+                            f"tag needs positive training images (drop the tag, or move images to training).")
+        if gaps["val"]:
+            log.warning("[visiontl] data check: no validation image has the tag(s) %s (too few images to divide: see "
+                        "check-data's per-tag counts); their validation scores are not measured and their decision "
+                        "thresholds stay at 0.5.", ", ".join(gaps["val"]))
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the images carry several tags each (see :attr:`task`)."""
+        self.splits  # noqa: B018 - a CSV's task is known once it is read
+        return self._multilabel
+
+    @property
+    def task(self) -> str:
+        """``multiclass`` (one class per image) or ``multilabel`` (a set of tags per image:
+        :mod:`visiontl.data.multilabel`); the task is chosen by the data and handed to the model."""
+        return "multilabel" if self.multilabel else "multiclass"
+
+    def encode_label(self, label: str) -> Any:
+        """The training target of a label string: the class index (-1 for none), or for multi-label
+        data the per-tag ``float32`` vector (:func:`~visiontl.data.multilabel.tag_targets`)."""
+        if self.multilabel:
+            return tag_targets(label, self.class_names)
+        return self._class_index.get(label, -1)
+
+    @property
+    def _class_index(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.class_names)}
+
     @property
     def class_names(self) -> list[str]:
-        """Sorted class names of the training split (label index = position)."""
+        """Sorted class names of the training split (label index = position); for multi-label data
+        the tags in their given order (``tag_columns``), else sorted."""
+        if self.multilabel:
+            return list(self._tags) if self._tags is not None else tag_vocabulary(s[1] for s in self.splits["train"])
         return sorted({s[1] for s in self.splits["train"]})
 
     @property
@@ -326,7 +412,10 @@ class ClassificationDataModule(ImageDataModule):
 
     @property
     def class_counts(self) -> list[int]:
-        """Training samples per class, in label order (frames under ``frames='all'``)."""
+        """Training samples per class, in label order (frames under ``frames='all'``); for
+        multi-label data the training images with each tag present."""
+        if self.multilabel:
+            return tag_counts((s[1] for s in self.samples("train")), self.class_names)
         counts = Counter(s[1] for s in self.samples("train"))
         return [counts[c] for c in self.class_names]
 
@@ -377,7 +466,7 @@ class ClassificationDataModule(ImageDataModule):
             return
         from visiontl.data.check import check_data
 
-        report = check_data(self.splits, deep=False, progress=True, frames=self.frames)
+        report = check_data(self.splits, deep=False, progress=True, frames=self.frames, task=self.task)
         self.data_report = report
         for finding in report.warnings:
             if finding.code == "few_images" and getattr(self, "shots", None) == 1:
@@ -392,11 +481,10 @@ class ClassificationDataModule(ImageDataModule):
 
     def build_datasets(self, pre: Preprocessing) -> None:
         datasets: dict[str, Dataset] = {}
-        index = {c: i for i, c in enumerate(self.class_names)}
         for split in self.splits:
             train = split in ("train", self.paired_split)  # unlabelled images are augmented like the labelled ones
             refs = self.samples(split)
-            labelled = [(p, index.get(c, -1)) for p, c, _ in refs]
+            labelled = [(p, self.encode_label(c)) for p, c, _ in refs]
             frames = [f for _, _, f in refs]
             arrays = presize([p for p, _, _ in refs], pre.size, pre.in_chans, frames) if self.presize else None
             # augmentation is seeded per (seed, epoch, index): another seed for the unlabelled images, so
@@ -439,8 +527,7 @@ class ClassificationDataModule(ImageDataModule):
         if split != "train" or self._full_train is None or self.frames == "all":
             return None
         source = self.feature_source(split)
-        index = {c: i for i, c in enumerate(self.class_names)}
-        items = [(p, index[c]) for p, c in self._full_train]
+        items = [(p, self.encode_label(c)) for p, c in self._full_train]
         row = {p: i for i, (p, _) in enumerate(items)}
         full = ImageDataset(items, source.transform, source.in_chans, None, source.max_pixels, seed=None,
                             frames=[self.frames] * len(items))
@@ -552,6 +639,18 @@ class CsvDataModule(ClassificationDataModule):
             ``valid`` / ``validation``, ``test``; empty: ``train``), for data listed in one CSV
             (a run directory's ``splits.csv`` is such a file); ``val_csv`` / ``test_csv`` then
             must not be given.
+        task: ``auto`` (default): multi-label when ``tag_columns`` is given or a label cell holds
+            ``tag_sep``, else one class per image; ``multiclass`` or ``multilabel`` to say so
+            (an image with a single tag or none is multi-label data too). See
+            :mod:`visiontl.data.multilabel`.
+        tag_columns: multi-label data with one column per tag (the ChestX-ray14 / CheXpert shape):
+            ``1`` present, ``0`` or empty absent, ``-1`` uncertain; the tags are these column
+            names, in this order. ``label_column`` is then not read.
+        tag_sep: multi-label data in one column: the separator of an image's tags (``|``; an
+            empty cell is an image with no tag).
+        uncertain: what a ``-1`` in a tag column means: ``ignore`` (default: that image and tag
+            are left out of the loss and the metrics, CheXpert's U-Ignore), ``positive`` (U-Ones)
+            or ``negative`` (U-Zeros).
         **kwargs: see :class:`ClassificationDataModule`. With ``on_bad_image='skip'``, rows
             whose file is missing are left out and listed (``skipped_files.txt``) instead of
             stopping with an error.
@@ -569,9 +668,32 @@ class CsvDataModule(ClassificationDataModule):
         image_dirs: Sequence[str] | None = None,
         group_column: str | None = None,
         split_column: str | None = None,
+        task: str = "auto",
+        tag_columns: Sequence[str] | None = None,
+        tag_sep: str = TAG_SEP,
+        uncertain: str = "ignore",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if task not in ("auto", "multiclass", "multilabel"):
+            raise DataError(f"CsvDataModule: task must be auto, multiclass or multilabel, got {task!r}.")
+        if uncertain not in UNCERTAIN_POLICIES:
+            raise DataError(f"CsvDataModule: uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, got {uncertain!r}.")
+        if tag_columns is not None:
+            if isinstance(tag_columns, str) or not tag_columns:
+                raise DataError("CsvDataModule: tag_columns is a list of column names (one per tag), e.g. "
+                                "[Atelectasis, Effusion].")
+            if task == "multiclass":
+                raise DataError("CsvDataModule: tag_columns makes the data multi-label; leave task at auto or "
+                                "multilabel.")
+            tag_columns = [check_tag(str(c), f"{train_csv}: tag_columns") for c in tag_columns]
+            if len(set(tag_columns)) != len(tag_columns):
+                raise DataError(f"CsvDataModule: tag_columns names a column twice ({', '.join(tag_columns)}).")
+            self._tags = list(tag_columns)
+        if not tag_sep or tag_sep.isspace():
+            raise DataError(f"CsvDataModule: tag_sep must be a visible separator such as '|' or ';', got {tag_sep!r}.")
+        self.task_setting, self.tag_columns, self.tag_sep, self.uncertain = task, tag_columns, tag_sep, uncertain
+        self._multilabel = task == "multilabel" or tag_columns is not None
         if split_column is not None and (val_csv or test_csv):
             raise DataError(f"CsvDataModule: split_column={split_column!r} takes every split from {train_csv}; do "
                             f"not also give val_csv / test_csv.")
@@ -592,12 +714,20 @@ class CsvDataModule(ClassificationDataModule):
     def _read_rows(self, csv_path: str) -> list[tuple[str, Sample]]:
         """``(split, sample)`` per row (the split from ``split_column``, else ``train``)."""
         rows = read_csv_rows(csv_path, self.path_column, self.label_column, self.root, self.suffix, self.image_dirs,
-                             self.group_column, split_column=self.split_column or "split")
+                             self.group_column, split_column=self.split_column or "split",
+                             tag_columns=self.tag_columns, uncertain=self.uncertain)
         path = Path(csv_path).expanduser()
+        if self.task_setting == "auto" and not self._multilabel and csv_path == self.train_csv:
+            self._multilabel = any(self.tag_sep in row.label for row in rows)  # the training CSV decides
+        if self._multilabel and not self.tag_columns:  # one column of joined tags: in canonical form
+            rows = [replace(row, label=row_tags({"label": row.label}, f"{path}, line {row.line}", tag_sep=self.tag_sep))
+                    for row in rows]
         samples, missing = [], []
         for row in rows:
             if not row.label:
-                raise DataError(f"{path}, line {row.line}: empty label in column {self.label_column!r}.")
+                hint = (f"; for multi-label data, where an empty cell is an image with no tag, set task: multilabel "
+                        f"(tags joined by {self.tag_sep!r}) or tag_columns" if not self._multilabel else "")
+                raise DataError(f"{path}, line {row.line}: empty label in column {self.label_column!r}{hint}.")
             if row.path is None or not row.path.is_file():
                 missing.append((row.path or path, f"listed in {path.name} line {row.line} but missing"))
                 continue

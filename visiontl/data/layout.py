@@ -15,6 +15,7 @@ from typing import Literal
 
 from visiontl.core.files import csv_unescape
 from visiontl.data.images import IMAGE_EXTENSIONS, DataError, is_image_file
+from visiontl.data.multilabel import row_tags
 
 __all__ = ["SPLIT_DIRS", "CsvRow", "Sample", "canonical_split", "folder_splits", "index_folder", "list_images",
            "not_taken", "read_csv_rows", "source_kind", "split_folders"]
@@ -135,12 +136,17 @@ def read_csv_rows(
     group_column: str | None = None,
     columns_hint: str = "set path_column / label_column / group_column",
     split_column: str = "split",
+    tag_columns: Sequence[str] | None = None,
+    uncertain: str = "ignore",
 ) -> list[CsvRow]:
     """Read a dataset CSV (the datamodules' and ``check-data``'s one reader).
 
     Path values are resolved against ``root`` (default: the CSV's folder), with ``suffix``
     appended (for id columns such as HAM10000's ``image_id``) and searched in ``image_dirs`` in
-    order (data shipped in several parts); absolute paths stay as they are.
+    order (data shipped in several parts); absolute paths stay as they are. With ``tag_columns``
+    (multi-label data, one 0/1 column per tag) a row's label is its canonical tag set
+    (:func:`visiontl.data.multilabel.row_tags`, ``uncertain`` resolving ``-1``) and ``label_column``
+    is not read.
 
     Raises:
         DataError: the file is missing or not a readable CSV, a named column is absent, or it has
@@ -158,7 +164,8 @@ def read_csv_rows(
             rows = [{k: csv_unescape(v) for k, v in row.items()} for row in reader]
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path} is not a readable CSV file ({err}).") from err
-    required = (path_column, label_column, group_column, None if split_column == "split" else split_column)
+    required = (path_column, None if tag_columns else label_column, *(tag_columns or ()), group_column,
+                None if split_column == "split" else split_column)
     missing = [c for c in required if c is not None and c not in columns]
     if missing:
         raise DataError(f"{path} has no column {', '.join(map(repr, missing))} (columns: "
@@ -170,8 +177,9 @@ def read_csv_rows(
         value = (row.get(path_column) or "").strip()
         file = _locate(base, value + suffix, image_dirs) if value else None
         group = (row.get(group_column) or "").strip() if group_column else ""
-        out.append(CsvRow(line, file, (row.get(label_column) or "").strip(), canonical_split(row.get(split_column) or ""),
-                          group))
+        label = (row_tags(row, f"{path}, line {line}", tag_columns=tag_columns, uncertain=uncertain)  # type: ignore[arg-type]
+                 if tag_columns else (row.get(label_column) or "").strip())
+        out.append(CsvRow(line, file, label, canonical_split(row.get(split_column) or ""), group))
     return out
 
 

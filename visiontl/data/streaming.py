@@ -229,6 +229,9 @@ def prepare_data(src: str | os.PathLike[str], out: str, *, val_fraction: float =
 
     dm = labelled_datamodule(src, val_fraction=val_fraction, seed=seed, on_bad_image=on_bad_image, frames=frames,
                              max_pixels=max_pixels, **(csv_options or {}))
+    if dm.multilabel:
+        raise DataError(f"{src}: prepare-data streams one class per image; multi-label data (several tags per image) "
+                        f"trains from the CSV itself (CsvDataModule), without prepare-data.")
     dm._check_layout()  # headers, counts, leakage: stops before anything is written
     _check_out(out, overwrite)
     stage = _stage(out)
