@@ -377,6 +377,7 @@ def _cli_class():
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
             parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+            parser.link_arguments("data.task", "model.init_args.task", apply_on="instantiate")
 
         def _parse_ckpt_path(self) -> None:
             """A checkpoint is data, never configuration.

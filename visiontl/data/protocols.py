@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from visiontl.data.preprocessing import Preprocessing
 
-__all__ = ["LabelledData", "LabelledSplits", "Preprocessed", "ServesFeatures"]
+__all__ = ["LabelledData", "LabelledSplits", "Preprocessed", "ServesFeatures", "TaggedData"]
 
 
 @runtime_checkable
@@ -59,6 +59,14 @@ class LabelledData(Protocol):
     train_size: int
     class_counts: list[int]
     data_report: Any
+
+
+@runtime_checkable
+class TaggedData(Protocol):
+    """Says whether its images carry several tags each (multi-label) or one class
+    (:mod:`visiontl.data.multilabel`); a datamodule without it has one class per image."""
+
+    multilabel: bool
 
 
 @runtime_checkable

@@ -206,7 +206,7 @@ def extract_features(
     modes = [(m, m.training) for m in model.modules()]  # restored exactly: frozen norms stay in eval
     model.eval()
     feats: np.ndarray | None = None  # filled in place: no list of batches, no concatenated copy
-    labels = np.empty(0, dtype=np.int64)
+    labels = np.empty(0, dtype=np.int64)  # class indices, or rows of per-tag targets (multi-label)
     row = 0
     n = len(dataset)
     seeded = getattr(dataset, "seed", None) is not None  # augmentation seeded per (seed, view, image)
@@ -225,7 +225,8 @@ def extract_features(
                 out = forward(batch["image"]).float().cpu().numpy()
                 if feats is None:
                     feats = np.empty((views * n, out.shape[1]), dtype=np.float32)
-                    labels = np.empty(views * n, dtype=np.int64)
+                    first = np.asarray(batch["label"])
+                    labels = np.empty((views * n, *first.shape[1:]), dtype=np.int64 if first.ndim == 1 else np.float32)
                 # copied out: an ONNX Runtime output held on to its arena block (0.75 GB more at 24,000 images)
                 feats[row:row + len(out)] = out
                 labels[row:row + len(out)] = np.asarray(batch["label"])
@@ -259,7 +260,9 @@ def split_features(model: nn.Module, backbone: str, dm: Any, split: str,
             "views": views if augmented else 1, "seed": dm.seed if augmented else None,
             "data": data_fingerprint([p for p, _ in source.items]),
             # the labels are cached with the features: a CSV relabelled over the same files is another entry
-            "labels": hashlib.sha256(json.dumps([label for _, label in source.items], default=str).encode()).hexdigest(),
+            "labels": hashlib.sha256(json.dumps([label for _, label in source.items],
+                                                 default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)
+                                                 ).encode()).hexdigest(),
             **({"frames": source.frame_key} if getattr(source, "frame_key", "") else {}),
         })
 

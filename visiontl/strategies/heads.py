@@ -60,7 +60,22 @@ class FittedHead(Strategy):
         raise NotImplementedError
 
 
+def _single_label(strategy: str, labels: torch.Tensor) -> None:
+    """Refuse multi-label targets (one row of tags per image) in a head that scores one class."""
+    if labels.ndim == 2:
+        raise StrategyError(f"Strategy {strategy!r} scores one class per image; for multi-label data (several tags per "
+                            f"image) use logreg (one-vs-rest logistic regression), gradual or an SGD strategy.")
+
+
 def _check(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    if labels.ndim == 2:  # multi-label: every tag needs a positive and a negative
+        known = labels >= 0
+        pos, neg = ((labels > 0.5) & known).sum(0), ((labels < 0.5) & known).sum(0)
+        bad = [i for i in range(labels.shape[1]) if pos[i] == 0 or neg[i] == 0]
+        if bad:
+            raise StrategyError(f"Tag index(es) {bad} have no positive or no negative training image; a yes / no "
+                                f"decision needs both.")
+        return
     missing = sorted(set(range(num_classes)) - set(labels.tolist()))
     if missing:
         raise StrategyError(f"No training features for class index(es) {missing}; every class needs examples.")
@@ -83,6 +98,7 @@ class Prototype(FittedHead):
     @torch.no_grad()
     def fit(self, head: nn.Module, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
             class_weight: torch.Tensor | None = None) -> None:
+        _single_label(self.name, labels)
         _check(features, labels, num_classes)
         means = torch.stack([features[labels == c].mean(0) for c in range(num_classes)])
         spread = ((features - means[labels]) ** 2).sum(1).mean().clamp(min=1e-6)
@@ -95,9 +111,32 @@ L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 """Penalties :class:`LogisticRegression` chooses from by cross-validation (standardised features)."""
 
 
+def _data_loss(logits: torch.Tensor, labels: torch.Tensor, class_weight: torch.Tensor | None,
+               reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy for class indices; for multi-label targets (rows of 1 / 0 / -1) the mean binary
+    cross-entropy over the labelled pairs, ``class_weight`` weighing each tag's positives."""
+    if labels.ndim == 2:
+        from visiontl.tasks.multilabel import multilabel_loss
+
+        loss = multilabel_loss(logits, labels, pos_weight=class_weight)
+        return loss * int((labels >= 0).sum()) if reduction == "sum" else loss
+    return F.cross_entropy(logits, labels, weight=class_weight, reduction=reduction)
+
+
+def _score(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Accuracy; for multi-label targets the macro average precision over tags with a positive."""
+    if labels.ndim == 2:
+        from torchmetrics.functional.classification import multilabel_average_precision
+
+        return float(multilabel_average_precision(logits.sigmoid(), labels.long(), labels.shape[1], average="macro",
+                                                  ignore_index=-1))
+    return float((logits.argmax(1) == labels).float().mean())
+
+
 def _lbfgs(z: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, class_weight: torch.Tensor | None,
            max_iter: int, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression on ``z`` by full-batch L-BFGS, from ``init`` (a warm start)."""
+    """Multinomial logistic regression on ``z`` by full-batch L-BFGS, from ``init`` (a warm start); for
+    multi-label targets one-vs-rest (a binary logistic regression per tag, fitted together)."""
     weight = (init[0].clone() if init else torch.zeros(num_classes, z.shape[1])).requires_grad_(True)
     bias = (init[1].clone() if init else torch.zeros(num_classes)).requires_grad_(True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
@@ -105,7 +144,7 @@ def _lbfgs(z: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, c
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(z @ weight.T + bias, labels, weight=class_weight) + l2 / 2 * (weight**2).sum()
+        loss = _data_loss(z @ weight.T + bias, labels, class_weight) + l2 / 2 * (weight**2).sum()
         loss.backward()
         return loss
 
@@ -114,8 +153,22 @@ def _lbfgs(z: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float, c
     return weight.detach(), bias.detach()
 
 
+def _strata(labels: torch.Tensor) -> torch.Tensor:
+    """What folds are stratified by: the class; for multi-label rows the rarest tag each image has
+    (-1 for none), so every tag's few positives spread over the folds."""
+    if labels.ndim == 1:
+        return labels
+    positive = labels > 0.5
+    rarity = positive.sum(0).float().masked_fill(positive.sum(0) == 0, float("inf"))
+    ranked = torch.where(positive, rarity[None, :], torch.full_like(labels, float("inf")))
+    rarest = ranked.argmin(1)
+    return torch.where(positive.any(1), rarest, torch.full_like(rarest, -1))
+
+
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int = 0) -> list[torch.Tensor]:
-    """Row indices of ``folds`` validation folds, each class spread evenly over them (seeded)."""
+    """Row indices of ``folds`` validation folds, each class spread evenly over them (seeded); for
+    multi-label rows, each image's rarest tag."""
+    labels = _strata(labels)
     generator = torch.Generator().manual_seed(seed)
     fold_of = torch.empty(len(labels), dtype=torch.long)
     for c in labels.unique():
@@ -162,9 +215,14 @@ class LogisticRegression(FittedHead):
     def choose_l2(self, z: torch.Tensor, labels: torch.Tensor, num_classes: int,
                   class_weight: torch.Tensor | None = None) -> tuple[float, dict[str, Any]]:
         """Cross-validate the penalty on standardised features ``z``; returns it and the fold scores."""
-        folds = min(self.folds, int(torch.bincount(labels, minlength=num_classes).min()))
+        if labels.ndim == 2:
+            least = int(((labels > 0.5) & (labels >= 0)).sum(0).min())
+        else:
+            least = int(torch.bincount(labels, minlength=num_classes).min())
+        folds = min(self.folds, least)
         if folds < 2:
-            return 1e-2, {"cv": "skipped: a class has fewer than 2 training images"}
+            what = "a tag is on" if labels.ndim == 2 else "a class has"
+            return 1e-2, {"cv": f"skipped: {what} fewer than 2 training images"}
         acc = torch.zeros(len(self.grid))
         nll = torch.zeros(len(self.grid))
         for rows in stratified_folds(labels, folds):
@@ -174,10 +232,11 @@ class LogisticRegression(FittedHead):
             for i, l2 in enumerate(self.grid):
                 init = _lbfgs(z[keep], labels[keep], num_classes, l2, class_weight, 100, init)
                 logits = z[rows] @ init[0].T + init[1]
-                acc[i] += (logits.argmax(1) == labels[rows]).float().sum() / len(labels)
-                nll[i] += F.cross_entropy(logits, labels[rows], reduction="sum") / len(labels)
+                acc[i] += _score(logits, labels[rows]) * len(rows) / len(labels)
+                nll[i] += _data_loss(logits, labels[rows], None, reduction="sum") / len(labels)
         best = max(range(len(self.grid)), key=lambda i: (round(float(acc[i]), 6), -float(nll[i])))
-        scores = {"folds": folds, "grid": list(self.grid), "cv_acc": [round(float(a), 4) for a in acc],
+        score = "cv_map" if labels.ndim == 2 else "cv_acc"  # macro average precision for multi-label targets
+        scores = {"folds": folds, "grid": list(self.grid), score: [round(float(a), 4) for a in acc],
                   "cv_nll": [round(float(v), 4) for v in nll]}
         return self.grid[best], scores
 
@@ -194,8 +253,8 @@ class LogisticRegression(FittedHead):
         if l2 == "auto":
             l2, scores = self.choose_l2(z, labels, num_classes, class_weight)
         weight, bias = _lbfgs(z, labels, num_classes, float(l2), class_weight, self.max_iter)
-        train_acc = float(((z @ weight.T + bias).argmax(1) == labels).float().mean())
-        self.fit_report = {"l2": float(l2), "train_acc": round(train_acc, 4), **scores}
+        train = _score(z @ weight.T + bias, labels)
+        self.fit_report = {"l2": float(l2), "train_map" if labels.ndim == 2 else "train_acc": round(train, 4), **scores}
         with torch.no_grad():  # fold the standardisation into the linear head
             w = weight / std
             head.weight.copy_(w)
@@ -270,6 +329,7 @@ class KNN(FittedHead):
 
     def fit(self, head: nn.Module, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
             class_weight: torch.Tensor | None = None) -> None:
+        _single_label(self.name, labels)
         _check(features, labels, num_classes)
         head.fit(features, labels)
 

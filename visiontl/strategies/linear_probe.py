@@ -16,7 +16,7 @@ from torch import nn
 
 from visiontl.strategies.heads import LogisticRegression
 
-__all__ = ["fit_probe", "linear_probe_accuracy", "probe_accuracy"]
+__all__ = ["fit_probe", "linear_probe_accuracy", "probe_accuracy", "probe_score"]
 
 
 def _rows(values: Any, dtype: type) -> torch.Tensor:
@@ -61,6 +61,22 @@ def probe_accuracy(head: nn.Module, features: Any, labels: Any) -> float:
     with torch.no_grad():
         predicted = head(_rows(features, np.float32).to(device)).argmax(1).cpu().numpy()
     return float((predicted == _rows(labels, np.int64).numpy()).mean())
+
+
+def probe_score(head: nn.Module, features: Any, labels: Any) -> tuple[str, float]:
+    """``("val_acc", top-1 accuracy)`` of ``head`` on feature rows, or for multi-label targets (rows
+    of 1 / 0 / -1) ``("val_map", macro average precision)``."""
+    if np.ndim(labels) == 1:
+        return "val_acc", probe_accuracy(head, features, labels)
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    held = [*head.parameters(), *head.buffers()]
+    device = held[0].device if held else torch.device("cpu")
+    with torch.no_grad():
+        probs = head(_rows(features, np.float32).to(device)).sigmoid().cpu()
+    targets = torch.from_numpy(np.array(labels, dtype=np.int64))
+    return "val_map", float(multilabel_average_precision(probs, targets, targets.shape[1], average="macro",
+                                                         ignore_index=-1))
 
 
 def linear_probe_accuracy(train: tuple[Any, Any], val: tuple[Any, Any], num_classes: int) -> float:

@@ -152,6 +152,9 @@ class AdaptationTask(ClassificationTask):
         if monitor not in MONITORS:
             raise ValueError(f"monitor must be one of {', '.join(MONITORS)} (target labels never pick checkpoints), "
                              f"got {monitor!r}.")
+        if kwargs.get("task", "multiclass") == "multilabel":
+            raise ValueError("Domain adaptation (its methods and its label-free validators) is defined on one class per "
+                             "image (softmax outputs); multi-label data (several tags per image) is not supported.")
         kwargs.setdefault("strategy", {"name": "full", "bn_stats": "update"})
         super().__init__(*args, **kwargs)
         if not self.strategy.sgd:

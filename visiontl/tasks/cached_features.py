@@ -18,7 +18,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from visiontl.data.datamodules import FeatureDataset
 from visiontl.data.protocols import LabelledSplits, ServesFeatures
 from visiontl.models.features import split_features, supports_features
-from visiontl.strategies.linear_probe import probe_accuracy
+from visiontl.strategies.linear_probe import probe_score
 
 __all__ = ["CachedFeatures"]
 
@@ -81,7 +81,8 @@ class CachedFeatures(pl.Callback):
         head = model.get_classifier()
         weight = pl_module.class_weight if pl_module.hparams.get("class_weights") else None
         strategy.fit_head(head, torch.from_numpy(np.array(features, dtype=np.float32)),  # a writable copy
-                          torch.from_numpy(np.array(labels, dtype=np.int64)), int(pl_module.hparams["num_classes"]),
+                          torch.from_numpy(np.array(labels, dtype=np.int64 if np.ndim(labels) == 1 else np.float32)),
+                          int(pl_module.hparams["num_classes"]),
                           class_weight=weight)
         if trainer.world_size > 1:  # DDP synchronised the weights before this hook: every rank takes rank 0's head
             state = trainer.strategy.broadcast({k: v.detach().cpu() for k, v in head.state_dict().items()}, src=0)
@@ -90,7 +91,7 @@ class CachedFeatures(pl.Callback):
         if strategy.sgd and isinstance(dm, LabelledSplits) and "val" in dm.splits:
             val_features, val_labels = _rank_zero_first(trainer, lambda compute: split_features(
                 model, backbone, dm, "val", compute=compute))
-            val_acc = probe_accuracy(head, val_features, val_labels)
-            strategy.fit_report["val_acc"] = round(val_acc, 4)
-            message += f" (val_acc {val_acc:.3f}); fine-tuning starts from it"
+            metric, value = probe_score(head, val_features, val_labels)
+            strategy.fit_report[metric] = round(value, 4)
+            message += f" ({metric} {value:.3f}); fine-tuning starts from it"
         rank_zero_info(message)

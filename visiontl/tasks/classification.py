@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -36,6 +36,14 @@ from visiontl.strategies.regularizers import l2sp_penalty
 from visiontl.models.weights import classifier_names
 from visiontl.tasks.base import BaseTask
 from visiontl.tasks.guard import DivergenceGuard
+from visiontl.tasks.multilabel import (
+    TASKS,
+    decisions,
+    multilabel_loss,
+    multilabel_scores,
+    per_tag_rates,
+    tune_thresholds,
+)
 from visiontl.tasks.regularisers import BatchMixer, WeightEMA
 
 __all__ = ["ClassificationTask"]
@@ -90,6 +98,13 @@ class ClassificationTask(BaseTask):
             improved for this many validations (Lightning's ``EarlyStopping``); ``None``: train the
             whole budget. The best checkpoint is what the run keeps either way. Strategies that fit
             their head in closed form have nothing to stop.
+        task: ``multiclass`` (one class per image) or ``multilabel`` (several tags per image, each a
+            yes / no decision: :mod:`visiontl.tasks.multilabel`); set from the datamodule by
+            ``fine_tune`` and the CLI. With ``multilabel``, ``class_names`` are the tags,
+            ``class_weights="balanced"`` weighs each tag's positives, and ``val_map`` picks the
+            best checkpoint.
+        thresholds: multi-label: fixed decision thresholds, one per tag (``None``: tuned on the
+            validation images for each tag's best F1).
     """
 
     def __init__(
@@ -119,6 +134,8 @@ class ClassificationTask(BaseTask):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         ema: float | None = None,
+        task: str = "multiclass",
+        thresholds: list[float] | None = None,
     ) -> None:
         if num_classes is None and class_names:
             num_classes = len(class_names)
@@ -132,7 +149,23 @@ class ClassificationTask(BaseTask):
                              f"{early_stopping!r}.")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}.")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
+        if thresholds is not None and (task != "multilabel" or len(thresholds) != num_classes
+                                       or not all(0.0 < float(t) < 1.0 for t in thresholds)):
+            raise ValueError(f"thresholds are for multi-label tasks: one per tag ({num_classes}), each between 0 and 1; "
+                             f"got {thresholds!r}.")
         super().__init__()
+        if self.multilabel:
+            if self.strategy.name in ("knn", "prototype"):
+                raise StrategyError(f"Strategy {self.strategy.name!r} scores one class per image; for multi-label data "
+                                    f"(several tags per image) use logreg (one-vs-rest), gradual or an SGD strategy.")
+            self.monitor = "val_map"  # threshold-free: picks checkpoints before any threshold is tuned
+
+    @property
+    def multilabel(self) -> bool:
+        """Several tags per image (``task="multilabel"``) rather than one class."""
+        return self.hparams.get("task", "multiclass") == "multilabel"
 
     @property
     def class_names(self) -> list[str]:
@@ -199,6 +232,13 @@ class ClassificationTask(BaseTask):
         self.register_buffer("class_weight", tensor if tensor is not None else torch.ones(self.hparams["num_classes"]))
         hp = self.hparams
         mixing = hp.get("mixup", 0.0) or hp.get("cutmix", 0.0)
+        if self.multilabel:
+            fixed = hp.get("thresholds")
+            # in the state dict: every checkpoint, export and prediction applies its own weights' thresholds
+            self.register_buffer("thresholds", torch.tensor(fixed if fixed else [0.5] * hp["num_classes"],
+                                                            dtype=torch.float32))
+            if mixing:
+                raise ValueError("mixup / cutmix mix one class per image; for multi-label data leave them at 0.")
         self.__dict__["mixer"] = (BatchMixer(hp.get("mixup", 0.0), hp.get("cutmix", 0.0), hp["num_classes"],
                                              hp["label_smoothing"]) if mixing else None)
         if mixing and type(self).training_step is not ClassificationTask.training_step:
@@ -210,6 +250,16 @@ class ClassificationTask(BaseTask):
 
     def configure_metrics(self) -> None:
         k = self.hparams["num_classes"]
+        self.last_confusion: dict[str, torch.Tensor] = {}
+        if self.multilabel:
+            self.train_metrics = multilabel_scores(k, full=False).clone(prefix="train_")
+            self.train_loss_mean = MeanMetric()
+            self.val_metrics = multilabel_scores(k, full=True).clone(prefix="val_")
+            self.test_metrics = multilabel_scores(k, full=True).clone(prefix="test_")
+            # the scores and targets themselves, synchronised across processes: thresholds and per-tag rates
+            self.val_probs, self.val_targets = CatMetric(), CatMetric()
+            self.test_probs, self.test_targets = CatMetric(), CatMetric()
+            return
         scores = MetricCollection({
             "acc": MulticlassAccuracy(k, average="micro"),
             "balanced_acc": MulticlassAccuracy(k, average="macro"),
@@ -226,7 +276,6 @@ class ClassificationTask(BaseTask):
         self.test_specificity = MulticlassSpecificity(k, average=None)
         self.val_confmat = MulticlassConfusionMatrix(k)
         self.test_confmat = MulticlassConfusionMatrix(k)
-        self.last_confusion: dict[str, torch.Tensor] = {}
 
     def set_preprocessing(self, pre: Preprocessing) -> None:
         super().set_preprocessing(pre)
@@ -236,12 +285,18 @@ class ClassificationTask(BaseTask):
             if self.__dict__.get("start_state") is not None:  # at set-up, before any step: still pretrained
                 self._snapshot_start(prepared=True)
 
-    def set_class_counts(self, counts: list[int]) -> None:
+    def set_class_counts(self, counts: list[int], total: int | None = None) -> None:
         """Training samples per class (from the datamodule, at set-up): ``class_weights='balanced'``
-        weighs each class by the inverse of its frequency."""
+        weighs each class by the inverse of its frequency; for multi-label data (``counts``: images
+        with each tag, ``total``: training images) each tag's positives by negatives / positives."""
         if self.hparams["class_weights"] == "balanced":
             c = torch.tensor(counts, dtype=torch.float32).clamp(min=1)
-            self.class_weight.copy_(c.sum() / (len(c) * c))
+            if self.multilabel:
+                if total is None:
+                    raise ValueError("class_weights='balanced' on multi-label data needs the number of training images.")
+                self.class_weight.copy_((float(total) - c).clamp(min=1) / c)
+            else:
+                self.class_weight.copy_(c.sum() / (len(c) * c))
             self._counts_set = True
 
     def setup(self, stage: str) -> None:
@@ -285,6 +340,8 @@ class ClassificationTask(BaseTask):
 
     # -- steps ----------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            return multilabel_loss(logits, y, pos_weight=self.class_weight, smoothing=self.hparams["label_smoothing"])
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.hparams["label_smoothing"])
 
     def on_train_epoch_end(self) -> None:
@@ -330,9 +387,13 @@ class ClassificationTask(BaseTask):
             penalty = l2sp_penalty(self.model, self._start_on(loss.device), self.strategy.alpha, self.strategy.beta)
             self.log("train_l2sp", penalty.detach(), on_step=True, on_epoch=True, batch_size=len(batch["label"]))
             loss = loss + penalty
-        self.train_metrics.update(logits.detach(), batch["label"])  # computed once per epoch
         size = len(batch["label"])
-        out = {"loss": loss, "preds": logits.detach().argmax(1)}  # predictions for the divergence guard
+        if self.multilabel:  # targets as the metrics take them (1 / 0, -1 left out); no single prediction to watch
+            self.train_metrics.update(logits.detach(), batch["label"].long())
+            out = {"loss": loss}
+        else:
+            self.train_metrics.update(logits.detach(), batch["label"])  # computed once per epoch
+            out = {"loss": loss, "preds": logits.detach().argmax(1)}  # predictions for the divergence guard
         # the epoch mean is kept here and logged at the epoch's end, synchronised there: an epoch value
         # logged from a step with sync_dist is reduced when first read, and Lightning's progress bar
         # reads it on rank 0 alone (Lightning #21264: DDP deadlocks)
@@ -346,6 +407,14 @@ class ClassificationTask(BaseTask):
     def _eval_step(self, batch: dict[str, Any], split: str, logits: torch.Tensor | None = None) -> None:
         logits = self._logits(batch) if logits is None else logits
         y = batch["label"]
+        if self.multilabel:
+            probs = logits.sigmoid()
+            getattr(self, f"{split}_metrics").update(probs, y.long())
+            getattr(self, f"{split}_probs").update(probs.float())
+            getattr(self, f"{split}_targets").update(y.float())
+            self.log(f"{split}_loss", self._loss(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y),
+                     add_dataloader_idx=False, sync_dist=True)
+            return
         probs = logits.softmax(dim=1)
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(probs, y)
@@ -355,7 +424,39 @@ class ClassificationTask(BaseTask):
         self.log(f"{split}_loss", self._loss(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y),
                  add_dataloader_idx=False, sync_dist=True)
 
+    def _tag_epoch_end(self, split: str) -> None:
+        """Multi-label: threshold-free scores, thresholds tuned on validation (unless fixed), per-tag rates."""
+        metrics = getattr(self, f"{split}_metrics")
+        self.log_dict(metrics.compute(), prog_bar=True, sync_dist=True)
+        metrics.reset()
+        probs_metric, targets_metric = getattr(self, f"{split}_probs"), getattr(self, f"{split}_targets")
+        if not probs_metric.update_count:  # nothing validated (a resumed, empty epoch)
+            return
+        probs, targets = probs_metric.compute().cpu(), targets_metric.compute().cpu()
+        probs_metric.reset()
+        targets_metric.reset()
+        probs, targets = probs.reshape(-1, self.hparams["num_classes"]), targets.reshape(-1, self.hparams["num_classes"])
+        if split == "val" and not self.hparams.get("thresholds") and not self.trainer.sanity_checking:
+            tuned, _ = tune_thresholds(probs, targets)
+            self.thresholds.copy_(tuned)
+        rates = per_tag_rates(probs, targets, self.thresholds.cpu())
+        from torchmetrics.functional.classification import multilabel_average_precision
+
+        per_ap = multilabel_average_precision(probs, targets.long(), self.hparams["num_classes"], average="none",
+                                              ignore_index=-1)
+        scored = rates["support"] > 0
+        f1 = rates["f1"][scored].mean() if bool(scored.any()) else torch.tensor(float("nan"))
+        self.log(f"{split}_f1", f1, prog_bar=True)
+        for i, name in enumerate(self.class_names):
+            self.log(f"{split}_threshold/{name}", self.thresholds[i].float())
+            for key, values in (("ap", per_ap), ("f1", rates["f1"]), ("sensitivity", rates["sensitivity"]),
+                                ("specificity", rates["specificity"])):
+                self.log(f"{split}_{key}/{name}", values[i].float())
+
     def _eval_epoch_end(self, split: str) -> None:
+        if self.multilabel:
+            self._tag_epoch_end(split)
+            return
         metrics = getattr(self, f"{split}_metrics")
         self.log_dict(metrics.compute(), prog_bar=True, sync_dist=True)
         metrics.reset()
@@ -398,6 +499,9 @@ class ClassificationTask(BaseTask):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        if self.multilabel:
+            probs = self._logits(batch).sigmoid()
+            return {"index": batch["index"], "probs": probs, "label": decisions(probs, self.thresholds)}
         probs = self._logits(batch).softmax(dim=1)
         return {"index": batch["index"], "probs": probs, "label": probs.argmax(dim=1)}
 
@@ -421,7 +525,8 @@ class ClassificationTask(BaseTask):
         hp.update(pretrained=False, weights=None)
         task = _build_task(cls, path, hp, strategy)
         # the classifier network only: training-time modules (a domain discriminator...) stay behind
-        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX) or k == "class_weight"}
+        state = {k: v for k, v in ckpt["state_dict"].items()
+                 if k.startswith(MODEL_PREFIX) or k in ("class_weight", "thresholds")}
         try:
             task.load_state_dict(state)
         except RuntimeError as err:  # keys or shapes that do not fit: one line naming the first

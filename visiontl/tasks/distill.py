@@ -126,6 +126,9 @@ class DistillationTask(ClassificationTask):
                  teacher_weights: str | None = None, **kwargs: Any) -> None:
         if not teacher:
             raise ValueError("DistillationTask needs teacher: the teacher's run directory or checkpoint.")
+        if kwargs.get("task", "multiclass") == "multilabel":
+            raise ValueError("Distillation matches the teacher's class distribution (softmax); multi-label runs "
+                             "(several tags per image) cannot be distilled yet.")
         _check_mix(temperature, alpha)
         # not a submodule (plain __dict__ entry): outside the state dict, the optimizer and train()
         self.__dict__["_teacher_task"] = load_teacher(teacher, teacher_weights)

@@ -17,8 +17,9 @@ from typing import Any
 import pytorch_lightning as pl
 
 from visiontl.core.devices import trainer_device_kind
-from visiontl.data.protocols import LabelledData, Preprocessed
-from visiontl.tasks.protocols import TakesClassCounts, TakesPreprocessing
+from visiontl.core.errors import UserError
+from visiontl.data.protocols import LabelledData, Preprocessed, TaggedData
+from visiontl.tasks.protocols import PredictsTags, TakesClassCounts, TakesPreprocessing
 
 __all__ = ["DataLink", "link"]
 
@@ -32,8 +33,16 @@ def link(dm: Preprocessed | Any, task: TakesPreprocessing | Any, device: str = "
         return
     dm.feeds = device  # pinned memory and workers follow the device
     task.set_preprocessing(dm.resolve_preprocessing(task.backbone_preprocessing()))
+    data_multilabel = isinstance(dm, TaggedData) and dm.multilabel
+    task_multilabel = isinstance(task, PredictsTags) and task.multilabel
+    if data_multilabel != task_multilabel:
+        raise UserError(
+            "The data has several tags per image (multi-label) but the model was built for one class per image: pass "
+            "task='multilabel' to it (fine_tune and the CLI take it from the data)." if data_multilabel else
+            "The model was built for multi-label data (task='multilabel') but the data has one class per image: "
+            "leave task at multiclass, or give multi-label data (tag_columns, or tags joined by '|').")
     if isinstance(dm, LabelledData) and isinstance(task, TakesClassCounts):
-        task.set_class_counts(dm.class_counts)
+        task.set_class_counts(dm.class_counts, total=dm.train_size)
 
 
 class DataLink(pl.Callback):

@@ -10,7 +10,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from visiontl.data.preprocessing import Preprocessing
 
-__all__ = ["ReportsConfusion", "ReportsStrategy", "StartsFromPretrained", "TakesClassCounts", "TakesPreprocessing"]
+__all__ = ["PredictsTags", "ReportsConfusion", "ReportsStrategy", "StartsFromPretrained", "TakesClassCounts",
+           "TakesPreprocessing"]
 
 
 @runtime_checkable
@@ -23,10 +24,17 @@ class TakesPreprocessing(Protocol):
 
 
 @runtime_checkable
+class PredictsTags(Protocol):
+    """Says whether it predicts several tags per image (multi-label) or one class (classification tasks)."""
+
+    multilabel: bool
+
+
+@runtime_checkable
 class TakesClassCounts(Protocol):
     """Weighs its loss by the training class counts (classification tasks)."""
 
-    def set_class_counts(self, counts: list[int]) -> None: ...
+    def set_class_counts(self, counts: list[int], total: int | None = None) -> None: ...
 
 
 @runtime_checkable

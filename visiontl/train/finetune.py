@@ -85,7 +85,8 @@ def prepare_task(data: str | os.PathLike[str] | ClassificationDataModule, backbo
     if image_size is not None:
         dm.image_size = image_size
     task = ClassificationTask(backbone=backbone, num_classes=dm.num_classes, class_names=dm.class_names,
-                              strategy=strategy, pretrained=pretrained, weights=weights, **(task_kwargs or {}))
+                              strategy=strategy, pretrained=pretrained, weights=weights,
+                              **{"task": dm.task, **(task_kwargs or {})})
     return dm, task
 
 

@@ -1,0 +1,111 @@
+"""Multi-label classification: several tags per image, each a yes / no decision.
+
+What :class:`~visiontl.tasks.ClassificationTask` does differently with ``task="multilabel"``
+(the data decides it: :mod:`visiontl.data.multilabel`):
+
+- **loss**: binary cross-entropy on the logits, one term per (image, tag), averaged over the pairs
+  that have a label (a target of -1, an uncertain or missing tag, is left out:
+  :func:`multilabel_loss`); ``class_weights="balanced"`` weighs each tag's positives by
+  negatives / positives in training (``pos_weight``); ``label_smoothing`` pulls targets towards 0.5;
+- **metrics** (torchmetrics' multilabel ones, the same -1 left out): ``map`` (macro mean average
+  precision, the headline and the metric that picks the best checkpoint), ``map_micro``,
+  ``auroc`` (macro), and at the tuned thresholds ``f1`` (macro) and per tag ``ap/<tag>``,
+  ``f1/<tag>``, ``threshold/<tag>``, ``sensitivity/<tag>``, ``specificity/<tag>``;
+- **thresholds**: one per tag, chosen on the validation images at every validation to maximise that
+  tag's F1 (:func:`tune_thresholds`), unless the user fixed them; kept in the model's state (the
+  ``thresholds`` buffer), so every checkpoint, export and prediction applies the ones that belong
+  to its weights. A test split is scored at the validation thresholds, never tuned on itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MultilabelAUROC, MultilabelAveragePrecision
+
+__all__ = ["IGNORE", "TASKS", "decisions", "multilabel_loss", "multilabel_scores", "per_tag_rates", "tune_thresholds"]
+
+TASKS = ("multiclass", "multilabel")
+IGNORE = -1
+"""The target of an (image, tag) pair without a label: left out of the loss and every metric."""
+
+
+def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None,
+                    smoothing: float = 0.0) -> torch.Tensor:
+    """Mean binary cross-entropy over the labelled (image, tag) pairs (targets 1 / 0; -1 left out).
+    ``targets`` may be soft (between 0 and 1); ``smoothing`` moves them towards 0.5."""
+    known = targets >= 0
+    y = targets.clamp(min=0).to(logits.dtype)
+    if smoothing:
+        y = y * (1 - smoothing) + 0.5 * smoothing
+    per_pair = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="none")
+    return (per_pair * known).sum() / known.sum().clamp(min=1)
+
+
+def multilabel_scores(num_tags: int, full: bool) -> MetricCollection:
+    """Threshold-free scores: ``map`` (macro AP), and with ``full`` ``map_micro`` and ``auroc``."""
+    scores = {"map": MultilabelAveragePrecision(num_tags, average="macro", ignore_index=IGNORE)}
+    if full:
+        scores["map_micro"] = MultilabelAveragePrecision(num_tags, average="micro", ignore_index=IGNORE)
+        scores["auroc"] = MultilabelAUROC(num_tags, average="macro", ignore_index=IGNORE)
+    return MetricCollection(scores)
+
+
+def _f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+    return 2 * tp / (2 * tp + fp + fn).clamp(min=1e-12)
+
+
+def tune_thresholds(probs: torch.Tensor, targets: torch.Tensor, default: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tag, the probability threshold with the highest F1 on these images, and that F1.
+
+    Candidates are midpoints between consecutive distinct probabilities of the tag (and ``default``),
+    so a threshold never sits exactly on an image's score; among equal F1s the one nearest
+    ``default`` wins. A tag without a positive (or without a labelled image) keeps ``default``
+    and reports NaN.
+    """
+    k = probs.shape[1]
+    thresholds = torch.full((k,), default, dtype=torch.float32)
+    best = torch.full((k,), float("nan"), dtype=torch.float32)
+    for j in range(k):
+        known = targets[:, j] >= 0
+        p, y = probs[known, j].float(), targets[known, j] > 0.5
+        if not bool(y.any()):
+            continue
+        values = torch.unique(p)
+        mids = (values[:-1] + values[1:]) / 2 if len(values) > 1 else values.new_empty(0)
+        candidates = torch.cat([mids, values[:1] - 1e-6, torch.tensor([default])]).clamp(0.0, 1.0)
+        decide = p[None, :] >= candidates[:, None]
+        tp = (decide & y).sum(1).float()
+        fp = (decide & ~y).sum(1).float()
+        fn = (~decide & y).sum(1).float()
+        f1 = _f1(tp, fp, fn)
+        top = f1.max()
+        near = torch.where(f1 >= top - 1e-9)[0]
+        pick = near[torch.argmin((candidates[near] - default).abs())]
+        thresholds[j], best[j] = candidates[pick], top
+    return thresholds, best
+
+
+def decisions(probs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Which tags each image gets: ``probs >= thresholds`` (per tag)."""
+    return probs >= thresholds.to(probs.device)[None, :]
+
+
+def per_tag_rates(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """At ``thresholds``: per tag ``f1``, ``sensitivity``, ``specificity`` and ``support`` (labelled
+    positives), over the labelled pairs; NaN where a rate has no denominator."""
+    known = targets >= 0
+    y = targets > 0.5
+    d = decisions(probs, thresholds)
+    tp = (d & y & known).sum(0).float()
+    fp = (d & ~y & known).sum(0).float()
+    fn = (~d & y & known).sum(0).float()
+    tn = (~d & ~y & known).sum(0).float()
+    nan = torch.tensor(float("nan"))
+    return {
+        "f1": torch.where(tp + fn > 0, _f1(tp, fp, fn), nan),
+        "sensitivity": torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), nan),
+        "specificity": torch.where(tn + fp > 0, tn / (tn + fp).clamp(min=1), nan),
+        "support": tp + fn,
+    }
