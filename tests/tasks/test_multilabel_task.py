@@ -1,0 +1,114 @@
+"""Multi-label through the task: loss, thresholds, checkpoints, class weights and refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.shapes import make_multilabel_csv
+from visiontl.core.errors import UserError
+from visiontl.data import CsvDataModule
+from visiontl.strategies import StrategyError, get_strategy
+from visiontl.tasks import ClassificationTask
+from visiontl.tasks.multilabel import multilabel_loss, per_tag_rates, tune_thresholds
+
+
+def test_loss_leaves_unlabelled_pairs_out_and_weighs_positives() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    targets = torch.tensor([[1.0, 0.0, -1.0], [0.0, -1.0, 1.0]])
+    pairs = [(0, 0, 1.0), (0, 1, 0.0), (1, 0, 0.0), (1, 2, 1.0)]
+    expected = sum(-math.log(torch.sigmoid(torch.tensor(logits[i, j] if y else -logits[i, j])).item())
+                   for i, j, y in pairs) / 4
+    assert float(multilabel_loss(logits, targets)) == pytest.approx(expected, rel=1e-6)
+    weighted = multilabel_loss(logits, targets, pos_weight=torch.tensor([3.0, 1.0, 1.0]))
+    extra = 2 * -math.log(torch.sigmoid(torch.tensor(2.0)).item()) / 4  # tag 0's one positive counts 3 times
+    assert float(weighted) == pytest.approx(expected + extra, rel=1e-6)
+
+
+def test_thresholds_maximise_each_tag_s_f1_and_stay_at_half_without_positives() -> None:
+    probs = torch.tensor([[0.9, 0.2, 0.3], [0.6, 0.4, 0.1], [0.55, 0.45, 0.2], [0.1, 0.35, 0.4]])
+    targets = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0]])
+    thresholds, f1 = tune_thresholds(probs, targets)
+    assert 0.55 < float(thresholds[0]) <= 0.6 and float(f1[0]) == pytest.approx(1.0)  # 0.6 in, 0.55 out
+    assert 0.2 < float(thresholds[1]) <= 0.4 and float(f1[1]) == pytest.approx(1.0)  # the -1 row does not count
+    assert float(thresholds[2]) == 0.5 and math.isnan(float(f1[2]))  # no positive: default, unscored
+    rates = per_tag_rates(probs, targets, thresholds)
+    assert rates["support"].tolist() == [2.0, 2.0, 0.0] and rates["sensitivity"][:2].tolist() == [1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def tags_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_multilabel_csv(tmp_path_factory.mktemp("tags"), n=60, seed=0, size=32)
+
+
+def _fit(csv: Path, tmp_path: Path, strategy="full", steps: int = 12, **task_kwargs):
+    from visiontl import fine_tune
+
+    return fine_tune(str(csv), backbone="test_resnet", strategy=strategy, pretrained=False, image_size=32,
+                     steps=steps, out=tmp_path, name="ml", data_kwargs={"num_workers": 0}, task_kwargs=task_kwargs)
+
+
+def test_a_multi_label_run_tunes_thresholds_keeps_them_in_its_checkpoint_and_predicts_with_them(
+        tags_csv: Path, tmp_path: Path) -> None:
+    result = _fit(tags_csv, tmp_path, strategy="scratch", steps=24)
+    task = result.task
+    assert task.multilabel and task.monitor == "val_map" and task.class_names == ["bars", "discs", "squares"]
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert {"val_map", "val_map_micro", "val_auroc", "val_f1"} <= set(result.metrics)
+    assert all(f"val_threshold/{t}" in result.metrics and f"val_ap/{t}" in result.metrics for t in task.class_names)
+    restored = ClassificationTask.from_checkpoint(result.run_dir / "checkpoints" / "best.ckpt")
+    assert restored.multilabel and restored.class_names == task.class_names
+    best = [result.metrics[f"val_threshold/{t}"] for t in task.class_names]
+    assert restored.thresholds.tolist() == pytest.approx(best)  # the thresholds of the kept weights
+    assert any(abs(t - 0.5) > 1e-6 for t in best)  # tuned, not the default
+    dm = CsvDataModule(str(tags_csv), num_workers=0, image_size=32)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    out = restored.predict_step({"image": batch["image"], "index": batch["index"]}, 0)
+    assert out["label"].dtype == torch.bool and out["label"].shape == (len(batch["image"]), 3)
+    assert torch.equal(out["label"], out["probs"] >= restored.thresholds[None, :])
+
+
+def test_balanced_weights_are_negatives_over_positives_per_tag(tags_csv: Path) -> None:
+    from visiontl.tasks.link import link
+
+    dm = CsvDataModule(str(tags_csv), num_workers=0, image_size=32)
+    task = ClassificationTask("test_resnet", class_names=dm.class_names, pretrained=False, task="multilabel",
+                              class_weights="balanced", strategy="full")
+    link(dm, task)
+    pos = torch.tensor(dm.class_counts, dtype=torch.float32)
+    assert task.class_weight.tolist() == pytest.approx(((dm.train_size - pos) / pos).tolist())
+
+
+def test_the_data_and_the_model_must_agree_and_one_class_heads_refuse(tags_csv: Path) -> None:
+    from visiontl.tasks.link import link
+
+    dm = CsvDataModule(str(tags_csv), num_workers=0, image_size=32)
+    single = ClassificationTask("test_resnet", class_names=dm.class_names, pretrained=False, strategy="full")
+    with pytest.raises(UserError, match="several tags per image .multi-label. but the model was built for one class"):
+        link(dm, single)
+    for name in ("knn", "prototype"):
+        with pytest.raises(StrategyError, match=f"Strategy '{name}' scores one class per image"):
+            ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy=name, task="multilabel")
+    with pytest.raises(ValueError, match="mixup / cutmix mix one class per image"):
+        ClassificationTask("test_resnet", num_classes=3, pretrained=False, strategy="full", task="multilabel", mixup=0.2)
+    with pytest.raises(ValueError, match="thresholds are for multi-label tasks: one per tag"):
+        ClassificationTask("test_resnet", num_classes=3, pretrained=False, task="multilabel", thresholds=[0.5, 1.2, 0.1])
+
+
+def test_logreg_fits_one_versus_rest_and_chooses_its_penalty_by_map() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(80, 6)
+    y = torch.stack([(x[:, 0] > 0), (x[:, 1] + x[:, 2] > 0.5), (x[:, 3] < -0.8)], 1).float()
+    y[0, 1] = -1.0  # an uncertain pair: left out
+    head = torch.nn.Linear(6, 3)
+    strategy = get_strategy("logreg")
+    strategy.fit(head, x, y, 3)
+    assert strategy.fit_report["train_map"] > 0.95 and "cv_map" in strategy.fit_report
+    with torch.no_grad():
+        decided = head(x).sigmoid() >= 0.5
+    assert float((decided == (y > 0.5))[y >= 0].float().mean()) > 0.9
