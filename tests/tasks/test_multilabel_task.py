@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,38 @@ def test_logreg_fits_one_versus_rest_and_chooses_its_penalty_by_map() -> None:
     with torch.no_grad():
         decided = head(x).sigmoid() >= 0.5
     assert float((decided == (y > 0.5))[y >= 0].float().mean()) > 0.9
+
+
+def test_export_verifies_tag_decisions_and_predict_onnx_writes_tags_and_one_column_per_tag(
+        tags_csv: Path, tmp_path: Path) -> None:
+    import csv as csvlib
+
+    import onnx
+
+    from visiontl.deploy.export import export_onnx
+    from visiontl.deploy.predict import Predictor, main
+
+    result = _fit(tags_csv, tmp_path, strategy="scratch", steps=24)
+    report = export_onnx(result.run_dir, tmp_path / "tags.onnx")
+    assert report["top1_mismatches"] == 0 and report["max_prob_diff"] <= 1e-4
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "tags.onnx")).metadata_props}
+    thresholds = json.loads(meta["thresholds"])
+    assert meta["task"] == "multilabel" and thresholds == pytest.approx(result.task.thresholds.tolist(), abs=1e-6)
+    images = sorted((tags_csv.parent / "images").glob("*.png"))[:6]
+    predictions = Predictor(tmp_path / "tags.onnx").predict(images)
+    task = result.task.eval()
+    from visiontl.deploy.predict import preprocess
+
+    pre = task.preprocessing
+    x = torch.from_numpy(np.stack([preprocess(p, (pre.size, pre.size), 3, pre.crop_pct) for p in images]))
+    x = (x - torch.tensor(pre.mean).view(1, -1, 1, 1)) / torch.tensor(pre.std).view(1, -1, 1, 1)  # in the graph
+    with torch.no_grad():
+        probs = task(x).sigmoid()
+    for p, row in zip(predictions, probs):
+        want = [t for t, v, c in zip(task.class_names, row.tolist(), thresholds) if v >= c]
+        assert p.tags == want and p.label == "|".join(want) and p.probability is None
+        assert [p.probabilities[t] for t in task.class_names] == pytest.approx(row.tolist(), abs=1e-4)
+    assert main([str(tmp_path / "tags.onnx"), *map(str, images), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = list(csvlib.DictReader((tmp_path / "p.csv").open()))
+    assert list(rows[0]) == ["path", "tags", "p_bars", "p_discs", "p_squares", "error"]
+    assert [r["tags"] for r in rows] == [p.label for p in predictions]

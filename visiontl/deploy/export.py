@@ -40,6 +40,7 @@ from visiontl import __version__
 from visiontl.core.files import atomic_path
 from visiontl.models.features import weights_fingerprint
 from visiontl.deploy.predict import compare_outputs
+from visiontl.tasks.protocols import PredictsTags
 
 __all__ = ["INPUT_CONVENTION", "ExportError", "compare_outputs", "export_onnx", "preprocess_for_export"]
 
@@ -52,17 +53,18 @@ class ExportError(UserError):
 
 
 class _Deployable(nn.Module):
-    """Normalise, classify, softmax: the graph a service runs."""
+    """Normalise, classify, softmax (a sigmoid per tag for multi-label models): the graph a service runs."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], multilabel: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.multilabel = multilabel
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model((x - self.mean) / self.std)
-        return logits, logits.softmax(dim=1)
+        return logits, logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
 
 
 class _StaticSame(nn.Module):
@@ -237,8 +239,9 @@ def export_onnx(
         raise ExportError(f"{source if not isinstance(source, nn.Module) else 'the model'}: weight {bad} holds NaN or "
                           f"infinite values (a diverged run or a damaged checkpoint); nothing was written to {out}.")
     network = static_same_padding(network, (channels, height, width))
+    multilabel = isinstance(task, PredictsTags) and task.multilabel
     model = _Deployable(network.to(memory_format=torch.contiguous_format), list(cfg["mean"]),
-                        list(cfg["std"])).eval()
+                        list(cfg["std"]), multilabel).eval()
     paths = [Path(p) for p in images] if images else _run_images(None if isinstance(source, nn.Module) else source,
                                                                  max_images)
     if paths:
@@ -288,7 +291,8 @@ def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inpu
         ort_logits = session.run(["logits"], {"input": inputs})[0]
         with torch.no_grad():
             torch_logits = model(torch.from_numpy(inputs))[0].numpy()
-        check = compare_outputs(torch_logits, ort_logits, atol, rtol, prob_atol)
+        thresholds = task.thresholds.tolist() if isinstance(task, PredictsTags) and task.multilabel else None
+        check = compare_outputs(torch_logits, ort_logits, atol, rtol, prob_atol, thresholds=thresholds)
         if not check["passed"]:
             raise ExportError(
                 f"ONNX Runtime does not reproduce PyTorch on {verified_on}: max logit difference "
@@ -315,13 +319,16 @@ def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inpu
             "metrics": json.dumps(_run_metrics(None if isinstance(source, nn.Module) else source)),
             "weights_sha256": weights_fingerprint(task.model),
             "verification": json.dumps(report),
+            "task": "multilabel" if thresholds is not None else "multiclass",
         }
+        if thresholds is not None:  # the decision rule travels with the weights it was tuned for
+            meta["thresholds"] = json.dumps([round(float(t), 6) for t in thresholds])
         onnx.helper.set_model_props(proto, meta)
         onnx.save(proto, str(tmp))
     report["size_bytes"] = out.stat().st_size
     if quantize is not None:
         report["int8"] = _int8(out, quantize, source, calibration_images, inputs, (height, width), channels,
-                               max_images, int8_options, crop_pct)
+                               max_images, {**int8_options, "thresholds": thresholds}, crop_pct)
     return report
 
 

@@ -99,7 +99,11 @@ def _open_model(path: Path, providers: Sequence[str] | None) -> Any:
 
 @dataclass
 class Prediction:
-    """One file's (or one frame's) result (``error`` set and no label when it could not be read)."""
+    """One file's (or one frame's) result (``error`` set and no label when it could not be read).
+
+    A multi-label model (several tags per image) gives ``tags``, the tags whose probability reaches
+    their threshold, and ``label`` is them joined by ``|`` (empty: no tag); ``probability`` is None
+    and ``probabilities`` holds each tag's."""
 
     path: str
     frame: int | None = None  # the frame of a multi-frame DICOM, under frames="all"
@@ -107,6 +111,7 @@ class Prediction:
     probability: float | None = None
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    tags: list[str] | None = None
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -114,26 +119,46 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p / (1 - p))
+
+
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray, atol: float = 1e-4, rtol: float = 1e-3,
-                    prob_atol: float = 1e-4) -> dict[str, Any]:
+                    prob_atol: float = 1e-4, thresholds: Sequence[float] | None = None) -> dict[str, Any]:
     """Compare ONNX Runtime logits (``candidate``) with PyTorch's (``reference``), N x K each.
+
+    ``thresholds`` (one per tag) compares a multi-label model's outputs: probabilities by the
+    sigmoid, and decisions (tag or not) instead of the top-1 class; "top-1" in the result's names
+    then means those per-(image, tag) decisions.
 
     Returns:
         ``passed`` and the numbers behind it: ``max_abs_logit_diff`` against
         ``logit_tolerance`` (``atol + rtol * logit_scale``, ``logit_scale`` = max |reference|),
         ``max_prob_diff`` against ``prob_atol``, ``top1_agreement`` and ``top1_mismatches``
         (images whose top-1 differs although PyTorch's margin between its two best classes
-        exceeds the logit tolerance).
+        exceeds the logit tolerance; multi-label: decisions that differ although PyTorch's logit is
+        farther than the tolerance from the threshold's).
     """
     reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
     diff = float(np.abs(candidate - reference).max()) if reference.size else 0.0
     scale = float(np.abs(reference).max()) if reference.size else 0.0
     tolerance = atol + rtol * scale
-    prob_diff = float(np.abs(_softmax(candidate) - _softmax(reference)).max()) if reference.size else 0.0
-    same = candidate.argmax(1) == reference.argmax(1)
-    top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
-    clear = (top2[:, 1] - top2[:, 0]) > tolerance
-    mismatches = int((~same & clear).sum())
+    if thresholds is not None:
+        cut = _logit(np.asarray(thresholds))[None, :]
+        prob_diff = float(np.abs(_sigmoid(candidate) - _sigmoid(reference)).max()) if reference.size else 0.0
+        same = (candidate >= cut) == (reference >= cut)
+        mismatches = int((~same & (np.abs(reference - cut) > tolerance)).sum())
+    else:
+        prob_diff = float(np.abs(_softmax(candidate) - _softmax(reference)).max()) if reference.size else 0.0
+        same = candidate.argmax(1) == reference.argmax(1)
+        top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
+        clear = (top2[:, 1] - top2[:, 0]) > tolerance
+        mismatches = int((~same & clear).sum())
     return {
         "passed": bool(diff <= tolerance and prob_diff <= prob_atol and mismatches == 0),
         "max_abs_logit_diff": diff, "logit_scale": scale, "logit_tolerance": tolerance, "atol": atol, "rtol": rtol,
@@ -247,6 +272,18 @@ class Predictor:
                 or not all(isinstance(n, (str, int, float)) and not isinstance(n, bool) for n in names)):
             refuse(f"class_names {_short(meta['class_names'])} must be a non-empty JSON list of names")
         self.class_names: list[str] = [str(n) for n in names]
+        self.thresholds: list[float] | None = None  # multi-label: one per tag
+        if meta.get("task", "multiclass") == "multilabel":
+            try:
+                thresholds = json.loads(meta.get("thresholds", "null"))
+            except ValueError:
+                thresholds = None
+            if (not isinstance(thresholds, list) or len(thresholds) != len(names)
+                    or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1 for t in thresholds)):
+                refuse(f"thresholds {_short(meta.get('thresholds'))} must be one number between 0 and 1 per tag")
+            self.thresholds = [float(t) for t in thresholds]
+        elif meta.get("task", "multiclass") != "multiclass":
+            refuse(f"task {_short(meta.get('task'))} must be multiclass or multilabel")
         twice = sorted(n for n, count in Counter(self.class_names).items() if count > 1)
         if twice:
             refuse(f"class_names lists {_short(twice)} more than once")
@@ -331,7 +368,8 @@ class Predictor:
         reference = self.session.run(["logits"], {"input": probe})[0]
         candidate = self.runner.run(["logits"], {"input": probe})[0]
         int8 = "quantization" in self.metadata
-        check = compare_outputs(reference, candidate, rtol=0.1 if int8 else 1e-3, prob_atol=1.0 if int8 else 1e-4)
+        check = compare_outputs(reference, candidate, rtol=0.1 if int8 else 1e-3, prob_atol=1.0 if int8 else 1e-4,
+                                thresholds=self.thresholds)
         if not check["passed"]:
             raise PredictorError(
                 f"openvino does not reproduce ONNX Runtime on {path}: max logit difference "
@@ -375,9 +413,13 @@ class Predictor:
                                  f"its metadata names {len(self.class_names)} classes "
                                  f"({_short(self.class_names)}); re-export it with `visiontl export`.")
         for pred, row in zip(pending, probs):
+            pred.probabilities = {n: float(v) for n, v in zip(self.class_names, row)}
+            if self.thresholds is not None:  # multi-label: every tag at or over its threshold
+                pred.tags = [n for n, v, t in zip(self.class_names, row, self.thresholds) if v >= t]
+                pred.label = "|".join(pred.tags)
+                continue
             best = int(row.argmax())
             pred.label, pred.probability = self.class_names[best], float(row[best])
-            pred.probabilities = {n: float(v) for n, v in zip(self.class_names, row)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -421,8 +463,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     buf = io.StringIO()
     writer = csv_writer(buf)  # names and paths that a spreadsheet would run as formulas are escaped
     framed = args.frames == "all"
-    writer.writerow(["path", *(["frame"] if framed else []), "label", "probability", "error"])
-    for r in results:
+    if predictor.thresholds is not None:  # multi-label: the tags over threshold, and every tag's probability
+        names = predictor.class_names
+        writer.writerow(["path", *(["frame"] if framed else []), "tags", *(f"p_{n}" for n in names), "error"])
+        for r in results:
+            frame = ["" if r.frame is None else r.frame] if framed else []
+            scores = [f"{r.probabilities[n]:.6f}" if r.probabilities else "" for n in names]
+            writer.writerow([r.path, *frame, r.label or "", *scores, r.error or ""])
+    else:
+        writer.writerow(["path", *(["frame"] if framed else []), "label", "probability", "error"])
+    for r in results if predictor.thresholds is None else []:
         probability = f"{r.probability:.6f}" if r.probability is not None else ""
         frame = ["" if r.frame is None else r.frame] if framed else []
         writer.writerow([r.path, *frame, r.label or "", probability, r.error or ""])

@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,13 @@ def _logits(session: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
                            for i in range(0, len(images), batch)])
 
 
-def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+def _agreement(a: np.ndarray, b: np.ndarray, thresholds: Sequence[float] | None = None) -> float:
+    """Top-1 agreement of two logit arrays; for a multi-label model (``thresholds``, one per tag) the
+    share of (image, tag) decisions the two agree on."""
+    if thresholds is not None:
+        t = np.clip(np.asarray(thresholds, np.float64), 1e-12, 1 - 1e-12)
+        cut = np.log(t / (1 - t))[None, :]
+        return float(((a >= cut) == (b >= cut)).mean())
     return float((a.argmax(1) == b.argmax(1)).mean())
 
 
@@ -320,6 +326,7 @@ def quantize_int8(
     exclude: list[str] | None = None,
     log: Callable[[str], Any] | None = None,
     bias_correction: str = "layers",
+    thresholds: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Quantise ``float_model`` and keep the result at ``out`` only if it agrees enough.
 
@@ -335,6 +342,8 @@ def quantize_int8(
         log: where progress lines go (default: nowhere).
         bias_correction: CNNs: ``"layers"`` (each layer's bias corrected for its int8 weights, then
             the logits' remaining mean shift), ``"logits"`` (the logits' shift only) or ``"none"``.
+        thresholds: a multi-label model's per-tag thresholds: agreement is then over the (image,
+            tag) decisions, not the top-1 class (the report keeps the key ``top1_agreement``).
 
     Returns:
         Report: method, accepted, top-1 agreement, ``steps`` (every setting tried, with its
@@ -345,14 +354,15 @@ def quantize_int8(
         raise QuantizeError(f"bias_correction={bias_correction!r}: choose one of {', '.join(BIAS_CORRECTION)}.")
     try:
         return _quantize(float_model, out, calibration, validation, min_agreement, max_excluded,
-                         list(exclude or []), log or (lambda _line: None), bias_correction)
+                         list(exclude or []), log or (lambda _line: None), bias_correction, thresholds)
     except _Refused as refused:
         return refused.report
 
 
 def _quantize(float_model: Path, out: Path, calibration: np.ndarray | None, validation: np.ndarray,
               min_agreement: float, max_excluded: int | float, exclude: list[str],
-              log: Callable[[str], Any], bias_correction: str) -> dict[str, Any]:
+              log: Callable[[str], Any], bias_correction: str, thresholds: Sequence[float] | None = None
+              ) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
@@ -402,8 +412,8 @@ def _quantize(float_model: Path, out: Path, calibration: np.ndarray | None, vali
                     q8 = ort_session(path)
                     cal_q = _logits(q8, calibration)
                 val_q = _logits(q8, validation)
-                step = {"step": name, "excluded": len(exclude), "top1_agreement": _agreement(val_q, val_ref),
-                        "calibration_agreement": _agreement(cal_q, cal_ref),
+                step = {"step": name, "excluded": len(exclude), "top1_agreement": _agreement(val_q, val_ref, thresholds),
+                        "calibration_agreement": _agreement(cal_q, cal_ref, thresholds),
                         "relative_logit_error": _relative_error(val_q, val_ref)}
                 steps.append(step)
                 log(f"[visiontl int8] {name}: top-1 agreement {step['top1_agreement']:.3f} "
@@ -449,7 +459,7 @@ def _quantize(float_model: Path, out: Path, calibration: np.ndarray | None, vali
             method = "dynamic, MatMul only" + (f", {len(exclude)} node(s) float" if exclude else "")
             q8 = ort_session(tmp)
             steps.append({"step": "dynamic", "excluded": 0,
-                          "top1_agreement": _agreement(_logits(q8, validation), val_ref)})
+                          "top1_agreement": _agreement(_logits(q8, validation), val_ref, thresholds)})
         q8 = ort_session(tmp)
         agree = steps[-1]["top1_agreement"]
         report = {
