@@ -148,3 +148,24 @@ def test_export_verifies_tag_decisions_and_predict_onnx_writes_tags_and_one_colu
     rows = list(csvlib.DictReader((tmp_path / "p.csv").open()))
     assert list(rows[0]) == ["path", "tags", "p_bars", "p_discs", "p_squares", "error"]
     assert [r["tags"] for r in rows] == [p.label for p in predictions]
+
+
+def test_the_command_line_takes_the_task_from_the_data(tags_csv: Path, tmp_path: Path) -> None:
+    """``visiontl fit`` with a multi-label CSV: the datamodule's task reaches the model (a link, as the
+    classes do), the balanced weights and the fitted LP-FT head are per tag, ``val_map`` picks the
+    checkpoint and the thresholds are in metrics.json's best record."""
+    from helpers.hostile import run_cli
+
+    result = run_cli("fit", "--config", "recipe:folder", "--data", "visiontl.data.CsvDataModule",
+                     "--data.init_args.train_csv", tags_csv, "--data.init_args.root", tags_csv.parent,
+                     "--model.init_args.backbone", "test_resnet", "--model.init_args.pretrained", "false",
+                     "--data.init_args.image_size", "32", "--data.init_args.num_workers", "0",
+                     "--trainer.max_steps", "6", "--trainer.enable_progress_bar", "false",
+                     "--trainer.logger.init_args.save_dir", tmp_path, "--trainer.logger.init_args.name", "cli")
+    assert result.rc == 0, result.err
+    run = tmp_path / "cli" / "version_0"
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["monitor"] == "val_map" and {"val_map", "val_f1", "val_threshold/squares"} <= set(summary["best"])
+    assert "train_map" in summary["strategy"]["head_fit"] and "val_map" in summary["strategy"]["head_fit"]
+    restored = ClassificationTask.from_checkpoint(run / "checkpoints" / "best.ckpt")
+    assert restored.multilabel and restored.hparams["class_weights"] == "balanced"

@@ -37,7 +37,7 @@ from visiontl.core import files
 from visiontl.core.rundir import run_dir
 from visiontl.core.speed import tune_allocator
 from visiontl.data.protocols import LabelledData, LabelledSplits, Preprocessed
-from visiontl.tasks.protocols import ReportsConfusion, ReportsStrategy
+from visiontl.tasks.protocols import PredictsTags, ReportsConfusion, ReportsStrategy
 from visiontl.train.resume import RunLogger
 from visiontl.analyse.plots import save_confusion_matrix, save_drift, save_learning_curves
 
@@ -317,12 +317,15 @@ class RunReport(Callback):
         names = pl_module.class_names
         buf = io.StringIO()
         writer = files.csv_writer(buf)
-        writer.writerow(["path", *(["frame"] if framed else []), "label", "probability", *[f"p_{n}" for n in names]])
+        tagged = isinstance(pl_module, PredictsTags) and pl_module.multilabel  # a row of decisions per image
+        head = ["tags"] if tagged else ["label", "probability"]
+        writer.writerow(["path", *(["frame"] if framed else []), *head, *[f"p_{n}" for n in names]])
         for out in self._predictions:
             for i, probs, label in zip(out["index"].tolist(), out["probs"], out["label"].tolist()):
                 path = str(paths[i]) if paths is not None else i
                 frame = ["" if frames[i] is None else frames[i]] if framed else []
-                writer.writerow([path, *frame, names[label], f"{probs[label]:.6f}",
-                                 *[f"{p:.6f}" for p in probs.tolist()]])
+                decided = ["|".join(n for n, on in zip(names, label) if on)] if tagged else [
+                    names[label], f"{probs[label]:.6f}"]
+                writer.writerow([path, *frame, *decided, *[f"{p:.6f}" for p in probs.tolist()]])
         files.write_text(run_dir(trainer) / "predictions.csv", buf.getvalue())
         self._predictions = []
