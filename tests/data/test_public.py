@@ -88,6 +88,39 @@ def test_medmnist_from_npz_official_splits_and_class_names(tmp_path: Path) -> No
     assert again.splits["train"][0][0] == path  # written once, reused
 
 
+def test_chestmnist_loads_as_multi_label_with_its_14_findings(tmp_path: Path) -> None:
+    """MedMNIST's multi-label set: 0/1 per finding; the tags are the findings in MedMNIST's order, and
+    an X-ray without a finding is an image with no tag."""
+    import medmnist
+
+    from visiontl.data.multilabel import decode_tags
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 30), ("val", 12), ("test", 12)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        labels = (rng.random((n, 14)) < 0.3).astype(np.uint8)
+        labels[0] = 0  # no finding
+        labels[1, :] = 1 if split == "train" else labels[1, :]  # every finding once in training
+        arrays[f"{split}_labels"] = labels
+    np.savez(tmp_path / "chestmnist.npz", **arrays)
+    dm = MedMNISTDataModule("chestmnist", root=str(tmp_path))
+    findings = [medmnist.INFO["chestmnist"]["label"][str(i)] for i in range(14)]
+    assert dm.task == "multilabel" and dm.class_names == findings
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 30, "val": 12, "test": 12}
+    path, tags = dm.splits["train"][0]
+    assert tags == "|" and decode_tags(dm.splits["train"][1][1])[0] == set(findings)
+    index = int(path.stem.split("_")[1])
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(path)), arrays["train_images"][index])
+    assert dm.class_counts == arrays["train_labels"].sum(0).tolist()
+    (tmp_path / "bad").mkdir()
+    np.savez(tmp_path / "bad" / "chestmnist.npz", **{**arrays, "val_labels": arrays["val_labels"] * 2})
+    with pytest.raises(DataError, match="expected 0 / 1 per finding"):
+        _ = MedMNISTDataModule("chestmnist", root=str(tmp_path / "bad")).splits
+
+
 def test_medmnist_errors_and_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import medmnist
     import torchvision.datasets.utils as tv_utils
@@ -96,7 +129,7 @@ def test_medmnist_errors_and_download(tmp_path: Path, monkeypatch: pytest.Monkey
         _ = MedMNISTDataModule("pathmnist", root=str(tmp_path / "none")).splits
     with pytest.raises(DataError, match="Unknown MedMNIST flag 'pathmnst'"):
         _ = MedMNISTDataModule("pathmnst", root=str(tmp_path)).splits
-    with pytest.raises(DataError, match="multi-label"):
+    with pytest.raises(DataError, match=r"chestmnist not found at .*chestmnist\.npz"):  # a multi-label set now
         _ = MedMNISTDataModule("chestmnist", root=str(tmp_path)).splits
     source = load_fixture("medmnist").make(tmp_path / "src") / "pathmnist.npz"
     calls = []

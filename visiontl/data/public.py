@@ -24,6 +24,7 @@ from PIL import Image
 from visiontl.core.progress import progress_bar as tqdm  # drawn on a terminal only
 
 from visiontl.core.files import atomic_dir, default_cache_dir
+from visiontl.data.multilabel import encode_tags
 from visiontl.data.datamodules import ClassificationDataModule
 from visiontl.data.layout import Sample, index_folder
 from visiontl.data.images import DataError, read_raw
@@ -133,7 +134,9 @@ class MedMNISTDataModule(ClassificationDataModule):
     Args:
         flag: the set, as the ``medmnist`` package names it: ``pathmnist``, ``bloodmnist``,
             ``dermamnist``, ``octmnist``, ``pneumoniamnist``, ``breastmnist``, ``tissuemnist``,
-            ``organamnist``... (multi-class ones; ``chestmnist`` is multi-label and refused).
+            ``organamnist``... (multi-class and binary ones), or ``chestmnist``: 14 findings per
+            chest X-ray, a multi-label set (:mod:`visiontl.data.multilabel`; the tags are the
+            findings, in MedMNIST's order).
         root: folder holding ``<flag>.npz`` (``<flag>_<size>.npz`` for sizes 64, 128, 224).
         size: image size of the release: 28 (the original), 64, 128 or 224.
         download: fetch the file from Zenodo through the ``medmnist`` package's URL and MD5.
@@ -162,9 +165,10 @@ class MedMNISTDataModule(ClassificationDataModule):
             names = ", ".join(k for k, v in medmnist.INFO.items() if v.get("task") == "multi-class")
             raise DataError(f"Unknown MedMNIST flag {self.flag!r}; multi-class sets: {names}.")
         info = dict(medmnist.INFO[self.flag])
-        if info.get("task") != "multi-class" and not str(info.get("task", "")).startswith("binary"):
-            raise DataError(f"MedMNIST {self.flag} is a {info.get('task')} task; visiontl classifies one label per "
-                            "image (multi-class or binary sets).")
+        task = str(info.get("task", ""))
+        if task != "multi-class" and not task.startswith(("binary", "multi-label")):
+            raise DataError(f"MedMNIST {self.flag} is a {task} task; visiontl classifies one label per image "
+                            "(multi-class or binary sets) or several tags (multi-label sets).")
         return info
 
     @property
@@ -182,8 +186,10 @@ class MedMNISTDataModule(ClassificationDataModule):
     def _verified_arrays(self, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         try:
             data = np.load(self.npz)
-            arrays = {s: (data[f"{s}_images"], np.asarray(data[f"{s}_labels"]).reshape(-1))
+            arrays = {s: (data[f"{s}_images"], np.asarray(data[f"{s}_labels"]))
                       for s in ("train", "val", "test")}
+            if not self._multilabel:
+                arrays = {s: (images, labels.reshape(-1)) for s, (images, labels) in arrays.items()}
         except (OSError, ValueError, KeyError) as err:
             raise DataError(
                 f"{self.npz} is not a MedMNIST file ({err}); expected train/val/test _images and _labels arrays. "
@@ -196,7 +202,12 @@ class MedMNISTDataModule(ClassificationDataModule):
                     f"{self.npz}: {split}_images is {images.dtype} {images.shape} with {len(labels)} labels; "
                     f"expected uint8 images of {self.size}x{self.size}, one label each (is size right?)."
                 )
-            if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+            if self._multilabel:
+                if labels.ndim != 2 or labels.shape[1] != len(names) or (len(labels) and not np.isin(labels, (0, 1)).all()):
+                    raise DataError(f"{self.npz}: {split}_labels is {labels.shape} with values "
+                                    f"{sorted(np.unique(labels).tolist())[:5]}; expected 0 / 1 per finding "
+                                    f"({len(names)} for {self.flag}).")
+            elif len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
                 raise DataError(f"{self.npz}: {split}_labels go outside 0..{len(names) - 1} ({self.flag} classes).")
         return arrays
 
@@ -213,17 +224,25 @@ class MedMNISTDataModule(ClassificationDataModule):
             with tqdm(total=total, desc=f"Writing {self.flag} images", unit="img", disable=total < 500,
                       leave=False) as bar:
                 for split, (images, labels) in arrays.items():
+                    rows = []
                     for i, (image, label) in enumerate(zip(images, labels)):
-                        folder = tmp / split / _safe(names[int(label)])
+                        # one folder per class; a multi-label split is flat, its tags in tags.csv
+                        folder = tmp / split / ("" if self._multilabel else _safe(names[int(label)]))
                         folder.mkdir(parents=True, exist_ok=True)
                         Image.fromarray(image.squeeze()).save(folder / f"{split}_{i:06d}.png")
+                        if self._multilabel:
+                            rows.append(f"{split}_{i:06d}.png,{encode_tags(n for n, on in zip(names, label) if on)}\n")
                         bar.update()
+                    if self._multilabel:
+                        (tmp / split / "tags.csv").write_text("file,tags\n" + "".join(rows))
             (tmp / "complete").write_text(str(self.npz))
         return target
 
     def load_splits(self) -> dict[str, list[Sample]]:
         info = self.info
         names = [_safe(info["label"][k]) for k in sorted(info["label"], key=int)]
+        self._multilabel = str(info.get("task", "")).startswith("multi-label")
+        self._tags = names if self._multilabel else None
         if not self.npz.is_file() and self.download:
             self._fetch(info)
         if not self.npz.is_file():
@@ -233,5 +252,9 @@ class MedMNISTDataModule(ClassificationDataModule):
                 f"to fetch it, or download {info[f'url{suffix}']} and save it as {self.npz}."
             )
         folder = self._materialise(names)
+        if self._multilabel:
+            return {split: [(folder / split / line.split(",", 1)[0], line.split(",", 1)[1])
+                            for line in (folder / split / "tags.csv").read_text().splitlines()[1:]]
+                    for split in ("train", "val", "test") if (folder / split / "tags.csv").is_file()}
         return {split: index_folder(folder / split) for split in ("train", "val", "test")
                 if (folder / split).is_dir()}
