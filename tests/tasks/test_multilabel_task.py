@@ -61,6 +61,14 @@ def test_a_multi_label_run_tunes_thresholds_keeps_them_in_its_checkpoint_and_pre
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert {"val_map", "val_map_micro", "val_auroc", "val_f1"} <= set(result.metrics)
     assert all(f"val_threshold/{t}" in result.metrics and f"val_ap/{t}" in result.metrics for t in task.class_names)
+    import csv as csvlib
+
+    rows = list(csvlib.DictReader((result.run_dir / "tag_metrics.csv").open()))
+    assert [r["tag"] for r in rows] == task.class_names and (result.run_dir / "pr_curves.png").is_file()
+    summary = json.loads((result.run_dir / "metrics.json").read_text())
+    for row, tag in zip(rows, task.class_names):  # the table is the best checkpoint's, as metrics.json says
+        assert float(row["threshold"]) == pytest.approx(summary["best"][f"val_threshold/{tag}"], abs=1e-4)
+        assert int(row["support"]) == next(r["support"] for r in summary["tags"] if r["tag"] == tag) > 0
     restored = ClassificationTask.from_checkpoint(result.run_dir / "checkpoints" / "best.ckpt")
     assert restored.multilabel and restored.class_names == task.class_names
     best = [result.metrics[f"val_threshold/{t}"] for t in task.class_names]

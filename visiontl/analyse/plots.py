@@ -26,7 +26,7 @@ from visiontl.core.files import atomic_path, csv_dict_writer, csv_writer, write_
 __all__ = ["AXIS_LABELS", "axis_label", "comparison_figure", "comparison_table", "confusion_matrix_figure",
            "drift_figure", "format_console_table", "learning_curves_figure", "learning_rate_lines", "markdown_page",
            "read_rows", "save_comparison", "save_confusion_matrix", "save_drift", "save_figure",
-           "save_learning_curves", "thumbnail_png", "write_rows"]
+           "save_learning_curves", "save_tag_report", "pr_curves_figure", "thumbnail_png", "write_rows"]
 
 PathLike = str | os.PathLike[str]
 
@@ -141,6 +141,41 @@ def save_confusion_matrix(cm: Any, class_names: list[str], path_png: PathLike,
     return out
 
 
+def pr_curves_figure(report: dict[str, Any], title: str = "") -> Figure:
+    """Precision-recall curves of a multi-label evaluation (:func:`visiontl.tasks.multilabel.tag_report`):
+    one line per tag, its AP and support in the legend, its operating point (the threshold) marked."""
+    rows = {r["tag"]: r for r in report["rows"]}
+    curves = report["curves"]
+    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
+    fig.suptitle(title or "precision-recall per tag (validation)")
+    ax = fig.subplots()
+    colors = _ordered_colors(max(len(curves), 1)) if len(curves) > 10 else [f"C{i}" for i in range(len(curves))]
+    for (tag, curve), color in zip(curves.items(), colors):
+        row = rows[tag]
+        ax.plot(curve["recall"], curve["precision"], color=color, lw=1.4,
+                label=f"{tag} (AP {row['ap']:.2f}, {row['support']} pos.)")
+        if row["sensitivity"] == row["sensitivity"]:  # the operating point: recall = sensitivity at the threshold
+            tp = row["sensitivity"] * row["support"]
+            fp = (1 - row["specificity"]) * (row["images"] - row["support"]) if row["specificity"] == row["specificity"] else 0
+            ax.plot([row["sensitivity"]], [tp / max(tp + fp, 1e-12)], "o", color=color, ms=5)
+    ax.set(xlabel="recall (sensitivity, 0 to 1)", ylabel="precision (0 to 1)", xlim=(0, 1.02), ylim=(0, 1.05))
+    ax.grid(alpha=0.3)
+    missing = [t for t in rows if t not in curves]
+    if missing:
+        ax.set_title(f"no curve (no positive, or no negative, on these images): {', '.join(missing)}", fontsize=8)
+    if curves:
+        _legend_below(ax, ncol=2 if len(curves) > 6 else 1)
+    return fig
+
+
+def save_tag_report(report: dict[str, Any], path_png: PathLike, path_csv: PathLike, title: str = "") -> dict[str, Path]:
+    """``tag_metrics.csv`` (one row per tag: support, AP, F1, sensitivity, specificity, threshold) and
+    ``pr_curves.png`` of a multi-label evaluation."""
+    columns = ["tag", "support", "images", "ap", "f1", "sensitivity", "specificity", "threshold"]
+    return {"csv": write_rows(report["rows"], path_csv, columns),
+            "png": save_figure(pr_curves_figure(report, title), path_png)}
+
+
 def _series(df: pd.DataFrame, col: str, x: str) -> pd.Series:
     """Mean of ``col`` per value of ``x`` over the rows where ``col`` is logged (NaNs dropped)."""
     sub = df.dropna(subset=[col])
@@ -152,6 +187,8 @@ VAL_STYLES = {  # distinct colour, line style and marker each: equal curves (bal
     "val_balanced_acc": ("balanced accuracy", "tab:red", "--", "s"),
     "val_f1": ("F1", "tab:green", ":", "^"),
     "val_auroc": ("AUROC", "tab:purple", "-.", "D"),
+    "val_map": ("mean average precision (macro)", "tab:orange", "-", "v"),  # multi-label runs
+    "val_map_micro": ("mean average precision (micro)", "tab:brown", "--", "P"),
 }
 
 
@@ -441,6 +478,8 @@ AXIS_LABELS = {
     "val_balanced_acc": "validation balanced accuracy (0 to 1)",
     "val_f1": "validation F1 (0 to 1)",
     "val_auroc": "validation AUROC (0 to 1)",
+    "val_map": "validation mean average precision, macro (0 to 1)",
+    "val_map_micro": "validation mean average precision, micro (0 to 1)",
     "target_acc": "target accuracy (0 to 1)",
     "target_balanced_acc": "balanced target accuracy (0 to 1)",
     "mean_acc": "mean balanced target accuracy (0 to 1)",

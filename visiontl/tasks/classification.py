@@ -41,7 +41,7 @@ from visiontl.tasks.multilabel import (
     decisions,
     multilabel_loss,
     multilabel_scores,
-    per_tag_rates,
+    tag_report,
     tune_thresholds,
 )
 from visiontl.tasks.regularisers import BatchMixer, WeightEMA
@@ -251,6 +251,7 @@ class ClassificationTask(BaseTask):
     def configure_metrics(self) -> None:
         k = self.hparams["num_classes"]
         self.last_confusion: dict[str, torch.Tensor] = {}
+        self.last_tags: dict[str, dict[str, Any]] = {}  # multi-label: per-tag table and PR curves per split
         if self.multilabel:
             self.train_metrics = multilabel_scores(k, full=False).clone(prefix="train_")
             self.train_loss_mean = MeanMetric()
@@ -439,19 +440,14 @@ class ClassificationTask(BaseTask):
         if split == "val" and not self.hparams.get("thresholds") and not self.trainer.sanity_checking:
             tuned, _ = tune_thresholds(probs, targets)
             self.thresholds.copy_(tuned)
-        rates = per_tag_rates(probs, targets, self.thresholds.cpu())
-        from torchmetrics.functional.classification import multilabel_average_precision
-
-        per_ap = multilabel_average_precision(probs, targets.long(), self.hparams["num_classes"], average="none",
-                                              ignore_index=-1)
-        scored = rates["support"] > 0
-        f1 = rates["f1"][scored].mean() if bool(scored.any()) else torch.tensor(float("nan"))
-        self.log(f"{split}_f1", f1, prog_bar=True)
-        for i, name in enumerate(self.class_names):
-            self.log(f"{split}_threshold/{name}", self.thresholds[i].float())
-            for key, values in (("ap", per_ap), ("f1", rates["f1"]), ("sensitivity", rates["sensitivity"]),
-                                ("specificity", rates["specificity"])):
-                self.log(f"{split}_{key}/{name}", values[i].float())
+        report = tag_report(probs, targets, self.thresholds.cpu(), self.class_names)
+        self.last_tags[split] = report
+        f1s = [row["f1"] for row in report["rows"] if row["support"] > 0]
+        self.log(f"{split}_f1", torch.tensor(sum(f1s) / len(f1s) if f1s else float("nan")), prog_bar=True)
+        for j, row in enumerate(report["rows"]):
+            self.log(f"{split}_threshold/{row['tag']}", self.thresholds[j].float())  # exact: what predictions apply
+            for key in ("ap", "f1", "sensitivity", "specificity"):
+                self.log(f"{split}_{key}/{row['tag']}", torch.tensor(float(row[key])))
 
     def _eval_epoch_end(self, split: str) -> None:
         if self.multilabel:
@@ -479,6 +475,8 @@ class ClassificationTask(BaseTask):
         checkpoint["visiontl"] = {"val_metrics": metrics,
                                   "val_confusion": confusion.tolist() if confusion is not None else None,
                                   "base_weights": self.base_weights}
+        if self.last_tags.get("val") is not None:  # multi-label: the per-tag table and PR curves of these weights
+            checkpoint["visiontl"]["val_tags"] = self.last_tags["val"]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.get("visiontl")

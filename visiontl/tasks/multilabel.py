@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAUROC, MultilabelAveragePrecision
 
-__all__ = ["IGNORE", "TASKS", "decisions", "multilabel_loss", "multilabel_scores", "per_tag_rates", "tune_thresholds"]
+__all__ = ["IGNORE", "TASKS", "decisions", "multilabel_loss", "multilabel_scores", "per_tag_rates", "tag_report",
+           "tune_thresholds"]
 
 TASKS = ("multiclass", "multilabel")
 IGNORE = -1
@@ -109,3 +110,30 @@ def per_tag_rates(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.
         "specificity": torch.where(tn + fp > 0, tn / (tn + fp).clamp(min=1), nan),
         "support": tp + fn,
     }
+
+
+def tag_report(probs: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor, names: list[str],
+               points: int = 60) -> dict[str, object]:
+    """Per tag, what a reader of a multi-label run looks at: ``rows`` (tag, support, AP, F1,
+    sensitivity and specificity at its threshold, the threshold) and ``curves`` (the precision-recall
+    curve, at most ``points`` points each; none for a tag without a labelled positive). Plain lists:
+    it goes into checkpoints and ``metrics.json``."""
+    from torchmetrics.functional.classification import binary_average_precision, binary_precision_recall_curve
+
+    rates = per_tag_rates(probs, targets, thresholds)
+    rows, curves = [], {}
+    for j, name in enumerate(names):
+        known = targets[:, j] >= 0
+        p, y = probs[known, j], (targets[known, j] > 0.5).long()
+        has_both = bool(y.any()) and bool((y == 0).any())
+        ap = float(binary_average_precision(p, y)) if has_both else float("nan")
+        rows.append({"tag": name, "support": int(y.sum()), "images": int(known.sum()), "ap": round(ap, 4),
+                     "f1": round(float(rates["f1"][j]), 4), "sensitivity": round(float(rates["sensitivity"][j]), 4),
+                     "specificity": round(float(rates["specificity"][j]), 4),
+                     "threshold": round(float(thresholds[j]), 4)})
+        if has_both:
+            precision, recall, _ = binary_precision_recall_curve(p, y)
+            keep = torch.linspace(0, len(recall) - 1, min(points, len(recall))).round().long().unique()
+            curves[name] = {"recall": [round(float(v), 4) for v in recall[keep]],
+                            "precision": [round(float(v), 4) for v in precision[keep]]}
+    return {"rows": rows, "curves": curves}

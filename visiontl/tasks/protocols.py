@@ -10,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from visiontl.data.preprocessing import Preprocessing
 
-__all__ = ["PredictsTags", "ReportsConfusion", "ReportsStrategy", "StartsFromPretrained", "TakesClassCounts",
+__all__ = ["PredictsTags", "ReportsConfusion", "ReportsTags", "ReportsStrategy", "StartsFromPretrained", "TakesClassCounts",
            "TakesPreprocessing"]
 
 
@@ -28,6 +28,14 @@ class PredictsTags(Protocol):
     """Says whether it predicts several tags per image (multi-label) or one class (classification tasks)."""
 
     multilabel: bool
+
+
+@runtime_checkable
+class ReportsTags(Protocol):
+    """Multi-label: the per-tag table and precision-recall curves of its last evaluation per split
+    (:func:`visiontl.tasks.multilabel.tag_report`; empty for one class per image)."""
+
+    last_tags: dict[str, dict[str, Any]]
 
 
 @runtime_checkable

@@ -37,9 +37,9 @@ from visiontl.core import files
 from visiontl.core.rundir import run_dir
 from visiontl.core.speed import tune_allocator
 from visiontl.data.protocols import LabelledData, LabelledSplits, Preprocessed
-from visiontl.tasks.protocols import PredictsTags, ReportsConfusion, ReportsStrategy
+from visiontl.tasks.protocols import PredictsTags, ReportsConfusion, ReportsStrategy, ReportsTags
 from visiontl.train.resume import RunLogger
-from visiontl.analyse.plots import save_confusion_matrix, save_drift, save_learning_curves
+from visiontl.analyse.plots import save_confusion_matrix, save_drift, save_learning_curves, save_tag_report
 
 __all__ = ["LIGHTNING_LOG_EVERY", "add_to_metrics", "attach_run_callbacks", "discard_if_empty", "log_interval",
            "run_settings", "RunReport"]
@@ -224,10 +224,15 @@ class RunReport(Callback):
             files.write_text(out / "skipped_files.txt", "".join(f"{p}\t{r}\n" for p, r in skipped))
 
     def _confusion(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+        suffix = "" if split == "val" else f"_{split}"
+        tags = pl_module.last_tags.get(split) if isinstance(pl_module, ReportsTags) else None
+        if tags is not None and trainer.is_global_zero:  # multi-label: a table and PR curves, not a matrix
+            out = run_dir(trainer)
+            save_tag_report(tags, out / f"pr_curves{suffix}.png", out / f"tag_metrics{suffix}.csv",
+                            title=f"precision-recall per tag ({split})")
         cm = pl_module.last_confusion.get(split) if isinstance(pl_module, ReportsConfusion) else None
         if cm is None or not trainer.is_global_zero:
             return
-        suffix = "" if split == "val" else f"_{split}"
         out = run_dir(trainer)
         save_confusion_matrix(cm, pl_module.class_names, out / f"confusion_matrix{suffix}.png",
                               out / f"confusion_matrix{suffix}.csv", title=f"{split} confusion matrix")
@@ -272,6 +277,9 @@ class RunReport(Callback):
             summary["best"] = best["val_metrics"]
             if best.get("val_confusion") is not None:
                 pl_module.last_confusion["val"] = torch.tensor(best["val_confusion"])
+            if best.get("val_tags") is not None and isinstance(pl_module, ReportsTags):
+                pl_module.last_tags["val"] = best["val_tags"]
+                summary["tags"] = best["val_tags"]["rows"]
         if isinstance(pl_module, ReportsStrategy):
             summary["strategy"] = pl_module.strategy_report()
             files.write_json(out / "strategy.json", summary["strategy"])  # now with the fitted head's numbers
