@@ -28,6 +28,7 @@ FIXTURES = {
     "chest-xray": ("chest_xray", "root"),
     "pathmnist": ("medmnist", "root"),
     "ham10000": ("ham10000", "train_csv"),
+    "chestxray14": ("chestxray14", "train_csv"),
     "dicom": ("dicom", "root"),
 }
 
@@ -84,8 +85,10 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
     if recipe["model"]["class_path"].endswith("ContinuedPretraining"):
         _check_pretraining_run(run, recipe)
         return
-    for name in ("config.yaml", "metrics.csv", "metrics.json", "strategy.json", "confusion_matrix.png",
-                 "data_check.json", "confusion_matrix.csv", "learning_curves.png", "checkpoints/best.ckpt",
+    tagged = recipe["data"]["init_args"].get("task") == "multilabel"  # several tags per image
+    evaluation = ("tag_metrics.csv", "pr_curves.png") if tagged else ("confusion_matrix.png", "confusion_matrix.csv")
+    for name in ("config.yaml", "metrics.csv", "metrics.json", "strategy.json", *evaluation,
+                 "data_check.json", "learning_curves.png", "checkpoints/best.ckpt",
                  "checkpoints/last.ckpt"):
         assert (run / name).exists(), name
     summary = json.loads((run / "metrics.json").read_text())
@@ -100,7 +103,7 @@ def test_recipe_fits_and_writes_a_run_directory(recipe_path: Path, shapes_root: 
         assert delta.stat().st_size < 0.5 * (run / "checkpoints" / "best.ckpt").stat().st_size
     if recipe_path.parent.name == "medical":  # what clinicians read, per class
         names = {k.split("/")[0] for k in summary["final"]}
-        assert {"val_sensitivity", "val_specificity", "val_auroc", "val_balanced_acc"} <= names
+        assert {"val_sensitivity", "val_specificity", "val_auroc", "val_map" if tagged else "val_balanced_acc"} <= names
     if recipe_path.stem == "eurosat-ms":  # 13 bands in, per-band statistics from the tiles
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
         mean = ckpt["hyper_parameters"]["preprocessing"]["mean"]

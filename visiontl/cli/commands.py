@@ -87,6 +87,8 @@ def _csv_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag-sep", default="|", help="multi-label CSV in one column: the separator of the tags")
     parser.add_argument("--uncertain", choices=("ignore", "positive", "negative"), default="ignore",
                         help="what -1 in a tag column means (ignore: left out of loss and metrics)")
+    parser.add_argument("--no-tag", help="multi-label CSV in one column: the value of an image with no tag "
+                                         "(e.g. 'No Finding'; an empty cell always is)")
 
 
 def _check_data(argv: Sequence[str]) -> int:
@@ -120,7 +122,7 @@ def _check_data(argv: Sequence[str]) -> int:
                         near_threshold=args.near_threshold, deep=not args.fast, progress=not args.no_progress,
                         max_pixels=args.max_pixels, frames=args.frames, suffix=args.suffix,
                         image_dirs=args.image_dirs, root=args.root, task=args.task, tag_columns=args.tag_columns,
-                        tag_sep=args.tag_sep, uncertain=args.uncertain)
+                        tag_sep=args.tag_sep, uncertain=args.uncertain, no_tag=args.no_tag)
     print(report.summary())
     out = args.json or default_report_path(args.path)
     try:
@@ -163,8 +165,8 @@ def _prepare_data(argv: Sequence[str]) -> int:
 
     csv = {"path_column": args.path_column, "label_column": args.label_column, "suffix": args.suffix,
            "image_dirs": args.image_dirs or None, "root": args.root, "task": args.task,
-           "tag_columns": args.tag_columns, "tag_sep": args.tag_sep,
-           "uncertain": args.uncertain} if source_kind(args.src) == "csv" else None
+           "tag_columns": args.tag_columns, "tag_sep": args.tag_sep, "uncertain": args.uncertain,
+           "no_tag": args.no_tag} if source_kind(args.src) == "csv" else None
     try:
         meta = prepare_data(args.src, args.out, val_fraction=args.val_fraction, seed=args.seed,
                             image_size=args.image_size, on_bad_image=args.on_bad_image, frames=args.frames,

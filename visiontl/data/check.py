@@ -240,7 +240,8 @@ def _load_csv(path: Path, path_column: str, label_column: str, suffix: str = "",
                          tag_columns=tags.columns, uncertain=tags.uncertain)
     multilabel = tags.multilabel(row.label for row in rows)
     if multilabel and not tags.columns:  # one column of joined tags: in canonical form (empty: no tag)
-        rows = [replace(row, label=row_tags({"label": row.label}, f"{path}, line {row.line}", tag_sep=tags.sep))
+        rows = [replace(row, label=row_tags({"label": row.label}, f"{path}, line {row.line}", tag_sep=tags.sep,
+                                            no_tag=tags.no_tag))
                 for row in rows]
     splits: dict[str, list[tuple[Path, str]]] = {}
     bad: list[str] = []
@@ -260,6 +261,7 @@ class TagSettings:
     columns: Sequence[str] | None = None
     sep: str = TAG_SEP
     uncertain: str = "ignore"
+    no_tag: str | None = None
 
     def multilabel(self, labels: Iterable[str]) -> bool:
         """Whether labels read as given are tag sets: said so, tag columns, or (``auto``) a separator in a cell."""
@@ -747,6 +749,7 @@ def check_data(
     tag_columns: Sequence[str] | None = None,
     tag_sep: str = TAG_SEP,
     uncertain: str = "ignore",
+    no_tag: str | None = None,
 ) -> DataReport:
     """Check a dataset for unreadable files, mixed modes, tiny images, imbalance, duplicates and
     train / val / test leakage (see the module docstring).
@@ -771,7 +774,7 @@ def check_data(
         root: folder CSV paths resolve against (default: the CSV's folder). The CSV is read by the
             same code as :class:`~visiontl.data.CsvDataModule` (:func:`visiontl.data.layout.read_csv_rows`),
             a folder laid out as :class:`~visiontl.data.FolderDataModule` expects.
-        task, tag_columns, tag_sep, uncertain: multi-label data, as
+        task, tag_columns, tag_sep, uncertain, no_tag: multi-label data, as
             :class:`~visiontl.data.CsvDataModule` takes them (``auto``: tag columns, or a cell holding
             ``tag_sep``, make a CSV multi-label); a datamodule's splits pass its ``task``.
 
@@ -781,7 +784,7 @@ def check_data(
     Raises:
         DataError: the source does not exist or is not a dataset (the message says what to give).
     """
-    tags = TagSettings(task, tag_columns, tag_sep, uncertain)
+    tags = TagSettings(task, tag_columns, tag_sep, uncertain, no_tag)
     entries, root, bad_rows, multilabel = _load(source, path_column, label_column, suffix, image_dirs, root, tags)
     name = _Namer(root)
     files = {e.key: e.path for e in entries}

@@ -651,6 +651,8 @@ class CsvDataModule(ClassificationDataModule):
         uncertain: what a ``-1`` in a tag column means: ``ignore`` (default: that image and tag
             are left out of the loss and the metrics, CheXpert's U-Ignore), ``positive`` (U-Ones)
             or ``negative`` (U-Zeros).
+        no_tag: multi-label data in one column: the cell value of an image with no tag, besides an
+            empty cell (ChestX-ray14 writes ``No Finding``).
         **kwargs: see :class:`ClassificationDataModule`. With ``on_bad_image='skip'``, rows
             whose file is missing are left out and listed (``skipped_files.txt``) instead of
             stopping with an error.
@@ -672,6 +674,7 @@ class CsvDataModule(ClassificationDataModule):
         tag_columns: Sequence[str] | None = None,
         tag_sep: str = TAG_SEP,
         uncertain: str = "ignore",
+        no_tag: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -693,6 +696,7 @@ class CsvDataModule(ClassificationDataModule):
         if not tag_sep or tag_sep.isspace():
             raise DataError(f"CsvDataModule: tag_sep must be a visible separator such as '|' or ';', got {tag_sep!r}.")
         self.task_setting, self.tag_columns, self.tag_sep, self.uncertain = task, tag_columns, tag_sep, uncertain
+        self.no_tag = no_tag
         self._multilabel = task == "multilabel" or tag_columns is not None
         if split_column is not None and (val_csv or test_csv):
             raise DataError(f"CsvDataModule: split_column={split_column!r} takes every split from {train_csv}; do "
@@ -720,7 +724,8 @@ class CsvDataModule(ClassificationDataModule):
         if self.task_setting == "auto" and not self._multilabel and csv_path == self.train_csv:
             self._multilabel = any(self.tag_sep in row.label for row in rows)  # the training CSV decides
         if self._multilabel and not self.tag_columns:  # one column of joined tags: in canonical form
-            rows = [replace(row, label=row_tags({"label": row.label}, f"{path}, line {row.line}", tag_sep=self.tag_sep))
+            rows = [replace(row, label=row_tags({"label": row.label}, f"{path}, line {row.line}", tag_sep=self.tag_sep,
+                                                no_tag=self.no_tag))
                     for row in rows]
         samples, missing = [], []
         for row in rows:

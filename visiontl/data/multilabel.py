@@ -112,8 +112,11 @@ def tag_counts(labels: Iterable[str], tags: Sequence[str]) -> list[int]:
 
 
 def row_tags(row: Mapping[str, str | None], where: str, *, label_column: str = "label",
-             tag_columns: Sequence[str] | None = None, tag_sep: str = TAG_SEP, uncertain: Policy = "ignore") -> str:
-    """The canonical label string of one CSV row, from its tag columns or its joined tag column.
+             tag_columns: Sequence[str] | None = None, tag_sep: str = TAG_SEP, uncertain: Policy = "ignore",
+             no_tag: str | None = None) -> str:
+    """The canonical label string of one CSV row, from its tag columns or its joined tag column
+    (where an empty cell, or one that reads ``no_tag`` such as ChestX-ray14's ``No Finding``, is an
+    image with no tag).
 
     ``where`` names the row in errors (``file, line N``). Raises :class:`DataError` for a value a tag
     column cannot hold (anything but 1, 0, empty and -1) or a tag name that is not usable.
@@ -133,6 +136,8 @@ def row_tags(row: Mapping[str, str | None], where: str, *, label_column: str = "
                                 f"0 or empty (absent) or -1 (uncertain).")
         return encode_tags(pos, unsure)
     cell = (row.get(label_column) or "").strip()
+    if no_tag is not None and cell == no_tag:
+        return NO_TAGS
     tags = {check_tag(t, f"{where}, column {label_column!r}") for t in cell.split(tag_sep) if t.strip()}
     return encode_tags(tags)
 
