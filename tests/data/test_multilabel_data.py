@@ -140,3 +140,25 @@ def test_check_data_and_prepare_data_from_the_command_line(tmp_path: Path, capsy
     code = main(["prepare-data", str(csv), str(tmp_path / "stream"), "--tag-columns", "bars", "discs", "squares"])
     assert code != 0 and "multi-label data (several tags per image) trains from the CSV" in capsys.readouterr().err
     assert not (tmp_path / "stream").exists()
+
+
+def test_mosaics_of_real_images_are_multi_label_sets_with_the_tags_they_show(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from helpers.shapes import make_splits
+    from visiontl.data.mosaics import build_mosaics, tag_rates
+
+    source = make_splits(tmp_path / "src", per_class={"train": 6, "val": 4}, size=16)
+    weights = {"bars": 1.0, "discs": 1.0, "squares": 0.1}
+    csv = build_mosaics(source, tmp_path / "m", grid=2, sizes={"train": 60, "val": 30}, weights=weights, seed=1)
+    rows = [line.split(",") for line in csv.read_text().splitlines()[1:]]
+    assert len(rows) == 90 and {r[2] for r in rows} == {"train", "val"}
+    path, label, _ = rows[0]
+    image = np.asarray(Image.open(csv.parent / path))
+    assert image.shape == (32, 32, 3)
+    rates = tag_rates(csv)
+    assert rates["squares"] < rates["bars"] / 3  # the weights make a rare tag
+    dm = CsvDataModule(str(csv), split_column="split", num_workers=0, image_size=32)
+    assert dm.task == "multilabel" and dm.class_names == ["bars", "discs", "squares"]
+    again = build_mosaics(source, tmp_path / "m", grid=2, sizes={"train": 60, "val": 30}, weights=weights, seed=1)
+    assert again.read_text() == csv.read_text()  # reused as built
