@@ -29,6 +29,7 @@ FIXTURES = {
     "pathmnist": ("medmnist", "root"),
     "ham10000": ("ham10000", "train_csv"),
     "chestxray14": ("chestxray14", "train_csv"),
+    "ucmerced-multilabel": ("ucmerced_multilabel", "train_csv"),
     "dicom": ("dicom", "root"),
 }
 
