@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visiontl.core.losses import multilabel_loss
 from visiontl.models.backbones import LayerGroup, classifier_names
 from visiontl.strategies.base import GroupPlan, Strategy, StrategyError
 
@@ -116,8 +117,6 @@ def _data_loss(logits: torch.Tensor, labels: torch.Tensor, class_weight: torch.T
     """Cross-entropy for class indices; for multi-label targets (rows of 1 / 0 / -1) the mean binary
     cross-entropy over the labelled pairs, ``class_weight`` weighing each tag's positives."""
     if labels.ndim == 2:
-        from visiontl.tasks.multilabel import multilabel_loss
-
         loss = multilabel_loss(logits, labels, pos_weight=class_weight)
         return loss * int((labels >= 0).sum()) if reduction == "sum" else loss
     return F.cross_entropy(logits, labels, weight=class_weight, reduction=reduction)
