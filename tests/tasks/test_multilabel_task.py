@@ -177,3 +177,27 @@ def test_the_command_line_takes_the_task_from_the_data(tags_csv: Path, tmp_path:
     assert "train_map" in summary["strategy"]["head_fit"] and "val_map" in summary["strategy"]["head_fit"]
     restored = ClassificationTask.from_checkpoint(run / "checkpoints" / "best.ckpt")
     assert restored.multilabel and restored.hparams["class_weights"] == "balanced"
+
+
+def test_parameter_efficient_runs_train_tags_and_their_delta_carries_the_thresholds(tags_csv: Path,
+                                                                                  tmp_path: Path) -> None:
+    """LoRA on multi-label data: it trains, exports, and its PEFT checkpoint (the trained tensors alone)
+    loads back with the best checkpoint's thresholds, not 0.5."""
+    from visiontl.tasks.trained import load_delta
+
+    import timm
+    from safetensors.torch import save_file
+
+    from visiontl import fine_tune
+
+    base = tmp_path / "base.safetensors"  # a delta loads on the base weights it was trained on: a file of them
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(base))
+    result = fine_tune(str(tags_csv), backbone="test_resnet", strategy="lora", pretrained=False, weights=str(base),
+                       image_size=32, steps=12, out=tmp_path, name="lora", data_kwargs={"num_workers": 0})
+    best = ClassificationTask.from_checkpoint(result.run_dir / "checkpoints" / "best.ckpt")
+    delta = load_delta(result.run_dir / "checkpoints" / "best.peft.safetensors")
+    assert delta.multilabel and delta.thresholds.tolist() == pytest.approx(best.thresholds.tolist())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(delta(x).sigmoid(), best(x).sigmoid(), atol=1e-5)

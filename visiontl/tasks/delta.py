@@ -24,6 +24,7 @@ from torch import nn
 
 from visiontl.core import files
 from visiontl.models.weights import WeightsError, classifier_names
+from visiontl.tasks.protocols import PredictsTags
 
 if TYPE_CHECKING:
     from visiontl.tasks import ClassificationTask
@@ -166,7 +167,11 @@ class DeltaCheckpoint(Callback):
         record = checkpoint_record(best, state_dict=True)
         if record is not None:
             state = model_state(record["state_dict"])
-            save_delta(pl_module, Path(best).with_suffix(".peft.safetensors"), state,
-                       {"val_metrics": record["val_metrics"]})
+            extra = {"val_metrics": record["val_metrics"]}
+            if "thresholds" in record["state_dict"]:  # multi-label: the decision thresholds of these weights
+                extra["thresholds"] = [float(t) for t in record["state_dict"]["thresholds"]]
+            save_delta(pl_module, Path(best).with_suffix(".peft.safetensors"), state, extra)
         else:
-            save_delta(pl_module, run_dir(trainer) / "checkpoints" / "last.peft.safetensors")
+            thresholds = pl_module.thresholds if isinstance(pl_module, PredictsTags) and pl_module.multilabel else None
+            save_delta(pl_module, run_dir(trainer) / "checkpoints" / "last.peft.safetensors",
+                       extra={"thresholds": thresholds.tolist()} if thresholds is not None else None)
