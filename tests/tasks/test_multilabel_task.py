@@ -201,3 +201,12 @@ def test_parameter_efficient_runs_train_tags_and_their_delta_carries_the_thresho
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(delta(x).sigmoid(), best(x).sigmoid(), atol=1e-5)
+
+
+def test_wise_ft_says_in_one_line_that_it_does_not_mix_multi_label_runs_yet(tags_csv: Path, tmp_path: Path) -> None:
+    from visiontl.train.wiseft import WiseFTError, wise_ft
+
+    result = _fit(tags_csv, tmp_path, strategy="full", steps=4)
+    with pytest.raises(WiseFTError, match="a multi-label run .several tags per image.; wise-ft"):
+        wise_ft(result.run_dir, tmp_path / "mix")
+    assert not (tmp_path / "mix").exists()

@@ -179,6 +179,9 @@ def _wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: S
     grid = parse_alphas(list(alphas) + ([alpha] if alpha is not None else []))
     ckpt = run_checkpoint(Path(run))
     tuned = ClassificationTask.from_checkpoint(ckpt)
+    if tuned.multilabel:
+        raise WiseFTError(f"{ckpt}: a multi-label run (several tags per image); wise-ft scores its mixtures by "
+                          f"accuracy and fits a single-label probe at alpha 0, so it does not mix such runs yet.")
     strategy = tuned.strategy
     if not strategy.sgd or strategy.cache_features or not strategy.uses_pretrained:
         raise WiseFTError(f"{ckpt}: strategy {strategy.name!r} does not fine-tune a pretrained backbone; there is "
