@@ -210,3 +210,46 @@ def test_wise_ft_says_in_one_line_that_it_does_not_mix_multi_label_runs_yet(tags
     with pytest.raises(WiseFTError, match="a multi-label run .several tags per image.; wise-ft"):
         wise_ft(result.run_dir, tmp_path / "mix")
     assert not (tmp_path / "mix").exists()
+
+
+def test_multi_label_distillation_is_each_tag_s_bernoulli_kl_scaled_by_t_squared() -> None:
+    from visiontl.tasks.distill import distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4, 3), torch.randn(4, 3) * 2
+    labels = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [1.0, 1.0, 0.0]])
+    t = 3.0
+    p, r = torch.sigmoid(teacher / t), torch.sigmoid(student / t)
+    kl = (p * (p / r).log() + (1 - p) * ((1 - p) / (1 - r)).log()).mean() * t * t
+    parts = distillation_loss(student, teacher, labels, temperature=t, alpha=0.3, multilabel=True)
+    assert float(parts["kd"]) == pytest.approx(float(kl), rel=1e-5)
+    assert float(parts["ce"]) == pytest.approx(float(multilabel_loss(student, labels)), rel=1e-6)
+    assert float(parts["loss"]) == pytest.approx(0.3 * float(kl) + 0.7 * float(parts["ce"]), rel=1e-6)
+    same = distillation_loss(teacher, teacher, None, temperature=t, alpha=1.0, multilabel=True)
+    assert abs(float(same["kd"])) < 1e-6 and float(same["ce"]) == 0.0  # agreeing models: no KL; no labels: no BCE
+    student.requires_grad_(True)
+    distillation_loss(student, teacher, None, temperature=t, alpha=1.0, multilabel=True)["loss"].backward()
+    assert torch.allclose(student.grad, (torch.sigmoid(student / t) - p) * t / student.numel(), atol=1e-6)
+
+
+def test_a_multi_label_teacher_distils_into_a_multi_label_student(tags_csv: Path, shapes_root: Path,
+                                                                   tmp_path: Path) -> None:
+    from visiontl.data.images import DataError
+    from visiontl.train.distill import distill
+
+    teacher = _fit(tags_csv, tmp_path / "teacher", strategy="scratch", steps=24)
+    run = distill(teacher.run_dir, student="test_resnet", pretrained=False, strategy="scratch", image_size=32,
+                  steps=12, alpha=0.7, out=tmp_path / "student", data_kwargs={"num_workers": 0},
+                  trainer_kwargs={"enable_progress_bar": False})
+    assert run.task.multilabel and run.task.class_names == teacher.task.class_names
+    assert run.task.monitor == "val_map" and 0.0 <= run.metrics["val_teacher_agreement"] <= 1.0
+    # the teacher scored on the same validation images (its own split, read back as multi-label) as in its run
+    ours = json.loads((run.run_dir / "metrics.json").read_text())
+    theirs = json.loads((teacher.run_dir / "metrics.json").read_text())
+    assert run.metrics["val_teacher_map"] == pytest.approx(theirs["best"]["val_map"], abs=1e-4)
+    assert ours["distillation"]["teacher_task"] == "multilabel"
+    assert ours["distillation"]["teacher_val_map_own_run"] == pytest.approx(theirs["best"]["val_map"], abs=1e-6)
+    assert (run.run_dir / "tag_metrics.csv").is_file()
+    with pytest.raises(DataError, match="multilabel run and the student's data is read as multiclass"):
+        distill(teacher.run_dir, student="test_resnet", pretrained=False, strategy="scratch", data=shapes_root,
+                image_size=32, steps=1, out=tmp_path / "bad", data_kwargs={"num_workers": 0})

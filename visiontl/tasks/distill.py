@@ -7,6 +7,14 @@ teacher and student distributions, scaled by ``T**2`` so its gradients keep thei
 
     loss = alpha * T**2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, y)
 
+Multi-label runs (several tags per image, each a yes / no decision) distil each tag's Bernoulli
+distribution instead: the teacher's tempered sigmoid outputs are the soft targets, the KL divergence
+of two Bernoulli distributions per (image, tag) pair, averaged over pairs and scaled by ``T**2``,
+and the labels' term is the binary cross-entropy on the labelled pairs (``-1``, uncertain or
+unlabelled, left out)::
+
+    loss = alpha * T**2 * mean KL(Bern(sigmoid(teacher / T)) || Bern(sigmoid(student / T))) + (1 - alpha) * BCE(student, y)
+
 The KL term covers every image of the batch, the cross-entropy only the labelled ones: unlabelled
 images (a datamodule's ``unlabelled`` folder) give the teacher more to say.
 
@@ -32,10 +40,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
 
 from visiontl.data.images import DataError
 from visiontl.data.preprocessing import Preprocessing
+from visiontl.core.losses import IGNORE, multilabel_loss
 from visiontl.core.speed import channels_last_input
 from visiontl.strategies import StrategyError
 from visiontl.tasks.classification import ClassificationTask
@@ -45,7 +55,7 @@ __all__ = ["DistillationTask", "distillation_loss", "teacher_view"]
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None,
                       temperature: float = 4.0, alpha: float = 0.5, class_weight: torch.Tensor | None = None,
-                      label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+                      label_smoothing: float = 0.0, multilabel: bool = False) -> dict[str, torch.Tensor]:
     """Hinton et al.'s distillation loss.
 
     Args:
@@ -57,6 +67,10 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
         alpha: weight of the distillation term; ``1 - alpha`` weighs the cross-entropy.
         class_weight: per-class weights of the cross-entropy.
         label_smoothing: label smoothing of the cross-entropy.
+        multilabel: several tags per image: ``labels`` are ``(N, K)`` targets (1 / 0, ``-1`` left
+            out), the KL term is per (image, tag) Bernoulli pair with the teacher's tempered
+            sigmoid as the target, the labels' term binary cross-entropy (``class_weight`` is its
+            ``pos_weight``).
 
     Returns:
         ``loss``, ``kd`` (the ``T**2``-scaled KL, mean over all images) and ``ce`` (mean over the
@@ -64,6 +78,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     """
     _check_mix(temperature, alpha)
     t = float(temperature)
+    if multilabel:
+        return _multilabel_distillation(student, teacher, labels, t, alpha, class_weight, label_smoothing)
     log_s = F.log_softmax(student.float() / t, dim=1)
     log_t = F.log_softmax(teacher.detach().float() / t, dim=1)
     kd = F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * t * t
@@ -72,6 +88,20 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     if labelled.any():
         ce = F.cross_entropy(student[labelled].float(), labels[labelled], weight=class_weight,
                              label_smoothing=label_smoothing)
+    else:
+        ce = student.new_zeros((), dtype=torch.float32)
+    return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
+
+
+def _multilabel_distillation(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, t: float,
+                             alpha: float, pos_weight: torch.Tensor | None, smoothing: float) -> dict[str, torch.Tensor]:
+    s, q = student.float() / t, teacher.detach().float() / t
+    p = q.sigmoid()
+    # KL(Bern(p) || Bern(sigmoid(s))) = BCE(s, p) - H(p); H(p) = BCE(q, p): 0 when the two agree
+    kd = (F.binary_cross_entropy_with_logits(s, p, reduction="none")
+          - F.binary_cross_entropy_with_logits(q, p, reduction="none")).mean() * t * t
+    if labels is not None and bool((labels >= 0).any()):
+        ce = multilabel_loss(student.float(), labels, pos_weight=pos_weight, smoothing=smoothing)
     else:
         ce = student.new_zeros((), dtype=torch.float32)
     return {"loss": alpha * kd + (1.0 - alpha) * ce, "kd": kd, "ce": ce}
@@ -126,12 +156,14 @@ class DistillationTask(ClassificationTask):
                  teacher_weights: str | None = None, **kwargs: Any) -> None:
         if not teacher:
             raise ValueError("DistillationTask needs teacher: the teacher's run directory or checkpoint.")
-        if kwargs.get("task", "multiclass") == "multilabel":
-            raise ValueError("Distillation matches the teacher's class distribution (softmax); multi-label runs "
-                             "(several tags per image) cannot be distilled yet.")
         _check_mix(temperature, alpha)
         # not a submodule (plain __dict__ entry): outside the state dict, the optimizer and train()
         self.__dict__["_teacher_task"] = load_teacher(teacher, teacher_weights)
+        theirs, ours = self._teacher_task.hparams.get("task", "multiclass"), kwargs.get("task", "multiclass")
+        if theirs != ours:
+            raise DataError(f"The teacher {teacher} is a {theirs} run and the student's data is read as {ours}: distil "
+                            f"on the teacher's data (its splits.csv, the default of visiontl distill), or read yours "
+                            f"with task={theirs!r} (data_kwargs).")
         names = kwargs.get("class_names")
         if names is not None and list(names) != self._teacher_task.class_names:
             raise DataError(f"The teacher {teacher} predicts the classes {self._teacher_task.class_names} but the "
@@ -159,8 +191,12 @@ class DistillationTask(ClassificationTask):
     def configure_metrics(self) -> None:
         super().configure_metrics()
         k = self.hparams["num_classes"]
-        self.val_teacher_acc = MulticlassAccuracy(k, average="micro")
-        self.val_teacher_agreement = MulticlassAccuracy(k, average="micro")
+        if self.multilabel:  # the teacher's macro mAP, and the share of (image, tag) decisions both take alike
+            self.val_teacher_map = MultilabelAveragePrecision(k, average="macro", ignore_index=IGNORE)
+            self.val_teacher_agreement = MeanMetric()
+        else:
+            self.val_teacher_acc = MulticlassAccuracy(k, average="micro")
+            self.val_teacher_agreement = MulticlassAccuracy(k, average="micro")
         self._teacher_val_cache: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}
 
     @property
@@ -190,21 +226,26 @@ class DistillationTask(ClassificationTask):
         if "source" in batch:  # paired with unlabelled images: labels -1 there
             source, target = batch["source"], batch["target"]
             images = torch.cat([source["image"], target["image"]])
-            labels = torch.cat([source["label"], torch.full_like(target["label"], -1)])
+            shape = (len(target["image"]), *source["label"].shape[1:])  # (N,) or (N, tags)
+            unknown = torch.full(shape, IGNORE, dtype=source["label"].dtype, device=source["label"].device)
+            labels = torch.cat([source["label"], unknown])
         else:
             images, labels = batch["image"], batch["label"]
         logits = self(images)
         # alpha 0 is training on labels alone (the baseline): the teacher's logits would weigh nothing
         teacher = self._teacher_logits(images) if self.hparams["alpha"] > 0 else logits.detach()
         parts = distillation_loss(logits, teacher, labels, self.hparams["temperature"],
-                                  self.hparams["alpha"], self.class_weight, self.hparams["label_smoothing"])
-        labelled = labels >= 0
+                                  self.hparams["alpha"], self.class_weight, self.hparams["label_smoothing"],
+                                  multilabel=self.multilabel)
+        labelled = (labels >= 0).any(1) if self.multilabel else labels >= 0
         n = int(labelled.sum())
-        self.train_metrics.update(logits.detach()[labelled], labels[labelled])
+        self.train_metrics.update(logits.detach()[labelled], labels[labelled].long() if self.multilabel else labels[labelled])
         # epoch means per rank: a synchronised one deadlocks Lightning's progress bar under DDP (#21264)
         self.log("train_loss", parts["loss"], on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("train_kd", parts["kd"], on_step=False, on_epoch=True, batch_size=len(labels))
         self.log("train_ce", parts["ce"], on_step=False, on_epoch=True, batch_size=n)
+        if self.multilabel:  # no single prediction per image for the divergence guard to watch
+            return {"loss": parts["loss"]}
         return {"loss": parts["loss"], "preds": logits.detach()[labelled].argmax(1)}
 
     def _teacher_val_logits(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -222,12 +263,18 @@ class DistillationTask(ClassificationTask):
         logits = self._logits(batch)
         self._eval_step(batch, "val", logits=logits)
         teacher = self._teacher_val_logits(batch["image"], batch_idx)
+        if self.multilabel:
+            self.val_teacher_map.update(teacher.sigmoid(), batch["label"].long())
+            ours = logits.sigmoid() >= self.thresholds.to(logits.device)
+            theirs = teacher.sigmoid() >= self._teacher_task.thresholds.to(teacher.device)
+            self.val_teacher_agreement.update((ours == theirs).float().mean(), len(logits))
+            return
         self.val_teacher_acc.update(teacher, batch["label"])
         self.val_teacher_agreement.update(logits, teacher.argmax(1))
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        for name in ("val_teacher_acc", "val_teacher_agreement"):
+        for name in ("val_teacher_map" if self.multilabel else "val_teacher_acc", "val_teacher_agreement"):
             self.log(name, getattr(self, name).compute(), sync_dist=True)
             getattr(self, name).reset()
 
@@ -237,12 +284,15 @@ class DistillationTask(ClassificationTask):
         return {"distillation": {"teacher": str(hp["teacher"]), "temperature": float(hp["temperature"]),
                                  "alpha": float(hp["alpha"]), "teacher_backbone": self._teacher_task.hparams["backbone"],
                                  "teacher_preprocessing": self.teacher_preprocessing.to_dict(),
-                                 "teacher_val_acc_own_run": self._teacher_task.recorded_val_acc}}
+                                 "teacher_task": self._teacher_task.hparams.get("task", "multiclass"),
+                                 f"teacher_{self._teacher_task.recorded_metric}_own_run":
+                                     self._teacher_task.recorded_score}}
 
 
 def load_teacher(source: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None) -> ClassificationTask:
     """A teacher run (directory, ``.ckpt`` or PEFT checkpoint), loaded weights-only, frozen, in eval mode.
-    ``recorded_val_acc`` is the validation accuracy its checkpoint was saved with (or None)."""
+    ``recorded_score`` is the validation score its checkpoint was saved with (or None):
+    ``recorded_metric`` names it (``val_acc``, or ``val_map`` for a multi-label teacher)."""
     from visiontl.tasks.trained import load_task, run_checkpoint
     from visiontl.tasks.checkpoints import checkpoint_record
 
@@ -250,6 +300,7 @@ def load_teacher(source: str | os.PathLike[str], weights: str | os.PathLike[str]
     task.requires_grad_(False)
     path = run_checkpoint(source)
     record = checkpoint_record(path) if path.suffix == ".ckpt" else None
-    task.recorded_val_acc = (record or {}).get("val_metrics", {}).get("val_acc")
+    task.recorded_metric = "val_map" if task.hparams.get("task") == "multilabel" else "val_acc"
+    task.recorded_score = (record or {}).get("val_metrics", {}).get(task.recorded_metric)
     return task.eval()
 

@@ -36,8 +36,9 @@ def _teacher_run(teacher: str | os.PathLike[str]) -> Path:
     return path
 
 
-def _teacher_data(teacher: str | os.PathLike[str], data_kwargs: dict[str, Any]) -> Any:
-    """The teacher's datamodule: its ``splits.csv`` (the same train / val split) and preset."""
+def _teacher_data(teacher: str | os.PathLike[str], data_kwargs: dict[str, Any], task: str = "multiclass") -> Any:
+    """The teacher's datamodule: its ``splits.csv`` (the same train / val split, read as the teacher's
+    ``task``) and preset."""
     from visiontl.data import CsvDataModule
     from visiontl.data.images import DataError
 
@@ -54,19 +55,22 @@ def _teacher_data(teacher: str | os.PathLike[str], data_kwargs: dict[str, Any]) 
             augment = None
         if isinstance(augment, str):
             data_kwargs = {**data_kwargs, "augment": augment}
-    return CsvDataModule(str(listing), split_column="split", **data_kwargs)
+    return CsvDataModule(str(listing), split_column="split", **{"task": task, **data_kwargs})
 
 
-def _check_teacher(path: Path) -> None:
+def _check_teacher(path: Path) -> str:
     """The teacher's checkpoint or PEFT checkpoint, checked as data (:mod:`visiontl.tasks.checkpoints`;
-    memory-mapped, header only) before anything else is read; it is loaded when the task is built."""
+    memory-mapped, header only) before anything else is read; it is loaded when the task is built.
+    Returns the teacher's task (``multiclass`` or ``multilabel``)."""
     from visiontl.tasks.checkpoints import looks_like_safetensors, read_checkpoint, task_spec
-    from visiontl.tasks.delta import read_delta_metadata
+    from visiontl.tasks.delta import read_delta
 
     if path.suffix == ".safetensors" or looks_like_safetensors(path):
-        read_delta_metadata(path)
-        return
-    task_spec(read_checkpoint(path, mmap=True, what="teacher checkpoint")["hyper_parameters"], str(path))
+        hp = read_delta(path)[2]
+    else:
+        hp = read_checkpoint(path, mmap=True, what="teacher checkpoint")["hyper_parameters"]
+        task_spec(hp, str(path))
+    return "multilabel" if isinstance(hp, dict) and hp.get("task") == "multilabel" else "multiclass"
 
 
 def _check_resume(ckpt_path: str | os.PathLike[str], student: str) -> None:
@@ -141,14 +145,14 @@ def distill(
     from visiontl.tasks.trained import run_checkpoint
     from visiontl.tasks.distill import DistillationTask
 
-    _check_teacher(run_checkpoint(teacher))  # a clear error for a wrong teacher before any data is read
+    kind = _check_teacher(run_checkpoint(teacher))  # a clear error for a wrong teacher before any data is read
     if ckpt_path is not None and str(ckpt_path) != "last":
         _check_resume(ckpt_path, student)
     pl.seed_everything(seed, workers=True, verbose=False)
     kwargs = {"seed": seed, **(data_kwargs or {})}
     if unlabelled is not None:
         kwargs["unlabelled"] = str(unlabelled)
-    dm = make_datamodule(data, **kwargs) if data is not None else _teacher_data(teacher, kwargs)
+    dm = make_datamodule(data, **kwargs) if data is not None else _teacher_data(teacher, kwargs, kind)
     if unlabelled is not None and not (isinstance(dm, LabelledSplits) and dm.unlabelled):  # a datamodule given as such
         if not isinstance(dm, LabelledSplits):
             raise DataError(f"{type(dm).__name__} cannot pair unlabelled images with its batches; give data as a "
@@ -159,7 +163,7 @@ def distill(
     if strategy is None:
         strategy = "gradual" if pretrained or student_weights else "scratch"
     task = DistillationTask(backbone=student, num_classes=dm.num_classes, class_names=dm.class_names,
-                            strategy=strategy, pretrained=pretrained, weights=student_weights, teacher=str(teacher),
+                            task=getattr(dm, "task", "multiclass"), strategy=strategy, pretrained=pretrained, weights=student_weights, teacher=str(teacher),
                             temperature=temperature, alpha=alpha, teacher_weights=teacher_weights,
                             **(task_kwargs or {}))
     return fit_task(task, dm, steps=steps, out=out, name=name or f"{student}-distilled", ckpt_path=ckpt_path,
