@@ -37,6 +37,19 @@ def shapes_splits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_splits(tmp_path_factory.mktemp("shapes_splits"), {"train": 8, "val": 4, "test": 4})
 
 
+@pytest.fixture(scope="session")
+def base_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test_resnet weight file with its 1000-class classifier, as ImageNet weights come."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
+    return path
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: notebooks, real weights, recipe runs, benchmark smoke runs "
                                        "(the second tier: pytest -m slow; .ci/run runs both tiers)")

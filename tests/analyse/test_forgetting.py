@@ -19,17 +19,6 @@ from visiontl.strategies.regularizers import l2sp_penalty
 QUIET = {"enable_progress_bar": False}
 
 
-@pytest.fixture(scope="module")
-def base_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A test_resnet weight file with its 1000-class classifier, as ImageNet weights come."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "test_resnet.safetensors"
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
-    return path
-
-
 def test_linear_cka_is_one_for_the_same_features_and_ignores_rotations_and_scale() -> None:
     rng = np.random.default_rng(0)
     for n, width in ((50, 20), (12, 40)):  # the feature-space form and the Gram form

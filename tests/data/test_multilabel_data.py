@@ -162,3 +162,19 @@ def test_mosaics_of_real_images_are_multi_label_sets_with_the_tags_they_show(tmp
     assert dm.task == "multilabel" and dm.class_names == ["bars", "discs", "squares"]
     again = build_mosaics(source, tmp_path / "m", grid=2, sizes={"train": 60, "val": 30}, weights=weights, seed=1)
     assert again.read_text() == csv.read_text()  # reused as built
+
+
+def test_a_test_split_of_mosaics_uses_val_images_that_val_mosaics_never_show(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from helpers.shapes import make_splits
+    from visiontl.data.mosaics import build_mosaics
+
+    source = make_splits(tmp_path / "src", per_class={"train": 4, "val": 6}, size=16)
+    csv = build_mosaics(source, tmp_path / "m", grid=1, sizes={"train": 10, "val": 40, "test": 40}, empty=0.0, seed=0)
+    rows = [line.split(",") for line in csv.read_text().splitlines()[1:]]
+    shown = {split: {np.asarray(Image.open(csv.parent / p)).tobytes() for p, _, s in rows if s == split}
+             for split in ("val", "test")}
+    assert shown["val"] and shown["test"] and not shown["val"] & shown["test"]  # disjoint source images
+    val_sources = {np.asarray(Image.open(p).convert("RGB")).tobytes() for p in (source / "val").rglob("*.png")}
+    assert shown["val"] | shown["test"] <= val_sources

@@ -203,13 +203,34 @@ def test_parameter_efficient_runs_train_tags_and_their_delta_carries_the_thresho
         assert torch.allclose(delta(x).sigmoid(), best(x).sigmoid(), atol=1e-5)
 
 
-def test_wise_ft_says_in_one_line_that_it_does_not_mix_multi_label_runs_yet(tags_csv: Path, tmp_path: Path) -> None:
-    from visiontl.train.wiseft import WiseFTError, wise_ft
+def test_wise_ft_mixes_a_multi_label_run_scores_it_by_map_and_keeps_thresholds_tuned_for_the_mixture(
+        tags_csv: Path, base_weights: Path, tmp_path: Path) -> None:
+    from visiontl.models.features import split_features
+    from visiontl.strategies.linear_probe import fit_probe, probe_score
+    from visiontl.train.wiseft import _run_data, wise_ft
 
-    result = _fit(tags_csv, tmp_path, strategy="full", steps=4)
-    with pytest.raises(WiseFTError, match="a multi-label run .several tags per image.; wise-ft"):
-        wise_ft(result.run_dir, tmp_path / "mix")
-    assert not (tmp_path / "mix").exists()
+    from visiontl import fine_tune
+
+    run = fine_tune(str(tags_csv), backbone="test_resnet", strategy="gradual", pretrained=False,
+                    weights=str(base_weights), image_size=32, steps=10, out=tmp_path, data_kwargs={"num_workers": 0},
+                    trainer_kwargs={"enable_progress_bar": False})
+    report = wise_ft(run.run_dir, tmp_path / "mix", alphas=[0, 0.5, 1], alpha=1.0, log=lambda line: None)
+    rows = {r["alpha"]: r for r in report["alphas"]}
+    assert report["score"] == "val_map" and set(rows) == {0.0, 0.5, 1.0}
+    assert all({"val_map", "val_map_micro", "val_f1"} <= set(r) and "val_acc" not in r for r in rows.values())
+    # alpha 1 is the run's best checkpoint, scored as the run scored it; its thresholds are the run's
+    assert rows[1.0]["val_map"] == pytest.approx(run.metrics["val_map"], abs=1e-6)
+    assert rows[1.0]["val_f1"] == pytest.approx(run.metrics["val_f1"], abs=1e-6)
+    mixed = ClassificationTask.from_checkpoint(tmp_path / "mix" / "wise-ft.ckpt")
+    assert mixed.multilabel and mixed.thresholds.tolist() == pytest.approx(run.task.thresholds.tolist(), abs=1e-6)
+    assert list(report["thresholds"].values()) == pytest.approx(mixed.thresholds.tolist())
+    # alpha 0 is the pretrained backbone with the one-vs-rest probe fitted on the run's training images
+    start = ClassificationTask.start_of(run.run_dir / "checkpoints" / "best.ckpt").model.eval()
+    dm = _run_data(run.run_dir / "checkpoints" / "best.ckpt", run.task)
+    head = fit_probe(*split_features(start, "test_resnet", dm, "train"), 3)
+    assert probe_score(head, *split_features(start, "test_resnet", dm, "val")) == (
+        "val_map", pytest.approx(rows[0.0]["val_map"], abs=1e-5))
+    assert (tmp_path / "mix" / "wise_ft.png").stat().st_size > 0
 
 
 def test_multi_label_distillation_is_each_tag_s_bernoulli_kl_scaled_by_t_squared() -> None:

@@ -41,7 +41,10 @@ def build_mosaics(source: str | os.PathLike[str], root: str | os.PathLike[str], 
             :func:`visiontl.data.lowres.build_digits` or :func:`visiontl.data.bluemarble.build_tiles`).
         root: output folder.
         grid: cells per side (the mosaic is ``grid`` times the source's image size).
-        sizes: mosaics per split (default ``{"train": 200, "val": 200}``).
+        sizes: mosaics per split (default ``{"train": 200, "val": 200}``). A ``test`` split of a
+            source without a ``test/`` folder is drawn from half of its ``val`` images and the
+            ``val`` mosaics from the other half (every class split in two, in file order), so no
+            source image is in both: thresholds tuned on ``val`` are judged on unseen images.
         weights: class -> relative probability of a cell showing it (default: equal); small
             weights make rare tags.
         empty: probability of a blank (black) cell.
@@ -58,12 +61,21 @@ def build_mosaics(source: str | os.PathLike[str], root: str | os.PathLike[str], 
     if grid < 1 or not 0.0 <= empty < 1.0:
         raise DataError(f"build_mosaics: grid must be >= 1 and empty in [0, 1), got {grid} and {empty}.")
     pools = {}
+    halves = "test" in sizes and not (source / "test").is_dir()  # test from half of val
     for split in sizes:
-        if not (source / split).is_dir():
-            raise DataError(f"build_mosaics: {source} has no {split}/ folder of class folders.")
+        folder = "val" if halves and split == "test" else split
+        if not (source / folder).is_dir():
+            raise DataError(f"build_mosaics: {source} has no {folder}/ folder of class folders.")
         by_class: dict[str, list[Path]] = {}
-        for path, name in index_folder(source / split):
+        for path, name in index_folder(source / folder):
             by_class.setdefault(name, []).append(path)
+        if halves and folder == "val":
+            for name, paths in by_class.items():
+                if len(paths) < 2:
+                    raise DataError(f"build_mosaics: {source}/val/{name} has {len(paths)} image(s); a test split "
+                                    f"drawn from val needs at least 2 per class (or a test/ folder).")
+                paths.sort()
+                by_class[name] = paths[len(paths) // 2:] if split == "test" else paths[:len(paths) // 2]
         pools[split] = by_class
     classes = sorted(pools[next(iter(sizes))])
     weights = dict(weights or {c: 1.0 for c in classes})

@@ -159,7 +159,7 @@ def _strata(labels: torch.Tensor) -> torch.Tensor:
         return labels
     positive = labels > 0.5
     rarity = positive.sum(0).float().masked_fill(positive.sum(0) == 0, float("inf"))
-    ranked = torch.where(positive, rarity[None, :], torch.full_like(labels, float("inf")))
+    ranked = torch.where(positive, rarity[None, :], torch.full(labels.shape, float("inf")))
     rarest = ranked.argmin(1)
     return torch.where(positive.any(1), rarest, torch.full_like(rarest, -1))
 

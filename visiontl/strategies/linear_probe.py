@@ -38,7 +38,8 @@ def fit_probe(features: Any, labels: Any, num_classes: int, head: nn.Module | No
 
     Args:
         features: ``(n, width)`` rows (array, list or tensor).
-        labels: ``n`` class indices in ``[0, num_classes)``, every class present.
+        labels: ``n`` class indices in ``[0, num_classes)``, every class present; or multi-label
+            targets, ``(n, num_classes)`` rows of 1 / 0 / -1 (one-vs-rest: a binary probe per tag).
         num_classes: output width.
         head: the ``nn.Linear`` to fit in place (a model's classifier); ``None``: a new one.
         **options: :class:`~visiontl.strategies.LogisticRegression` arguments (``l2``, ``max_iter``,
@@ -50,7 +51,8 @@ def fit_probe(features: Any, labels: Any, num_classes: int, head: nn.Module | No
     x = _rows(features, np.float32)
     if head is None:  # every weight is overwritten by the fit: no initialisation, no draw from the global RNG
         head = torch.nn.utils.skip_init(nn.Linear, x.shape[1], num_classes)
-    LogisticRegression(**options).fit(head, x, _rows(labels, np.int64), num_classes)
+    y = _rows(labels, np.int64 if np.ndim(labels) == 1 else np.float32)
+    LogisticRegression(**options).fit(head, x, y, num_classes)
     return head
 
 

@@ -15,9 +15,15 @@ rule: a cumulative average over one pass, every other module in eval mode).
 Every alpha is scored on the run's validation images (and, with ``retain``, by linear-probe
 retention on a task to keep: :func:`visiontl.analyse.forgetting.retention_accuracy`, what a run's
 ``retain_acc_after`` is); the chosen alpha is the smallest within ``tolerance`` of the best
-validation accuracy (the most of the pretrained model kept for at most that much of the new
+validation score (the most of the pretrained model kept for at most that much of the new
 task), unless ``alpha`` is given. Its weights are written as a normal
 checkpoint (``wise-ft.ckpt``) that ``visiontl export`` takes.
+
+A multi-label run (several tags per image) is mixed the same way with its own measures: alpha 0's
+head is the one-vs-rest logistic regression (a binary probe per tag), every alpha is scored by
+macro mean average precision (``val_map``, the score the choice uses) and by macro F1 at per-tag
+thresholds tuned on the validation images for that alpha's weights, and the checkpoint carries the
+thresholds tuned for the chosen mixture (or the run's fixed ones).
 
 A run directory is data: nothing in it is imported or executed. The run's images and labels come
 from its ``splits.csv``; the weights from its checkpoint (``weights_only``) and the pretrained weights
@@ -103,7 +109,8 @@ def _run_data(ckpt: Path, task: Any) -> Any:
                           f"images as split,path,label in {listing}.")
     pre = task.preprocessing
     dm = CsvDataModule(str(listing), split_column="split", num_workers=0, image_size=pre.size, mean=list(pre.mean),
-                       std=list(pre.std), in_chans=pre.in_chans, check_images=False)
+                       std=list(pre.std), in_chans=pre.in_chans, check_images=False,
+                       task=task.hparams.get("task", "multiclass"))
     dm.resolve_preprocessing(pre)
     if dm.class_names != task.class_names:
         raise WiseFTError(f"{listing} has classes {dm.class_names}, the checkpoint {task.class_names}.")
@@ -122,15 +129,30 @@ def _recompute_bn(model: nn.Module, dm: Any) -> None:
 
 
 @torch.no_grad()
-def _scores(model: nn.Module, dm: Any) -> dict[str, float]:
-    """Validation accuracy and balanced accuracy of ``model``."""
+def _scores(model: nn.Module, dm: Any, multilabel: bool = False) -> dict[str, Any]:
+    """Validation accuracy and balanced accuracy of ``model``; multi-label: macro and micro mean
+    average precision, and macro F1 at per-tag thresholds tuned on these images (``thresholds``)."""
     model.eval()
     loader = torch.utils.data.DataLoader(dm.feature_source("val"), batch_size=32, num_workers=0)
-    predicted, labels = [], []
+    outputs, labels = [], []
     for batch in loader:
-        predicted.append(model(batch["image"]).argmax(1).numpy())
-        labels.append(np.asarray(batch["label"]))
-    p, y = np.concatenate(predicted), np.concatenate(labels)
+        outputs.append(model(batch["image"]).float())
+        labels.append(torch.as_tensor(batch["label"]))
+    logits, y = torch.cat(outputs), torch.cat(labels)
+    if multilabel:
+        from torchmetrics.functional.classification import multilabel_average_precision
+
+        from visiontl.tasks.multilabel import tune_thresholds
+
+        probs, targets = logits.sigmoid(), y.long()
+        thresholds, f1 = tune_thresholds(probs, targets.float())
+        k = targets.shape[1]
+        return {"val_map": float(multilabel_average_precision(probs, targets, k, average="macro", ignore_index=-1)),
+                "val_map_micro": float(multilabel_average_precision(probs, targets, k, average="micro",
+                                                                    ignore_index=-1)),
+                "val_f1": float(np.nanmean(f1.numpy())) if bool((~f1.isnan()).any()) else float("nan"),
+                "thresholds": [round(float(t), 6) for t in thresholds]}
+    p, y = logits.argmax(1).numpy(), y.numpy()
     per_class = [float((p[y == c] == c).mean()) for c in np.unique(y)]
     return {"val_acc": float((p == y).mean()), "val_balanced_acc": float(np.mean(per_class))}
 
@@ -149,7 +171,8 @@ def wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: Se
         bn: ``interpolate`` BatchNorm running statistics, or ``recompute`` them on the training images.
         weights: the pretrained weights, when the recorded ones are not here (a file or named source).
         alpha: write this alpha instead of the chosen one (it is scored too).
-        tolerance: the chosen alpha is the smallest whose validation accuracy is within this of the best.
+        tolerance: the chosen alpha is the smallest whose validation score (accuracy; macro mAP for a
+            multi-label run) is within this of the best.
         log: where progress lines go.
         verbose: show Lightning's and visiontl's INFO lines (where features were cached...); quiet
             by default, as :func:`visiontl.fine_tune` is (:mod:`visiontl.core.quiet`).
@@ -179,9 +202,8 @@ def _wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: S
     grid = parse_alphas(list(alphas) + ([alpha] if alpha is not None else []))
     ckpt = run_checkpoint(Path(run))
     tuned = ClassificationTask.from_checkpoint(ckpt)
-    if tuned.multilabel:
-        raise WiseFTError(f"{ckpt}: a multi-label run (several tags per image); wise-ft scores its mixtures by "
-                          f"accuracy and fits a single-label probe at alpha 0, so it does not mix such runs yet.")
+    multilabel = tuned.multilabel
+    score = "val_map" if multilabel else "val_acc"  # what chooses alpha
     strategy = tuned.strategy
     if not strategy.sgd or strategy.cache_features or not strategy.uses_pretrained:
         raise WiseFTError(f"{ckpt}: strategy {strategy.name!r} does not fine-tune a pretrained backbone; there is "
@@ -201,46 +223,53 @@ def _wise_ft(run: str | os.PathLike[str], out: str | os.PathLike[str], alphas: S
     k = tuned.hparams["num_classes"]
 
     # theta_0's head: the linear probe on the pretrained features of the run's training images
+    # (multi-label: one-vs-rest, a binary logistic regression per tag)
     fit_probe(*split_features(start_model, backbone, dm, "train"), k, head=start_model.get_classifier())
     start_state, end_state = start_model.state_dict(), end_model.state_dict()
     rdm = retain_datamodule(retain, dm) if retain else None
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    thresholds: dict[float, list[float] | None] = {}
     model = copy.deepcopy(end_model)
     for a in grid:
         model.load_state_dict(interpolate(start_state, end_state, a))
         if bn == "recompute" and 0.0 < a < 1.0:
             _recompute_bn(model, dm)
-        row: dict[str, Any] = {"alpha": a, **_scores(model, dm)}
+        row: dict[str, Any] = {"alpha": a, **_scores(model, dm, multilabel)}
+        thresholds[a] = row.pop("thresholds", None)
         if rdm is not None:
             row["retain_acc"] = retention_accuracy(model, rdm)
         rows.append(row)
-        log(f"[visiontl wise-ft] alpha {a:.2f}: val_acc {row['val_acc']:.3f}"
+        log(f"[visiontl wise-ft] alpha {a:.2f}: {score} {row[score]:.3f}"
             + (f", retain_acc {row['retain_acc']:.3f}" if "retain_acc" in row else ""))
 
-    best = max(r["val_acc"] for r in rows)
-    chosen = alpha if alpha is not None else min(r["alpha"] for r in rows if r["val_acc"] >= best - tolerance - 1e-12)
+    best = max(r[score] for r in rows)
+    chosen = alpha if alpha is not None else min(r["alpha"] for r in rows if r[score] >= best - tolerance - 1e-12)
     model.load_state_dict(interpolate(start_state, end_state, chosen))
     if bn == "recompute" and 0.0 < chosen < 1.0:
         _recompute_bn(model, dm)
     picked = next(r for r in rows if r["alpha"] == chosen)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = _save_checkpoint(ckpt, tuned, model, picked, chosen, bn, out / "wise-ft.ckpt")
-    report = {"run": str(ckpt), "bn": bn, "tolerance": tolerance, "chosen": chosen,
-              "rule": "given" if alpha is not None else f"smallest alpha within {tolerance} of the best val_acc",
-              "checkpoint": str(path), "alphas": rows}
+    fixed = tuned.hparams.get("thresholds")  # a run's fixed thresholds stay; else those tuned for this mixture
+    kept = (list(fixed) if fixed else thresholds[chosen]) if multilabel else None
+    path = _save_checkpoint(ckpt, tuned, model, picked, chosen, bn, out / "wise-ft.ckpt", thresholds=kept)
+    report = {"run": str(ckpt), "bn": bn, "tolerance": tolerance, "chosen": chosen, "score": score,
+              "rule": "given" if alpha is not None else f"smallest alpha within {tolerance} of the best {score}",
+              "checkpoint": str(path), "alphas": rows, **({"thresholds": dict(zip(tuned.class_names, kept))}
+                                                          if kept is not None else {})}
     _write_table(rows, out / "wise_ft.csv")
     files.write_json(out / "wise_ft.json", report)
-    _plot(rows, chosen, out / "wise_ft.png")
-    log(f"[visiontl wise-ft] alpha {chosen:.2f} ({report['rule']}): val_acc {picked['val_acc']:.3f}; wrote {path}")
+    _plot(rows, chosen, out / "wise_ft.png", score)
+    log(f"[visiontl wise-ft] alpha {chosen:.2f} ({report['rule']}): {score} {picked[score]:.3f}; wrote {path}")
     return report
 
 
 def _save_checkpoint(ckpt: Path, tuned: Any, model: nn.Module, scores: dict[str, Any], alpha: float, bn: str,
-                     path: Path) -> Path:
+                     path: Path, thresholds: list[float] | None = None) -> Path:
     """A checkpoint ``ClassificationTask.from_checkpoint`` (and ``visiontl export``) loads: the run's
-    hyper-parameters (a merged LoRA model is a plain one: strategy ``full``) and the mixed weights."""
+    hyper-parameters (a merged LoRA model is a plain one: strategy ``full``) and the mixed weights;
+    a multi-label run's ``thresholds`` (one per tag) with them."""
     from visiontl.tasks.checkpoints import read_checkpoint, save_checkpoint, with_model_state
     from visiontl.strategies import get_strategy
 
@@ -250,6 +279,8 @@ def _save_checkpoint(ckpt: Path, tuned: Any, model: nn.Module, scores: dict[str,
         hp["strategy"] = get_strategy("full").to_config()
     state = with_model_state({k: v for k, v in original["state_dict"].items() if k == "class_weight"},
                              model.state_dict())
+    if thresholds is not None:
+        state["thresholds"] = torch.tensor(thresholds, dtype=torch.float32)
     record = dict(original["visiontl"]) if isinstance(original.get("visiontl"), dict) else {}
     record.update(val_metrics={k: v for k, v in scores.items() if k.startswith("val_")}, val_confusion=None,
                   wise_ft={"alpha": alpha, "bn": bn, "from": str(ckpt)})
@@ -264,24 +295,26 @@ def _write_table(rows: list[dict[str, Any]], path: Path) -> None:
     files.write_text(path, buf.getvalue())
 
 
-def _plot(rows: list[dict[str, Any]], chosen: float, path: Path) -> None:
+def _plot(rows: list[dict[str, Any]], chosen: float, path: Path, score: str = "val_acc") -> None:
     from visiontl.analyse.plots import save_figure
 
-    save_figure(_figure(rows, chosen), path)
+    save_figure(_figure(rows, chosen, score), path)
 
 
-def _figure(rows: list[dict[str, Any]], chosen: float) -> Any:
+def _figure(rows: list[dict[str, Any]], chosen: float, score: str = "val_acc") -> Any:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.4, 3.8), layout="constrained")
     ax = fig.subplots()
     xs = [r["alpha"] for r in rows]
-    ax.plot(xs, [r["val_acc"] for r in rows], marker="o", label="new task (validation)")
+    ax.plot(xs, [r[score] for r in rows], marker="o",
+            label="new task (validation" + (", macro mAP)" if score == "val_map" else ")"))
     if "retain_acc" in rows[0]:
         ax.plot(xs, [r["retain_acc"] for r in rows], marker="s", label="retained task (linear probe)")
     ax.axvline(chosen, color="grey", ls="--", lw=1, label=f"chosen alpha {chosen:.2f}")
-    ax.set(xlabel="alpha (0: pretrained + linear head, 1: fine-tuned)", ylabel="accuracy (0 to 1)",
-           title="WiSE-FT: accuracy along the weight interpolation")
+    what = "accuracy" if score == "val_acc" else "accuracy / mean average precision"
+    ax.set(xlabel="alpha (0: pretrained + linear head, 1: fine-tuned)", ylabel=f"{what} (0 to 1)",
+           title=f"WiSE-FT: {'accuracy' if score == 'val_acc' else 'scores'} along the weight interpolation")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     return fig
