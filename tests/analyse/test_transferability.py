@@ -58,3 +58,25 @@ def test_bad_input_is_named() -> None:
         logme(np.random.rand(4, 3), np.zeros(4, dtype=int))
     with pytest.raises(ValueError, match="NaN"):
         shrinkage_hscore(np.full((4, 3), np.nan), np.array([0, 1, 0, 1]))
+
+
+def test_logme_of_multi_label_targets_is_the_per_target_evidence_and_h_score_refuses() -> None:
+    from visiontl.analyse.transferability import MultiLabelScoreError
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60)
+    features = rng.normal(size=(60, 12)) + 2 * np.eye(3, 12)[labels]
+    onehot = np.eye(3)[labels]
+    # LogME is defined per target: a single-label problem written as one 0/1 column per class scores the same
+    assert logme(features, onehot) == pytest.approx(logme(features, labels), rel=1e-12)
+    tags = (rng.random((60, 2)) < 0.4).astype(float)
+    tags[:, 0] = onehot[:, 0]  # tag 0 is carried by the features; tag 1 is noise
+    holes = tags.copy()
+    holes[:15, 1] = -1  # unlabelled pairs are left out of that tag's target
+    by_tag = [logme(features, tags[:, [0]]), logme(features[15:], tags[15:, [1]])]
+    assert logme(features, holes) == pytest.approx(np.mean(by_tag), rel=1e-12)
+    assert by_tag[0] > by_tag[1]  # the tag the features carry has the higher evidence
+    constant = np.concatenate([tags, np.ones((60, 1))], axis=1)  # a tag on every image: nothing to score
+    assert logme(features, constant) == pytest.approx(logme(features, tags), rel=1e-12)
+    with pytest.raises(MultiLabelScoreError, match="one class per image"):
+        shrinkage_hscore(features, tags)

@@ -265,3 +265,28 @@ def test_seeds_vary_training_not_the_validation_split(shapes_root: Path) -> None
     assert dms[0].splits["train"] != dms[1].splits["train"]  # other 2-shot subsets
     orders = [list(dm.train_dataloader().batch_sampler) for dm in dms]
     assert orders[0] != orders[1]
+
+
+def test_multi_label_data_is_scored_by_macro_map_ranked_by_logme_and_refuses_label_budgets(tmp_path: Path) -> None:
+    from helpers.shapes import make_multilabel_csv
+    from visiontl.benchmark.rank import rank_backbones
+
+    data = make_multilabel_csv(tmp_path / "tags", n=48, seed=0, size=32)
+    config = load_config({"data": [str(data)], **TINY, "strategies": ["logreg", "full"], "shots": "all", "seeds": 1})
+    rows = run_bench(config, tmp_path / "bench", log=lambda *_: None)
+    assert {r["metric"] for r in rows} == {"val_map"} and all(0 <= float(r["score"]) <= 1 for r in rows)
+    assert all(r["score"] == r["val_map"] and r["val_acc"] == "" for r in rows)  # results.csv: no accuracy
+    assert all(0 <= float(r["train_score"]) <= 1 and r["train_acc"] == "" for r in rows)
+    summary = summarise(_rows(tmp_path / "bench" / "results.csv"))
+    assert {line["metric"] for line in summary} == {"val_map"}
+    assert sorted(line["score"] for line in summary) == pytest.approx(sorted(float(r["score"]) for r in rows))
+    assert not any("near chance" in f for f in flags(summary))  # 1 / classes is no floor for mAP
+    from visiontl.benchmark.report import write_report
+
+    report = write_report(rows, tmp_path / "bench", BenchStore(tmp_path / "bench").scores())["report"].read_text()
+    assert "| score | ± std |" in report and "n/a (multi-label)" in report  # no H-score for several tags
+    ranked, _ = rank_backbones(data, ["test_resnet=random"], image_size=32, out=tmp_path / "rank")
+    assert math.isfinite(ranked[0]["logme"]) and ranked[0]["hscore"] is None
+    with pytest.raises(BenchError, match="shots counts training images per class, which multi-label images do not"):
+        run_bench(load_config({"data": [str(data)], **TINY, "strategies": ["full"], "shots": "2", "seeds": 1}),
+                  tmp_path / "budget", log=lambda *_: None)

@@ -103,23 +103,28 @@ def _run_name(cell: Cell) -> str:
     return f"{cell.data.name}/{cell.backbone.name}/{safe}/shots-{cell.shots_label}/seed-{cell.seed}"
 
 
-def _train_accuracy(task: Any, dm: Any, limit: int = 1000) -> float | None:
-    """Accuracy of the trained model on (up to ``limit``) training images, evaluation transform."""
+def _train_score(task: Any, dm: Any, limit: int = 1000) -> float | None:
+    """The trained model's score on (up to ``limit``) training images, evaluation transform: accuracy,
+    or for a multi-label task macro mean average precision (the measure of its ``score`` column)."""
     import torch
+    from torchmetrics.functional.classification import multilabel_average_precision
 
     source = dm.feature_source("train")
     n = min(len(source), limit)
     if n == 0:
         return None
-    correct = 0
+    outputs, labels = [], []
     task.eval()
     with torch.no_grad():
         for start in range(0, n, 64):
             batch = [source[i] for i in range(start, min(n, start + 64))]
-            images = torch.stack([b["image"] for b in batch])
-            labels = torch.tensor([b["label"] for b in batch])
-            correct += int((task(images).argmax(dim=1) == labels).sum())
-    return correct / n
+            outputs.append(task(torch.stack([b["image"] for b in batch])).float())
+            labels.append(torch.stack([torch.as_tensor(b["label"]) for b in batch]))
+    logits, y = torch.cat(outputs), torch.cat(labels)
+    if getattr(task, "multilabel", False):
+        return float(multilabel_average_precision(logits.sigmoid(), y.long(), y.shape[1], average="macro",
+                                                  ignore_index=-1))
+    return float((logits.argmax(1) == y).float().mean())
 
 
 def run_cell(cell: Cell, out: str | os.PathLike[str], devices: int = 1, accelerator: str = "auto") -> dict[str, Any]:
@@ -137,6 +142,7 @@ def run_cell(cell: Cell, out: str | os.PathLike[str], devices: int = 1, accelera
     from visiontl.data.base import auto_batch_size
 
     dm = build_datamodule(cell.data, **_data_args(cell))
+    multilabel = getattr(dm, "task", "multiclass") == "multilabel"
     n_train = len(dm.splits["train"])
     batch = dm.batch_size or auto_batch_size(n_train)
     steps = cell_steps(cell, n_train, batch)
@@ -159,7 +165,7 @@ def run_cell(cell: Cell, out: str | os.PathLike[str], devices: int = 1, accelera
                            task_kwargs={"measure_drift": False},  # the grid compares accuracy; drift costs passes
                            verbose=True,  # what shows is decided by run_bench's quiet(verbose) around the cell
                            **_weights_args(cell))
-        train_acc = _train_accuracy(result.task, result.datamodule)
+        train_score = _train_score(result.task, result.datamodule)
     wall = time.perf_counter() - start
     report = result.task.strategy_report()
     delta = result.run_dir / "checkpoints" / "best.peft.safetensors"
@@ -170,8 +176,11 @@ def run_cell(cell: Cell, out: str | os.PathLike[str], devices: int = 1, accelera
         "weights_sha256": weights_hash(cell.backbone.weights), "strategy": cell.strategy_label,
         "strategy_config": json.dumps(report["strategy"], sort_keys=True), "shots": cell.shots_label,
         "seed": cell.seed, "classes": dm.num_classes, "train_images": n_train, "steps": steps,
-        **{k: metrics.get(k) for k in ("val_acc", "val_balanced_acc", "val_f1", "val_auroc")},
-        "train_acc": train_acc, "trainable_params": report["trainable_params"],
+        **{k: metrics.get(k) for k in ("val_acc", "val_balanced_acc", "val_f1", "val_auroc", "val_map")},
+        "metric": "val_map" if multilabel else "val_acc",  # the headline the report ranks by
+        "score": metrics.get("val_map" if multilabel else "val_acc"),
+        "train_acc": None if multilabel else train_score, "train_score": train_score,
+        "trainable_params": report["trainable_params"],
         "total_params": report["total_params"], "wall_s": round(wall, 2), "peak_rss_mb": round(rss.peak_mb, 1),
         "checkpoint_mb": round((delta.stat().st_size if delta.exists() else weights_bytes) / 1e6, 3),
         "run_dir": str(result.run_dir), "visiontl_version": __version__, "torch_version": torch.__version__,
@@ -187,7 +196,9 @@ def frozen_features(cell: Cell, out: str | os.PathLike[str]) -> tuple[Any, Any]:
     from visiontl import fine_tune
 
     dm = build_datamodule(cell.data, **_data_args(cell, shots=None))
-    result = fine_tune(dm, backbone=cell.backbone.name, strategy="prototype", steps=1, seed=0, out=Path(out) / "runs",
+    # prototype scores one class per image; multi-label data gets the one-vs-rest logreg head instead
+    head = "logreg" if getattr(dm, "task", "multiclass") == "multilabel" else "prototype"
+    result = fine_tune(dm, backbone=cell.backbone.name, strategy=head, steps=1, seed=0, out=Path(out) / "runs",
                        name=f"{cell.data.name}/{cell.backbone.name}/_features", image_size=cell.image_size,
                        trainer_kwargs={**QUIET, "enable_checkpointing": False},  # a run dir under out/runs
                        verbose=True,  # run_bench's quiet(verbose) decides what shows
@@ -197,12 +208,17 @@ def frozen_features(cell: Cell, out: str | os.PathLike[str]) -> tuple[Any, Any]:
 
 
 def score_transferability(cell: Cell, out: str | os.PathLike[str]) -> dict[str, Any]:
-    """LogME and the shrinkage H-score of the frozen backbone's features on the whole training split."""
-    from visiontl.analyse.transferability import logme, shrinkage_hscore
+    """LogME and the shrinkage H-score of the frozen backbone's features on the whole training split
+    (multi-label data: LogME per tag; the H-score, defined for one class per image, is ``None``)."""
+    from visiontl.analyse.transferability import MultiLabelScoreError, logme, shrinkage_hscore
 
     start = time.perf_counter()
     features, labels = frozen_features(cell, out)
-    scores = {"logme": logme(features, labels), "hscore": shrinkage_hscore(features, labels)}
+    try:
+        hscore = shrinkage_hscore(features, labels)
+    except MultiLabelScoreError:
+        hscore = None
+    scores = {"logme": logme(features, labels), "hscore": hscore}
     return {"data": cell.data.name, "backbone": cell.backbone.label, "weights": cell.backbone.weights,
             "images": len(labels), **scores, "seconds": round(time.perf_counter() - start, 2)}
 
@@ -256,7 +272,7 @@ def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int
 
     def done(n: int, row: dict[str, Any]) -> None:
         log(f"[visiontl bench] {n}/{len(todo)} {row['data']} / {row['backbone']} / {row['strategy']} / "
-            f"shots {row['shots']} / seed {row['seed']}: val_acc {float(row['val_acc']):.3f} "
+            f"shots {row['shots']} / seed {row['seed']}: {row['metric']} {float(row['score']):.3f} "
             f"({float(row['wall_s']):.0f} s)")
 
     if launcher == "ray" and todo:

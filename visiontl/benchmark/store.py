@@ -27,7 +27,7 @@ COLUMNS = [
     "key", "data", "backbone", "weights", "weights_sha256", "strategy", "strategy_config", "shots", "seed",
     "classes", "train_images", "steps", "val_acc", "val_balanced_acc", "val_f1", "val_auroc", "train_acc",
     "trainable_params", "total_params", "wall_s", "peak_rss_mb", "checkpoint_mb", "run_dir",
-    "visiontl_version", "torch_version", "timm_version",
+    "visiontl_version", "torch_version", "timm_version", "metric", "score", "val_map", "train_score",
 ]
 """The columns of ``results.csv``, in order."""
 
