@@ -274,3 +274,18 @@ def test_a_multi_label_teacher_distils_into_a_multi_label_student(tags_csv: Path
     with pytest.raises(DataError, match="multilabel run and the student's data is read as multiclass"):
         distill(teacher.run_dir, student="test_resnet", pretrained=False, strategy="scratch", data=shapes_root,
                 image_size=32, steps=1, out=tmp_path / "bad", data_kwargs={"num_workers": 0})
+
+
+def test_the_scratch_comparison_and_retention_measure_a_multi_label_run(tags_csv: Path, shapes_splits: Path,
+                                                                          base_weights: Path, tmp_path: Path) -> None:
+    from visiontl import fine_tune
+
+    run = fine_tune(str(tags_csv), backbone="test_resnet", strategy="gradual", pretrained=False,
+                    weights=str(base_weights), image_size=32, steps=6, out=tmp_path, compare_scratch=1,
+                    retain=shapes_splits, data_kwargs={"num_workers": 0}, trainer_kwargs={"enable_progress_bar": False})
+    record = json.loads((run.run_dir / "metrics.json").read_text())
+    scratch = record["scratch"]
+    assert "val_acc" not in scratch and len(scratch["val_map"]) == 1
+    assert run.metrics["transfer_gap"] == pytest.approx(run.metrics["val_map"] - scratch["val_map_mean"], abs=1e-6)
+    assert run.metrics["scratch_val_map"] == pytest.approx(scratch["val_map"][0])
+    assert 0.0 <= record["retain_acc_after"] <= 1.0 and 0.0 <= record["retain_acc_before"] <= 1.0  # another task kept

@@ -136,9 +136,11 @@ def fine_tune(
         retain: a labelled folder or CSV of a task to keep: ``metrics.json`` gets
             ``retain_acc_before``, ``retain_acc_after`` and ``forgetting`` (:mod:`visiontl.analyse.forgetting`).
         compare_scratch: also train ``scratch`` on the same data, budget and preprocessing (``True``:
-            one run with ``seed``; a number n: n seeds from ``seed``) and report the gap
-            (``metrics.json``'s ``scratch``; a warning when pretraining did not help).
-        early_stopping: stop when the monitored validation score (``val_acc``) has not improved for
+            one run with ``seed``; a number n: n seeds from ``seed``) and report the gap in the run's
+            headline (``val_acc``; ``val_map`` for multi-label data) in ``metrics.json``'s ``scratch``
+            and ``metrics["transfer_gap"]``, with a warning when pretraining did not help.
+        early_stopping: stop when the monitored validation score (``val_acc``; ``val_map`` for
+            multi-label data) has not improved for
             this many validations (``None``: train the whole budget); the best checkpoint is kept
             either way. Shorthand for ``task_kwargs={"early_stopping": n}``.
         also_log_to: trackers beside ``metrics.csv``: ``"tensorboard"``, ``"mlflow"``
@@ -261,19 +263,20 @@ def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **k
     for i in range(seeds):
         source = copy.deepcopy(data) if isinstance(data, ClassificationDataModule) else data
         runs.append(fine_tune(source, strategy="scratch", pretrained=False, seed=seed + i, **kwargs))
-    accs = [float(r.metrics["val_acc"]) for r in runs]
+    score = "val_map" if getattr(result.task, "multilabel", False) else "val_acc"  # the run's headline
+    accs = [float(r.metrics[score]) for r in runs]
     mean = statistics.fmean(accs)
     std = statistics.stdev(accs) if len(accs) > 1 else None
-    gap = float(result.metrics["val_acc"]) - mean
-    record = {"val_acc": accs, "val_acc_mean": round(mean, 6), "val_acc_std": round(std, 6) if std is not None
+    gap = float(result.metrics[score]) - mean
+    record = {score: accs, f"{score}_mean": round(mean, 6), f"{score}_std": round(std, 6) if std is not None
               else None, "gap": round(gap, 6), "seeds": [seed + i for i in range(seeds)],
               "runs": [str(r.run_dir) for r in runs]}
-    result.metrics.update(scratch_val_acc=mean, transfer_gap=gap)
+    result.metrics.update({f"scratch_{score}": mean, "transfer_gap": gap})
     add_to_metrics(result.run_dir, "scratch", record)
     spread = f" ± {std:.3f} over {seeds} seeds" if std is not None else ""
     if gap <= 0:
-        warnings.warn(f"[visiontl] negative transfer: the pretrained run's val_acc {result.metrics['val_acc']:.3f} is "
+        warnings.warn(f"[visiontl] negative transfer: the pretrained run's {score} {result.metrics[score]:.3f} is "
                       f"not above scratch's {mean:.3f}{spread} at the same budget. Try another backbone "
                       f"(visiontl rank), a gentler strategy (gradual, lora) or more steps for scratch.", stacklevel=3)
     else:
-        rank_zero_info(f"[visiontl] pretrained - scratch: {gap:+.3f} val_acc (scratch {mean:.3f}{spread})")
+        rank_zero_info(f"[visiontl] pretrained - scratch: {gap:+.3f} {score} (scratch {mean:.3f}{spread})")
