@@ -138,6 +138,16 @@ def test_export_verifies_tag_decisions_and_predict_onnx_writes_tags_and_one_colu
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "tags.onnx")).metadata_props}
     thresholds = json.loads(meta["thresholds"])
     assert meta["task"] == "multilabel" and thresholds == pytest.approx(result.task.thresholds.tolist(), abs=1e-6)
+    import cv2  # albumentations' OpenCV: its DNN module reads the file and gives the same per-tag sigmoids
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    session = ort.InferenceSession(str(tmp_path / "tags.onnx"), providers=["CPUExecutionProvider"])
+    want = session.run(["probabilities"], {session.get_inputs()[0].name: x})[0]
+    net = cv2.dnn.readNetFromONNX(str(tmp_path / "tags.onnx"))
+    net.setInput(x)
+    got = net.forward("probabilities")
+    assert got.shape == (2, 3) and np.abs(got - want).max() < 1e-4 and ((want > 0) & (want < 1)).all()
     images = sorted((tags_csv.parent / "images").glob("*.png"))[:6]
     predictions = Predictor(tmp_path / "tags.onnx").predict(images)
     task = result.task.eval()
