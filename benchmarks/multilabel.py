@@ -74,8 +74,10 @@ def dataset(name: str, seed: int, work: Path, mosaics: int = 240) -> Path:
 
 
 def cell(name: str, strategy: str, seed: int, work: Path) -> dict[str, Any]:
-    """One default ``fine_tune`` run: its best validation scores and each tag's AP and prevalence."""
+    """One default ``fine_tune`` run: its best validation scores and each tag's AP and prevalence;
+    on the test mosaics, macro mAP and each tag's F1 at its tuned threshold and at 0.5."""
     from visiontl import fine_tune
+    from visiontl.analyse.tags import held_out_tags
 
     csv = dataset(name, seed, work)
     start = time.perf_counter()
@@ -87,39 +89,15 @@ def cell(name: str, strategy: str, seed: int, work: Path) -> dict[str, Any]:
     summary = json.loads((result.run_dir / "metrics.json").read_text())
     train = [line.split(",")[1] for line in csv.read_text().splitlines()[1:] if line.endswith(",train")]
     prevalence = {t: sum(t in label.split("|") for label in train) / len(train) for t in result.task.class_names}
-    test_map, held_out = held_out_f1(result.task, csv)
+    held_out = held_out_tags(result.task, csv, "test")
+    test_map = held_out["map"]
     tags = {row["tag"]: {"ap": row["ap"], "f1": row["f1"], "support": row["support"], "prevalence": prevalence[row["tag"]],
-                         **held_out[row["tag"]]} for row in summary.get("tags", [])}
+                         **{k: held_out["tags"][row["tag"]][k] for k in ("f1_tuned", "f1_at_half")}}
+            for row in summary.get("tags", [])}
     return {"set": name, "strategy": strategy, "seed": seed, "val_map": result.metrics.get("val_map"),
             "val_map_micro": result.metrics.get("val_map_micro"), "val_f1": result.metrics.get("val_f1"),
             "val_auroc": result.metrics.get("val_auroc"), "test_map": test_map, "tags": tags,
             "steps": summary.get("steps"), "wall_s": wall}
-
-
-def held_out_f1(task: Any, csv: Path) -> tuple[float, dict[str, dict[str, float]]]:
-    """The kept weights on the test mosaics: macro mAP, and per tag the F1 at the thresholds tuned on
-    validation (``f1_tuned``) and at 0.5 (``f1_at_half``)."""
-    import torch
-    from torchmetrics.functional.classification import multilabel_average_precision
-
-    from visiontl.data import CsvDataModule
-    from visiontl.tasks.multilabel import per_tag_rates
-
-    pre = task.preprocessing
-    dm = CsvDataModule(str(csv), split_column="split", num_workers=0, image_size=pre.size, mean=list(pre.mean),
-                       std=list(pre.std), in_chans=pre.in_chans, check_images=False, task="multilabel")
-    dm.resolve_preprocessing(pre)
-    task.eval()
-    probs, targets = [], []
-    with torch.no_grad():
-        for batch in torch.utils.data.DataLoader(dm.feature_source("test"), batch_size=64, num_workers=0):
-            probs.append(task(batch["image"]).float().sigmoid())
-            targets.append(batch["label"].float())
-    p, y = torch.cat(probs), torch.cat(targets)
-    tuned = per_tag_rates(p, y, task.thresholds.cpu())["f1"].tolist()
-    half = per_tag_rates(p, y, torch.full_like(task.thresholds.cpu(), 0.5))["f1"].tolist()
-    score = float(multilabel_average_precision(p, y.long(), y.shape[1], average="macro", ignore_index=-1))
-    return score, {t: {"f1_tuned": a, "f1_at_half": b} for t, a, b in zip(task.class_names, tuned, half)}
 
 
 def _mean(values: list[float]) -> float | None:

@@ -299,3 +299,30 @@ def test_the_scratch_comparison_and_retention_measure_a_multi_label_run(tags_csv
     assert run.metrics["transfer_gap"] == pytest.approx(run.metrics["val_map"] - scratch["val_map_mean"], abs=1e-6)
     assert run.metrics["scratch_val_map"] == pytest.approx(scratch["val_map"][0])
     assert 0.0 <= record["retain_acc_after"] <= 1.0 and 0.0 <= record["retain_acc_before"] <= 1.0  # another task kept
+
+
+def test_held_out_tags_scores_the_kept_model_at_its_thresholds_and_at_a_half(tags_csv: Path, shapes_root: Path,
+                                                                             tmp_path: Path) -> None:
+    from visiontl.analyse.tags import held_out_tags
+
+    result = _fit(tags_csv, tmp_path, strategy="scratch", steps=24)
+    listing = result.run_dir / "splits.csv"
+    scores = held_out_tags(result.task, listing, "val")
+    assert scores["map"] == pytest.approx(result.metrics["val_map"], abs=1e-5)  # what the run measured, same images
+    summary = {row["tag"]: row for row in json.loads((result.run_dir / "metrics.json").read_text())["tags"]}
+    for tag, row in scores["tags"].items():
+        assert row["threshold"] == pytest.approx(summary[tag]["threshold"], abs=1e-4)
+        assert row["f1_tuned"] == pytest.approx(summary[tag]["f1"], abs=1e-4)
+        # tuned on these very images to maximise F1: never below 0.5's F1 here (held-out images are the test)
+        assert row["f1_tuned"] >= row["f1_at_half"] - 1e-9 and row["support"] == summary[tag]["support"]
+    with pytest.raises(ValueError, match="no 'test' images"):
+        held_out_tags(result.task, listing, "test")
+    with pytest.raises(ValueError, match="single-label"):
+        held_out_tags(_single_run(shapes_root, tmp_path).task, listing)
+
+
+def _single_run(shapes_root: Path, tmp_path: Path):
+    from visiontl import fine_tune
+
+    return fine_tune(shapes_root, backbone="test_resnet", strategy="scratch", pretrained=False, image_size=32, steps=1,
+                     out=tmp_path / "single", data_kwargs={"num_workers": 0}, trainer_kwargs={"enable_progress_bar": False})

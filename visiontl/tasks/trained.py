@@ -25,7 +25,7 @@ from visiontl.tasks.checkpoints import CheckpointError, looks_like_safetensors, 
 from visiontl.tasks.classification import ClassificationTask
 from visiontl.tasks.delta import delta_names, read_delta
 
-__all__ = ["load_delta", "load_task", "run_checkpoint"]
+__all__ = ["listing_datamodule", "load_delta", "load_task", "run_checkpoint"]
 
 
 def run_checkpoint(source: str | os.PathLike[str]) -> Path:
@@ -47,6 +47,20 @@ def run_checkpoint(source: str | os.PathLike[str]) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a run directory or a .ckpt file.")
     return path
+
+
+def listing_datamodule(listing: str | os.PathLike[str], task: ClassificationTask) -> object:
+    """A CSV listing of ``split,path,label`` rows (a run's ``splits.csv``, a benchmark's labels) read
+    as ``task`` reads images: its recorded preprocessing (size, mean / std, channels) and its kind
+    (``multiclass`` / ``multilabel``); evaluation transforms, no workers, images not re-checked."""
+    from visiontl.data import CsvDataModule
+
+    pre = task.preprocessing
+    dm = CsvDataModule(str(listing), split_column="split", num_workers=0, image_size=pre.size, mean=list(pre.mean),
+                       std=list(pre.std), in_chans=pre.in_chans, check_images=False,
+                       task=task.hparams.get("task", "multiclass"))
+    dm.resolve_preprocessing(pre)
+    return dm
 
 
 def load_task(source: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None) -> ClassificationTask:

@@ -100,18 +100,14 @@ def interpolate(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], al
 
 def _run_data(ckpt: Path, task: Any) -> Any:
     """The run's datamodule, from its ``splits.csv`` (paths and labels), with its preprocessing."""
-    from visiontl.data import CsvDataModule
+    from visiontl.tasks.trained import listing_datamodule
 
     run = ckpt.parent.parent
     listing = run / "splits.csv"
     if not listing.is_file():
         raise WiseFTError(f"{run} has no splits.csv (runs write it from visiontl 0.x on); re-run the fit, or list its "
                           f"images as split,path,label in {listing}.")
-    pre = task.preprocessing
-    dm = CsvDataModule(str(listing), split_column="split", num_workers=0, image_size=pre.size, mean=list(pre.mean),
-                       std=list(pre.std), in_chans=pre.in_chans, check_images=False,
-                       task=task.hparams.get("task", "multiclass"))
-    dm.resolve_preprocessing(pre)
+    dm = listing_datamodule(listing, task)
     if dm.class_names != task.class_names:
         raise WiseFTError(f"{listing} has classes {dm.class_names}, the checkpoint {task.class_names}.")
     if "val" not in dm.splits:
