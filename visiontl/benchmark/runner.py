@@ -271,8 +271,9 @@ def run_bench(config: BenchConfig, out: str | os.PathLike[str], shard: tuple[int
             scored.add(pair)
 
     def done(n: int, row: dict[str, Any]) -> None:
+        metric = row.get("metric") or "val_acc"
         log(f"[visiontl bench] {n}/{len(todo)} {row['data']} / {row['backbone']} / {row['strategy']} / "
-            f"shots {row['shots']} / seed {row['seed']}: {row['metric']} {float(row['score']):.3f} "
+            f"shots {row['shots']} / seed {row['seed']}: {metric} {float(row.get('score', row.get(metric))):.3f} "
             f"({float(row['wall_s']):.0f} s)")
 
     if launcher == "ray" and todo:
