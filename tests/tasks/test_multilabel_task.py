@@ -39,6 +39,11 @@ def test_thresholds_maximise_each_tag_s_f1_and_stay_at_half_without_positives() 
     assert float(thresholds[2]) == 0.5 and math.isnan(float(f1[2]))  # no positive: default, unscored
     rates = per_tag_rates(probs, targets, thresholds)
     assert rates["support"].tolist() == [2.0, 2.0, 0.0] and rates["sensitivity"][:2].tolist() == [1.0, 1.0]
+    # a tag the scores do not rank (its positives lowest): flagging every image would be its best F1; it keeps 0.5
+    useless = torch.tensor([[0.1], [0.2], [0.3], [0.4], [0.6], [0.7]])
+    truth = torch.tensor([[1.0], [0.0], [0.0], [0.0], [0.0], [0.0]])
+    kept, f1 = tune_thresholds(useless, truth)
+    assert float(kept[0]) == 0.5 and float(f1[0]) == 0.0  # not 0.1 (F1 2/7, every image flagged)
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,11 @@ def tune_thresholds(probs: torch.Tensor, targets: torch.Tensor, default: float =
     Candidates are midpoints between consecutive distinct probabilities of the tag (and ``default``),
     so a threshold never sits exactly on an image's score; among equal F1s the one nearest
     ``default`` wins. A tag without a positive (or without a labelled image) keeps ``default``
-    and reports NaN.
+    and reports NaN. A tag whose best F1 is no better than flagging every image (``2 P / (N + P)``
+    for ``P`` positives among ``N`` labelled images: what a threshold below every score gives) has
+    not been learned: a threshold that flags (almost) every image is of no use to a reader, so it
+    keeps ``default`` and reports the F1 there (Lipton et al. 2014, "Thresholding classifiers to
+    maximize F1 score": an uninformative score's F1-optimal rule is to flag everything).
     """
     k = probs.shape[1]
     thresholds = torch.full((k,), default, dtype=torch.float32)
@@ -69,6 +73,10 @@ def tune_thresholds(probs: torch.Tensor, targets: torch.Tensor, default: float =
         fn = (~decide & y).sum(1).float()
         f1 = _f1(tp, fp, fn)
         top = f1.max()
+        positives = float(y.sum())
+        if float(top) <= 2 * positives / (len(y) + positives) + 1e-6:  # no better than flagging every image
+            best[j] = f1[-1]  # the last candidate is ``default``
+            continue
         near = torch.where(f1 >= top - 1e-9)[0]
         pick = near[torch.argmin((candidates[near] - default).abs())]
         thresholds[j], best[j] = candidates[pick], top
