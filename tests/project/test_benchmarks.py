@@ -120,3 +120,19 @@ def test_by_hand_benchmark_quick_run(tmp_path: Path) -> None:
     assert all(0 <= float(r["precision"]) <= 1 for r in rows if r["part"] == "near-duplicates")
     assert {r["criteria_met"] for r in rows if r["method"] == "visiontl.analyse.plots"} == {"3"}
     assert (tmp_path / "out" / "by_hand.md").read_text().startswith("# ")
+
+
+def test_multilabel_benchmark_smoke_run(tmp_path: Path) -> None:
+    """One seed of the one-vs-rest probe on the digit mosaics (real Lite0 weights): the table, the
+    rare tags on their own lines with their held-out F1 at the tuned threshold and at 0.5."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "multilabel.py"), "--sets", "digits-2x2", "--seeds", "1",
+                          "--strategies", "logreg", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "out" / "multilabel.csv").open()))
+    assert rows[0]["cell"] == "digits-2x2 / logreg" and 0 < float(rows[0]["val_map"]) <= 1
+    assert 0 < float(rows[0]["test_map"]) <= 1 and float(rows[0]["vs_logreg"]) == 1.0
+    rare = [r for r in rows if "rare tag" in r["cell"]]
+    assert {r["cell"].split("rare tag ")[1][0] for r in rare} == {"8", "9"}
+    assert all(r["f1_tuned"] != "" and r["f1_at_half"] != "" for r in rare)
+    assert (tmp_path / "out" / "multilabel.png").stat().st_size > 1000
