@@ -126,22 +126,17 @@ def main() -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     from visiontl.data.lowres import FASHION_MNIST_DIR
     from visiontl.analyse.plots import format_console_table, write_rows
+    from visiontl.benchmark.celllog import CellLog
 
     sets = [s for s in args.sets if s != "fashion-12px" or FASHION_MNIST_DIR.is_dir()]
     args.work.mkdir(parents=True, exist_ok=True)
-    log = args.work / "cells.jsonl"
-    cells = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log = CellLog(args.work / "cells.jsonl")
     for seed in range(0 if args.summarise_only else args.seeds):  # seeds outermost: a partial run covers every set
         for name in sets:
             for strategy in args.strategies:
-                if any(c["set"] == name and c["strategy"] == strategy and c["seed"] == seed for c in cells):
-                    continue
-                row = cell(name, strategy, seed, args.work)
-                print(json.dumps(row), flush=True)
-                cells.append(row)
-                with log.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-    rows = summarise(cells, sets, args.strategies)
+                if not log.has(set=name, strategy=strategy, seed=seed):
+                    log.add(cell(name, strategy, seed, args.work))
+    rows = summarise(log.cells, sets, args.strategies)
     print(format_console_table(rows, COLUMNS))
     paths = [write_rows(rows, args.out / "defaults.csv", COLUMNS),
              *publish(rows, args.out, machine=f"{os.cpu_count()} CPU cores")]

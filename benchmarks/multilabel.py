@@ -147,23 +147,19 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     from visiontl.analyse.plots import format_console_table, write_rows
+    from visiontl.benchmark.celllog import CellLog
     from visiontl.data.lowres import FASHION_MNIST_DIR
 
     sets = [s for s in args.sets if s != "fashion-2x2" or FASHION_MNIST_DIR.is_dir()]
     args.work.mkdir(parents=True, exist_ok=True)
-    log = args.work / "cells.jsonl"
-    cells = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log = CellLog(args.work / "cells.jsonl")
     for seed in range(0 if args.summarise_only else args.seeds):  # seeds outermost: a partial run covers every set
         for name in sets:
             for strategy in args.strategies:
-                if any(c["set"] == name and c["strategy"] == strategy and c["seed"] == seed for c in cells):
-                    continue
-                row = cell(name, strategy, seed, args.work)
-                print(json.dumps({k: v for k, v in row.items() if k != "tags"}), flush=True)
-                cells.append(row)
-                with log.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-    rows = summarise(cells, sets, args.strategies)
+                if not log.has(set=name, strategy=strategy, seed=seed):
+                    row = cell(name, strategy, seed, args.work)
+                    log.add(row, shown={k: v for k, v in row.items() if k != "tags"})
+    rows = summarise(log.cells, sets, args.strategies)
     print(format_console_table(rows, COLUMNS))
     paths = [write_rows(rows, args.out / "multilabel.csv", COLUMNS),
              *publish(rows, args.out, machine=f"{os.cpu_count()} CPU cores")]

@@ -186,23 +186,17 @@ def main() -> None:
         print(json.dumps(cell(name, strategy, int(seed), args.steps, args.work)), flush=True)
         return
     from visiontl.analyse.plots import format_console_table, write_rows
+    from visiontl.benchmark.celllog import CellLog
 
     args.work.mkdir(parents=True, exist_ok=True)
-    log = args.work / "cells.jsonl"
-    cells = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log = CellLog(args.work / "cells.jsonl")
     for seed in range(0 if args.summarise_only else args.seeds):  # seeds outermost: a partial run covers every set
         for name in args.sets:
             for strategy in strategies_of(name):
-                if args.strategies and strategy not in args.strategies:
-                    continue
-                if any(c["set"] == name and c["strategy"] == strategy and c["seed"] == seed for c in cells):
-                    continue
-                row = run_cell(name, strategy, seed, args.steps, args.work)
-                print(json.dumps(row), flush=True)
-                cells.append(row)
-                with log.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-    rows = summarise(cells, args.sets)
+                if (not args.strategies or strategy in args.strategies) and not log.has(set=name, strategy=strategy,
+                                                                                          seed=seed):
+                    log.add(run_cell(name, strategy, seed, args.steps, args.work))
+    rows = summarise(log.cells, args.sets)
     print(format_console_table(rows, COLUMNS))
     csv = write_rows(rows, args.out / "peft.csv", COLUMNS)
     paths = [csv, *publish(rows, args.out, steps=args.steps, machine=f"{os.cpu_count()} CPU cores")]

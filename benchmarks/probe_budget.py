@@ -28,7 +28,6 @@ probe_budget`` writes the page and plot again from the CSV.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -224,26 +223,22 @@ def main() -> None:
     import torch
 
     from visiontl.analyse.plots import format_console_table, write_rows
+    from visiontl.benchmark.celllog import CellLog
     from visiontl.data.lowres import FASHION_MNIST_DIR
 
     torch.set_num_threads(1)
     sets = [s for s in args.sets if s != "fashion-12px" or FASHION_MNIST_DIR.is_dir()]
     args.work.mkdir(parents=True, exist_ok=True)
-    log = args.work / "cells.jsonl"
-    cells = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log = CellLog(args.work / "cells.jsonl")
     for seed in range(0 if args.summarise_only else args.seeds):
         for name in sets:
             for budget in args.budgets:
-                done = {c["variant"] for c in cells if c["set"] == name and c["seed"] == seed and c["steps"] == budget}
+                done = {c["variant"] for c in log.cells if c["set"] == name and c["seed"] == seed and c["steps"] == budget}
                 if done >= {v for v in VARIANTS if not v.startswith("before, ") or budget in ABLATED}:
                     continue
                 rows = cells_of(name, seed, budget, args.work, done)
-                print(json.dumps({r["variant"]: round(r["val_acc"], 3) for r in rows} | {"cell": [name, seed, budget]}),
-                      flush=True)
-                cells += rows
-                with log.open("a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
-    rows = summarise([c for c in cells if c["set"] in sets])
+                log.add(*rows, shown={r["variant"]: round(r["val_acc"], 3) for r in rows} | {"cell": [name, seed, budget]})
+    rows = summarise([c for c in log.cells if c["set"] in sets])
     print(format_console_table(rows, COLUMNS))
     paths = [write_rows(rows, args.out / "probe_budget.csv", COLUMNS),
              *publish(rows, args.out, machine=f"{os.cpu_count()} CPU cores")]

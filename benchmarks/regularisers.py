@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import os
 import statistics
@@ -124,24 +123,19 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     from visiontl.analyse.plots import format_console_table, write_rows
+    from visiontl.benchmark.celllog import CellLog
     from visiontl.data.lowres import FASHION_MNIST_DIR
 
     sets = [s for s in args.sets if s != "fashion-12px" or FASHION_MNIST_DIR.is_dir()]
     args.work.mkdir(parents=True, exist_ok=True)
-    log = args.work / "cells.jsonl"
-    cells = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log = CellLog(args.work / "cells.jsonl")
     for seed in range(0 if args.summarise_only else args.seeds):
         for name in sets:
             for option in args.options:
-                if any(c["set"] == name and c["option"] == option and c["seed"] == seed for c in cells):
-                    continue
-                row = {**defaults.cell(name, "gradual", seed, args.work, task_kwargs=OPTIONS[option],
-                                       label=option), "option": option}
-                print(json.dumps(row), flush=True)
-                cells.append(row)
-                with log.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-    rows = summarise(cells, sets, args.options)
+                if not log.has(set=name, option=option, seed=seed):
+                    log.add({**defaults.cell(name, "gradual", seed, args.work, task_kwargs=OPTIONS[option],
+                                             label=option), "option": option})
+    rows = summarise(log.cells, sets, args.options)
     print(format_console_table(rows, COLUMNS))
     paths = [write_rows(rows, args.out / "regularisers.csv", COLUMNS),
              *publish(rows, args.out, machine=f"{os.cpu_count()} CPU cores")]
