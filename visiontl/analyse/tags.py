@@ -32,10 +32,11 @@ def held_out_tags(task: Any, listing: str | os.PathLike[str], split: str = "test
     from torchmetrics.functional.classification import multilabel_average_precision
 
     from visiontl.tasks.multilabel import per_tag_rates
+    from visiontl.tasks.protocols import PredictsTags
     from visiontl.tasks.trained import listing_datamodule
     from visiontl.tasks.validators import predict_loader
 
-    if not getattr(task, "multilabel", False):
+    if not (isinstance(task, PredictsTags) and task.multilabel):
         raise ValueError("held_out_tags scores multi-label runs (several tags per image); this one is single-label.")
     dm = listing_datamodule(listing, task)
     if split not in dm.splits:

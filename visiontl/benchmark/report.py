@@ -248,6 +248,9 @@ def labels_figure(summary: list[dict[str, Any]], data: list[str] | None = None, 
     set in ``summary``), one line per (backbone,) strategy with a ±1 std band, the legend outside."""
     from matplotlib.figure import Figure
 
+    # summary lines of before the score column (a committed CSV) are read as their accuracy
+    summary = [r if "score" in r else {**r, "score": r.get("val_acc"), "score_std": r.get("val_acc_std"),
+                                       "metric": "val_acc"} for r in summary]
     sets = data or sorted({r["data"] for r in summary})
     fig = Figure(figsize=(min(12.0, 4.6 * len(sets) + 1.8), 4.4), layout="constrained")
     fig.suptitle(title or f"{', '.join(sets)}: validation {_what(lines)} against labels per class")

@@ -109,6 +109,8 @@ def _train_score(task: Any, dm: Any, limit: int = 1000) -> float | None:
     import torch
     from torchmetrics.functional.classification import multilabel_average_precision
 
+    from visiontl.tasks.protocols import PredictsTags
+
     source = dm.feature_source("train")
     n = min(len(source), limit)
     if n == 0:
@@ -121,7 +123,7 @@ def _train_score(task: Any, dm: Any, limit: int = 1000) -> float | None:
             outputs.append(task(torch.stack([b["image"] for b in batch])).float())
             labels.append(torch.stack([torch.as_tensor(b["label"]) for b in batch]))
     logits, y = torch.cat(outputs), torch.cat(labels)
-    if getattr(task, "multilabel", False):
+    if isinstance(task, PredictsTags) and task.multilabel:
         return float(multilabel_average_precision(logits.sigmoid(), y.long(), y.shape[1], average="macro",
                                                   ignore_index=-1))
     return float((logits.argmax(1) == y).float().mean())
@@ -140,9 +142,10 @@ def run_cell(cell: Cell, out: str | os.PathLike[str], devices: int = 1, accelera
 
     from visiontl import __version__, fine_tune
     from visiontl.data.base import auto_batch_size
+    from visiontl.data.protocols import TaggedData
 
     dm = build_datamodule(cell.data, **_data_args(cell))
-    multilabel = getattr(dm, "task", "multiclass") == "multilabel"
+    multilabel = isinstance(dm, TaggedData) and dm.multilabel
     n_train = len(dm.splits["train"])
     batch = dm.batch_size or auto_batch_size(n_train)
     steps = cell_steps(cell, n_train, batch)
@@ -194,10 +197,11 @@ def frozen_features(cell: Cell, out: str | os.PathLike[str]) -> tuple[Any, Any]:
     data set and backbone reads its rows from there. (The ``prototype`` head is fitted on them in
     passing: it costs nothing more.)"""
     from visiontl import fine_tune
+    from visiontl.data.protocols import TaggedData
 
     dm = build_datamodule(cell.data, **_data_args(cell, shots=None))
     # prototype scores one class per image; multi-label data gets the one-vs-rest logreg head instead
-    head = "logreg" if getattr(dm, "task", "multiclass") == "multilabel" else "prototype"
+    head = "logreg" if isinstance(dm, TaggedData) and dm.multilabel else "prototype"
     result = fine_tune(dm, backbone=cell.backbone.name, strategy=head, steps=1, seed=0, out=Path(out) / "runs",
                        name=f"{cell.data.name}/{cell.backbone.name}/_features", image_size=cell.image_size,
                        trainer_kwargs={**QUIET, "enable_checkpointing": False},  # a run dir under out/runs

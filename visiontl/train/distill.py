@@ -141,7 +141,7 @@ def distill(
 
     from visiontl.train.finetune import fit_task, make_datamodule
     from visiontl.data.images import DataError
-    from visiontl.data.protocols import LabelledSplits
+    from visiontl.data.protocols import LabelledSplits, TaggedData
     from visiontl.tasks.trained import run_checkpoint
     from visiontl.tasks.distill import DistillationTask
 
@@ -163,7 +163,8 @@ def distill(
     if strategy is None:
         strategy = "gradual" if pretrained or student_weights else "scratch"
     task = DistillationTask(backbone=student, num_classes=dm.num_classes, class_names=dm.class_names,
-                            task=getattr(dm, "task", "multiclass"), strategy=strategy, pretrained=pretrained, weights=student_weights, teacher=str(teacher),
+                            task="multilabel" if isinstance(dm, TaggedData) and dm.multilabel else "multiclass",
+                            strategy=strategy, pretrained=pretrained, weights=student_weights, teacher=str(teacher),
                             temperature=temperature, alpha=alpha, teacher_weights=teacher_weights,
                             **(task_kwargs or {}))
     return fit_task(task, dm, steps=steps, out=out, name=name or f"{student}-distilled", ckpt_path=ckpt_path,

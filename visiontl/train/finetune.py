@@ -29,6 +29,7 @@ from visiontl.train.run import RunReport, attach_run_callbacks, discard_if_empty
 from visiontl.strategies import Strategy
 from visiontl.tasks import ClassificationTask
 from visiontl.tasks.link import link
+from visiontl.tasks.protocols import PredictsTags
 
 __all__ = ["FitResult", "auto_steps", "fine_tune", "fit_task", "make_datamodule", "prepare_task"]
 
@@ -263,7 +264,7 @@ def _compare_scratch(result: FitResult, data: Any, seeds: int, *, seed: int, **k
     for i in range(seeds):
         source = copy.deepcopy(data) if isinstance(data, ClassificationDataModule) else data
         runs.append(fine_tune(source, strategy="scratch", pretrained=False, seed=seed + i, **kwargs))
-    score = "val_map" if getattr(result.task, "multilabel", False) else "val_acc"  # the run's headline
+    score = "val_map" if isinstance(result.task, PredictsTags) and result.task.multilabel else "val_acc"  # headline
     accs = [float(r.metrics[score]) for r in runs]
     mean = statistics.fmean(accs)
     std = statistics.stdev(accs) if len(accs) > 1 else None
