@@ -774,9 +774,13 @@ def check_data(
         root: folder CSV paths resolve against (default: the CSV's folder). The CSV is read by the
             same code as :class:`~visiontl.data.CsvDataModule` (:func:`visiontl.data.layout.read_csv_rows`),
             a folder laid out as :class:`~visiontl.data.FolderDataModule` expects.
-        task, tag_columns, tag_sep, uncertain, no_tag: multi-label data, as
-            :class:`~visiontl.data.CsvDataModule` takes them (``auto``: tag columns, or a cell holding
-            ``tag_sep``, make a CSV multi-label); a datamodule's splits pass its ``task``.
+        task: ``auto`` (tag columns, or a cell holding ``tag_sep``, make a CSV multi-label),
+            ``multiclass`` or ``multilabel``, as :class:`~visiontl.data.CsvDataModule` takes it; a
+            datamodule's splits pass its ``task``.
+        tag_columns: multi-label data with one 0 / 1 column per tag (as ``CsvDataModule``).
+        tag_sep: multi-label data in one column: the separator of an image's tags.
+        uncertain: what a ``-1`` in a tag column means (``ignore``, ``positive``, ``negative``).
+        no_tag: the cell value of an image with no tag, besides an empty cell.
 
     Returns:
         The report; ``report.errors`` is empty when the data is fit to train on.
