@@ -30,6 +30,7 @@ SCRIPTS = {  # result name: the script that writes it
     "distill": "distill",
     "export": "export",
     "forgetting": "forgetting",
+    "multilabel": "multilabel",
     "peft": "peft_strategies",
     "regularisers": "regularisers",
     "probe_budget": "probe_budget",

@@ -105,3 +105,21 @@ def test_the_speed_page_quotes_the_committed_speed_run() -> None:
     ]
     for text in quoted:
         assert text in page, text
+
+
+def test_the_readme_multi_label_table_is_the_multilabel_benchmark() -> None:
+    """Every number of README.md's multi-label table is benchmarks/results/multilabel.csv's mean
+    macro mAP, rounded as shown."""
+    import csv
+
+    rows = {r["cell"]: r for r in csv.DictReader((RESULTS / "multilabel.csv").open())}
+    sets = {"Blue Marble tiles": "tiles-2x2", "handwritten digits": "digits-2x2", "Fashion-MNIST": "fashion-2x2"}
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if line.startswith("| ")
+             and line.split("|")[1].strip().split(" 2 x 2")[0] in sets]
+    assert len(lines) == len(sets)
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        name = sets[cells[0].split(" 2 x 2")[0]]
+        for strategy, shown in zip(["gradual", "logreg", "full", "scratch"], cells[1:]):
+            assert shown == f"{float(rows[f'{name} / {strategy}']['val_map']):.3f}", (name, strategy, shown)
