@@ -162,8 +162,8 @@ class DistillationTask(ClassificationTask):
         theirs, ours = self._teacher_task.hparams.get("task", "multiclass"), kwargs.get("task", "multiclass")
         if theirs != ours:
             raise DataError(f"The teacher {teacher} is a {theirs} run and the student's data is read as {ours}: distil "
-                            f"on the teacher's data (its splits.csv, the default of visiontl distill), or read yours "
-                            f"with task={theirs!r} (data_kwargs).")
+                            f"on the teacher's data (its splits.csv, the default of visiontl distill), or give data "
+                            f"read as {theirs} (a CSV with task: {theirs}).")
         names = kwargs.get("class_names")
         if names is not None and list(names) != self._teacher_task.class_names:
             raise DataError(f"The teacher {teacher} predicts the classes {self._teacher_task.class_names} but the "
