@@ -226,7 +226,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
                title=direction)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False, title="method",
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False, title="method",
                title_fontsize=8)
     return save_figure(fig, path)
 

@@ -100,6 +100,8 @@ def test_comparison_table_markdown():
     assert lines[1] == "|---|---:|---:|---|---|"
     assert "| probe | 0.500 | 1,234,567 | a\\|b |  |" == lines[2]
     assert "| full |  | 12 |  | True |" == lines[3]
+    timed = report.comparison_table([{"val_acc": 0.91234, "wall_s": 38.2, "images_per_s": 12.3456}], floatfmt={})
+    assert timed.splitlines()[2] == "| 0.912 | 38.2 | 12.346 |"  # seconds to a tenth, not 38.200
     one_col = report.comparison_table(rows, columns=["val_acc"], floatfmt=".1f")
     assert one_col.splitlines()[2] == "| 0.5 |"
     assert report.comparison_table([]) == ""
@@ -335,6 +337,11 @@ def test_comparison_figure_groups_long_lists_into_panels():
     assert all(len(ax.patches) == 3 for ax in fig.axes)
     assert figure_problems(fig) == []
     assert fig.get_size_inches()[0] <= 12
+    # long axis labels side by side are wrapped, not run into each other or off the figure
+    long = report.comparison_figure(rows[:9], "val_acc", keys=["val_acc"], group_key="set",
+                                    axis_labels={"val_acc": "validation mean average precision, macro (0 to 1)"})
+    assert all("\n" in ax.get_xlabel() for ax in long.axes)
+    assert figure_problems(long) == []
 
 
 def test_rows_round_trip_through_csv(tmp_path):

@@ -12,6 +12,7 @@ import io
 import math
 import numbers
 import os
+import textwrap
 from pathlib import Path
 from collections.abc import Callable, Collection
 from typing import Any
@@ -413,10 +414,15 @@ def _columns(rows: list[dict[str, Any]], columns: list[str] | None) -> list[str]
     return list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
 
 
+def _default_format(column: str) -> str:
+    """Seconds (``wall_s``, ``fit_s``...) to a tenth; everything else to three decimals."""
+    return ".1f" if column.endswith("_s") and not column.endswith("_per_s") else ".3f"
+
+
 def _cells(rows: list[dict[str, Any]], cols: list[str], floatfmt: str | dict[str, str],
            thousands: bool) -> tuple[list[list[str]], list[bool]]:
     """Formatted cells and, per column, whether it is numeric (for right alignment)."""
-    fmts = {c: floatfmt.get(c, ".3f") if isinstance(floatfmt, dict) else floatfmt for c in cols}
+    fmts = {c: floatfmt.get(c, _default_format(c)) if isinstance(floatfmt, dict) else floatfmt for c in cols}
     cells = [[_fmt(r.get(c), fmts[c], thousands) for c in cols] for r in rows]
     numeric = [any(_is_num(r.get(c)) for r in rows) and
                all(r.get(c) is None or _is_num(r.get(c)) for r in rows) for c in cols]
@@ -430,7 +436,8 @@ def comparison_table(rows: list[dict[str, Any]], columns: list[str] | None = Non
     Args:
         rows: one dict per table row; missing keys and NaN give empty cells.
         columns: column order; default: keys in order of first appearance.
-        floatfmt: format spec for floats, or ``{column: spec}`` (others get ``.3f``).
+        floatfmt: format spec for floats, or ``{column: spec}`` (others get ``.1f`` for seconds,
+            columns named ``*_s``, and ``.3f`` otherwise).
         thousands: write ints with thousands separators (``12,345``).
 
     Returns:
@@ -571,6 +578,7 @@ def comparison_figure(rows: list[dict[str, Any]], metric: str = "val_acc",
     heading = max(len(str(g)) for g in groups) if group_key and len(keys) == 1 else 0
     width = min(12.0, max(ncols * (max(2.6, 0.075 * heading) + 0.065 * longest) + 0.6, 0.1 * len(title)))
     fig = Figure(figsize=(width, 1.3 + sum(0.27 * n + 0.85 for n in bars)), layout="constrained")
+    fits = max(16, int((width / ncols - 0.9) / 0.065))  # characters of a 9 pt x label under one panel
     fig.suptitle(title)
     grid = fig.add_gridspec(nrows, ncols, height_ratios=[n + 3 for n in bars])
     first: dict[str, Any] = {}
@@ -603,7 +611,7 @@ def comparison_figure(rows: list[dict[str, Any]], metric: str = "val_acc",
             ratio_drawn = True
         ax.set_yticks(y, names, fontsize=8)
         ax.set_ylim(len(mine) - 0.5, -0.5)
-        ax.set_xlabel(labels[key], fontsize=9)
+        ax.set_xlabel(textwrap.fill(labels[key], fits), fontsize=9)  # side by side, long labels would collide
         if j == 0:  # groups in rows of several keys: the row's group names them
             ax.set_ylabel(str(group) if group_key and len(keys) > 1 else label_key.replace("_", " "), fontsize=9)
         elif len(keys) > 1:  # the same bars as the row's first panel: their names once
@@ -715,8 +723,7 @@ def save_comparison(rows: list[dict[str, Any]], out_dir: PathLike, name: str = "
         cols.insert(cols.index(metric) + 1 if metric in cols else len(cols), ratio_col)
 
     out = {"csv": write_rows(rows_out, out_dir / f"{name}.csv", cols)}
-    fmts = {c: ".2f" if c == ratio_col else ".3f" for c in cols}
-    table = comparison_table(rows_out, cols, fmts)
+    table = comparison_table(rows_out, cols, {ratio_col: ".2f"})
     out["md"] = write_text(out_dir / f"{name}.md", markdown_page(title, intro or "", table) if title else table)
     fig = comparison_figure(rows, metric, baseline, label_key, title=title, **figure)
     out["png"] = save_figure(fig, out_dir / f"{name}.png")
