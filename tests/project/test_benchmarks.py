@@ -135,4 +135,5 @@ def test_multilabel_benchmark_smoke_run(tmp_path: Path) -> None:
     rare = [r for r in rows if "rare tag" in r["cell"]]
     assert {r["cell"].split("rare tag ")[1][0] for r in rare} == {"8", "9"}
     assert all(r["f1_tuned"] != "" and r["f1_at_half"] != "" for r in rare)
+    assert all(r["tuned_wins"] in ("0/1", "1/1") and float(r["test_positives"]) >= 15 for r in rare)  # 800 test mosaics
     assert (tmp_path / "out" / "multilabel.png").stat().st_size > 1000

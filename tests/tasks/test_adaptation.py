@@ -453,5 +453,11 @@ def test_adaptation_defaults_are_the_benchmarks_choice() -> None:
     md = (Path(__file__).parents[2] / "benchmarks" / "results" / "adaptation.md").read_text()
     method, bn, validator = re.search(r"\*\*Default \(best mean rank over the pairs\): (\w+) / (target|source) BN / "
                                       r"(\w+)\.\*\*", md).groups()
+    from visiontl.tasks.adaptation import adaptation_defaults
+
     defaults = {k: v.default for k, v in inspect.signature(AdaptationTask.__init__).parameters.items()}
-    assert (defaults["method"], defaults["target_bn"], defaults["monitor"]) == (method, bn == "target", validator)
+    assert defaults["method"] is None and defaults["monitor"] is None  # resolved by the task: one class or tags
+    assert (*adaptation_defaults(None, None, multilabel=False), defaults["target_bn"]) == (method, validator, bn == "target")
+    # several tags per image: the best DANN configuration there (MCC reads a softmax)
+    dann = re.search(r"^\| dann / target BN / (\w+) \| [\d.]+ \|", md, re.M).group(1)  # its best-ranked row
+    assert adaptation_defaults(None, None, multilabel=True) == ("dann", dann.replace("val_acc", "val_map"))

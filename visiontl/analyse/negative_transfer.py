@@ -13,7 +13,7 @@ the label-free validator that picks checkpoints can be compared. At the end of a
    with a logistic-regression head fitted on the source training images' features
    (:func:`visiontl.strategies.linear_probe.fit_probe`, what ``strategy: logreg`` fits), and scores it the same way;
 3. compares the two on the run's label-free validator (its ``monitor``; ``target_im`` when the
-   run monitors source accuracy). If the probe scores higher, the run warns, naming the fallback
+   run monitors source accuracy, ``target_dev`` for multi-label runs). If the probe scores higher, the run warns, naming the fallback
    (``strategy: logreg``), and ``metrics.json`` records ``negative_transfer`` with both scores
    (and both target accuracies when labelled target images were given, for evaluation).
 
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from visiontl.analyse.targetbn import TargetBNRecord
-from visiontl.data.adaptation import AdaptationDataModule
+from visiontl.data.adaptation import AdaptationData
 from visiontl.tasks.checkpoints import kept_model
 from visiontl.strategies.linear_probe import fit_probe
 from visiontl.tasks.validators import predict_loader, scores_from_outputs, target_scores
@@ -70,7 +70,7 @@ def frozen_probe_scores(pl_module: Any, dm: Any, device: torch.device) -> dict[s
         f, _, y = predict_loader(probe, loader, channels_last, device)
         return f, head(f), y
 
-    return scores_from_outputs(outputs(target), outputs(source_val))
+    return scores_from_outputs(outputs(target), outputs(source_val), multilabel=bool(getattr(pl_module, "multilabel", False)))
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,12 @@ class NegativeTransferCheck:
 
     def run(self, ctx: FitContext) -> NegativeTransferRecord | None:
         trainer, pl_module, dm = ctx.trainer, ctx.task, ctx.datamodule
-        if (not pl_module.hparams.get("negative_transfer_check", True) or not isinstance(dm, AdaptationDataModule)
+        if (not pl_module.hparams.get("negative_transfer_check", True) or not isinstance(dm, AdaptationData)
                 or "target" not in dm.datasets):
             return None
         monitor = pl_module.monitor
-        validator = monitor if monitor.startswith("target_") else "target_im"
+        tags = bool(getattr(pl_module, "multilabel", False))
+        validator = monitor if monitor.startswith("target_") else "target_dev" if tags else "target_im"
         report: dict[str, Any] = {"validator": validator}
         strategy = pl_module.strategy
         if not strategy.sgd or not strategy.uses_pretrained or strategy.name == "probe":
@@ -121,7 +122,7 @@ class NegativeTransferCheck:
         if adapted is None:
             source_val, target = dm.val_dataloader()
             adapted = target_scores(kept_model(trainer, pl_module)[0], target,
-                                    bool(pl_module.channels_last), device, source_val)
+                                    bool(pl_module.channels_last), device, source_val, multilabel=tags)
         worse = validator in adapted and validator in probe and adapted[validator] < probe[validator]
         report.update(model=adapted, frozen_probe=probe, warned=bool(worse))
         if worse:

@@ -24,7 +24,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl.core import files
-from visiontl.data.adaptation import AdaptationDataModule
+from visiontl.data.adaptation import AdaptationData
 from visiontl.models.features import pooled_features
 from visiontl.core.speed import channels_last_input
 from visiontl.tasks.da import reestimate_batchnorm
@@ -65,7 +65,7 @@ class TargetBatchNorm:
 
     def run(self, ctx: FitContext) -> TargetBNRecord | None:
         trainer, pl_module, dm = ctx.trainer, ctx.task, ctx.datamodule
-        if not pl_module.hparams.get("target_bn") or not isinstance(dm, AdaptationDataModule) or "target" not in dm.datasets:
+        if not pl_module.hparams.get("target_bn") or not isinstance(dm, AdaptationData) or "target" not in dm.datasets:
             return None
         model, ckpt, best = kept_model(trainer, pl_module)
         device = next(model.parameters()).device
@@ -74,7 +74,8 @@ class TargetBatchNorm:
         batch_size = dm.eval_batch_size(len(dm.samples("train")), len(images))
         loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=0)
         source_val, scored = dm.val_dataloader()  # the images scored each epoch (target: labelled, if given)
-        before = target_scores(model, scored, channels_last, device, source_val)
+        tags = bool(getattr(pl_module, "multilabel", False))
+        before = target_scores(model, scored, channels_last, device, source_val, multilabel=tags)
         layers = reestimate_batchnorm(
             model, (channels_last_input(b["image"].to(device), channels_last) for b in loader),
             forward=lambda x: pooled_features(model, x))
@@ -82,7 +83,7 @@ class TargetBatchNorm:
         if not layers:
             report["note"] = "the model has no BatchNorm layer: nothing to re-estimate"
             return TargetBNRecord(**report)
-        report["after"] = target_scores(model, scored, channels_last, device, source_val)
+        report["after"] = target_scores(model, scored, channels_last, device, source_val, multilabel=tags)
         if ckpt is not None:  # the kept checkpoint becomes the target model; the trained one stays beside it
             source = Path(best).with_name("best_source_bn.ckpt")
             files.write_bytes(source, Path(best).read_bytes())
@@ -91,8 +92,9 @@ class TargetBatchNorm:
             save_checkpoint(ckpt, best)
             report.update(checkpoint=str(best), source_bn_checkpoint=str(source))
         pl_module.model.load_state_dict(model.state_dict())  # what fit_task hands back is the target model too
+        changes = ", ".join(f"{k} {before[k]:.3f} -> {report['after'][k]:.3f}"
+                            for k in ("target_im", "target_dev", "target_acc", "target_map")
+                            if k in before and k in report["after"])
         rank_zero_info(f"[visiontl] target BatchNorm: {layers} layers re-estimated on {len(images)} target images; "
-                       f"target_im {before['target_im']:.3f} -> {report['after']['target_im']:.3f}"
-                       + (f", target_acc {before['target_acc']:.3f} -> {report['after']['target_acc']:.3f}"
-                          if "target_acc" in before else "") + f" ({os.path.basename(str(best)) or 'no checkpoint'})")
+                       f"{changes} ({os.path.basename(str(best)) or 'no checkpoint'})")
         return TargetBNRecord(**report)

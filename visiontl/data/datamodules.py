@@ -712,13 +712,17 @@ class CsvDataModule(ClassificationDataModule):
         """Image -> ``group_column`` value (filled while the CSVs are read), or None without one."""
         return self._groups if self.group_column is not None else None
 
-    def _read(self, csv_path: str) -> list[Sample]:
-        return [s for _, s in self._read_rows(csv_path)]
+    def _read(self, csv_path: str, *, listing: bool = True) -> list[Sample]:
+        """The samples of ``csv_path``; ``listing=False``: a CSV outside this data set's listing (a
+        domain adaptation's labelled target), read without its split and group columns."""
+        return [s for _, s in self._read_rows(csv_path, listing=listing)]
 
-    def _read_rows(self, csv_path: str) -> list[tuple[str, Sample]]:
+    def _read_rows(self, csv_path: str, *, listing: bool = True) -> list[tuple[str, Sample]]:
         """``(split, sample)`` per row (the split from ``split_column``, else ``train``)."""
+        group_column = self.group_column if listing else None
+        split_column = self.split_column if listing else None
         rows = read_csv_rows(csv_path, self.path_column, self.label_column, self.root, self.suffix, self.image_dirs,
-                             self.group_column, split_column=self.split_column or "split",
+                             group_column, split_column=split_column or "split",
                              tag_columns=self.tag_columns, uncertain=self.uncertain)
         path = Path(csv_path).expanduser()
         if self.task_setting == "auto" and not self._multilabel and csv_path == self.train_csv:
@@ -736,9 +740,9 @@ class CsvDataModule(ClassificationDataModule):
             if row.path is None or not row.path.is_file():
                 missing.append((row.path or path, f"listed in {path.name} line {row.line} but missing"))
                 continue
-            if self.group_column is not None:
+            if group_column is not None:
                 self._groups[row.path] = row.group or str(row.path)
-            samples.append((row.split if self.split_column else "train", (row.path, row.label)))
+            samples.append((row.split if split_column else "train", (row.path, row.label)))
         if missing and self.on_bad_image == "skip":
             self.skipped.extend(missing)
         elif missing:

@@ -21,6 +21,11 @@ left of the shift.
 Any strategy of the ladder decides what trains (``partial``, ``full``, ``gradual``; ``probe``
 trains the head only, so alignment cannot move the features).
 
+Multi-label data (several tags per image; :class:`~visiontl.data.CsvAdaptationDataModule`): DANN,
+CORAL and source-only train with the binary cross-entropy (they never read the labels to align);
+MCC and CDAN+E, defined on one softmax per image, are refused, as are the softmax validators below;
+the default is DANN with checkpoints by ``val_map`` (:func:`adaptation_defaults`).
+
 Label-free model selection: every validation epoch logs, on the target images,
 ``target_entropy`` (mean prediction entropy, lower = more confident), ``target_im`` (information
 maximisation: entropy of the mean prediction minus mean entropy; higher = confident *and* diverse),
@@ -40,19 +45,24 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
 
 from visiontl.models.features import classify_features, feature_width, pooled_features
 from visiontl.core.speed import channels_last_input
+from visiontl.strategies.base import Strategy
 from visiontl.tasks.classification import ClassificationTask
 from visiontl.tasks.da import (cdan_entropy_weights, deep_embedded_validation, information_maximisation, mcc_loss,
                                multilinear_map, soft_neighbourhood_density)
+from visiontl.tasks.validators import tag_losses
 
-__all__ = ["METHODS", "AdaptationTask", "DomainDiscriminator", "coral_loss", "dann_coefficient",
-           "gradient_reversal", "target_signals"]
+__all__ = ["METHODS", "TAG_METHODS", "AdaptationTask", "DomainDiscriminator", "adaptation_defaults", "coral_loss",
+           "dann_coefficient", "gradient_reversal", "target_signals"]
 
 METHODS = ("source_only", "dann", "coral", "mcc", "cdan_e")
 MONITORS = ("val_acc", "target_im", "target_snd", "target_dev")  # target labels never pick a checkpoint
+# several tags per image: the methods and validators that never read a softmax over the classes
+TAG_METHODS = ("source_only", "dann", "coral")
+TAG_MONITORS = ("val_map", "target_dev")
 _CDAN_MAX_DIM = 4096  # above this many features x classes, CDAN's randomised multilinear map (width 1024)
 
 
@@ -89,6 +99,32 @@ def coral_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (cov(source.float()) - cov(target.float())).pow(2).sum() / (4 * d * d)
 
 
+def adaptation_defaults(method: str | None, monitor: str | None, multilabel: bool) -> tuple[str, str]:
+    """``(method, monitor)`` of an adaptation run: the defaults where not given (one class per image:
+    ``mcc`` / ``target_im``, the best mean rank of ``benchmarks/adaptation.py``; several tags per
+    image: ``dann`` / ``val_map``, the best DANN configuration there), and a one-line refusal of
+    what the task cannot use."""
+    if multilabel:
+        method, monitor = method or "dann", monitor or "val_map"
+        if method not in TAG_METHODS:
+            known = "" if method in METHODS else "Unknown adaptation method; "
+            raise ValueError(f"{known}method {method!r} cannot adapt multi-label data (several tags per image): MCC and "
+                             f"CDAN+E are defined on one softmax over the classes per image; use "
+                             f"{', '.join(TAG_METHODS)} (dann is the multi-label default).")
+        if monitor not in TAG_MONITORS:
+            raise ValueError(f"monitor {monitor!r} cannot pick checkpoints of multi-label data: information "
+                             f"maximisation and neighbourhood density read one softmax per image; use "
+                             f"{' or '.join(TAG_MONITORS)} (val_map is the multi-label default).")
+        return method, monitor
+    method, monitor = method or "mcc", monitor or "target_im"
+    if method not in METHODS:
+        raise ValueError(f"Unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}.")
+    if monitor not in MONITORS:
+        raise ValueError(f"monitor must be one of {', '.join(MONITORS)} (target labels never pick checkpoints), "
+                         f"got {monitor!r}.")
+    return method, monitor
+
+
 class DomainDiscriminator(nn.Sequential):
     """Two hidden layers with batch norm, as in Ganin et al. and the Transfer-Learning-Library;
     outputs one logit: source (1) vs target (0)."""
@@ -104,7 +140,9 @@ class DomainDiscriminator(nn.Sequential):
 class AdaptationTask(ClassificationTask):
     """A :class:`~visiontl.tasks.ClassificationTask` trained on a source and a target domain.
 
-    Needs an :class:`~visiontl.data.AdaptationDataModule` (batches ``{"source", "target"}``).
+    Needs an adaptation datamodule (batches ``{"source", "target"}``):
+    :class:`~visiontl.data.AdaptationDataModule` (class folders) or
+    :class:`~visiontl.data.CsvAdaptationDataModule` (CSVs; multi-label too).
     The defaults (``method``, ``monitor``, ``target_bn``) are the configuration with the best mean
     rank over the three pairs of ``benchmarks/adaptation.py`` (``benchmarks/results/adaptation.md``):
     checkpoints are picked by a label-free validator and the kept model gets the target's BatchNorm
@@ -112,7 +150,10 @@ class AdaptationTask(ClassificationTask):
     classification run.
 
     Args:
-        method: ``mcc`` (default), ``dann``, ``coral``, ``cdan_e`` or ``source_only``.
+        method: ``mcc`` (default), ``dann``, ``coral``, ``cdan_e`` or ``source_only``. Multi-label
+            data (``task="multilabel"``, several tags per image, one sigmoid each): ``dann``
+            (default), ``coral`` or ``source_only``; MCC and CDAN+E are defined on one softmax per
+            image and are refused.
         adaptation_weight: weight of the adversarial / CORAL / MCC loss beside the source cross-entropy.
         discriminator_hidden: width of the DANN / CDAN discriminator.
         gamma: steepness of the DANN / CDAN coefficient schedule.
@@ -131,41 +172,47 @@ class AdaptationTask(ClassificationTask):
             without BatchNorm (ViTs use LayerNorm).
         monitor: the validation metric that picks the best checkpoint: a label-free target
             validator, ``target_im`` (default), ``target_snd`` or ``target_dev``, or the source
-            validation accuracy ``val_acc``.
+            validation accuracy ``val_acc``. Multi-label: ``val_map`` (default, the source
+            validation macro mAP) or ``target_dev`` (DEV on per-image tag losses); information
+            maximisation and neighbourhood density read a softmax and are refused.
         negative_transfer_check: at the end of the fit, compare the kept model with a frozen
             pretrained probe on the target by the label-free validator and warn when the probe
             scores higher (:mod:`visiontl.analyse.negative_transfer`); ``metrics.json`` records
             ``negative_transfer``.
-        *args: see :class:`~visiontl.tasks.ClassificationTask` (strategy default ``full`` with
-            ``bn_stats="update"``: ``domain_bn`` needs BatchNorm in training mode).
+        strategy: what trains (any strategy trained by gradient); default ``full`` with
+            ``bn_stats="update"`` (``domain_bn`` needs BatchNorm in training mode), from the
+            command line too.
+        *args: see :class:`~visiontl.tasks.ClassificationTask`.
         **kwargs: see :class:`~visiontl.tasks.ClassificationTask`.
     """
 
-    def __init__(self, *args: Any, method: Literal["source_only", "dann", "coral", "mcc", "cdan_e"] = "mcc",
+    def __init__(self, *args: Any, method: Literal["source_only", "dann", "coral", "mcc", "cdan_e"] | None = None,
                  adaptation_weight: float = 1.0, discriminator_hidden: int = 256, gamma: float = 10.0,
                  domain_bn: bool = True,
-                 monitor: Literal["val_acc", "target_im", "target_snd", "target_dev"] = "target_im",
+                 monitor: Literal["val_acc", "val_map", "target_im", "target_snd", "target_dev"] | None = None,
                  mcc_temperature: float = 2.5, target_bn: bool = True, negative_transfer_check: bool = True,
-                 **kwargs: Any) -> None:
-        if method not in METHODS:
-            raise ValueError(f"Unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}.")
-        if monitor not in MONITORS:
-            raise ValueError(f"monitor must be one of {', '.join(MONITORS)} (target labels never pick checkpoints), "
-                             f"got {monitor!r}.")
-        if kwargs.get("task", "multiclass") == "multilabel":
-            raise ValueError("Domain adaptation (its methods and its label-free validators) is defined on one class per "
-                             "image (softmax outputs); multi-label data (several tags per image) is not supported.")
-        kwargs.setdefault("strategy", {"name": "full", "bn_stats": "update"})
-        super().__init__(*args, **kwargs)
+                 strategy: Strategy | str | dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, strategy=strategy, **kwargs)  # the None defaults: resolve_hparams
         if not self.strategy.sgd:
             raise ValueError(f"Strategy {self.strategy.name!r} fits a head in closed form; domain adaptation "
                              f"trains by gradient: use probe, partial, full or gradual.")
-        if domain_bn and method != "source_only" and getattr(self.strategy, "bn_stats", "update") == "frozen" \
+        if domain_bn and self.hparams["method"] != "source_only" and getattr(self.strategy, "bn_stats", "update") == "frozen" \
                 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             warnings.warn(f"domain_bn has no effect: strategy {self.strategy.name!r} keeps the BatchNorm statistics "
                           f"frozen (bn_stats='frozen'), so neither domain is normalised by its own batch; pass "
                           f"bn_stats='update' to the strategy, or domain_bn=False to silence this.", stacklevel=2)
-        self.monitor = monitor
+        self.monitor = self.hparams["monitor"]
+
+    def resolve_hparams(self) -> None:
+        """The defaults left as None, from the data's task (:func:`adaptation_defaults`), and the
+        strategy's (``full`` with ``bn_stats="update"``): resolved on the saved hyper-parameters, so
+        a run from Python and one from the command line (which passes every default as given) get
+        the same."""
+        hp = self.hparams
+        hp["method"], hp["monitor"] = adaptation_defaults(hp.get("method"), hp.get("monitor"),
+                                                          hp.get("task", "multiclass") == "multilabel")
+        if hp.get("strategy") is None:
+            hp["strategy"] = {"name": "full", "bn_stats": "update"}
 
     @property
     def uses_feature_cache(self) -> bool:
@@ -190,7 +237,9 @@ class AdaptationTask(ClassificationTask):
 
     def configure_metrics(self) -> None:
         super().configure_metrics()
-        self.target_accuracy = MulticlassAccuracy(self.hparams["num_classes"], average="micro")
+        k = self.hparams["num_classes"]  # with target labels: accuracy, or macro mAP of the tags
+        self.target_accuracy = (MultilabelAveragePrecision(k, average="macro", ignore_index=-1) if self.multilabel
+                                else MulticlassAccuracy(k, average="micro"))
         self._target: dict[str, list[torch.Tensor]] = {}
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
@@ -220,7 +269,7 @@ class AdaptationTask(ClassificationTask):
             feats = self._features(torch.cat([source["image"], target["image"]]))
         logits = classify_features(self.model, feats[:n])
         loss = self._loss(logits, ys)
-        self.train_metrics.update(logits.detach(), ys)
+        self.train_metrics.update(logits.detach(), ys.long() if self.multilabel else ys)
         weight = float(self.hparams["adaptation_weight"])
         if method == "dann":
             coeff = dann_coefficient(self._progress(), self.hparams["gamma"])
@@ -263,16 +312,24 @@ class AdaptationTask(ClassificationTask):
             self._eval_step(batch, "val", logits=logits)
             self._target.setdefault("source_features", []).append(feats.float())
             self._target.setdefault("source_losses", []).append(
-                F.cross_entropy(logits.float(), batch["label"], reduction="none"))
+                tag_losses(logits, batch["label"]) if self.multilabel
+                else F.cross_entropy(logits.float(), batch["label"], reduction="none"))
             if self.hparams["method"] == "dann":  # the proxy A-distance of DANN's feature discriminator
                 self._target.setdefault("source_domain", []).append(self.discriminator(feats).squeeze(1))
             return
-        probs = classify_features(self.model, feats).float().softmax(dim=1)
-        self._target.setdefault("probs", []).append(probs)
+        logits = classify_features(self.model, feats).float()
         self._target.setdefault("target_features", []).append(feats.float())
-        labelled = batch["label"] >= 0
-        if labelled.any():
-            self.target_accuracy.update(probs[labelled], batch["label"][labelled])
+        if self.multilabel:  # no softmax signal; target tags, where given, for the target mAP
+            labels = batch["label"]
+            labelled = (labels >= 0).any(dim=1)
+            if labelled.any():
+                self.target_accuracy.update(logits.sigmoid()[labelled], labels[labelled].long())
+        else:
+            probs = logits.softmax(dim=1)
+            self._target.setdefault("probs", []).append(probs)
+            labelled = batch["label"] >= 0
+            if labelled.any():
+                self.target_accuracy.update(probs[labelled], batch["label"][labelled])
         if self.hparams["method"] == "dann":
             self._target.setdefault("target_domain", []).append(self.discriminator(feats).squeeze(1))
 
@@ -282,7 +339,8 @@ class AdaptationTask(ClassificationTask):
         for name, value in signals.items():
             self.log(name, value, sync_dist=True)
         if self.target_accuracy.update_count:
-            self.log("target_acc", self.target_accuracy.compute(), prog_bar=True, sync_dist=True)
+            self.log("target_map" if self.multilabel else "target_acc", self.target_accuracy.compute(), prog_bar=True,
+                     sync_dist=True)
         self.target_accuracy.reset()
         self._target = {}
 

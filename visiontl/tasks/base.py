@@ -49,9 +49,15 @@ class BaseTask(pl.LightningModule):
 
     strategy: Strategy
 
+    def resolve_hparams(self) -> None:
+        """Fill the hyper-parameters a subclass leaves as None by default (what they resolve to can
+        depend on other arguments, e.g. the task), before the strategy and the model are built.
+        Runs on the saved hyper-parameters: the same from Python and from the command line."""
+
     def __init__(self) -> None:
         super().__init__()
         self.save_hyperparameters()  # the subclass's __init__ arguments
+        self.resolve_hparams()
         strategy_spec = self.hparams.get("strategy", "probe")
         self.strategy = get_strategy(strategy_spec)
         self.hparams["strategy"] = self.strategy.to_config()  # plain data: safe checkpoints
