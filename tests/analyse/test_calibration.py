@@ -1,0 +1,74 @@
+"""Temperature scaling: fitted by value, judged out of fold, argmax untouched, a readable diagram."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers.figures import figure_problems
+from visiontl.analyse.calibration import (calibrate, calibration_error, fit_temperature, negative_log_likelihood,
+                                          reliability_figure, scaled_probabilities)
+
+
+def _overconfident(n: int = 4000, k: int = 4, t: float = 2.5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose labels are drawn from softmax(logits / t): temperature t calibrates them exactly."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, generator=g) * 4
+    labels = torch.multinomial((logits / t).softmax(1), 1, generator=g).squeeze(1)
+    return logits, labels
+
+
+def test_fit_temperature_recovers_the_temperature_that_made_the_labels() -> None:
+    logits, labels = _overconfident(t=2.5)
+    assert float(fit_temperature(logits, labels)) == pytest.approx(2.5, rel=0.08)
+    under, labels = _overconfident(t=0.5, seed=1)
+    assert float(fit_temperature(under, labels)) == pytest.approx(0.5, rel=0.08)
+
+
+def test_multi_label_temperatures_are_per_tag_and_a_tag_without_both_outcomes_keeps_one() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6000, 3, generator=g) * 3
+    temps = torch.tensor([0.7, 1.0, 3.0])
+    targets = torch.bernoulli((logits / temps).sigmoid(), generator=g)
+    targets[:, 1] = 0.0  # no positive of tag 1
+    targets[::7, 0] = -1.0  # uncertain pairs are left out
+    fitted = fit_temperature(logits, targets, multilabel=True)
+    assert fitted.shape == (3,) and float(fitted[1]) == 1.0
+    assert float(fitted[0]) == pytest.approx(0.7, rel=0.1) and float(fitted[2]) == pytest.approx(3.0, rel=0.1)
+
+
+def test_calibrate_halves_the_error_out_of_fold_and_keeps_every_argmax() -> None:
+    logits, labels = _overconfident(n=2000, t=3.0)
+    result, out_of_fold = calibrate(logits, labels)
+    assert result.folds == 2 and result.images == 2000 and result.temperature[0] == pytest.approx(3.0, rel=0.1)
+    assert result.ece_after <= result.ece_before / 2 and result.nll_after < result.nll_before
+    assert torch.equal(out_of_fold.argmax(1), logits.argmax(1))  # accuracy cannot move
+    raw = calibration_error(scaled_probabilities(logits, 1.0), labels)
+    assert result.ece_before == pytest.approx(raw, abs=1e-6)
+    assert negative_log_likelihood(logits, labels, 3.0) < negative_log_likelihood(logits, labels, 1.0)
+
+
+def test_out_of_fold_means_each_image_is_scored_by_a_temperature_fitted_without_it() -> None:
+    logits, labels = _overconfident(n=400, t=2.0)
+    _, out_of_fold = calibrate(logits, labels, folds=2, seed=3)
+    fitted_on_all = scaled_probabilities(logits, fit_temperature(logits, labels))
+    assert not torch.allclose(out_of_fold, fitted_on_all, atol=1e-4)  # not the in-sample temperature
+    # every image got one of two temperatures (one per fold), and both folds hold every class
+    ratios = (logits[:, 0] - logits[:, 1]) / (out_of_fold[:, 0].log() - out_of_fold[:, 1].log())
+    assert len(torch.unique(ratios.round(decimals=3))) == 2
+    with pytest.raises(ValueError, match="at least 4 images"):
+        calibrate(logits[:3], labels[:3])
+
+
+def test_the_reliability_diagram_is_readable() -> None:
+    logits, labels = _overconfident(n=600, t=2.0)
+    result, out_of_fold = calibrate(logits, labels)
+    fig = reliability_figure(scaled_probabilities(logits, 1.0), out_of_fold, labels, result)
+    assert figure_problems(fig) == []
+    assert "T = 2" in fig.get_suptitle()
+    g = torch.Generator().manual_seed(0)
+    tags = torch.bernoulli(torch.full((300, 3), 0.3), generator=g)
+    tag_logits = torch.randn(300, 3, generator=g) * 3 + (tags - 0.5) * 4
+    tag_result, tag_oof = calibrate(tag_logits, tags, multilabel=True)
+    fig = reliability_figure(tag_logits.sigmoid(), tag_oof, tags, tag_result, multilabel=True)
+    assert figure_problems(fig) == [] and "over 3 tags" in fig.get_suptitle()
