@@ -72,3 +72,23 @@ def test_the_reliability_diagram_is_readable() -> None:
     tag_result, tag_oof = calibrate(tag_logits, tags, multilabel=True)
     fig = reliability_figure(tag_logits.sigmoid(), tag_oof, tags, tag_result, multilabel=True)
     assert figure_problems(fig) == [] and "over 3 tags" in fig.get_suptitle()
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_every_run_measures_its_calibration(multilabel: bool, shapes_root, tmp_path) -> None:
+    """A fine_tune run (either task) ends with the kept model's calibration in metrics.json, measured
+    out of fold on its validation images, and the reliability diagram beside it."""
+    import json
+
+    from helpers.shapes import make_multilabel_csv
+    from visiontl import fine_tune
+
+    data = make_multilabel_csv(tmp_path / "tags", n=40, seed=0) if multilabel else shapes_root
+    result = fine_tune(str(data), backbone="test_resnet", pretrained=False, strategy="full", steps=6, image_size=32,
+                       out=tmp_path / "runs", name="cal", data_kwargs={"num_workers": 0},
+                       trainer_kwargs={"enable_progress_bar": False})
+    record = json.loads((result.run_dir / "metrics.json").read_text())["calibration"]
+    assert record["plot"] == "reliability.png" and (result.run_dir / "reliability.png").stat().st_size > 5000
+    assert len(record["temperature"]) == (3 if multilabel else 1) and all(0.05 <= t <= 20 for t in record["temperature"])
+    assert 0 <= record["ece_after"] <= 1 and 0 <= record["ece_before"] <= 1 and record["folds"] == 2
+    assert record["images"] == (8 if multilabel else 6) and record["applied"] is False

@@ -24,13 +24,16 @@ multi-label ones; with the negative log-likelihood before and after.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CalibrationResult", "calibrate", "calibration_error", "fit_temperature", "negative_log_likelihood",
+if TYPE_CHECKING:
+    from visiontl.analyse.after_fit import FitContext
+
+__all__ = ["Calibration", "CalibrationRecord", "CalibrationResult", "calibrate", "calibration_error", "fit_temperature", "negative_log_likelihood",
            "reliability_figure", "scaled_probabilities"]
 
 BINS = 15
@@ -206,7 +209,7 @@ def reliability_figure(before: torch.Tensor, after: torch.Tensor, targets: torch
         top.plot(conf[ok], freq[ok], marker=marker, color=color, label=f"{name} scaling (ECE {ece:.3f})")
         bottom.bar(edges[:-1] + (0.5 if name == "after" else 0.0) / bins, share, width=0.5 / bins, align="edge",
                    color=color, alpha=0.7)
-    top.set(xlabel=what, ylabel="observed frequency right" if not multilabel else "observed frequency of the tag",
+    top.set(xlabel=what, ylabel="accuracy in the bin (share right)" if not multilabel else "share of the bin with the tag",
             xlim=(0, 1), ylim=(0, 1))
     top.grid(alpha=0.3)
     bottom.set(xlabel=what, ylabel="share of predictions", xlim=(0, 1))
@@ -214,3 +217,50 @@ def reliability_figure(before: torch.Tensor, after: torch.Tensor, targets: torch
     handles, labels = top.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     return fig
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    """``metrics.json``'s ``calibration``: :class:`CalibrationResult`'s numbers for the kept model, the
+    diagram's file, and whether predictions apply the temperature yet (``applied``)."""
+
+    key: ClassVar[str | None] = "calibration"
+    result: dict[str, Any] | None = None
+    plot: str | None = None
+    applied: bool = False
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in {**(self.result or {}), "plot": self.plot, "applied": self.applied,
+                                  "note": self.note}.items() if v is not None}
+
+
+class Calibration:
+    """After the fit: temperature scaling of the kept model, measured on the validation images
+    (:func:`calibrate`), written to ``metrics.json`` (``calibration``) with ``reliability.png``. A
+    step of :mod:`visiontl.analyse.after_fit`; for an adaptation run, after target BatchNorm (the
+    model it keeps), on the source validation images."""
+
+    name = "calibration"
+
+    def run(self, ctx: FitContext) -> CalibrationRecord | None:
+        from visiontl.analyse.plots import save_figure
+        from visiontl.tasks.checkpoints import kept_model
+        from visiontl.tasks.classification import ClassificationTask
+        from visiontl.tasks.validators import predict_loader
+
+        task, dm = ctx.task, ctx.datamodule
+        if not isinstance(task, ClassificationTask) or "val" not in getattr(dm, "datasets", {}):
+            return None
+        loaders = dm.val_dataloader()
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders  # adaptation: the source's
+        model = kept_model(ctx.trainer, task)[0]
+        device = next(task.model.parameters()).device
+        _, logits, labels = predict_loader(model, loader, bool(task.channels_last), device)
+        multilabel = bool(task.multilabel)
+        if len(logits) < 4:
+            return CalibrationRecord(note=f"{len(logits)} validation image(s): too few to fit and judge a temperature")
+        result, out_of_fold = calibrate(logits, labels, multilabel)
+        fig = reliability_figure(scaled_probabilities(logits, 1.0, multilabel), out_of_fold, labels, result, multilabel)
+        plot = save_figure(fig, ctx.run_dir / "reliability.png")
+        return CalibrationRecord(result=result.to_dict(), plot=plot.name)

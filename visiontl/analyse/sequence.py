@@ -4,7 +4,9 @@
 2. for a domain-adaptation run, target BatchNorm (:class:`~visiontl.analyse.targetbn.TargetBatchNorm`),
    then the negative-transfer check, which scores the model target BatchNorm left
    (:class:`~visiontl.analyse.negative_transfer.NegativeTransferCheck`);
-3. the divergence guard's report (:class:`~visiontl.analyse.after_fit.DivergenceReport`).
+3. calibration: temperature scaling of the kept model, measured on the validation images
+   (:class:`~visiontl.analyse.calibration.Calibration`);
+4. the divergence guard's report (:class:`~visiontl.analyse.after_fit.DivergenceReport`).
 
 The run report (:class:`visiontl.train.run.RunReport`) runs them (:func:`visiontl.analyse.after_fit.run_steps`)
 and writes their records to ``metrics.json``.
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from visiontl.analyse.after_fit import AfterFitStep, DivergenceReport
+from visiontl.analyse.calibration import Calibration
 from visiontl.analyse.forgetting import Forgetting
 from visiontl.analyse.negative_transfer import NegativeTransferCheck
 from visiontl.analyse.targetbn import TargetBatchNorm
@@ -26,4 +29,4 @@ __all__ = ["after_fit_steps"]
 def after_fit_steps(task: Any) -> list[AfterFitStep]:
     """The after-fit steps of ``task``, in order."""
     adaptation: list[AfterFitStep] = [TargetBatchNorm(), NegativeTransferCheck()] if isinstance(task, AdaptationTask) else []
-    return [Forgetting(), *adaptation, DivergenceReport()]
+    return [Forgetting(), *adaptation, Calibration(), DivergenceReport()]
