@@ -44,6 +44,28 @@ class FitContext:
     task: Any
     datamodule: Any
     records: dict[str, Record] = field(default_factory=dict)
+    _outputs: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def validation_outputs(self) -> tuple[Any, Any] | None:
+        """``(logits, labels)`` of the kept model on the validation images (an adaptation run's:
+        the source's), on the CPU, in the datamodule's order; None without validation images.
+        Computed once, when a step first asks, and shared (calibration, error analysis): the steps
+        that change the kept model (target BatchNorm) come before the first that reads them."""
+        if "val" not in self._outputs:
+            from visiontl.tasks.checkpoints import kept_model
+            from visiontl.tasks.validators import predict_loader
+
+            dm = self.datamodule
+            if "val" not in (getattr(dm, "datasets", None) or {}):
+                self._outputs["val"] = None
+            else:
+                loaders = dm.val_dataloader()
+                loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+                model = kept_model(self.trainer, self.task)[0]
+                device = next(self.task.model.parameters()).device
+                _, logits, labels = predict_loader(model, loader, bool(self.task.channels_last), device)
+                self._outputs["val"] = (logits, labels)
+        return self._outputs["val"]
 
     @property
     def run_dir(self) -> Path:

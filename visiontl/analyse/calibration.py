@@ -245,19 +245,13 @@ class Calibration:
 
     def run(self, ctx: FitContext) -> CalibrationRecord | None:
         from visiontl.analyse.plots import save_figure
-        from visiontl.tasks.checkpoints import kept_model
         from visiontl.tasks.classification import ClassificationTask
-        from visiontl.tasks.validators import predict_loader
 
-        task, dm = ctx.task, ctx.datamodule
-        if not isinstance(task, ClassificationTask) or "val" not in getattr(dm, "datasets", {}):
+        outputs = ctx.validation_outputs() if isinstance(ctx.task, ClassificationTask) else None
+        if outputs is None:
             return None
-        loaders = dm.val_dataloader()
-        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders  # adaptation: the source's
-        model = kept_model(ctx.trainer, task)[0]
-        device = next(task.model.parameters()).device
-        _, logits, labels = predict_loader(model, loader, bool(task.channels_last), device)
-        multilabel = bool(task.multilabel)
+        logits, labels = outputs
+        multilabel = bool(ctx.task.multilabel)
         if len(logits) < 4:
             return CalibrationRecord(note=f"{len(logits)} validation image(s): too few to fit and judge a temperature")
         result, out_of_fold = calibrate(logits, labels, multilabel)
