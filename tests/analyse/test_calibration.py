@@ -75,20 +75,27 @@ def test_the_reliability_diagram_is_readable() -> None:
 
 
 @pytest.mark.parametrize("multilabel", [False, True])
-def test_every_run_measures_its_calibration(multilabel: bool, shapes_root, tmp_path) -> None:
+def test_every_run_measures_its_calibration(multilabel: bool, tmp_path) -> None:
     """A fine_tune run (either task) ends with the kept model's calibration in metrics.json, measured
-    out of fold on its validation images, and the reliability diagram beside it."""
+    out of fold on its validation images, and the reliability diagram beside it; a run with too few
+    validation images says so and keeps its probabilities."""
     import json
 
-    from helpers.shapes import make_multilabel_csv
+    from helpers.shapes import make_folder, make_multilabel_csv
     from visiontl import fine_tune
 
-    data = make_multilabel_csv(tmp_path / "tags", n=40, seed=0) if multilabel else shapes_root
-    result = fine_tune(str(data), backbone="test_resnet", pretrained=False, strategy="full", steps=6, image_size=32,
-                       out=tmp_path / "runs", name="cal", data_kwargs={"num_workers": 0},
-                       trainer_kwargs={"enable_progress_bar": False})
-    record = json.loads((result.run_dir / "metrics.json").read_text())["calibration"]
-    assert record["plot"] == "reliability.png" and (result.run_dir / "reliability.png").stat().st_size > 5000
+    def run(n: int, name: str) -> dict:
+        data = make_multilabel_csv(tmp_path / name, n=n, seed=0) if multilabel else make_folder(tmp_path / name, per_class=n // 3)
+        result = fine_tune(str(data), backbone="test_resnet", pretrained=False, strategy="full", steps=4, image_size=32,
+                           out=tmp_path / "runs", name=name, data_kwargs={"num_workers": 0},
+                           trainer_kwargs={"enable_progress_bar": False})
+        record = json.loads((result.run_dir / "metrics.json").read_text())["calibration"]
+        assert (result.run_dir / "reliability.png").is_file() == ("plot" in record)
+        return record
+
+    record = run(120, "enough")
+    assert record["plot"] == "reliability.png" and record["applied"] is True and record["folds"] == 2
     assert len(record["temperature"]) == (3 if multilabel else 1) and all(0.05 <= t <= 20 for t in record["temperature"])
-    assert 0 <= record["ece_after"] <= 1 and 0 <= record["ece_before"] <= 1 and record["folds"] == 2
-    assert record["images"] == (8 if multilabel else 6) and record["applied"] is False
+    assert 0 <= record["ece_after"] <= 1 and 0 <= record["ece_before"] <= 1 and record["images"] >= 20
+    few = run(36, "few")
+    assert few["applied"] is False and "too few to fit" in few["note"] and "temperature" not in few

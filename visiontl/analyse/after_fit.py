@@ -52,7 +52,6 @@ class FitContext:
         Computed once, when a step first asks, and shared (calibration, error analysis): the steps
         that change the kept model (target BatchNorm) come before the first that reads them."""
         if "val" not in self._outputs:
-            from visiontl.tasks.checkpoints import kept_model
             from visiontl.tasks.validators import predict_loader
 
             dm = self.datamodule
@@ -61,11 +60,30 @@ class FitContext:
             else:
                 loaders = dm.val_dataloader()
                 loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-                model = kept_model(self.trainer, self.task)[0]
+                model = self.kept()[0]
                 device = next(self.task.model.parameters()).device
                 _, logits, labels = predict_loader(model, loader, bool(self.task.channels_last), device)
                 self._outputs["val"] = (logits, labels)
         return self._outputs["val"]
+
+    def kept(self) -> tuple[Any, dict[str, Any] | None, str]:
+        """:func:`~visiontl.tasks.checkpoints.kept_model` of the run (the network, its checkpoint and
+        path), read once: a step that rewrites the checkpoint (calibration) updates this one too."""
+        if "kept" not in self._outputs:
+            from visiontl.tasks.checkpoints import kept_model
+
+            self._outputs["kept"] = kept_model(self.trainer, self.task)
+        return self._outputs["kept"]
+
+    def kept_buffer(self, name: str) -> Any:
+        """A buffer of the kept model's task (``thresholds``, ``temperature``) as a CPU float tensor:
+        from its checkpoint where it has one (the in-memory task holds the last validation's), else
+        the task's; None when the task has no such buffer."""
+        _, ckpt, _ = self.kept()
+        if ckpt is not None and name in ckpt["state_dict"]:
+            return ckpt["state_dict"][name].detach().float().cpu()
+        buffer = getattr(self.task, name, None)
+        return None if buffer is None else buffer.detach().float().cpu()
 
     @property
     def run_dir(self) -> Path:

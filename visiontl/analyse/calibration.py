@@ -16,6 +16,10 @@ after scaling is measured on these out-of-fold probabilities, never on images th
 temperature that scored them. The temperature the model keeps is then fitted on all the validation
 images (the usual last step of cross-fitting: more images, the same procedure that was judged).
 
+The model keeps the temperature only when it lowered the negative log-likelihood out of fold (on
+a handful of confident images a fitted temperature can make things worse, and the cross-fit shows
+it); otherwise its probabilities stay as trained and ``metrics.json`` says why.
+
 Calibration error is torchmetrics' expected calibration error (15 equal-width confidence bins, L1):
 of the top-class confidence for single-label models, of every labelled (image, tag) probability for
 multi-label ones; with the negative log-likelihood before and after.
@@ -23,6 +27,7 @@ multi-label ones; with the negative log-likelihood before and after.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -33,11 +38,13 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from visiontl.analyse.after_fit import FitContext
 
-__all__ = ["Calibration", "CalibrationRecord", "CalibrationResult", "calibrate", "calibration_error", "fit_temperature", "negative_log_likelihood",
+__all__ = ["Calibration", "CalibrationRecord", "CalibrationResult", "calibrate", "keep_temperature", "calibration_error", "fit_temperature", "negative_log_likelihood",
            "reliability_figure", "scaled_probabilities"]
 
 BINS = 15
 T_RANGE = (0.05, 20.0)  # a temperature outside this is a sign of a broken fit, not of calibration
+GRID = 801
+MIN_IMAGES = 20  # fewer validation images fit a temperature to noise (a handful all right: T -> 0)
 
 
 def scaled_probabilities(logits: torch.Tensor, temperature: torch.Tensor | float, multilabel: bool = False) -> torch.Tensor:
@@ -63,28 +70,24 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor, t: torch.Tensor, multilabe
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
-    """The temperature minimising the NLL of ``targets`` (L-BFGS on ``log T``): shape ``(1,)``, or
-    ``(k,)`` for a multi-label model (a tag with no labelled positive or no labelled negative keeps 1).
-    Clamped to [0.05, 20]."""
+    """The temperature minimising the NLL of ``targets``: shape ``(1,)``, or ``(k,)`` for a multi-label
+    model (each tag's binary cross-entropy is its own 1-D problem; a tag with no labelled positive
+    or no labelled negative keeps 1). A search over 801 log-spaced temperatures in [0.05, 20]
+    (steps of 0.75 %): the NLL of a temperature is one-dimensional and smooth, and a bounded grid
+    cannot diverge where a gradient method on a few confident images runs off to 0 or infinity."""
     logits = logits.detach().float()
-    width = logits.shape[1] if multilabel else 1
-    log_t = torch.zeros(width, requires_grad=True)
-    optimiser = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        loss = _nll(logits, targets, log_t.exp(), multilabel)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimiser.step(closure)
-    t = log_t.detach().exp().clamp(*T_RANGE)
-    if multilabel:  # a tag without both outcomes among the labelled pairs: nothing to fit
-        known = targets >= 0
-        both = ((targets > 0.5) & known).any(0) & ((targets < 0.5) & known).any(0)
-        t = torch.where(both, t, torch.ones_like(t))
-    return t
+    grid = torch.logspace(math.log10(T_RANGE[0]), math.log10(T_RANGE[1]), GRID)
+    if not multilabel:
+        labels = targets.long()
+        nll = torch.stack([F.cross_entropy(logits / t, labels) for t in grid])
+        return grid[nll.argmin()].reshape(1)
+    known = targets >= 0
+    y = targets.clamp(min=0).float()
+    nll = torch.stack([(F.binary_cross_entropy_with_logits(logits / t, y, reduction="none") * known).sum(0)
+                       for t in grid])  # (grid, k): each tag's total loss at each temperature
+    t = grid[nll.argmin(0)]
+    both = ((targets > 0.5) & known).any(0) & ((targets < 0.5) & known).any(0)
+    return torch.where(both, t, torch.ones_like(t))
 
 
 def calibration_error(probs: torch.Tensor, targets: torch.Tensor, multilabel: bool = False, bins: int = BINS) -> float:
@@ -222,12 +225,13 @@ def reliability_figure(before: torch.Tensor, after: torch.Tensor, targets: torch
 @dataclass(frozen=True)
 class CalibrationRecord:
     """``metrics.json``'s ``calibration``: :class:`CalibrationResult`'s numbers for the kept model, the
-    diagram's file, and whether predictions apply the temperature yet (``applied``)."""
+    diagram's file, and ``applied``: the temperature is part of the kept model (its checkpoint, its
+    export, its predictions)."""
 
     key: ClassVar[str | None] = "calibration"
     result: dict[str, Any] | None = None
     plot: str | None = None
-    applied: bool = False
+    applied: bool | None = None
     note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,10 +240,11 @@ class CalibrationRecord:
 
 
 class Calibration:
-    """After the fit: temperature scaling of the kept model, measured on the validation images
-    (:func:`calibrate`), written to ``metrics.json`` (``calibration``) with ``reliability.png``. A
-    step of :mod:`visiontl.analyse.after_fit`; for an adaptation run, after target BatchNorm (the
-    model it keeps), on the source validation images."""
+    """After the fit: temperature scaling of the kept model, fitted and measured on the validation
+    images (:func:`calibrate`), kept in its checkpoint (:func:`keep_temperature`) and written to
+    ``metrics.json`` (``calibration``) with ``reliability.png``. A step of
+    :mod:`visiontl.analyse.after_fit`; for an adaptation run, after target BatchNorm (the model it
+    keeps), on the source validation images."""
 
     name = "calibration"
 
@@ -252,9 +257,38 @@ class Calibration:
             return None
         logits, labels = outputs
         multilabel = bool(ctx.task.multilabel)
-        if len(logits) < 4:
-            return CalibrationRecord(note=f"{len(logits)} validation image(s): too few to fit and judge a temperature")
+        if len(logits) < MIN_IMAGES:
+            return CalibrationRecord(applied=False, note=f"{len(logits)} validation image(s): too few to fit and judge a "
+                                                        f"temperature (at least {MIN_IMAGES}); the probabilities stay as trained")
         result, out_of_fold = calibrate(logits, labels, multilabel)
         fig = reliability_figure(scaled_probabilities(logits, 1.0, multilabel), out_of_fold, labels, result, multilabel)
         plot = save_figure(fig, ctx.run_dir / "reliability.png")
-        return CalibrationRecord(result=result.to_dict(), plot=plot.name)
+        if result.nll_after >= result.nll_before:  # judged out of fold, scaling did not help: not kept
+            return CalibrationRecord(result=result.to_dict(), plot=plot.name, applied=False,
+                                     note=f"temperature scaling did not lower the out-of-fold NLL ({result.nll_before:.4f} "
+                                          f"-> {result.nll_after:.4f}); the probabilities stay as trained")
+        keep_temperature(ctx, torch.tensor(result.temperature), result.to_dict())
+        return CalibrationRecord(result=result.to_dict(), plot=plot.name, applied=True)
+
+
+def keep_temperature(ctx: FitContext, temperature: torch.Tensor, record: dict[str, Any]) -> None:
+    """Make ``temperature`` part of the kept model: in its checkpoint (``temperature``; a multi-label
+    model's thresholds restated with it, in the state and in the recorded per-tag table, so decisions
+    do not change), and in the task in memory."""
+    from visiontl.tasks.checkpoints import save_checkpoint
+    from visiontl.tasks.multilabel import rescale_thresholds
+
+    _, ckpt, best = ctx.kept()
+    if ckpt is not None:
+        state = ckpt["state_dict"]
+        old = state.get("temperature", torch.ones_like(temperature)).float().cpu()
+        if "thresholds" in state:
+            state["thresholds"] = rescale_thresholds(state["thresholds"].float().cpu(), old, temperature)
+            tags = (ckpt.get("visiontl") or {}).get("val_tags")
+            if isinstance(tags, dict):
+                for row, t in zip(tags.get("rows", []), state["thresholds"].tolist()):
+                    row["threshold"] = t
+        state["temperature"] = temperature.clone()
+        ckpt.setdefault("visiontl", {})["calibration"] = record
+        save_checkpoint(ckpt, best)
+    ctx.task.set_temperature(temperature)

@@ -191,12 +191,14 @@ class ErrorAnalysis:
         if outputs is None or not len(outputs[0]):
             return None
         logits, labels = outputs
+        temperature = ctx.kept_buffer("temperature")  # the probabilities the kept model reports: calibrated
+        logits = logits / temperature if temperature is not None else logits
         paths = [str(p) for p in dm.paths("val")]
         if len(paths) != len(logits):  # frames of multi-frame files, or a sampler that reorders: no names
             paths = [f"validation image {i}" for i in range(len(logits))]
         out, names = ctx.run_dir, list(task.class_names)
         multilabel = bool(task.multilabel)
-        thresholds = task.thresholds.detach().cpu().float() if multilabel else None
+        thresholds = ctx.kept_buffer("thresholds") if multilabel else None
         worst = top_losses(logits, labels, paths, names, thresholds, k=len(logits))
         files = [write_rows(worst[:100], out / "top_losses.csv").name]
         what = "tags decided wrongly" if multilabel else "misclassified"

@@ -44,7 +44,7 @@ def held_out_tags(task: Any, listing: str | os.PathLike[str], split: str = "test
     loader = torch.utils.data.DataLoader(dm.feature_source(split), batch_size=64, num_workers=0)
     device = next(task.model.parameters()).device
     _, logits, labels = predict_loader(task.model, loader, bool(task.channels_last), device)
-    probs, targets = logits.sigmoid(), labels.float()
+    probs, targets = task.calibrated(logits).sigmoid(), labels.float()  # as the task predicts: calibrated
     thresholds = task.thresholds.detach().cpu().float()
     tuned = per_tag_rates(probs, targets, thresholds)
     half = per_tag_rates(probs, targets, torch.full_like(thresholds, 0.5))["f1"]

@@ -3,8 +3,9 @@
 Input convention of every exported graph: ``input`` is float32 NCHW, ``C`` = the model's channels,
 values in ``[0, 1]`` (8-bit pixels / 255, 16-bit / 65535), already brought to the model's input
 size by :func:`visiontl.data.geometry.eval_resize` with the ``crop_pct`` in the metadata (:class:`visiontl.deploy.predict.Predictor` does this). Mean / std
-normalisation is inside the graph. Outputs: ``logits`` and ``probabilities`` (softmax), batch
-dimension dynamic. Metadata (``metadata_props``) states all of it, plus class names, backbone,
+normalisation is inside the graph. Outputs: ``logits`` (divided by the run's calibration
+temperature, :mod:`visiontl.analyse.calibration`) and ``probabilities`` (their softmax, or a sigmoid
+per tag: the calibrated probabilities), batch dimension dynamic. Metadata (``metadata_props``) states all of it, plus class names, backbone,
 strategy, visiontl version, the run's validation metrics, a SHA-256 of the weights and the
 verification result.
 
@@ -39,6 +40,7 @@ from visiontl.core.errors import UserError
 from visiontl import __version__
 from visiontl.core.files import atomic_path
 from visiontl.models.features import weights_fingerprint
+from visiontl.models.weights import classifier_names
 from visiontl.deploy.predict import compare_outputs
 from visiontl.tasks.protocols import PredictsTags
 
@@ -53,18 +55,43 @@ class ExportError(UserError):
 
 
 class _Deployable(nn.Module):
-    """Normalise, classify, softmax (a sigmoid per tag for multi-label models): the graph a service runs."""
+    """Normalise, classify, divide by the calibration temperature, softmax (a sigmoid per tag for
+    multi-label models): the graph a service runs. Its ``logits`` are the calibrated ones, so every
+    reader of the file (probabilities, thresholds, int8 agreement) sees the same numbers."""
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float], multilabel: bool = False) -> None:
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], multilabel: bool = False,
+                 temperature: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model = model
         self.multilabel = multilabel
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        t = torch.ones(1) if temperature is None else temperature.detach().float().cpu().reshape(-1)
+        self.register_buffer("inverse_temperature", (1.0 / t).view(1, -1))
+        self.calibrated = bool((t != 1).any())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model((x - self.mean) / self.std)
+        if self.calibrated:  # a multiplication in the graph only where there is a temperature to apply
+            logits = logits * self.inverse_temperature
         return logits, logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+
+
+def fold_temperature(network: nn.Module, temperature: torch.Tensor) -> bool:
+    """Divide the classifier's weights and bias by the calibration temperature (per output for a
+    per-tag temperature), in place: the network then computes the calibrated logits with no extra
+    operation, and int8 quantisation sees the classifier ``Gemm`` it corrects. False (nothing changed)
+    when the classifier is not a plain linear layer; the graph then multiplies by ``1 / T``."""
+    heads = [network.get_submodule(name) for name in classifier_names(network)]
+    if not heads or not all(isinstance(h, nn.Linear) for h in heads):
+        return False
+    t = temperature.detach().float().reshape(-1)
+    with torch.no_grad():
+        for head in heads:
+            head.weight.div_(t.view(-1, 1).to(head.weight))
+            if head.bias is not None:
+                head.bias.div_(t.to(head.bias))
+    return True
 
 
 class _StaticSame(nn.Module):
@@ -240,8 +267,13 @@ def export_onnx(
                           f"infinite values (a diverged run or a damaged checkpoint); nothing was written to {out}.")
     network = static_same_padding(network, (channels, height, width))
     multilabel = isinstance(task, PredictsTags) and task.multilabel
+    temperature = getattr(task, "temperature", None)
+    if temperature is not None and bool((temperature != 1).any()):
+        network = copy.deepcopy(network)  # the task's own weights (and their fingerprint) stay as trained
+        if fold_temperature(network, temperature):
+            temperature = None  # in the classifier's weights now: the graph is the plain one
     model = _Deployable(network.to(memory_format=torch.contiguous_format), list(cfg["mean"]),
-                        list(cfg["std"]), multilabel).eval()
+                        list(cfg["std"]), multilabel, temperature).eval()
     paths = [Path(p) for p in images] if images else _run_images(None if isinstance(source, nn.Module) else source,
                                                                  max_images)
     if paths:
@@ -323,6 +355,9 @@ def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inpu
         }
         if thresholds is not None:  # the decision rule travels with the weights it was tuned for
             meta["thresholds"] = json.dumps([round(float(t), 6) for t in thresholds])
+        temperature = getattr(task, "temperature", None)
+        if temperature is not None:  # applied in the graph; stated for readers of the file
+            meta["temperature"] = json.dumps([round(float(t), 6) for t in temperature])
         onnx.helper.set_model_props(proto, meta)
         onnx.save(proto, str(tmp))
     report["size_bytes"] = out.stat().st_size

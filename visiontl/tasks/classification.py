@@ -41,6 +41,7 @@ from visiontl.tasks.multilabel import (
     decisions,
     multilabel_loss,
     multilabel_scores,
+    rescale_thresholds,
     tag_report,
     tune_thresholds,
 )
@@ -231,6 +232,9 @@ class ClassificationTask(BaseTask):
             raise ValueError(f"class_weights must be 'balanced', a list or None, got {weights!r}.")
         self.register_buffer("class_weight", tensor if tensor is not None else torch.ones(self.hparams["num_classes"]))
         hp = self.hparams
+        # the calibration temperature (one, or one per tag): 1 while training, fitted after the fit
+        # (visiontl.analyse.calibration); in the state dict, so every checkpoint, export and prediction applies it
+        self.register_buffer("temperature", torch.ones(hp["num_classes"] if self.multilabel else 1))
         mixing = hp.get("mixup", 0.0) or hp.get("cutmix", 0.0)
         if self.multilabel:
             fixed = hp.get("thresholds")
@@ -405,18 +409,34 @@ class ClassificationTask(BaseTask):
             self.log("train_loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size, sync_dist=True)
         return out
 
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` divided by the calibration temperature: what the probabilities are computed from."""
+        return logits / self.temperature.to(device=logits.device, dtype=logits.dtype)
+
+    def set_temperature(self, temperature: Any) -> None:
+        """Apply a calibration temperature (one number, or one per tag). A multi-label model's
+        thresholds move with it, so every decision stays the same: a tag is decided when its logit
+        passes the same cut, now stated as a calibrated probability."""
+        new = torch.as_tensor(temperature, dtype=torch.float32).reshape(self.temperature.shape).to(self.temperature)
+        if not bool((new > 0).all()):
+            raise ValueError(f"a calibration temperature must be positive, got {new.tolist()}.")
+        if self.multilabel:
+            self.thresholds.copy_(rescale_thresholds(self.thresholds, self.temperature, new))
+        self.temperature.copy_(new)
+
     def _eval_step(self, batch: dict[str, Any], split: str, logits: torch.Tensor | None = None) -> None:
         logits = self._logits(batch) if logits is None else logits
         y = batch["label"]
+        scaled = self.calibrated(logits)  # temperature 1 while training: the probabilities as trained
         if self.multilabel:
-            probs = logits.sigmoid()
+            probs = scaled.sigmoid()
             getattr(self, f"{split}_metrics").update(probs, y.long())
             getattr(self, f"{split}_probs").update(probs.float())
             getattr(self, f"{split}_targets").update(y.float())
             self.log(f"{split}_loss", self._loss(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y),
                      add_dataloader_idx=False, sync_dist=True)
             return
-        probs = logits.softmax(dim=1)
+        probs = scaled.softmax(dim=1)
         metrics = getattr(self, f"{split}_metrics")
         metrics.update(probs, y)
         getattr(self, f"{split}_recall").update(probs, y)
@@ -479,6 +499,9 @@ class ClassificationTask(BaseTask):
             checkpoint["visiontl"]["val_tags"] = self.last_tags["val"]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict) and "temperature" not in state:  # saved before calibration was kept: none
+            state["temperature"] = torch.ones_like(self.temperature)
         record = checkpoint.get("visiontl")
         recorded = record.get("base_weights") if isinstance(record, dict) else None
         if isinstance(recorded, dict) and {"sha256", "source"} <= set(recorded):
@@ -497,10 +520,11 @@ class ClassificationTask(BaseTask):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        logits = self.calibrated(self._logits(batch))
         if self.multilabel:
-            probs = self._logits(batch).sigmoid()
+            probs = logits.sigmoid()
             return {"index": batch["index"], "probs": probs, "label": decisions(probs, self.thresholds)}
-        probs = self._logits(batch).softmax(dim=1)
+        probs = logits.softmax(dim=1)
         return {"index": batch["index"], "probs": probs, "label": probs.argmax(dim=1)}
 
     # -- loading ----------------------------------------------------------------------------
@@ -524,7 +548,8 @@ class ClassificationTask(BaseTask):
         task = _build_task(cls, path, hp, strategy)
         # the classifier network only: training-time modules (a domain discriminator...) stay behind
         state = {k: v for k, v in ckpt["state_dict"].items()
-                 if k.startswith(MODEL_PREFIX) or k in ("class_weight", "thresholds")}
+                 if k.startswith(MODEL_PREFIX) or k in ("class_weight", "thresholds", "temperature")}
+        state.setdefault("temperature", torch.ones_like(task.temperature))  # saved before calibration was kept
         try:
             task.load_state_dict(state)
         except RuntimeError as err:  # keys or shapes that do not fit: one line naming the first

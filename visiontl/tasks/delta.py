@@ -168,10 +168,13 @@ class DeltaCheckpoint(Callback):
         if record is not None:
             state = model_state(record["state_dict"])
             extra = {"val_metrics": record["val_metrics"]}
-            if "thresholds" in record["state_dict"]:  # multi-label: the decision thresholds of these weights
-                extra["thresholds"] = [float(t) for t in record["state_dict"]["thresholds"]]
+            for name in ("thresholds", "temperature"):  # the decision thresholds and calibration of these weights
+                if name in record["state_dict"]:
+                    extra[name] = [float(t) for t in record["state_dict"][name]]
             save_delta(pl_module, Path(best).with_suffix(".peft.safetensors"), state, extra)
         else:
             thresholds = pl_module.thresholds if isinstance(pl_module, PredictsTags) and pl_module.multilabel else None
-            save_delta(pl_module, run_dir(trainer) / "checkpoints" / "last.peft.safetensors",
-                       extra={"thresholds": thresholds.tolist()} if thresholds is not None else None)
+            extra = {"temperature": pl_module.temperature.tolist()} if hasattr(pl_module, "temperature") else {}
+            if thresholds is not None:
+                extra["thresholds"] = thresholds.tolist()
+            save_delta(pl_module, run_dir(trainer) / "checkpoints" / "last.peft.safetensors", extra=extra or None)

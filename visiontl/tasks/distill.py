@@ -265,8 +265,9 @@ class DistillationTask(ClassificationTask):
         teacher = self._teacher_val_logits(batch["image"], batch_idx)
         if self.multilabel:
             self.val_teacher_map.update(teacher.sigmoid(), batch["label"].long())
-            ours = logits.sigmoid() >= self.thresholds.to(logits.device)
-            theirs = teacher.sigmoid() >= self._teacher_task.thresholds.to(teacher.device)
+            # each model's decisions as it takes them: its thresholds are stated on its calibrated probabilities
+            ours = self.calibrated(logits).sigmoid() >= self.thresholds.to(logits.device)
+            theirs = self._teacher_task.calibrated(teacher).sigmoid() >= self._teacher_task.thresholds.to(teacher.device)
             self.val_teacher_agreement.update((ours == theirs).float().mean(), len(logits))
             return
         self.val_teacher_acc.update(teacher, batch["label"])

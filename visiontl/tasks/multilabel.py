@@ -14,7 +14,10 @@ What :class:`~visiontl.tasks.ClassificationTask` does differently with ``task="m
 - **thresholds**: one per tag, chosen on the validation images at every validation to maximise that
   tag's F1 (:func:`tune_thresholds`), unless the user fixed them; kept in the model's state (the
   ``thresholds`` buffer), so every checkpoint, export and prediction applies the ones that belong
-  to its weights. A test split is scored at the validation thresholds, never tuned on itself.
+  to its weights. A test split is scored at the validation thresholds, never tuned on itself. When
+  the run's calibration applies a temperature per tag, the thresholds are restated on the
+  calibrated probabilities (:func:`rescale_thresholds`): the same cut on each logit, the same
+  decisions.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from torchmetrics.classification import MultilabelAUROC, MultilabelAveragePrecis
 
 from visiontl.core.losses import IGNORE, multilabel_loss
 
-__all__ = ["IGNORE", "TASKS", "decisions", "multilabel_loss", "multilabel_scores", "per_tag_rates", "tag_report",
-           "tune_thresholds"]
+__all__ = ["IGNORE", "TASKS", "decisions", "multilabel_loss", "multilabel_scores", "per_tag_rates", "rescale_thresholds",
+           "tag_report", "tune_thresholds"]
 
 TASKS = ("multiclass", "multilabel")
 
@@ -81,6 +84,13 @@ def tune_thresholds(probs: torch.Tensor, targets: torch.Tensor, default: float =
         pick = near[torch.argmin((candidates[near] - default).abs())]
         thresholds[j], best[j] = candidates[pick], top
     return thresholds, best
+
+
+def rescale_thresholds(thresholds: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Per-tag thresholds on probabilities at temperature ``old`` restated at temperature ``new``: the
+    same cut on the logit, so every decision stays the same (``sigmoid(logit(t) * old / new)``)."""
+    cut = torch.logit(thresholds.float().clamp(1e-6, 1 - 1e-6)) * old.float()
+    return torch.sigmoid(cut / new.float()).to(thresholds.dtype)
 
 
 def decisions(probs: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

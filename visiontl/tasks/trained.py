@@ -154,12 +154,19 @@ def load_delta(path: str | os.PathLike[str], weights: str | os.PathLike[str] | N
         raise WeightsMismatchError(f"{path}: its tensors do not load into the model ({one_line(err, 300)}).") from err
     _check_merge(task, path)
     task.base_weights = {"sha256": meta["base_sha256"], "source": meta["base_source"]}
-    thresholds = json.loads(meta["extra"]).get("thresholds") if task.multilabel else None
+    extra = json.loads(meta["extra"])
+    thresholds = extra.get("thresholds") if task.multilabel else None
     if thresholds is not None:  # a multi-label delta carries the thresholds tuned for its weights
         if len(thresholds) != task.hparams["num_classes"] or not all(0.0 <= float(t) <= 1.0 for t in thresholds):
             raise CheckpointError(f"PEFT checkpoint {path}: its thresholds {thresholds!r} are not one number between 0 "
                                   f"and 1 per tag; damaged or edited.")
         task.thresholds.copy_(torch.tensor(thresholds, dtype=torch.float32))
+    temperature = extra.get("temperature")
+    if temperature is not None:  # its calibration (thresholds above are already stated at it)
+        if len(temperature) != task.temperature.numel() or not all(0.0 < float(t) < float("inf") for t in temperature):
+            raise CheckpointError(f"PEFT checkpoint {path}: its temperature {temperature!r} is not "
+                                  f"{task.temperature.numel()} positive number(s); damaged or edited.")
+        task.temperature.copy_(torch.tensor(temperature, dtype=torch.float32))
     return task.eval()
 
 
