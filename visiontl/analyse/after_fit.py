@@ -58,8 +58,12 @@ class FitContext:
             if "val" not in (getattr(dm, "datasets", None) or {}):
                 self._outputs["val"] = None
             else:
-                loaders = dm.val_dataloader()
-                loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+                import torch
+
+                # the images, read as for evaluation: a run on cached features validates on features
+                images = dm.feature_source("val")
+                loader = torch.utils.data.DataLoader(
+                    images, batch_size=dm.eval_batch_size(len(dm.samples("train")), len(images)), num_workers=0)
                 model = self.kept()[0]
                 device = next(self.task.model.parameters()).device
                 _, logits, labels = predict_loader(model, loader, bool(self.task.channels_last), device)
