@@ -54,8 +54,10 @@ class FitContext:
         if "val" not in self._outputs:
             from visiontl.tasks.validators import predict_loader
 
+            from visiontl.data.protocols import ServesFeatures
+
             dm = self.datamodule
-            if "val" not in (getattr(dm, "datasets", None) or {}):
+            if not isinstance(dm, ServesFeatures) or "val" not in dm.datasets:
                 self._outputs["val"] = None
             else:
                 import torch

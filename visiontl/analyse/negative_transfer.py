@@ -32,6 +32,7 @@ import torch
 
 from visiontl.analyse.targetbn import TargetBNRecord
 from visiontl.data.adaptation import AdaptationData
+from visiontl.tasks.protocols import PredictsTags
 from visiontl.tasks.checkpoints import kept_model
 from visiontl.strategies.linear_probe import fit_probe
 from visiontl.tasks.validators import predict_loader, scores_from_outputs, target_scores
@@ -70,7 +71,7 @@ def frozen_probe_scores(pl_module: Any, dm: Any, device: torch.device) -> dict[s
         f, _, y = predict_loader(probe, loader, channels_last, device)
         return f, head(f), y
 
-    return scores_from_outputs(outputs(target), outputs(source_val), multilabel=bool(getattr(pl_module, "multilabel", False)))
+    return scores_from_outputs(outputs(target), outputs(source_val), multilabel=isinstance(pl_module, PredictsTags) and pl_module.multilabel)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class NegativeTransferCheck:
                 or "target" not in dm.datasets):
             return None
         monitor = pl_module.monitor
-        tags = bool(getattr(pl_module, "multilabel", False))
+        tags = isinstance(pl_module, PredictsTags) and pl_module.multilabel
         validator = monitor if monitor.startswith("target_") else "target_dev" if tags else "target_im"
         report: dict[str, Any] = {"validator": validator}
         strategy = pl_module.strategy

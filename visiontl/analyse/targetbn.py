@@ -25,6 +25,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from visiontl.core import files
 from visiontl.data.adaptation import AdaptationData
+from visiontl.tasks.protocols import PredictsTags
 from visiontl.models.features import pooled_features
 from visiontl.core.speed import channels_last_input
 from visiontl.tasks.da import reestimate_batchnorm
@@ -74,7 +75,7 @@ class TargetBatchNorm:
         batch_size = dm.eval_batch_size(len(dm.samples("train")), len(images))
         loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=0)
         source_val, scored = dm.val_dataloader()  # the images scored each epoch (target: labelled, if given)
-        tags = bool(getattr(pl_module, "multilabel", False))
+        tags = isinstance(pl_module, PredictsTags) and pl_module.multilabel
         before = target_scores(model, scored, channels_last, device, source_val, multilabel=tags)
         layers = reestimate_batchnorm(
             model, (channels_last_input(b["image"].to(device), channels_last) for b in loader),
