@@ -82,13 +82,17 @@ class FitContext:
         return self._outputs["kept"]
 
     def kept_buffer(self, name: str) -> Any:
-        """A buffer of the kept model's task (``thresholds``, ``temperature``) as a CPU float tensor:
+        """A buffer of the kept model's task (``thresholds``: multi-label; ``temperature``) as a CPU float tensor:
         from its checkpoint where it has one (the in-memory task holds the last validation's), else
         the task's; None when the task has no such buffer."""
         _, ckpt, _ = self.kept()
         if ckpt is not None and name in ckpt["state_dict"]:
             return ckpt["state_dict"][name].detach().float().cpu()
-        buffer = getattr(self.task, name, None)
+        from visiontl.tasks.protocols import Calibrated, PredictsTags
+
+        buffer = {"temperature": self.task.temperature if isinstance(self.task, Calibrated) else None,
+                  "thresholds": self.task.thresholds if isinstance(self.task, PredictsTags) and self.task.multilabel
+                  else None}.get(name)
         return None if buffer is None else buffer.detach().float().cpu()
 
     @property

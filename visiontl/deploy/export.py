@@ -42,7 +42,7 @@ from visiontl.core.files import atomic_path
 from visiontl.models.features import weights_fingerprint
 from visiontl.models.weights import classifier_names
 from visiontl.deploy.predict import compare_outputs
-from visiontl.tasks.protocols import PredictsTags
+from visiontl.tasks.protocols import Calibrated, PredictsTags
 
 __all__ = ["INPUT_CONVENTION", "ExportError", "compare_outputs", "export_onnx", "preprocess_for_export"]
 
@@ -267,7 +267,7 @@ def export_onnx(
                           f"infinite values (a diverged run or a damaged checkpoint); nothing was written to {out}.")
     network = static_same_padding(network, (channels, height, width))
     multilabel = isinstance(task, PredictsTags) and task.multilabel
-    temperature = getattr(task, "temperature", None)
+    temperature = task.temperature if isinstance(task, Calibrated) else None
     if temperature is not None and bool((temperature != 1).any()):
         network = copy.deepcopy(network)  # the task's own weights (and their fingerprint) stay as trained
         if fold_temperature(network, temperature):
@@ -355,8 +355,8 @@ def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inpu
         }
         if thresholds is not None:  # the decision rule travels with the weights it was tuned for
             meta["thresholds"] = json.dumps([round(float(t), 6) for t in thresholds])
-        temperature = getattr(task, "temperature", None)
-        if temperature is not None:  # applied in the graph; stated for readers of the file
+        if isinstance(task, Calibrated):  # applied in the graph; stated for readers of the file
+            temperature = task.temperature
             meta["temperature"] = json.dumps([round(float(t), 6) for t in temperature])
         onnx.helper.set_model_props(proto, meta)
         onnx.save(proto, str(tmp))

@@ -24,7 +24,7 @@ from torch import nn
 
 from visiontl.core import files
 from visiontl.models.weights import WeightsError, classifier_names
-from visiontl.tasks.protocols import PredictsTags
+from visiontl.tasks.protocols import Calibrated, PredictsTags
 
 if TYPE_CHECKING:
     from visiontl.tasks import ClassificationTask
@@ -174,7 +174,7 @@ class DeltaCheckpoint(Callback):
             save_delta(pl_module, Path(best).with_suffix(".peft.safetensors"), state, extra)
         else:
             thresholds = pl_module.thresholds if isinstance(pl_module, PredictsTags) and pl_module.multilabel else None
-            extra = {"temperature": pl_module.temperature.tolist()} if hasattr(pl_module, "temperature") else {}
+            extra = {"temperature": pl_module.temperature.tolist()} if isinstance(pl_module, Calibrated) else {}
             if thresholds is not None:
                 extra["thresholds"] = thresholds.tolist()
             save_delta(pl_module, run_dir(trainer) / "checkpoints" / "last.peft.safetensors", extra=extra or None)

@@ -10,7 +10,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from visiontl.data.preprocessing import Preprocessing
 
-__all__ = ["PredictsTags", "ReportsConfusion", "ReportsTags", "ReportsStrategy", "StartsFromPretrained", "TakesClassCounts",
+__all__ = ["Calibrated", "PredictsTags", "ReportsConfusion", "ReportsTags", "ReportsStrategy", "StartsFromPretrained", "TakesClassCounts",
            "TakesPreprocessing"]
 
 
@@ -28,6 +28,18 @@ class PredictsTags(Protocol):
     """Says whether it predicts several tags per image (multi-label) or one class (classification tasks)."""
 
     multilabel: bool
+
+
+@runtime_checkable
+class Calibrated(Protocol):
+    """Divides its logits by a calibration temperature (one, or one per tag) before the probabilities
+    (classification tasks; :mod:`visiontl.analyse.calibration`)."""
+
+    temperature: Any
+
+    def calibrated(self, logits: Any) -> Any: ...
+
+    def set_temperature(self, temperature: Any) -> None: ...
 
 
 @runtime_checkable
