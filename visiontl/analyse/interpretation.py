@@ -184,6 +184,7 @@ class ErrorAnalysis:
 
     def run(self, ctx: FitContext) -> ErrorRecord | None:
         from visiontl.analyse.plots import save_figure, write_rows
+        from visiontl.data.protocols import LabelledSplits
         from visiontl.tasks.classification import ClassificationTask
 
         task, dm = ctx.task, ctx.datamodule
@@ -193,7 +194,7 @@ class ErrorAnalysis:
         logits, labels = outputs
         temperature = ctx.kept_buffer("temperature")  # the probabilities the kept model reports: calibrated
         logits = logits / temperature if temperature is not None else logits
-        paths = [str(p) for p in dm.paths("val")]
+        paths = [str(p) for p in dm.paths("val")] if isinstance(dm, LabelledSplits) else []
         if len(paths) != len(logits):  # frames of multi-frame files, or a sampler that reorders: no names
             paths = [f"validation image {i}" for i in range(len(logits))]
         out, names = ctx.run_dir, list(task.class_names)
