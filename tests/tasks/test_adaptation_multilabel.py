@@ -169,3 +169,20 @@ def test_the_command_line_runs_the_same_defaults(tagged_domains: dict[str, Path]
     assert (hp["task"], hp["method"], hp["monitor"]) == ("multilabel", "dann", "val_map")
     assert hp["strategy"]["class_path"].endswith("Full") and hp["strategy"]["init_args"]["bn_stats"] == "update"
     assert any(k.startswith("discriminator.") for k in ckpt["state_dict"])
+
+
+def test_a_refused_method_is_one_line_from_the_command_line(tagged_domains: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from visiontl.cli.commands import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--model", "visiontl.tasks.AdaptationTask", "--model.init_args.backbone", "test_resnet",
+                 "--model.init_args.pretrained", "false", "--model.init_args.method", "mcc",
+                 "--data", "visiontl.data.CsvAdaptationDataModule",
+                 "--data.init_args.train_csv", str(tagged_domains["source"]),
+                 "--data.init_args.target_root", str(tagged_domains["target"]), "--data.init_args.image_size", "32",
+                 "--data.init_args.num_workers", "0", "--trainer.max_steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: method 'mcc' cannot adapt multi-label data") and "use source_only" in err[-1]
+    assert "Traceback" not in "\n".join(err) and not list(tmp_path.rglob("*.ckpt"))

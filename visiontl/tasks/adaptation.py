@@ -49,6 +49,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePre
 
 from visiontl.models.features import classify_features, feature_width, pooled_features
 from visiontl.core.speed import channels_last_input
+from visiontl.core.errors import UserError
 from visiontl.strategies.base import Strategy
 from visiontl.tasks.classification import ClassificationTask
 from visiontl.tasks.da import (cdan_entropy_weights, deep_embedded_validation, information_maximisation, mcc_loss,
@@ -108,19 +109,19 @@ def adaptation_defaults(method: str | None, monitor: str | None, multilabel: boo
         method, monitor = method or "dann", monitor or "val_map"
         if method not in TAG_METHODS:
             known = "" if method in METHODS else "Unknown adaptation method; "
-            raise ValueError(f"{known}method {method!r} cannot adapt multi-label data (several tags per image): MCC and "
+            raise UserError(f"{known}method {method!r} cannot adapt multi-label data (several tags per image): MCC and "
                              f"CDAN+E are defined on one softmax over the classes per image; use "
                              f"{', '.join(TAG_METHODS)} (dann is the multi-label default).")
         if monitor not in TAG_MONITORS:
-            raise ValueError(f"monitor {monitor!r} cannot pick checkpoints of multi-label data: information "
+            raise UserError(f"monitor {monitor!r} cannot pick checkpoints of multi-label data: information "
                              f"maximisation and neighbourhood density read one softmax per image; use "
                              f"{' or '.join(TAG_MONITORS)} (val_map is the multi-label default).")
         return method, monitor
     method, monitor = method or "mcc", monitor or "target_im"
     if method not in METHODS:
-        raise ValueError(f"Unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}.")
+        raise UserError(f"Unknown adaptation method {method!r}; choose one of {', '.join(METHODS)}.")
     if monitor not in MONITORS:
-        raise ValueError(f"monitor must be one of {', '.join(MONITORS)} (target labels never pick checkpoints), "
+        raise UserError(f"monitor must be one of {', '.join(MONITORS)} (target labels never pick checkpoints), "
                          f"got {monitor!r}.")
     return method, monitor
 
