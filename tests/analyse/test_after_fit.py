@@ -42,10 +42,11 @@ def test_the_sequence_follows_the_task() -> None:
     from visiontl.tasks import AdaptationTask, ClassificationTask
 
     plain = ClassificationTask("test_resnet", num_classes=3, pretrained=False)
-    assert [s.name for s in after_fit_steps(plain)] == ["forgetting", "calibration", "errors", "divergence_guard"]
+    assert [s.name for s in after_fit_steps(plain)] == ["forgetting", "calibration", "abstention", "errors",
+                                                      "divergence_guard"]
     adapted = AdaptationTask("test_resnet", num_classes=3, pretrained=False)
     names = [s.name for s in after_fit_steps(adapted)]
-    assert names == ["forgetting", "target_bn", "negative_transfer", "calibration", "errors",
+    assert names == ["forgetting", "target_bn", "negative_transfer", "calibration", "abstention", "errors",
                      "divergence_guard"]  # target BN first
     assert all(isinstance(s, AfterFitStep) for s in after_fit_steps(adapted))
 

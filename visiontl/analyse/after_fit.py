@@ -47,30 +47,35 @@ class FitContext:
     _outputs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def validation_outputs(self) -> tuple[Any, Any] | None:
-        """``(logits, labels)`` of the kept model on the validation images (an adaptation run's:
-        the source's), on the CPU, in the datamodule's order; None without validation images.
-        Computed once, when a step first asks, and shared (calibration, error analysis): the steps
-        that change the kept model (target BatchNorm) come before the first that reads them."""
-        if "val" not in self._outputs:
+        """``(logits, labels)`` of the kept model on the validation images: :meth:`outputs` of ``val``."""
+        val = self.outputs("val")
+        return None if val is None else (val[1], val[2])
+
+    def outputs(self, split: str) -> tuple[Any, Any, Any] | None:
+        """``(pooled features, logits, labels)`` of the kept model on ``split``'s images read as for
+        evaluation (an adaptation run's: the source's), on the CPU, in the datamodule's order; None
+        without that split. Computed once, when a step first asks, and shared (calibration, error
+        analysis, abstention): the steps that change the kept model (target BatchNorm) come before
+        the first that reads them."""
+        if split not in self._outputs:
             from visiontl.tasks.validators import predict_loader
 
             from visiontl.data.protocols import ServesFeatures
 
             dm = self.datamodule
-            if not isinstance(dm, ServesFeatures) or "val" not in dm.datasets:
-                self._outputs["val"] = None
+            if not isinstance(dm, ServesFeatures) or split not in dm.datasets:
+                self._outputs[split] = None
             else:
                 import torch
 
                 # the images, read as for evaluation: a run on cached features validates on features
-                images = dm.feature_source("val")
+                images = dm.feature_source(split)
                 loader = torch.utils.data.DataLoader(
                     images, batch_size=dm.eval_batch_size(len(dm.samples("train")), len(images)), num_workers=0)
                 model = self.kept()[0]
                 device = next(self.task.model.parameters()).device
-                _, logits, labels = predict_loader(model, loader, bool(self.task.channels_last), device)
-                self._outputs["val"] = (logits, labels)
-        return self._outputs["val"]
+                self._outputs[split] = predict_loader(model, loader, bool(self.task.channels_last), device)
+        return self._outputs[split]
 
     def kept(self) -> tuple[Any, dict[str, Any] | None, str]:
         """:func:`~visiontl.tasks.checkpoints.kept_model` of the run (the network, its checkpoint and

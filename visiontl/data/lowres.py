@@ -64,7 +64,7 @@ def _write(root: Path, manifest: dict, splits: dict[str, tuple[np.ndarray, np.nd
 
 
 def build_digits(root: str | os.PathLike[str], train_per_class: int = 15, val_per_class: int = 50,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, test_per_class: int = 0) -> Path:
     """scikit-learn's 8 x 8 handwritten digits as class folders (``0`` ... ``9``).
 
     Args:
@@ -72,6 +72,8 @@ def build_digits(root: str | os.PathLike[str], train_per_class: int = 15, val_pe
         train_per_class: training images per class.
         val_per_class: validation images per class (at most about 160 minus the training ones).
         seed: draw seed.
+        test_per_class: held-out test images per class, drawn after (and apart from) the others
+            (0: no test split).
 
     Raises:
         MissingExtraError: scikit-learn is not installed (``pip install 'visiontl[lowres]'``).
@@ -85,9 +87,12 @@ def build_digits(root: str | os.PathLike[str], train_per_class: int = 15, val_pe
     val = _draw(labels, val_per_class, rng, exclude=set(train), name="digits val")
     manifest = {"format": _FORMAT, "dataset": "sklearn-digits", "px": 8, "seed": int(seed),
                 "train_per_class": int(train_per_class), "val_per_class": int(val_per_class)}
-    classes = tuple(str(c) for c in range(10))
-    return _write(Path(root), manifest, {"train": (images[train], labels[train]), "val": (images[val], labels[val])},
-                  classes)
+    splits = {"train": (images[train], labels[train]), "val": (images[val], labels[val])}
+    if test_per_class:
+        test = _draw(labels, test_per_class, rng, exclude=set(train) | set(val), name="digits test")
+        splits["test"] = (images[test], labels[test])
+        manifest["test_per_class"] = int(test_per_class)
+    return _write(Path(root), manifest, splits, tuple(str(c) for c in range(10)))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -119,21 +124,30 @@ def load_fashion_mnist(folder: str | os.PathLike[str] = FASHION_MNIST_DIR, split
 
 def build_fashion_mnist(root: str | os.PathLike[str], px: int = 12, train_per_class: int = 15,
                         val_per_class: int = 100, seed: int = 0,
-                        source: str | os.PathLike[str] = FASHION_MNIST_DIR) -> Path:
+                        source: str | os.PathLike[str] = FASHION_MNIST_DIR, test_per_class: int = 0) -> Path:
     """Fashion-MNIST downsampled to ``px`` x ``px`` (box filter) as class folders.
 
-    Training images come from its training split, validation images from its test split.
+    Training images come from its training split, validation images from its test split, and
+    ``test_per_class`` held-out test images (0: no test split) from its test split too, apart from
+    the validation ones.
     """
     rng = np.random.default_rng(seed)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for split, per_class, part in (("train", train_per_class, "train"), ("val", val_per_class, "test")):
+    drawn: set[int] = set()
+    for split, per_class, part in (("train", train_per_class, "train"), ("val", val_per_class, "test"),
+                                   ("test", test_per_class, "test")):
+        if not per_class:
+            continue
         images, labels = load_fashion_mnist(source, part)
-        idx = _draw(labels, per_class, rng, name=f"fashion-mnist {part}")
+        idx = _draw(labels, per_class, rng, exclude=drawn if part == "test" else None, name=f"fashion-mnist {part}")
+        if part == "test":
+            drawn |= set(idx)
         small = np.stack([np.asarray(Image.fromarray(images[i]).resize((px, px), Image.Resampling.BOX))
                           for i in idx])
         out[split] = (small, labels[idx])
     manifest = {"format": _FORMAT, "dataset": "fashion-mnist", "px": int(px), "seed": int(seed),
-                "train_per_class": int(train_per_class), "val_per_class": int(val_per_class)}
+                "train_per_class": int(train_per_class), "val_per_class": int(val_per_class),
+                **({"test_per_class": int(test_per_class)} if test_per_class else {})}
     return _write(Path(root), manifest, out, FASHION_MNIST_CLASSES)
 
 

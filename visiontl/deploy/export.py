@@ -39,7 +39,7 @@ from torch import nn
 from visiontl.core.errors import UserError
 from visiontl import __version__
 from visiontl.core.files import atomic_path
-from visiontl.models.features import weights_fingerprint
+from visiontl.models.features import classify_features, pooled_features, supports_features, weights_fingerprint
 from visiontl.models.weights import classifier_names
 from visiontl.deploy.predict import compare_outputs
 from visiontl.tasks.protocols import Calibrated, PredictsTags
@@ -57,12 +57,15 @@ class ExportError(UserError):
 class _Deployable(nn.Module):
     """Normalise, classify, divide by the calibration temperature, softmax (a sigmoid per tag for
     multi-label models): the graph a service runs. Its ``logits`` are the calibrated ones, so every
-    reader of the file (probabilities, thresholds, int8 agreement) sees the same numbers."""
+    reader of the file (probabilities, thresholds, int8 agreement) sees the same numbers. With an
+    out-of-distribution detector (:mod:`visiontl.models.ood`), a third output: its score of each
+    image, from the pooled features and the calibrated logits."""
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float], multilabel: bool = False,
-                 temperature: torch.Tensor | None = None) -> None:
+                 temperature: torch.Tensor | None = None, ood: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
+        self.ood = ood
         self.multilabel = multilabel
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -70,11 +73,14 @@ class _Deployable(nn.Module):
         self.register_buffer("inverse_temperature", (1.0 / t).view(1, -1))
         self.calibrated = bool((t != 1).any())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model((x - self.mean) / self.std)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = (x - self.mean) / self.std
+        features = pooled_features(self.model, x) if self.ood is not None else None
+        logits = self.model(x) if features is None else classify_features(self.model, features)
         if self.calibrated:  # a multiplication in the graph only where there is a temperature to apply
             logits = logits * self.inverse_temperature
-        return logits, logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+        probs = logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+        return (logits, probs) if self.ood is None else (logits, probs, self.ood(features, logits))
 
 
 def fold_temperature(network: nn.Module, temperature: torch.Tensor) -> bool:
@@ -272,8 +278,9 @@ def export_onnx(
         network = copy.deepcopy(network)  # the task's own weights (and their fingerprint) stay as trained
         if fold_temperature(network, temperature):
             temperature = None  # in the classifier's weights now: the graph is the plain one
+    ood = getattr(task, "ood", None) if supports_features(network) else None
     model = _Deployable(network.to(memory_format=torch.contiguous_format), list(cfg["mean"]),
-                        list(cfg["std"]), multilabel, temperature).eval()
+                        list(cfg["std"]), multilabel, temperature, copy.deepcopy(ood)).eval()
     paths = [Path(p) for p in images] if images else _run_images(None if isinstance(source, nn.Module) else source,
                                                                  max_images)
     if paths:
@@ -313,25 +320,28 @@ def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inpu
             # the tracer's notes on Python values in the forward (timm's ViT size checks): taken as constants at
             # this input size, which is the size the file is verified (and deployed) at
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            outputs = ["logits", "probabilities", *(["ood_score"] if model.ood is not None else [])]
             torch.onnx.export(model, torch.from_numpy(inputs[:2]), str(tmp), input_names=["input"],
-                              output_names=["logits", "probabilities"], opset_version=opset, dynamo=False,
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"},
-                                            "probabilities": {0: "batch"}})
+                              output_names=outputs, opset_version=opset, dynamo=False,
+                              dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in outputs}})
         proto = onnx.load(str(tmp))
         onnx.checker.check_model(proto)
         session = ort_session(tmp)
-        ort_logits = session.run(["logits"], {"input": inputs})[0]
+        ort_out = session.run(outputs, {"input": inputs})
         with torch.no_grad():
-            torch_logits = model(torch.from_numpy(inputs))[0].numpy()
+            torch_out = [t.numpy() for t in model(torch.from_numpy(inputs))]
         thresholds = task.thresholds.tolist() if isinstance(task, PredictsTags) and task.multilabel else None
-        check = compare_outputs(torch_logits, ort_logits, atol, rtol, prob_atol, thresholds=thresholds)
+        check = compare_outputs(torch_out[0], ort_out[0], atol, rtol, prob_atol, thresholds=thresholds)
+        if model.ood is not None:  # the score, within the logits' kind of tolerance; and the same abstentions
+            check.update(_compare_scores(model.ood, torch_out[2], ort_out[2], atol, rtol))
+            check["passed"] = check["passed"] and check.pop("ood_passed")
         if not check["passed"]:
             raise ExportError(
                 f"ONNX Runtime does not reproduce PyTorch on {verified_on}: max logit difference "
                 f"{check['max_abs_logit_diff']:.2e} (allowed {check['logit_tolerance']:.2e} = {atol:g} + {rtol:g} x "
                 f"logit scale {check['logit_scale']:.3g}), max probability difference {check['max_prob_diff']:.2e} "
-                f"(allowed {prob_atol:g}), {check['top1_mismatches']} image(s) with another top-1 class; nothing was "
-                f"written to {out}. Try another opset (--opset)."
+                f"(allowed {prob_atol:g}), {check['top1_mismatches']} image(s) with another top-1 class"
+                f"{_score_problem(check)}; nothing was written to {out}. Try another opset (--opset)."
             )
         check.pop("passed")
         report = {"path": str(out), "opset": opset, **check, "verified_on": verified_on}
@@ -358,18 +368,44 @@ def _export_to(out: Path, model: nn.Module, task: Any, cfg: dict[str, Any], inpu
         if isinstance(task, Calibrated):  # applied in the graph; stated for readers of the file
             temperature = task.temperature
             meta["temperature"] = json.dumps([round(float(t), 6) for t in temperature])
+        if model.ood is not None:  # the graph's ood_score output and the threshold it abstains over
+            meta["ood"] = json.dumps(model.ood.settings())
         onnx.helper.set_model_props(proto, meta)
         onnx.save(proto, str(tmp))
     report["size_bytes"] = out.stat().st_size
     if quantize is not None:
         report["int8"] = _int8(out, quantize, source, calibration_images, inputs, (height, width), channels,
-                               max_images, {**int8_options, "thresholds": thresholds}, crop_pct)
+                               max_images, {**int8_options, "thresholds": thresholds}, crop_pct,
+                               model.ood.threshold if model.ood is not None else None)
     return report
 
 
+def _compare_scores(detector: Any, reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float
+                    ) -> dict[str, Any]:
+    """ONNX Runtime's out-of-distribution scores against PyTorch's: within ``atol + rtol * max|score|``,
+    and no image on the other side of the threshold unless PyTorch's score is itself that close to it."""
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    tolerance = atol + rtol * float(np.abs(reference).max(initial=0.0))
+    flips = 0
+    if detector.threshold is not None:
+        flipped = (reference > detector.threshold) != (candidate > detector.threshold)
+        flips = int((flipped & (np.abs(reference - detector.threshold) > tolerance)).sum())
+    worst = float(diff.max(initial=0.0))
+    return {"max_abs_ood_diff": worst, "ood_tolerance": tolerance, "abstain_mismatches": flips,
+            "ood_passed": worst <= tolerance and flips == 0}
+
+
+def _score_problem(check: dict[str, Any]) -> str:
+    """The out-of-distribution part of a failed verification's message ('' without a detector)."""
+    if "max_abs_ood_diff" not in check:
+        return ""
+    return (f", max out-of-distribution score difference {check['max_abs_ood_diff']:.2e} (allowed "
+            f"{check['ood_tolerance']:.2e}), {check['abstain_mismatches']} image(s) abstaining on one side only")
+
+
 def _int8(out: Path, quantize: str, source: Any, calibration_images: list | None, validation: np.ndarray,
-          size: tuple[int, int], channels: int, max_images: int, options: dict[str, Any], crop_pct: float
-          ) -> dict[str, Any]:
+          size: tuple[int, int], channels: int, max_images: int, options: dict[str, Any], crop_pct: float,
+          abstain_threshold: float | None = None) -> dict[str, Any]:
     from visiontl.deploy.quantize import quantize_int8
 
     if quantize != "int8":
@@ -381,4 +417,15 @@ def _int8(out: Path, quantize: str, source: Any, calibration_images: list | None
     target = out.with_name(out.stem + ".int8.onnx")
     report = quantize_int8(out, target, calibration, validation, **options)
     report["path"] = str(target) if report["accepted"] else None
+    if report["accepted"] and abstain_threshold is not None:  # the int8 features move the score: how far
+        report["abstain_agreement"] = _abstain_agreement(out, target, validation, abstain_threshold)
     return report
+
+
+def _abstain_agreement(float_model: Path, int8_model: Path, images: np.ndarray, threshold: float) -> float:
+    """The share of ``images`` that the int8 model abstains on exactly when the float model does."""
+    from visiontl.deploy.predict import ort_session
+
+    scores = [np.concatenate([ort_session(path).run(["ood_score"], {"input": images[i:i + 32]})[0]
+                              for i in range(0, len(images), 32)]) for path in (float_model, int8_model)]
+    return float(((scores[0] > threshold) == (scores[1] > threshold)).mean())

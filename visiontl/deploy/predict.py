@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -103,7 +104,12 @@ class Prediction:
 
     A multi-label model (several tags per image) gives ``tags``, the tags whose probability reaches
     their threshold, and ``label`` is them joined by ``|`` (empty: no tag); ``probability`` is None
-    and ``probabilities`` holds each tag's."""
+    and ``probabilities`` holds each tag's.
+
+    A model exported with an out-of-distribution detector (:mod:`visiontl.analyse.ood`) gives
+    ``ood_score`` (higher: less like the training images) and ``abstain``: the score is over the
+    threshold set on the validation images (None when the model has no detector, or abstention
+    was turned off). The label is still given: what to do with a flagged image is the caller's call."""
 
     path: str
     frame: int | None = None  # the frame of a multi-frame DICOM, under frames="all"
@@ -112,6 +118,8 @@ class Prediction:
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     tags: list[str] | None = None
+    ood_score: float | None = None
+    abstain: bool | None = None
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -217,14 +225,18 @@ class Predictor:
             :func:`visiontl.data.images.pixel_limit`).
         frames: multi-frame DICOMs: ``error`` reports them, ``middle`` predicts their middle
             frame, ``all`` every frame (one :class:`Prediction` each, ``frame`` set).
+        abstain: flag predictions whose out-of-distribution score is over the model's threshold
+            (``Prediction.abstain``); False leaves the flag out and keeps the score.
     """
 
     def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None,
-                 max_pixels: int | None = None, frames: str = "error", engine: str = "onnxruntime") -> None:
+                 max_pixels: int | None = None, frames: str = "error", engine: str = "onnxruntime",
+                 abstain: bool = True) -> None:
         if engine not in ENGINES:
             raise PredictorError(f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
         self.engine = engine
         self.max_pixels = max_pixels
+        self.abstain = bool(abstain)
         try:
             self.frames = check_frames(frames)
         except DataError as err:
@@ -291,6 +303,17 @@ class Predictor:
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
             refuse(f"input_size {_short(meta['input_size'])} must be [height, width], two whole numbers >= 1")
         self.size = (size[0], size[1])
+        self.ood: dict[str, Any] | None = None  # the detector's settings: its score and threshold
+        if "ood" in meta:
+            try:
+                ood = json.loads(meta["ood"])
+            except ValueError:
+                ood = None
+            threshold = ood.get("threshold") if isinstance(ood, dict) else None
+            if (not isinstance(ood, dict) or not isinstance(ood.get("score"), str) or (threshold is not None and (
+                    not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold)))):
+                refuse(f"ood {_short(meta['ood'])} must be a JSON object with a score name and a finite threshold")
+            self.ood = ood
         channels = str(meta["channels"]).strip()
         if not channels.isdigit() or not 1 <= int(channels) <= MAX_CHANNELS:
             refuse(f"channels {_short(meta['channels'])} must be a whole number from 1 to {MAX_CHANNELS}")
@@ -355,6 +378,10 @@ class Predictor:
             elif isinstance(scores[1], int) and scores[1] != len(self.class_names):
                 problems.append(f"the graph outputs {scores[1]} class scores, the metadata names "
                                 f"{len(self.class_names)} classes ({_short(self.class_names)})")
+            if (self.ood is not None) != ("ood_score" in outputs):
+                problems.append("its metadata and graph disagree on an out-of-distribution score (metadata 'ood' "
+                                f"{'present' if self.ood is not None else 'absent'}, output 'ood_score' "
+                                f"{'present' if 'ood_score' in outputs else 'absent'})")
         if problems:
             raise PredictorError(f"{path} does not match its visiontl metadata: {'; '.join(problems)}. Re-export "
                                  f"it with `visiontl export`.")
@@ -402,8 +429,10 @@ class Predictor:
         return results
 
     def _run(self, batch: list[np.ndarray], pending: list[Prediction]) -> None:
+        names = ["probabilities", *(["ood_score"] if self.ood is not None else [])]
         try:
-            probs = self.runner.run(["probabilities"], {"input": np.stack(batch)})[0]
+            out = self.runner.run(names, {"input": np.stack(batch)})
+            probs = out[0]
         except Exception as err:  # noqa: BLE001 - the runtime's own exception types; the model is the input
             raise PredictorError(f"{self.engine} cannot run {self.path} on a batch of shape "
                                  f"{[len(batch), *batch[0].shape]}: {' '.join(str(err).split())[:300]}. Re-export it "
@@ -412,7 +441,15 @@ class Predictor:
             raise PredictorError(f"{self.path} outputs scores of shape {list(probs.shape)} for {len(pending)} images, "
                                  f"its metadata names {len(self.class_names)} classes "
                                  f"({_short(self.class_names)}); re-export it with `visiontl export`.")
-        for pred, row in zip(pending, probs):
+        scores = out[1].reshape(-1) if self.ood is not None else None
+        if scores is not None and len(scores) != len(pending):
+            raise PredictorError(f"{self.path} outputs {len(scores)} out-of-distribution scores for {len(pending)} "
+                                 f"images; re-export it with `visiontl export`.")
+        threshold = self.ood.get("threshold") if self.ood is not None and self.abstain else None
+        for i, (pred, row) in enumerate(zip(pending, probs)):
+            if scores is not None:
+                pred.ood_score = float(scores[i])
+                pred.abstain = None if threshold is None else bool(scores[i] > threshold)
             pred.probabilities = {n: float(v) for n, v in zip(self.class_names, row)}
             if self.thresholds is not None:  # multi-label: every tag at or over its threshold
                 pred.tags = [n for n, v, t in zip(self.class_names, row, self.thresholds) if v >= t]
@@ -437,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frames", choices=("error", "middle", "all"), default="error",
                         help="multi-frame DICOMs: report them (error), predict the middle frame, or every frame "
                              "(all: one row each, with a frame column)")
+    parser.add_argument("--no-abstain", action="store_true",
+                        help="leave out the abstain column (a model with an out-of-distribution detector still "
+                             "gives its ood_score)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         print(f"error: --batch-size must be at least 1, got {args.batch_size}.", file=sys.stderr)
@@ -456,26 +496,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no image files in {', '.join(args.images)} (searched recursively; extensions: "
               f"png, jpg, tif, dcm...).", file=sys.stderr)
         return 2
-    predictor = Predictor(args.model, max_pixels=args.max_pixels, frames=args.frames, engine=args.engine)
+    predictor = Predictor(args.model, max_pixels=args.max_pixels, frames=args.frames, engine=args.engine,
+                          abstain=not args.no_abstain)
     results = predictor.predict(files, batch_size=args.batch_size)
     from visiontl.core.files import csv_writer
 
     buf = io.StringIO()
     writer = csv_writer(buf)  # names and paths that a spreadsheet would run as formulas are escaped
     framed = args.frames == "all"
+    ood = ["ood_score", *(["abstain"] if predictor.abstain else [])] if predictor.ood is not None else []
+
+    def unfamiliar(r: Prediction) -> list[str]:
+        """The out-of-distribution columns of a row (empty for a file that could not be read)."""
+        if not ood:
+            return []
+        score = "" if r.ood_score is None else f"{r.ood_score:.6f}"
+        return [score, *([] if len(ood) == 1 else ["" if r.abstain is None else str(r.abstain).lower()])]
+
     if predictor.thresholds is not None:  # multi-label: the tags over threshold, and every tag's probability
         names = predictor.class_names
-        writer.writerow(["path", *(["frame"] if framed else []), "tags", *(f"p_{n}" for n in names), "error"])
+        writer.writerow(["path", *(["frame"] if framed else []), "tags", *(f"p_{n}" for n in names), *ood, "error"])
         for r in results:
             frame = ["" if r.frame is None else r.frame] if framed else []
             scores = [f"{r.probabilities[n]:.6f}" if r.probabilities else "" for n in names]
-            writer.writerow([r.path, *frame, r.label or "", *scores, r.error or ""])
+            writer.writerow([r.path, *frame, r.label or "", *scores, *unfamiliar(r), r.error or ""])
     else:
-        writer.writerow(["path", *(["frame"] if framed else []), "label", "probability", "error"])
+        writer.writerow(["path", *(["frame"] if framed else []), "label", "probability", *ood, "error"])
     for r in results if predictor.thresholds is None else []:
         probability = f"{r.probability:.6f}" if r.probability is not None else ""
         frame = ["" if r.frame is None else r.frame] if framed else []
-        writer.writerow([r.path, *frame, r.label or "", probability, r.error or ""])
+        writer.writerow([r.path, *frame, r.label or "", probability, *unfamiliar(r), r.error or ""])
     if args.out:
         from visiontl.core.files import write_text
 

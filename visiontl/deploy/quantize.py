@@ -46,6 +46,10 @@ from visiontl.core.errors import UserError
 __all__ = ["QUANTIZABLE", "QuantizeError", "quantize_int8", "sensitivity"]
 
 QUANTIZABLE = ("Conv", "Gemm", "MatMul")  # the nodes whose weights int8 changes, ranked and excluded
+FLOAT_SCOPES = ("/ood/",)
+"""Nodes under these scopes always stay float: the out-of-distribution score (:mod:`visiontl.analyse.ood`)
+compares distances with a threshold set in float, and its bank or whitening matrix is not a layer
+whose rounding the logits' agreement would catch."""
 CALIBRATION_BATCH = 8
 BIAS_CORRECTION = ("layers", "logits", "none")
 
@@ -422,6 +426,8 @@ def _quantize(float_model: Path, out: Path, calibration: np.ndarray | None, vali
 
             candidates = [n.name for n in _ops(prepared) if n.op_type in QUANTIZABLE]
             unknown = [name for name in exclude if name not in candidates]
+            exclude = exclude + [n for n in candidates if n.startswith(FLOAT_SCOPES) and n not in exclude]
+            excluded = list(exclude)
             if unknown:
                 raise QuantizeError(f"Cannot keep {unknown} float: not a Conv, Gemm or MatMul of {float_model}; "
                                     f"its nodes are named like {candidates[:3]}.")
@@ -454,6 +460,8 @@ def _quantize(float_model: Path, out: Path, calibration: np.ndarray | None, vali
             if unknown:
                 raise QuantizeError(f"Cannot keep {unknown} float: dynamic int8 (a transformer) quantises MatMul nodes "
                                     f"with weights only, and {float_model}'s are named like {matmul_names[:3]}.")
+            exclude = exclude + [n for n in matmul_names if n.startswith(FLOAT_SCOPES) and n not in exclude]
+            excluded = list(exclude)
             quantize_dynamic(str(float_model), str(tmp), op_types_to_quantize=["MatMul"],
                              weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
             method = "dynamic, MatMul only" + (f", {len(exclude)} node(s) float" if exclude else "")

@@ -28,6 +28,7 @@ from visiontl.core.errors import one_line
 from visiontl.models.features import (
     classify_features,
     feature_width,
+    pooled_features,
     supports_features,
 )
 from visiontl.core.speed import channels_last_input, is_cnn
@@ -35,6 +36,7 @@ from visiontl.strategies import Strategy, StrategyError, replace_classifier
 from visiontl.strategies.regularizers import l2sp_penalty
 from visiontl.models.weights import classifier_names
 from visiontl.tasks.base import BaseTask
+from visiontl.models.ood import DEFAULT_SCORE, SCORES, OODDetector
 from visiontl.tasks.guard import DivergenceGuard
 from visiontl.tasks.multilabel import (
     TASKS,
@@ -106,6 +108,9 @@ class ClassificationTask(BaseTask):
             best checkpoint.
         thresholds: multi-label: fixed decision thresholds, one per tag (``None``: tuned on the
             validation images for each tag's best F1).
+        ood_score: the out-of-distribution score fitted after the fit, whose threshold flags
+            predictions on unfamiliar images ``abstain`` (:mod:`visiontl.analyse.ood`: ``knn``,
+            ``mahalanobis``, ``energy`` or ``msp``; ``None``: none).
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class ClassificationTask(BaseTask):
         ema: float | None = None,
         task: str = "multiclass",
         thresholds: list[float] | None = None,
+        ood_score: str | None = DEFAULT_SCORE,
     ) -> None:
         if num_classes is None and class_names:
             num_classes = len(class_names)
@@ -156,7 +162,10 @@ class ClassificationTask(BaseTask):
                                        or not all(0.0 < float(t) < 1.0 for t in thresholds)):
             raise ValueError(f"thresholds are for multi-label tasks: one per tag ({num_classes}), each between 0 and 1; "
                              f"got {thresholds!r}.")
+        if ood_score is not None and ood_score not in SCORES:
+            raise ValueError(f"ood_score must be one of {', '.join(SCORES)} or None, got {ood_score!r}.")
         super().__init__()
+        self.__dict__["_ood"] = None  # fitted after the fit (visiontl.analyse.ood); not in the state dict
         if self.multilabel:
             if self.strategy.name in ("knn", "prototype"):
                 raise StrategyError(f"Strategy {self.strategy.name!r} scores one class per image; for multi-label data "
@@ -424,6 +433,15 @@ class ClassificationTask(BaseTask):
             self.thresholds.copy_(rescale_thresholds(self.thresholds, self.temperature, new))
         self.temperature.copy_(new)
 
+    @property
+    def ood(self) -> OODDetector | None:
+        """The out-of-distribution detector of the kept model (None before the fit ends, or without one)."""
+        return self.__dict__.get("_ood")
+
+    def set_ood(self, detector: OODDetector | None) -> None:
+        """Use ``detector`` for the abstention of predictions (None: no abstention)."""
+        self.__dict__["_ood"] = detector
+
     def _eval_step(self, batch: dict[str, Any], split: str, logits: torch.Tensor | None = None) -> None:
         logits = self._logits(batch) if logits is None else logits
         y = batch["label"]
@@ -497,6 +515,8 @@ class ClassificationTask(BaseTask):
                                   "base_weights": self.base_weights}
         if self.last_tags.get("val") is not None:  # multi-label: the per-tag table and PR curves of these weights
             checkpoint["visiontl"]["val_tags"] = self.last_tags["val"]
+        if self.ood is not None:
+            checkpoint["visiontl"]["ood"] = self.ood.record()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
@@ -506,6 +526,14 @@ class ClassificationTask(BaseTask):
         recorded = record.get("base_weights") if isinstance(record, dict) else None
         if isinstance(recorded, dict) and {"sha256", "source"} <= set(recorded):
             self.base_weights = {"sha256": str(recorded["sha256"]), "source": str(recorded["source"])}
+        ood = record.get("ood") if isinstance(record, dict) else None
+        if ood is not None:  # saved by a run since abstention landed
+            from visiontl.tasks.checkpoints import CheckpointError
+
+            try:
+                self.set_ood(OODDetector.from_record(ood, feature_width(self.model)))
+            except ValueError as err:
+                raise CheckpointError(f"checkpoint: {err}; damaged or edited (export and predict need it whole).") from err
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -520,12 +548,21 @@ class ClassificationTask(BaseTask):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self.calibrated(self._logits(batch))
+        detector = self.ood
+        if detector is None:
+            logits = self.calibrated(self._logits(batch))
+            out = {"index": batch["index"]}
+        else:  # the pooled features too: the detector reads them
+            features = batch["features"] if "features" in batch else pooled_features(
+                self.model, channels_last_input(batch["image"], self.channels_last))
+            logits = self.calibrated(classify_features(self.model, features))
+            scores = detector.to(features.device)(features, logits)
+            out = {"index": batch["index"], "ood_score": scores, "abstain": detector.abstains(scores)}
         if self.multilabel:
             probs = logits.sigmoid()
-            return {"index": batch["index"], "probs": probs, "label": decisions(probs, self.thresholds)}
+            return {**out, "probs": probs, "label": decisions(probs, self.thresholds)}
         probs = logits.softmax(dim=1)
-        return {"index": batch["index"], "probs": probs, "label": probs.argmax(dim=1)}
+        return {**out, "probs": probs, "label": probs.argmax(dim=1)}
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
@@ -555,7 +592,10 @@ class ClassificationTask(BaseTask):
         except RuntimeError as err:  # keys or shapes that do not fit: one line naming the first
             raise CheckpointError(f"{path}: {_misfit(state, task.state_dict()) or one_line(err, 300)}; its state_dict "
                                   f"does not fit the model its hyper_parameters describe (damaged or edited).") from err
-        task.on_load_checkpoint(ckpt)  # the base weights it was trained on, not the random ones rebuilt here
+        try:
+            task.on_load_checkpoint(ckpt)  # the base weights it was trained on, its abstention detector
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {str(err).removeprefix('checkpoint: ')}") from err
         return task.eval()
 
     @classmethod

@@ -327,13 +327,15 @@ class RunReport(Callback):
         writer = files.csv_writer(buf)
         tagged = isinstance(pl_module, PredictsTags) and pl_module.multilabel  # a row of decisions per image
         head = ["tags"] if tagged else ["label", "probability"]
-        writer.writerow(["path", *(["frame"] if framed else []), *head, *[f"p_{n}" for n in names]])
+        ood = ["ood_score", "abstain"] if "ood_score" in self._predictions[0] else []  # a model with a detector
+        writer.writerow(["path", *(["frame"] if framed else []), *head, *[f"p_{n}" for n in names], *ood])
         for out in self._predictions:
-            for i, probs, label in zip(out["index"].tolist(), out["probs"], out["label"].tolist()):
+            for j, (i, probs, label) in enumerate(zip(out["index"].tolist(), out["probs"], out["label"].tolist())):
                 path = str(paths[i]) if paths is not None else i
                 frame = ["" if frames[i] is None else frames[i]] if framed else []
                 decided = ["|".join(n for n, on in zip(names, label) if on)] if tagged else [
                     names[label], f"{probs[label]:.6f}"]
-                writer.writerow([path, *frame, *decided, *[f"{p:.6f}" for p in probs.tolist()]])
+                unfamiliar = [f"{float(out['ood_score'][j]):.6f}", str(bool(out["abstain"][j])).lower()] if ood else []
+                writer.writerow([path, *frame, *decided, *[f"{p:.6f}" for p in probs.tolist()], *unfamiliar])
         files.write_text(run_dir(trainer) / "predictions.csv", buf.getvalue())
         self._predictions = []
