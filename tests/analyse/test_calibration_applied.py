@@ -229,3 +229,25 @@ def test_ood_score_none_fits_no_detector(tmp_path: Path) -> None:
     assert "abstention" not in json.loads((run.run_dir / "metrics.json").read_text()) and run.task.ood is None
     with pytest.raises(ValueError, match="ood_score must be one of"):
         ClassificationTask("test_resnet", num_classes=3, pretrained=False, ood_score="entropy")
+
+
+def test_visiontl_predict_writes_the_score_and_the_flag_of_each_image(calibrated_run, tmp_path: Path) -> None:
+    import csv
+
+    from visiontl.cli.commands import main
+
+    recipe = Path(__file__).parents[2] / "recipes" / "folder.yaml"
+    root = _val_images(calibrated_run)[0].parents[1]  # <root>/<class>/<image>
+    _noise(tmp_path / "noise", n=6)
+    assert main(["predict", "--config", str(recipe), "--model.init_args.backbone", "test_resnet",
+                 "--model.init_args.strategy", "full", "--model.init_args.pretrained", "false", "--model.init_args.weights", "null",
+                 "--data.init_args.root", str(root), "--data.init_args.predict_root", str(tmp_path / "noise"),
+                 "--data.init_args.image_size", "32",
+                 "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar", "false",
+                 "--trainer.logger.init_args.save_dir", str(tmp_path),
+                 "--ckpt_path", str(calibrated_run.run_dir / "checkpoints" / "best.ckpt")]) == 0
+    with next(tmp_path.rglob("predictions.csv")).open() as fh:
+        rows = list(csv.DictReader(fh))
+    threshold = calibrated_run.task.ood.threshold
+    assert len(rows) == 6 and all((r["abstain"] == "true") == (float(r["ood_score"]) > threshold) for r in rows)
+    assert all(r["abstain"] == "true" for r in rows)  # noise is nothing like the training images

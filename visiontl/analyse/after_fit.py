@@ -51,31 +51,36 @@ class FitContext:
         val = self.outputs("val")
         return None if val is None else (val[1], val[2])
 
-    def outputs(self, split: str) -> tuple[Any, Any, Any] | None:
+    def outputs(self, split: str, limit: int | None = None) -> tuple[Any, Any, Any] | None:
         """``(pooled features, logits, labels)`` of the kept model on ``split``'s images read as for
         evaluation (an adaptation run's: the source's), on the CPU, in the datamodule's order; None
-        without that split. Computed once, when a step first asks, and shared (calibration, error
+        without that split. ``limit``: at most that many images, a seeded subset in order (a large
+        training split). Computed once, when a step first asks, and shared (calibration, error
         analysis, abstention): the steps that change the kept model (target BatchNorm) come before
         the first that reads them."""
-        if split not in self._outputs:
+        key = split if limit is None else f"{split}:{limit}"
+        if key not in self._outputs:
             from visiontl.tasks.validators import predict_loader
 
             from visiontl.data.protocols import ServesFeatures
 
             dm = self.datamodule
             if not isinstance(dm, ServesFeatures) or split not in dm.datasets:
-                self._outputs[split] = None
+                self._outputs[key] = None
             else:
                 import torch
 
                 # the images, read as for evaluation: a run on cached features validates on features
                 images = dm.feature_source(split)
+                if limit is not None and len(images) > limit:
+                    rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:limit]
+                    images = torch.utils.data.Subset(images, rows.sort().values.tolist())
                 loader = torch.utils.data.DataLoader(
                     images, batch_size=dm.eval_batch_size(len(dm.samples("train")), len(images)), num_workers=0)
                 model = self.kept()[0]
                 device = next(self.task.model.parameters()).device
-                self._outputs[split] = predict_loader(model, loader, bool(self.task.channels_last), device)
-        return self._outputs[split]
+                self._outputs[key] = predict_loader(model, loader, bool(self.task.channels_last), device)
+        return self._outputs[key]
 
     def kept(self) -> tuple[Any, dict[str, Any] | None, str]:
         """:func:`~visiontl.tasks.checkpoints.kept_model` of the run (the network, its checkpoint and

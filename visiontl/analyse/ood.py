@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from visiontl.models.ood import ACCEPT, DEFAULT_SCORE, MIN_IMAGES, OODDetector, cut, fit_detector, with_threshold
+from visiontl.models.ood import ACCEPT, BANK_LIMIT, DEFAULT_SCORE, MIN_IMAGES, OODDetector, cut, fit_detector, with_threshold
 
 if TYPE_CHECKING:
     from visiontl.analyse.after_fit import FitContext
@@ -75,7 +75,7 @@ class Abstention:
         if len(val[0]) < MIN_IMAGES:
             return AbstentionRecord({"score": score, "applied": False, "note": f"{len(val[0])} validation image(s): too "
                                      f"few to set a threshold (at least {MIN_IMAGES}); no abstention"})
-        train = ctx.outputs("train") if score in ("mahalanobis", "knn") else None
+        train = ctx.outputs("train", limit=BANK_LIMIT) if score in ("mahalanobis", "knn") else None
         multilabel = bool(task.multilabel)
         detector = fit_detector(score, train[0] if train else torch.zeros(0, 1), None if train is None else train[2],
                                 multilabel)
