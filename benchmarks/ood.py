@@ -13,7 +13,8 @@ reads:
 **Abstention** (``ood.{csv,md,png}``): on ``bluemarble-60``, ``digits-8px`` and ``fashion-12px``
 (one set of each kind), the model's held-out test images against unfamiliar images of other
 kinds, all real: Blue Marble tiles, digits, Fashion-MNIST images and ``photos`` (64 to 192 px
-crops of scikit-image's bundled photographs: a cat, a coffee cup, an astronaut, a rocket...).
+crops of scikit-image's bundled photographs: a cat, a coffee cup, an astronaut, a rocket...; each
+kind skipped where its images are absent).
 Every score of :mod:`visiontl.models.ood` is fitted as the run fits its own (training images'
 features, threshold on the validation images) and reported by AUROC and FPR at 95 % TPR; for the
 default score, also the share of test images the recorded threshold accepts (``test_accepted``,
@@ -30,7 +31,7 @@ same draw). Cells go to ``<work>/cells.jsonl`` and are skipped when present (an 
 resumes). ``python benchmarks/replot.py ood`` writes both pages and plots again from the CSVs.
 
     python benchmarks/ood.py                      # everything
-    python benchmarks/ood.py --sets digits-8px --seeds 1
+    python benchmarks/ood.py --sets digits-8px --seeds 1 --steps 20   # a smoke run
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ def dataset(name: str, seed: int, work: Path) -> Path:
     if name == "fashion-12px":
         return build_fashion_mnist(work / "data" / f"fashion-{seed}", 12, 15, 100, seed=seed, test_per_class=100)
     raise ValueError(f"unknown set {name!r}; choose from {', '.join(SETS)}")
+
+
+def available(kind: str) -> bool:
+    """Whether this machine has the images of ``kind`` (Fashion-MNIST: Debian's package; photos:
+    scikit-image, a development dependency)."""
+    import importlib.util
+
+    from visiontl.data.lowres import FASHION_MNIST_DIR
+
+    if kind == "fashion":
+        return FASHION_MNIST_DIR.is_dir()
+    return kind != "photos" or importlib.util.find_spec("skimage") is not None
 
 
 def unfamiliar_images(kind: str, work: Path, n: int = 120) -> list[Path]:
@@ -135,7 +148,7 @@ def split_paths(root: Path, split: str) -> tuple[list[Path], list[int]]:
     return [p for p, _ in items], [i for _, i in items]
 
 
-def cell(name: str, seed: int, work: Path) -> dict[str, Any]:
+def cell(name: str, seed: int, work: Path, steps: int | None = None) -> dict[str, Any]:
     """One default run, then its calibration on the test images and, for the sets of :data:`FAMILIAR`,
     every score's AUROC and FPR at 95 % TPR against the unfamiliar kinds."""
     import torch
@@ -148,7 +161,7 @@ def cell(name: str, seed: int, work: Path) -> dict[str, Any]:
 
     root = dataset(name, seed, work)
     result = fine_tune(str(root), backbone=BACKBONE, strategy="gradual", pretrained=False, weights=WEIGHTS,
-                       image_size=64, seed=seed, out=work / "runs", name=f"{name}-{seed}",
+                       image_size=64, seed=seed, out=work / "runs", name=f"{name}-{seed}", steps=steps,
                        data_kwargs={"num_workers": 0}, trainer_kwargs=QUIET)
     summary = json.loads((result.run_dir / "metrics.json").read_text())
     task = ClassificationTask.from_checkpoint(result.run_dir / "checkpoints" / "best.ckpt")
@@ -173,7 +186,7 @@ def cell(name: str, seed: int, work: Path) -> dict[str, Any]:
     val_paths, _ = split_paths(root, "val")
     f_train, _ = outputs(task, train_paths)
     f_val, z_val = outputs(task, val_paths)
-    others = {k: outputs(task, unfamiliar_images(k, work)) for k in UNFAMILIAR if k != kind}
+    others = {k: outputs(task, unfamiliar_images(k, work)) for k in UNFAMILIAR if k != kind and available(k)}
     scores: dict[str, Any] = {}
     with torch.no_grad():
         for score in SCORES:
@@ -238,6 +251,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-ood"))
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--summarise-only", action="store_true", help="tabulate the cells already in --work")
+    parser.add_argument("--steps", type=int, help="a fixed step budget (smoke runs; default: fine_tune's)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -251,7 +265,7 @@ def main() -> None:
     for seed in range(0 if args.summarise_only else args.seeds):  # seeds outermost: a partial run covers every set
         for name in sets:
             if not log.has(set=name, seed=seed):
-                row = cell(name, seed, args.work)
+                row = cell(name, seed, args.work, args.steps)
                 log.add(row, shown={k: v for k, v in row.items() if k != "ood"})
     ood_rows, cal_rows = summarise(log.cells, sets)
     print(format_console_table(ood_rows, OOD_COLUMNS))

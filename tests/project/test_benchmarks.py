@@ -137,3 +137,24 @@ def test_multilabel_benchmark_smoke_run(tmp_path: Path) -> None:
     assert all(r["f1_tuned"] != "" and r["f1_at_half"] != "" for r in rare)
     assert all(r["tuned_wins"] in ("0/1", "1/1") and float(r["test_positives"]) >= 15 for r in rare)  # 800 test mosaics
     assert (tmp_path / "out" / "multilabel.png").stat().st_size > 1000
+
+
+def test_ood_benchmark_smoke_run(tmp_path: Path) -> None:
+    """One short run on the 8 x 8 digits (real Lite0 weights): every score against the three other
+    kinds of images, the worst pair per score, and the test-set calibration row."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "ood.py"), "--sets", "digits-8px", "--seeds", "1",
+                          "--steps", "20", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "out" / "ood.csv").open()))
+    pairs = {(r["pair"], r["score"]) for r in rows}
+    from visiontl.data.lowres import FASHION_MNIST_DIR
+
+    kinds = ("tiles", "photos", *(("fashion",) if FASHION_MNIST_DIR.is_dir() else ()))  # Debian's package, if there
+    assert {(f"digits -> {k}", s) for k in kinds for s in ("msp", "energy", "mahalanobis", "knn")} <= pairs
+    assert all(0 <= float(r["auroc"]) <= 1 and 0 <= float(r["fpr95"]) <= 1 for r in rows)
+    assert {r["score"] for r in rows if r["pair"] == "worst pair"} == {"msp", "energy", "mahalanobis", "knn"}
+    calibration = list(csv.DictReader((tmp_path / "out" / "calibration.csv").open()))
+    assert calibration[0]["set"] == "digits-8px" and float(calibration[0]["test_acc"]) == float(
+        calibration[0]["test_acc_calibrated"])  # temperature scaling keeps every argmax
+    assert (tmp_path / "out" / "ood.png").stat().st_size > 1000 and (tmp_path / "out" / "calibration.png").exists()

@@ -52,7 +52,7 @@ class AbstentionRecord:
 class Abstention:
     """After the fit: the kept model's out-of-distribution detector (the task's ``ood_score``,
     :data:`DEFAULT_SCORE` by default), fitted on the training images, its threshold set on the
-    validation images, kept in the checkpoint (``visiontl.ood``) and the task, and written to
+    validation images, kept in the checkpoint (its ``visiontl`` record, under ``ood``) and the task, and written to
     ``metrics.json`` (``abstention``). After calibration: it scores the calibrated logits."""
 
     name = "abstention"
@@ -93,7 +93,7 @@ class Abstention:
 
 
 def keep_detector(ctx: FitContext, detector: OODDetector) -> None:
-    """Make ``detector`` part of the kept model: its checkpoint's ``visiontl.ood``, and the task."""
+    """Make ``detector`` part of the kept model: its checkpoint's record (under ``ood``), and the task."""
     from visiontl.tasks.checkpoints import save_checkpoint
 
     _, ckpt, best = ctx.kept()

@@ -3,7 +3,7 @@
 A classifier answers every image with one of its classes, a photo of a cat sent to an X-ray model
 included. :class:`OODDetector` gives each prediction a score of how unlike the training images the
 input is (higher: less familiar), and a threshold above which the prediction is flagged
-``abstain``. Four scores are measured (``benchmarks/ood.py``, ``benchmarks/results/ood.md``):
+``abstain``. Four scores are measured (``benchmarks/ood.py``):
 
 - ``msp``: the maximum softmax probability, negated (Hendrycks and Gimpel 2017); for multi-label
   models, the mean confidence of the per-tag decisions, negated;
@@ -25,7 +25,7 @@ validation images, so about 95 % of images like the validation images are accept
 
 The after-fit step that fits it for every run is :class:`visiontl.analyse.ood.Abstention`. The
 detector is a small :class:`torch.nn.Module` on (pooled features, logits): it travels in the
-checkpoint (``visiontl.ood``: its tensors and settings, loaded with ``weights_only``) and into the
+checkpoint (its ``visiontl`` record, under ``ood``: tensors and settings, loaded with ``weights_only``) and into the
 ONNX graph as a third output, ``ood_score``, with the threshold in the metadata, so the deployed
 model abstains exactly as the measured one did. pytorch-ood implements the same scores, but as
 detectors that fit from data loaders and are not built for export (and its Mahalanobis inverts an
@@ -44,7 +44,7 @@ from torch import nn
 __all__ = ["ACCEPT", "DEFAULT_SCORE", "SCORES", "OODDetector", "cut", "fit_detector", "with_threshold"]
 
 SCORES = ("msp", "energy", "mahalanobis", "knn")
-DEFAULT_SCORE = "knn"  # the best measured (benchmarks/results/ood.md)
+DEFAULT_SCORE = "knn"  # the best measured by benchmarks/ood.py
 ACCEPT = 0.95  # share of in-distribution validation images accepted at the threshold
 KNN_K = 1
 BANK_LIMIT = 4096  # neighbours kept: a bank of 4,096 x 1,280 float32 adds 21 MB to a model
@@ -110,7 +110,7 @@ class OODDetector(nn.Module):
                 "multilabel": self.multilabel}
 
     def record(self) -> dict[str, Any]:
-        """The checkpoint's ``visiontl.ood``: settings and tensors (plain types and tensors only)."""
+        """The checkpoint's record (under ``ood`` in its ``visiontl`` entry): settings and tensors (plain types and tensors only)."""
         return {**self.settings(), "tensors": {name: getattr(self, name).clone() for name in _TENSORS[self.score]}}
 
     @classmethod
