@@ -263,6 +263,14 @@ def test_an_unknown_yaml_key_is_one_line_with_did_you_mean(yaml: str, named: lis
     assert_one_line_failure(result, *named, rc=2)
 
 
+@pytest.mark.parametrize("option,value", [("ood_score", "entropy"), ("early_stopping", "0")])
+def test_a_task_option_out_of_range_is_one_line_naming_it(option: str, value: str, shapes_root: Path,
+                                                           tmp_path: Path) -> None:
+    result = run_cli(*_fit_args(shapes_root, tmp_path), f"--model.init_args.{option}", value)
+    assert_one_line_failure(result, option, value, rc=2)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_no_hub_access_says_to_pass_local_weights(shapes_root: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

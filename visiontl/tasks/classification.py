@@ -24,7 +24,7 @@ from torchmetrics.classification import (
 from visiontl.models.backbones import create_backbone, layer_groups
 from visiontl.data.preprocessing import Preprocessing
 from visiontl.tasks.delta import DeltaCheckpoint, base_record
-from visiontl.core.errors import one_line
+from visiontl.core.errors import UserError, one_line
 from visiontl.models.features import (
     classify_features,
     feature_width,
@@ -147,23 +147,23 @@ class ClassificationTask(BaseTask):
         if num_classes is None and class_names:
             num_classes = len(class_names)
         if num_classes is None:
-            raise ValueError(
+            raise UserError(
                 "ClassificationTask needs num_classes or class_names (recipes link them from the "
                 "datamodule; in Python pass num_classes=datamodule.num_classes)."
             )
         if early_stopping is not None and (isinstance(early_stopping, bool) or int(early_stopping) < 1):
-            raise ValueError(f"early_stopping is a patience in validations (a whole number >= 1) or None, got "
-                             f"{early_stopping!r}.")
+            raise UserError(f"early_stopping is a patience in validations (a whole number >= 1) or None, got "
+                            f"{early_stopping!r}.")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}.")
+            raise UserError(f"class_names has {len(class_names)} names but num_classes is {num_classes}.")
         if task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
+            raise UserError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
         if thresholds is not None and (task != "multilabel" or len(thresholds) != num_classes
                                        or not all(0.0 < float(t) < 1.0 for t in thresholds)):
-            raise ValueError(f"thresholds are for multi-label tasks: one per tag ({num_classes}), each between 0 and 1; "
-                             f"got {thresholds!r}.")
+            raise UserError(f"thresholds are for multi-label tasks: one per tag ({num_classes}), each between 0 and 1; "
+                            f"got {thresholds!r}.")
         if ood_score is not None and ood_score not in SCORES:
-            raise ValueError(f"ood_score must be one of {', '.join(SCORES)} or None, got {ood_score!r}.")
+            raise UserError(f"ood_score must be one of {', '.join(SCORES)} or None, got {ood_score!r}.")
         super().__init__()
         self.__dict__["_ood"] = None  # fitted after the fit (visiontl.analyse.ood); not in the state dict
         if self.multilabel:
