@@ -125,6 +125,9 @@ def test_a_huge_input_size_is_refused_before_anything_is_allocated(images: Path,
     ("channels", "3x", {"meta": {"channels": "3x"}}),
     ("crop_pct", "inf", {"meta": {"crop_pct": "inf"}}),
     ("preprocessing", "disagrees", {"preprocessing": {"size": 64}}),
+    ("ood", "[1]", {"meta": {"ood": "[1]"}}),
+    ("ood", "NaN", {"meta": {"ood": '{"score": "knn", "threshold": NaN}'}}),
+    ("ood", "ood_score", {"meta": {"ood": '{"score": "knn", "threshold": 0.2}'}}),  # no such output in the graph
 ])
 def test_out_of_bounds_metadata_is_a_one_line_refusal(field: str, value: str, changes: dict[str, Any],
                                                        images: Path, tmp_path: Path) -> None:
