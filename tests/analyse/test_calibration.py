@@ -99,3 +99,19 @@ def test_every_run_measures_its_calibration(multilabel: bool, tmp_path) -> None:
     assert 0 <= record["ece_after"] <= 1 and 0 <= record["ece_before"] <= 1 and record["images"] >= 20
     few = run(36, "few")
     assert few["applied"] is False and "too few to fit" in few["note"] and "temperature" not in few
+
+
+def test_the_calibration_floor_is_what_a_perfectly_calibrated_model_shows_and_shrinks_with_images() -> None:
+    from visiontl.analyse.calibration import calibration_error, calibration_floor
+
+    g = torch.Generator().manual_seed(0)
+    probs = (torch.randn(200, 4, generator=g) * 2).softmax(1)
+    floor = calibration_floor(probs)
+    top, pred = probs.max(1)  # outcomes drawn exactly as the probabilities say: ECE near the floor
+    hit = torch.rand(200, generator=g) < top
+    honest = calibration_error(probs, torch.where(hit, pred, (pred + 1) % 4))
+    assert 0.01 < floor < 0.2 and abs(honest - floor) < 0.05
+    many = (torch.randn(5000, 4, generator=g) * 2).softmax(1)
+    assert calibration_floor(many, draws=50) < floor / 2  # the bias falls with the number of images
+    tags = torch.rand(300, 3, generator=g)
+    assert 0 < calibration_floor(tags, multilabel=True, draws=50) < 0.1

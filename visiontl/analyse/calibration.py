@@ -38,7 +38,8 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from visiontl.analyse.after_fit import FitContext
 
-__all__ = ["Calibration", "CalibrationRecord", "CalibrationResult", "calibrate", "keep_temperature", "calibration_error", "fit_temperature", "negative_log_likelihood",
+__all__ = ["Calibration", "CalibrationRecord", "CalibrationResult", "calibrate", "keep_temperature", "calibration_error",
+           "calibration_floor", "fit_temperature", "negative_log_likelihood",
            "reliability_figure", "scaled_probabilities"]
 
 BINS = 15
@@ -99,6 +100,27 @@ def calibration_error(probs: torch.Tensor, targets: torch.Tensor, multilabel: bo
         known = targets >= 0
         return float(binary_calibration_error(probs[known].float(), targets[known].long(), n_bins=bins))
     return float(multiclass_calibration_error(probs.float(), targets.long(), num_classes=probs.shape[1], n_bins=bins))
+
+
+def calibration_floor(probs: torch.Tensor, multilabel: bool = False, draws: int = 200, seed: int = 0,
+                      bins: int = BINS) -> float:
+    """The expected calibration error a perfectly calibrated model would still show with these
+    probabilities on this many images: the mean :func:`calibration_error` over ``draws`` outcome
+    sets drawn as the probabilities say (each prediction right with its confidence; each tag on
+    with its probability). Binned ECE is biased upwards on a few hundred images, so a measured ECE
+    near this floor cannot be told from perfect calibration."""
+    g = torch.Generator().manual_seed(seed)
+    probs = probs.detach().float().cpu()
+    errors = []
+    for _ in range(draws):
+        if multilabel:
+            targets = (torch.rand(probs.shape, generator=g) < probs).long()
+        else:
+            top, pred = probs.max(1)
+            hit = torch.rand(top.shape, generator=g) < top
+            targets = torch.where(hit, pred, (pred + 1) % probs.shape[1])  # a miss: any other class
+        errors.append(calibration_error(probs, targets, multilabel, bins))
+    return float(np.mean(errors))
 
 
 @dataclass(frozen=True)
