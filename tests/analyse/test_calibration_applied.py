@@ -251,3 +251,12 @@ def test_visiontl_predict_writes_the_score_and_the_flag_of_each_image(calibrated
     threshold = calibrated_run.task.ood.threshold
     assert len(rows) == 6 and all((r["abstain"] == "true") == (float(r["ood_score"]) > threshold) for r in rows)
     assert all(r["abstain"] == "true" for r in rows)  # noise is nothing like the training images
+
+
+def test_visiontl_export_prints_the_abstention_check(calibrated_run, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from visiontl.cli.commands import main
+
+    assert main(["export", str(calibrated_run.run_dir), "--out", str(tmp_path / "model.onnx")]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("abstention:"))
+    assert "0 image(s) abstaining on one side only" in line

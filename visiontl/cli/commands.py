@@ -57,6 +57,9 @@ def _export(argv: Sequence[str]) -> int:
           f"{report['verified_on']}: max |logit diff| {report['max_abs_logit_diff']:.2e} (allowed "
           f"{report['logit_tolerance']:.2e} at logit scale {report['logit_scale']:.3g}), max |prob diff| "
           f"{report['max_prob_diff']:.2e}, top-1 agreement {report['top1_agreement']:.3f}")
+    if "max_abs_ood_diff" in report:  # a model that abstains: its out-of-distribution score was checked too
+        print(f"abstention: max |ood_score diff| {report['max_abs_ood_diff']:.2e} (allowed "
+              f"{report['ood_tolerance']:.2e}), {report['abstain_mismatches']} image(s) abstaining on one side only")
     q8 = report.get("int8")
     if q8:
         for step in q8.get("steps", []):
@@ -69,6 +72,8 @@ def _export(argv: Sequence[str]) -> int:
               f"{q8['int8_bytes'] / 1e6:.1f} MB; batch-1 latency {q8['float_latency_ms_bs1']:.1f} -> "
               f"{q8['int8_latency_ms_bs1']:.1f} ms; batch-32 throughput x{q8['int8_vs_float_throughput_bs32']:.2f} "
               f"float's")
+        if "abstain_agreement" in q8:
+            print(f"int8 abstains where the float model does on {q8['abstain_agreement']:.1%} of the images")
     return 0
 
 
