@@ -31,6 +31,7 @@ SCRIPTS = {  # result name: the script that writes it
     "export": "export",
     "forgetting": "forgetting",
     "multilabel": "multilabel",
+    "ood": "ood",  # and calibration.*: one script measures both
     "peft": "peft_strategies",
     "regularisers": "regularisers",
     "probe_budget": "probe_budget",
